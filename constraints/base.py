@@ -1,0 +1,140 @@
+"""The contract every quadratic constraint (QC) honours.
+
+An activation node maps its pre-activation ``v`` (rows ``P`` of the lifting,
+``v = P z``) to its output ``w`` (rows ``Q``, ``w = Q z``), where ``z`` is the
+stacked vector ``[x0; phi_1; ...; phi_n]`` (:mod:`lipsdp.lifting`).  A QC is an
+incremental inequality that holds for *every* pair of inputs,
+
+.. math::
+
+    \\begin{bmatrix}\\Delta v\\\\ \\Delta w\\end{bmatrix}^T \\Psi(y)
+    \\begin{bmatrix}\\Delta v\\\\ \\Delta w\\end{bmatrix} \\ge 0 ,
+
+with :math:`\\Psi` affine in the constraint's multipliers ``y`` (some of them
+sign-constrained, ``y_j >= 0``, the others free).  Lifted to ``z`` it adds
+``sum_j y_j F_j`` to the LMI of (3.1) in ../shared/design/MATH.md, where each
+``F_j = [P; Q]^T Psi_j [P; Q]`` is symmetric.  A constraint returns the ``F_j``
+as one COO triple list (:class:`QCTerms`) so that thousands of neurons are
+assembled with array operations, never a Python loop per neuron.
+
+Soundness is the whole point: a constraint must hold for all true
+(input, output) pairs of its activation; :func:`lipsdp.testing.check_constraint`
+samples pairs and checks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass
+class QCTerms:
+    """Lifted multiplier terms ``sum_j y_j F_j`` of one activation node, as COO.
+
+    ``F_j[rows[k], cols[k]] += vals[k]`` for every ``k`` with ``mult[k] == j``.
+    Both triangles are stored (``F_j`` symmetric); duplicates add up.
+
+    Attributes
+    ----------
+    rows, cols : ndarray of int64, shape (K,)
+    vals : ndarray of float64, shape (K,)
+    mult : ndarray of int64, shape (K,)
+        Local multiplier index, ``0 <= mult < n_mult``.
+    n_mult : int
+    nonneg : ndarray of bool, shape (n_mult,)
+        True where the multiplier must be >= 0.
+    labels : list of str
+        One readable label per multiplier (for certificates).
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    vals: np.ndarray
+    mult: np.ndarray
+    n_mult: int
+    nonneg: np.ndarray
+    labels: list
+
+
+def outer_terms(A: sp.csr_matrix, B: sp.csr_matrix, coef: np.ndarray, mult: np.ndarray):
+    """COO of ``coef_i (a_i b_i^T + b_i a_i^T)`` for every row ``i`` of ``A`` and ``B``.
+
+    Vectorised over rows: row ``i`` contributes ``nnz(a_i) * nnz(b_i)`` entries
+    (twice), tagged with multiplier ``mult[i]``.
+
+    Parameters
+    ----------
+    A, B : scipy.sparse.csr_matrix, shape (N, n)
+    coef : ndarray, shape (N,)
+    mult : ndarray of int, shape (N,)
+    """
+    A, B = sp.csr_matrix(A), sp.csr_matrix(B)
+    A.sum_duplicates()
+    B.sum_duplicates()
+    ka, kb = np.diff(A.indptr), np.diff(B.indptr)
+    keep = (coef != 0) & (ka > 0) & (kb > 0)
+    cnt = np.where(keep, ka * kb, 0)
+    total = int(cnt.sum())
+    if total == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0), empty
+    row = np.repeat(np.arange(A.shape[0]), cnt)
+    local = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    kb_r = kb[row]
+    ia = A.indptr[row] + local // kb_r
+    ib = B.indptr[row] + local % kb_r
+    r, c = A.indices[ia], B.indices[ib]
+    v = coef[row] * A.data[ia] * B.data[ib]
+    m = np.asarray(mult)[row]
+    return (np.concatenate([r, c]).astype(np.int64), np.concatenate([c, r]).astype(np.int64),
+            np.concatenate([v, v]), np.concatenate([m, m]).astype(np.int64))
+
+
+class QuadraticConstraint:
+    """Base class of the constraint families; one subclass per family, one file each.
+
+    Class attributes
+    ----------------
+    functions : tuple of str
+        Activation keys (``Activation.function``) this family describes.
+    citation : str
+        Where the constraint comes from.
+
+    Subclasses implement :meth:`evaluate` (the activation itself, in numpy),
+    :meth:`lipschitz` (an incremental l2 Lipschitz constant of the activation, for
+    the trivial bound) and :meth:`terms` (the lifted QC).
+    """
+
+    functions: ClassVar[tuple[str, ...]] = ()
+    citation: ClassVar[str] = ""
+    formulations: ClassVar[tuple[str, ...]] = ("neuron", "layer")
+
+    def evaluate(self, x: np.ndarray, op) -> np.ndarray:
+        """The activation on a batch ``x`` of shape ``(batch, size)``."""
+        raise NotImplementedError
+
+    def derivative(self, x: np.ndarray, op) -> np.ndarray:
+        """Elementwise ``phi'(x)`` for elementwise activations (used by :meth:`jacobian`)."""
+        raise NotImplementedError
+
+    def jacobian(self, x: np.ndarray, J: np.ndarray, op) -> np.ndarray:
+        """Chain rule: Jacobian of ``phi(v)`` given ``v`` = ``x`` (batch, size) and ``dv/dx0`` = ``J`` (batch, size, n0).
+
+        The default is for elementwise activations; group activations override it.
+        """
+        return self.derivative(x, op)[:, :, None] * J
+
+    def lipschitz(self, op) -> float:
+        """An incremental l2 Lipschitz constant of the activation (max absolute slope)."""
+        raise NotImplementedError
+
+    def terms(self, op, P: sp.csr_matrix, Q: sp.csr_matrix, formulation: str = "neuron") -> QCTerms:
+        """Lifted multiplier terms for one node with pre-activation rows ``P`` and output rows ``Q``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self.functions)})"

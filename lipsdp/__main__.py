@@ -1,0 +1,5 @@
+"""``python -m lipsdp`` is the ``lipsdp`` command."""
+
+from lipsdp.cli import main
+
+raise SystemExit(main())

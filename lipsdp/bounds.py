@@ -1,0 +1,111 @@
+"""Cheap bounds that bracket the certified one.
+
+- :func:`trivial_bound`: an upper bound anyone can check, the product of
+  spectral norms times the activations' slope bounds, composed along the graph
+  (sums over residual branches).  A certified bound above it would be useless.
+- :func:`sampled_lower_bound`: the largest Jacobian spectral norm seen at random
+  inputs.  The true constant is at least this, so a "certified" bound below it
+  is unsound.
+
+Together they form the sanity chain of MATH.md section 1.5:
+``sampled <= true L <= certified <= trivial``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from lipsdp.network import Activation, Add, Affine, Concat, Input, Network, Reshape, concat_permutation
+
+
+def spectral_norm(W) -> float:
+    """``||W||_2`` of a dense or sparse matrix (largest singular value)."""
+    if sp.issparse(W):
+        if min(W.shape) <= 1000:
+            W = W.toarray()
+        else:
+            from scipy.sparse.linalg import svds
+            return float(svds(W, k=1, return_singular_vectors=False)[0]) * (1 + 1e-8)
+    W = np.asarray(W, dtype=np.float64)
+    if W.size == 0:
+        return 0.0
+    return float(np.linalg.norm(W, 2))
+
+
+def trivial_bound(network: Network) -> float:
+    """Product of layer norms and slope bounds, composed over the DAG.
+
+    For node values ``u(x)``: Affine ``||W|| L_parent``; activation ``s L_parent``
+    with ``s`` the largest absolute slope; Add ``sum L_parents``; Concat
+    ``sqrt(sum L_parents^2)``.  Valid for any DAG.
+    """
+    from lipsdp.constraints import get_constraint
+
+    lip: dict[int, float] = {}
+    for n in network.graph.nodes:
+        op, parents = network.op(n), network.parents(n)
+        if isinstance(op, Input):
+            lip[n] = 1.0
+        elif isinstance(op, Affine):
+            lip[n] = spectral_norm(op.weight) * lip[parents[0]]
+        elif isinstance(op, Reshape):
+            lip[n] = lip[parents[0]]
+        elif isinstance(op, Add):
+            lip[n] = sum(lip[p] for p in parents)
+        elif isinstance(op, Concat):
+            lip[n] = float(np.sqrt(sum(lip[p] ** 2 for p in parents)))
+        elif isinstance(op, Activation):
+            lip[n] = get_constraint(op.function).lipschitz(op) * lip[parents[0]]
+    return lip[network.output]
+
+
+def jacobians(network: Network, x: np.ndarray) -> np.ndarray:
+    """Jacobians of the network at a batch of inputs, shape ``(batch, m, n0)``."""
+    from lipsdp.constraints import get_constraint
+
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    b, n0 = x.shape
+    vals, jacs = {}, {}
+    for n in network.graph.nodes:
+        op, parents = network.op(n), network.parents(n)
+        if isinstance(op, Input):
+            vals[n], jacs[n] = x, np.broadcast_to(np.eye(n0), (b, n0, n0))
+            continue
+        ins = [vals[p] for p in parents]
+        js = [jacs[p] for p in parents]
+        if isinstance(op, Affine):
+            W = op.weight
+            v = np.asarray((W @ ins[0].T).T)
+            if op.bias is not None:
+                v = v + op.bias
+            J = np.stack([np.asarray(W @ j) for j in js[0]])
+        elif isinstance(op, Reshape):
+            v, J = ins[0], js[0]
+        elif isinstance(op, Add):
+            v, J = sum(ins), sum(js)
+        elif isinstance(op, Concat):
+            perm = concat_permutation([network.op(p).shape for p in parents], op.axis)
+            v = np.concatenate(ins, axis=1)[:, perm]
+            J = np.concatenate(js, axis=1)[:, perm]
+        else:
+            qc = get_constraint(op.function)
+            v = qc.evaluate(ins[0], op)
+            J = qc.jacobian(ins[0], js[0], op)
+        vals[n], jacs[n] = v, J
+    return np.asarray(jacs[network.output])
+
+
+def sampled_lower_bound(network: Network, samples: int = 256, seed: int = 0, scale: float = 1.0,
+                        batch: int = 64) -> float:
+    """Largest ``||J(x)||_2`` over random inputs ``x ~ N(0, scale^2)``: a lower bound on the true constant."""
+    rng = np.random.default_rng(seed)
+    best = 0.0
+    done = 0
+    while done < samples:
+        k = min(batch, samples - done)
+        x = scale * rng.standard_normal((k, network.input_dim))
+        J = jacobians(network, x)
+        best = max(best, float(np.linalg.norm(J, 2, axis=(1, 2)).max()))
+        done += k
+    return best

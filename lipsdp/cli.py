@@ -1,0 +1,153 @@
+"""The ``lipsdp`` command line.
+
+``lipsdp certify model.pt`` prints a table (or one JSON object with ``--json``)
+and exits 0 when a bound was verified, 1 when no verified bound came out of the
+solver, and 2 for bad input (missing or unreadable file, unsupported layers,
+NaN weights, unknown or unlicensed solver...).  Errors are one line on stderr;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (use e.g. 1,28,28 or 784)") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r}")
+    return shape
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # exit 2 with one line, as for every other bad input
+        self.print_usage(sys.stderr)
+        print(f"lipsdp: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lipsdp import __version__
+
+    p = _Parser(prog="lipsdp", description="Certified upper bounds on the Lipschitz constant of neural networks (LipSDP).")
+    p.add_argument("--version", action="version", version=f"lipsdp {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("certify", help="certify an l2 Lipschitz bound for a model file")
+    c.add_argument("model", help="model file: torch.save'd module (.pt), TorchScript, torch.export (.pt2), "
+                                 "ONNX, checkpoint/state_dict (needs --activation) or LipSDP .mat")
+    c.add_argument("--solver", default="auto", help="auto (default), mosek, scs, sdpa, cvxopt, clarabel")
+    c.add_argument("--formulation", default="neuron", choices=["neuron", "layer"],
+                   help="LipSDP-Neuron (default, tighter) or LipSDP-Layer")
+    c.add_argument("--norm", default="l2", choices=["l2"], help="input/output norm (l2)")
+    c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    c.add_argument("--input-shape", type=_shape, help="input shape without batch axis, e.g. 1,28,28")
+    c.add_argument("--activation", help="activation between layers, for weights-only files (relu, tanh, ...)")
+    c.add_argument("--time-limit", type=_positive, help="seconds for the solver")
+    c.add_argument("--tol", type=_positive, help="solver tolerance")
+    c.add_argument("--trust-pickle", action="store_true",
+                   help="allow arbitrary classes in pickled models (runs code from the file: only for files you trust)")
+    c.add_argument("--samples", type=int, default=128, help="random inputs for the sampled lower bound (0: skip)")
+    c.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    s = sub.add_parser("solvers", help="list solver backends: installed, licensed, how to add the rest")
+    s.add_argument("--json", action="store_true")
+    return p
+
+
+def _print_table(rows, title=None, file=None):
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is a dependency
+        for k, v in rows:
+            print(f"{k}: {v}", file=file)
+        return
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    from rich.markup import escape
+
+    for k, v in rows:
+        table.add_row(escape(k), escape(v))
+    Console(file=file or sys.stdout, soft_wrap=True).print(table)
+
+
+def _cmd_certify(args) -> int:
+    from lipsdp.pipeline import certify
+
+    cert = certify(args.model, solver=args.solver, formulation=args.formulation, norm=args.norm,
+                   activation=args.activation, input_shape=args.input_shape, time_limit=args.time_limit,
+                   tol=args.tol, trust_pickle=args.trust_pickle, lower_bound_samples=max(args.samples, 0),
+                   progress=not args.json)
+    if args.json:
+        print(cert.to_json())
+    else:
+        _print_table(cert.summary_rows(), title=f"lipsdp certify {args.model}")
+        print(cert.message)
+    return 0 if cert.verified else 1
+
+
+def _cmd_solvers(args) -> int:
+    from lipsdp.solvers import describe
+
+    rows = describe()
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="lipsdp solver backends (auto: licensed MOSEK, else the fastest open-source one)")
+    for col in ("name", "installed", "usable", "status", "family", "install"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], "yes" if r["installed"] else "no", "yes" if r["usable"] else "no",
+                      escape(r["status"]), r["family"], escape(r["install"]))
+    Console(soft_wrap=True).print(table)
+    return 0
+
+
+def main(argv=None) -> int:
+    from lipsdp.errors import LipSDPError
+
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        if args.command == "certify":
+            return _cmd_certify(args)
+        return _cmd_solvers(args)
+    except LipSDPError as exc:
+        if debug:
+            raise
+        print(f"lipsdp: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("lipsdp: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure still gets one line, not a traceback
+        if debug:
+            raise
+        print(f"lipsdp: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

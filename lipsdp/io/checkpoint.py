@@ -1,0 +1,135 @@
+"""Files that hold weights but no architecture: state_dicts, checkpoint dicts, LipSDP ``.mat`` files.
+
+Without an architecture the only sound reading is the one the user states: a
+multilayer perceptron ``W_l phi(... phi(W_0 x + b_0) ...) + b_l`` whose
+activation ``phi`` is given explicitly (``activation="relu"``, command line
+``--activation relu``).  Without it, :class:`~lipsdp.errors.ModelLoadError`
+says what the file holds and how to proceed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from lipsdp.errors import ModelLoadError
+from lipsdp.network import Activation, Affine, Input, Network
+
+#: Keys under which training scripts commonly store the model or its state_dict.
+CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "model_state", "net", "network", "module")
+
+
+def normalize_activation(activation: str) -> str:
+    """``"Leaky-ReLU"`` -> ``"leaky_relu"``."""
+    return str(activation).strip().lower().replace("-", "_")
+
+
+def mlp_network(layers: list[tuple[str, np.ndarray, np.ndarray | None]], activation: str | None,
+                params: dict | None, source: str, what: str) -> Network:
+    """An MLP from ordered ``(name, W (out, in), b or None)`` layers, checked to chain.
+
+    Parameters
+    ----------
+    layers : list of (str, ndarray, ndarray or None)
+    activation : str or None
+        Function key of :mod:`lipsdp.constraints` between layers; None raises the
+        "weights only" :class:`ModelLoadError`.
+    params : dict or None
+        Parameters of the activation (``{"negative_slope": 0.1}``).
+    source, what : str
+        File name and a description of its content for messages.
+    """
+    if not layers:
+        raise ModelLoadError(f"{source} holds no weight matrices ({what}); save the whole model "
+                             "(torch.save(model), TorchScript, torch.export or ONNX)")
+    for (name, w, _), (prev, w_prev, _) in zip(layers[1:], layers[:-1]):
+        if w.shape[1] != w_prev.shape[0]:
+            raise ModelLoadError(f"{source}: {name} is {w.shape[0]}x{w.shape[1]} but {prev} gives "
+                                 f"{w_prev.shape[0]} values; these weights do not chain into an MLP")
+    for name, w, b in layers:
+        if b is not None and b.shape != (w.shape[0],):
+            raise ModelLoadError(f"{source}: the bias of {name} has shape {b.shape}, expected ({w.shape[0]},)")
+    if activation is None:
+        sizes = " -> ".join(str(n) for n in [layers[0][1].shape[1]] + [w.shape[0] for _, w, _ in layers])
+        raise ModelLoadError(f"{source} holds only weights ({what} with {len(layers)} weight matrices, "
+                             f"{sizes}); pass --activation relu (API: activation='relu') to certify it as an "
+                             "MLP, or save the whole model (torch.save(model), TorchScript, torch.export or ONNX)")
+    activation = normalize_activation(activation)
+    net = Network(source=source)
+    node = net.add(Input("input", "Input", (layers[0][1].shape[1],)))
+    for k, (name, w, b) in enumerate(layers):
+        node = net.add(Affine(name, "Linear", (w.shape[0],), weight=np.asarray(w, dtype=np.float64),
+                              bias=None if b is None else np.asarray(b, dtype=np.float64)), [node])
+        if k < len(layers) - 1:
+            node = net.add(Activation(f"{name}.{activation}", activation, (w.shape[0],), function=activation,
+                                      params=dict(params or {})), [node])
+    return net.validate()
+
+
+def is_state_dict(obj) -> bool:
+    """A mapping from names to tensors (every value a tensor)."""
+    import torch
+
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def find_in_checkpoint(obj, source: str):
+    """Return ``("module", nn.Module)`` or ``("state_dict", mapping, key)`` found in a loaded torch file."""
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return "module", obj, None
+    if isinstance(obj, Mapping):
+        for key in CHECKPOINT_KEYS:
+            if isinstance(obj.get(key), torch.nn.Module):
+                return "module", obj[key], key
+        for key in CHECKPOINT_KEYS:
+            if is_state_dict(obj.get(key)):
+                return "state_dict", obj[key], key
+        if is_state_dict(obj):
+            return "state_dict", obj, None
+        keys = ", ".join(repr(k) for k in list(obj)[:8])
+        raise ModelLoadError(f"{source}: a dict with keys {keys} that holds neither a model nor a state_dict "
+                             f"under {', '.join(CHECKPOINT_KEYS[:3])}; save the whole model (torch.save(model), "
+                             "TorchScript, torch.export or ONNX)")
+    raise ModelLoadError(f"{source}: holds a {type(obj).__name__}, not a model or a state_dict")
+
+
+def mlp_from_state_dict(state: Mapping, activation: str | None, params: dict | None, source: str,
+                        key: str | None = None) -> Network:
+    """An MLP from the 2-D ``*weight`` tensors of a state_dict, in order, with their ``*bias``.
+
+    Raises
+    ------
+    ModelLoadError
+        Without ``activation``; when the state_dict holds parameters an MLP
+        cannot use (convolutions, normalisation, deel-torchlip parametrizations);
+        or when the shapes do not chain.
+    """
+    what = "a state_dict" if key is None else f"a checkpoint whose {key!r} is a state_dict"
+    parametrized = [k for k in state if ".parametrizations." in k]
+    if parametrized:
+        raise ModelLoadError(f"{source}: a state_dict of parametrized layers ({parametrized[0]}, e.g. deel-torchlip "
+                             "SpectralLinear); its effective weights are not stored. Save model.vanilla_export() "
+                             "with torch.save, or the model itself with TorchScript, torch.export or ONNX")
+    layers, other = [], []
+    for name, value in state.items():
+        if name == "weight" or name.endswith(".weight"):
+            if value.dim() == 2:
+                prefix = name[: -len("weight")]
+                bias = state.get(prefix + "bias")
+                layers.append((prefix.rstrip(".") or name, _np(value), None if bias is None else _np(bias)))
+            else:
+                other.append(f"{name} {tuple(value.shape)}")
+    if other:
+        raise ModelLoadError(f"{source}: {what} with parameters an MLP cannot use ({', '.join(other[:3])}); "
+                             "save the whole model (torch.save(model), TorchScript, torch.export or ONNX)")
+    return mlp_network(layers, activation, params, source, what)
+
+
+def _np(tensor) -> np.ndarray:
+    import torch
+
+    return np.array(tensor.detach().cpu().to(torch.float64).numpy(), copy=True)

@@ -1,0 +1,226 @@
+"""The LMI ``M(x) = M_c + sum_j x_j M_j <= 0`` that certifies a Lipschitz bound.
+
+For the l2 gain (LipSDP, MATH.md (1.1) and (3.1)) the variables are
+``x = (rho, y)``: ``rho`` multiplies ``-E0^T E0`` and the QC multipliers ``y``
+come from :mod:`lipsdp.constraints`; the constant part is ``C^T C``:
+
+.. math::
+
+    M(\\rho, y) = C^T C - \\rho E_0^T E_0 + \\sum_j y_j F_j \\preceq 0
+    \\;\\Rightarrow\\; \\|f(x) - f(x')\\|_2 \\le \\sqrt{\\rho}\\,\\|x - x'\\|_2 .
+
+The SDP minimises ``rho``.  Everything is stored as one COO list over
+``(row, col, variable)`` so a backend can vectorise it in its own convention
+(:meth:`LMIProblem.svec`), and so verification can rebuild ``M`` and its
+entrywise absolute value for rounding-error bounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from lipsdp.constraints import get_constraint
+from lipsdp.lifting import Lifting
+
+_U = 2.0 ** -53
+
+
+@dataclass
+class LMIProblem:
+    """``min c^T x  s.t.  M(x) = M_c + sum_j x_j M_j <= 0,  x_j >= 0 where nonneg[j]``.
+
+    Attributes
+    ----------
+    n : int
+        Matrix size (``n_z`` of the lifting).
+    input_dim : int
+        Size of the input block (the first ``input_dim`` rows/columns).
+    const : scipy.sparse.csr_matrix, shape (n, n)
+        ``M_c = C^T C``.
+    rows, cols, vals, var : ndarray
+        COO of ``sum_j x_j M_j``, both triangles.
+    objective : ndarray, shape (n_var,)
+    nonneg : ndarray of bool, shape (n_var,)
+    labels : list of str
+        One per variable: ``"rho"``, then the multipliers.
+    formulation : str
+    const_terms : int
+        Longest sum behind one entry of ``M_c`` (for rounding bounds).
+    lift_err_terms : tuple or None
+        COO of the entrywise bound on the lifting's rounding error (None if exact).
+    """
+
+    n: int
+    input_dim: int
+    const: sp.csr_matrix
+    const_abs: sp.csr_matrix
+    rows: np.ndarray
+    cols: np.ndarray
+    vals: np.ndarray
+    var: np.ndarray
+    objective: np.ndarray
+    nonneg: np.ndarray
+    labels: list
+    formulation: str
+    blocks: list = field(default_factory=list)
+    const_terms: int = 1
+    lift_err: tuple | None = None
+
+    @property
+    def n_var(self) -> int:
+        return len(self.objective)
+
+    # -- evaluation -----------------------------------------------------
+    def _coo_matrix(self, vals: np.ndarray, x: np.ndarray) -> np.ndarray:
+        M = np.zeros((self.n, self.n))
+        np.add.at(M, (self.rows, self.cols), vals * x[self.var])
+        return M
+
+    def matrix(self, x: np.ndarray) -> np.ndarray:
+        """Dense ``M(x)``, shape ``(n, n)``."""
+        x = np.asarray(x, dtype=np.float64)
+        return self._coo_matrix(self.vals, x) + self.const.toarray()
+
+    def abs_matrix(self, x: np.ndarray) -> np.ndarray:
+        """Entrywise ``sum |x_j| |M_j| + |C|^T |C|``: what rounding errors scale with."""
+        x = np.abs(np.asarray(x, dtype=np.float64))
+        return self._coo_matrix(np.abs(self.vals), x) + self.const_abs.toarray()
+
+    def lifting_error(self, x: np.ndarray) -> np.ndarray | None:
+        """Entrywise bound on ``|M(x) - M_exact(x)|`` due to rounded lifted rows, or None if exact."""
+        if self.lift_err is None:
+            return None
+        rows, cols, vals, var, const = self.lift_err
+        x = np.abs(np.asarray(x, dtype=np.float64))
+        M = np.zeros((self.n, self.n))
+        np.add.at(M, (rows, cols), vals * x[var])
+        return M + const.toarray()
+
+    def basis(self) -> sp.csc_matrix:
+        """``[vec(M_1) ... vec(M_k)]``, shape ``(n*n, n_var)`` (column-major vec)."""
+        idx = self.cols * self.n + self.rows
+        return sp.csc_matrix((self.vals, (idx, self.var)), shape=(self.n * self.n, self.n_var))
+
+    def svec(self, triangle: str = "lower", scale: float = np.sqrt(2.0)):
+        """Vectorise for a conic solver.
+
+        Returns ``(A, b)`` with ``svec(M(x)) = A x + b``: the lower (or upper)
+        triangle in column-major order, off-diagonal entries times ``scale``
+        (``sqrt(2)`` makes the vectorisation an isometry, as SCS and Clarabel expect).
+
+        Returns
+        -------
+        A : scipy.sparse.csc_matrix, shape (n(n+1)/2, n_var)
+        b : ndarray, shape (n(n+1)/2,)
+        """
+        n = self.n
+
+        def index(r, c):
+            if triangle == "lower":
+                keep = r >= c
+                r, c = r[keep], c[keep]
+                idx = c * n - (c * (c - 1)) // 2 + (r - c)
+            else:
+                keep = r <= c
+                r, c = r[keep], c[keep]
+                idx = (c * (c + 1)) // 2 + r
+            return keep, idx, np.where(r == c, 1.0, scale)
+
+        m = n * (n + 1) // 2
+        keep, idx, s = index(self.rows, self.cols)
+        A = sp.csc_matrix((self.vals[keep] * s, (idx, self.var[keep])), shape=(m, self.n_var))
+        C = sp.coo_matrix(self.const)
+        keep, idx, s = index(C.row.astype(np.int64), C.col.astype(np.int64))
+        b = np.zeros(m)
+        np.add.at(b, idx, C.data[keep] * s)
+        return A, b
+
+    def memory_estimate(self, kind: str = "first_order") -> int:
+        """Rough peak bytes of a solve: dense n x n work arrays plus the stored basis.
+
+        ``first_order`` (SCS): a few dense ``n x n`` matrices for the projection.
+        ``interior_point``: also the Schur complement in the variables (``n_var^2``)
+        and the dense KKT block of the PSD cone where the solver forms it.
+        """
+        dense = 8 * self.n * self.n
+        stored = 24 * len(self.vals)
+        if kind == "first_order":
+            return 8 * dense + 4 * stored
+        if kind == "interior_point_cone":  # Clarabel: dense (n(n+1)/2)^2 scaling block
+            m = self.n * (self.n + 1) // 2
+            return 8 * m * m + 8 * dense + 4 * stored
+        return 12 * dense + 8 * self.n_var ** 2 + 4 * stored
+
+
+def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndarray | None = None) -> LMIProblem:
+    """The l2 LipSDP LMI of a lifted network.
+
+    Parameters
+    ----------
+    lifting : Lifting
+    formulation : {"neuron", "layer"}
+        Diagonal multipliers per neuron (LipSDP-Neuron) or one per activation node (LipSDP-Layer).
+    output_map : ndarray, shape (k, m), optional
+        Certify ``c f`` instead of ``f`` (e.g. a logit difference ``e_y - e_j``).
+    """
+    net = lifting.network
+    n, n0 = lifting.n, lifting.input_dim
+    C = lifting.output
+    C_err = lifting.output_err
+    if output_map is not None:
+        cm = sp.csr_matrix(np.atleast_2d(np.asarray(output_map, dtype=np.float64)))
+        C_err = abs(cm) @ C_err + (abs(cm) @ abs(C)) * (2 * cm.shape[1] * _U)
+        C = cm @ C
+    C = sp.csr_matrix(C)
+    const = (C.T @ C).tocsr()
+    const_abs = (abs(C).T @ abs(C)).tocsr()
+
+    rows = [np.arange(n0)]
+    cols = [np.arange(n0)]
+    vals = [-np.ones(n0)]
+    var = [np.zeros(n0, dtype=np.int64)]
+    labels, nonneg = ["rho"], [True]
+    lift_exact = lifting.exact and output_map is None
+    err_parts = []
+    for k, P in enumerate(lifting.pre, start=1):
+        op = net.op(lifting.blocks[k].node)
+        qc = get_constraint(op.function)
+        Q = lifting.selector(k)
+        t = qc.terms(op, P, Q, formulation)
+        offset = len(labels)
+        rows.append(t.rows)
+        cols.append(t.cols)
+        vals.append(t.vals)
+        var.append(t.mult + offset)
+        labels.extend(t.labels)
+        nonneg.extend(t.nonneg.tolist())
+        if not lift_exact:
+            # |F(P+d) - F(P)| <= F_abs(|P|+|d|) - F_abs(|P|): F is bilinear in the rows.
+            hi = qc.terms(op, abs(P) + lifting.pre_err[k - 1], abs(Q), formulation)
+            lo = qc.terms(op, abs(P), abs(Q), formulation)
+            err_parts.append((np.concatenate([hi.rows, lo.rows]), np.concatenate([hi.cols, lo.cols]),
+                              np.concatenate([np.abs(hi.vals), -np.abs(lo.vals)]),
+                              np.concatenate([hi.mult, lo.mult]) + offset))
+    lift_err = None
+    if not lift_exact:
+        absC = abs(C)
+        c_err = (C_err.T @ absC + absC.T @ C_err + C_err.T @ C_err).tocsr()
+        if err_parts:
+            r, c, v, m = (np.concatenate(z) for z in zip(*err_parts))
+        else:
+            r = c = m = np.zeros(0, dtype=np.int64)
+            v = np.zeros(0)
+        lift_err = (r, c, v, m, c_err)
+    objective = np.zeros(len(labels))
+    objective[0] = 1.0
+    return LMIProblem(
+        n=n, input_dim=n0, const=const, const_abs=const_abs,
+        rows=np.concatenate(rows).astype(np.int64), cols=np.concatenate(cols).astype(np.int64),
+        vals=np.concatenate(vals), var=np.concatenate(var).astype(np.int64),
+        objective=objective, nonneg=np.array(nonneg, dtype=bool), labels=labels,
+        formulation=formulation, blocks=list(lifting.blocks), const_terms=max(C.shape[0], 1),
+        lift_err=lift_err,
+    )

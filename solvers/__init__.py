@@ -1,0 +1,81 @@
+"""Solver backends (installed as ``lipsdp.solvers``).
+
+One class per backend, one file each (``scs_.py`` etc., with the trailing
+underscore so a file never shadows the solver's own package).  Nothing here
+imports a solver at ``import lipsdp``: availability is checked with
+``importlib.util.find_spec``, and MOSEK's licence with a licence checkout.
+
+``auto`` picks MOSEK when it is installed *and* licensed; otherwise the
+open-source backend that our benchmark (``benchmarks/bench_solvers.py``) found
+fastest for the problem's size.
+"""
+
+from __future__ import annotations
+
+from lipsdp.errors import SolverLicenseError, SolverNotFound
+from lipsdp.solvers.base import STATUSES, Backend, SolveResult
+from lipsdp.solvers.clarabel_ import Clarabel
+from lipsdp.solvers.cvxpy_ import CVXOPT, MOSEK, SDPA
+from lipsdp.solvers.scs_ import SCS
+
+#: Every backend lipsdp knows, in order of preference for ``auto``.
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (MOSEK, SCS, SDPA, CVXOPT, Clarabel)}
+
+
+def installed() -> list[str]:
+    """Names of the backends whose Python packages are importable."""
+    return [name for name, b in BACKENDS.items() if b.is_installed()]
+
+
+def usable() -> list[str]:
+    """Names of installed backends that can actually solve (MOSEK needs a licence)."""
+    return [name for name, b in BACKENDS.items() if b.license_status()[0]]
+
+
+def describe() -> list[dict]:
+    """One row per backend: name, installed, usable, reason, how to install."""
+    rows = []
+    for name, b in BACKENDS.items():
+        ok, reason = b.license_status()
+        rows.append({"name": name, "installed": b.is_installed(), "usable": ok, "status": reason,
+                     "family": b.family, "install": b.install})
+    return rows
+
+
+def get_backend(name: str = "auto", *, n: int | None = None) -> Backend:
+    """An instance of the backend called ``name``.
+
+    ``"auto"`` prefers a licensed MOSEK, then the best open-source backend for an
+    LMI of size ``n``.  A missing or unlicensed backend raises an error that
+    lists what is available and how to install the rest.
+    """
+    name = name.lower()
+    if name == "auto":
+        if MOSEK.license_status()[0]:
+            return MOSEK()
+        for choice in _open_source_order(n):
+            if BACKENDS[choice].is_installed():
+                return BACKENDS[choice]()
+        raise SolverNotFound("no SDP solver is installed; pip install scs")
+    if name not in BACKENDS:
+        raise SolverNotFound(f"unknown solver {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    cls = BACKENDS[name]
+    if not cls.is_installed():
+        raise SolverNotFound(f"solver {name!r} is not installed ({cls.install}); "
+                             f"available: {', '.join(usable()) or 'none'}")
+    ok, reason = cls.license_status()
+    if not ok:
+        raise SolverLicenseError(f"solver {name!r} is installed but unusable: {reason}; "
+                                 f"available: {', '.join(usable()) or 'none'}")
+    return cls()
+
+
+def _open_source_order(n: int | None) -> list[str]:
+    # Measured in benchmarks/bench_solvers.py on 2 cores, BLAS threads = 1 (see README):
+    # SDPA's interior point wins on small and medium LMIs; SCS scales further.
+    if n is not None and n > 400:
+        return ["scs", "sdpa", "cvxopt", "clarabel"]
+    return ["sdpa", "scs", "cvxopt", "clarabel"]
+
+
+__all__ = ["BACKENDS", "Backend", "SolveResult", "STATUSES", "describe", "get_backend", "installed", "usable"]

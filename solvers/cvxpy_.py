@@ -1,0 +1,116 @@
+"""Backends reached through cvxpy's well-kept solver interfaces (MOSEK, SDPA, CVXOPT).
+
+cvxpy already knows how to hand an LMI to these solvers (dualising it for the
+interior-point codes that want the primal standard form).  We give it the LMI
+in its cheapest shape: one sparse matrix ``B`` with ``vec(M(x)) = B x + vec(M_c)``,
+so cvxpy's canonicalisation is a single sparse product rather than a
+neuron-by-neuron expression tree.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from lipsdp.solvers.base import Backend, SolveResult
+
+
+class CvxpyBackend(Backend):
+    """A solver reached through cvxpy; subclasses name it and set its options."""
+
+    cvxpy_name = ""
+    status_map = {
+        "optimal": "optimal", "optimal_inaccurate": "optimal_inaccurate",
+        "infeasible": "infeasible", "infeasible_inaccurate": "infeasible",
+        "unbounded": "unbounded", "unbounded_inaccurate": "unbounded",
+        "user_limit": "time_limit",
+    }
+
+    def options(self, time_limit, tol) -> dict:
+        return {}
+
+    def solve(self, lmi, *, time_limit=None, tol=None, verbose=False):
+        import cvxpy as cp
+
+        t0 = time.perf_counter()
+        n = lmi.n
+        x = cp.Variable(lmi.n_var)
+        B = lmi.basis()
+        c = lmi.const.toarray().ravel(order="F")
+        negM = cp.reshape(-(B @ x) - c, (n, n), order="F")
+        cons = [0.5 * (negM + negM.T) >> 0]
+        nn = np.flatnonzero(lmi.nonneg)
+        if len(nn):
+            cons.append(x[nn] >= 0)
+        prob = cp.Problem(cp.Minimize(lmi.objective @ x), cons)
+        try:
+            prob.solve(solver=self.cvxpy_name, verbose=verbose, **self.options(time_limit, tol or self.default_tol))
+        except cp.error.SolverError as exc:
+            return SolveResult("solver_error", None, None, time.perf_counter() - t0, message=str(exc))
+        value = None if x.value is None else np.asarray(x.value, dtype=np.float64)
+        stats = prob.solver_stats
+        return SolveResult(self.map_status(prob.status), value,
+                           None if prob.value is None else float(prob.value), time.perf_counter() - t0,
+                           getattr(stats, "num_iters", None), str(prob.status))
+
+
+class MOSEK(CvxpyBackend):
+    """MOSEK interior-point solver (commercial; free academic licences)."""
+
+    name = "mosek"
+    cvxpy_name = "MOSEK"
+    modules = ("mosek", "cvxpy")
+    install = "pip install 'lipsdp[mosek]' and a licence file (https://www.mosek.com/license/request)"
+    needs_license = True
+    default_tol = 1e-9
+    _licence: tuple[bool, str] | None = None
+
+    @classmethod
+    def license_status(cls):
+        if not cls.is_installed():
+            return False, "not installed"
+        if cls._licence is None:
+            try:
+                import mosek
+
+                with mosek.Env() as env:
+                    env.checkoutlicense(mosek.feature.pts)
+                cls._licence = (True, "licensed")
+            except Exception as exc:  # mosek raises its own Error for every licence problem
+                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                cls._licence = (False, f"no valid licence ({text})")
+        return cls._licence
+
+    def options(self, time_limit, tol):
+        params = {"MSK_DPAR_INTPNT_CO_TOL_REL_GAP": tol, "MSK_DPAR_INTPNT_CO_TOL_PFEAS": tol,
+                  "MSK_DPAR_INTPNT_CO_TOL_DFEAS": tol}
+        if time_limit:
+            params["MSK_DPAR_OPTIMIZER_MAX_TIME"] = float(time_limit)
+        return {"mosek_params": params}
+
+
+class SDPA(CvxpyBackend):
+    """SDPA primal-dual interior-point solver (sdpa-python)."""
+
+    name = "sdpa"
+    cvxpy_name = "SDPA"
+    modules = ("sdpap", "cvxpy")
+    install = "pip install sdpa-python"
+    supports_time_limit = False
+
+    def options(self, time_limit, tol):
+        return {"epsilonStar": tol, "epsilonDash": tol}
+
+
+class CVXOPT(CvxpyBackend):
+    """CVXOPT primal-dual interior-point solver."""
+
+    name = "cvxopt"
+    cvxpy_name = "CVXOPT"
+    modules = ("cvxopt", "cvxpy")
+    install = "pip install cvxopt"
+    supports_time_limit = False
+
+    def options(self, time_limit, tol):
+        return {"abstol": tol, "reltol": tol, "feastol": tol, "max_iters": 200}

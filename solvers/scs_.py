@@ -1,0 +1,63 @@
+"""SCS (splitting conic solver) backend, called directly in its native form.
+
+SCS solves ``min c^T x  s.t.  b - A x in K``; the PSD cone takes the lower
+triangle, column-major, off-diagonal entries scaled by sqrt(2).  Our LMI
+``M(x) <= 0`` becomes ``svec(-M_c) - A x in S_+`` with ``A = svec`` of the
+``M_j``; sign-constrained multipliers go to the nonnegative cone.
+
+SCS is a first-order method: its points are slightly infeasible (top
+eigenvalue ~1e-5) and its objective can sit below the optimum, so its output is
+only a starting point for :mod:`lipsdp.verify`.
+
+Reference: B. O'Donoghue, E. Chu, N. Parikh, S. Boyd, "Conic optimization via
+operator splitting and homogeneous self-dual embedding", JOTA 2016.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import scipy.sparse as sp
+
+from lipsdp.solvers.base import Backend, SolveResult
+
+
+class SCS(Backend):
+    name = "scs"
+    modules = ("scs",)
+    install = "pip install scs"
+    family = "first_order"
+    psd_triangle = "lower"
+    status_map = {
+        "solved": "optimal", "solved_inaccurate": "optimal_inaccurate",
+        "infeasible": "infeasible", "infeasible_inaccurate": "infeasible",
+        "unbounded": "unbounded", "unbounded_inaccurate": "unbounded",
+        "interrupted": "time_limit",
+    }
+    default_tol = 1e-6
+
+    def solve(self, lmi, *, time_limit=None, tol=None, verbose=False):
+        import scs
+
+        t0 = time.perf_counter()
+        A_psd, b_psd = lmi.svec(self.psd_triangle, self.psd_scale)
+        nn = np.flatnonzero(lmi.nonneg)
+        A_nn = sp.csc_matrix((-np.ones(len(nn)), (np.arange(len(nn)), nn)), shape=(len(nn), lmi.n_var))
+        A = sp.vstack([A_nn, A_psd]).tocsc()
+        b = np.concatenate([np.zeros(len(nn)), -b_psd])
+        tol = tol or self.default_tol
+        settings = dict(eps_abs=tol, eps_rel=tol, verbose=verbose, max_iters=200_000)
+        if time_limit:
+            settings["time_limit_secs"] = float(time_limit)
+        solver = scs.SCS({"A": A, "b": b, "c": lmi.objective}, {"l": len(nn), "s": [lmi.n]}, **settings)
+        sol = solver.solve()
+        info = sol["info"]
+        native = info["status"]
+        status = self.map_status(native)
+        if status == "time_limit" or (native == "solved_inaccurate" and time_limit
+                                      and info.get("solve_time", 0) / 1e3 >= 0.95 * time_limit):
+            status = "time_limit"
+        x = np.asarray(sol["x"], dtype=np.float64)
+        return SolveResult(status, x, float(info.get("pobj", np.nan)), time.perf_counter() - t0,
+                           int(info.get("iter", 0)), native, extras={"info": dict(info)})
