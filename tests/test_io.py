@@ -347,6 +347,25 @@ def test_torchlip_parametrized_state_dict(torchlip_model, tmp_path):
         load_network(tmp_path / "sd.pt", activation="relu")
 
 
+@pytest.mark.parametrize("fmt", ["api", "torchscript"])
+def test_torchlip_on_feature_maps(fmt, tmp_path):
+    """GroupSort, HouseHolder and MaxMin act along the channel axis of (N, C, H, W) tensors."""
+    tl = pytest.importorskip("deel.torchlip")
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), tl.GroupSort2(), nn.Conv2d(4, 6, 2), tl.HouseHolder(6),
+                          tl.GroupSort(3), tl.MaxMin(), nn.Flatten(), nn.Linear(12 * 3 * 3, 2)).eval()
+    with torch.no_grad():
+        model[3].theta.uniform_(0, 6)
+    if fmt == "torchscript":
+        torch.jit.save(torch.jit.trace(model, (torch.randn(2, 1, 6, 6),)), str(tmp_path / "m.ts"))
+        net = load_network(tmp_path / "m.ts", input_shape=(1, 6, 6))
+    else:
+        net = network_from_module(model, (1, 6, 6))
+    assert_same(net, model, (1, 6, 6))
+    assert functions(net) == ["groupsort", "householder", "groupsort", "relu"]
+    assert net.op(net.activations()[1]).params["theta"].shape == (3 * 3 * 3,)
+
+
 def test_groupsort_onnx(tmp_path):
     tl = pytest.importorskip("deel.torchlip")
     torch.manual_seed(9)
@@ -541,8 +560,8 @@ def test_empty_file_and_directory(tmp_path):
         load_network(tmp_path)
 
 
-@pytest.mark.parametrize("fmt", ["pickle", "torchscript", "export", "checkpoint"])
-def test_truncated_archive(mlp_files, fmt, tmp_path):
+@pytest.mark.parametrize("fmt", ["pickle", "torchscript", "export", "checkpoint", "onnx"])
+def test_truncated_file(mlp_files, fmt, tmp_path):
     data = mlp_files[1][fmt].read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="cut.pt"):

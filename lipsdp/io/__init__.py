@@ -1,16 +1,16 @@
 """Model loaders: every way users save PyTorch models -> :class:`~lipsdp.network.Network`.
 
-========================= =============================================================
-saved with                read by
-========================= =============================================================
-``torch.save(model)``     :mod:`~lipsdp.io.safe_pickle` (no pickled code runs), then
-                          ``torch.export`` of the module (:mod:`~lipsdp.io.torch_module`)
-``torch.jit.save``        :mod:`~lipsdp.io.torchscript` (TorchScript graph)
-``torch.export.save``     :mod:`~lipsdp.io.export` (ATen graph)
-``torch.onnx.export``     :mod:`~lipsdp.io.onnx_` (ONNX graph, external data confined)
-``torch.save(state_dict)``:mod:`~lipsdp.io.checkpoint` (an MLP, given ``activation``)
-LipSDP ``.mat`` weights   :mod:`~lipsdp.io.matfile` (an MLP, given ``activation``)
-========================= =============================================================
+=========================== ===========================================================
+saved with                  read by
+=========================== ===========================================================
+``torch.save(model)``       :mod:`~lipsdp.io.safe_pickle` (no pickled code runs), then
+                            ``torch.export`` of the module (:mod:`~lipsdp.io.torch_module`)
+``torch.jit.save``          :mod:`~lipsdp.io.torchscript` (TorchScript graph)
+``torch.export.save``       :mod:`~lipsdp.io.export` (ATen graph)
+``torch.onnx.export``       :mod:`~lipsdp.io.onnx_` (ONNX graph, external data confined)
+``torch.save(state_dict)``  :mod:`~lipsdp.io.checkpoint` (an MLP, given ``activation``)
+LipSDP ``.mat`` weights     :mod:`~lipsdp.io.matfile` (an MLP, given ``activation``)
+=========================== ===========================================================
 
 The format is recognised from the file's content (:func:`detect_format`).  The
 graph frontends share one operator table (:mod:`~lipsdp.io.aten_ops`) and one

@@ -7,9 +7,11 @@ user's layer.  Calls whose arguments do not depend on the network input are
 evaluated with torch (constant folding: shapes, weight transposes, ...); the
 others go to the handler registered for the operator name in :data:`ATEN_OPS`.
 
-An unsupported operator does not stop the walk: it is recorded, its result is a
-:class:`Poison`, and operators fed only by poison are skipped, so the final
-:class:`~lipsdp.errors.UnsupportedLayerError` lists every offending layer at once.
+An unsupported operator does not stop the walk: it is recorded and its result
+is a :class:`Poison` that keeps its shape (the operator runs on zeros, see
+:meth:`Translator.shadow`), so shape arithmetic further down stays exact and
+the final :class:`~lipsdp.errors.UnsupportedLayerError` lists every offending
+layer at once.
 
 Whole modules that no operator-level rule can recover (deel-torchlip
 ``HouseHolder``) are translated from their parameters by
@@ -80,6 +82,9 @@ def _torch():
 
 class Translator:
     """State of one graph walk: the builder, the batch size, and the errors found so far.
+
+    Handlers read ``t.b`` (the :class:`~lipsdp.io.builder.GraphBuilder`),
+    ``t.label`` (the layer being translated) and ``t.batch``.
 
     Parameters
     ----------

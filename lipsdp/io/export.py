@@ -101,7 +101,7 @@ def network_from_exported(program, source: str = "", input_shape=None):
             group = _module_group(nodes, position)
             if group is not None:
                 skip.update(group[0])
-                _translate_module(t, group, env, state, label, position)
+                _translate_module(t, group, env, state, position)
                 continue
             args = torch.fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
@@ -194,7 +194,8 @@ def _module_group(nodes: list, start: int):
     return None
 
 
-def _translate_module(t: Translator, group, env: dict, state: dict, label: Label, position: int):
+def _translate_module(t: Translator, group, env: dict, state: dict, position: int):
+    """Translate a whole module call (``group`` from :func:`_module_group`) with its handler."""
     members, _, path, cls = group
     inside = set(members)
     inputs = []

@@ -1,0 +1,521 @@
+"""Benchmark: lipsdp's solver backends against the naive cvxpy LipSDP-Neuron.
+
+Runs every configuration on every network side by side, each run in its own
+subprocess (peak memory = the child's ``ru_maxrss``; a per-run time-out kills
+runaway solves), and reports medians of ``--repeats`` runs and speed-ups.
+
+Configurations
+--------------
+``naive-<solver>``
+    LipSDP-Neuron written straight from the paper (MATH.md (1.1)): ``rho`` a
+    ``cp.Variable``, ``T = cp.diag(t)``, ``Q`` assembled with ``cp.bmat``,
+    ``M = [A; B]^T Q [A; B] - rho E0^T E0 + El^T Wl^T Wl El`` and ``M << 0``,
+    solved by cvxpy with its default options for SCS, CVXOPT and SDPA.  Its bound
+    ``sqrt(rho)`` is the solver's word, **not verified**.
+``lipsdp-<solver>``
+    ``lipsdp.certify(net, solver=..., formulation="neuron", lower_bound_samples=0)``:
+    input-reduced LMI, native backend, verified bound.  Clarabel is skipped where
+    the LMI lipsdp solves is larger than 150 (its KKT system needs O(n^4) memory).
+
+Usage::
+
+    python benchmarks/bench_solvers.py --quick      # two smallest nets, 1 repeat
+    python benchmarks/bench_solvers.py              # default nets, 3 repeats
+    python benchmarks/bench_solvers.py --large      # also 784-256-256-10
+
+Writes ``benchmarks/results/solvers.{md,json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+ANCHORS = Path("/work/shared/anchors")
+
+#: Thread settings of every child: single-threaded BLAS so timings compare algorithms, not cores.
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+NAIVE_SOLVERS = ("scs", "cvxopt", "sdpa")
+LIPSDP_SOLVERS = ("scs", "sdpa", "cvxopt", "clarabel")
+CLARABEL_MAX_N = 150
+#: Bounds of two configurations that differ by more than this (relative) are reported.
+REL_TOL = 1e-4
+
+
+# ----------------------------------------------------------------------------- networks
+@dataclass(frozen=True)
+class NetSpec:
+    """A benchmark network: a published weight file or seeded random Gaussian weights.
+
+    Random weights are ``N(0, 1) / sqrt(fan_in)`` from ``numpy.random.default_rng(seed)``,
+    drawn layer by layer in order; ReLU between the layers.
+    """
+
+    name: str
+    mat: str | None = None
+    sizes: tuple[int, ...] | None = None
+    seed: int = 0
+    published: float | None = None  # LipSDP-Neuron value published for the anchor
+
+    def weights(self) -> list:
+        import numpy as np
+
+        if self.mat is not None:
+            from scipy.io import loadmat
+
+            return [np.asarray(w, dtype=np.float64) for w in loadmat(self.mat)["weights"][0]]
+        rng = np.random.default_rng(self.seed)
+        return [rng.standard_normal((n_out, n_in)) / math.sqrt(n_in)
+                for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:])]
+
+
+def default_nets(large: bool) -> list[NetSpec]:
+    nets = [
+        NetSpec("anchor-random 2-10-30-20-2", mat=str(ANCHORS / "lipsdp_random_weights.mat"), published=36.482),
+        NetSpec("anchor-mnist 784-50-10", mat=str(ANCHORS / "lipsdp_mnist_weights.mat"), published=24.366),
+        NetSpec("random 20-50-50-10", sizes=(20, 50, 50, 10), seed=0),
+        NetSpec("random 64-100-100-100-10", sizes=(64, 100, 100, 100, 10), seed=1),
+    ]
+    if large:
+        nets.append(NetSpec("random 784-256-256-10", sizes=(784, 256, 256, 10), seed=2))
+    return nets
+
+
+def lmi_sizes(weights) -> tuple[int, int]:
+    """``(n0 + N, n_solved)``: the LMI of (1.1) and the input-reduced one lipsdp solves."""
+    from lipsdp.lifting import lift
+    from lipsdp.network import Network
+
+    lifting = lift(Network.sequential(weights, activation="relu"))
+    return lifting.n, lifting.reduce_input().n
+
+
+# ----------------------------------------------------------------------------- the child
+def naive_lipsdp_neuron(weights, solver: str):
+    """LipSDP-Neuron as written from the paper, (1.1) of MATH.md, solved by cvxpy.
+
+    Returns ``(sqrt(rho), cvxpy status)``; the bound is the solver's, unverified.
+    """
+    import cvxpy as cp
+    import numpy as np
+    from scipy.linalg import block_diag
+
+    alpha, beta = 0.0, 1.0  # ReLU is slope-restricted in [0, 1]
+    hidden_w, W_out = weights[:-1], weights[-1]
+    n0 = hidden_w[0].shape[1]
+    n_hidden = [W.shape[0] for W in hidden_w]
+    N, n_l = sum(n_hidden), n_hidden[-1]
+    nz = n0 + N
+
+    A = np.hstack([block_diag(*hidden_w), np.zeros((N, n_l))])
+    B = np.hstack([np.zeros((N, n0)), np.eye(N)])
+    AB = np.vstack([A, B])
+    E0 = np.hstack([np.eye(n0), np.zeros((n0, N))])
+    El = np.hstack([np.zeros((n_l, nz - n_l)), np.eye(n_l)])
+
+    rho = cp.Variable()
+    t = cp.Variable(N)
+    T = cp.diag(t)
+    Q = cp.bmat([[-2 * alpha * beta * T, (alpha + beta) * T],
+                 [(alpha + beta) * T, -2 * T]])
+    M = AB.T @ Q @ AB - rho * (E0.T @ E0) + El.T @ (W_out.T @ W_out) @ El
+    prob = cp.Problem(cp.Minimize(rho), [M << 0, t >= 0])
+    prob.solve(solver=solver.upper())
+    value = rho.value
+    bound = None if value is None else float(math.sqrt(max(float(value), 0.0)))
+    return bound, str(prob.status)
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def child_main(spec: dict, result_path: str) -> None:
+    """One run of one configuration on one network; writes a JSON result."""
+    if spec.get("mem_limit"):
+        limit = int(spec["mem_limit"])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    net = NetSpec(**{k: (tuple(v) if k == "sizes" and v else v) for k, v in spec["net"].items()})
+    kind, solver = spec["kind"], spec["solver"]
+    out = {"ok": False}
+    try:
+        import numpy  # noqa: F401
+
+        weights = net.weights()
+        if kind == "naive":
+            import cvxpy  # noqa: F401  (import time is not the formulation's cost)
+        else:
+            import lipsdp
+            from lipsdp.network import Network
+            from lipsdp.solvers import get_backend
+
+            get_backend(solver)  # fail early and import nothing heavy twice
+            if solver in ("sdpa", "cvxopt"):
+                import cvxpy  # noqa: F401
+        out["import_rss_mib"] = _rss_mib()
+        t0 = time.perf_counter()
+        if kind == "naive":
+            bound, status = naive_lipsdp_neuron(weights, solver)
+            out.update(bound=bound, status=status, verified=False)
+        else:
+            cert = lipsdp.certify(Network.sequential(weights, activation="relu"), solver=solver,
+                                  formulation="neuron", lower_bound_samples=0)
+            out.update(bound=cert.bound, status=cert.status, verified=cert.status == "verified",
+                       solver_status=cert.solver_status, solver_objective=cert.solver_objective,
+                       timings=dict(cert.timings), solved_lmi_size=cert.network.get("solved_lmi_size"),
+                       message=cert.message)
+        out["seconds"] = time.perf_counter() - t0
+        out["ok"] = out["bound"] is not None
+    except MemoryError:
+        out.update(status="out of memory")
+    except Exception as exc:  # a benchmark reports failures, it does not stop on them
+        out.update(status="error", message=f"{type(exc).__name__}: {exc}"[:500])
+    out["peak_mib"] = _rss_mib()
+    Path(result_path).write_text(json.dumps(out))
+
+
+# ----------------------------------------------------------------------------- the parent
+@dataclass
+class Row:
+    net: str
+    lmi_n: int
+    solved_n: int
+    config: str
+    kind: str
+    solver: str
+    status: str = ""
+    bound: float | None = None
+    verified: bool = False
+    seconds: list = field(default_factory=list)
+    peak_mib: list = field(default_factory=list)
+    runs: list = field(default_factory=list)
+    note: str = ""
+    vs_same: float | None = None  # naive same-solver median / this median
+    vs_best: float | None = None  # fastest naive median / this median
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.seconds) if self.seconds else None
+
+    @property
+    def peak(self) -> float | None:
+        return max(self.peak_mib) if self.peak_mib else None
+
+    @property
+    def ok(self) -> bool:
+        return self.bound is not None and bool(self.seconds)
+
+
+def run_child(net: NetSpec, kind: str, solver: str, timeout: float, mem_limit: int | None) -> dict:
+    env = dict(os.environ, **THREAD_ENV)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    with tempfile.TemporaryDirectory(prefix="bench_solvers_") as tmp:
+        result = Path(tmp) / "result.json"
+        log = Path(tmp) / "log.txt"
+        spec = {"net": asdict(net), "kind": kind, "solver": solver, "mem_limit": mem_limit}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec), "--result", str(result)]
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the child's own session: it and nothing else
+                proc.wait()
+                return {"ok": False, "status": "timeout", "message": f"killed after {timeout:.0f} s"}
+        if result.exists():
+            return json.loads(result.read_text())
+        tail = log.read_text(errors="replace")[-400:]
+        status = "killed (out of memory?)" if rc < 0 else f"crashed (exit {rc})"
+        return {"ok": False, "status": status, "message": tail}
+
+
+def configs_for(only: set | None) -> list[tuple[str, str, str]]:
+    out = [(f"naive-{s}", "naive", s) for s in NAIVE_SOLVERS]
+    out += [(f"lipsdp-{s}", "lipsdp", s) for s in LIPSDP_SOLVERS]
+    if only:
+        out = [c for c in out if c[0] in only]
+    return out
+
+
+def run_all(nets, repeats, timeout, mem_limit, only) -> list[Row]:
+    rows = []
+    for net in nets:
+        lmi_n, solved_n = lmi_sizes(net.weights())
+        for config, kind, solver in configs_for(only):
+            n = lmi_n if kind == "naive" else solved_n
+            row = Row(net.name, lmi_n, n, config, kind, solver)
+            rows.append(row)
+            if kind == "lipsdp" and solver == "clarabel" and solved_n > CLARABEL_MAX_N:
+                row.status, row.note = "skipped", f"LMI {solved_n} > {CLARABEL_MAX_N}"
+                print(f"  {net.name:28s} {config:16s} skipped ({row.note})", flush=True)
+                continue
+            for _ in range(repeats):
+                res = run_child(net, kind, solver, timeout, mem_limit)
+                row.runs.append(res)
+                row.status = res.get("status", "")
+                if not res.get("ok"):
+                    row.note = res.get("message", "")
+                    row.bound = None
+                    row.seconds = []
+                    break  # a failed or timed-out configuration is not repeated
+                row.bound = res["bound"] if row.bound is None else max(row.bound, res["bound"])
+                row.verified = bool(res.get("verified"))
+                row.seconds.append(res["seconds"])
+                row.peak_mib.append(res["peak_mib"])
+            shown = f"{row.bound:.6f}" if row.ok else row.status
+            secs = f"{row.median_s:8.2f} s" if row.ok else ""
+            print(f"  {net.name:28s} {config:16s} {shown:>14s} {secs}", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- reporting
+def environment() -> dict:
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "absent"
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu, "threads": THREAD_ENV, "python": platform.python_version(),
+        "versions": {p: version(p) for p in ("lipsdp", "cvxpy", "scs", "cvxopt", "sdpa-python", "clarabel",
+                                             "numpy", "scipy")},
+        "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def add_ratios(rows: list[Row]) -> None:
+    by_net: dict[str, list[Row]] = {}
+    for r in rows:
+        by_net.setdefault(r.net, []).append(r)
+    for group in by_net.values():
+        naive = {r.solver: r for r in group if r.kind == "naive" and r.ok}
+        best = min(naive.values(), key=lambda r: r.median_s, default=None)
+        for r in group:
+            r.vs_same = r.vs_best = None
+            if not r.ok:
+                continue
+            if r.kind == "lipsdp" and r.solver in naive:
+                r.vs_same = naive[r.solver].median_s / r.median_s
+            if best is not None and r is not best:
+                r.vs_best = best.median_s / r.median_s
+
+
+def discrepancies(rows: list[Row], nets: list[NetSpec]) -> list[dict]:
+    """Every lipsdp bound that differs from a baseline (or a published anchor) by more than REL_TOL."""
+    out = []
+    published = {n.name: n.published for n in nets}
+    for r in rows:
+        if r.kind != "lipsdp" or not r.ok:
+            continue
+        refs = [(b.config, b.bound) for b in rows if b.net == r.net and b.kind == "naive" and b.ok]
+        if published.get(r.net):
+            refs.append(("published", published[r.net]))
+        for name, ref in refs:
+            rel = (r.bound - ref) / ref
+            tol = 5e-4 / ref if name == "published" else REL_TOL  # published values have 3 decimals
+            if abs(rel) > max(tol, REL_TOL):
+                out.append({"net": r.net, "config": r.config, "bound": r.bound, "reference": name,
+                            "reference_bound": ref, "rel_diff": rel})
+    return out
+
+
+def fastest(rows: list[Row]) -> list[dict]:
+    out = []
+    for net in dict.fromkeys(r.net for r in rows):
+        group = [r for r in rows if r.net == net and r.ok]
+        lip = [r for r in group if r.kind == "lipsdp" and r.verified]
+        nav = [r for r in group if r.kind == "naive"]
+        entry = {"net": net, "lmi_n": group[0].lmi_n if group else None,
+                 "solved_n": lip[0].solved_n if lip else None}
+        if lip:
+            b = min(lip, key=lambda r: r.median_s)
+            entry.update(lipsdp=b.config, lipsdp_s=b.median_s)
+        if nav:
+            b = min(nav, key=lambda r: r.median_s)
+            entry.update(naive=b.config, naive_s=b.median_s)
+        out.append(entry)
+    return out
+
+
+def _fmt(x, spec, none="—"):
+    return none if x is None else format(x, spec)
+
+
+def markdown(rows, env, disc, fast, args) -> str:
+    threads = " ".join(f"{k}={v}" for k, v in env["threads"].items())
+    lines = [
+        "# LipSDP-Neuron: lipsdp backends vs the naive cvxpy formulation", "",
+        f"Environment: {env['cpus']} CPUs ({env['cpus_usable']} usable, {env['cpu_model']}); children run with "
+        f"{threads}; Python {env['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+        + f"; commit {env['commit'] or '?'}; {env['date']}.", "",
+        f"Median of {args.repeats} run(s), each in a fresh subprocess (time excludes interpreter start-up and "
+        f"imports; peak = the child's ru_maxrss, imports included); time-out {args.timeout:.0f} s per run.", "",
+        "| net | LMI n | solved n | config | bound | verified? | median s | peak MiB | × vs naive same solver "
+        "| × vs best naive |",
+        "|---|---:|---:|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.ok:
+            ver = "yes" if r.verified else ("no (solver's value)" if r.kind == "naive" else r.status)
+            bound = f"{r.bound:.6f}"
+        else:
+            ver, bound = "—", r.status + (f" ({r.note})" if r.status == "skipped" else "")
+        lines.append(f"| {r.net} | {r.lmi_n} | {r.solved_n} | {r.config} | {bound} | {ver} | "
+                     f"{_fmt(r.median_s, '.3f')} | {_fmt(r.peak, '.0f')} | "
+                     f"{_fmt(r.vs_same, '.2f')} | {_fmt(r.vs_best, '.2f')} |")
+    lines += [
+        "",
+        "Notes:",
+        "- `naive-*`: LipSDP-Neuron written from the paper in cvxpy (`cp.diag(t)`, `cp.bmat`, "
+        "`AB.T @ Q @ AB`, `M << 0`) on the full LMI of size n0+N, solved with cvxpy's default options; "
+        "its bound sqrt(rho) is the solver's value and is **not verified** (a first-order solver's can lie "
+        "below the true optimum).",
+        "- `lipsdp-*`: `lipsdp.certify(..., formulation='neuron', lower_bound_samples=0)`: input-reduced LMI "
+        "(`solved n`), native backend at lipsdp's tolerances, bound verified on the full LMI. Time = the whole "
+        "certify call (build + solve + verify).",
+        f"- Clarabel is skipped where the solved LMI is larger than {CLARABEL_MAX_N} (O(n^4) memory).",
+        "- × = median seconds of the baseline / median seconds of the row (> 1: faster than the baseline); "
+        "`best naive` is the fastest naive configuration on the same net.",
+        "",
+        "## Fastest per net", "",
+        "| net | LMI n | solved n | fastest lipsdp (verified) | s | fastest naive | s |",
+        "|---|---:|---:|---|---:|---|---:|",
+    ]
+    for f in fast:
+        lines.append(f"| {f['net']} | {f['lmi_n']} | {_fmt(f.get('solved_n'), 'd')} | {f.get('lipsdp', '—')} | "
+                     f"{_fmt(f.get('lipsdp_s'), '.3f')} | {f.get('naive', '—')} | {_fmt(f.get('naive_s'), '.3f')} |")
+    lines += ["", f"## Bounds differing by more than {REL_TOL:g} (relative)", ""]
+    if disc:
+        lines += ["| net | config | bound | reference | reference bound | rel. diff |", "|---|---|---:|---|---:|---:|"]
+        lines += [f"| {d['net']} | {d['config']} | {d['bound']:.6f} | {d['reference']} | "
+                  f"{d['reference_bound']:.6f} | {d['rel_diff']:+.2e} |" for d in disc]
+    else:
+        lines.append("None: every lipsdp bound agrees with every successful baseline (and the published anchors).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    nets = list(dict.fromkeys(r.net for r in rows))
+    configs = list(dict.fromkeys(r.config for r in rows))
+    fig, ax = plt.subplots(figsize=(max(7, 1.9 * len(nets)), 4.8))
+    width = 0.8 / len(configs)
+    for j, config in enumerate(configs):
+        xs, ys = [], []
+        for i, net in enumerate(nets):
+            r = next((r for r in rows if r.net == net and r.config == config), None)
+            if r is not None and r.ok:
+                xs.append(i + (j - (len(configs) - 1) / 2) * width)
+                ys.append(r.median_s)
+        ax.bar(xs, ys, width, label=config, hatch="//" if config.startswith("naive") else None,
+               edgecolor="black", linewidth=0.4)
+    lmi = {r.net: r.lmi_n for r in rows}
+    ax.set_xticks(range(len(nets)))
+    ax.set_xticklabels([f"{n}\n(LMI {lmi[n]})" for n in nets], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median wall time per certificate [s] (log scale)")
+    ax.set_xlabel("network")
+    ax.set_title("LipSDP-Neuron: naive cvxpy (hatched) vs lipsdp backends")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported); default 3")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per run before it is killed; default 300")
+    p.add_argument("--quick", action="store_true", help="only the two smallest nets, 1 repeat (smoke test)")
+    p.add_argument("--large", action="store_true", help="also the 784-256-256-10 net")
+    p.add_argument("--configs", nargs="+", metavar="CONFIG", help="only these configurations (e.g. naive-scs lipsdp-scs)")
+    p.add_argument("--mem-limit-gib", type=float, default=None,
+                   help="address-space limit per child (default: 90%% of available memory)")
+    p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child_main(json.loads(args.child), args.result)
+        return 0
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+
+    nets = default_nets(args.large)
+    if args.quick:
+        nets = sorted(nets, key=lambda n: lmi_sizes(n.weights())[0])[:2]
+        args.repeats = 1
+    if args.mem_limit_gib:
+        mem_limit = int(args.mem_limit_gib * 2 ** 30)
+    else:
+        from lipsdp.pipeline import available_memory
+
+        mem_limit = int(0.9 * available_memory())
+    env = environment()
+    print(f"{env['cpus']} CPUs; children: {' '.join(f'{k}={v}' for k, v in THREAD_ENV.items())}; "
+          f"{args.repeats} repeat(s); time-out {args.timeout:.0f} s; memory limit {mem_limit / 2**30:.1f} GiB",
+          flush=True)
+    rows = run_all(nets, args.repeats, args.timeout, mem_limit, set(args.configs) if args.configs else None)
+    add_ratios(rows)
+    disc = discrepancies(rows, nets)
+    fast = fastest(rows)
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    md = markdown(rows, env, disc, fast, args)
+    (args.out_dir / "solvers.md").write_text(md)
+    payload = {"environment": env, "repeats": args.repeats, "timeout_s": args.timeout, "quick": args.quick,
+               "rel_tol": REL_TOL, "rows": [], "discrepancies": disc, "fastest": fast}
+    for r in rows:
+        d = asdict(r)
+        d.update(median_s=r.median_s, peak_mib_max=r.peak, vs_naive_same_solver=r.vs_same, vs_best_naive=r.vs_best)
+        payload["rows"].append(d)
+    (args.out_dir / "solvers.json").write_text(json.dumps(payload, indent=1, default=str))
+    plotted = plot(rows, args.out_dir / "solvers.png")
+    print()
+    print(md)
+    print(f"wrote {args.out_dir / 'solvers.md'}, solvers.json" + (", solvers.png" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Shared fixtures: small networks with known answers, and the sandwich check."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Timed or not, solver runs share this machine: keep BLAS single-threaded.
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(var, "1")
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+ANCHORS = Path(__file__).resolve().parents[1].parent / "shared" / "anchors"
+if not ANCHORS.exists():  # CI clones main with shared/ beside it; a developer checkout has ../shared too
+    ANCHORS = Path(os.environ.get("LIPSDP_ANCHORS", "/work/shared/anchors"))
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def torch_lower_bound(model, input_dim: int, samples: int = 256, seed: int = 0, scale: float = 1.0) -> float:
+    """Largest spectral norm of the autograd Jacobian of the real torch model at random inputs."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    x = scale * torch.randn(samples, input_dim, generator=gen, dtype=torch.float64)
+    m = model.double() if hasattr(model, "double") else model
+    J = torch.func.vmap(torch.func.jacrev(lambda v: m(v.unsqueeze(0)).squeeze(0)))(x)
+    model.float()
+    return float(torch.linalg.matrix_norm(J.reshape(samples, -1, input_dim), ord=2).max())
+
+
+def assert_sandwich(cert, lower: float, rel: float = 1e-7):
+    """``lower <= bound <= trivial`` (the sanity chain of MATH.md section 1.5)."""
+    assert cert.verified, cert.message
+    assert lower <= cert.bound * (1 + rel), f"UNSOUND: sampled {lower} > certified {cert.bound}"
+    assert cert.bound <= cert.trivial_bound * (1 + rel), f"bound {cert.bound} above trivial {cert.trivial_bound}"
+
+
+@pytest.fixture(scope="session")
+def anchors():
+    if not ANCHORS.exists():
+        pytest.skip(f"published anchors not found at {ANCHORS}")
+    return ANCHORS
