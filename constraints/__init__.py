@@ -10,6 +10,8 @@ it with :func:`lipsdp.testing.check_constraint`.
 from __future__ import annotations
 
 from lipsdp.constraints.base import QCTerms, QuadraticConstraint, outer_terms
+from lipsdp.constraints.groupsort import GroupSort
+from lipsdp.constraints.householder import Householder
 from lipsdp.constraints.slope import SlopeRestricted
 
 _REGISTRY: dict[str, QuadraticConstraint] = {}
@@ -39,6 +41,8 @@ def registered() -> dict[str, QuadraticConstraint]:
 
 
 register_constraint(SlopeRestricted())
+register_constraint(GroupSort())
+register_constraint(Householder())
 
-__all__ = ["QCTerms", "QuadraticConstraint", "SlopeRestricted", "get_constraint", "outer_terms",
-           "register_constraint", "registered"]
+__all__ = ["GroupSort", "Householder", "QCTerms", "QuadraticConstraint", "SlopeRestricted", "get_constraint",
+           "outer_terms", "register_constraint", "registered"]

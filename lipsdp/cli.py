@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _console(file=None):
+    """A rich console; wide when writing to a pipe or file so cells are not cut."""
+    from rich.console import Console
+
+    file = file or sys.stdout
+    return Console(file=file, soft_wrap=True, width=None if file.isatty() else 200)
+
+
 def _print_table(rows, title=None, file=None):
     try:
         from rich.console import Console
@@ -85,7 +93,7 @@ def _print_table(rows, title=None, file=None):
 
     for k, v in rows:
         table.add_row(escape(k), escape(v))
-    Console(file=file or sys.stdout, soft_wrap=True).print(table)
+    _console(file).print(table)
 
 
 def _cmd_certify(args) -> int:
@@ -120,7 +128,7 @@ def _cmd_solvers(args) -> int:
     for r in rows:
         table.add_row(r["name"], "yes" if r["installed"] else "no", "yes" if r["usable"] else "no",
                       escape(r["status"]), r["family"], escape(r["install"]))
-    Console(soft_wrap=True).print(table)
+    _console().print(table)
     return 0
 
 

@@ -75,6 +75,19 @@ def _progress(text: str, enabled: bool, delay: float = 1.0):
             state["status"].stop()
 
 
+def _check_constraints_exist(network) -> None:
+    """Every activation needs a registered quadratic constraint; list all that lack one."""
+    from lipsdp.constraints import registered
+    from lipsdp.errors import UnsupportedLayerError
+
+    known = registered()
+    missing = [(network.op(n).name, n, f"{network.op(n).kind} (no quadratic constraint for "
+                f"{network.op(n).function!r})") for n in network.activations()
+               if network.op(n).function not in known]
+    if missing:
+        raise UnsupportedLayerError(missing)
+
+
 def _network_summary(network, lifting, source) -> dict:
     layers = [f"{op.kind}{list(op.shape)}" for op in network.ops()]
     return {"source": str(source), "input_dim": network.input_dim, "output_dim": network.output_dim,
@@ -100,6 +113,7 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
         raise LipSDPError(f"norm {norm!r} is not supported yet; choose from {', '.join(NORMS)}")
     t_start = time.perf_counter()
     network.validate()
+    _check_constraints_exist(network)
     trivial = trivial_bound(network)
     lower = sampled_lower_bound(network, samples=lower_bound_samples) if lower_bound_samples else None
 
@@ -138,6 +152,8 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
                                      message=f"{type(exc).__name__}: {exc}")
         t_solve = time.perf_counter() - t0
         result_status, x = result.status, result.x
+        if time_limit and not backend.supports_time_limit:
+            result.message += f" ({backend.name} has no time limit; --time-limit was not applied)"
         objective = None if result.objective is None or not np.isfinite(result.objective) \
             else float(np.sqrt(max(result.objective, 0.0)))
 

@@ -10,6 +10,7 @@ neuron-by-neuron expression tree.
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 
@@ -45,7 +46,10 @@ class CvxpyBackend(Backend):
             cons.append(x[nn] >= 0)
         prob = cp.Problem(cp.Minimize(lmi.objective @ x), cons)
         try:
-            prob.solve(solver=self.cvxpy_name, verbose=verbose, **self.options(time_limit, tol or self.default_tol))
+            with warnings.catch_warnings():
+                # "Solution may be inaccurate": we verify every point ourselves.
+                warnings.simplefilter("ignore", UserWarning)
+                prob.solve(solver=self.cvxpy_name, verbose=verbose, **self.options(time_limit, tol or self.default_tol))
         except cp.error.SolverError as exc:
             return SolveResult("solver_error", None, None, time.perf_counter() - t0, message=str(exc))
         value = None if x.value is None else np.asarray(x.value, dtype=np.float64)
