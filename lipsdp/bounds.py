@@ -40,6 +40,11 @@ def trivial_bound(network: Network) -> float:
     with ``s`` the largest absolute slope; Add ``sum L_parents``; Concat
     ``sqrt(sum L_parents^2)``.  Valid for any DAG.
     """
+    return node_lipschitz(network)[network.output]
+
+
+def node_lipschitz(network: Network) -> dict[int, float]:
+    """The composed norm bound of :func:`trivial_bound` for every node (node id -> bound)."""
     from lipsdp.constraints import get_constraint
 
     lip: dict[int, float] = {}
@@ -57,7 +62,7 @@ def trivial_bound(network: Network) -> float:
             lip[n] = float(np.sqrt(sum(lip[p] ** 2 for p in parents)))
         elif isinstance(op, Activation):
             lip[n] = get_constraint(op.function).lipschitz(op) * lip[parents[0]]
-    return lip[network.output]
+    return lip
 
 
 def jacobians(network: Network, x: np.ndarray) -> np.ndarray:

@@ -104,6 +104,33 @@ class Certificate:
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def save(self, path) -> None:
+        """Write the certificate as JSON, atomically (no half-written file on Ctrl-C)."""
+        import os
+        import tempfile
+
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lipsdp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.to_json(indent=1))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path) -> "Certificate":
+        from lipsdp.errors import LipSDPError
+
+        try:
+            with open(path) as fh:
+                return cls.from_dict(json.load(fh))
+        except (OSError, ValueError, TypeError) as exc:
+            raise LipSDPError(f"{path}: not a lipsdp certificate ({exc})") from exc
+
     def summary_rows(self) -> list[tuple[str, str]]:
         """(label, value) pairs for a human-readable table."""
         def fmt(v):

@@ -63,7 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-pickle", action="store_true",
                    help="allow arbitrary classes in pickled models (runs code from the file: only for files you trust)")
     c.add_argument("--samples", type=int, default=128, help="random inputs for the sampled lower bound (0: skip)")
+    c.add_argument("--save", metavar="CERT.json", help="write the certificate (multipliers, weights hash) to a file")
     c.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    v = sub.add_parser("verify", help="re-check a saved certificate against a model, without solving")
+    v.add_argument("certificate", help="file written by `lipsdp certify --save`")
+    v.add_argument("model", help="the model file that was certified")
+    v.add_argument("--activation", help="for weights-only files, as when certifying")
+    v.add_argument("--input-shape", type=_shape)
+    v.add_argument("--trust-pickle", action="store_true")
+    v.add_argument("--json", action="store_true")
+    v.add_argument("--debug", action="store_true")
 
     s = sub.add_parser("solvers", help="list solver backends: installed, licensed, how to add the rest")
     s.add_argument("--json", action="store_true")
@@ -103,12 +113,29 @@ def _cmd_certify(args) -> int:
                    activation=args.activation, input_shape=args.input_shape, time_limit=args.time_limit,
                    tol=args.tol, trust_pickle=args.trust_pickle, lower_bound_samples=max(args.samples, 0),
                    progress=not args.json)
+    if args.save:
+        cert.save(args.save)
     if args.json:
         print(cert.to_json())
     else:
         _print_table(cert.summary_rows(), title=f"lipsdp certify {args.model}")
         print(cert.message)
     return 0 if cert.verified else 1
+
+
+def _cmd_verify(args) -> int:
+    from lipsdp.certificate import Certificate
+    from lipsdp.pipeline import check_certificate
+
+    cert = check_certificate(Certificate.load(args.certificate), args.model, activation=args.activation,
+                             input_shape=args.input_shape, trust_pickle=args.trust_pickle)
+    if args.json:
+        print(json.dumps({"bound": cert.bound, "status": "verified", "model": args.model,
+                          "seconds": cert.verification["recheck_seconds"]}))
+    else:
+        print(f"certificate holds: {args.model} is {cert.bound:.6g}-Lipschitz (l2), re-checked in "
+              f"{cert.verification['recheck_seconds']:.2f} s")
+    return 0
 
 
 def _cmd_solvers(args) -> int:
@@ -140,6 +167,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "certify":
             return _cmd_certify(args)
+        if args.command == "verify":
+            return _cmd_verify(args)
         return _cmd_solvers(args)
     except LipSDPError as exc:
         if debug:

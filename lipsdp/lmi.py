@@ -68,6 +68,49 @@ class LMIProblem:
     blocks: list = field(default_factory=list)
     const_terms: int = 1
     lift_err: tuple | None = None
+    var_block: np.ndarray | None = None
+    norm: str = "l2"
+    n_in: int = 1  # input variables (rho, or lambda_in for l_inf) come first
+
+    def preconditioned(self, block_scale: np.ndarray, total: float) -> tuple["LMIProblem", np.ndarray]:
+        """A congruent, rescaled copy of the LMI that solvers (and the float test) find well conditioned.
+
+        With ``D = diag(d)``, ``d`` = ``block_scale[k]`` on block ``k`` (the
+        composed norm bound of that block: its values move about that much per
+        unit input move) and ``g = total**2``:
+
+        .. math:: M'(x') = D M(V x') D / g,\qquad V = \operatorname{diag}(v),\;
+                  v_j = g / d_{k(j)}^2 ,
+
+        so ``rho`` and every multiplier are of order one.  ``D M D <= 0`` iff
+        ``M <= 0``: the optimum is the same, and ``x = v * x'`` maps a solution
+        back.  Every scale is rounded to a power of two, so the congruence and
+        ``x = v * x'`` are *exact* in floating point: verifying ``M'`` at ``x'``
+        verifies ``M`` at ``v * x'``.  The objective is divided by ``g``
+        (``v[0] == g``).  Returns ``(lmi', v)``.
+        """
+        from dataclasses import replace
+
+        def pow2(a):
+            a = np.asarray(a, dtype=np.float64)
+            return np.where((a > 0) & np.isfinite(a), np.exp2(np.round(np.log2(np.where(a > 0, a, 1.0)))), 1.0)
+
+        d_block = pow2(block_scale)
+        d = np.repeat(d_block, [b.size for b in self.blocks])
+        g = float(pow2(total ** 2 if total > 0 else 1.0))
+        v = g / d_block[self.var_block] ** 2
+        v[: self.n_in] = g  # rho / lambda_in sit on the input block, d_0 = 1
+        scale = d[self.rows] * d[self.cols] * v[self.var] / g
+        Dm = sp.diags(d)
+        const = (Dm @ self.const @ Dm / g).tocsr()
+        const_abs = (Dm @ self.const_abs @ Dm / g).tocsr()
+        lift_err = None
+        if self.lift_err is not None:
+            r, c, e, m, cerr = self.lift_err
+            lift_err = (r, c, e * d[r] * d[c] * v[m] / g, m, (Dm @ cerr @ Dm / g).tocsr())
+        # objective' = objective * v / g keeps c' of order one; its value is (c^T x) / g.
+        return replace(self, vals=self.vals * scale, const=const, const_abs=const_abs,
+                       objective=self.objective * v / g, lift_err=lift_err), v
 
     @property
     def n_var(self) -> int:
@@ -155,8 +198,9 @@ class LMIProblem:
         return 12 * dense + 8 * self.n_var ** 2 + 4 * stored
 
 
-def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndarray | None = None) -> LMIProblem:
-    """The l2 LipSDP LMI of a lifted network.
+def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndarray | None = None,
+              norm: str = "l2") -> LMIProblem:
+    """The LipSDP LMI of a lifted network.
 
     Parameters
     ----------
@@ -165,25 +209,45 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
         Diagonal multipliers per neuron (LipSDP-Neuron) or one per activation node (LipSDP-Layer).
     output_map : ndarray, shape (k, m), optional
         Certify ``c f`` instead of ``f`` (e.g. a logit difference ``e_y - e_j``).
+    norm : {"l2", "linf"}
+        ``l2``: one variable ``rho`` on ``-E0^T E0``, bound ``sqrt(rho)`` (l2 -> l2).
+        ``linf``: the square-root form of MATH.md section 2.1 for a *scalar*
+        output ``g = c f``: a diagonal input multiplier ``lambda_in >= 0`` on
+        ``-E0^T diag(lambda_in) E0``, objective ``sum(lambda_in)``, and
+        ``|g(x) - g(x')| <= sqrt(sum lambda_in) ||x - x'||_inf``.
     """
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"unknown norm {norm!r}")
     net = lifting.network
     n, n0 = lifting.n, lifting.input_dim
     C = lifting.output
     C_err = lifting.output_err
+    map_exact = True
     if output_map is not None:
         cm = sp.csr_matrix(np.atleast_2d(np.asarray(output_map, dtype=np.float64)))
-        C_err = abs(cm) @ C_err + (abs(cm) @ abs(C)) * (2 * cm.shape[1] * _U)
+        # Rows that pick one output (times +-1) are exact; sums of outputs are rounded.
+        map_exact = bool(np.all(np.diff(cm.indptr) <= 1) and np.all(np.abs(cm.data) == 1.0))
+        C_err = abs(cm) @ C_err + (0 if map_exact else (abs(cm) @ abs(C)) * (2 * cm.shape[1] * _U))
         C = cm @ C
     C = sp.csr_matrix(C)
+    if norm == "linf" and C.shape[0] != 1:
+        raise ValueError("the l_inf LMI certifies one scalar output: pass output_map with one row")
     const = (C.T @ C).tocsr()
     const_abs = (abs(C).T @ abs(C)).tocsr()
 
     rows = [np.arange(n0)]
     cols = [np.arange(n0)]
     vals = [-np.ones(n0)]
-    var = [np.zeros(n0, dtype=np.int64)]
-    labels, nonneg = ["rho"], [True]
-    lift_exact = lifting.exact and output_map is None
+    if norm == "l2":
+        n_in = 1
+        var = [np.zeros(n0, dtype=np.int64)]
+        labels = ["rho"]
+    else:
+        n_in = n0
+        var = [np.arange(n0, dtype=np.int64)]
+        labels = [f"lambda_in[{i}]" for i in range(n0)]
+    nonneg, var_block = [True] * n_in, [0] * n_in
+    lift_exact = lifting.exact and map_exact
     err_parts = []
     for k, P in enumerate(lifting.pre, start=1):
         op = net.op(lifting.blocks[k].node)
@@ -196,6 +260,7 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
         vals.append(t.vals)
         var.append(t.mult + offset)
         labels.extend(t.labels)
+        var_block.extend([k] * t.n_mult)
         nonneg.extend(t.nonneg.tolist())
         if not lift_exact:
             # |F(P+d) - F(P)| <= F_abs(|P|+|d|) - F_abs(|P|): F is bilinear in the rows.
@@ -215,12 +280,12 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
             v = np.zeros(0)
         lift_err = (r, c, v, m, c_err)
     objective = np.zeros(len(labels))
-    objective[0] = 1.0
+    objective[:n_in] = 1.0
     return LMIProblem(
         n=n, input_dim=n0, const=const, const_abs=const_abs,
         rows=np.concatenate(rows).astype(np.int64), cols=np.concatenate(cols).astype(np.int64),
         vals=np.concatenate(vals), var=np.concatenate(var).astype(np.int64),
         objective=objective, nonneg=np.array(nonneg, dtype=bool), labels=labels,
         formulation=formulation, blocks=list(lifting.blocks), const_terms=max(C.shape[0], 1),
-        lift_err=lift_err,
+        lift_err=lift_err, var_block=np.array(var_block, dtype=np.int64), norm=norm, n_in=n_in,
     )

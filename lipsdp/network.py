@@ -215,6 +215,48 @@ class Network:
             raise InvalidNetworkError("; ".join(problems))
         return self
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the architecture and every weight (float64 bytes): what a certificate is about."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for n in self.graph.nodes:
+            op = self.op(n)
+            h.update(f"{type(op).__name__}|{op.shape}|{self.parents(n)}|".encode())
+            if isinstance(op, Affine):
+                w = op.weight
+                w = w.toarray() if sp.issparse(w) else np.asarray(w)
+                h.update(np.ascontiguousarray(w, dtype=np.float64).tobytes())
+                if op.bias is not None:
+                    h.update(np.ascontiguousarray(op.bias, dtype=np.float64).tobytes())
+            elif isinstance(op, Activation):
+                h.update(op.function.encode())
+                for key in sorted(op.params):
+                    h.update(f"{key}={np.asarray(op.params[key]).tolist()}".encode())
+            elif isinstance(op, Concat):
+                h.update(str(op.axis).encode())
+        return h.hexdigest()
+
+    def is_constant(self) -> bool:
+        """True when the output provably does not depend on the input (an all-zero layer cuts every path).
+
+        Exact: a node is non-constant only if it is the input, or an Affine with a
+        nonzero weight entry (or a Reshape / Activation / Add / Concat) fed by a
+        non-constant node.
+        """
+        varying: dict[int, bool] = {}
+        for n in self.graph.nodes:
+            op, parents = self.op(n), self.parents(n)
+            if isinstance(op, Input):
+                varying[n] = True
+            elif isinstance(op, Affine):
+                w = op.weight
+                nonzero = (w.count_nonzero() if sp.issparse(w) else np.count_nonzero(w)) > 0
+                varying[n] = nonzero and varying[parents[0]]
+            else:
+                varying[n] = any(varying[p] for p in parents)
+        return not varying[self.output]
+
     def is_feedforward(self) -> bool:
         """True when the graph is a chain (no Add/Concat), the case LipSDP's papers treat."""
         return all(self.graph.in_degree(n) <= 1 and self.graph.out_degree(n) <= 1 for n in self.graph.nodes)

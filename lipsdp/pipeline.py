@@ -92,7 +92,7 @@ def _network_summary(network, lifting, source) -> dict:
     layers = [f"{op.kind}{list(op.shape)}" for op in network.ops()]
     return {"source": str(source), "input_dim": network.input_dim, "output_dim": network.output_dim,
             "hidden_neurons": int(sum(b.size for b in lifting.blocks[1:])), "layers": layers,
-            "lmi_size": lifting.n, "feedforward": network.is_feedforward()}
+            "lmi_size": lifting.n, "feedforward": network.is_feedforward(), "sha256": network.fingerprint()}
 
 
 def certify_network(network, *, solver: str = "auto", formulation: str = "neuron", norm: str = "l2",
@@ -100,7 +100,7 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
                     lower_bound_samples: int = 128, memory_limit: int | None = None,
                     progress: bool = False, source: str = "", load_seconds: float = 0.0) -> Certificate:
     """Certify a :class:`~lipsdp.network.Network` (see :func:`certify` for the parameters)."""
-    from lipsdp.bounds import sampled_lower_bound, trivial_bound
+    from lipsdp.bounds import node_lipschitz, sampled_lower_bound
     from lipsdp.lifting import lift
     from lipsdp.lmi import build_lmi
     from lipsdp.solvers import get_backend
@@ -114,7 +114,8 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
     t_start = time.perf_counter()
     network.validate()
     _check_constraints_exist(network)
-    trivial = trivial_bound(network)
+    lips = node_lipschitz(network)
+    trivial = lips[network.output]
     lower = sampled_lower_bound(network, samples=lower_bound_samples) if lower_bound_samples else None
 
     t0 = time.perf_counter()
@@ -122,10 +123,24 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
     full = build_lmi(lifting, formulation)
     reduced = lifting.reduce_input()
     lmi = full if reduced is lifting else build_lmi(reduced, formulation)
+    # Same LMIs up to an exact (powers of two) congruence and variable scaling:
+    # rho and multipliers of order one, for the solver and for the float test.
+    block_scale = np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]])
+    lmi, unscale = lmi.preconditioned(block_scale, trivial)
+    full_pre, v_full = full.preconditioned(block_scale, trivial)  # same v as the solved LMI
     t_build = time.perf_counter() - t0
     summary = _network_summary(network, lifting, source or network.source)
     summary["solved_lmi_size"] = lmi.n
 
+    if network.is_constant():
+        # Some all-zero layer cuts every input-output path: f is constant and L = 0 exactly.
+        timings = {"load": load_seconds, "build": t_build, "solve": 0.0, "verify": 0.0,
+                   "total": load_seconds + time.perf_counter() - t_start}
+        return Certificate(0.0, VERIFIED, norm=norm, formulation=formulation, solver="closed-form",
+                           solver_status="optimal", message="verified: the network is constant (an all-zero layer "
+                           "cuts every path from input to output)", trivial_bound=trivial, lower_bound=lower,
+                           rho=0.0, multipliers=[], multiplier_labels=[], verification={"method": "structural"},
+                           timings=timings, network=summary)
     if len(lifting.blocks) == 1:
         # No activation: f is linear and the bound is ||C||_2, an eigenvalue problem.
         backend_name, result_status, objective, x, t_solve = "closed-form", "optimal", None, np.zeros(1), 0.0
@@ -151,11 +166,12 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
                 result = SolveResult("solver_error", None, None, time.perf_counter() - t0,
                                      message=f"{type(exc).__name__}: {exc}")
         t_solve = time.perf_counter() - t0
-        result_status, x = result.status, result.x
+        result_status = result.status
+        x = result.x  # in the preconditioned variables (x_original = unscale * x)
         if time_limit and not backend.supports_time_limit:
             result.message += f" ({backend.name} has no time limit; --time-limit was not applied)"
         objective = None if result.objective is None or not np.isfinite(result.objective) \
-            else float(np.sqrt(max(result.objective, 0.0)))
+            else float(np.sqrt(max(result.objective * unscale[0], 0.0)))  # preconditioned objective is rho / g
 
     timings = {"load": load_seconds, "build": t_build, "solve": t_solve}
     common = dict(norm=norm, formulation=formulation, solver=backend_name, solver_status=result_status,
@@ -166,7 +182,7 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
         return Certificate(None, SOLVER_FAILED, message=f"{backend_name} returned no solution ({result_status})",
                            timings=timings, **common)
     t0 = time.perf_counter()
-    ver = verify(full, x)
+    ver = verify(full_pre, x, scale=v_full)
     timings["verify"] = time.perf_counter() - t0
     timings["total"] = load_seconds + time.perf_counter() - t_start
     verification = {"method": ver.method, "inflation": ver.inflation, "margin": ver.margin, "message": ver.message}
@@ -177,6 +193,63 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
     note = "" if result_status == "optimal" else f" (solver status {result_status}: the bound is valid, maybe not tight)"
     return Certificate(ver.bound, VERIFIED, message=f"verified{note}", rho=ver.rho,
                        multipliers=ver.x.tolist(), verification=verification, timings=timings, **common)
+
+
+def _load(model, activation=None, activation_params=None, input_shape=None, trust_pickle=False):
+    from lipsdp.network import Network
+
+    if isinstance(model, Network):
+        return model, ""
+    if isinstance(model, (str, os.PathLike)):
+        from lipsdp.io import load_network
+
+        return load_network(model, activation=activation, activation_params=activation_params,
+                            input_shape=input_shape, trust_pickle=trust_pickle), os.fspath(model)
+    from lipsdp.io import network_from_module
+
+    return network_from_module(model, input_shape=input_shape), type(model).__name__
+
+
+def check_certificate(cert, model, **load_options) -> Certificate:
+    """Re-check a saved certificate against a model without solving anything.
+
+    The model must be the one certified (same architecture and weights: SHA-256
+    of the graph), and the stored multipliers must pass the rigorous test of
+    :mod:`lipsdp.verify` again; ``rho`` is taken from the certificate, so an
+    edited bound fails.  Returns the certificate with refreshed verification
+    details; raises :class:`~lipsdp.errors.LipSDPError` (exit 2) otherwise.
+    """
+    from lipsdp.lifting import lift
+    from lipsdp.lmi import build_lmi
+    from lipsdp.verify import rigorous_negative_definite, round_up_sqrt
+
+    if isinstance(cert, dict):
+        cert = Certificate.from_dict(cert)
+    if not cert.verified or not cert.multipliers:
+        raise LipSDPError("the certificate holds no verified bound to check")
+    t0 = time.perf_counter()
+    network, _ = _load(model, **load_options)
+    network.validate()
+    if network.fingerprint() != cert.network.get("sha256"):
+        raise LipSDPError("the model does not match the certificate (architecture or weights changed)")
+    from lipsdp.bounds import node_lipschitz
+
+    lifting = lift(network)
+    lips = node_lipschitz(network)
+    lmi, v = build_lmi(lifting, cert.formulation).preconditioned(
+        np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]]), lips[network.output])
+    x = np.asarray(cert.multipliers, dtype=np.float64)
+    if x.shape != (lmi.n_var,) or not np.all(np.isfinite(x)) or np.any(x[lmi.nonneg] < 0):
+        raise LipSDPError("the certificate's multipliers do not fit this model's LMI (edited or corrupt)")
+    if cert.bound is None or round_up_sqrt(float(x[0])) > cert.bound:
+        raise LipSDPError(f"the certificate does not verify: its bound {cert.bound!r} is below sqrt(rho) (edited?)")
+    ok, margin = rigorous_negative_definite(lmi, x / v)  # v holds powers of two: exact
+    if not ok:
+        raise LipSDPError("the certificate does not verify: M(rho, T) is not provably negative definite "
+                          "(edited multipliers or bound?)")
+    cert.verification = {**cert.verification, "rechecked": True, "recheck_margin": margin,
+                         "recheck_seconds": time.perf_counter() - t0}
+    return cert
 
 
 def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: str = "l2",
@@ -228,23 +301,8 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
     >>> cert.verified and cert.lower_bound <= cert.bound <= cert.trivial_bound
     True
     """
-    from lipsdp.network import Network
-
     t0 = time.perf_counter()
-    source = ""
-    if isinstance(model, Network):
-        network = model
-    elif isinstance(model, (str, os.PathLike)):
-        from lipsdp.io import load_network
-
-        source = os.fspath(model)
-        network = load_network(model, activation=activation, activation_params=activation_params,
-                               input_shape=input_shape, trust_pickle=trust_pickle)
-    else:
-        from lipsdp.io import network_from_module
-
-        source = type(model).__name__
-        network = network_from_module(model, input_shape=input_shape)
+    network, source = _load(model, activation, activation_params, input_shape, trust_pickle)
     return certify_network(network, solver=solver, formulation=formulation, norm=norm, time_limit=time_limit,
                            tol=tol, lower_bound_samples=lower_bound_samples, memory_limit=memory_limit,
                            progress=progress, source=source, load_seconds=time.perf_counter() - t0)

@@ -72,15 +72,35 @@ class Verification:
     seconds: float
 
 
-def round_up_sqrt(rho: float) -> float:
-    """Smallest float ``L`` with ``L * L >= rho`` exactly (in rationals)."""
+def round_up_sqrt(rho) -> float:
+    """Smallest float ``L`` with ``L * L >= rho`` exactly (in rationals); ``rho`` a float or Fraction."""
     if rho <= 0:
         return 0.0
-    L = math.sqrt(rho)
     target = Fraction(rho)
+    L = math.sqrt(float(target))
     while Fraction(L) ** 2 < target:
         L = math.nextafter(L, math.inf)
     return L
+
+
+def input_schur(lmi: LMIProblem, y: np.ndarray) -> np.ndarray | None:
+    """``S = P - Q R^{-1} Q^T`` of ``M(0, y)`` on the input block, or None unless ``R < 0``.
+
+    ``M(in, y) <= 0`` iff ``R < 0`` and the input-block term dominates ``S``:
+    ``rho I >= S`` (l2) or ``diag(lambda_in) >= S`` (l_inf).
+    """
+    x = np.concatenate([np.zeros(lmi.n_in), y])
+    M0 = lmi.matrix(x)
+    n0 = lmi.input_dim
+    P = M0[:n0, :n0]
+    if lmi.n == n0:
+        return P
+    try:
+        Lc = sla.cholesky(-M0[n0:, n0:], lower=True)
+    except sla.LinAlgError:
+        return None
+    Z = sla.solve_triangular(Lc, M0[n0:, :n0], lower=True)
+    return P + Z.T @ Z
 
 
 def best_rho(lmi: LMIProblem, y: np.ndarray) -> float | None:
@@ -88,20 +108,39 @@ def best_rho(lmi: LMIProblem, y: np.ndarray) -> float | None:
 
     ``y`` holds the multipliers (variables ``1:``); ``rho`` is variable 0.
     """
-    x = np.concatenate([[0.0], y])
-    M0 = lmi.matrix(x)
-    n0 = lmi.input_dim
-    P = M0[:n0, :n0]
-    if lmi.n == n0:
-        return max(float(sla.eigvalsh(P)[-1]), 0.0)
-    R = M0[n0:, n0:]
-    try:
-        Lc = sla.cholesky(-R, lower=True)
-    except sla.LinAlgError:
+    S = input_schur(lmi, y)
+    if S is None:
         return None
-    Z = sla.solve_triangular(Lc, M0[n0:, :n0], lower=True)
-    S = P + Z.T @ Z
+    n0 = S.shape[0]
     return max(float(sla.eigvalsh(S, subset_by_index=[n0 - 1, n0 - 1])[0]), 0.0)
+
+
+def _repair_input(lmi: LMIProblem, lam: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+    """Smallest input variables (``[rho]`` or ``lambda_in``, starting from ``lam``) that make ``M <= 0``."""
+    if lmi.n_in == 1:
+        rho = best_rho(lmi, y)
+        return None if rho is None else np.array([rho])
+    S = input_schur(lmi, y)
+    if S is None:
+        return None
+    lam = np.maximum(lam, 0.0)
+    shift = max(float(sla.eigvalsh(S - np.diag(lam))[-1]), 0.0)
+    return lam + shift
+
+
+def _error_terms(lmi: LMIProblem, x: np.ndarray, H: np.ndarray) -> tuple[float, float]:
+    """``(||Delta_build||_F, shift c)`` for ``H = -M(x)`` (see :func:`rigorous_negative_definite`)."""
+    n = lmi.n
+    flat = lmi.rows * n + lmi.cols
+    terms = int(np.bincount(flat).max(initial=0)) if len(flat) else 0
+    K = terms + lmi.const_terms + 8
+    delta = 2.0 * _gamma(K) * lmi.abs_matrix(x)
+    lift = lmi.lifting_error(x)
+    if lift is not None:
+        delta = delta + lift
+    delta_f = float(np.linalg.norm(delta)) * _SAFETY
+    c = 2.0 * (_gamma(n + 1) * float(np.abs(np.diag(H)).sum()) + delta_f) * _SAFETY + np.finfo(float).tiny
+    return delta_f, c
 
 
 def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray) -> tuple[bool, float]:
@@ -124,16 +163,8 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray) -> tuple[bool, fl
     H = -lmi.matrix(x)
     if not np.all(np.isfinite(H)):
         return False, 0.0
-    flat = lmi.rows * n + lmi.cols
-    terms = int(np.bincount(flat).max(initial=0)) if len(flat) else 0
-    K = terms + lmi.const_terms + 8
-    delta = 2.0 * _gamma(K) * lmi.abs_matrix(x)
-    lift = lmi.lifting_error(x)
-    if lift is not None:
-        delta = delta + lift
-    delta_f = float(np.linalg.norm(delta)) * _SAFETY
+    delta_f, c = _error_terms(lmi, x, H)
     g = _gamma(n + 1)
-    c = 2.0 * (g * float(np.abs(np.diag(H)).sum()) + delta_f) * _SAFETY + np.finfo(float).tiny
     Hs = H.copy()
     Hs[np.diag_indices(n)] -= c
     try:
@@ -144,28 +175,37 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray) -> tuple[bool, fl
     return bool(c > rhs), (c if c > rhs else 0.0)
 
 
-def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3) -> Verification:
-    """Re-derive and rigorously verify a bound from a solver's variable vector ``x = (rho, y)``.
+def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
+           scale: np.ndarray | None = None) -> Verification:
+    """Re-derive and rigorously verify a bound from a solver's variable vector ``x = (in, y)``.
 
-    Only the multipliers ``y`` are trusted as a starting point; ``rho`` is
-    recomputed.  Candidates ``y`` (as given, with a small positive floor on
-    sign-constrained entries, and scaled up slightly) cover solutions on the
-    boundary where the hidden block ``R`` is singular.
+    Only the multipliers ``y`` are trusted as a starting point; the input
+    variables (``rho``, or ``lambda_in`` for l_inf) are recomputed.  Candidates
+    ``y`` (as given, with a small positive floor on sign-constrained entries,
+    and scaled up slightly) cover solutions on the boundary where the hidden
+    block ``R`` is singular.
 
     Parameters
     ----------
     lmi : LMIProblem
     x : ndarray, shape (n_var,)
     max_inflation : float
-        Largest relative inflation ``eta`` of ``rho`` tried.
+        Largest relative inflation ``eta`` of the input variables tried.
+    scale : ndarray, optional
+        When ``lmi`` is :meth:`~lipsdp.lmi.LMIProblem.preconditioned` (powers of
+        two), its ``v``: ``x`` is then in scaled variables, and the bound and
+        ``Verification.x`` are mapped back exactly (``x_original = v * x``).
     """
     t0 = time.perf_counter()
+    v = np.ones(lmi.n_var) if scale is None else np.asarray(scale, dtype=np.float64)
     x = np.asarray(x, dtype=np.float64)
     if x.shape != (lmi.n_var,) or not np.all(np.isfinite(x)):
         return Verification(False, None, None, None, "float-cholesky", 0.0, 0.0,
                             "solver returned no finite multipliers", time.perf_counter() - t0)
-    y = x[1:].copy()
-    nn = lmi.nonneg[1:]
+    k = lmi.n_in
+    lam0 = x[:k]
+    y = x[k:].copy()
+    nn = lmi.nonneg[k:]
     y[nn] = np.maximum(y[nn], 0.0)
     scale = float(np.abs(y).max(initial=0.0)) or 1.0
     candidates = [(0.0, 1.0), (1e-9, 1.0), (1e-7, 1.0 + 1e-6), (1e-5, 1.0 + 1e-4),
@@ -175,18 +215,25 @@ def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3) -> Ve
     for floor, s in candidates:
         yc = y * s
         yc[nn] += floor * scale
-        rho = best_rho(lmi, yc)
-        if rho is None:
+        lam = _repair_input(lmi, lam0 * s, yc)
+        if lam is None:
             continue
         message = "the rigorous test failed at every inflation"
+        # The input block needs a margin above the test's shift c; when rho(T) is tiny
+        # (a nearly constant network) that absolute margin matters more than eta.
+        x0 = np.concatenate([lam, yc])
+        c_needed = _error_terms(lmi, x0, -lmi.matrix(x0))[1]
         for eta in etas:
             if eta > max_inflation:
                 break
-            rho_hat = rho * (1.0 + eta) + eta * 1e-12
-            xc = np.concatenate([[rho_hat], yc])
+            lam_hat = lam * (1.0 + eta) + 4.0 * c_needed
+            xc = np.concatenate([lam_hat, yc])
             ok, c = rigorous_negative_definite(lmi, xc)
             if ok:
-                return Verification(True, round_up_sqrt(rho_hat), rho_hat, xc, "float-cholesky", eta, c,
-                                    f"verified: -M(rho, T) - {c:.2e} I has a Cholesky factor "
-                                    f"(rho inflated by {eta:.0e})", time.perf_counter() - t0)
+                total = sum((Fraction(a) * Fraction(b) for a, b in zip(lam_hat, v[:k])), Fraction(0))
+                bound = round_up_sqrt(total)
+                return Verification(True, bound, float(total), xc * v,
+                                    "float-cholesky", eta, c,
+                                    f"verified: -M - {c:.2e} I has a Cholesky factor "
+                                    f"(input multipliers inflated by {eta:.0e})", time.perf_counter() - t0)
     return Verification(False, None, None, None, "float-cholesky", 0.0, 0.0, message, time.perf_counter() - t0)

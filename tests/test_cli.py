@@ -164,3 +164,25 @@ def test_import_is_light():
 def test_debug_shows_traceback(tmp_path):
     code, _, err = run_cli("certify", tmp_path / "nope.pt", "--debug")
     assert code != 0 and "Traceback" in err
+
+
+def test_saved_certificate_rechecks_and_catches_edits(tmp_path, model_file):
+    cert_path = tmp_path / "cert.json"
+    code, out, err = run_cli("certify", model_file, "--save", cert_path, "--json")
+    assert code == 0, err
+    code, out, err = run_cli("verify", cert_path, model_file, "--json")
+    assert code == 0, err
+    assert json.loads(out)["bound"] == json.loads(cert_path.read_text())["bound"]
+
+    # an edited (smaller) bound is refused
+    d = json.loads(cert_path.read_text())
+    d["bound"] *= 0.9
+    d["multipliers"][0] *= 0.81
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(d))
+    assert_one_line_error(run_cli("verify", edited, model_file), 2, "verif")
+
+    # a changed model is refused
+    other = tmp_path / "other.pt"
+    torch.save(mlp([5, 12, 12, 3], seed=5), other)
+    assert_one_line_error(run_cli("verify", cert_path, other), 2, "does not match")
