@@ -43,8 +43,13 @@ def trivial_bound(network: Network) -> float:
     return node_lipschitz(network)[network.output]
 
 
-def node_lipschitz(network: Network) -> dict[int, float]:
-    """The composed norm bound of :func:`trivial_bound` for every node (node id -> bound)."""
+def node_lipschitz(network: Network, norm: str = "l2") -> dict[int, float]:
+    """The composed norm bound of :func:`trivial_bound` for every node (node id -> bound).
+
+    ``norm="linf"`` composes induced infinity norms (max absolute row sum)
+    instead: a bound on the l_inf -> l_inf gain, hence on every output's
+    l_inf -> |.| constant.
+    """
     from lipsdp.constraints import get_constraint
 
     lip: dict[int, float] = {}
@@ -53,13 +58,15 @@ def node_lipschitz(network: Network) -> dict[int, float]:
         if isinstance(op, Input):
             lip[n] = 1.0
         elif isinstance(op, Affine):
-            lip[n] = spectral_norm(op.weight) * lip[parents[0]]
+            w = op.weight
+            op_norm = spectral_norm(w) if norm == "l2" else float(abs(w).sum(axis=1).max(initial=0.0))
+            lip[n] = op_norm * lip[parents[0]]
         elif isinstance(op, Reshape):
             lip[n] = lip[parents[0]]
         elif isinstance(op, Add):
             lip[n] = sum(lip[p] for p in parents)
         elif isinstance(op, Concat):
-            lip[n] = float(np.sqrt(sum(lip[p] ** 2 for p in parents)))
+            lip[n] = float(np.sqrt(sum(lip[p] ** 2 for p in parents))) if norm == "l2" else max(lip[p] for p in parents)
         elif isinstance(op, Activation):
             lip[n] = get_constraint(op.function).lipschitz(op) * lip[parents[0]]
     return lip
@@ -102,8 +109,12 @@ def jacobians(network: Network, x: np.ndarray) -> np.ndarray:
 
 
 def sampled_lower_bound(network: Network, samples: int = 256, seed: int = 0, scale: float = 1.0,
-                        batch: int = 64) -> float:
-    """Largest ``||J(x)||_2`` over random inputs ``x ~ N(0, scale^2)``: a lower bound on the true constant."""
+                        batch: int = 64, norm: str = "l2", output_map=None) -> float:
+    """Largest Jacobian norm over random inputs ``x ~ N(0, scale^2)``: a lower bound on the true constant.
+
+    ``l2``: spectral norm of ``J``; ``linf``: largest l1 norm of a row of ``J``
+    (the l_inf -> |.| constant of that output).  ``output_map`` multiplies ``J`` on the left.
+    """
     rng = np.random.default_rng(seed)
     best = 0.0
     done = 0
@@ -111,6 +122,9 @@ def sampled_lower_bound(network: Network, samples: int = 256, seed: int = 0, sca
         k = min(batch, samples - done)
         x = scale * rng.standard_normal((k, network.input_dim))
         J = jacobians(network, x)
-        best = max(best, float(np.linalg.norm(J, 2, axis=(1, 2)).max()))
+        if output_map is not None:
+            J = np.einsum("km,bmn->bkn", np.atleast_2d(output_map), J)
+        value = np.linalg.norm(J, 2, axis=(1, 2)) if norm == "l2" else np.abs(J).sum(axis=2).max(axis=1)
+        best = max(best, float(value.max()))
         done += k
     return best

@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--solver", default="auto", help="auto (default), mosek, scs, sdpa, cvxopt, clarabel")
     c.add_argument("--formulation", default="neuron", choices=["neuron", "layer"],
                    help="LipSDP-Neuron (default, tighter) or LipSDP-Layer")
-    c.add_argument("--norm", default="l2", choices=["l2"], help="input/output norm (l2)")
+    c.add_argument("--norm", default="l2", choices=["l2", "linf"],
+                   help="l2 (default) or linf (every output's l_inf -> |.| constant; their maximum)")
+    c.add_argument("--output", type=int, metavar="I", help="certify only output I (e.g. one logit)")
     c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     c.add_argument("--input-shape", type=_shape, help="input shape without batch axis, e.g. 1,28,28")
     c.add_argument("--activation", help="activation between layers, for weights-only files (relu, tanh, ...)")
@@ -110,6 +112,7 @@ def _cmd_certify(args) -> int:
     from lipsdp.pipeline import certify
 
     cert = certify(args.model, solver=args.solver, formulation=args.formulation, norm=args.norm,
+                   output_index=args.output,
                    activation=args.activation, input_shape=args.input_shape, time_limit=args.time_limit,
                    tol=args.tol, trust_pickle=args.trust_pickle, lower_bound_samples=max(args.samples, 0),
                    progress=not args.json)

@@ -24,7 +24,7 @@ from lipsdp.certificate import SOLVER_FAILED, UNVERIFIED, VERIFIED, Certificate
 from lipsdp.errors import LipSDPError, ResourceError
 
 FORMULATIONS = ("neuron", "layer")
-NORMS = ("l2",)
+NORMS = ("l2", "linf")
 
 
 def available_memory() -> int:
@@ -95,8 +95,26 @@ def _network_summary(network, lifting, source) -> dict:
             "lmi_size": lifting.n, "feedforward": network.is_feedforward(), "sha256": network.fingerprint()}
 
 
+def _solve(backend, lmi, time_limit, tol, progress, label):
+    """Run ``backend`` on ``lmi``; a crash becomes a ``solver_error`` result, never an exception."""
+    from lipsdp.solvers.base import SolveResult, native_output_to_stderr
+
+    t0 = time.perf_counter()
+    with _progress(f"solving a {lmi.n}x{lmi.n} LMI{label} with {backend.name}", progress), native_output_to_stderr():
+        try:
+            result = backend.solve(lmi, time_limit=time_limit, tol=tol)
+        except LipSDPError:
+            raise
+        except Exception as exc:  # a backend crash is a solver failure, not a lipsdp bug
+            result = SolveResult("solver_error", None, None, time.perf_counter() - t0,
+                                 message=f"{type(exc).__name__}: {exc}")
+    if time_limit and not backend.supports_time_limit:
+        result.message += f" ({backend.name} has no time limit; --time-limit was not applied)"
+    return result, time.perf_counter() - t0
+
+
 def certify_network(network, *, solver: str = "auto", formulation: str = "neuron", norm: str = "l2",
-                    time_limit: float | None = None, tol: float | None = None,
+                    output_map=None, time_limit: float | None = None, tol: float | None = None,
                     lower_bound_samples: int = 128, memory_limit: int | None = None,
                     progress: bool = False, source: str = "", load_seconds: float = 0.0) -> Certificate:
     """Certify a :class:`~lipsdp.network.Network` (see :func:`certify` for the parameters)."""
@@ -110,89 +128,118 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
         raise LipSDPError(f"unknown formulation {formulation!r}; choose from {', '.join(FORMULATIONS)} "
                           "(LipSDP-Network's coupled multipliers are unsound and not offered)")
     if norm not in NORMS:
-        raise LipSDPError(f"norm {norm!r} is not supported yet; choose from {', '.join(NORMS)}")
+        raise LipSDPError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
     t_start = time.perf_counter()
     network.validate()
     _check_constraints_exist(network)
+    m = network.output_dim
+    if output_map is not None:
+        output_map = np.atleast_2d(np.asarray(output_map, dtype=np.float64))
+        if output_map.shape[1] != m or not np.all(np.isfinite(output_map)):
+            raise LipSDPError(f"output_map must be a finite matrix with {m} columns, got shape {output_map.shape}")
     lips = node_lipschitz(network)
-    trivial = lips[network.output]
-    lower = sampled_lower_bound(network, samples=lower_bound_samples) if lower_bound_samples else None
+    comparator = node_lipschitz(network, norm="linf") if norm == "linf" else lips
+    C_out = np.eye(m) if output_map is None else output_map
+    if norm == "l2":
+        trivial = comparator[network.output] * (1.0 if output_map is None else float(np.linalg.norm(C_out, 2)))
+    else:
+        trivial = comparator[network.output] * float(np.abs(C_out).sum(axis=1).max())
+    lower = sampled_lower_bound(network, samples=lower_bound_samples, norm=norm, output_map=output_map) \
+        if lower_bound_samples else None
 
     t0 = time.perf_counter()
     lifting = lift(network)
-    full = build_lmi(lifting, formulation)
-    reduced = lifting.reduce_input()
-    lmi = full if reduced is lifting else build_lmi(reduced, formulation)
-    # Same LMIs up to an exact (powers of two) congruence and variable scaling:
-    # rho and multipliers of order one, for the solver and for the float test.
-    block_scale = np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]])
-    lmi, unscale = lmi.preconditioned(block_scale, trivial)
-    full_pre, v_full = full.preconditioned(block_scale, trivial)  # same v as the solved LMI
-    t_build = time.perf_counter() - t0
     summary = _network_summary(network, lifting, source or network.source)
-    summary["solved_lmi_size"] = lmi.n
-
+    t_build = time.perf_counter() - t0
+    common = dict(norm=norm, formulation=formulation, trivial_bound=trivial, lower_bound=lower, network=summary)
     if network.is_constant():
         # Some all-zero layer cuts every input-output path: f is constant and L = 0 exactly.
         timings = {"load": load_seconds, "build": t_build, "solve": 0.0, "verify": 0.0,
                    "total": load_seconds + time.perf_counter() - t_start}
-        return Certificate(0.0, VERIFIED, norm=norm, formulation=formulation, solver="closed-form",
-                           solver_status="optimal", message="verified: the network is constant (an all-zero layer "
-                           "cuts every path from input to output)", trivial_bound=trivial, lower_bound=lower,
-                           rho=0.0, multipliers=[], multiplier_labels=[], verification={"method": "structural"},
-                           timings=timings, network=summary)
-    if len(lifting.blocks) == 1:
-        # No activation: f is linear and the bound is ||C||_2, an eigenvalue problem.
-        backend_name, result_status, objective, x, t_solve = "closed-form", "optimal", None, np.zeros(1), 0.0
-    else:
-        backend = get_backend(solver, n=lmi.n)
-        backend_name = backend.name
-        need = lmi.memory_estimate(backend.family)
-        budget = memory_limit or int(0.8 * available_memory())
-        if need > budget:
-            raise ResourceError(f"solving this {lmi.n}x{lmi.n} LMI with {backend.name} needs about "
-                                f"{need / 2**30:.1f} GiB but {budget / 2**30:.1f} GiB are available; "
-                                f"try --solver scs or a smaller network")
+        return Certificate(0.0, VERIFIED, solver="closed-form", solver_status="optimal",
+                           message="verified: the network is constant (an all-zero layer cuts every path from "
+                           "input to output)", rho=0.0, verification={"method": "structural"}, timings=timings,
+                           **common)
+
+    # l2 certifies the whole (mapped) output at once; l_inf one scalar output at a time (MATH.md section 2).
+    queries = [(output_map, "")] if norm == "l2" else [(C_out[i:i + 1], f" (output {i})") for i in range(len(C_out))]
+    block_scale = np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]])
+    linear = len(lifting.blocks) == 1
+    backend = None
+    t_solve = t_verify = 0.0
+    outcomes = []
+    for omap, label in queries:
         t0 = time.perf_counter()
-        from lipsdp.solvers.base import native_output_to_stderr
+        full = build_lmi(lifting, formulation, output_map=omap, norm=norm)
+        # Input reduction rotates the input space: exact for l2 (rho I is rotation invariant), not for l_inf.
+        reduced = lifting.reduce_input() if norm == "l2" else lifting
+        lmi = full if reduced is lifting else build_lmi(reduced, formulation, output_map=omap, norm=norm)
+        # Same LMIs up to an exact (powers of two) congruence and variable scaling:
+        # rho and multipliers of order one, for the solver and for the float test.
+        lmi, _ = lmi.preconditioned(block_scale, trivial)
+        full_pre, v = full.preconditioned(block_scale, trivial)
+        summary["solved_lmi_size"] = lmi.n
+        t_build += time.perf_counter() - t0
+        if linear:
+            # No activation: an eigenvalue problem (l2) or |c| ||c||_1 (l_inf); verify() finishes it.
+            if norm == "l2":
+                x = np.zeros(full.n_var)
+            else:  # min sum(lambda) s.t. diag(lambda) >= c c^T is lambda = |c| ||c||_1
+                c = np.abs(np.asarray(omap @ lifting.output.toarray())[0])
+                x = c * c.sum() / v[: full.n_var]
+            result_status, objective, message = "optimal", None, ""
+            backend_name = "closed-form"
+        else:
+            if backend is None:
+                backend = get_backend(solver, n=lmi.n)
+                need = lmi.memory_estimate(backend.family)
+                budget = memory_limit or int(0.8 * available_memory())
+                if need > budget:
+                    raise ResourceError(f"solving this {lmi.n}x{lmi.n} LMI with {backend.name} needs about "
+                                        f"{need / 2**30:.1f} GiB but {budget / 2**30:.1f} GiB are available; "
+                                        f"try --solver scs or a smaller network")
+            backend_name = backend.name
+            result, seconds = _solve(backend, lmi, time_limit, tol, progress, label)
+            t_solve += seconds
+            x, result_status, message = result.x, result.status, result.message
+            # The preconditioned objective is (c^T x) / g with g = v[0].
+            objective = None if result.objective is None or not np.isfinite(result.objective) \
+                else float(np.sqrt(max(result.objective * v[0], 0.0)))
+        t0 = time.perf_counter()
+        ver = verify(full_pre, x, scale=v) if x is not None else None
+        t_verify += time.perf_counter() - t0
+        outcomes.append((label, ver, result_status, objective, message, full.labels))
 
-        with _progress(f"solving a {lmi.n}x{lmi.n} LMI with {backend.name}", progress), native_output_to_stderr():
-            try:
-                result = backend.solve(lmi, time_limit=time_limit, tol=tol)
-            except LipSDPError:
-                raise
-            except Exception as exc:  # a backend crash is a solver failure, not a lipsdp bug
-                from lipsdp.solvers.base import SolveResult
-                result = SolveResult("solver_error", None, None, time.perf_counter() - t0,
-                                     message=f"{type(exc).__name__}: {exc}")
-        t_solve = time.perf_counter() - t0
-        result_status = result.status
-        x = result.x  # in the preconditioned variables (x_original = unscale * x)
-        if time_limit and not backend.supports_time_limit:
-            result.message += f" ({backend.name} has no time limit; --time-limit was not applied)"
-        objective = None if result.objective is None or not np.isfinite(result.objective) \
-            else float(np.sqrt(max(result.objective * unscale[0], 0.0)))  # preconditioned objective is rho / g
-
-    timings = {"load": load_seconds, "build": t_build, "solve": t_solve}
-    common = dict(norm=norm, formulation=formulation, solver=backend_name, solver_status=result_status,
-                  trivial_bound=trivial, lower_bound=lower, solver_objective=objective, network=summary,
-                  multiplier_labels=list(full.labels))
-    if x is None:
-        timings.update(verify=0.0, total=load_seconds + time.perf_counter() - t_start)
-        return Certificate(None, SOLVER_FAILED, message=f"{backend_name} returned no solution ({result_status})",
-                           timings=timings, **common)
-    t0 = time.perf_counter()
-    ver = verify(full_pre, x, scale=v_full)
-    timings["verify"] = time.perf_counter() - t0
-    timings["total"] = load_seconds + time.perf_counter() - t_start
-    verification = {"method": ver.method, "inflation": ver.inflation, "margin": ver.margin, "message": ver.message}
-    if not ver.verified:
-        return Certificate(None, UNVERIFIED, message=f"{backend_name} finished ({result_status}) but its "
-                           f"multipliers could not be verified: {ver.message}", verification=verification,
-                           timings=timings, **common)
-    note = "" if result_status == "optimal" else f" (solver status {result_status}: the bound is valid, maybe not tight)"
-    return Certificate(ver.bound, VERIFIED, message=f"verified{note}", rho=ver.rho,
-                       multipliers=ver.x.tolist(), verification=verification, timings=timings, **common)
+    timings = {"load": load_seconds, "build": t_build, "solve": t_solve, "verify": t_verify,
+               "total": load_seconds + time.perf_counter() - t_start}
+    statuses = [o[2] for o in outcomes]
+    worst = next((s for s in statuses if s != "optimal"), "optimal")
+    objectives = [o[3] for o in outcomes]
+    common.update(solver=backend_name, solver_status=worst, timings=timings,
+                  solver_objective=None if None in objectives else max(objectives))
+    if norm == "linf":
+        summary["per_output"] = [{"output": i, "bound": o[1].bound if o[1] else None, "solver_status": o[2]}
+                                 for i, o in enumerate(outcomes)]
+    for label, ver, status, _, message, _ in outcomes:
+        if ver is None:
+            return Certificate(None, SOLVER_FAILED, message=f"{backend_name} returned no solution{label} "
+                               f"({status}{': ' + message if message else ''})", **common)
+        if not ver.verified:
+            return Certificate(None, UNVERIFIED, message=f"{backend_name} finished{label} ({status}) but its "
+                               f"multipliers could not be verified: {ver.message}",
+                               verification={"method": ver.method, "message": ver.message}, **common)
+    best = max(outcomes, key=lambda o: o[1].bound)[1]
+    note = "" if worst == "optimal" else f" (solver status {worst}: the bound is valid, maybe not tight)"
+    if len(outcomes) == 1:
+        multipliers, labels = best.x.tolist(), list(outcomes[0][5])
+    else:
+        multipliers = [o[1].x.tolist() for o in outcomes]
+        labels = list(outcomes[0][5])
+    return Certificate(best.bound, VERIFIED, message=f"verified{note}", rho=best.rho, multipliers=multipliers,
+                       multiplier_labels=labels,
+                       verification={"method": best.method, "inflation": max(o[1].inflation for o in outcomes),
+                                     "margin": min(o[1].margin for o in outcomes), "message": best.message},
+                       **common)
 
 
 def _load(model, activation=None, activation_params=None, input_shape=None, trust_pickle=False):
@@ -225,6 +272,8 @@ def check_certificate(cert, model, **load_options) -> Certificate:
 
     if isinstance(cert, dict):
         cert = Certificate.from_dict(cert)
+    if cert.norm != "l2":
+        raise LipSDPError(f"re-checking {cert.norm} certificates is not supported yet (l2 only)")
     if not cert.verified or not cert.multipliers:
         raise LipSDPError("the certificate holds no verified bound to check")
     t0 = time.perf_counter()
@@ -252,7 +301,8 @@ def check_certificate(cert, model, **load_options) -> Certificate:
     return cert
 
 
-def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: str = "l2",
+def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: str = "l2", output_map=None,
+            output_index: int | None = None,
             activation: str | None = None, activation_params: dict | None = None,
             input_shape: tuple | None = None, time_limit: float | None = None, tol: float | None = None,
             trust_pickle: bool = False, lower_bound_samples: int = 128, memory_limit: int | None = None,
@@ -270,7 +320,14 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
         backend name from :func:`lipsdp.solvers.usable`.
     formulation : {"neuron", "layer"}
         LipSDP-Neuron (one multiplier per neuron, tighter) or LipSDP-Layer.
-    norm : {"l2"}
+    norm : {"l2", "linf"}
+        ``l2``: ``||f(x) - f(y)||_2 <= L ||x - y||_2``.  ``linf``: for every
+        output ``i``, ``|f_i(x) - f_i(y)| <= L ||x - y||_inf`` (so L bounds the
+        l_inf -> l_inf gain); the per-output bounds are in ``network["per_output"]``.
+    output_map : ndarray, shape (k, m), optional
+        Certify ``output_map @ f`` instead of ``f`` (a logit, or a difference ``e_y - e_j``).
+    output_index : int, optional
+        Certify the single output ``f_i`` (shorthand for ``output_map = e_i``).
     activation, activation_params :
         For weights-only files: the activation between the layers.
     input_shape : tuple of int, optional
@@ -303,6 +360,12 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
     """
     t0 = time.perf_counter()
     network, source = _load(model, activation, activation_params, input_shape, trust_pickle)
-    return certify_network(network, solver=solver, formulation=formulation, norm=norm, time_limit=time_limit,
+    if output_index is not None:
+        m = network.output_dim
+        if not 0 <= output_index < m:
+            raise LipSDPError(f"output {output_index} does not exist: the network has {m} outputs (0..{m - 1})")
+        output_map = np.eye(m)[output_index:output_index + 1]
+    return certify_network(network, solver=solver, formulation=formulation, norm=norm, output_map=output_map,
+                           time_limit=time_limit,
                            tol=tol, lower_bound_samples=lower_bound_samples, memory_limit=memory_limit,
                            progress=progress, source=source, load_seconds=time.perf_counter() - t0)

@@ -131,3 +131,51 @@ def test_digits_classifier_certifies():
     cert = lipsdp.certify(path)
     model = torch.load(path, weights_only=False)
     assert_sandwich(cert, torch_lower_bound(model, 64, samples=256, scale=5.0))
+
+
+# -- l_inf (MATH.md section 2.1) ------------------------------------------
+def test_linf_single_linear_layer_is_l1_norm():
+    w = np.random.default_rng(0).standard_normal((1, 6))
+    cert = lipsdp.certify(Network.sequential([w]), norm="linf")
+    assert cert.verified and np.abs(w).sum() <= cert.bound <= np.abs(w).sum() * (1 + 1e-8)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_linf_between_vertex_max_and_trivial(seed):
+    rng = np.random.default_rng(seed)
+    ws = [rng.standard_normal((5, 4)), rng.standard_normal((5, 5)), rng.standard_normal((3, 5))]
+    net = Network.sequential(ws, biases=[rng.standard_normal(w.shape[0]) for w in ws])
+    cert = lipsdp.certify(net, norm="linf")
+    vertex = 0.0
+    for pattern in itertools.product((0.0, 1.0), repeat=10):
+        d1, d2 = np.array(pattern[:5]), np.array(pattern[5:])
+        J = ws[2] @ (d2[:, None] * (ws[1] @ (d1[:, None] * ws[0])))
+        vertex = max(vertex, np.abs(J).sum(axis=1).max())
+    assert cert.verified
+    assert cert.lower_bound <= vertex * (1 + 1e-12)
+    assert vertex <= cert.bound * (1 + 1e-9) <= cert.trivial_bound * (1 + 1e-6)
+    assert max(p["bound"] for p in cert.network["per_output"]) == cert.bound
+
+
+def test_linf_torch_model_sampled_gradient_l1():
+    import torch
+    from models import mlp
+
+    model = mlp([5, 10, 10, 2], activation="tanh", seed=3).double()
+    x = 2 * torch.randn(512, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    J = torch.func.vmap(torch.func.jacrev(lambda v: model(v.unsqueeze(0)).squeeze(0)))(x)
+    lower = float(J.abs().sum(dim=2).max())
+    cert = lipsdp.certify(model.float(), norm="linf")
+    assert cert.verified and lower <= cert.bound <= cert.trivial_bound
+
+
+def test_output_index_and_pairs():
+    rng = np.random.default_rng(4)
+    ws = [rng.standard_normal((6, 4)), rng.standard_normal((3, 6))]
+    net = Network.sequential(ws)
+    full = lipsdp.certify(net).bound
+    one = lipsdp.certify(net, output_index=1)
+    pair = lipsdp.certify(net, output_map=np.array([[1.0, -1.0, 0.0]]))
+    assert one.verified and pair.verified
+    assert one.lower_bound <= one.bound <= full * (1 + 1e-6)
+    assert pair.lower_bound <= pair.bound <= np.sqrt(2) * full * (1 + 1e-6)  # MATH.md 1.3: L_yj <= sqrt(2) L
