@@ -30,7 +30,7 @@ def torch_lower_bound(model, input_dim: int, samples: int = 256, seed: int = 0, 
     m = model.double() if hasattr(model, "double") else model
     J = torch.func.vmap(torch.func.jacrev(lambda v: m(v.unsqueeze(0)).squeeze(0)))(x)
     model.float()
-    return float(torch.linalg.matrix_norm(J.reshape(samples, -1, input_dim), ord=2).max())
+    return float(torch.linalg.matrix_norm(J.detach().reshape(samples, -1, input_dim), ord=2).max())
 
 
 def assert_sandwich(cert, lower: float, rel: float = 1e-7):
