@@ -16,10 +16,11 @@ from lipsdp.errors import SolverLicenseError, SolverNotFound
 from lipsdp.solvers.base import STATUSES, Backend, SolveResult
 from lipsdp.solvers.clarabel_ import Clarabel
 from lipsdp.solvers.cvxpy_ import CVXOPT, MOSEK, SDPA
+from lipsdp.solvers.firstorder_ import FirstOrder
 from lipsdp.solvers.scs_ import SCS
 
 #: Every backend lipsdp knows, in order of preference for ``auto``.
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (MOSEK, SCS, SDPA, CVXOPT, Clarabel)}
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (MOSEK, SCS, SDPA, CVXOPT, Clarabel, FirstOrder)}
 
 
 def installed() -> list[str]:

@@ -179,3 +179,14 @@ def test_output_index_and_pairs():
     assert one.verified and pair.verified
     assert one.lower_bound <= one.bound <= full * (1 + 1e-6)
     assert pair.lower_bound <= pair.bound <= np.sqrt(2) * full * (1 + 1e-6)  # MATH.md 1.3: L_yj <= sqrt(2) L
+
+
+def test_first_order_backend_is_sound_and_close():
+    """Descent on rho(T) (MATH.md 8.4): any iterate certifies; verified value >= the SDP optimum."""
+    rng = np.random.default_rng(8)
+    ws = [rng.standard_normal((10, 6)) / 2, rng.standard_normal((10, 10)) / 3, rng.standard_normal((3, 10)) / 3]
+    net = Network.sequential(ws)
+    exact = lipsdp.certify(net, solver="cvxopt", lower_bound_samples=0).bound
+    fo = lipsdp.certify(net, solver="fo", lower_bound_samples=0)
+    assert fo.verified and exact * (1 - 1e-9) <= fo.bound <= exact * 1.01
+    assert fo.solver == "fo" and fo.solver_status in ("optimal_inaccurate", "time_limit")
