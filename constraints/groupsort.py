@@ -45,6 +45,13 @@ group-summing matrix times ``P_v``, ``Q_w``):
     F^{s}_j = \\hat a_j \\hat b_j^T + \\hat b_j \\hat a_j^T - 2 \\hat a_j \\hat a_j^T,\\quad
     F^{p}_j = \\hat a_j \\hat b_j^T + \\hat b_j \\hat a_j^T - 2 \\hat b_j \\hat b_j^T .
 
+Conditioning: :math:`F^s_j + F^p_j = -2 (\hat a_j - \hat b_j)(\hat a_j - \hat b_j)^T \preceq 0`,
+so :math:`s_j = p_j = t \to \infty` is a zero-cost recession direction (it enforces
+P1 as a penalty): the optimal multipliers form an unbounded set and the dual SDP has
+no interior point.  Any feasible point still verifies, but interior-point codes can
+stop early (CVXOPT: singular KKT matrix).  Eliminating :math:`\hat a_j = \hat b_j`
+in the lifting instead would give the same bound from the :math:`\lambda_j` alone.
+
 Formulations: ``neuron`` gives each group its own :math:`\\lambda_j`; ``layer``
 shares one :math:`\\lambda` per activation node (:math:`T = \\lambda I` on the
 whole node, as LipSDP-Layer) and keeps :math:`s_j, p_j` per group (free

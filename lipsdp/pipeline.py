@@ -191,7 +191,7 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
             backend_name = "closed-form"
         else:
             if backend is None:
-                backend = get_backend(solver, n=lmi.n)
+                backend = get_backend(solver, n=lmi.n, free_multipliers=not bool(lmi.nonneg.all()))
                 need = lmi.memory_estimate(backend.family)
                 budget = memory_limit or int(0.8 * available_memory())
                 if need > budget:
