@@ -1,4 +1,4 @@
-"""GroupSort (and FullSort): the quadratic constraint of Pauli et al. (ICLR 2024).
+r"""GroupSort (and FullSort): the quadratic constraint of Pauli et al. (ICLR 2024).
 
 GroupSort splits its input into disjoint groups :math:`G_j` of ``g``
 consecutive coordinates and sorts each group in ascending order (deel-torchlip's

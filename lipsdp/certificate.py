@@ -141,6 +141,9 @@ class Certificate:
                 ("trivial bound (prod of norms)", fmt(self.trivial_bound)),
                 ("ratio bound / trivial", fmt(self.ratio)),
                 ("sampled lower bound", fmt(self.lower_bound)),
+                *([("MaxMin as two-ReLU residual (paper baseline)",
+                    fmt(self.network["comparisons"].get("two_relu_rewrite")))]
+                  if self.network.get("comparisons") else []),
                 ("formulation", self.formulation),
                 ("solver", f"{self.solver} ({self.solver_status})"),
                 ("LMI size", str(self.network.get("lmi_size", "-"))),

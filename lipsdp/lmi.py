@@ -73,7 +73,7 @@ class LMIProblem:
     n_in: int = 1  # input variables (rho, or lambda_in for l_inf) come first
 
     def preconditioned(self, block_scale: np.ndarray, total: float) -> tuple["LMIProblem", np.ndarray]:
-        """A congruent, rescaled copy of the LMI that solvers (and the float test) find well conditioned.
+        r"""A congruent, rescaled copy of the LMI that solvers (and the float test) find well conditioned.
 
         With ``D = diag(d)``, ``d`` = ``block_scale[k]`` on block ``k`` (the
         composed norm bound of that block: its values move about that much per
