@@ -62,17 +62,10 @@ TIMEOUT = 20.0  # seconds per load: far above the ~0.05 s a damaged file takes
 
 # -- known bugs (reported; reproducers at the end) ------------------------------------
 ONNX_FILES = ("lipsdp/io/onnx_.py", "lipsdp/io/aten_ops.py", "lipsdp/io/builder.py", "lipsdp/io/linmaps.py")
-KNOWN = {
-    # zipfile raises UnicodeDecodeError (a member name flagged UTF-8 that is not) and
-    # NotImplementedError (an unknown "version needed to extract") in _zip_format; only
-    # BadZipFile and OSError are caught.
-    "zip-header": ((UnicodeDecodeError, NotImplementedError), ("lipsdp/io/formats.py",)),
-    # The ONNX translator does not validate the graph: undefined input names (-> None),
-    # missing inputs, wrong ranks, initializers whose data does not fit their dims, NaN shapes,
-    # non-UTF-8 names (protobuf gives bytes) all escape as Python errors.
-    "onnx-unvalidated-graph": ((IndexError, ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError),
-                               ONNX_FILES),
-}
+# Known escapes tolerated by the fuzzers: none left.  Damaged zip headers and unvalidated ONNX graphs
+# (UnicodeDecodeError, NotImplementedError, IndexError, ValueError, TypeError, ...) are now turned into
+# ModelLoadError by lipsdp.io.load_network; their reproducers below are regression tests.
+KNOWN: dict = {}
 
 
 class Hang(BaseException):
@@ -492,7 +485,7 @@ def _onnx_non_utf8_op_type() -> bytes:
     return data.replace(b"Relu", b"R\xfdlu")  # protobuf hands the string back as bytes
 
 
-KNOWN_CRASHES = [  # (id, file bytes, suffix, exception now raised, where)
+KNOWN_CRASHES = [  # (id, file bytes, suffix, exception once raised, where): fixed, kept as regressions
     ("zip-bad-utf8-name", _zip_bad_utf8_name, ".pt", UnicodeDecodeError, "formats.py:_zip_format"),
     ("zip-future-version", _zip_future_version, ".pt", NotImplementedError, "formats.py:_zip_format"),
     ("onnx-undefined-weight", _onnx_undefined_weight, ".onnx", IndexError, "aten_ops.py:apply_last"),
@@ -505,11 +498,7 @@ KNOWN_CRASHES = [  # (id, file bytes, suffix, exception now raised, where)
 ]
 
 
-@pytest.mark.parametrize("name,build,suffix,raises,where", [
-    pytest.param(*case, id=case[0],
-                 marks=pytest.mark.xfail(strict=True, raises=case[3],
-                                         reason=f"lipsdp.io bug: {case[3].__name__} escapes from {case[4]}"))
-    for case in KNOWN_CRASHES])
+@pytest.mark.parametrize("name,build,suffix,raises,where", [pytest.param(*case, id=case[0]) for case in KNOWN_CRASHES])
 def test_known_crash_reproducers(tmp_path, name, build, suffix, raises, where):
     with pytest.raises(LipSDPError):
         load_network(_write(tmp_path, name + suffix, build()))
@@ -530,23 +519,14 @@ def _ts_with_record(bases, tmp_path, keep: int) -> Path:
     return _write(tmp_path, f"cut{keep}.ts.pt", buf.getvalue())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="torch.jit.load does not check tensor record sizes; lipsdp.io.aten_ops.to_numpy "
-                          "then reads a 0-byte record and the process dies (SIGSEGV)")
 def test_torchscript_empty_tensor_record_is_refused(tmp_path, bases):
     assert _isolated_outcome(_ts_with_record(bases, tmp_path, 0)) == "refused"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="torch.jit.load does not check tensor record sizes: a short record is read past "
-                          "its end and the network silently gets heap garbage as weights")
 def test_torchscript_short_tensor_record_is_refused(tmp_path, bases):
     assert _isolated_outcome(_ts_with_record(bases, tmp_path, 4)) == "refused"
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="torch.export.load fills an empty weight record with zeros: the damaged .pt2 "
-                          "loads as a different network (first layer 0) instead of being refused")
 def test_export_empty_weight_record_is_refused(tmp_path, bases):
     src = zipfile.ZipFile(bases["export"])
     buf = io.BytesIO()

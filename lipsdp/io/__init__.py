@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 
+from lipsdp.errors import LipSDPError, ModelLoadError
 from lipsdp.io.formats import FORMATS, detect_format
 
 __all__ = ["load_network", "network_from_module", "detect_format", "FORMATS"]
@@ -75,7 +76,27 @@ def load_network(path, *, activation: str | None = None, activation_params: dict
         NaN/Inf weights or shapes that do not fit.
     """
     path = os.fspath(path)
+    try:
+        return _load_network(path, activation, activation_params, input_shape, trust_pickle)
+    except (LipSDPError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        # A damaged or inconsistent file must end in one clear line, never a traceback.
+        text = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+        raise ModelLoadError(f"{path}: damaged or inconsistent model file ({detail}); save the model again") \
+            from exc
+
+
+def _load_network(path, activation, activation_params, input_shape, trust_pickle):
     fmt = detect_format(path)
+    if fmt in ("torchscript", "export", "pickle"):
+        from lipsdp.io.records import check_zip_records
+
+        with open(path, "rb") as fh:
+            is_zip = fh.read(2) == b"PK"
+        if is_zip:
+            check_zip_records(path)
     shape = None if input_shape is None else tuple(int(s) for s in input_shape)
     if fmt == "mat":
         from lipsdp.io.matfile import load_mat
