@@ -106,7 +106,7 @@ class FirstOrder(Backend):
             if value < best_rho:
                 best_rho, best_theta = value, theta.detach().clone()
             history.append(best_rho)
-            if it > 200 and history[-200] - best_rho <= tol * abs(best_rho):
+            if len(history) > 200 and history[-200] - best_rho <= tol * abs(best_rho):
                 status = "optimal_inaccurate"
                 break
             r.backward()
