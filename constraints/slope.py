@@ -47,7 +47,6 @@ import math
 from functools import lru_cache
 
 import numpy as np
-import scipy.sparse as sp
 
 from lipsdp.constraints.base import QCTerms, QuadraticConstraint, outer_terms
 
@@ -66,7 +65,6 @@ def _gelu_tanh(x):
 def _derivative_range(name: str) -> tuple[float, float]:
     """Min and max of phi' for the non-monotone smooth activations, rounded outwards."""
     from scipy.optimize import minimize_scalar
-    from scipy.special import erf
 
     if name == "gelu":
         # phi'(x) = Phi(x) + x phi(x); phi''(x) = phi(x)(2 - x^2) vanishes at +-sqrt(2).
@@ -85,7 +83,6 @@ def _derivative_range(name: str) -> tuple[float, float]:
             return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
     else:  # pragma: no cover - programming error
         raise KeyError(name)
-    del erf
     res = minimize_scalar(d, bounds=(-4.0, -0.5), method="bounded", options={"xatol": 1e-12})
     lo = float(res.fun)
     # Both functions satisfy phi(x) - phi(-x) = x, so phi'(x) + phi'(-x) = 1.

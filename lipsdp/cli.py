@@ -92,7 +92,6 @@ def _console(file=None):
 
 def _print_table(rows, title=None, file=None):
     try:
-        from rich.console import Console
         from rich.table import Table
     except ImportError:  # pragma: no cover - rich is a dependency
         for k, v in rows:
@@ -148,7 +147,6 @@ def _cmd_solvers(args) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 

@@ -121,6 +121,20 @@ class Backend:
               verbose: bool = False) -> SolveResult:
         raise NotImplementedError
 
+    def conic_data(self, lmi):
+        """``(A, b, n_nonneg)`` with ``b - A x`` in (nonnegative cone) x (PSD cone) for the LMI.
+
+        Rows: first ``x_j >= 0`` for sign-constrained ``j`` (``0 - (-1) x_j``), then
+        ``svec(-M(x)) = -b_psd - A_psd x`` in this backend's PSD vectorisation.  This is
+        the ``s = b - A x`` form shared by SCS and Clarabel.
+        """
+        import scipy.sparse as sp
+
+        A_psd, b_psd = lmi.svec(self.psd_triangle, self.psd_scale)
+        nn = np.flatnonzero(lmi.nonneg)
+        A_nn = sp.csc_matrix((-np.ones(len(nn)), (np.arange(len(nn)), nn)), shape=(len(nn), lmi.n_var))
+        return sp.vstack([A_nn, A_psd]).tocsc(), np.concatenate([np.zeros(len(nn)), -b_psd]), len(nn)
+
     def map_status(self, native) -> str:
         return self.status_map.get(native, "solver_error")
 

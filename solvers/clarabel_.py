@@ -39,20 +39,15 @@ class Clarabel(Backend):
         import clarabel
 
         t0 = time.perf_counter()
-        A_psd, b_psd = lmi.svec(self.psd_triangle, self.psd_scale)
-        nn = np.flatnonzero(lmi.nonneg)
-        A_nn = sp.csc_matrix((-np.ones(len(nn)), (np.arange(len(nn)), nn)), shape=(len(nn), lmi.n_var))
-        # A x + s = b with s = svec(-M(x)) = -b_psd - A_psd x.
-        A = sp.vstack([A_nn, A_psd]).tocsc()
-        b = np.concatenate([np.zeros(len(nn)), -b_psd])
+        A, b, n_nonneg = self.conic_data(lmi)
         settings = clarabel.DefaultSettings()
         settings.verbose = verbose
         tol = tol or self.default_tol
         settings.tol_gap_abs = settings.tol_gap_rel = settings.tol_feas = tol
         if time_limit:
             settings.time_limit = float(time_limit)
-        cones = [clarabel.NonnegativeConeT(len(nn)), clarabel.PSDTriangleConeT(lmi.n)]
-        P = sp.csc_matrix((lmi.n_var, lmi.n_var))
+        cones = [clarabel.NonnegativeConeT(n_nonneg), clarabel.PSDTriangleConeT(lmi.n)]
+        P = sp.csc_matrix((lmi.n_var, lmi.n_var))  # no quadratic term
         sol = clarabel.DefaultSolver(P, lmi.objective, A, b, cones, settings).solve()
         native = str(sol.status).split(".")[-1]
         return SolveResult(self.map_status(native), np.asarray(sol.x, dtype=np.float64), float(sol.obj_val),

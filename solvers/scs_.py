@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import scipy.sparse as sp
 
 from lipsdp.solvers.base import Backend, SolveResult
 
@@ -41,16 +40,12 @@ class SCS(Backend):
         import scs
 
         t0 = time.perf_counter()
-        A_psd, b_psd = lmi.svec(self.psd_triangle, self.psd_scale)
-        nn = np.flatnonzero(lmi.nonneg)
-        A_nn = sp.csc_matrix((-np.ones(len(nn)), (np.arange(len(nn)), nn)), shape=(len(nn), lmi.n_var))
-        A = sp.vstack([A_nn, A_psd]).tocsc()
-        b = np.concatenate([np.zeros(len(nn)), -b_psd])
+        A, b, n_nonneg = self.conic_data(lmi)
         tol = tol or self.default_tol
         settings = dict(eps_abs=tol, eps_rel=tol, verbose=verbose, max_iters=200_000)
         if time_limit:
             settings["time_limit_secs"] = float(time_limit)
-        solver = scs.SCS({"A": A, "b": b, "c": lmi.objective}, {"l": len(nn), "s": [lmi.n]}, **settings)
+        solver = scs.SCS({"A": A, "b": b, "c": lmi.objective}, {"l": n_nonneg, "s": [lmi.n]}, **settings)
         sol = solver.solve()
         info = sol["info"]
         native = info["status"]

@@ -6,7 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 # Timed or not, solver runs share this machine: keep BLAS single-threaded.
