@@ -46,6 +46,9 @@ def __getattr__(name):
     if name == "Network":
         from lipsdp.network import Network
         return Network
+    if name in ("certified_radii", "pairwise_lipschitz"):
+        from lipsdp import robustness
+        return getattr(robustness, name)
     if name == "load_network":
         from lipsdp.io import load_network
         return load_network

@@ -270,7 +270,8 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
                        **common)
 
 
-def _load(model, activation=None, activation_params=None, input_shape=None, trust_pickle=False):
+def load_model(model, activation=None, activation_params=None, input_shape=None, trust_pickle=False):
+    """``(Network, source)`` from a path, an ``nn.Module`` / ScriptModule / ExportedProgram, or a Network."""
     from lipsdp.network import Network
 
     if isinstance(model, Network):
@@ -305,7 +306,7 @@ def check_certificate(cert, model, **load_options) -> Certificate:
     if not cert.verified or not cert.multipliers:
         raise LipSDPError("the certificate holds no verified bound to check")
     t0 = time.perf_counter()
-    network, _ = _load(model, **load_options)
+    network, _ = load_model(model, **load_options)
     network.validate()
     if network.fingerprint() != cert.network.get("sha256"):
         raise LipSDPError("the model does not match the certificate (architecture or weights changed)")
@@ -387,7 +388,7 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
     True
     """
     t0 = time.perf_counter()
-    network, source = _load(model, activation, activation_params, input_shape, trust_pickle)
+    network, source = load_model(model, activation, activation_params, input_shape, trust_pickle)
     if output_index is not None:
         m = network.output_dim
         if not 0 <= output_index < m:
