@@ -52,6 +52,12 @@ def test_random_anchor_layer(anchors):
     assert cert.verified and round(cert.bound, 3) == 39.839
 
 
+def test_mnist_anchor_layer(anchors):
+    cert = lipsdp.certify(Network.sequential(anchor_weights(anchors, "lipsdp_mnist_weights.mat")),
+                          formulation="layer", lower_bound_samples=0)
+    assert cert.verified and round(cert.bound, 3) == 26.256
+
+
 def test_mnist_anchor_neuron(anchors):
     cert = lipsdp.certify(Network.sequential(anchor_weights(anchors, "lipsdp_mnist_weights.mat")), solver="cvxopt")
     assert cert.verified and round(cert.bound, 3) == 24.366
