@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-pickle", action="store_true",
                    help="allow arbitrary classes in pickled models (runs code from the file: only for files you trust)")
     c.add_argument("--samples", type=int, default=128, help="random inputs for the sampled lower bound (0: skip)")
+    c.add_argument("--strict", action="store_true",
+                   help="also prove the certificate exactly in rational arithmetic (slope-restricted activations)")
     c.add_argument("--save", metavar="CERT.json", help="write the certificate (multipliers, weights hash) to a file")
     c.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -114,7 +116,7 @@ def _cmd_certify(args) -> int:
                    output_index=args.output,
                    activation=args.activation, input_shape=args.input_shape, time_limit=args.time_limit,
                    tol=args.tol, trust_pickle=args.trust_pickle, lower_bound_samples=max(args.samples, 0),
-                   progress=not args.json)
+                   progress=not args.json, strict=args.strict)
     if args.save:
         cert.save(args.save)
     if args.json:

@@ -114,22 +114,40 @@ def _solve(backend, lmi, time_limit, tol, progress, label):
     return result, time.perf_counter() - t0
 
 
+def _exact_recheck(lmi, ver, lifting, output_map):
+    """``--strict``: confirm a float-verified point in exact rational arithmetic, or drop it."""
+    from dataclasses import replace
+
+    from lipsdp.exact import exact_negative_definite
+
+    try:
+        ok = exact_negative_definite(lmi, ver.x, lifting, output_map=output_map)
+    except NotImplementedError as exc:
+        raise LipSDPError(f"--strict: {exc}") from exc
+    if not ok:
+        return replace(ver, verified=False, bound=None, message="the exact rational check rejected the point")
+    return replace(ver, method="exact", message=ver.message + "; confirmed exactly (rational arithmetic)")
+
+
 def certify_network(network, *, solver: str = "auto", formulation: str = "neuron", norm: str = "l2",
                     output_map=None, time_limit: float | None = None, tol: float | None = None,
                     lower_bound_samples: int = 128, memory_limit: int | None = None,
                     progress: bool = False, source: str = "", load_seconds: float = 0.0,
-                    compare: bool = True) -> Certificate:
+                    compare: bool = True, strict: bool = False) -> Certificate:
     """Certify a :class:`~lipsdp.network.Network` (see :func:`certify` for the parameters).
 
     With ``compare`` (default), nets with MaxMin / GroupSort-2 activations are
     also certified after rewriting them as the two-ReLU residual network of the
     ICLR 2024 paper's baseline (:func:`lipsdp.rewrite.maxmin_as_relu`), and that
     bound is reported in ``network["comparisons"]`` so users see the gain.
+
+    With ``strict``, every verified point is also checked exactly, in rational
+    arithmetic (:mod:`lipsdp.exact`), on the LMI of the network as given.
     """
     cert = _certify_network(network, solver=solver, formulation=formulation, norm=norm, output_map=output_map,
                             time_limit=time_limit, tol=tol, lower_bound_samples=lower_bound_samples,
                             memory_limit=memory_limit, progress=progress, source=source,
-                            load_seconds=load_seconds)
+                            load_seconds=load_seconds, strict=strict)
     pairs = [n for n in network.activations() if network.op(n).function == "groupsort"
              and (network.op(n).params.get("group_size") == 2 or network.op(n).size == 2)]
     if compare and pairs and norm == "l2" and cert.verified:
@@ -145,7 +163,7 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
 
 
 def _certify_network(network, *, solver, formulation, norm, output_map, time_limit, tol, lower_bound_samples,
-                     memory_limit, progress, source="", load_seconds=0.0) -> Certificate:
+                     memory_limit, progress, source="", load_seconds=0.0, strict=False) -> Certificate:
     from lipsdp.bounds import node_lipschitz, sampled_lower_bound
     from lipsdp.lifting import lift
     from lipsdp.lmi import build_lmi
@@ -235,6 +253,8 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
                 else float(np.sqrt(max(result.objective * v[0], 0.0)))
         t0 = time.perf_counter()
         ver = verify(full_pre, x, scale=v) if x is not None else None
+        if strict and ver is not None and ver.verified:
+            ver = _exact_recheck(full, ver, lifting, omap)
         t_verify += time.perf_counter() - t0
         outcomes.append((label, ver, result_status, objective, message, full.labels))
 
@@ -335,7 +355,7 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
             activation: str | None = None, activation_params: dict | None = None,
             input_shape: tuple | None = None, time_limit: float | None = None, tol: float | None = None,
             trust_pickle: bool = False, lower_bound_samples: int = 128, memory_limit: int | None = None,
-            progress: bool = False) -> Certificate:
+            progress: bool = False, strict: bool = False) -> Certificate:
     """Certify an upper bound on the l2 Lipschitz constant of a network.
 
     Parameters
@@ -373,6 +393,8 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
         Bytes the solve may use; default 80% of available memory.
     progress : bool
         Spinner on stderr for solves longer than a second.
+    strict : bool
+        Also prove the certificate exactly in rational arithmetic (slope-restricted activations).
 
     Returns
     -------
@@ -397,4 +419,4 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
     return certify_network(network, solver=solver, formulation=formulation, norm=norm, output_map=output_map,
                            time_limit=time_limit,
                            tol=tol, lower_bound_samples=lower_bound_samples, memory_limit=memory_limit,
-                           progress=progress, source=source, load_seconds=time.perf_counter() - t0)
+                           progress=progress, source=source, load_seconds=time.perf_counter() - t0, strict=strict)

@@ -185,3 +185,13 @@ def test_saved_certificate_rechecks_and_catches_edits(tmp_path, model_file):
     other = tmp_path / "other.pt"
     torch.save(mlp([5, 12, 12, 3], seed=5), other)
     assert_one_line_error(run_cli("verify", cert_path, other), 2, "does not match")
+
+
+def test_strict_exact_check(model_file):
+    code, out, err = run_cli("certify", model_file, "--strict", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["verification"]["method"] == "exact" and "confirmed exactly" in d["verification"]["message"]
+    code, out, err = run_cli("certify", model_file, "--strict", "--json", "--norm", "linf")
+    assert code == 0, err
+    assert json.loads(out)["verification"]["method"] == "exact"
