@@ -29,11 +29,13 @@ Writes ``benchmarks/results/solvers.{md,json,png}``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import platform
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -55,6 +57,9 @@ LIPSDP_SOLVERS = ("scs", "sdpa", "cvxopt", "clarabel")
 CLARABEL_MAX_N = 150
 #: Bounds of two configurations that differ by more than this (relative) are reported.
 REL_TOL = 1e-4
+#: Source directories copied at start so every child of a run measures the same code (lipsdp is
+#: installed editable, and the checkout may change while a long benchmark runs).
+SNAPSHOT_DIRS = ("lipsdp", "constraints", "solvers")
 
 
 # ----------------------------------------------------------------------------- networks
@@ -109,7 +114,8 @@ def lmi_sizes(weights) -> tuple[int, int]:
 def naive_lipsdp_neuron(weights, solver: str):
     """LipSDP-Neuron as written from the paper, (1.1) of MATH.md, solved by cvxpy.
 
-    Returns ``(sqrt(rho), cvxpy status)``; the bound is the solver's, unverified.
+    Returns ``(sqrt(rho), cvxpy status, extras)``; the bound is the solver's, unverified; ``extras``
+    splits the time into cvxpy's compilation and the solver's own time.
     """
     import cvxpy as cp
     import numpy as np
@@ -138,7 +144,10 @@ def naive_lipsdp_neuron(weights, solver: str):
     prob.solve(solver=solver.upper())
     value = rho.value
     bound = None if value is None else float(math.sqrt(max(float(value), 0.0)))
-    return bound, str(prob.status)
+    extras = {"compile_s": getattr(prob, "compilation_time", None),
+              "solver_s": getattr(prob.solver_stats, "solve_time", None),
+              "iterations": getattr(prob.solver_stats, "num_iters", None)}
+    return bound, str(prob.status), extras
 
 
 def _rss_mib() -> float:
@@ -165,13 +174,14 @@ def child_main(spec: dict, result_path: str) -> None:
             from lipsdp.solvers import get_backend
 
             get_backend(solver)  # fail early and import nothing heavy twice
+            out["lipsdp_file"] = lipsdp.__file__
             if solver in ("sdpa", "cvxopt"):
                 import cvxpy  # noqa: F401
         out["import_rss_mib"] = _rss_mib()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if kind == "naive":
-            bound, status = naive_lipsdp_neuron(weights, solver)
-            out.update(bound=bound, status=status, verified=False)
+            bound, status, extras = naive_lipsdp_neuron(weights, solver)
+            out.update(bound=bound, status=status, verified=False, naive=extras)
         else:
             cert = lipsdp.certify(Network.sequential(weights, activation="relu"), solver=solver,
                                   formulation="neuron", lower_bound_samples=0)
@@ -180,6 +190,8 @@ def child_main(spec: dict, result_path: str) -> None:
                        timings=dict(cert.timings), solved_lmi_size=cert.network.get("solved_lmi_size"),
                        message=cert.message)
         out["seconds"] = time.perf_counter() - t0
+        out["cpu_seconds"] = time.process_time() - c0
+        out["loadavg"] = list(os.getloadavg())
         out["ok"] = out["bound"] is not None
     except MemoryError:
         out.update(status="out of memory")
@@ -202,6 +214,7 @@ class Row:
     bound: float | None = None
     verified: bool = False
     seconds: list = field(default_factory=list)
+    cpu_seconds: list = field(default_factory=list)
     peak_mib: list = field(default_factory=list)
     runs: list = field(default_factory=list)
     note: str = ""
@@ -213,6 +226,10 @@ class Row:
         return statistics.median(self.seconds) if self.seconds else None
 
     @property
+    def median_cpu_s(self) -> float | None:
+        return statistics.median(self.cpu_seconds) if self.cpu_seconds else None
+
+    @property
     def peak(self) -> float | None:
         return max(self.peak_mib) if self.peak_mib else None
 
@@ -221,14 +238,33 @@ class Row:
         return self.bound is not None and bool(self.seconds)
 
 
-def run_child(net: NetSpec, kind: str, solver: str, timeout: float, mem_limit: int | None) -> dict:
+def snapshot_sources(dest: Path) -> str:
+    """Copy lipsdp's sources and this script into ``dest``; return a hash of what was copied.
+
+    Children import ``lipsdp`` from ``dest`` (first on ``PYTHONPATH``, ahead of the editable
+    install's finder), so edits to the checkout during a run do not leak into it.
+    """
+    digest = hashlib.sha256()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in SNAPSHOT_DIRS:
+        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
+    shutil.copy2(Path(__file__).resolve(), dest / "bench_solvers.py")
+    for path in sorted(p for p in dest.rglob("*.py")):
+        digest.update(str(path.relative_to(dest)).encode())
+        digest.update(path.read_bytes())
+    sys.path.insert(0, str(dest))
+    return digest.hexdigest()[:12]
+
+
+def run_child(net: NetSpec, kind: str, solver: str, timeout: float, mem_limit: int | None,
+              snapshot: Path) -> dict:
     env = dict(os.environ, **THREAD_ENV)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(snapshot), env.get("PYTHONPATH", "")]))
     with tempfile.TemporaryDirectory(prefix="bench_solvers_") as tmp:
         result = Path(tmp) / "result.json"
         log = Path(tmp) / "log.txt"
         spec = {"net": asdict(net), "kind": kind, "solver": solver, "mem_limit": mem_limit}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec), "--result", str(result)]
+        cmd = [sys.executable, str(snapshot / "bench_solvers.py"), "--child", json.dumps(spec), "--result", str(result)]
         with open(log, "wb") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             try:
@@ -252,34 +288,48 @@ def configs_for(only: set | None) -> list[tuple[str, str, str]]:
     return out
 
 
-def run_all(nets, repeats, timeout, mem_limit, only) -> list[Row]:
+def run_all(nets, repeats, timeout, mem_limit, only, snapshot: Path) -> list[Row]:
+    """Run every configuration ``repeats`` times, round-robin within a net.
+
+    Round-robin (repeat 1 of every configuration, then repeat 2, ...) spreads a transient load
+    from other processes over all configurations instead of penalising the one running then.
+    A configuration that fails or times out is not run again.
+    """
     rows = []
     for net in nets:
         lmi_n, solved_n = lmi_sizes(net.weights())
+        group = []
         for config, kind, solver in configs_for(only):
-            n = lmi_n if kind == "naive" else solved_n
-            row = Row(net.name, lmi_n, n, config, kind, solver)
+            row = Row(net.name, lmi_n, lmi_n if kind == "naive" else solved_n, config, kind, solver)
             rows.append(row)
             if kind == "lipsdp" and solver == "clarabel" and solved_n > CLARABEL_MAX_N:
                 row.status, row.note = "skipped", f"LMI {solved_n} > {CLARABEL_MAX_N}"
-                print(f"  {net.name:28s} {config:16s} skipped ({row.note})", flush=True)
-                continue
-            for _ in range(repeats):
-                res = run_child(net, kind, solver, timeout, mem_limit)
+                print(f"  {net.name:34s} {config:16s} skipped ({row.note})", flush=True)
+            else:
+                group.append(row)
+        failed = set()
+        for rep in range(repeats):
+            for row in group:
+                if row.config in failed:
+                    continue
+                res = run_child(net, row.kind, row.solver, timeout, mem_limit, snapshot)
                 row.runs.append(res)
                 row.status = res.get("status", "")
                 if not res.get("ok"):
-                    row.note = res.get("message", "")
-                    row.bound = None
-                    row.seconds = []
-                    break  # a failed or timed-out configuration is not repeated
+                    failed.add(row.config)
+                    row.note, row.bound, row.seconds, row.cpu_seconds = res.get("message", ""), None, [], []
+                    continue
                 row.bound = res["bound"] if row.bound is None else max(row.bound, res["bound"])
                 row.verified = bool(res.get("verified"))
                 row.seconds.append(res["seconds"])
+                row.cpu_seconds.append(res["cpu_seconds"])
                 row.peak_mib.append(res["peak_mib"])
-            shown = f"{row.bound:.6f}" if row.ok else row.status
-            secs = f"{row.median_s:8.2f} s" if row.ok else ""
-            print(f"  {net.name:28s} {config:16s} {shown:>14s} {secs}", flush=True)
+                shown = f"{res['bound']:.6f}"
+                print(f"  [{rep + 1}/{repeats}] {net.name:28s} {row.config:16s} {shown:>14s} "
+                      f"{res['seconds']:9.2f} s", flush=True)
+            for row in group:
+                if row.config in failed and len(row.runs) == rep + 1:
+                    print(f"  [{rep + 1}/{repeats}] {net.name:28s} {row.config:16s} {row.status:>14s}", flush=True)
     return rows
 
 
@@ -302,14 +352,18 @@ def environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *SNAPSHOT_DIRS], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+        dirty = [ln[3:] for ln in dirty if ln.strip()]
     except (OSError, subprocess.SubprocessError):
-        commit = ""
+        commit, dirty = "", []
     return {
         "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": cpu, "threads": THREAD_ENV, "python": platform.python_version(),
         "versions": {p: version(p) for p in ("lipsdp", "cvxpy", "scs", "cvxopt", "sdpa-python", "clarabel",
                                              "numpy", "scipy")},
-        "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "commit": commit, "uncommitted": dirty, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -365,7 +419,7 @@ def fastest(rows: list[Row]) -> list[dict]:
         group = [r for r in rows if r.net == net and r.ok]
         lip = [r for r in group if r.kind == "lipsdp" and r.verified]
         nav = [r for r in group if r.kind == "naive"]
-        entry = {"net": net, "lmi_n": group[0].lmi_n if group else None,
+        entry = {"net": net, "lmi_n": next(r.lmi_n for r in rows if r.net == net),
                  "solved_n": lip[0].solved_n if lip else None}
         if lip:
             b = min(lip, key=lambda r: r.median_s)
@@ -388,12 +442,17 @@ def markdown(rows, env, disc, fast, args) -> str:
         f"Environment: {env['cpus']} CPUs ({env['cpus_usable']} usable, {env['cpu_model']}); children run with "
         f"{threads}; Python {env['python']}; "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-        + f"; commit {env['commit'] or '?'}; {env['date']}.", "",
-        f"Median of {args.repeats} run(s), each in a fresh subprocess (time excludes interpreter start-up and "
-        f"imports; peak = the child's ru_maxrss, imports included); time-out {args.timeout:.0f} s per run.", "",
-        "| net | LMI n | solved n | config | bound | verified? | median s | peak MiB | × vs naive same solver "
-        "| × vs best naive |",
-        "|---|---:|---:|---|---:|---|---:|---:|---:|---:|",
+        + f"; lipsdp at commit {env['commit'] or '?'}"
+        + (f" + uncommitted {', '.join(env['uncommitted'])}" if env["uncommitted"] else "")
+        + f" (source snapshot {env['snapshot']}); {env['date']}; load average (1 min) "
+        f"{env['loadavg_start'][0]} at start, {env['loadavg_end'][0]} at end.", "",
+        f"Median of {args.repeats} run(s), each in a fresh subprocess, repeats round-robin over the configurations "
+        f"(wall time excludes interpreter start-up and imports; CPU s = the child's process time over the same "
+        f"span, less sensitive to other load on a shared machine; peak = the child's ru_maxrss, imports "
+        f"included); time-out {args.timeout:.0f} s per run.", "",
+        "| net | LMI n | solved n | config | bound | verified? | median s | CPU s | peak MiB "
+        "| × vs naive same solver | × vs best naive |",
+        "|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r.ok:
@@ -402,7 +461,7 @@ def markdown(rows, env, disc, fast, args) -> str:
         else:
             ver, bound = "—", r.status + (f" ({r.note})" if r.status == "skipped" else "")
         lines.append(f"| {r.net} | {r.lmi_n} | {r.solved_n} | {r.config} | {bound} | {ver} | "
-                     f"{_fmt(r.median_s, '.3f')} | {_fmt(r.peak, '.0f')} | "
+                     f"{_fmt(r.median_s, '.3f')} | {_fmt(r.median_cpu_s, '.3f')} | {_fmt(r.peak, '.0f')} | "
                      f"{_fmt(r.vs_same, '.2f')} | {_fmt(r.vs_best, '.2f')} |")
     lines += [
         "",
@@ -415,6 +474,8 @@ def markdown(rows, env, disc, fast, args) -> str:
         "- `lipsdp-*`: `lipsdp.certify(..., formulation='neuron', lower_bound_samples=0)`: input-reduced LMI "
         "(`solved n`), native backend at lipsdp's tolerances, bound verified on the full LMI. Time = the whole "
         "certify call (build + solve + verify).",
+        "- bound: identical across repeats in every run so far (the largest is shown if they ever differ); "
+        "per-run values, lipsdp's build/solve/verify split and cvxpy's compile/solve split are in solvers.json.",
         f"- Clarabel is skipped where the solved LMI is larger than {CLARABEL_MAX_N} (O(n^4) memory).",
         "- × = median seconds of the baseline / median seconds of the row (> 1: faster than the baseline); "
         "`best naive` is the fastest naive configuration on the same net.",
@@ -447,6 +508,8 @@ def plot(rows, path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return False
+    if not any(r.ok for r in rows):
         return False
     nets = list(dict.fromkeys(r.net for r in rows))
     configs = list(dict.fromkeys(r.config for r in rows))
@@ -483,6 +546,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per run before it is killed; default 300")
     p.add_argument("--quick", action="store_true", help="only the two smallest nets, 1 repeat (smoke test)")
     p.add_argument("--large", action="store_true", help="also the 784-256-256-10 net")
+    p.add_argument("--nets", nargs="+", metavar="TEXT", help="only nets whose name contains one of these")
     p.add_argument("--configs", nargs="+", metavar="CONFIG", help="only these configurations (e.g. naive-scs lipsdp-scs)")
     p.add_argument("--mem-limit-gib", type=float, default=None,
                    help="address-space limit per child (default: 90%% of available memory)")
@@ -497,6 +561,19 @@ def main(argv=None) -> int:
         p.error("--repeats must be at least 1")
 
     nets = default_nets(args.large)
+    if args.nets:
+        nets = [n for n in nets if any(t in n.name for t in args.nets)]
+        if not nets:
+            p.error("--nets matched no network")
+    snapshot = Path(tempfile.mkdtemp(prefix="bench_solvers_src_"))
+    try:
+        return run(args, nets, snapshot)
+    finally:
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def run(args, nets: list[NetSpec], snapshot: Path) -> int:
+    source_hash = snapshot_sources(snapshot)
     if args.quick:
         nets = sorted(nets, key=lambda n: lmi_sizes(n.weights())[0])[:2]
         args.repeats = 1
@@ -507,10 +584,13 @@ def main(argv=None) -> int:
 
         mem_limit = int(0.9 * available_memory())
     env = environment()
+    env["snapshot"] = source_hash
     print(f"{env['cpus']} CPUs; children: {' '.join(f'{k}={v}' for k, v in THREAD_ENV.items())}; "
           f"{args.repeats} repeat(s); time-out {args.timeout:.0f} s; memory limit {mem_limit / 2**30:.1f} GiB",
           flush=True)
-    rows = run_all(nets, args.repeats, args.timeout, mem_limit, set(args.configs) if args.configs else None)
+    rows = run_all(nets, args.repeats, args.timeout, mem_limit, set(args.configs) if args.configs else None,
+                   snapshot)
+    env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     add_ratios(rows)
     disc = discrepancies(rows, nets)
     fast = fastest(rows)
@@ -522,7 +602,7 @@ def main(argv=None) -> int:
                "rel_tol": REL_TOL, "rows": [], "discrepancies": disc, "fastest": fast}
     for r in rows:
         d = asdict(r)
-        d.update(median_s=r.median_s, peak_mib_max=r.peak, vs_naive_same_solver=r.vs_same, vs_best_naive=r.vs_best)
+        d.update(median_s=r.median_s, median_cpu_s=r.median_cpu_s, peak_mib_max=r.peak, vs_naive_same_solver=r.vs_same, vs_best_naive=r.vs_best)
         payload["rows"].append(d)
     (args.out_dir / "solvers.json").write_text(json.dumps(payload, indent=1, default=str))
     plotted = plot(rows, args.out_dir / "solvers.png")
