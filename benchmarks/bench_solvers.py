@@ -358,7 +358,8 @@ def environment() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", []
     return {
-        "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": cpu, "threads": THREAD_ENV, "python": platform.python_version(),
         "versions": {p: version(p) for p in ("lipsdp", "cvxpy", "scs", "cvxopt", "sdpa-python", "clarabel",
                                              "numpy", "scipy")},
@@ -502,6 +503,7 @@ def markdown(rows, env, disc, fast, args) -> str:
 
 
 def plot(rows, path: Path) -> bool:
+    """Grouped bars, one group per net, log time axis; failed runs are labelled where their bar would be."""
     try:
         import matplotlib
 
@@ -513,30 +515,45 @@ def plot(rows, path: Path) -> bool:
         return False
     nets = list(dict.fromkeys(r.net for r in rows))
     configs = list(dict.fromkeys(r.config for r in rows))
-    fig, ax = plt.subplots(figsize=(max(7, 1.9 * len(nets)), 4.8))
-    width = 0.8 / len(configs)
+    fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(nets)), 5))
+    width = 0.84 / len(configs)
+    floor = min(r.median_s for r in rows if r.ok) / 2
     for j, config in enumerate(configs):
         xs, ys = [], []
         for i, net in enumerate(nets):
             r = next((r for r in rows if r.net == net and r.config == config), None)
-            if r is not None and r.ok:
-                xs.append(i + (j - (len(configs) - 1) / 2) * width)
+            if r is None:
+                continue
+            x = i + (j - (len(configs) - 1) / 2) * width
+            if r.ok:
+                xs.append(x)
                 ys.append(r.median_s)
+            else:
+                ax.text(x, floor * 1.1, r.status.split(" ")[0], rotation=90, ha="center", va="bottom", fontsize=7)
         ax.bar(xs, ys, width, label=config, hatch="//" if config.startswith("naive") else None,
                edgecolor="black", linewidth=0.4)
-    lmi = {r.net: r.lmi_n for r in rows}
+    lmi = {r.net: (r.lmi_n, max(x.solved_n for x in rows if x.net == r.net and x.kind == "lipsdp")
+                   if any(x.net == r.net and x.kind == "lipsdp" for x in rows) else r.lmi_n) for r in rows}
     ax.set_xticks(range(len(nets)))
-    ax.set_xticklabels([f"{n}\n(LMI {lmi[n]})" for n in nets], fontsize=8)
+    ax.set_xticklabels([f"{n}\n(LMI {lmi[n][0]}" + (f", lipsdp solves {lmi[n][1]})" if lmi[n][1] != lmi[n][0] else ")")
+                        for n in nets], fontsize=8)
     ax.set_yscale("log")
+    ax.set_ylim(bottom=floor)
     ax.set_ylabel("median wall time per certificate [s] (log scale)")
     ax.set_xlabel("network")
-    ax.set_title("LipSDP-Neuron: naive cvxpy (hatched) vs lipsdp backends")
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_title("LipSDP-Neuron: naive cvxpy formulation (hatched) vs lipsdp.certify")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="configuration", title_fontsize=8)
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return True
+
+
+def rows_from_json(path: Path) -> list[Row]:
+    """Rows of a saved ``solvers.json`` (to redraw the plot without re-running)."""
+    names = set(Row.__dataclass_fields__)
+    return [Row(**{k: v for k, v in d.items() if k in names}) for d in json.loads(path.read_text())["rows"]]
 
 
 def main(argv=None) -> int:
@@ -547,16 +564,21 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="only the two smallest nets, 1 repeat (smoke test)")
     p.add_argument("--large", action="store_true", help="also the 784-256-256-10 net")
     p.add_argument("--nets", nargs="+", metavar="TEXT", help="only nets whose name contains one of these")
-    p.add_argument("--configs", nargs="+", metavar="CONFIG", help="only these configurations (e.g. naive-scs lipsdp-scs)")
+    p.add_argument("--configs", nargs="+", metavar="CONFIG",
+                   help="only these configurations (e.g. naive-scs lipsdp-scs)")
     p.add_argument("--mem-limit-gib", type=float, default=None,
                    help="address-space limit per child (default: 90%% of available memory)")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plot of a saved solvers.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child_main(json.loads(args.child), args.result)
         return 0
+    if args.replot:
+        out = args.replot.with_suffix(".png")
+        return 0 if plot(rows_from_json(args.replot), out) else 1
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
 
@@ -602,7 +624,8 @@ def run(args, nets: list[NetSpec], snapshot: Path) -> int:
                "rel_tol": REL_TOL, "rows": [], "discrepancies": disc, "fastest": fast}
     for r in rows:
         d = asdict(r)
-        d.update(median_s=r.median_s, median_cpu_s=r.median_cpu_s, peak_mib_max=r.peak, vs_naive_same_solver=r.vs_same, vs_best_naive=r.vs_best)
+        d.update(median_s=r.median_s, median_cpu_s=r.median_cpu_s, peak_mib_max=r.peak,
+                 vs_naive_same_solver=r.vs_same, vs_best_naive=r.vs_best)
         payload["rows"].append(d)
     (args.out_dir / "solvers.json").write_text(json.dumps(payload, indent=1, default=str))
     plotted = plot(rows, args.out_dir / "solvers.png")
