@@ -21,6 +21,7 @@ FIGURE_SUFFIXES = {".png", ".svg", ".pdf"}
 #: Figures a notebook must write into ``LIPSDP_NOTEBOOK_OUT``; others must write at least one figure.
 EXPECTED_FIGURES = {"01_quickstart.ipynb": ["bounds_per_model.png"],
                     "02_lipschitz_activations.ipynb": ["groupsort2_vs_relu_rewrite.png"],
+                    "03_scaling.ipynb": ["benchmark_time_vs_size.png", "scaling_sweep.png"],
                     "04_robustness.ipynb": ["certified_accuracy.png"]}
 CELL_TIMEOUT = 600  # seconds per cell
 
