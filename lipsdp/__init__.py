@@ -32,6 +32,7 @@ from lipsdp.errors import (  # noqa: F401  (re-exported)
     SolverNotFound,
     UnsafeModelError,
     UnsupportedLayerError,
+    WellPosednessError,
 )
 
 
@@ -57,4 +58,5 @@ def __getattr__(name):
 
 __all__ = ["certify", "certify_network", "Certificate", "Network", "load_network", "LipSDPError",
            "ModelLoadError", "UnsafeModelError", "UnsupportedLayerError", "InvalidNetworkError",
-           "SolverNotFound", "SolverLicenseError", "SolverError", "ResourceError", "__version__"]
+           "SolverNotFound", "SolverLicenseError", "SolverError", "ResourceError", "WellPosednessError",
+           "__version__"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from lipsdp.network import Activation, Add, Affine, Concat, Input, Network, Reshape, concat_permutation
+from lipsdp.network import Activation, Add, Affine, Concat, Equilibrium, Input, Network, Reshape, concat_permutation
 
 
 def spectral_norm(W) -> float:
@@ -38,7 +38,8 @@ def trivial_bound(network: Network) -> float:
 
     For node values ``u(x)``: Affine ``||W|| L_parent``; activation ``s L_parent``
     with ``s`` the largest absolute slope; Add ``sum L_parents``; Concat
-    ``sqrt(sum L_parents^2)``.  Valid for any DAG.
+    ``sqrt(sum L_parents^2)``; implicit layer ``z = phi(F z + u)`` with slope bound ``s``:
+    ``s L_parent / (1 - s ||F||)``, infinite when ``s ||F|| >= 1``.  Valid for any DAG.
     """
     return node_lipschitz(network)[network.output]
 
@@ -67,6 +68,10 @@ def node_lipschitz(network: Network, norm: str = "l2") -> dict[int, float]:
             lip[n] = sum(lip[p] for p in parents)
         elif isinstance(op, Concat):
             lip[n] = float(np.sqrt(sum(lip[p] ** 2 for p in parents))) if norm == "l2" else max(lip[p] for p in parents)
+        elif isinstance(op, Equilibrium):
+            from lipsdp.equilibrium import lipschitz
+
+            lip[n] = lipschitz(op, get_constraint(op.function).lipschitz(op)) * lip[parents[0]]
         elif isinstance(op, Activation):
             lip[n] = get_constraint(op.function).lipschitz(op) * lip[parents[0]]
     return lip
@@ -100,6 +105,12 @@ def jacobians(network: Network, x: np.ndarray) -> np.ndarray:
             perm = concat_permutation([network.op(p).shape for p in parents], op.axis)
             v = np.concatenate(ins, axis=1)[:, perm]
             J = np.concatenate(js, axis=1)[:, perm]
+        elif isinstance(op, Equilibrium):
+            # True equilibria and implicit-function-theorem Jacobians; NaN where none was found.
+            from lipsdp import equilibrium
+
+            v = equilibrium.equilibrium(op, ins[0])
+            J = equilibrium.jacobian(op, ins[0], v, js[0])
         else:
             qc = get_constraint(op.function)
             v = qc.evaluate(ins[0], op)
@@ -124,7 +135,10 @@ def sampled_lower_bound(network: Network, samples: int = 256, seed: int = 0, sca
         J = jacobians(network, x)
         if output_map is not None:
             J = np.einsum("km,bmn->bkn", np.atleast_2d(output_map), J)
-        value = np.linalg.norm(J, 2, axis=(1, 2)) if norm == "l2" else np.abs(J).sum(axis=2).max(axis=1)
-        best = max(best, float(value.max()))
+        # Implicit layers give NaN Jacobians at inputs without an equilibrium: skip those samples.
+        J = J[np.all(np.isfinite(J), axis=(1, 2))]
+        if len(J):
+            value = np.linalg.norm(J, 2, axis=(1, 2)) if norm == "l2" else np.abs(J).sum(axis=2).max(axis=1)
+            best = max(best, float(value.max()))
         done += k
     return best

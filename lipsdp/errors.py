@@ -36,6 +36,10 @@ class InvalidNetworkError(LipSDPError):
     """Weights are not finite or shapes do not fit together."""
 
 
+class WellPosednessError(LipSDPError):
+    """An implicit (equilibrium) layer whose equilibrium lipsdp cannot prove to exist and be unique."""
+
+
 class SolverNotFound(LipSDPError):
     """The requested solver backend is not installed."""
 

@@ -151,8 +151,18 @@ def _exact_lifted_rows(lifting) -> tuple[list[list[dict]], list[dict]]:
             stacked = [r for p in parents for r in rows[p]]
             L = [stacked[i] for i in perm]
         elif isinstance(op, Activation):
-            pre.append(rows[parents[0]])
             s = start[node]
+            P = rows[parents[0]]
+            F = getattr(op, "feedback", None)  # an Equilibrium reads its own block: P = L_u + F Q
+            if F is not None:
+                F = sp.csr_matrix(F, dtype=np.float64)
+                P = [dict(r) for r in P]
+                for i, acc in enumerate(P):
+                    for j, w in zip(F.indices[F.indptr[i]:F.indptr[i + 1]].tolist(),
+                                    F.data[F.indptr[i]:F.indptr[i + 1]].tolist()):
+                        if w != 0.0:
+                            acc[s + j] = acc.get(s + j, 0) + Fraction(w)
+            pre.append(P)
             L = [{s + i: Fraction(1)} for i in range(op.size)]
         else:  # pragma: no cover - loaders only build the kinds above
             raise TypeError(f"unknown node kind {type(op).__name__}")

@@ -8,15 +8,19 @@ is a linear map of ``z`` (biases dropped: they cancel in increments):
 - Affine ``W``: ``W L_parent``;   Reshape: ``L_parent``;
 - Add: ``sum L_parents``;         Concat: stacked rows, permuted for the axis;
 - Activation ``k``: its pre-activation rows are ``P_k = L_parent``, its output
-  rows ``Q_k`` select block ``k``.
+  rows ``Q_k`` select block ``k``;
+- Equilibrium ``k`` (implicit layer ``z = phi(F z + u)``): ``P_k = L_parent + F Q_k``,
+  rows that read the block's own outputs (``C_vw`` not triangular, MATH.md 5.2).
 
 The network output is ``C z``.  This is the LFT form (3.1) of MATH.md:
 ``[P; Q] = [[C_vx, C_vw], [0, I]]`` and ``C = [D_yx, D_yw]``.  For a feed-forward
 net ``P_k`` has nonzeros only in block ``k-1``, so the LMI is block-tridiagonal;
 :meth:`Lifting.block_graph` exposes the coupling pattern for chordal methods.
 
-Rounding: ``W L`` is exact when ``L`` selects coordinates (one nonzero, 1.0, per
-column), which covers feed-forward nets.  Otherwise the product is rounded;
+Rounding: ``F Q_k`` is exact (``Q_k`` selects), and so is its sum with
+``L_parent``, which only reads earlier blocks.  ``W L`` is exact when ``L``
+selects coordinates (one nonzero, 1.0, per column), which covers feed-forward
+nets.  Otherwise the product is rounded;
 ``perr`` and ``cerr`` keep entrywise bounds on that error (Higham's
 ``gamma_k |W||L|``) so verification (:mod:`lipsdp.verify`) can cover it.
 """
@@ -29,7 +33,7 @@ import networkx as nx
 import numpy as np
 import scipy.sparse as sp
 
-from lipsdp.network import Activation, Add, Affine, Concat, Input, Network, Reshape, concat_permutation
+from lipsdp.network import Activation, Add, Affine, Concat, Equilibrium, Input, Network, Reshape, concat_permutation
 
 _U = 2.0 ** -53
 
@@ -206,10 +210,14 @@ def lift(network: Network) -> Lifting:
             E = sp.vstack([errs[p] for p in parents]).tocsr()[perm]
         elif isinstance(op, Activation):
             k = block_index[node]
-            pre.append(rows[parents[0]])
-            pre_err.append(errs[parents[0]])
             b = blocks[k]
             L = sp.csr_matrix((np.ones(b.size), (np.arange(b.size), np.arange(b.start, b.stop))), shape=(b.size, n))
+            P = rows[parents[0]]
+            if isinstance(op, Equilibrium):
+                # Disjoint columns (block k vs earlier blocks): the sum is exact.
+                P = (P + sp.csr_matrix(op.feedback, dtype=np.float64) @ L).tocsr()
+            pre.append(P)
+            pre_err.append(errs[parents[0]])
             E = sp.csr_matrix((b.size, n))
         else:  # pragma: no cover - loaders only build the kinds above
             raise TypeError(f"unknown node kind {type(op).__name__}")

@@ -6,18 +6,21 @@ operator kinds exist, and they are all the converter needs to write every
 pre-activation and output as a linear map of the stacked vector
 ``v = [x0; phi_1; ...; phi_n]`` (see :mod:`lipsdp.lifting`):
 
-========== =========================================================== ===========
-node       meaning                                                      parents
-========== =========================================================== ===========
-Input      the network input ``x0`` (shape without batch axis)          0
-Affine     ``y = W x + b`` on the flattened tensor (Linear, folded BN,  1
-           unrolled convolution, ...)
-Reshape    same values, new shape (Flatten, View, Identity, Dropout)    1
-Add        ``y = sum of parents`` (residual connections)                >= 1
-Concat     concatenation along an axis of the non-batch shape           >= 1
-Activation a nonlinearity whose quadratic constraint lives in           1
-           ``lipsdp.constraints`` (ReLU, Tanh, GroupSort, ...)
-========== =========================================================== ===========
+=========== =========================================================== ===========
+node        meaning                                                     parents
+=========== =========================================================== ===========
+Input       the network input ``x0`` (shape without batch axis)         0
+Affine      ``y = W x + b`` on the flattened tensor (Linear, folded BN, 1
+            unrolled convolution, ...)
+Reshape     same values, new shape (Flatten, View, Identity, Dropout)   1
+Add         ``y = sum of parents`` (residual connections)               >= 1
+Concat      concatenation along an axis of the non-batch shape          >= 1
+Activation  a nonlinearity whose quadratic constraint lives in          1
+            ``lipsdp.constraints`` (ReLU, Tanh, GroupSort, ...)
+Equilibrium an implicit layer, an Activation whose output ``z`` solves  1
+            ``z = phi(F z + u)`` (``u`` its parent, ``F`` its feedback;
+            :mod:`lipsdp.equilibrium`)
+=========== =========================================================== ===========
 
 Tensors are flattened in row-major (C) order, as torch and ONNX lay them out,
 so Flatten and Reshape do not move coordinates.  Biases are kept for local
@@ -106,6 +109,21 @@ class Activation(Op):
 
     function: str = "relu"
     params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Equilibrium(Activation):
+    """An implicit (equilibrium / DEQ) layer: ``z = phi(F z + u)`` with ``u`` the parent's value.
+
+    It is an :class:`Activation` whose pre-activation also reads its own output
+    through ``feedback`` ``F`` (shape ``(size, size)``, dense or sparse): in the
+    LFT form of MATH.md section 3 its block of ``C_vw`` is ``F``, not
+    triangular (section 5.2).  The graph itself stays acyclic.  The value of the
+    node is the equilibrium; it exists and is unique when lipsdp's LMI verifies
+    (:mod:`lipsdp.equilibrium` has the argument).
+    """
+
+    feedback: Any = None
 
 
 class Network:
@@ -207,6 +225,13 @@ class Network:
                 problems.append(f"{op.name} ({op.kind}) adds tensors of sizes {sizes}")
             elif isinstance(op, Concat) and sum(sizes) != op.size:
                 problems.append(f"{op.name} ({op.kind}) concatenates {sizes} into {op.size}")
+            if isinstance(op, Equilibrium):
+                F = op.feedback
+                if F is None or F.shape != (op.size, op.size):
+                    problems.append(f"{op.name} ({op.kind}) needs a {op.size}x{op.size} feedback matrix, got "
+                                    f"{None if F is None else F.shape}")
+                elif not np.all(np.isfinite(F.data if sp.issparse(F) else np.asarray(F))):
+                    problems.append(f"{op.name} ({op.kind}) has NaN or Inf feedback weights")
             if isinstance(op, Activation):
                 for key, value in op.params.items():
                     if isinstance(value, np.ndarray) and not np.all(np.isfinite(value)):
@@ -233,6 +258,9 @@ class Network:
                 h.update(op.function.encode())
                 for key in sorted(op.params):
                     h.update(f"{key}={np.asarray(op.params[key]).tolist()}".encode())
+                if isinstance(op, Equilibrium):
+                    F = op.feedback.toarray() if sp.issparse(op.feedback) else np.asarray(op.feedback)
+                    h.update(np.ascontiguousarray(F, dtype=np.float64).tobytes())
             elif isinstance(op, Concat):
                 h.update(str(op.axis).encode())
         return h.hexdigest()
@@ -258,7 +286,9 @@ class Network:
         return not varying[self.output]
 
     def is_feedforward(self) -> bool:
-        """True when the graph is a chain (no Add/Concat), the case LipSDP's papers treat."""
+        """True when the graph is a chain (no Add/Concat, no implicit layer), the case LipSDP's papers treat."""
+        if any(isinstance(op, Equilibrium) for op in self.ops()):
+            return False
         return all(self.graph.in_degree(n) <= 1 and self.graph.out_degree(n) <= 1 for n in self.graph.nodes)
 
     def numpy_forward(self, x: np.ndarray) -> np.ndarray:
@@ -285,6 +315,10 @@ class Network:
             elif isinstance(op, Concat):
                 perm = concat_permutation([self.op(p).shape for p in parents], op.axis)
                 y = np.concatenate(ins, axis=1)[:, perm]
+            elif isinstance(op, Equilibrium):
+                from lipsdp.equilibrium import equilibrium
+
+                y = equilibrium(op, ins[0], strict=True)
             else:
                 y = get_constraint(op.function).evaluate(ins[0], op)
             values[n] = y

@@ -144,10 +144,14 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
     With ``strict``, every verified point is also checked exactly, in rational
     arithmetic (:mod:`lipsdp.exact`), on the LMI of the network as given.
     """
+    from lipsdp.equilibrium import attach_well_posedness, check_provable
+
+    check_provable(network.validate())  # implicit layers: refuse what cannot be proved well-posed
     cert = _certify_network(network, solver=solver, formulation=formulation, norm=norm, output_map=output_map,
                             time_limit=time_limit, tol=tol, lower_bound_samples=lower_bound_samples,
                             memory_limit=memory_limit, progress=progress, source=source,
                             load_seconds=load_seconds, strict=strict)
+    attach_well_posedness(network, cert, formulation, norm)
     pairs = [n for n in network.activations() if network.op(n).function == "groupsort"
              and (network.op(n).params.get("group_size") == 2 or network.op(n).size == 2)]
     if compare and pairs and norm == "l2" and cert.verified:

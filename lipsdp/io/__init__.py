@@ -57,8 +57,8 @@ def load_network(path, *, activation: str | None = None, activation_params: dict
         and whenever it cannot be read from the file or the first layer.
     trust_pickle : bool
         Allow ``torch.load`` to run code from the pickle (``weights_only=False``).
-        Only for files you trust; by default only ``torch.nn`` and deel-torchlip
-        layers may appear in a pickle.
+        Only for files you trust; by default only ``torch.nn``, deel-torchlip and
+        :mod:`lipsdp.nn` layers may appear in a pickle.
 
     Returns
     -------

@@ -935,6 +935,26 @@ def _stack(t, tensors, dim=0):
     return cat(t, [unsqueeze(t, p, d) for p in tensors], d)
 
 
+# -- implicit layers: lipsdp.nn.ImplicitLayer ------------------------------------
+@register_aten("equilibrium")
+def _equilibrium(t, u, W, activation, param, tol=None, max_iter=None):
+    """``torch.ops.lipsdp.equilibrium(u, W, ...)``: the solution of ``z = phi(W z + u)`` (MATH.md 5.2)."""
+    from lipsdp.equilibrium import activation_params
+
+    if not _is_sym(u) or _is_sym(W):
+        raise Unsupported("has an input-dependent feedback matrix")
+    if len(u.shape) != 1:
+        raise Unsupported(f"on samples of shape {u.shape} (implicit layers take (N, features) inputs)")
+    F = to_numpy(W)
+    if F.shape != (u.size, u.size):
+        raise Unsupported(f"with a {F.shape} feedback matrix for {u.size} features")
+    try:
+        params = activation_params(str(activation), float(param))
+    except ValueError as exc:
+        raise Unsupported(str(exc)) from None
+    return t.b.equilibrium(u, F, str(activation), params, t.label)
+
+
 # -- whole modules -------------------------------------------------------------
 def _householder(t, x: Sym, params: dict) -> Sym:
     """deel-torchlip ``HouseHolder``: pairs channel ``c`` with ``c + C/2`` (the two halves of axis 1).

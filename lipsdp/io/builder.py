@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from lipsdp.errors import ModelLoadError
 from lipsdp.io import linmaps
-from lipsdp.network import Activation, Add, Affine, Concat, Input, Network, Reshape, concat_permutation
+from lipsdp.network import Activation, Add, Affine, Concat, Equilibrium, Input, Network, Reshape, concat_permutation
 
 #: Activation functions applied coordinate by coordinate (these may be merged across a concatenation).
 ELEMENTWISE = frozenset({"relu", "leaky_relu", "tanh", "sigmoid", "elu", "softplus", "hardtanh", "silu", "gelu"})
@@ -197,6 +197,18 @@ class GraphBuilder:
         out.node = node
         if pure_reshape and x.shape != source.shape:
             out = Sym(node, x.shape, act=(function, params, x))
+        return out
+
+    def equilibrium(self, x: Sym, feedback, function: str, params: dict, label: Label) -> Sym:
+        """The solution ``z`` of ``z = phi(F z + x)``: an :class:`~lipsdp.network.Equilibrium` node.
+
+        Its output carries no ``act`` tag: it is not an elementwise function of ``x``,
+        so it must never be merged like MaxMin's two ReLUs.
+        """
+        node = self._emit(Equilibrium(label.name, label.kind, x.shape, function=function, params=dict(params),
+                                      feedback=feedback), [self.node_of(x)])
+        out = Sym(node, x.shape)
+        out.node = node
         return out
 
     def add(self, terms: list[Sym], label: Label | None = None) -> Sym:

@@ -2,7 +2,7 @@
 
 ``torch.load(weights_only=True)`` rebuilds only tensors, containers and the
 classes it is told are safe.  :func:`allowed_globals` lists them: the layers of
-``torch.nn`` and of deel-torchlip (when installed).  Rebuilding one of these
+``torch.nn``, of deel-torchlip (when installed) and of :mod:`lipsdp.nn`.  Rebuilding one of these
 only restores its attribute dictionary; no ``__reduce__`` or ``__init__`` runs.
 
 A pickle that names anything else (a user's ``__main__.MyNet``,
@@ -25,7 +25,7 @@ _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 @functools.lru_cache(maxsize=1)
 def allowed_globals() -> tuple:
-    """The classes a safe model pickle may name (``torch.nn`` modules, deel-torchlip layers)."""
+    """The classes a safe model pickle may name (``torch.nn`` modules, deel-torchlip and lipsdp.nn layers)."""
     import torch
     import torch.nn.modules as nn_modules
 
@@ -35,6 +35,7 @@ def allowed_globals() -> tuple:
         if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
             allowed.append(obj)
     allowed.extend(_torchlip_classes())
+    allowed.extend(_lipsdp_classes())
     allowed.append(torch.nn.Parameter)
     return tuple(dict.fromkeys(allowed))
 
@@ -48,6 +49,16 @@ def _torchlip_classes() -> list:
         return []
     return [obj for obj in vars(torchlip).values()
             if isinstance(obj, type) and issubclass(obj, torch.nn.Module)]
+
+
+def _lipsdp_classes() -> list:
+    """lipsdp's own layers (:mod:`lipsdp.nn`): GroupSort, MaxMin, HouseHolder, ImplicitLayer, ..."""
+    import torch
+
+    import lipsdp.nn as lnn
+
+    return [getattr(lnn, name) for name in lnn.__all__
+            if isinstance(getattr(lnn, name), type) and issubclass(getattr(lnn, name), torch.nn.Module)]
 
 
 def _qualified(obj) -> str:

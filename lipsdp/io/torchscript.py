@@ -27,6 +27,8 @@ def load_torchscript(path: str, input_shape=None):
     """Read a ``torch.jit.save`` archive and translate it."""
     import torch
 
+    import lipsdp.nn  # noqa: F401  (registers torch.ops.lipsdp.equilibrium, which archives may call)
+
     try:
         module = torch.jit.load(path, map_location="cpu")
     except Exception as exc:
@@ -166,7 +168,7 @@ class _Walker:
         elif kind == "prim::RaiseException":
             raise ModelLoadError(f"{self.source}: the model raises on inputs of shape {self.shape} "
                                  f"({first_line(Exception(ins[0]))}); pass the right input_shape")
-        elif kind.startswith("aten::"):
+        elif kind.startswith(("aten::", "lipsdp::")):
             self._aten(node, ins, label, position)
         else:
             t.label, t.position = label, position
@@ -200,7 +202,8 @@ class _Walker:
             self._set(node, t.report(t.entry(name)))
             return
         parsed = torch._C.parse_schema(schema)
-        op = getattr(getattr(torch.ops.aten, parsed.name.split("::", 1)[1]), parsed.overload_name or "default")
+        namespace, op_name = parsed.name.split("::", 1)
+        op = getattr(getattr(getattr(torch.ops, namespace), op_name), parsed.overload_name or "default")
         result = t.call(op, ins, label, position)
         self._set(node, result)
         if name.endswith("_") and not name.startswith("_") and node.inputsSize():
