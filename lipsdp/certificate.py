@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass, field
 #: ``status`` values: verified bound / solver returned something that failed verification / solver gave nothing.
 VERIFIED, UNVERIFIED, SOLVER_FAILED = "verified", "unverified", "solver_failed"
 
+#: Temporary files :meth:`Certificate.save` is writing now; a hard exit on Ctrl-C (``lipsdp.cli``) removes them.
+WRITING: set = set()
+
 
 @dataclass
 class Certificate:
@@ -46,9 +49,14 @@ class Certificate:
         ``sqrt`` of the solver's raw objective, for comparison only.
     rho : float or None
         The verified ``rho`` (``bound**2 >= rho``).
-    multipliers : list of float
-        The verified multipliers, in the order of ``multiplier_labels``.
+    multipliers : list of float, or list of lists
+        The verified multipliers, in the order of ``multiplier_labels``; for an
+        l_inf certificate of several outputs, one such list per output.
     multiplier_labels : list of str
+    output_map : list of lists or None
+        The ``(k, m)`` matrix ``c`` when ``c f`` was certified instead of ``f``
+        (``--output I`` stores the row ``e_I``); None for the whole output.
+        ``lipsdp verify`` rebuilds the LMI with it.
     verification : dict
         ``method`` (``float-cholesky``), ``inflation``, ``margin``, ``message``.
     timings : dict
@@ -70,6 +78,7 @@ class Certificate:
     rho: float | None = None
     multipliers: list = field(default_factory=list)
     multiplier_labels: list = field(default_factory=list)
+    output_map: list | None = None
     verification: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     network: dict = field(default_factory=dict)
@@ -112,6 +121,7 @@ class Certificate:
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lipsdp-", suffix=".json")
+        WRITING.add(tmp)
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(self.to_json(indent=1))
@@ -120,6 +130,8 @@ class Certificate:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        finally:
+            WRITING.discard(tmp)
 
     @classmethod
     def load(cls, path) -> "Certificate":

@@ -10,8 +10,12 @@ NaN weights, unknown or unlicensed solver...).  Errors are one line on stderr;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -117,14 +121,25 @@ def _cmd_certify(args) -> int:
                    activation=args.activation, input_shape=args.input_shape, time_limit=args.time_limit,
                    tol=args.tol, trust_pickle=args.trust_pickle, lower_bound_samples=max(args.samples, 0),
                    progress=not args.json, strict=args.strict)
-    if args.save:
-        cert.save(args.save)
-    if args.json:
-        print(cert.to_json())
-    else:
-        _print_table(cert.summary_rows(), title=f"lipsdp certify {args.model}")
-        print(cert.message)
+    with _OUTPUT:
+        if args.save:
+            cert.save(args.save)
+        if args.json:
+            print(cert.to_json(), flush=True)
+        else:
+            _print_table(cert.summary_rows(), title=f"lipsdp certify {args.model}")
+            print(cert.message, flush=True)
     return 0 if cert.verified else 1
+
+
+def _what_was_certified(cert) -> str:
+    """``l2``, ``linf``, ``linf, output 3`` or ``l2, output map 2x10``: what a certificate bounds."""
+    if cert.output_map is None:
+        return cert.norm
+    rows = cert.output_map
+    if len(rows) == 1 and sorted(rows[0]).count(0) == len(rows[0]) - 1 and max(rows[0]) == 1:
+        return f"{cert.norm}, output {rows[0].index(1)}"
+    return f"{cert.norm}, output map {len(rows)}x{len(rows[0])}"
 
 
 def _cmd_verify(args) -> int:
@@ -133,12 +148,18 @@ def _cmd_verify(args) -> int:
 
     cert = check_certificate(Certificate.load(args.certificate), args.model, activation=args.activation,
                              input_shape=args.input_shape, trust_pickle=args.trust_pickle)
+    seconds = cert.verification["recheck_seconds"]
     if args.json:
-        print(json.dumps({"bound": cert.bound, "status": "verified", "model": args.model,
-                          "seconds": cert.verification["recheck_seconds"]}))
+        per_output = cert.network.get("per_output") if cert.norm == "linf" else None
+        text = json.dumps({"bound": cert.bound, "status": "verified", "norm": cert.norm, "model": args.model,
+                           "output_map": cert.output_map,
+                           "per_output": None if per_output is None else [p.get("bound") for p in per_output],
+                           "seconds": seconds})
     else:
-        print(f"certificate holds: {args.model} is {cert.bound:.6g}-Lipschitz (l2), re-checked in "
-              f"{cert.verification['recheck_seconds']:.2f} s")
+        text = (f"certificate holds: {args.model} is {cert.bound:.6g}-Lipschitz ({_what_was_certified(cert)}), "
+                f"re-checked in {seconds:.2f} s")
+    with _OUTPUT:
+        print(text, flush=True)
     return 0
 
 
@@ -162,24 +183,111 @@ def _cmd_solvers(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+_INTERRUPTED = "lipsdp: interrupted"
+_announced = threading.Lock()
+#: Held while results are written (``--save``, stdout): Ctrl-C waits for it, so output is whole or absent.
+_OUTPUT = threading.Lock()
+
+
+def _announce_interrupt() -> None:
+    """Print the one line about Ctrl-C, once, whichever thread gets there first."""
+    if _announced.acquire(blocking=False):
+        print(_INTERRUPTED, file=sys.stderr, flush=True)
+
+
+def _exit_interrupted() -> None:
+    """Leave now, from the watcher thread: one line, exit 130, no partial output, no orphan solver process.
+
+    Output being written is finished first (``_OUTPUT``); anything still in
+    ``sys.stdout``'s buffer is dropped with the process, so stdout holds a whole
+    JSON object or nothing.  Temporary files of :meth:`Certificate.save` are
+    removed; the destination is only ever replaced atomically, never partial.
+    """
+    _OUTPUT.acquire(timeout=10.0)
+    _announce_interrupt()
+    from lipsdp.certificate import WRITING
+
+    for tmp in list(WRITING):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    deadline = sys.modules.get("lipsdp.solvers.deadline")
+    if deadline is not None:
+        deadline.stop_all()
+    with contextlib.suppress(Exception):
+        if sys.stderr.isatty():  # the progress spinner hides the cursor
+            sys.stderr.write("\x1b[?25h")
+            sys.stderr.flush()
+    os._exit(130)
+
+
+@contextlib.contextmanager
+def _interrupts():
+    """Make Ctrl-C end the command at once: exit 130, one line, nothing half-written.
+
+    Why not ``KeyboardInterrupt``: native solvers take SIGINT for themselves
+    (SCS and SDPA install their own handlers and return an "interrupted" result,
+    which lipsdp would then report and save), Python cannot raise inside a long
+    C call, and an asynchronous ``KeyboardInterrupt`` landing in a weakref
+    callback or ``__del__`` is printed as "Exception ignored" with a traceback
+    and lost.  So SIGINT is blocked in every thread and collected by a watcher
+    thread with ``sigwait``, which exits the process cleanly
+    (:func:`_exit_interrupted`).  The watcher needs the GIL: a solver that
+    holds it in native code (SDPA without ``--time-limit``) delays the exit
+    until its call returns.
+
+    Only for the process's own command (``lipsdp`` / ``python -m lipsdp``),
+    since it ends the process; in-process callers keep ``KeyboardInterrupt``.
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    closing = threading.Event()
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def watch():  # inherits the blocked mask: SIGINT now reaches only this sigwait
+        signal.sigwait({signal.SIGINT})
+        if not closing.is_set():
+            _exit_interrupted()
+
+    watcher = threading.Thread(target=watch, name="lipsdp-interrupts", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        closing.set()
+        with contextlib.suppress(ProcessLookupError):
+            signal.pthread_kill(watcher.ident, signal.SIGINT)  # ends its sigwait
+        watcher.join()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # a pending SIGINT raises here
+
+
+def main(argv=None, *, own_process: bool | None = None) -> int:
+    """Run the ``lipsdp`` command; returns the exit code.
+
+    ``own_process`` (default: when ``argv`` is None, i.e. the console script or
+    ``python -m lipsdp``) lets Ctrl-C end the process at once (:func:`_interrupts`).
+    """
     from lipsdp.errors import LipSDPError
 
+    global _announced
+    _announced = threading.Lock()  # one "interrupted" line per command, also when called in-process
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
+    guard = _interrupts() if (argv is None if own_process is None else own_process) else contextlib.nullcontext()
     try:
-        if args.command == "certify":
-            return _cmd_certify(args)
-        if args.command == "verify":
-            return _cmd_verify(args)
-        return _cmd_solvers(args)
+        with guard:
+            if args.command == "certify":
+                return _cmd_certify(args)
+            if args.command == "verify":
+                return _cmd_verify(args)
+            return _cmd_solvers(args)
     except LipSDPError as exc:
         if debug:
             raise
         print(f"lipsdp: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("lipsdp: interrupted", file=sys.stderr)
+        _announce_interrupt()
         return 130
     except Exception as exc:  # an unexpected failure still gets one line, not a traceback
         if debug:

@@ -201,7 +201,8 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
     lifting = lift(network)
     summary = _network_summary(network, lifting, source or network.source)
     t_build = time.perf_counter() - t0
-    common = dict(norm=norm, formulation=formulation, trivial_bound=trivial, lower_bound=lower, network=summary)
+    common = dict(norm=norm, formulation=formulation, trivial_bound=trivial, lower_bound=lower, network=summary,
+                  output_map=None if output_map is None else output_map.tolist())
     if network.is_constant():
         # Some all-zero layer cuts every input-output path: f is constant and L = 0 exactly.
         timings = {"load": load_seconds, "build": t_build, "solve": 0.0, "verify": 0.0,
@@ -310,46 +311,113 @@ def load_model(model, activation=None, activation_params=None, input_shape=None,
     return network_from_module(model, input_shape=input_shape), type(model).__name__
 
 
+def _stored_output_map(cert, m: int):
+    """The certificate's ``output_map`` as a finite ``(k, m)`` array, or None (the whole output)."""
+    if cert.output_map is None:
+        return None
+    try:
+        omap = np.atleast_2d(np.asarray(cert.output_map, dtype=np.float64))
+    except (TypeError, ValueError) as exc:
+        raise LipSDPError(f"the certificate's output_map is not a matrix (edited or corrupt): {exc}") from None
+    if omap.ndim != 2 or omap.shape[1] != m or len(omap) == 0 or not np.all(np.isfinite(omap)):
+        raise LipSDPError(f"the certificate's output_map (shape {omap.shape}) does not fit this model's "
+                          f"{m} outputs (edited or corrupt)")
+    return omap
+
+
 def check_certificate(cert, model, **load_options) -> Certificate:
     """Re-check a saved certificate against a model without solving anything.
 
     The model must be the one certified (same architecture and weights: SHA-256
-    of the graph), and the stored multipliers must pass the rigorous test of
-    :mod:`lipsdp.verify` again; ``rho`` is taken from the certificate, so an
-    edited bound fails.  Returns the certificate with refreshed verification
-    details; raises :class:`~lipsdp.errors.LipSDPError` (exit 2) otherwise.
+    of the graph).  Every LMI the certificate stands for is rebuilt from the
+    model and the stored ``formulation``, ``norm`` and ``output_map``: one for
+    l2, one per certified output for l_inf (MATH.md section 2.1).  The stored
+    multipliers must then pass the rigorous test of :mod:`lipsdp.verify` as
+    they are (nothing is repaired or re-derived), and the stated bounds must
+    cover them exactly: ``bound >= sqrt(rho)`` (l2) or
+    ``bound >= sqrt(sum lambda_in)`` for every output (l_inf, also each entry
+    of ``network["per_output"]``).  So an edit that makes the certificate claim
+    more than it proves (a lowered bound, a changed multiplier, another output)
+    fails; an edit that keeps the claim true (a larger bound) is still a valid
+    certificate and passes.
+
+    Returns the certificate with refreshed verification details; raises
+    :class:`~lipsdp.errors.LipSDPError` (exit 2) otherwise.
     """
+    import math
+    from fractions import Fraction
+
+    from lipsdp.bounds import node_lipschitz
     from lipsdp.lifting import lift
     from lipsdp.lmi import build_lmi
     from lipsdp.verify import rigorous_negative_definite, round_up_sqrt
 
     if isinstance(cert, dict):
         cert = Certificate.from_dict(cert)
-    if cert.norm != "l2":
-        raise LipSDPError(f"re-checking {cert.norm} certificates is not supported yet (l2 only)")
-    if not cert.verified or not cert.multipliers:
+    if cert.norm not in NORMS or cert.formulation not in FORMULATIONS:
+        raise LipSDPError(f"the certificate names an unknown norm {cert.norm!r} or formulation "
+                          f"{cert.formulation!r} (edited or corrupt)")
+    if not cert.verified:
         raise LipSDPError("the certificate holds no verified bound to check")
+    if not isinstance(cert.bound, (int, float)) or isinstance(cert.bound, bool) \
+            or not math.isfinite(cert.bound) or cert.bound < 0:
+        raise LipSDPError(f"the certificate's bound {cert.bound!r} is not a finite number (edited or corrupt)")
     t0 = time.perf_counter()
     network, _ = load_model(model, **load_options)
     network.validate()
-    if network.fingerprint() != cert.network.get("sha256"):
+    if network.fingerprint() != (cert.network or {}).get("sha256"):
         raise LipSDPError("the model does not match the certificate (architecture or weights changed)")
-    from lipsdp.bounds import node_lipschitz
-
-    lifting = lift(network)
-    lips = node_lipschitz(network)
-    lmi, v = build_lmi(lifting, cert.formulation).preconditioned(
-        np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]]), lips[network.output])
-    x = np.asarray(cert.multipliers, dtype=np.float64)
-    if x.shape != (lmi.n_var,) or not np.all(np.isfinite(x)) or np.any(x[lmi.nonneg] < 0):
-        raise LipSDPError("the certificate's multipliers do not fit this model's LMI (edited or corrupt)")
-    if cert.bound is None or round_up_sqrt(float(x[0])) > cert.bound:
-        raise LipSDPError(f"the certificate does not verify: its bound {cert.bound!r} is below sqrt(rho) (edited?)")
-    ok, margin = rigorous_negative_definite(lmi, x / v)  # v holds powers of two: exact
-    if not ok:
-        raise LipSDPError("the certificate does not verify: M(rho, T) is not provably negative definite "
-                          "(edited multipliers or bound?)")
-    cert.verification = {**cert.verification, "rechecked": True, "recheck_margin": margin,
+    margins = []
+    if (cert.verification or {}).get("method") == "structural":
+        # L = 0 was read off the graph (an all-zero layer cuts every path), not from multipliers.
+        if not network.is_constant():
+            raise LipSDPError("the certificate does not verify: it claims a constant network (edited?)")
+    else:
+        m = network.output_dim
+        omap = _stored_output_map(cert, m)
+        C_out = np.eye(m) if omap is None else omap
+        # The same queries as certification: the whole (mapped) output for l2, each row for l_inf.
+        queries = [omap] if cert.norm == "l2" else [C_out[i:i + 1] for i in range(len(C_out))]
+        stored = [cert.multipliers] if len(queries) == 1 else cert.multipliers
+        if not stored or not isinstance(stored, list) or len(stored) != len(queries):
+            raise LipSDPError(f"the certificate holds {len(stored or [])} multiplier vectors for "
+                              f"{len(queries)} outputs (edited or corrupt)")
+        per_output = (cert.network or {}).get("per_output") if cert.norm == "linf" else None
+        if per_output is not None and (not isinstance(per_output, list) or len(per_output) != len(queries)):
+            raise LipSDPError("the certificate's per-output bounds do not match its outputs (edited or corrupt)")
+        lifting = lift(network)
+        lips = node_lipschitz(network)
+        block_scale = np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]])
+        for i, (omap_i, x) in enumerate(zip(queries, stored)):
+            where = f" (output {i})" if len(queries) > 1 else ""
+            lmi, v = build_lmi(lifting, cert.formulation, output_map=omap_i, norm=cert.norm).preconditioned(
+                block_scale, lips[network.output])
+            try:
+                x = np.asarray(x, dtype=np.float64)
+            except (TypeError, ValueError):
+                x = None
+            if x is None or x.shape != (lmi.n_var,) or not np.all(np.isfinite(x)) or np.any(x[lmi.nonneg] < 0):
+                raise LipSDPError(f"the certificate's multipliers{where} do not fit this model's LMI "
+                                  "(edited or corrupt)")
+            xs = x / v
+            if not np.array_equal(xs * v, x):  # v holds powers of two: exact unless under/overflow
+                raise LipSDPError(f"the certificate's multipliers{where} are out of range (edited or corrupt)")
+            # sqrt(rho) or sqrt(sum lambda_in), summed in rationals and rounded up, as verify() does.
+            proven = round_up_sqrt(sum((Fraction(float(t)) for t in x[:lmi.n_in]), Fraction(0)))
+            claims = [cert.bound]
+            if per_output is not None:
+                claims.append((per_output[i] or {}).get("bound") if isinstance(per_output[i], dict) else None)
+            for claim in claims:
+                if not isinstance(claim, (int, float)) or isinstance(claim, bool) or not proven <= claim:
+                    raise LipSDPError(f"the certificate does not verify{where}: a stated bound {claim!r} is below "
+                                      f"what its multipliers prove ({proven!r}; edited?)")
+            ok, margin = rigorous_negative_definite(lmi, xs)
+            if not ok:
+                raise LipSDPError(f"the certificate does not verify{where}: M is not provably negative definite "
+                                  "at its multipliers (edited multipliers, bound or output?)")
+            margins.append(margin)
+    cert.verification = {**cert.verification, "rechecked": True,
+                         "recheck_margin": min(margins) if margins else None,
                          "recheck_seconds": time.perf_counter() - t0}
     return cert
 

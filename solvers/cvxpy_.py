@@ -28,10 +28,17 @@ class CvxpyBackend(Backend):
         "user_limit": "time_limit",
     }
 
+    #: Whether the solver stops itself at a wall-clock limit (else a worker process is killed for it).
+    native_time_limit = True
+
     def options(self, time_limit, tol) -> dict:
         return {}
 
     def solve(self, lmi, *, time_limit=None, tol=None, verbose=False):
+        if time_limit and not self.native_time_limit:
+            from lipsdp.solvers.deadline import solve_in_child
+
+            return solve_in_child(self, lmi, time_limit, tol=tol, verbose=verbose)
         import cvxpy as cp
 
         t0 = time.perf_counter()
@@ -101,7 +108,7 @@ class SDPA(CvxpyBackend):
     cvxpy_name = "SDPA"
     modules = ("sdpap", "cvxpy")
     install = "pip install sdpa-python"
-    supports_time_limit = False
+    native_time_limit = False  # only maxIteration; the limit is held by solvers/deadline.py
 
     def options(self, time_limit, tol):
         return {"epsilonStar": tol, "epsilonDash": tol}
@@ -114,7 +121,7 @@ class CVXOPT(CvxpyBackend):
     cvxpy_name = "CVXOPT"
     modules = ("cvxopt", "cvxpy")
     install = "pip install cvxopt"
-    supports_time_limit = False
+    native_time_limit = False  # only maxiters; the limit is held by solvers/deadline.py
 
     def options(self, time_limit, tol):
         return {"abstol": tol, "reltol": tol, "feastol": tol, "max_iters": 200}
