@@ -24,7 +24,7 @@ samples pairs and checks it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -49,6 +49,12 @@ class QCTerms:
         True where the multiplier must be >= 0.
     labels : list of str
         One readable label per multiplier (for certificates).
+    factors : list of tuple
+        The same terms in factored form, ``(A, B, coef, mult)`` per call of
+        :func:`outer_terms`: ``F_j = sum_{i: mult_i = j} coef_i (a_i b_i^T + b_i a_i^T)``.
+        Structure-exploiting solvers (:mod:`lipsdp.solvers.ipm_`) use it to form
+        ``tr(F_i X F_j Z)`` from Gram matrices of the rows instead of from the
+        COO entries; empty when a family does not provide it.
     """
 
     rows: np.ndarray
@@ -58,6 +64,7 @@ class QCTerms:
     n_mult: int
     nonneg: np.ndarray
     labels: list
+    factors: list = field(default_factory=list)
 
 
 def outer_terms(A: sp.csr_matrix, B: sp.csr_matrix, coef: np.ndarray, mult: np.ndarray):

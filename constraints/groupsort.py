@@ -123,21 +123,22 @@ class PreservedDirections(QuadraticConstraint):
             raise ValueError(f"unknown formulation {formulation!r}; use 'neuron' or 'layer'")
         # lambda_j (||dv_j||^2 - ||dw_j||^2): outer_terms doubles, hence the 1/2.
         half = np.full(n, 0.5)
-        parts = [outer_terms(P, P, half, lam), outer_terms(Q, Q, -half, lam)]
+        factors = [(P, P, half, lam), (Q, Q, -half, lam)]
+        parts = [outer_terms(*f) for f in factors]
         if R:
             a, b = (D @ P).tocsr(), (D @ Q).tocsr()  # rows U_j^T P_v and U_j^T Q_w
             ms = n_lam + np.arange(R)
             mp = ms + R
             ones = np.ones(R)
             # s_j: a b^T + b a^T - 2 a a^T;   p_j: a b^T + b a^T - 2 b b^T.
-            parts.append(outer_terms(sp.vstack([a, a, a, b]).tocsr(), sp.vstack([b, a, b, b]).tocsr(),
-                                     np.concatenate([ones, -ones, ones, -ones]),
-                                     np.concatenate([ms, ms, mp, mp])))
+            factors.append((sp.vstack([a, a, a, b]).tocsr(), sp.vstack([b, a, b, b]).tocsr(),
+                            np.concatenate([ones, -ones, ones, -ones]), np.concatenate([ms, ms, mp, mp])))
+            parts.append(outer_terms(*factors[-1]))
         rows, cols, vals, mult = (np.concatenate(x) for x in zip(*parts))
         labels = (lam_labels + [f"{op.name}.s[{int(j)}]" for j in dgroup]
                   + [f"{op.name}.p[{int(j)}]" for j in dgroup])
         nonneg = np.concatenate([np.ones(n_lam, dtype=bool), np.zeros(2 * R, dtype=bool)])
-        return QCTerms(rows, cols, vals, mult, n_lam + 2 * R, nonneg, labels)
+        return QCTerms(rows, cols, vals, mult, n_lam + 2 * R, nonneg, labels, factors)
 
 
 class GroupSort(PreservedDirections):

@@ -47,6 +47,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
+import scipy.sparse as sp
 
 from lipsdp.constraints.base import QCTerms, QuadraticConstraint, outer_terms
 
@@ -223,4 +224,7 @@ class SlopeRestricted(QuadraticConstraint):
         if np.any(alpha * beta != 0):
             parts.append(outer_terms(P, P, -alpha * beta, mult))
         rows, cols, vals, mults = (np.concatenate(x) for x in zip(*parts))
-        return QCTerms(rows, cols, vals, mults, n_mult, np.ones(n_mult, dtype=bool), labels)
+        # Factored: F_i = a_i b_i^T + b_i a_i^T with a = q - alpha p, b = beta p - q (rank 2).
+        Da, Db = sp.diags(alpha), sp.diags(beta)
+        factors = [((Q - Da @ P).tocsr(), (Db @ P - Q).tocsr(), np.ones(n), np.asarray(mult))]
+        return QCTerms(rows, cols, vals, mults, n_mult, np.ones(n_mult, dtype=bool), labels, factors)

@@ -71,6 +71,12 @@ class LMIProblem:
     var_block: np.ndarray | None = None
     norm: str = "l2"
     n_in: int = 1  # input variables (rho, or lambda_in for l_inf) come first
+    #: ``(R, iu, iw, coef, var)``: the ``M_j`` as sums of rank-two terms,
+    #: ``M_j = sum_{t: var_t = j} coef_t (R[iu_t] R[iw_t]^T + R[iw_t] R[iu_t]^T)`` with
+    #: ``R`` (csr, shape ``(r, n)``) the distinct lifted rows; None when some
+    #: constraint family gives no factored form.  Only structure-exploiting
+    #: solvers read it; verification always uses the COO entries.
+    factors: tuple | None = None
 
     def preconditioned(self, block_scale: np.ndarray, total: float) -> tuple["LMIProblem", np.ndarray]:
         r"""A congruent, rescaled copy of the LMI that solvers (and the float test) find well conditioned.
@@ -109,8 +115,12 @@ class LMIProblem:
             r, c, e, m, cerr = self.lift_err
             lift_err = (r, c, e * d[r] * d[c] * v[m] / g, m, (Dm @ cerr @ Dm / g).tocsr())
         # objective' = objective * v / g keeps c' of order one; its value is (c^T x) / g.
+        factors = None
+        if self.factors is not None:
+            R, iu, iw, coef, fvar = self.factors
+            factors = ((R @ Dm).tocsr(), iu, iw, coef * v[fvar] / g, fvar)
         return replace(self, vals=self.vals * scale, const=const, const_abs=const_abs,
-                       objective=self.objective * v / g, lift_err=lift_err), v
+                       objective=self.objective * v / g, lift_err=lift_err, factors=factors), v
 
     @property
     def n_var(self) -> int:
@@ -187,6 +197,8 @@ class LMIProblem:
         ``first_order`` (SCS): a few dense ``n x n`` matrices for the projection.
         ``interior_point``: also the Schur complement in the variables (``n_var^2``)
         and the dense KKT block of the PSD cone where the solver forms it.
+        ``interior_point_lowrank`` (lipsdp's ipm): Gram matrices of the factor rows
+        and the term-by-term Schur pieces.
         """
         dense = 8 * self.n * self.n
         stored = 24 * len(self.vals)
@@ -195,6 +207,9 @@ class LMIProblem:
         if kind == "interior_point_cone":  # Clarabel: dense (n(n+1)/2)^2 scaling block
             m = self.n * (self.n + 1) // 2
             return 8 * m * m + 8 * dense + 4 * stored
+        if kind == "interior_point_lowrank" and self.factors is not None:  # lipsdp's ipm
+            r, t = self.factors[0].shape[0], len(self.factors[3])
+            return 16 * dense + 8 * (2 * r * r + 3 * t * t + 2 * self.n_var ** 2) + 6 * stored
         return 12 * dense + 8 * self.n_var ** 2 + 4 * stored
 
 
@@ -249,6 +264,9 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
     nonneg, var_block = [True] * n_in, [0] * n_in
     lift_exact = lifting.exact and map_exact
     err_parts = []
+    # -E0^T diag(x_in) E0 = sum_i x_in[i] * (-1/2) (e_i e_i^T + e_i e_i^T).
+    E0 = sp.eye(n0, n, format="csr")
+    factors = [(E0, E0, np.full(n0, -0.5), var[0])]
     for k, P in enumerate(lifting.pre, start=1):
         op = net.op(lifting.blocks[k].node)
         qc = get_constraint(op.function)
@@ -262,6 +280,10 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
         labels.extend(t.labels)
         var_block.extend([k] * t.n_mult)
         nonneg.extend(t.nonneg.tolist())
+        if factors is not None and t.factors:
+            factors.extend((A, B, coef, np.asarray(mult) + offset) for A, B, coef, mult in t.factors)
+        elif t.n_mult:
+            factors = None
         if not lift_exact:
             # |F(P+d) - F(P)| <= F_abs(|P|+|d|) - F_abs(|P|): F is bilinear in the rows.
             hi = qc.terms(op, abs(P) + lifting.pre_err[k - 1], abs(Q), formulation)
@@ -281,6 +303,8 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
         lift_err = (r, c, v, m, c_err)
     objective = np.zeros(len(labels))
     objective[:n_in] = 1.0
+    if factors is not None:
+        factors = _stack_factors(factors, n)
     return LMIProblem(
         n=n, input_dim=n0, const=const, const_abs=const_abs,
         rows=np.concatenate(rows).astype(np.int64), cols=np.concatenate(cols).astype(np.int64),
@@ -288,4 +312,29 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
         objective=objective, nonneg=np.array(nonneg, dtype=bool), labels=labels,
         formulation=formulation, blocks=list(lifting.blocks), const_terms=max(C.shape[0], 1),
         lift_err=lift_err, var_block=np.array(var_block, dtype=np.int64), norm=norm, n_in=n_in,
+        factors=factors,
     )
+
+
+def _stack_factors(factors, n):
+    """``(R, iu, iw, coef, var)`` from ``(A, B, coef, mult)`` parts; each distinct row matrix is stored once."""
+    mats, where = [], {}
+    iu, iw, coefs, var = [], [], [], []
+    offset = 0
+    for A, B, coef, mult in factors:
+        idx = []
+        for X in (A, B):
+            if id(X) not in where:  # the callers' objects stay alive in ``factors``
+                where[id(X)] = offset
+                mats.append(sp.csr_matrix(X))
+                offset += X.shape[0]
+            idx.append(where[id(X)])
+        k = A.shape[0]
+        coef = np.broadcast_to(np.asarray(coef, dtype=np.float64), (k,))
+        keep = coef != 0
+        iu.append(idx[0] + np.arange(k)[keep])
+        iw.append(idx[1] + np.arange(k)[keep])
+        coefs.append(coef[keep])
+        var.append(np.broadcast_to(np.asarray(mult, dtype=np.int64), (k,))[keep])
+    R = sp.vstack(mats, format="csr") if mats else sp.csr_matrix((0, n))
+    return R, *(np.concatenate(z) for z in (iu, iw, coefs, var))

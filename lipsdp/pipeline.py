@@ -242,7 +242,8 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
             backend_name = "closed-form"
         else:
             if backend is None:
-                backend = get_backend(solver, n=lmi.n, free_multipliers=not bool(lmi.nonneg.all()))
+                backend = get_backend(solver, n=lmi.n, free_multipliers=not bool(lmi.nonneg.all()),
+                                      factored=lmi.factors is not None)
                 need = lmi.memory_estimate(backend.family)
                 budget = memory_limit or int(0.8 * available_memory())
                 if need > budget:
@@ -252,6 +253,18 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
             backend_name = backend.name
             result, seconds = _solve(backend, lmi, time_limit, tol, progress, label)
             t_solve += seconds
+            if solver.lower() == "auto" and backend.name == "ipm" and result.status not in (
+                    "optimal", "optimal_inaccurate", "time_limit"):
+                # The ipm stalls on some badly conditioned LMIs (e.g. very deep nets, whose composed
+                # norm bounds overshoot by orders of magnitude): let the general solver auto would
+                # otherwise pick have a go, and keep its point if it converged.
+                alt = get_backend("auto", n=lmi.n, free_multipliers=not bool(lmi.nonneg.all()))
+                alt_result, seconds = _solve(alt, lmi, time_limit, tol, progress, label)
+                t_solve += seconds
+                if alt_result.status == "optimal" and alt_result.x is not None:
+                    alt_result.message = (f"{alt_result.message}; ipm stopped ({result.status}: "
+                                          f"{result.message}), re-solved with {alt.name}").lstrip("; ")
+                    result, backend_name = alt_result, alt.name
             x, result_status, message = result.x, result.status, result.message
             # The preconditioned objective is (c^T x) / g with g = v[0].
             objective = None if result.objective is None or not np.isfinite(result.objective) \

@@ -17,10 +17,11 @@ from lipsdp.solvers.base import STATUSES, Backend, SolveResult
 from lipsdp.solvers.clarabel_ import Clarabel
 from lipsdp.solvers.cvxpy_ import CVXOPT, MOSEK, SDPA
 from lipsdp.solvers.firstorder_ import FirstOrder
+from lipsdp.solvers.ipm_ import LowRankIPM
 from lipsdp.solvers.scs_ import SCS
 
 #: Every backend lipsdp knows, in order of preference for ``auto``.
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (MOSEK, SCS, SDPA, CVXOPT, Clarabel, FirstOrder)}
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (MOSEK, LowRankIPM, SCS, SDPA, CVXOPT, Clarabel, FirstOrder)}
 
 
 def installed() -> list[str]:
@@ -43,18 +44,25 @@ def describe() -> list[dict]:
     return rows
 
 
-def get_backend(name: str = "auto", *, n: int | None = None, free_multipliers: bool = False) -> Backend:
+def get_backend(name: str = "auto", *, n: int | None = None, free_multipliers: bool = False,
+                factored: bool = False) -> Backend:
     """An instance of the backend called ``name``.
 
     ``"auto"`` prefers a licensed MOSEK, then the best open-source backend for an
-    LMI of size ``n``.  A missing or unlicensed backend raises an error that
-    lists what is available and how to install the rest.
+    LMI of size ``n`` (``factored``: every constraint has the rank-two form that
+    :class:`~lipsdp.solvers.ipm_.LowRankIPM` exploits).  A missing or unlicensed
+    backend raises an error that lists what is available and how to install the rest.
     """
     name = name.lower()
     if name == "auto":
         if MOSEK.license_status()[0]:
             return MOSEK()
-        for choice in _open_source_order(n, free_multipliers):
+        order = _open_source_order(n, free_multipliers)
+        # Free multipliers (GroupSort, Householder) leave the ipm's Schur complement singular
+        # near their unbounded optimal set; SDPA handles those (see _open_source_order).
+        if factored and not free_multipliers and (n is None or n <= LowRankIPM.max_auto_size):
+            order = ["ipm"] + order
+        for choice in order:
             if BACKENDS[choice].is_installed():
                 return BACKENDS[choice]()
         raise SolverNotFound("no SDP solver is installed; pip install scs")
