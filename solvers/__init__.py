@@ -20,7 +20,8 @@ from lipsdp.solvers.firstorder_ import FirstOrder
 from lipsdp.solvers.ipm_ import LowRankIPM
 from lipsdp.solvers.scs_ import SCS
 
-#: Every backend lipsdp knows, in order of preference for ``auto``.
+#: Every backend lipsdp knows (name -> class).  Not the order ``auto`` tries them in:
+#: that is :func:`get_backend` (MOSEK if licensed, the ipm rule, then :func:`_open_source_order`).
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (MOSEK, LowRankIPM, SCS, SDPA, CVXOPT, Clarabel, FirstOrder)}
 
 
