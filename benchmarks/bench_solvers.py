@@ -55,6 +55,11 @@ ANCHORS = Path("/work/shared/anchors")
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 NAIVE_SOLVERS = ("scs", "cvxopt", "sdpa")
+#: Peers (pip-installable): ECLipsE (Xu and Sivaranjani, NeurIPS 2024; ``pip install eclipse-nn``), its
+#: layer-wise SDPs re-routed to an interior-point solver (its default SCS silently degrades), and the
+#: closed-form ECLipsE-Fast.  Their numbers are their own, not verified by lipsdp.
+PEER_SOLVERS = ("eclipse", "eclipse-fast")
+PEER_SDP_SOLVER = "CVXOPT"
 LIPSDP_SOLVERS = ("ipm", "scs", "sdpa", "cvxopt", "clarabel")
 #: Solver family of each backend: ``× vs naive`` compares with the fastest naive run of the same family.
 FAMILY = {"ipm": "interior-point", "sdpa": "interior-point", "cvxopt": "interior-point",
@@ -165,6 +170,35 @@ def naive_lipsdp_neuron(weights, solver: str):
     return bound, str(prob.status), extras
 
 
+def peer_eclipse(weights, variant: str):
+    """ECLipsE / ECLipsE-Fast on ReLU nets (slopes [0, 1]); returns ``(bound or None, status)``.
+
+    ECLipsE solves one small SDP per layer with cvxpy and hard-codes SCS; its SDPs are re-routed
+    to :data:`PEER_SDP_SOLVER` (interior point) by wrapping ``cvxpy.Problem.solve`` for the call.
+    """
+    import cvxpy as cp
+    import torch
+    from eclipse_nn import ECLipsE, ECLipsE_Fast
+
+    W = [torch.tensor(w, dtype=torch.float64) for w in weights]
+    alphas, betas = [0.0] * (len(W) - 1), [1.0] * (len(W) - 1)
+    if variant == "eclipse-fast":
+        value = ECLipsE_Fast(W, alphas, betas)
+        return float(value), "closed form"
+    original = cp.Problem.solve
+
+    def interior_point(self, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("solver", "max_iters", "eps")}
+        return original(self, *args, solver=PEER_SDP_SOLVER, **kwargs)
+
+    cp.Problem.solve = interior_point
+    try:
+        value, code = ECLipsE(W, alphas, betas)
+    finally:
+        cp.Problem.solve = original
+    return (None, f"ECLipsE exit code {code}") if value is None else (float(value), f"exit code {code}")
+
+
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -183,6 +217,10 @@ def child_main(spec: dict, result_path: str) -> None:
         weights = net.weights()
         if kind == "naive":
             import cvxpy  # noqa: F401  (import time is not the formulation's cost)
+        elif kind == "peer":
+            import cvxpy  # noqa: F401
+            import eclipse_nn  # noqa: F401
+            import torch  # noqa: F401
         else:
             import lipsdp
             from lipsdp.network import Network
@@ -197,6 +235,9 @@ def child_main(spec: dict, result_path: str) -> None:
         if kind == "naive":
             bound, status, extras = naive_lipsdp_neuron(weights, solver)
             out.update(bound=bound, status=status, verified=False, naive=extras)
+        elif kind == "peer":
+            bound, status = peer_eclipse(weights, solver)
+            out.update(bound=bound, status=status, verified=False)
         else:
             cert = lipsdp.certify(Network.sequential(weights, activation="relu"), solver=solver,
                                   formulation="neuron", lower_bound_samples=0)
@@ -296,8 +337,12 @@ def run_child(net: NetSpec, kind: str, solver: str, timeout: float, mem_limit: i
 
 
 def configs_for(only: set | None) -> list[tuple[str, str, str]]:
+    import importlib.util
+
     out = [(f"naive-{s}", "naive", s) for s in NAIVE_SOLVERS]
     out += [(f"lipsdp-{s}", "lipsdp", s) for s in LIPSDP_SOLVERS]
+    if importlib.util.find_spec("eclipse_nn") is not None:
+        out += [(f"peer-{s}", "peer", s) for s in PEER_SOLVERS]
     if only:
         out = [c for c in out if c[0] in only]
     return out
@@ -419,7 +464,7 @@ def discrepancies(rows: list[Row], nets: list[NetSpec]) -> list[dict]:
     out = []
     published = {n.name: n.published for n in nets}
     for r in rows:
-        if not r.ok:
+        if not r.ok or r.kind == "peer":  # a different relaxation: its bound is not LipSDP's
             continue
         refs = [(b.config, b.bound) for b in rows if b.net == r.net and b.kind == "naive" and b.ok and b is not r]
         if published.get(r.net):
@@ -480,7 +525,8 @@ def markdown(rows, env, disc, fast, args) -> str:
     ]
     for r in rows:
         if r.ok:
-            ver = "yes" if r.verified else ("no (solver's value)" if r.kind == "naive" else r.status)
+            ver = "yes" if r.verified else ("no (solver's value)" if r.kind == "naive" else
+                                             "no (peer's value)" if r.kind == "peer" else r.status)
             bound = f"{r.bound:.6f}"
         else:
             ver, bound = "—", r.status + (f" ({r.note})" if r.status == "skipped" else "")
@@ -503,6 +549,10 @@ def markdown(rows, env, disc, fast, args) -> str:
         f"- Clarabel is skipped where the solved LMI is larger than {CLARABEL_MAX_N} (O(n^4) memory); the naive "
         f"formulation where the LMI is larger than {NAIVE_MAX_N}, and lipsdp-sdpa / lipsdp-cvxopt (through cvxpy) "
         f"where the solved LMI is larger than {CVXPY_MAX_N}: they timed out (300 s) there in earlier runs.",
+        "- `peer-eclipse`, `peer-eclipse-fast`: ECLipsE and ECLipsE-Fast (Xu and Sivaranjani, NeurIPS 2024; "
+        f"`pip install eclipse-nn`), ECLipsE's layer-wise SDPs solved with {PEER_SDP_SOLVER} instead of its "
+        "hard-coded SCS; a compositional relaxation of LipSDP, so its bound is expected at or above LipSDP's; "
+        "its number is its own, not verified by lipsdp, and it is left out of the bound-differences table.",
         "- `ipm`: lipsdp's interior-point method on the factored rank-two constraints (solvers/ipm_.py); "
         "`same family` = interior-point (ipm, SDPA, CVXOPT, Clarabel) or first-order (SCS).",
         "- × = median seconds of the baseline / median seconds of the row (> 1: faster than the baseline); "
@@ -557,7 +607,8 @@ def plot(rows, path: Path) -> bool:
                 ys.append(r.median_s)
             else:
                 ax.text(x, floor * 1.1, r.status.split(" ")[0], rotation=90, ha="center", va="bottom", fontsize=7)
-        ax.bar(xs, ys, width, label=config, hatch="//" if config.startswith("naive") else None,
+        ax.bar(xs, ys, width, label=config,
+               hatch="//" if config.startswith("naive") else ("xx" if config.startswith("peer") else None),
                edgecolor="black", linewidth=0.4)
     lmi = {r.net: (r.lmi_n, max(x.solved_n for x in rows if x.net == r.net and x.kind == "lipsdp")
                    if any(x.net == r.net and x.kind == "lipsdp" for x in rows) else r.lmi_n) for r in rows}
@@ -568,7 +619,7 @@ def plot(rows, path: Path) -> bool:
     ax.set_ylim(bottom=floor)
     ax.set_ylabel("median wall time per certificate [s] (log scale)")
     ax.set_xlabel("network")
-    ax.set_title("LipSDP-Neuron: naive cvxpy formulation (hatched) vs lipsdp.certify")
+    ax.set_title("LipSDP-Neuron: naive cvxpy formulation (//), ECLipsE (xx) vs lipsdp.certify")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="configuration", title_fontsize=8)
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()

@@ -47,6 +47,11 @@ class Certificate:
         Largest sampled Jacobian norm (the true constant is at least this).
     solver_objective : float or None
         ``sqrt`` of the solver's raw objective, for comparison only.
+    solver_dual_objective : float or None
+        ``sqrt`` of the solver's dual objective where the backend reports one
+        (``ipm``): a lower bound on the SDP optimum up to the solver's dual
+        residual, so ``bound / solver_dual_objective - 1`` is how far the verified
+        bound sits above the best this formulation can give.  Not a bound on ``L``.
     rho : float or None
         The verified ``rho`` (``bound**2 >= rho``).
     multipliers : list of float, or list of lists
@@ -75,6 +80,7 @@ class Certificate:
     trivial_bound: float | None = None
     lower_bound: float | None = None
     solver_objective: float | None = None
+    solver_dual_objective: float | None = None
     rho: float | None = None
     multipliers: list = field(default_factory=list)
     multiplier_labels: list = field(default_factory=list)
@@ -153,9 +159,14 @@ class Certificate:
                 ("trivial bound (prod of norms)", fmt(self.trivial_bound)),
                 ("ratio bound / trivial", fmt(self.ratio)),
                 ("sampled lower bound", fmt(self.lower_bound)),
+                *([("SDP dual value (gap of the bound)",
+                    f"{fmt(self.solver_dual_objective)} ({self.bound / self.solver_dual_objective - 1:.1e})")]
+                  if self.verified and self.solver_dual_objective else []),
                 *([("MaxMin as two-ReLU residual (paper baseline)",
                     fmt(self.network["comparisons"].get("two_relu_rewrite")))]
                   if self.network.get("comparisons") else []),
+                *([("split into pieces (looser)", " x ".join(fmt(p.get("bound")) for p in self.network["split"]))]
+                  if self.network.get("split") else []),
                 ("formulation", self.formulation),
                 ("solver", f"{self.solver} ({self.solver_status})"),
                 ("LMI size", str(self.network.get("lmi_size", "-"))),

@@ -38,6 +38,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # exit 2 with one line, as for every other bad input
         self.print_usage(sys.stderr)
@@ -55,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("certify", help="certify an l2 Lipschitz bound for a model file")
     c.add_argument("model", help="model file: torch.save'd module (.pt), TorchScript, torch.export (.pt2), "
                                  "ONNX, checkpoint/state_dict (needs --activation) or LipSDP .mat")
-    c.add_argument("--solver", default="auto", help="auto (default), mosek, scs, sdpa, cvxopt, clarabel")
+    c.add_argument("--solver", default="auto",
+                   help="auto (default: licensed MOSEK, else ipm for slope-restricted nets, else SDPA / CVXOPT / "
+                        "SCS by size), mosek, ipm, scs, sdpa, cvxopt, clarabel, fo; `lipsdp solvers` lists them")
     c.add_argument("--formulation", default="neuron", choices=["neuron", "layer"],
                    help="LipSDP-Neuron (default, tighter) or LipSDP-Layer")
     c.add_argument("--norm", default="l2", choices=["l2", "linf"],
@@ -69,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-pickle", action="store_true",
                    help="allow arbitrary classes in pickled models (runs code from the file: only for files you trust)")
     c.add_argument("--samples", type=int, default=128, help="random inputs for the sampled lower bound (0: skip)")
+    c.add_argument("--split", type=_count, metavar="K", default=None,
+                   help="certify a chain network in pieces of K activation layers and multiply their bounds "
+                        "(sound, looser; for nets too big for one SDP; l2 only). Without it lipsdp splits only "
+                        "when the whole LMI does not fit in memory")
     c.add_argument("--strict", action="store_true",
                    help="also prove the certificate exactly in rational arithmetic (slope-restricted activations)")
     c.add_argument("--save", metavar="CERT.json", help="write the certificate (multipliers, weights hash) to a file")
@@ -120,7 +136,7 @@ def _cmd_certify(args) -> int:
                    output_index=args.output,
                    activation=args.activation, input_shape=args.input_shape, time_limit=args.time_limit,
                    tol=args.tol, trust_pickle=args.trust_pickle, lower_bound_samples=max(args.samples, 0),
-                   progress=not args.json, strict=args.strict)
+                   progress=not args.json, strict=args.strict, split=args.split)
     with _OUTPUT:
         if args.save:
             cert.save(args.save)

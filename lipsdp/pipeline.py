@@ -114,6 +114,70 @@ def _solve(backend, lmi, time_limit, tol, progress, label):
     return result, time.perf_counter() - t0
 
 
+def _certify_split(network, layers, options) -> Certificate:
+    """Certify a chain network as a composition of pieces (MATH.md 8.2; :mod:`lipsdp.split`).
+
+    ``layers``: activation nodes per piece; None halves the net recursively until
+    every piece's solve fits in memory.  The bound is the product of the pieces'
+    verified bounds (rounded up): sound, looser than the full SDP, and labelled so.
+    """
+    from lipsdp.bounds import node_lipschitz, sampled_lower_bound
+    from lipsdp.split import compose_bounds, is_chain, split_chain
+
+    if options["norm"] != "l2":
+        raise LipSDPError("--split composes l2 bounds only (the pieces' norms must chain)")
+    if not is_chain(network):
+        raise LipSDPError("--split needs a chain network (no skip connections, concatenations or implicit layers)")
+    t_start = time.perf_counter()
+    piece_options = {**options, "lower_bound_samples": 0, "source": "", "load_seconds": 0.0}
+
+    def certify_pieces(net, output_map):
+        count = len(net.activations())
+        pieces = split_chain(net, layers=layers if layers else max(1, (count + 1) // 2))
+        if len(pieces) == 1 and not layers:
+            raise ResourceError("even one layer of this network does not fit in memory")
+        done = []
+        for k, piece in enumerate(pieces):
+            last = k == len(pieces) - 1
+            opts = {**piece_options, "output_map": output_map if last else None}
+            try:
+                done.append(_certify_network(piece, **opts))
+            except ResourceError:
+                if layers or len(piece.activations()) < 2:
+                    raise
+                done.extend(certify_pieces(piece, opts["output_map"]))
+        return done
+
+    parts = certify_pieces(network, options["output_map"])
+    lips = node_lipschitz(network)
+    output_map = options["output_map"]
+    trivial = lips[network.output] * (1.0 if output_map is None else float(np.linalg.norm(output_map, 2)))
+    lower = sampled_lower_bound(network, samples=options["lower_bound_samples"], output_map=output_map) \
+        if options["lower_bound_samples"] else None
+    summary = {"source": options["source"] or network.source, "input_dim": network.input_dim,
+               "output_dim": network.output_dim, "hidden_neurons": sum(network.op(n).size for n in network.activations()),
+               "sha256": network.fingerprint(), "feedforward": True,
+               "split": [{"bound": c.bound, "status": c.status, "solver": c.solver, "solver_status": c.solver_status,
+                          "lmi_size": c.network.get("lmi_size"), "multipliers": c.multipliers,
+                          "multiplier_labels": c.multiplier_labels} for c in parts]}
+    timings = {key: sum(c.timings.get(key, 0.0) for c in parts) for key in ("build", "solve", "verify")}
+    timings.update(load=options["load_seconds"], total=options["load_seconds"] + time.perf_counter() - t_start)
+    common = dict(norm="l2", formulation=options["formulation"], trivial_bound=trivial, lower_bound=lower,
+                  network=summary, timings=timings, solver=parts[0].solver,
+                  solver_status=next((c.solver_status for c in parts if c.solver_status != "optimal"), "optimal"),
+                  output_map=None if output_map is None else np.atleast_2d(output_map).tolist(),
+                  verification={"method": "split", "pieces": len(parts)})
+    failed = next((c for c in parts if not c.verified), None)
+    if failed is not None:
+        return Certificate(None, failed.status, message=f"split into {len(parts)} pieces; a piece was not verified: "
+                           f"{failed.message}", **common)
+    bound = compose_bounds(c.bound for c in parts)
+    return Certificate(bound, VERIFIED,
+                       message=f"verified by splitting into {len(parts)} pieces: the product of their LipSDP bounds "
+                       f"({' x '.join(f'{c.bound:.6g}' for c in parts)}); sound but looser than the SDP on the "
+                       "whole network", **common)
+
+
 def _exact_recheck(lmi, ver, lifting, output_map):
     """``--strict``: confirm a float-verified point in exact rational arithmetic, or drop it."""
     from dataclasses import replace
@@ -133,7 +197,7 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
                     output_map=None, time_limit: float | None = None, tol: float | None = None,
                     lower_bound_samples: int = 128, memory_limit: int | None = None,
                     progress: bool = False, source: str = "", load_seconds: float = 0.0,
-                    compare: bool = True, strict: bool = False) -> Certificate:
+                    compare: bool = True, strict: bool = False, split: int | None = None) -> Certificate:
     """Certify a :class:`~lipsdp.network.Network` (see :func:`certify` for the parameters).
 
     With ``compare`` (default), nets with MaxMin / GroupSort-2 activations are
@@ -147,14 +211,27 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
     from lipsdp.equilibrium import attach_well_posedness, check_provable
 
     check_provable(network.validate())  # implicit layers: refuse what cannot be proved well-posed
-    cert = _certify_network(network, solver=solver, formulation=formulation, norm=norm, output_map=output_map,
-                            time_limit=time_limit, tol=tol, lower_bound_samples=lower_bound_samples,
-                            memory_limit=memory_limit, progress=progress, source=source,
-                            load_seconds=load_seconds, strict=strict)
+    options = dict(solver=solver, formulation=formulation, norm=norm, output_map=output_map, time_limit=time_limit,
+                   tol=tol, lower_bound_samples=lower_bound_samples, memory_limit=memory_limit, progress=progress,
+                   source=source, load_seconds=load_seconds, strict=strict)
+    if split:
+        cert = _certify_split(network, split, options)
+    else:
+        try:
+            cert = _certify_network(network, **options)
+        except ResourceError:
+            from lipsdp.split import is_chain
+
+            # Too big for memory: a chain net can still be certified piece by piece (looser, labelled).
+            if norm != "l2" or not is_chain(network) or len(network.activations()) < 2:
+                raise
+            cert = _certify_split(network, None, options)
     attach_well_posedness(network, cert, formulation, norm)
     pairs = [n for n in network.activations() if network.op(n).function == "groupsort"
              and (network.op(n).params.get("group_size") == 2 or network.op(n).size == 2)]
-    if compare and pairs and norm == "l2" and cert.verified:
+    groupsorts = [n for n in network.activations() if network.op(n).function == "groupsort"]
+    # The rewrite covers pairs only: a net that also has larger groups gets no comparison.
+    if compare and pairs and len(pairs) == len(groupsorts) and norm == "l2" and cert.verified and not split:
         from lipsdp.rewrite import maxmin_as_relu
 
         t0 = time.perf_counter()
@@ -218,7 +295,7 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
     linear = len(lifting.blocks) == 1
     backend = None
     t_solve = t_verify = 0.0
-    outcomes = []
+    outcomes, duals = [], []
     for omap, label in queries:
         t0 = time.perf_counter()
         full = build_lmi(lifting, formulation, output_map=omap, norm=norm)
@@ -259,7 +336,9 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
                 # norm bounds overshoot by orders of magnitude): let the general solver auto would
                 # otherwise pick have a go, and keep its point if it converged.
                 alt = get_backend("auto", n=lmi.n, free_multipliers=not bool(lmi.nonneg.all()))
-                alt_result, seconds = _solve(alt, lmi, time_limit, tol, progress, label)
+                left = None if not time_limit else time_limit - seconds  # one budget for both solves
+                alt_result, seconds = _solve(alt, lmi, left, tol, progress, label) if left is None or left > 0 \
+                    else (result, 0.0)
                 t_solve += seconds
                 if alt_result.status == "optimal" and alt_result.x is not None:
                     alt_result.message = (f"{alt_result.message}; ipm stopped ({result.status}: "
@@ -269,6 +348,9 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
             # The preconditioned objective is (c^T x) / g with g = v[0].
             objective = None if result.objective is None or not np.isfinite(result.objective) \
                 else float(np.sqrt(max(result.objective * v[0], 0.0)))
+            dual = result.extras.get("dual_objective") if isinstance(result.extras, dict) else None
+            if dual is not None and np.isfinite(dual) and result.status in ("optimal", "optimal_inaccurate"):
+                duals.append(float(np.sqrt(max(dual * v[0], 0.0))))
         t0 = time.perf_counter()
         ver = verify(full_pre, x, scale=v) if x is not None else None
         if strict and ver is not None and ver.verified:
@@ -282,7 +364,8 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
     worst = next((s for s in statuses if s != "optimal"), "optimal")
     objectives = [o[3] for o in outcomes]
     common.update(solver=backend_name, solver_status=worst, timings=timings,
-                  solver_objective=None if None in objectives else max(objectives))
+                  solver_objective=None if None in objectives else max(objectives),
+                  solver_dual_objective=max(duals) if len(duals) == len(outcomes) and duals else None)
     if norm == "linf":
         summary["per_output"] = [{"output": i, "bound": o[1].bound if o[1] else None, "solver_status": o[2]}
                                  for i, o in enumerate(outcomes)]
@@ -372,6 +455,9 @@ def check_certificate(cert, model, **load_options) -> Certificate:
                           f"{cert.formulation!r} (edited or corrupt)")
     if not cert.verified:
         raise LipSDPError("the certificate holds no verified bound to check")
+    if (cert.verification or {}).get("method") == "split":
+        raise LipSDPError("re-checking split certificates (--split or the memory fallback) is not supported yet: "
+                          "certify again without splitting, or re-run the split certification")
     if not isinstance(cert.bound, (int, float)) or isinstance(cert.bound, bool) \
             or not math.isfinite(cert.bound) or cert.bound < 0:
         raise LipSDPError(f"the certificate's bound {cert.bound!r} is not a finite number (edited or corrupt)")
@@ -429,6 +515,13 @@ def check_certificate(cert, model, **load_options) -> Certificate:
                 raise LipSDPError(f"the certificate does not verify{where}: M is not provably negative definite "
                                   "at its multipliers (edited multipliers, bound or output?)")
             margins.append(margin)
+        # Implicit layers: the bound means something only if the equilibrium is proved unique.
+        from lipsdp.equilibrium import attach_well_posedness, implicit_nodes
+
+        if implicit_nodes(network):
+            attach_well_posedness(network, cert, cert.formulation, cert.norm)
+            if not cert.network["well_posedness"].get("proved"):
+                raise LipSDPError("the certificate does not verify: " + cert.network["well_posedness"]["message"])
     cert.verification = {**cert.verification, "rechecked": True,
                          "recheck_margin": min(margins) if margins else None,
                          "recheck_seconds": time.perf_counter() - t0}
@@ -440,7 +533,7 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
             activation: str | None = None, activation_params: dict | None = None,
             input_shape: tuple | None = None, time_limit: float | None = None, tol: float | None = None,
             trust_pickle: bool = False, lower_bound_samples: int = 128, memory_limit: int | None = None,
-            progress: bool = False, strict: bool = False) -> Certificate:
+            progress: bool = False, strict: bool = False, split: int | None = None) -> Certificate:
     """Certify an upper bound on the l2 Lipschitz constant of a network.
 
     Parameters
@@ -480,6 +573,10 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
         Spinner on stderr for solves longer than a second.
     strict : bool
         Also prove the certificate exactly in rational arithmetic (slope-restricted activations).
+    split : int, optional
+        Certify chain networks in pieces of at most this many activation layers and
+        multiply their bounds (MATH.md 8.2: sound, looser; l2 only).  Without it,
+        lipsdp splits only when the whole LMI does not fit in memory.
 
     Returns
     -------
@@ -504,4 +601,5 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
     return certify_network(network, solver=solver, formulation=formulation, norm=norm, output_map=output_map,
                            time_limit=time_limit,
                            tol=tol, lower_bound_samples=lower_bound_samples, memory_limit=memory_limit,
-                           progress=progress, source=source, load_seconds=time.perf_counter() - t0, strict=strict)
+                           progress=progress, source=source, load_seconds=time.perf_counter() - t0, strict=strict,
+                           split=split)

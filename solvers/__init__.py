@@ -5,9 +5,11 @@ underscore so a file never shadows the solver's own package).  Nothing here
 imports a solver at ``import lipsdp``: availability is checked with
 ``importlib.util.find_spec``, and MOSEK's licence with a licence checkout.
 
-``auto`` picks MOSEK when it is installed *and* licensed; otherwise the
-open-source backend that our benchmark (``benchmarks/bench_solvers.py``) found
-fastest for the problem's size.
+``auto`` picks MOSEK when it is installed *and* licensed; otherwise lipsdp's
+own ``ipm`` for LMIs whose constraints all have the factored rank-two form and
+no free multipliers (slope-restricted nets, up to size 3000), else SDPA for
+free multipliers (GroupSort, Householder), CVXOPT up to size 600 and SCS above:
+the fastest that stayed accurate in ``benchmarks/bench_solvers.py`` and the tests.
 """
 
 from __future__ import annotations

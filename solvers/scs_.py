@@ -50,8 +50,13 @@ class SCS(Backend):
         info = sol["info"]
         native = info["status"]
         status = self.map_status(native)
-        if status == "time_limit" or (native == "solved_inaccurate" and time_limit
-                                      and info.get("solve_time", 0) / 1e3 >= 0.95 * time_limit):
+        # SCS 3.x spells some statuses with the reason, e.g. "solved (inaccurate - reached
+        # time_limit_secs)"; classify those by their words.
+        if status == "solver_error" and "inaccurate" in native:
+            status = "optimal_inaccurate" if native.startswith("solved") else self.map_status(native.split(" ")[0])
+        if "time_limit" in native or status == "time_limit" or (
+                status == "optimal_inaccurate" and time_limit
+                and info.get("solve_time", 0) / 1e3 >= 0.95 * time_limit):
             status = "time_limit"
         x = np.asarray(sol["x"], dtype=np.float64)
         return SolveResult(status, x, float(info.get("pobj", np.nan)), time.perf_counter() - t0,

@@ -71,6 +71,12 @@ def test_published_anchors(anchors):
         assert cert.bound == pytest.approx(published, rel=2e-5)
         ref = lipsdp.certify(net, solver="cvxopt", lower_bound_samples=0)
         assert cert.bound == pytest.approx(ref.bound, rel=1e-6)
+        # The dual value brackets the SDP optimum from below (up to its ~1e-8 dual residual):
+        # the verified bound is within 1e-5 of it.
+        assert ref.solver_dual_objective is None
+        dual = cert.solver_dual_objective
+        assert dual * (1 - 1e-6) <= cert.bound < dual * (1 + 1e-5)
+        assert "SDP dual value" in str(cert)
 
 
 @pytest.mark.parametrize("function,params", FAMILIES[:5])

@@ -10,6 +10,7 @@ with well-posedness proved, and non-well-posed layers never get a bound.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -377,3 +378,26 @@ def test_feedback_is_part_of_the_fingerprint_and_lifting():
     lifted = lift(a)
     assert lifted.exact
     np.testing.assert_array_equal(lifted.pre[0].toarray(), np.hstack([U, W]))  # P = [C_vx, C_vw] with C_vw = W
+
+
+def test_implicit_certificate_rechecks_well_posedness():
+    """``lipsdp verify`` re-proves the equilibrium's uniqueness from the stored multipliers, not just the LMI."""
+    from lipsdp.certificate import Certificate
+    from lipsdp.pipeline import check_certificate
+
+    model = implicit_model(activation="relu", w_norm=0.9, seed=4)
+    cert = lipsdp.certify(model, input_shape=(3,), lower_bound_samples=0)
+    assert cert.verified and cert.network["well_posedness"]["proved"]
+    stored = Certificate.from_dict(json.loads(cert.to_json()))
+    stored.network.pop("well_posedness")
+    again = check_certificate(stored, model, input_shape=(3,))
+    assert again.verification["rechecked"] and again.network["well_posedness"]["proved"]
+
+
+def test_mixed_group_sizes_certify_without_the_pair_rewrite():
+    """A net with a GroupSort-2 *and* a FullSort: the two-ReLU comparison covers pairs only and is skipped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), lnn.GroupSort2(), nn.Linear(6, 6), lnn.FullSort(), nn.Linear(6, 2)).eval()
+    cert = lipsdp.certify(model, input_shape=(4,))
+    assert cert.verified and "comparisons" not in cert.network
+    assert cert.lower_bound <= cert.bound <= cert.trivial_bound

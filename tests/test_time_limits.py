@@ -143,3 +143,16 @@ def test_cli_time_limit_is_exit_1_with_null_bound(tmp_path, solver):
     assert d["bound"] is None and d["status"] == "solver_failed" and d["solver_status"] == "time_limit"
     assert d["timings"]["solve"] < LIMIT + STARTUP
     assert f"{LIMIT:g} s time limit" in d["message"]
+
+
+def test_scs_time_limit_is_reported_as_such():
+    """SCS 3.x says "solved (inaccurate - reached time_limit_secs)": that is a time limit, not an error."""
+    rng = np.random.default_rng(0)
+    from lipsdp.network import Network
+
+    net = Network.sequential([rng.standard_normal((40, 30)), rng.standard_normal((40, 40)),
+                              rng.standard_normal((5, 40))])
+    cert = lipsdp.certify(net, solver="scs", time_limit=0.01, lower_bound_samples=0)
+    assert cert.solver_status == "time_limit"
+    full = lipsdp.certify(net, solver="ipm", lower_bound_samples=0)
+    assert cert.bound is None or cert.bound >= full.bound * (1 - 1e-9)
