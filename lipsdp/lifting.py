@@ -131,8 +131,10 @@ class Lifting:
         """
         n0 = self.input_dim
         G = sp.vstack([P[:, :n0] for P in self.pre] + [self.output[:, :n0]]).tocsr()
+        from lipsdp import accel
+
         gram = (G.T @ G).toarray()
-        evals, evecs = np.linalg.eigh(gram)
+        evals, evecs = accel.eigh(gram)  # on the GPU when one is there (lipsdp.accel)
         keep = evals > rtol * max(evals[-1], 1e-300)
         U = evecs[:, keep][:, ::-1]
         r = U.shape[1]
