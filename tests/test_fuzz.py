@@ -319,14 +319,18 @@ for i in range(start, len(paths)):
 """
 
 
-def run_isolated(paths: list[Path], timeout: float = 300.0) -> dict[int, str]:
+def run_isolated(paths: list[Path], timeout: float | None = None) -> dict[int, str]:
     """Load every file in a child process, restarting it after a native crash.
+
+    ``timeout`` (per child) defaults to 300 s plus 2 s a file: a damaged .mat file is read
+    in a process of its own (lipsdp.io.matfile), about a second each.
 
     Returns ``{index: outcome}`` with outcomes ``ok``, ``refused``, ``CRASH ...``
     (a Python exception) or ``SIGNAL n`` (the child died while loading it).
     """
     outcomes: dict[int, str] = {}
     start = 0
+    timeout = 300.0 + 2.0 * len(paths) if timeout is None else timeout
     env = dict(os.environ, PYTHONFAULTHANDLER="")
     while start < len(paths):
         proc = subprocess.run([sys.executable, "-c", WORKER, str(start)], input=json.dumps([str(p) for p in paths]),
