@@ -446,7 +446,7 @@ def add_ratios(rows: list[Row]) -> None:
             r.vs_same = r.vs_best = None
             if not r.ok:
                 continue
-            family = [x for x in naive.values() if FAMILY[x.solver] == FAMILY[r.solver]]
+            family = [x for x in naive.values() if FAMILY.get(x.solver) == FAMILY.get(r.solver)]
             if r.kind == "lipsdp" and family:
                 r.vs_same = min(x.median_s for x in family) / r.median_s
             if best is not None and r is not best:
@@ -692,6 +692,9 @@ def run(args, nets: list[NetSpec], snapshot: Path) -> int:
     rows = run_all(nets, args.repeats, args.timeout, mem_limit, set(args.configs) if args.configs else None,
                    snapshot)
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    # The raw runs first: a failure in the reporting below must not lose a long run.
+    (args.out_dir / "solvers.raw.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     add_ratios(rows)
     disc = discrepancies(rows, nets)
     fast = fastest(rows)
