@@ -360,7 +360,7 @@ def run_all(nets, repeats, timeout, mem_limit, only, snapshot: Path) -> list[Row
         lmi_n, solved_n = lmi_sizes(net.weights())
         group = []
         for config, kind, solver in configs_for(only):
-            row = Row(net.name, lmi_n, lmi_n if kind == "naive" else solved_n, config, kind, solver)
+            row = Row(net.name, lmi_n, solved_n if kind == "lipsdp" else lmi_n, config, kind, solver)
             rows.append(row)
             skip = None
             if kind == "lipsdp" and solver == "clarabel" and solved_n > CLARABEL_MAX_N:

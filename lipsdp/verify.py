@@ -175,6 +175,28 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray) -> tuple[bool, fl
     return bool(c > rhs), (c if c > rhs else 0.0)
 
 
+def _first_passing(lmi, prepared, etas, max_inflation, v, k, t0):
+    """The lowest bound among candidates that pass at the smallest inflation where any does, or None."""
+    for eta in etas:
+        if eta > max_inflation:
+            break
+        best = None
+        for lam, yc, c_needed in prepared:
+            lam_hat = lam * (1.0 + eta) + 4.0 * c_needed
+            xc = np.concatenate([lam_hat, yc])
+            ok, c = rigorous_negative_definite(lmi, xc)
+            if ok:
+                total = sum((Fraction(a) * Fraction(b) for a, b in zip(lam_hat, v[:k])), Fraction(0))
+                if best is None or total < best[0]:
+                    best = (total, xc, c)
+        if best is not None:
+            total, xc, c = best
+            return Verification(True, round_up_sqrt(total), float(total), xc * v, "float-cholesky", eta, c,
+                                f"verified: -M - {c:.2e} I has a Cholesky factor "
+                                f"(input multipliers inflated by {eta:.0e})", time.perf_counter() - t0)
+    return None
+
+
 def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
            scale: np.ndarray | None = None) -> Verification:
     """Re-derive and rigorously verify a bound from a solver's variable vector ``x = (in, y)``.
@@ -216,30 +238,60 @@ def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
                   (1e-2, 1.1, 0.0)]
     blocks = lmi.var_block[k:] if lmi.var_block is not None else np.zeros(len(y), dtype=np.int64)
     depth = int(blocks.max(initial=0))
-    etas = [1e-12, 1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3]
+    etas = [1e-12, 1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 2e-4, 5e-4, 1e-3]
     message = "no multipliers made the hidden block negative definite"
+    prepared = []
     for floor, s, graded in candidates:
         yc = y * s * (1.0 + graded) ** (depth - blocks)
         yc[nn] += floor * scale
         lam = _repair_input(lmi, lam0 * s, yc)
         if lam is None:
             continue
-        message = "the rigorous test failed at every inflation"
         # The input block needs a margin above the test's shift c; when rho(T) is tiny
         # (a nearly constant network) that absolute margin matters more than eta.
         x0 = np.concatenate([lam, yc])
-        c_needed = _error_terms(lmi, x0, -lmi.matrix(x0))[1]
-        for eta in etas:
-            if eta > max_inflation:
-                break
-            lam_hat = lam * (1.0 + eta) + 4.0 * c_needed
-            xc = np.concatenate([lam_hat, yc])
-            ok, c = rigorous_negative_definite(lmi, xc)
-            if ok:
-                total = sum((Fraction(a) * Fraction(b) for a, b in zip(lam_hat, v[:k])), Fraction(0))
-                bound = round_up_sqrt(total)
-                return Verification(True, bound, float(total), xc * v,
-                                    "float-cholesky", eta, c,
-                                    f"verified: -M - {c:.2e} I has a Cholesky factor "
-                                    f"(input multipliers inflated by {eta:.0e})", time.perf_counter() - t0)
+        prepared.append((lam, yc, _error_terms(lmi, x0, -lmi.matrix(x0))[1]))
+        if len(prepared) == 1:
+            message = "the rigorous test failed at every inflation"
+            # Most points pass with the first candidate at a tiny inflation: try that before the rest.
+            found = _first_passing(lmi, prepared, [e for e in etas if e <= 1e-4], max_inflation, v, k, t0)
+            if found is not None:
+                return found
+    # Otherwise the smallest inflation at which *any* candidate passes (ill-conditioned nets, e.g.
+    # deep ones, need 1e-4..1e-3 with some candidates and less with others).
+    found = _first_passing(lmi, prepared, etas, max_inflation, v, k, t0)
+    if found is not None:
+        return found
     return Verification(False, None, None, None, "float-cholesky", 0.0, 0.0, message, time.perf_counter() - t0)
+
+
+def verify_balanced(lmi: LMIProblem, x: np.ndarray, *, scale: np.ndarray | None = None) -> Verification:
+    """:func:`verify` on a congruent copy of ``lmi`` whose blocks are balanced at ``x``.
+
+    The rigorous test proves ``-M - c I`` positive definite; the uniform shift ``c``
+    covers the rounding errors of the largest entries.  When the diagonal of ``-M``
+    spans many orders of magnitude across blocks (deep nets, whose composed norm
+    bounds overshoot geometrically), that shift can swamp the small blocks, and
+    the bound gets inflated far above the solver's.  A power-of-two congruence
+    ``D M D`` (exact in floating point) that brings every block's diagonal to
+    about one gives the test a uniform scale; the bound maps back exactly.
+    """
+    v = np.ones(lmi.n_var) if scale is None else np.asarray(scale, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    if x.shape != (lmi.n_var,) or not np.all(np.isfinite(x)) or not lmi.blocks:
+        return verify(lmi, x, scale=scale)
+    diag = np.abs(np.diag(lmi.matrix(x)))
+    mags = []
+    for b in lmi.blocks:
+        d = diag[b.start:b.start + b.size]
+        d = d[d > 0]
+        mags.append(float(np.median(d)) if d.size else 1.0)
+    m0 = mags[0]
+    block_scale = np.sqrt(m0 / np.asarray(mags))
+    block_scale[0] = 1.0
+    balanced, v2 = lmi.preconditioned(block_scale, float(np.sqrt(m0)))
+    x2 = x / v2
+    if not np.array_equal(x2 * v2, x):  # powers of two: exact unless the scaling under/overflowed
+        return verify(lmi, x, scale=scale)
+    return verify(balanced, x2, scale=v * v2)
+
