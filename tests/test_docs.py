@@ -98,7 +98,10 @@ def test_relative_links_resolve(path):
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
         if re.match(r"[a-z]+:", target):
             continue
-        assert (path.parent / target).exists(), f"{path.name} links to missing {target}"
+        resolved = (path.parent / target).resolve()
+        if REPO.resolve() not in resolved.parents:
+            continue  # the shared design notes live beside the repository, not in every checkout
+        assert resolved.exists(), f"{path.name} links to missing {target}"
 
 
 def test_readme_links_every_page():
