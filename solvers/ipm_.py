@@ -73,7 +73,9 @@ class LowRankIPM(Backend):
         status, message = state.run()
         return SolveResult(status, state.y.copy(), float(state.c @ state.y), time.perf_counter() - t0,
                            state.iterations, message,
-                           extras={"dual_objective": state.dual_objective, "gap": state.gap,
+                           # The dual value bounds the optimum from below only where X is (nearly) feasible.
+                           extras={"dual_objective": state.dual_objective if state.dinf < 1e-5 else float("nan"),
+                                   "gap": state.gap,
                                    "primal_infeasibility": state.pinf, "dual_infeasibility": state.dinf})
 
 
