@@ -154,12 +154,12 @@ def _certify_split(network, layers, options) -> Certificate:
     trivial = lips[network.output] * (1.0 if output_map is None else float(np.linalg.norm(output_map, 2)))
     lower = sampled_lower_bound(network, samples=options["lower_bound_samples"], output_map=output_map) \
         if options["lower_bound_samples"] else None
-    summary = {"source": options["source"] or network.source, "input_dim": network.input_dim,
-               "output_dim": network.output_dim, "hidden_neurons": sum(network.op(n).size for n in network.activations()),
-               "sha256": network.fingerprint(), "feedforward": True,
-               "split": [{"bound": c.bound, "status": c.status, "solver": c.solver, "solver_status": c.solver_status,
-                          "lmi_size": c.network.get("lmi_size"), "multipliers": c.multipliers,
-                          "multiplier_labels": c.multiplier_labels} for c in parts]}
+    from lipsdp.lifting import lift
+
+    summary = _network_summary(network, lift(network), options["source"] or network.source)
+    summary["split"] = [{"bound": c.bound, "status": c.status, "solver": c.solver, "solver_status": c.solver_status,
+                         "lmi_size": c.network.get("lmi_size"), "multipliers": c.multipliers,
+                         "multiplier_labels": c.multiplier_labels} for c in parts]
     timings = {key: sum(c.timings.get(key, 0.0) for c in parts) for key in ("build", "solve", "verify")}
     timings.update(load=options["load_seconds"], total=options["load_seconds"] + time.perf_counter() - t_start)
     common = dict(norm="l2", formulation=options["formulation"], trivial_bound=trivial, lower_bound=lower,
