@@ -320,7 +320,7 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
         else:
             if backend is None:
                 backend = get_backend(solver, n=lmi.n, free_multipliers=not bool(lmi.nonneg.all()),
-                                      factored=lmi.factors is not None)
+                                      factored=lmi.factors is not None, single_input=lmi.n_in == 1)
                 need = lmi.memory_estimate(backend.family)
                 budget = memory_limit or int(0.8 * available_memory())
                 if need > budget:
@@ -330,18 +330,18 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
             backend_name = backend.name
             result, seconds = _solve(backend, lmi, time_limit, tol, progress, label)
             t_solve += seconds
-            if solver.lower() == "auto" and backend.name == "ipm" and result.status not in (
+            if solver.lower() == "auto" and backend.name in ("ipm", "fo") and result.status not in (
                     "optimal", "optimal_inaccurate", "time_limit"):
                 # The ipm stalls on some badly conditioned LMIs (e.g. very deep nets, whose composed
-                # norm bounds overshoot by orders of magnitude): let the general solver auto would
-                # otherwise pick have a go, and keep its point if it converged.
+                # norm bounds overshoot by orders of magnitude), fo may find no feasible start: let
+                # the general solver auto would otherwise pick have a go, and keep its point if it converged.
                 alt = get_backend("auto", n=lmi.n, free_multipliers=not bool(lmi.nonneg.all()))
                 left = None if not time_limit else time_limit - seconds  # one budget for both solves
                 alt_result, seconds = _solve(alt, lmi, left, tol, progress, label) if left is None or left > 0 \
                     else (result, 0.0)
                 t_solve += seconds
                 if alt_result.status == "optimal" and alt_result.x is not None:
-                    alt_result.message = (f"{alt_result.message}; ipm stopped ({result.status}: "
+                    alt_result.message = (f"{alt_result.message}; {backend.name} stopped ({result.status}: "
                                           f"{result.message}), re-solved with {alt.name}").lstrip("; ")
                     result, backend_name = alt_result, alt.name
             x, result_status, message = result.x, result.status, result.message

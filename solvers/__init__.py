@@ -7,9 +7,11 @@ imports a solver at ``import lipsdp``: availability is checked with
 
 ``auto`` picks MOSEK when it is installed *and* licensed; otherwise lipsdp's
 own ``ipm`` for LMIs whose constraints all have the factored rank-two form and
-no free multipliers (slope-restricted nets, up to size 3000), else SDPA for
-free multipliers (GroupSort, Householder), CVXOPT up to size 600 and SCS above:
-the fastest that stayed accurate in ``benchmarks/bench_solvers.py`` and the tests.
+no free multipliers (slope-restricted nets, up to size 3000); for larger l2
+LMIs lipsdp's ``fo`` (L-BFGS on the exact ``rho(T)``: approximate, verified);
+else SDPA for free multipliers (GroupSort, Householder), CVXOPT up to size 600
+and SCS above: the fastest that stayed accurate in
+``benchmarks/bench_solvers.py`` and the tests.
 """
 
 from __future__ import annotations
@@ -48,12 +50,13 @@ def describe() -> list[dict]:
 
 
 def get_backend(name: str = "auto", *, n: int | None = None, free_multipliers: bool = False,
-                factored: bool = False) -> Backend:
+                factored: bool = False, single_input: bool = False) -> Backend:
     """An instance of the backend called ``name``.
 
     ``"auto"`` prefers a licensed MOSEK, then the best open-source backend for an
     LMI of size ``n`` (``factored``: every constraint has the rank-two form that
-    :class:`~lipsdp.solvers.ipm_.LowRankIPM` exploits).  A missing or unlicensed
+    :class:`~lipsdp.solvers.ipm_.LowRankIPM` exploits; ``single_input``: the l2 LMI,
+    whose one input variable ``rho`` the ``fo`` backend needs).  A missing or unlicensed
     backend raises an error that lists what is available and how to install the rest.
     """
     name = name.lower()
@@ -65,6 +68,10 @@ def get_backend(name: str = "auto", *, n: int | None = None, free_multipliers: b
         # near their unbounded optimal set; SDPA handles those (see _open_source_order).
         if factored and not free_multipliers and (n is None or n <= LowRankIPM.max_auto_size):
             order = ["ipm"] + order
+        elif single_input and not free_multipliers and n is not None and n > LowRankIPM.max_auto_size:
+            # Beyond the interior-point methods' reach (minutes per iteration, SCS an n x n
+            # eigendecomposition per iteration): descent on the exact rho(T), still verified.
+            order = ["fo"] + order
         for choice in order:
             if BACKENDS[choice].is_installed():
                 return BACKENDS[choice]()

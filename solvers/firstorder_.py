@@ -1,22 +1,38 @@
-"""First-order descent on the exact ``rho(T)`` (MATH.md sections 1.4 and 8.4), in torch.
+"""Quasi-Newton descent on the exact ``rho(T)`` of LipSDP (MATH.md sections 1.4 and 8.4).
 
-For fixed multipliers the best ``rho`` is an eigenvalue problem:
+For fixed multipliers ``T`` the best ``rho`` is an eigenvalue problem.  For a
+feed-forward net the LMI is block-tridiagonal and the backward block
+elimination of section 1.4 gives it at a cost linear in depth:
 
 .. math::
 
-    \\rho(T) = \\lambda_{\\max}\\big(P - Q R^{-1} Q^T\\big)
-    \\quad\\text{when}\\quad R \\prec 0 ,
+    S_l = M_{ll},\\qquad S_k = M_{kk} - M_{k,k+1} S_{k+1}^{-1} M_{k+1,k}\\ (k = l-1, \\dots, 1),
+    \\qquad \\rho(T) = \\lambda_{\\max}\\big(M_{00} - M_{01} S_1^{-1} M_{10}\\big),
 
-with ``M(0, T) = [[P, Q], [Q^T, R]]`` (input block first).  *Every* ``T`` with
-``R < 0`` certifies ``sqrt(rho(T))``, so this backend needs no interior-point
-machinery: it runs Adam on ``log T`` (keeping ``T > 0``), backs off when a step
-leaves the region ``R < 0``, and returns the best iterate.  Its answer is never
-trusted either: :mod:`lipsdp.verify` re-derives and proves it.  Each iteration
-costs one Cholesky factorisation of the hidden block and one symmetric
-eigenvalue problem of the (input-reduced) input block; it runs on CUDA when
-torch sees a GPU, on the CPU otherwise.
+valid when every ``S_k < 0`` (other nets: one hidden block, ``P - Q R^{-1} Q^T``).
+*Every* such ``T`` certifies ``sqrt(rho(T))``, so speed never costs soundness;
+the answer is re-derived and proved by :mod:`lipsdp.verify` as always.
 
-l2 only (``rho`` as the single input variable); use SCS for l_inf.
+``rho(T)`` is convex but not smooth (a largest eigenvalue).  The method
+minimises its soft maximum (Nesterov, Math. Program. 2007), an upper bound on it,
+
+.. math::
+
+    f_\\beta(T) = \\tfrac{1}{\\beta}\\log\\sum_i e^{\\beta\\lambda_i} \\;\\ge\\; \\rho(T)
+    \\qquad (\\lambda_i \\text{ the eigenvalues of the input Schur complement}),
+
+over ``theta = log T`` (free multipliers as they are) with L-BFGS (scipy), for
+``beta = b / rho`` with ``b = 10^2, 10^3, ...`` (continuation: the smoothing
+costs at most ``rho log(n_0) / b``).  Its gradient is exact and cheap: see
+:class:`_Descent`.  The ``T`` with the smallest exact ``rho(T)`` seen is kept.
+Repairing an inexact solve through the exact ``rho(T)`` is LipDiff's idea
+(Wang et al., ICLR 2024), here for the vector-output LipSDP.
+
+No dual bound comes out of it (the status is ``optimal_inaccurate``): it is
+the fast, approximate path for LMIs too large for the interior-point methods.
+The dense algebra runs in numpy, or in torch on CUDA when
+:func:`lipsdp.accel.device_for` says so (``LIPSDP_DEVICE``).  l2 only (``rho``
+as the single input variable); use SCS for l_inf.
 """
 
 from __future__ import annotations
@@ -29,95 +45,323 @@ from lipsdp.solvers.base import Backend, SolveResult
 
 
 class FirstOrder(Backend):
+    """L-BFGS on the smoothed exact ``rho(T)`` (numpy; torch on CUDA when present; l2 only)."""
+
     name = "fo"
-    modules = ("torch",)
-    install = "pip install torch"
+    modules = ("scipy",)
+    install = "built in (numpy and scipy; torch for CUDA)"
     family = "first_order"
+    supports_time_limit = True
     default_tol = 1e-6
-    max_iters = 3000
+    #: Function evaluations in all (each one block elimination and one eigenvalue problem).
+    max_evals = 3000
+    #: Smoothing levels ``b`` (``beta = b / rho``): stop once a level gains less than ``tol``.
+    levels = (1e2, 1e3, 1e4, 1e5, 1e6, 1e7)
 
     def solve(self, lmi, *, time_limit=None, tol=None, verbose=False):
-        import torch
-
         t0 = time.perf_counter()
         if lmi.n_in != 1:
             return SolveResult("solver_error", None, None, 0.0, message="the fo backend certifies l2 bounds only")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dt = torch.float64
-        n, n0 = lmi.n, lmi.input_dim
-        B = lmi.basis().tocoo()
-        idx = torch.tensor(np.vstack([B.row, B.col]), dtype=torch.int64)
-        basis = torch.sparse_coo_tensor(idx, torch.tensor(B.data, dtype=dt), B.shape, device=device,
-                                        check_invariants=False).coalesce()
-        const = torch.tensor(lmi.const.toarray(), dtype=dt, device=device)
-        free = torch.tensor(~lmi.nonneg[1:], device=device)
-
-        def rho_of(y):
-            x = torch.cat([torch.zeros(1, dtype=dt, device=device), y])
-            M = const + torch.sparse.mm(basis, x[:, None]).reshape(n, n).T  # basis is column-major vec
-            P, Q, R = M[:n0, :n0], M[:n0, n0:], M[n0:, n0:]
-            if R.shape[0] == 0:
-                return torch.linalg.eigvalsh(P)[-1]
-            Lc, info = torch.linalg.cholesky_ex(-R)
-            if int(info) != 0:
-                return None
-            Z = torch.linalg.solve_triangular(Lc, Q.T, upper=False)
-            return torch.linalg.eigvalsh(P + Z.T @ Z)[-1]
-
-        def unpack(theta):
-            # sign-constrained multipliers as exp(theta) > 0; free ones as they are
-            return torch.where(free, theta, torch.exp(theta))
-
-        # Start: all multipliers equal (the preconditioned LMI makes 1 the natural scale).
-        start, best_rho = None, np.inf
-        for kappa in 2.0 ** np.arange(-4, 21):
-            theta = torch.full((lmi.n_var - 1,), float(np.log(kappa)), dtype=dt, device=device)
-            theta = torch.where(free, torch.zeros_like(theta), theta)
-            r = rho_of(unpack(theta))
-            if r is not None and float(r) < best_rho:
-                start, best_rho = theta, float(r)
-            elif start is not None:
-                break
-        if start is None:
+        state = _Descent(lmi, time_limit, t0, verbose)
+        if state.start() is None:
             return SolveResult("infeasible", None, None, time.perf_counter() - t0,
-                               message="no uniform multiplier made the hidden block negative definite")
-        theta = start.clone().requires_grad_(True)
-        best_theta = start.clone()
-        lr = 0.05
-        opt = torch.optim.Adam([theta], lr=lr)
-        history, it, status = [best_rho], 0, "optimal_inaccurate"
+                               message="neither uniform nor per-layer multipliers made every pivot negative definite")
         tol = tol or self.default_tol
-        for it in range(1, self.max_iters + 1):
-            if time_limit and time.perf_counter() - t0 > time_limit:
-                status = "time_limit"
+        status, previous = "optimal_inaccurate", state.best_rho
+        stages = 0
+        for b in self.levels[:2]:  # the per-layer scales first (deep nets span decades across layers)
+            if not state.minimise(b, self.max_evals, subspace=state.layers):
                 break
-            opt.zero_grad()
-            r = rho_of(unpack(theta))
-            if r is None:  # stepped out of R < 0: go back to the best point with a smaller step
-                with torch.no_grad():
-                    theta.copy_(best_theta)
-                lr *= 0.5
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                if lr < 1e-6:
+        for b in self.levels:
+            stages += 1
+            if not state.minimise(b, self.max_evals):
+                status = "time_limit" if state.timed_out else status
+                break
+            if verbose:
+                print(f"fo: level {b:.0e}: rho {state.best_rho:.10g} after {state.evals} evaluations")
+            if previous - state.best_rho <= tol * abs(state.best_rho) and b >= 1e4:
+                break
+            previous = state.best_rho
+        x = np.concatenate([[state.best_rho], state.unpack(state.best_theta)])
+        return SolveResult(status, x, state.best_rho, time.perf_counter() - t0, state.evals,
+                           f"{status}: {state.evals} evaluations, {stages} smoothing levels",
+                           extras={"device": state.device, "evaluations": state.evals,
+                                   "chain_blocks": len(state.groups)})
+
+
+class _Descent:
+    """The objective ``f_beta``, its gradient, and the L-BFGS driver.
+
+    Gradient: ``d lambda_i / d T_j = z_i^T F_j z_i`` with ``z_i`` the null vector of
+    ``M(lambda_i, T)`` whose input part is the eigenvector ``v_i``: ``z_0 = v_i``,
+    ``z_k = -S_k^{-1} M_{k,k-1} z_{k-1}`` (the same block elimination run forward), and
+    ``z^T F_j z = 2 coef (R z)[u] (R z)[w]`` over the factored rank-two terms of ``F_j``.
+    """
+
+    def __init__(self, lmi, time_limit, t0, verbose):
+        import scipy.sparse as sp
+
+        from lipsdp.accel import device_for
+
+        self.time_limit, self.t0, self.verbose = time_limit, t0, verbose
+        self.timed_out = False
+        self.groups = _chain_groups(lmi)
+        self.la = _LinearAlgebra(device_for(max(b - a for a, b in self.groups)))
+        self.device = self.la.device
+        self.free = np.asarray(~lmi.nonneg[1:])
+        rows, cols = np.asarray(lmi.rows), np.asarray(lmi.cols)
+        var, vals = np.asarray(lmi.var), np.asarray(lmi.vals, dtype=np.float64)
+        const = lmi.const.tocoo()
+        K = len(self.groups)
+        gid = np.empty(lmi.n, dtype=np.int64)
+        start = np.array([a for a, _ in self.groups])
+        size = np.array([b - a for a, b in self.groups])
+        for g, (a, b) in enumerate(self.groups):
+            gid[a:b] = g
+        # The band blocks (k, k) and (k-1, k), filled from the COO by bincount.
+        self.pieces = {}
+        gr, gc, cr, cc = gid[rows], gid[cols], gid[const.row], gid[const.col]
+        for g in range(K):
+            for h in (g, g + 1):
+                if h >= K:
+                    continue
+                sel = (gr == g) & (gc == h)
+                pos = (rows[sel] - start[g]) * size[h] + (cols[sel] - start[h])
+                csel = (cr == g) & (cc == h)
+                base = np.zeros(size[g] * size[h])
+                np.add.at(base, (const.row[csel] - start[g]) * size[h] + (const.col[csel] - start[h]),
+                          const.data[csel])
+                self.pieces[g, h] = (pos, vals[sel], var[sel], base, (int(size[g]), int(size[h])))
+        R, iu, iw, coef, fvar = lmi.factors if lmi.factors is not None else (None,) * 5
+        self.coo = (rows, cols, vals, var)  # without a factored form: z^T F_j z from the entries
+        self.R = None if R is None else sp.csr_matrix(R)
+        self.iu, self.iw, self.coef, self.fvar = iu, iw, coef, fvar
+        self.n, self.m = lmi.n, lmi.n_var
+        vb = np.asarray(lmi.var_block[1:]) if lmi.var_block is not None else np.zeros(self.m - 1, dtype=int)
+        self.var_block = vb
+        keys = np.unique(np.stack([vb, self.free.astype(int)]), axis=1)
+        #: One direction per (layer, sign-constrained or free): the per-layer scales.
+        self.layers = np.stack([(vb == k) & (self.free == bool(fr)) for k, fr in keys.T], axis=1).astype(float)
+        self.evals = 0
+        self.best_rho, self.best_theta = np.inf, None
+        #: L-BFGS settings per smoothing level ``b``: relative decrease ``ftol_factor / b``.
+        self.ftol_factor, self.gtol, self.maxcor = 1e-3, 1e-6, 20
+
+    def unpack(self, theta):
+        return np.where(self.free, theta, np.exp(theta))
+
+    def block(self, g, h, y):
+        pos, vals, var, base, shape = self.pieces[g, h]
+        return (base + np.bincount(pos, weights=vals * y[var], minlength=base.size)).reshape(shape)
+
+    def eliminate(self, y, down_to: int = 1):
+        """The backward block elimination of ``M(0, T)`` (``y = (0, T)``) down to block ``down_to``.
+
+        Returns ``(S, factors, couplings)``: the last Schur complement (the input block's when
+        ``down_to == 1``), the Cholesky factors ``L_k`` of ``-S_k`` and the blocks ``M_{k-1,k}``;
+        ``None`` as soon as a pivot ``S_k`` is not negative definite.
+        """
+        la = self.la
+        K = len(self.groups)
+        factors, couplings = {}, {}
+        S = la.array(self.block(K - 1, K - 1, y))
+        for k in range(K - 1, down_to - 1, -1):
+            L = la.cholesky(-S)
+            if L is None:
+                return None
+            B = la.array(self.block(k - 1, k, y))
+            Z = la.solve_lower(L, B.T)
+            S = la.array(self.block(k - 1, k - 1, y)) + Z.T @ Z
+            factors[k], couplings[k] = L, B
+        return S, factors, couplings
+
+    def evaluate(self, theta, beta=None):
+        """``(f_beta, exact rho, gradient in theta)``; ``None`` where some pivot ``S_k`` is not < 0.
+
+        Without ``beta`` only the exact ``rho`` is computed (``f = rho``, no gradient).
+        """
+        la = self.la
+        t = self.unpack(theta)
+        K = len(self.groups)
+        out = self.eliminate(np.concatenate([[0.0], t]))
+        if out is None:
+            return None
+        S, factors, couplings = out
+        lam, V = la.eigh(S)
+        rho = float(lam[-1])
+        if beta is None:
+            return rho, rho, None
+        shifted = np.exp(beta * (lam - rho))
+        total = float(shifted.sum())
+        f = rho + np.log(total) / beta
+        w = shifted / total
+        keep = np.flatnonzero(w > 1e-12)
+        # Null vectors, weighted by sqrt(w_i) so that sum_i w_i z_i z_i^T = Zs Zs^T.
+        z = V[:, keep] * la.array(np.sqrt(w[keep]))
+        parts = [z]
+        for k in range(1, K):
+            L = factors[k]
+            z = la.solve_upper(L, la.solve_lower(L, couplings[k].T @ z))  # -S_k^{-1} M_{k,k-1} z
+            parts.append(z)
+        Zs = np.vstack([la.numpy(p) for p in parts])
+        grad_t = self.quadratic_forms(Zs)[1:]
+        grad = np.where(self.free, grad_t, grad_t * t)
+        return f, rho, grad
+
+    def quadratic_forms(self, Zs):
+        """``sum_i z_i^T F_j z_i`` for every variable ``j`` (columns ``z_i`` of ``Zs``)."""
+        if self.R is not None:
+            RZ = self.R @ Zs
+            per_term = 2.0 * self.coef * np.einsum("ij,ij->i", RZ[self.iu], RZ[self.iw])
+            return np.bincount(self.fvar, weights=per_term, minlength=self.m)
+        rows, cols, vals, var = self.coo
+        return np.bincount(var, weights=vals * np.einsum("ij,ij->i", Zs[rows], Zs[cols]), minlength=self.m)
+
+    def start(self):
+        """A feasible start: uniform multipliers ``2^k`` (the preconditioned LMI makes 1 the natural
+        scale), the best one; failing that (deep nets), one scale per layer chosen from the last layer
+        back.  None if neither makes every pivot negative definite."""
+        best = None
+        for kappa in 2.0 ** np.arange(-4, 31):
+            theta = np.where(self.free, 0.0, float(np.log(kappa))) * np.ones(self.m - 1)
+            out = self.evaluate(theta)
+            if out is not None and out[1] < self.best_rho:
+                self.best_rho, self.best_theta, best = out[1], theta, kappa
+            elif best is not None:
+                break
+        if best is None and len(self.groups) > 2:
+            theta = self.layerwise_start()
+            out = None if theta is None else self.evaluate(theta)
+            if out is not None:
+                self.best_rho, self.best_theta, best = out[1], theta, "per layer"
+        return best
+
+    def layerwise_start(self):
+        """Per-layer multipliers ``2^j``, last layer first: the smallest that keeps the pivots from
+        that layer on negative definite, times 4 (increasing ``T_k`` makes ``S_k`` more negative)."""
+        theta = np.zeros(self.m - 1)
+        for k in range(len(self.groups) - 1, 0, -1):
+            layer = (self.var_block == k) & ~self.free
+            for j in range(-10, 400):
+                theta[layer] = j * np.log(2.0)
+                if self.eliminate(np.concatenate([[0.0], self.unpack(theta)]), down_to=k) is not None:
                     break
-                continue
-            value = float(r.detach())
-            if value < best_rho:
-                best_rho, best_theta = value, theta.detach().clone()
-            history.append(best_rho)
-            if len(history) > 200 and history[-200] - best_rho <= tol * abs(best_rho):
-                status = "optimal_inaccurate"
-                break
-            r.backward()
-            opt.step()
-            if it % 100 == 0:
-                lr *= 0.7
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                if verbose:
-                    print(f"fo: iteration {it}: rho {best_rho:.8g}")
-        y = unpack(best_theta).detach().cpu().numpy()
-        x = np.concatenate([[best_rho], y])
-        return SolveResult(status, x, best_rho, time.perf_counter() - t0, it, f"{status} after {it} iterations",
-                           extras={"device": device, "history": history[::10]})
+            else:
+                return None
+            theta[layer] += 2 * np.log(2.0)
+        return theta
+
+    def minimise(self, b, max_evals, subspace=None) -> bool:
+        """One smoothing level from the best point so far; False on a time limit or the evaluation budget.
+
+        ``subspace`` (shape ``(m - 1, d)``): move only along its columns (one per layer: the
+        per-layer scale of the multipliers, which deep nets need first and plain L-BFGS finds slowly).
+        """
+        from scipy.optimize import minimize
+
+        base = self.best_theta.copy()
+        P = subspace
+        scale = max(self.best_rho, 1e-300)
+        beta = b / scale
+
+        class _Stop(Exception):
+            pass
+
+        def fun(phi):
+            theta = base + P @ phi if P is not None else phi
+            if self.time_limit and time.perf_counter() - self.t0 > self.time_limit:
+                self.timed_out = True
+                raise _Stop
+            if self.evals >= max_evals:
+                raise _Stop
+            self.evals += 1
+            out = self.evaluate(theta, beta)
+            if out is None or not np.isfinite(out[0]):
+                # Outside the region where rho(T) is defined: a value the line search backs off from.
+                return 1e10, np.zeros_like(phi)
+            f, rho, grad = out
+            if P is not None:
+                grad = P.T @ grad
+            if rho < self.best_rho:
+                self.best_rho, self.best_theta = rho, theta.copy()
+            # Normalised so that values and gradients are of order one whatever the scale of rho.
+            return f / scale, grad / scale
+
+        try:
+            minimize(fun, np.zeros(P.shape[1]) if P is not None else base, jac=True, method="L-BFGS-B",
+                     options={"maxiter": 1000, "maxcor": self.maxcor, "ftol": self.ftol_factor / b,
+                              "gtol": self.gtol})
+        except _Stop:
+            return False
+        return True
+
+
+class _LinearAlgebra:
+    """The few dense operations of one evaluation, in numpy/scipy or in torch (CUDA when present)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        if device != "numpy":
+            import torch
+
+            self.torch = torch
+            self.dev = "cuda" if device == "cuda" else "cpu"
+
+    def array(self, A):
+        if self.device == "numpy" or not isinstance(A, np.ndarray):
+            return A
+        return self.torch.as_tensor(A, dtype=self.torch.float64, device=self.dev)
+
+    def numpy(self, A):
+        return A if isinstance(A, np.ndarray) else A.cpu().numpy()
+
+    def cholesky(self, A):
+        """Lower Cholesky factor, or None if ``A`` is not positive definite."""
+        if self.device == "numpy":
+            from scipy.linalg.lapack import dpotrf
+
+            L, info = dpotrf(A, lower=1, clean=1)
+            return L if info == 0 else None
+        L, info = self.torch.linalg.cholesky_ex(A)
+        return L if int(info) == 0 else None
+
+    def solve_lower(self, L, B):
+        if self.device == "numpy":
+            from scipy.linalg import solve_triangular
+
+            return solve_triangular(L, B, lower=True, check_finite=False)
+        return self.torch.linalg.solve_triangular(L, B, upper=False)
+
+    def solve_upper(self, L, B):
+        """``L^{-T} B``."""
+        if self.device == "numpy":
+            from scipy.linalg import solve_triangular
+
+            return solve_triangular(L, B, lower=True, trans="T", check_finite=False)
+        return self.torch.linalg.solve_triangular(L.T, B, upper=True)
+
+    def eigh(self, S):
+        """Ascending eigenvalues and eigenvectors as numpy arrays."""
+        if self.device == "numpy":
+            from scipy.linalg import eigh
+
+            return eigh((S + S.T) / 2, check_finite=False)
+        lam, V = self.torch.linalg.eigh((S + S.T) / 2)
+        return lam.cpu().numpy(), V
+
+
+def _chain_groups(lmi) -> list[tuple[int, int]]:
+    """Index ranges of the blocks of a block-tridiagonal LMI (input block first).
+
+    The blocks of the lifting when only neighbouring blocks are coupled (a
+    feed-forward net); otherwise ``[input, everything else]``.
+    """
+    blocks = [(b.start, b.stop) for b in lmi.blocks] if lmi.blocks else [(0, lmi.n)]
+    if len(blocks) <= 2:
+        return blocks if len(blocks) == 2 else [(0, lmi.input_dim), (lmi.input_dim, lmi.n)]
+    starts = np.array([a for a, _ in blocks])
+    which = lambda idx: np.searchsorted(starts, idx, side="right") - 1  # noqa: E731
+    const = lmi.const.tocoo()
+    far = np.any(np.abs(which(np.asarray(lmi.rows)) - which(np.asarray(lmi.cols))) > 1) or \
+        np.any(np.abs(which(const.row) - which(const.col)) > 1)
+    return [blocks[0], (blocks[1][0], blocks[-1][1])] if far else blocks

@@ -1,0 +1,180 @@
+"""lipsdp's first-order backend (``--solver fo``): L-BFGS on the smoothed exact ``rho(T)``.
+
+Its gradient is assembled by hand from the block elimination, so it is checked
+against finite differences; its answers must be certificates (verified, never
+below the SDP optimum) and close to the interior-point optimum; and the torch
+path must compute the same numbers as numpy.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import lipsdp
+from lipsdp.io import network_from_module
+from lipsdp.solvers import get_backend
+from lipsdp.solvers.firstorder_ import FirstOrder, _chain_groups, _Descent
+
+from conftest import assert_sandwich, torch_lower_bound
+from models import mlp, residual_mlp
+
+
+def _prepared_lmi(network):
+    """The preconditioned, input-reduced LMI the pipeline hands to a backend."""
+    from lipsdp import solvers
+
+    captured = {}
+
+    class Capture(FirstOrder):
+        name = "capture"
+
+        def solve(self, lmi, **kwargs):
+            captured["lmi"] = lmi
+            return super().solve(lmi, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(solvers.BACKENDS, "capture", Capture)
+        lipsdp.certify(network, solver="capture", lower_bound_samples=0)
+    return captured["lmi"]
+
+
+def _net(sizes, seed=0, activation="relu"):
+    model = mlp(sizes, activation=activation, seed=seed)
+    return model, network_from_module(model, input_shape=(sizes[0],))
+
+
+@pytest.mark.parametrize("sizes,activation", [((5, 12, 12, 3), "relu"), ((4, 9, 7, 8, 2), "tanh"),
+                                              ((6, 10, 4), "leaky_relu")])
+def test_gradient_matches_finite_differences(sizes, activation):
+    _, net = _net(sizes, seed=3, activation=activation)
+    lmi = _prepared_lmi(net)
+    d = _Descent(lmi, None, time.perf_counter(), False)
+    assert d.start() is not None
+    theta = d.best_theta + 0.2 * np.random.default_rng(0).standard_normal(d.m - 1)
+    beta = 20.0 / d.best_rho
+    f, rho, grad = d.evaluate(theta, beta)
+    assert f >= rho
+    h = 1e-6
+    for j in range(0, d.m - 1, max(1, (d.m - 1) // 7)):
+        e = np.zeros_like(theta)
+        e[j] = h
+        fd = (d.evaluate(theta + e, beta)[0] - d.evaluate(theta - e, beta)[0]) / (2 * h)
+        assert grad[j] == pytest.approx(fd, rel=1e-4, abs=1e-9 * abs(f))
+
+
+def test_block_elimination_matches_the_dense_schur_complement():
+    """rho(T) by the backward recursion of MATH.md 1.4 equals lambda_max(P - Q R^-1 Q^T)."""
+    _, net = _net((5, 8, 8, 8, 3), seed=1)
+    lmi = _prepared_lmi(net)
+    assert len(_chain_groups(lmi)) == 4  # input + 3 hidden blocks: a chain
+    d = _Descent(lmi, None, time.perf_counter(), False)
+    d.start()
+    theta = d.best_theta + 0.1
+    rho = d.evaluate(theta)[1]
+    t = np.exp(theta)
+    M = lmi.matrix(np.concatenate([[0.0], t]))
+    n0 = lmi.input_dim
+    P, Q, R = M[:n0, :n0], M[:n0, n0:], M[n0:, n0:]
+    dense = np.linalg.eigvalsh(P - Q @ np.linalg.solve(R, Q.T))[-1]
+    assert rho == pytest.approx(dense, rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_close_to_the_sdp_optimum_and_sound(seed):
+    model, net = _net((8, 24, 24, 24, 4), seed=seed)
+    exact = lipsdp.certify(net, solver="ipm", lower_bound_samples=0)
+    fo = lipsdp.certify(net, solver="fo", lower_bound_samples=0)
+    assert fo.solver == "fo" and fo.solver_status in ("optimal_inaccurate", "time_limit")
+    assert_sandwich(fo, torch_lower_bound(model, 8))
+    # A certificate: never below the SDP optimum (its dual value); close to it.
+    assert fo.bound >= exact.solver_dual_objective * (1 - 1e-7)
+    assert fo.bound <= exact.bound * (1 + 1e-4)
+
+
+def test_deep_net_starts_layer_by_layer():
+    """No uniform multiplier makes every pivot of this 16-layer net negative definite: fo starts with one
+    scale per layer, from the last layer back, and still certifies."""
+    model, net = _net((4,) + (10,) * 16 + (2,), seed=1)
+    lmi = _prepared_lmi(net)
+    d = _Descent(lmi, None, time.perf_counter(), False)
+    assert all(d.evaluate(np.full(d.m - 1, k * np.log(2.0))) is None for k in range(-4, 31))
+    assert d.start() == "per layer" and np.isfinite(d.best_rho)
+    exact = lipsdp.certify(net, solver="ipm", lower_bound_samples=0)
+    fo = lipsdp.certify(net, solver="fo", lower_bound_samples=0)
+    assert_sandwich(fo, torch_lower_bound(model, 4))
+    assert fo.bound >= exact.solver_dual_objective * (1 - 1e-7)
+
+
+def test_residual_net_uses_one_hidden_block():
+    """Skip connections couple distant blocks: fo falls back to the dense Schur complement."""
+    model = residual_mlp(dim=4, hidden=8, n_out=3, seed=2)
+    net = network_from_module(model, input_shape=(4,))
+    lmi = _prepared_lmi(net)
+    assert len(_chain_groups(lmi)) == 2
+    exact = lipsdp.certify(net, solver="cvxopt", lower_bound_samples=0)
+    fo = lipsdp.certify(net, solver="fo", lower_bound_samples=0)
+    assert_sandwich(fo, torch_lower_bound(model, 4))
+    assert exact.bound * (1 - 1e-7) <= fo.bound <= exact.bound * (1 + 1e-3)
+
+
+def test_groupsort_free_multipliers_end_cleanly():
+    """GroupSort's free multipliers: fo's uniform start may not be feasible; it says so, no number."""
+    from lipsdp.network import Network
+
+    rng = np.random.default_rng(4)
+    ws = [rng.standard_normal((6, 4)), rng.standard_normal((6, 6)), rng.standard_normal((2, 6))]
+    net = Network.sequential(ws, activation="groupsort", params={"group_size": 2})
+    exact = lipsdp.certify(net, solver="sdpa", lower_bound_samples=0)
+    fo = lipsdp.certify(net, solver="fo", lower_bound_samples=0)
+    if fo.verified:
+        assert fo.bound >= exact.bound * (1 - 1e-6)
+    else:
+        assert fo.bound is None and fo.solver_status == "infeasible"
+    # auto never sends free multipliers to fo
+    assert get_backend("auto", n=10_000, free_multipliers=True, single_input=True).name != "fo"
+
+
+def test_torch_path_computes_the_same(monkeypatch):
+    pytest.importorskip("torch")
+    _, net = _net((5, 10, 10, 3), seed=5)
+    lmi = _prepared_lmi(net)
+    monkeypatch.setenv("LIPSDP_DEVICE", "numpy")
+    d_np = _Descent(lmi, None, time.perf_counter(), False)
+    monkeypatch.setenv("LIPSDP_DEVICE", "torch")
+    d_t = _Descent(lmi, None, time.perf_counter(), False)
+    assert d_np.device == "numpy" and d_t.device == "torch"
+    d_np.start()
+    theta = d_np.best_theta + 0.05
+    beta = 50.0 / d_np.best_rho
+    f1, r1, g1 = d_np.evaluate(theta, beta)
+    f2, r2, g2 = d_t.evaluate(theta, beta)
+    assert f1 == pytest.approx(f2, rel=1e-12) and r1 == pytest.approx(r2, rel=1e-12)
+    np.testing.assert_allclose(g1, g2, rtol=1e-9, atol=1e-12 * np.abs(g1).max())
+
+
+def test_time_limit_is_honoured():
+    _, net = _net((20, 60, 60, 60, 5), seed=6)
+    t0 = time.perf_counter()
+    cert = lipsdp.certify(net, solver="fo", lower_bound_samples=0, time_limit=0.3)
+    assert time.perf_counter() - t0 < 5.0
+    # Whatever it had reached is still a verified certificate.
+    assert cert.verified and cert.solver_status in ("time_limit", "optimal_inaccurate")
+
+
+def test_auto_picks_fo_beyond_the_interior_point_range():
+    from lipsdp.solvers import ipm_
+
+    big = ipm_.LowRankIPM.max_auto_size + 1
+    assert get_backend("auto", n=big, factored=True, single_input=True).name in ("fo", "mosek")
+    # l_inf LMIs have one input variable per input: fo does not apply.
+    assert get_backend("auto", n=big, factored=True, single_input=False).name != "fo"
+    assert get_backend("auto", n=100, factored=True, single_input=True).name in ("ipm", "mosek")
+
+
+def test_linf_is_refused_cleanly():
+    _, net = _net((4, 6, 2), seed=7)
+    cert = lipsdp.certify(net, solver="fo", norm="linf", output_index=0, lower_bound_samples=0)
+    assert not cert.verified and "l2" in cert.message
