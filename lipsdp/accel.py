@@ -43,7 +43,8 @@ def device_for(n: int) -> str:
     return "numpy"
 
 
-def _tensor(A, device: str):
+def as_tensor(A, device: str):
+    """A float64 torch tensor of ``A`` on ``device`` (``"cuda"``, or the CPU for ``"torch"``)."""
     import torch
 
     return torch.as_tensor(np.ascontiguousarray(A, dtype=np.float64),
@@ -58,7 +59,7 @@ def eigh(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.linalg.eigh(A)
     import torch
 
-    w, V = torch.linalg.eigh(_tensor(A, dev))
+    w, V = torch.linalg.eigh(as_tensor(A, dev))
     return w.cpu().numpy(), V.cpu().numpy()
 
 
@@ -72,4 +73,4 @@ def spectral_norm(W: np.ndarray) -> float:
         return float(np.linalg.norm(W, 2))
     import torch
 
-    return float(torch.linalg.matrix_norm(_tensor(W, dev), ord=2).cpu())
+    return float(torch.linalg.matrix_norm(as_tensor(W, dev), ord=2).cpu())

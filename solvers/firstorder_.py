@@ -305,12 +305,13 @@ class _LinearAlgebra:
             import torch
 
             self.torch = torch
-            self.dev = "cuda" if device == "cuda" else "cpu"
 
     def array(self, A):
+        from lipsdp.accel import as_tensor
+
         if self.device == "numpy" or not isinstance(A, np.ndarray):
             return A
-        return self.torch.as_tensor(A, dtype=self.torch.float64, device=self.dev)
+        return as_tensor(A, self.device)
 
     def numpy(self, A):
         return A if isinstance(A, np.ndarray) else A.cpu().numpy()

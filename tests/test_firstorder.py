@@ -17,6 +17,7 @@ import lipsdp
 from lipsdp.io import network_from_module
 from lipsdp.solvers import get_backend
 from lipsdp.solvers.firstorder_ import FirstOrder, _chain_groups, _Descent
+from lipsdp.verify import input_schur
 
 from conftest import assert_sandwich, torch_lower_bound
 from models import mlp, residual_mlp
@@ -74,11 +75,7 @@ def test_block_elimination_matches_the_dense_schur_complement():
     d.start()
     theta = d.best_theta + 0.1
     rho = d.evaluate(theta)[1]
-    t = np.exp(theta)
-    M = lmi.matrix(np.concatenate([[0.0], t]))
-    n0 = lmi.input_dim
-    P, Q, R = M[:n0, :n0], M[:n0, n0:], M[n0:, n0:]
-    dense = np.linalg.eigvalsh(P - Q @ np.linalg.solve(R, Q.T))[-1]
+    dense = np.linalg.eigvalsh(input_schur(lmi, np.exp(theta)))[-1]
     assert rho == pytest.approx(dense, rel=1e-10)
 
 
