@@ -15,17 +15,18 @@ Configurations
 ``lipsdp-<solver>``
     ``lipsdp.certify(net, solver=..., formulation="neuron", lower_bound_samples=0)``:
     input-reduced LMI, native backend, verified bound.  ``ipm`` is lipsdp's own
-    interior-point method on the factored (rank-two) constraints; ``fo`` its L-BFGS descent
+    interior-point method on the factored (rank-two) constraints, ``chordal`` the same method
+    on the clique chain of the layer-by-layer LMI (linear in depth); ``fo`` its L-BFGS descent
     on the smoothed exact ``rho(T)`` (approximate, verified).  Clarabel is skipped where
     the LMI lipsdp solves is larger than 150 (its KKT system needs O(n^4) memory), the ipm
-    above 3000, SCS above 2000.
+    above 3000, SCS above 2000, chordal on nets wider than 64 or with one hidden layer.
 
 Usage::
 
     python benchmarks/bench_solvers.py --quick      # two smallest nets, 1 repeat
     python benchmarks/bench_solvers.py              # default nets, 3 repeats
     python benchmarks/bench_solvers.py --large      # also 784-256-256-10
-    python benchmarks/bench_solvers.py --deep       # also 16-32xL-4, L = 4..32 (depth curve)
+    python benchmarks/bench_solvers.py --deep       # also 16-32xL-4, L = 4..50 (depth curve)
     python benchmarks/bench_solvers.py --xl         # also 784-1024x4-10 (4,096 hidden neurons)
 
 Writes ``benchmarks/results/solvers.{md,json,png}``.
@@ -63,9 +64,9 @@ NAIVE_SOLVERS = ("scs", "cvxopt", "sdpa")
 #: closed-form ECLipsE-Fast.  Their numbers are their own, not verified by lipsdp.
 PEER_SOLVERS = ("eclipse", "eclipse-fast")
 PEER_SDP_SOLVER = "CVXOPT"
-LIPSDP_SOLVERS = ("ipm", "fo", "scs", "sdpa", "cvxopt", "clarabel")
+LIPSDP_SOLVERS = ("ipm", "chordal", "fo", "scs", "sdpa", "cvxopt", "clarabel")
 #: Solver family of each backend: ``× vs naive`` compares with the fastest naive run of the same family.
-FAMILY = {"ipm": "interior-point", "sdpa": "interior-point", "cvxopt": "interior-point",
+FAMILY = {"ipm": "interior-point", "chordal": "interior-point", "sdpa": "interior-point", "cvxopt": "interior-point",
           "clarabel": "interior-point", "scs": "first-order", "fo": "first-order"}
 #: Beyond these LMI sizes a configuration is not run: the naive formulation and the cvxpy-based
 #: backends timed out (300 s) on the 1296 x 1296 LMI of 784-256-256-10 in earlier runs.
@@ -74,6 +75,9 @@ CVXPY_MAX_N = 900
 CLARABEL_MAX_N = 150
 #: lipsdp's ipm: dense n x n iterates, about 25 n^3 flops an iteration (20 min at n = 4880).
 IPM_MAX_N = 3000
+#: lipsdp's chordal: a Newton system of about (w^2/2)^3 flops per layer of width w; it needs
+#: two or more hidden layers (a chain of cliques).
+CHORDAL_MAX_WIDTH = 64
 #: SCS: one eigendecomposition of the n x n iterate per iteration, thousands of iterations.
 SCS_MAX_N = 2000
 #: Bounds of two configurations that differ by more than this (relative) are reported.
@@ -130,7 +134,7 @@ def default_nets(large: bool, deep: bool = False, xl: bool = False) -> list[NetS
 
 
 #: Depths of the deep narrow 16-32x...-4 nets (``--deep``).
-DEPTHS = (4, 8, 16, 32)
+DEPTHS = (4, 8, 16, 32, 50)
 
 
 def lmi_sizes(weights) -> tuple[int, int]:
@@ -383,6 +387,9 @@ def run_all(nets, repeats, timeout, mem_limit, only, snapshot: Path) -> list[Row
                 skip = f"LMI {solved_n} > {CVXPY_MAX_N}"
             elif kind == "lipsdp" and solver == "ipm" and solved_n > IPM_MAX_N:
                 skip = f"LMI {solved_n} > {IPM_MAX_N}"
+            elif kind == "lipsdp" and solver == "chordal" and (len(net.weights()) < 3 or max(
+                    w.shape[0] for w in net.weights()[:-1]) > CHORDAL_MAX_WIDTH):
+                skip = f"needs >= 2 hidden layers of width <= {CHORDAL_MAX_WIDTH}"
             elif kind == "lipsdp" and solver == "scs" and solved_n > SCS_MAX_N:
                 skip = f"LMI {solved_n} > {SCS_MAX_N}"
             if skip:
@@ -577,8 +584,12 @@ def markdown(rows, env, disc, fast, args) -> str:
         "hard-coded SCS; a compositional relaxation of LipSDP, so its bound is expected at or above LipSDP's; "
         "its number is its own, not verified by lipsdp, and it is left out of the bound-differences table.",
         "- `ipm`: lipsdp's interior-point method on the factored rank-two constraints (solvers/ipm_.py); "
+        "`chordal`: the same iteration on the clique chain of the layer-by-layer LMI, Newton system "
+        f"block-tridiagonal, linear in depth (solvers/chordal_.py; skipped on nets wider than {CHORDAL_MAX_WIDTH} "
+        "or with one hidden layer); "
         "`fo`: lipsdp's L-BFGS on the smoothed exact rho(T) (solvers/firstorder_.py), approximate (no dual "
-        "value), verified; `same family` = interior-point (ipm, SDPA, CVXOPT, Clarabel) or first-order (SCS, fo).",
+        "value), verified; `same family` = interior-point (ipm, chordal, SDPA, CVXOPT, Clarabel) or first-order "
+        "(SCS, fo).",
         "- × = median seconds of the baseline / median seconds of the row (> 1: faster than the baseline); "
         "`best naive` is the fastest naive configuration on the same net.",
         "",

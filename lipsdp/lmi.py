@@ -198,7 +198,8 @@ class LMIProblem:
         ``interior_point``: also the Schur complement in the variables (``n_var^2``)
         and the dense KKT block of the PSD cone where the solver forms it.
         ``interior_point_lowrank`` (lipsdp's ipm): Gram matrices of the factor rows
-        and the term-by-term Schur pieces.
+        and the term-by-term Schur pieces.  ``interior_point_chordal``: the
+        block-tridiagonal Newton system over ``(multipliers, Y_k)`` groups, linear in depth.
         """
         dense = 8 * self.n * self.n
         stored = 24 * len(self.vals)
@@ -207,6 +208,12 @@ class LMIProblem:
         if kind == "interior_point_cone":  # Clarabel: dense (n(n+1)/2)^2 scaling block
             m = self.n * (self.n + 1) // 2
             return 8 * m * m + 8 * dense + 4 * stored
+        if kind == "interior_point_chordal" and len(self.blocks) >= 3:  # lipsdp's chordal
+            sizes = np.array([b.stop - b.start for b in self.blocks], dtype=np.float64)
+            group = sizes * (sizes + 1) / 2 + sizes  # Y_k and the layer's multipliers
+            clique = sizes[:-1] + sizes[1:]
+            # Per group: its block of H, its factor, the coupling and its solve; per clique ~12 iterates.
+            return int(8 * (4 * np.sum(group ** 2) + 12 * np.sum(clique ** 2)) + 6 * stored)
         if kind == "interior_point_lowrank" and self.factors is not None:  # lipsdp's ipm
             r, t = self.factors[0].shape[0], len(self.factors[3])
             return 16 * dense + 8 * (2 * r * r + 3 * t * t + 2 * self.n_var ** 2) + 6 * stored

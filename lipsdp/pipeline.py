@@ -320,7 +320,7 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
         else:
             if backend is None:
                 backend = get_backend(solver, n=lmi.n, free_multipliers=not bool(lmi.nonneg.all()),
-                                      factored=lmi.factors is not None, single_input=lmi.n_in == 1)
+                                      factored=lmi.factors is not None, single_input=lmi.n_in == 1, lmi=lmi)
                 need = lmi.memory_estimate(backend.family)
                 budget = memory_limit or int(0.8 * available_memory())
                 if need > budget:
@@ -330,7 +330,7 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
             backend_name = backend.name
             result, seconds = _solve(backend, lmi, time_limit, tol, progress, label)
             t_solve += seconds
-            if solver.lower() == "auto" and backend.name in ("ipm", "fo") and result.status not in (
+            if solver.lower() == "auto" and backend.name in ("ipm", "chordal", "fo") and result.status not in (
                     "optimal", "optimal_inaccurate", "time_limit"):
                 # The ipm stalls on some badly conditioned LMIs (e.g. very deep nets, whose composed
                 # norm bounds overshoot by orders of magnitude), fo may find no feasible start: let

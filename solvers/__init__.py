@@ -6,7 +6,9 @@ imports a solver at ``import lipsdp``: availability is checked with
 ``importlib.util.find_spec``, and MOSEK's licence with a licence checkout.
 
 ``auto`` picks MOSEK when it is installed *and* licensed; otherwise lipsdp's
-own ``ipm`` for LMIs whose constraints all have the factored rank-two form and
+own ``chordal`` (clique chain of a feed-forward LMI) where its estimated cost
+is below the dense method's (deep narrow nets), else its ``ipm`` for LMIs whose
+constraints all have the factored rank-two form and
 no free multipliers (slope-restricted nets, up to size 3000); for larger l2
 LMIs lipsdp's ``fo`` (L-BFGS on the exact ``rho(T)``: approximate, verified);
 else SDPA for free multipliers (GroupSort, Householder), CVXOPT up to size 600
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from lipsdp.errors import SolverLicenseError, SolverNotFound
 from lipsdp.solvers.base import STATUSES, Backend, SolveResult
+from lipsdp.solvers.chordal_ import ChordalIPM, estimate_cost
 from lipsdp.solvers.clarabel_ import Clarabel
 from lipsdp.solvers.cvxpy_ import CVXOPT, MOSEK, SDPA
 from lipsdp.solvers.firstorder_ import FirstOrder
@@ -26,7 +29,7 @@ from lipsdp.solvers.scs_ import SCS
 
 #: Every backend lipsdp knows (name -> class).  Not the order ``auto`` tries them in:
 #: that is :func:`get_backend` (MOSEK if licensed, the ipm rule, then :func:`_open_source_order`).
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (MOSEK, LowRankIPM, SCS, SDPA, CVXOPT, Clarabel, FirstOrder)}
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (MOSEK, LowRankIPM, ChordalIPM, SCS, SDPA, CVXOPT, Clarabel, FirstOrder)}
 
 
 def installed() -> list[str]:
@@ -50,13 +53,15 @@ def describe() -> list[dict]:
 
 
 def get_backend(name: str = "auto", *, n: int | None = None, free_multipliers: bool = False,
-                factored: bool = False, single_input: bool = False) -> Backend:
+                factored: bool = False, single_input: bool = False, lmi=None) -> Backend:
     """An instance of the backend called ``name``.
 
     ``"auto"`` prefers a licensed MOSEK, then the best open-source backend for an
     LMI of size ``n`` (``factored``: every constraint has the rank-two form that
     :class:`~lipsdp.solvers.ipm_.LowRankIPM` exploits; ``single_input``: the l2 LMI,
-    whose one input variable ``rho`` the ``fo`` backend needs).  A missing or unlicensed
+    whose one input variable ``rho`` the ``fo`` backend needs; ``lmi``: the problem itself,
+    whose layer chain lets ``auto`` weigh :class:`~lipsdp.solvers.chordal_.ChordalIPM`
+    against the dense ipm by their estimated cost).  A missing or unlicensed
     backend raises an error that lists what is available and how to install the rest.
     """
     name = name.lower()
@@ -66,7 +71,11 @@ def get_backend(name: str = "auto", *, n: int | None = None, free_multipliers: b
         order = _open_source_order(n, free_multipliers)
         # Free multipliers (GroupSort, Householder) leave the ipm's Schur complement singular
         # near their unbounded optimal set; SDPA handles those (see _open_source_order).
-        if factored and not free_multipliers and (n is None or n <= LowRankIPM.max_auto_size):
+        cost = estimate_cost(lmi) if lmi is not None and factored and not free_multipliers else None
+        if cost is not None and cost[0] < cost[1] and cost[0] <= ChordalIPM.max_auto_cost:
+            # Deep narrow nets: the clique chain's Newton system grows linearly with depth.
+            order = ["chordal"] + order
+        elif factored and not free_multipliers and (n is None or n <= LowRankIPM.max_auto_size):
             order = ["ipm"] + order
         elif single_input and not free_multipliers and n is not None and n > LowRankIPM.max_auto_size:
             # Beyond the interior-point methods' reach (minutes per iteration, SCS an n x n

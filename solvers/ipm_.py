@@ -69,7 +69,8 @@ class LowRankIPM(Backend):
             return SolveResult("solver_error", None, None, time.perf_counter() - t0,
                                message="ipm needs factored constraint terms; a constraint family gave none")
         tol = tol or self.default_tol
-        state = _IPM(lmi, tol, time_limit, t0, verbose, self.max_iters, self.step_fraction)
+        state = _IPM(_DenseLMI(lmi), lmi.objective, lmi.nonneg, tol, time_limit, t0, verbose,
+                     self.max_iters, self.step_fraction)
         status, message = state.run()
         return SolveResult(status, state.y.copy(), float(state.c @ state.y), time.perf_counter() - t0,
                            state.iterations, message,
@@ -79,17 +80,15 @@ class LowRankIPM(Backend):
                                    "primal_infeasibility": state.pinf, "dual_infeasibility": state.dinf})
 
 
-class _IPM:
-    """State and steps of one solve (dense ``n x n`` iterates, sparse data)."""
+class _DenseLMI:
+    """The LMI as one dense block: linear maps from the COO basis, Schur complement from the factors."""
 
-    def __init__(self, lmi, tol, time_limit, t0, verbose, max_iters, step_fraction):
+    def __init__(self, lmi):
         import scipy.sparse as sp
 
         self.n, self.m = lmi.n, lmi.n_var
-        self.tol, self.time_limit, self.t0, self.verbose = tol, time_limit, t0, verbose
-        self.max_iters, self.step_fraction = max_iters, step_fraction
-        self.c = np.asarray(lmi.objective, dtype=np.float64)
-        self.F0 = lmi.const.toarray()
+        self.sizes = [lmi.n]
+        self.F0s = [lmi.const.toarray()]
         self.basis = lmi.basis().tocsr()  # (n*n, m): vec(F_j), column-major
         self.basisT = self.basis.T.tocsr()
         R, iu, iw, coef, var = lmi.factors
@@ -99,7 +98,71 @@ class _IPM:
         T = len(coef)
         self.KT = sp.csr_matrix((np.asarray(coef, dtype=np.float64), (np.arange(T), np.asarray(var))),
                                 shape=(T, self.m)).T.tocsr()
-        self.N = np.flatnonzero(lmi.nonneg)
+
+    def linear(self, y):
+        """``[sum_j y_j F_j]``: the variable part of each block."""
+        return [(self.basis @ y).reshape(self.n, self.n, order="F")]
+
+    def adjoint(self, Gs):
+        """``(<F_j, G>)_j``."""
+        return self.basisT @ Gs[0].reshape(-1, order="F")
+
+    def schur(self, X, Z):
+        """``H_ij = tr(F_i X F_j Z)`` from the Gram matrices of the factor rows."""
+        R = self.R
+        return _term_schur((R @ (R @ X).T).T, (R @ (R @ Z).T).T, self.iu, self.iw, self.KT)
+
+    def newton(self, Xs, Zs, N, lp):
+        """A solver for ``(H + diag_N(lp)) dy = rhs``, or None if H is numerically singular."""
+        from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
+        H = self.schur(Xs[0], Zs[0])
+        H[N, N] += lp
+        H = (H + H.T) / 2
+        # Jacobi scaling: on deep nets the diagonal of H spans many orders of magnitude, and a
+        # regularisation relative to its largest entry would swamp the small ones.
+        hd = np.sqrt(np.maximum(np.diag(H), 1e-300))
+        Hs = H / np.outer(hd, hd)
+        for reg in (1e-14, 1e-11, 1e-8):  # free multipliers can make H singular near the optimum
+            try:
+                Hf = cho_factor(Hs + reg * np.eye(self.m), lower=True, check_finite=False)
+            except LinAlgError:
+                continue
+            return lambda rhs: cho_solve(Hf, rhs / hd, check_finite=False) / hd
+        return None
+
+
+def _term_schur(GX, GZ, u, w, KT):
+    """``K^T h K`` with ``h_ts = tr((u_t w_t^T + w_t u_t^T) X (u_s w_s^T + w_s u_s^T) Z)``.
+
+    ``GX = R X R^T`` and ``GZ = R Z R^T`` are the Gram matrices of the factor rows
+    ``R``; ``u, w`` index the rows of each term and ``KT`` (variables x terms, sparse)
+    carries the coefficients.
+    """
+    h = GX[np.ix_(w, u)] * GZ[np.ix_(u, w)]
+    h += GX[np.ix_(w, w)] * GZ[np.ix_(u, u)]
+    h += GX[np.ix_(u, u)] * GZ[np.ix_(w, w)]
+    h += GX[np.ix_(u, w)] * GZ[np.ix_(w, u)]
+    KTh = KT @ h
+    return (KT @ KTh.T).T
+
+
+class _IPM:
+    """State and steps of one solve over a list of PSD blocks (dense iterates per block).
+
+    ``structure`` supplies the blocks' sizes and constants ``F0s``, the maps
+    ``linear(y)`` (the blocks of ``sum_j y_j F_j``) and ``adjoint(Gs)``, and
+    ``newton(Xs, Zs, N, lp)``, a solver for the Schur complement system:
+    :class:`_DenseLMI` (one block) or the clique chain of :mod:`~lipsdp.solvers.chordal_`.
+    """
+
+    def __init__(self, structure, objective, nonneg, tol, time_limit, t0, verbose, max_iters, step_fraction):
+        self.st = structure
+        self.m = len(objective)
+        self.tol, self.time_limit, self.t0, self.verbose = tol, time_limit, t0, verbose
+        self.max_iters, self.step_fraction = max_iters, step_fraction
+        self.c = np.asarray(objective, dtype=np.float64)
+        self.N = np.flatnonzero(nonneg)
         self.iterations = 0
         self.dual_objective = self.gap = self.pinf = self.dinf = float("nan")
         # Start: multipliers 1, X = I, S = s I with s the size of M at that point (the norm of
@@ -107,8 +170,9 @@ class _IPM:
         # Measured on the anchors and random nets: 11-18 iterations; X = S = 100 I took 18-33.
         self.y = np.zeros(self.m)
         self.y[self.N] = 1.0
-        self.X = np.eye(self.n)
-        self.S = np.eye(self.n) * self.norm_estimate(self.F0 + self.F(self.y))
+        self.X = [np.eye(k) for k in structure.sizes]
+        self.S = [np.eye(k) * self.norm_estimate(F0 + F) for k, F0, F in
+                  zip(structure.sizes, structure.F0s, structure.linear(self.y))]
         self.z = np.ones(len(self.N))
 
     @staticmethod
@@ -125,25 +189,6 @@ class _IPM:
                 break
             v = w / est
         return max(1.0, est if np.isfinite(est) else 1.0)
-
-    # -- linear maps ------------------------------------------------------
-    def F(self, y):
-        return (self.basis @ y).reshape(self.n, self.n, order="F")
-
-    def adjoint(self, G):
-        return self.basisT @ G.reshape(-1, order="F")
-
-    def schur(self, X, Z):
-        """``H_ij = tr(F_i X F_j Z)`` from the Gram matrices of the factor rows."""
-        GX = (self.R @ (self.R @ X).T).T
-        GZ = (self.R @ (self.R @ Z).T).T
-        u, w = self.iu, self.iw
-        h = GX[np.ix_(w, u)] * GZ[np.ix_(u, w)]
-        h += GX[np.ix_(w, w)] * GZ[np.ix_(u, u)]
-        h += GX[np.ix_(u, u)] * GZ[np.ix_(w, w)]
-        h += GX[np.ix_(u, w)] * GZ[np.ix_(w, u)]
-        KTh = self.KT @ h
-        return (self.KT @ KTh.T).T
 
     # -- helpers ------------------------------------------------------------
     @staticmethod
@@ -165,18 +210,22 @@ class _IPM:
         return np.inf if lam >= 0 else -1.0 / lam
 
     @staticmethod
-    def _positive_step(M, dM, a):
-        """``(M + a' dM, its Cholesky factor, a')`` for the largest ``a' = a 0.8^k`` that is positive definite."""
+    def _positive_step(Ms, dMs, a):
+        """``(Ms + a' dMs, their Cholesky factors, a')`` for the largest ``a' = a 0.8^k`` that keeps every block positive definite."""
         from scipy.linalg import LinAlgError, cholesky
 
         for _ in range(30):
-            Mn = M + a * dM
-            Mn = (Mn + Mn.T) / 2
+            new, factors = [], []
             try:
-                return Mn, cholesky(Mn, lower=True, check_finite=False), a
+                for M, dM in zip(Ms, dMs):
+                    Mn = M + a * dM
+                    Mn = (Mn + Mn.T) / 2
+                    factors.append(cholesky(Mn, lower=True, check_finite=False))
+                    new.append(Mn)
+                return new, factors, a
             except LinAlgError:
                 a *= 0.8
-        return M, None, 0.0
+        return Ms, None, 0.0
 
     @staticmethod
     def max_step_vec(v, dv):
@@ -184,37 +233,40 @@ class _IPM:
         return np.inf if not np.any(neg) else float(np.min(-v[neg] / dv[neg]))
 
     def run(self):
-        from scipy.linalg import LinAlgError, cho_factor, cho_solve, cholesky
+        from scipy.linalg import cholesky
         from scipy.linalg.lapack import dpotri as potri
 
-        n, N = self.n, self.N
-        nc = n + len(N)
-        normF0 = 1.0 + np.linalg.norm(self.F0)
+        st, N = self.st, self.N
+        nc = sum(st.sizes) + len(N)
+        normF0 = 1.0 + np.sqrt(sum(np.sum(F0 * F0) for F0 in st.F0s))
         normc = 1.0 + np.linalg.norm(self.c)
         X, S, y, z = self.X, self.S, self.y, self.z
+        dot = lambda As, Bs: sum(float(np.sum(A * B)) for A, B in zip(As, Bs))  # noqa: E731
         status, message = "solver_error", "iteration limit reached"
-        Ls = cholesky(S, lower=True, check_finite=False)
-        Lx = cholesky(X, lower=True, check_finite=False)
+        Ls = [cholesky(Sk, lower=True, check_finite=False) for Sk in S]
+        Lx = [cholesky(Xk, lower=True, check_finite=False) for Xk in X]
         for it in range(self.max_iters):
             self.iterations = it
             if self.time_limit and time.perf_counter() - self.t0 > self.time_limit:
                 return "time_limit", f"time limit after {it} iterations"
-            Z, info = potri(Ls, lower=1)
-            if info != 0:
-                return "solver_error", f"singular dual slack at iteration {it}"
-            Z = np.tril(Z) + np.tril(Z, -1).T
+            Z = []
+            for L in Ls:
+                Zk, info = potri(L, lower=1)
+                if info != 0:
+                    return "solver_error", f"singular dual slack at iteration {it}"
+                Z.append(np.tril(Zk) + np.tril(Zk, -1).T)
             yN = y[N]
             zfull = np.zeros(self.m)
             zfull[N] = z
-            Rd = -self.F0 - self.F(y) - S
-            r = zfull - self.c - self.adjoint(X)
-            mu = (float(np.sum(X * S)) + float(z @ yN)) / nc
-            pobj, dobj = float(self.c @ y), float(np.sum(self.F0 * X))
+            Rd = [-F0 - F - Sk for F0, F, Sk in zip(st.F0s, st.linear(y), S)]
+            r = zfull - self.c - st.adjoint(X)
+            mu = (dot(X, S) + float(z @ yN)) / nc
+            pobj, dobj = float(self.c @ y), dot(st.F0s, X)
             self.dual_objective = dobj
             # Relative to the objective itself, not 1 + |.|: deep nets can have optima of 1e-6
             # after preconditioning (the trivial bound it scales by is far above the SDP value).
             self.gap = abs(pobj - dobj) / max(abs(pobj), abs(dobj), 1e-14)
-            self.pinf = np.linalg.norm(Rd) / normF0
+            self.pinf = np.sqrt(dot(Rd, Rd)) / normF0
             self.dinf = np.linalg.norm(r) / normc
             if self.verbose:
                 print(f"ipm {it:3d}  pobj {pobj:+.9e}  dobj {dobj:+.9e}  gap {self.gap:.1e}  "
@@ -228,53 +280,45 @@ class _IPM:
             if not np.isfinite(mu):
                 return "solver_error", "non-finite iterate"
 
-            H = self.schur(X, Z)
-            H[N, N] += z / yN
-            H = (H + H.T) / 2
-            # Jacobi scaling: on deep nets the diagonal of H spans many orders of magnitude, and a
-            # regularisation relative to its largest entry would swamp the small ones.
-            hd = np.sqrt(np.maximum(np.diag(H), 1e-300))
-            Hs = H / np.outer(hd, hd)
-            Hf = None
-            for reg in (1e-14, 1e-11, 1e-8):  # free multipliers can make H singular near the optimum
-                try:
-                    Hf = cho_factor(Hs + reg * np.eye(self.m), lower=True, check_finite=False)
-                    break
-                except LinAlgError:
-                    continue
-            if Hf is None:
+            solve = st.newton(X, Z, N, z / yN)
+            if solve is None:
                 return ("optimal_inaccurate" if self.gap < 1e-4 else "solver_error",
                         f"singular Schur complement at iteration {it} (gap {self.gap:.1e})")
             # After the first full dual step S = -M(y) holds up to rounding: skip the product.
-            XRdZ = X @ Rd @ Z if self.pinf > 1e-13 else 0.0
+            XRdZ = [Xk @ Rk @ Zk if self.pinf > 1e-13 else 0.0 for Xk, Rk, Zk in zip(X, Rd, Z)]
 
             def direction(smu, corr_X, corr_lp):
-                G = smu * Z - X - XRdZ
-                if corr_X is not None:
-                    G = G - corr_X
-                G = (G + G.T) / 2
-                rhs = r - self.adjoint(G)
+                G = []
+                for k in range(len(X)):
+                    Gk = smu * Z[k] - X[k] - XRdZ[k]
+                    if corr_X is not None:
+                        Gk = Gk - corr_X[k]
+                    G.append((Gk + Gk.T) / 2)
+                rhs = r - st.adjoint(G)
                 rhs[N] += (smu - z * yN - corr_lp) / yN
-                dy = cho_solve(Hf, rhs / hd, check_finite=False) / hd
-                dS = Rd - self.F(dy)
-                dX = smu * Z - X - X @ dS @ Z
-                if corr_X is not None:
-                    dX = dX - corr_X
-                dX = (dX + dX.T) / 2
+                dy = solve(rhs)
+                dS = [Rk - dF for Rk, dF in zip(Rd, st.linear(dy))]
+                dX = []
+                for k in range(len(X)):
+                    dXk = smu * Z[k] - X[k] - X[k] @ dS[k] @ Z[k]
+                    if corr_X is not None:
+                        dXk = dXk - corr_X[k]
+                    dX.append((dXk + dXk.T) / 2)
                 dz = (smu - z * yN - corr_lp - z * dy[N]) / yN
                 return dy, dS, dX, dz
 
             def steps(dy, dS, dX, dz):
-                aP = min(self.max_step(Lx, dX), self.max_step_vec(z, dz))
-                aD = min(self.max_step(Ls, dS), self.max_step_vec(yN, dy[N]))
+                aP = min([self.max_step(L, d) for L, d in zip(Lx, dX)] + [self.max_step_vec(z, dz)])
+                aD = min([self.max_step(L, d) for L, d in zip(Ls, dS)] + [self.max_step_vec(yN, dy[N])])
                 return aP, aD
 
             dy, dS, dX, dz = direction(0.0, None, 0.0)
             aP, aD = steps(dy, dS, dX, dz)
             aP, aD = min(1.0, aP), min(1.0, aD)
-            mu_aff = (float(np.sum((X + aP * dX) * (S + aD * dS))) + float((z + aP * dz) @ (yN + aD * dy[N]))) / nc
+            mu_aff = (sum(float(np.sum((Xk + aP * dXk) * (Sk + aD * dSk))) for Xk, dXk, Sk, dSk in zip(X, dX, S, dS))
+                      + float((z + aP * dz) @ (yN + aD * dy[N]))) / nc
             sigma = min(1.0, max(0.0, mu_aff / mu)) ** 3
-            dy, dS, dX, dz = direction(sigma * mu, dX @ dS @ Z, dy[N] * dz)
+            dy, dS, dX, dz = direction(sigma * mu, [a @ b @ c for a, b, c in zip(dX, dS, Z)], dy[N] * dz)
             aP, aD = steps(dy, dS, dX, dz)
             aP = min(1.0, self.step_fraction * aP)
             aD = min(1.0, self.step_fraction * aD)

@@ -1,0 +1,352 @@
+"""An interior-point method on the clique decomposition of a layer-chain LMI.
+
+The LMI of a feed-forward net is block-tridiagonal (MATH.md section 1.4): with
+blocks ``0..l`` (input, then one per activation layer) only neighbouring
+blocks are coupled.  That pattern is chordal with maximal cliques
+``C_k = {k-1, k}``, so by Agler's theorem (Agler, Helton, McCullough and
+Rodman 1988; MATH.md section 8.1)
+
+.. math::
+
+    M(y) \\preceq 0 \\iff \\exists\\, Y_1, \\dots, Y_{l-1} \\in \\mathbb S:\\quad
+    Z_k(y, Y) = M_k(y) + E_0^T Y_{k-1} E_0 - E_1^T Y_k E_1 \\preceq 0 \\quad (k = 1..l),
+
+where ``M_k`` collects the terms of ``M`` assigned to clique ``k`` (each
+multiplier's matrix lies inside one clique), and ``Y_k`` splits the diagonal
+block ``k`` shared by cliques ``k`` and ``k + 1`` (``E_0``, ``E_1`` pick the
+first and second block of a clique; ``Y_0 = Y_l = 0``).  Summing the ``Z_k``
+gives ``M`` back, so the optimum is exactly that of the full SDP: this is the
+diagonal-multiplier clique form, not the released Chordal-LipSDP's band
+couplings (unsound for ``tau >= 1``).
+
+Each ``Z_k`` is small (``n_{k-1} + n_k``), and each variable touches at most
+two neighbouring cliques, so the Schur complement of a primal-dual
+interior-point method is block-tridiagonal over the groups
+``(multipliers of layer k, Y_k)``: it is assembled clique by clique (the
+rank-two Gram formula of :mod:`~lipsdp.solvers.ipm_`, with unit rows for the
+``Y`` entries) and factored by a block Cholesky recursion.  The cost of an
+iteration is linear in depth, about ``l (w^2/2)^3`` flops for width ``w``,
+against ``(l w)^3`` for the dense LMI: the dense method wins on shallow nets,
+this one on deep narrow ones (``benchmarks/bench_solvers.py --deep``).
+
+The iteration itself (HKM direction, Mehrotra predictor-corrector, infeasible
+start) is :class:`~lipsdp.solvers.ipm_._IPM`; only the answer's multipliers
+are returned (the ``Y_k`` are discarded), and :mod:`lipsdp.verify` checks
+them on the full LMI as always.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import scipy.sparse as sp
+
+from lipsdp.solvers.base import Backend, SolveResult
+from lipsdp.solvers.ipm_ import _IPM, _term_schur
+
+
+class ChordalIPM(Backend):
+    """Interior-point method on the clique chain of a feed-forward LMI (numpy / scipy only)."""
+
+    name = "chordal"
+    modules = ("scipy",)
+    install = "built in (numpy and scipy)"
+    family = "interior_point_chordal"
+    supports_time_limit = True
+    default_tol = 1e-7
+    max_iters = 80
+    step_fraction = 0.95
+    #: ``auto`` uses it while :func:`estimate_cost` is below the dense ipm's and below this
+    #: (about 5 s an iteration on one core; width 64: about 30 layers).
+    max_auto_cost = 2.0e11
+
+    @staticmethod
+    def applies(lmi) -> bool:
+        """Whether ``lmi`` has factored terms and is a chain of at least three blocks."""
+        return _CliqueChain.layout(lmi) is not None
+
+    def solve(self, lmi, *, time_limit=None, tol=None, verbose=False):
+        t0 = time.perf_counter()
+        layout = _CliqueChain.layout(lmi)
+        if layout is None:
+            return SolveResult("solver_error", None, None, time.perf_counter() - t0,
+                               message="chordal needs a layer chain (feed-forward net, at least two activation "
+                               "layers) with factored constraint terms")
+        chain = _CliqueChain(lmi, *layout)
+        state = _IPM(chain, chain.objective, chain.nonneg, tol or self.default_tol, time_limit, t0, verbose,
+                     self.max_iters, self.step_fraction)
+        status, message = state.run()
+        y = state.y[chain.position]  # the multipliers, in the LMI's order; the Y_k are dropped
+        return SolveResult(status, y, float(lmi.objective @ y), time.perf_counter() - t0, state.iterations,
+                           message, extras={"dual_objective": state.dual_objective if state.dinf < 1e-5
+                                            else float("nan"), "gap": state.gap, "cliques": len(chain.cliques),
+                                            "primal_infeasibility": state.pinf, "dual_infeasibility": state.dinf})
+
+
+def estimate_cost(lmi) -> tuple[float, float] | None:
+    """``(chordal, dense)``: the cost of one iteration of each interior-point method, or None
+    if the chain form does not apply.
+
+    In flop-like units: ``chordal`` sums ``3 g^3`` over the groups ``(multipliers, Y_k)``
+    (block Cholesky, coupling solve and update), the clique Schur products and a fixed
+    per-clique overhead; ``dense`` is ``25 n^3 + m^3`` for the one-block method.  Calibrated
+    on 16-32xL-4 nets (one core): the measured time ratio was 2.0 at L = 16 (model 2.3)
+    and 0.5 at L = 32 (model 0.6).  ``auto`` uses it to choose between the two.
+    """
+    layout = _CliqueChain.layout(lmi)
+    if layout is None:
+        return None
+    sizes, clique_of_var = layout[0], layout[1]
+    counts = np.bincount(clique_of_var, minlength=len(sizes))
+    overhead = 2e7  # about 1 ms of Python and small-matrix work per block and iteration
+    chordal = 0.0
+    for k in range(1, len(sizes)):
+        g = float(counts[k] + (sizes[k] * (sizes[k] + 1) // 2 if k < len(sizes) - 1 else 0))
+        t = g + sizes[k - 1] * (sizes[k - 1] + 1) / 2  # local variables of clique k
+        chordal += 3.0 * g ** 3 + 8.0 * t * t + overhead
+    return chordal, 25.0 * float(lmi.n) ** 3 + float(lmi.n_var) ** 3 + overhead
+
+
+class _CliqueChain:
+    """The clique form of a chain LMI, in the interface :class:`~lipsdp.solvers.ipm_._IPM` iterates on.
+
+    Variables are reordered into groups ``g_k = (multipliers of clique k, svec(Y_k))``,
+    ``k = 1..l``; ``position[j]`` is where the LMI's variable ``j`` went.  ``Y_k``
+    is parametrised by its upper triangle: ``Y = sum_{a<=b} y_ab (e_a e_b^T + e_b e_a^T) / (1 + [a=b])``.
+    """
+
+    @staticmethod
+    def layout(lmi):
+        """``(block sizes, clique of each variable, clique of each constant entry)``, or None if not a chain."""
+        if getattr(lmi, "factors", None) is None or not lmi.blocks or len(lmi.blocks) < 3:
+            return None
+        starts = np.array([b.start for b in lmi.blocks])
+        sizes = np.array([b.stop - b.start for b in lmi.blocks])
+        which = lambda idx: np.searchsorted(starts, np.asarray(idx), side="right") - 1  # noqa: E731
+        rb, cb = which(lmi.rows), which(lmi.cols)
+        const = lmi.const.tocoo()
+        kr, kc = which(const.row), which(const.col)
+        if np.any(np.abs(rb - cb) > 1) or np.any(np.abs(kr - kc) > 1):
+            return None
+        lo = np.full(lmi.n_var, len(sizes), dtype=np.int64)
+        hi = np.zeros(lmi.n_var, dtype=np.int64)
+        np.minimum.at(lo, lmi.var, np.minimum(rb, cb))
+        np.maximum.at(hi, lmi.var, np.maximum(rb, cb))
+        if np.any((hi - lo > 1) & (lo <= hi)):
+            return None
+        clique_of_var = np.maximum(hi, 1)
+        # Every factor row of a term must lie inside its variable's clique.
+        R, iu, iw, _, fvar = lmi.factors
+        Rc = sp.coo_matrix(R)
+        rlo = np.full(R.shape[0], len(sizes), dtype=np.int64)
+        rhi = np.zeros(R.shape[0], dtype=np.int64)
+        np.minimum.at(rlo, Rc.row, which(Rc.col))
+        np.maximum.at(rhi, Rc.row, which(Rc.col))
+        k = clique_of_var[np.asarray(fvar)]
+        for rows in (np.asarray(iu), np.asarray(iw)):
+            used = rlo[rows] <= rhi[rows]
+            if np.any(used & ((rlo[rows] < k - 1) | (rhi[rows] > k))):
+                return None
+        return sizes, clique_of_var, np.maximum(np.maximum(kr, kc), 1)
+
+    def __init__(self, lmi, sizes, clique_of_var, clique_of_const):
+        l = len(sizes) - 1  # noqa: E741  (cliques 1..l)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        nY = [sizes[k] * (sizes[k] + 1) // 2 if 1 <= k < l else 0 for k in range(l + 1)]
+        members = [np.flatnonzero(clique_of_var == k) for k in range(l + 1)]
+        # Group k (k = 1..l) holds the clique's multipliers, then Y_k: Y_k sits at the tail, where
+        # clique k + 1 couples to it.
+        self.group_sizes = [len(members[k]) + nY[k] for k in range(1, l + 1)]
+        offsets = np.concatenate([[0], np.cumsum(self.group_sizes)])
+        m_new = int(offsets[-1])
+        self.position = np.empty(lmi.n_var, dtype=np.int64)
+        for k in range(1, l + 1):
+            self.position[members[k]] = offsets[k - 1] + np.arange(len(members[k]))
+        self.objective = np.zeros(m_new)
+        self.objective[self.position] = lmi.objective
+        self.nonneg = np.zeros(m_new, dtype=bool)
+        self.nonneg[self.position] = lmi.nonneg
+        self.n_prev = [nY[k - 1] for k in range(1, l + 1)]  # coupling to the previous group
+
+        R, iu, iw, coef, fvar = lmi.factors
+        R = sp.csr_matrix(R)
+        iu, iw, coef, fvar = (np.asarray(a) for a in (iu, iw, coef, fvar))
+        term_clique = clique_of_var[fvar]
+        rows, cols, vals, var = (np.asarray(a) for a in (lmi.rows, lmi.cols, lmi.vals, lmi.var))
+        entry_clique = clique_of_var[var]
+        const = lmi.const.tocoo()
+        self.cliques, self.sizes, self.F0s = [], [], []
+        for k in range(1, l + 1):
+            a, b = starts[k - 1], starts[k + 1]
+            size, split = int(b - a), int(sizes[k - 1])
+            # Local variables: Y_{k-1} (tail of group k-1), then group k.
+            prev = offsets[k - 2] + len(members[k - 1]) + np.arange(nY[k - 1]) if k >= 2 else np.zeros(0, int)
+            gidx = np.concatenate([prev, offsets[k - 1] + np.arange(self.group_sizes[k - 1])]).astype(np.int64)
+            local = np.full(m_new, -1, dtype=np.int64)
+            local[gidx] = np.arange(len(gidx))
+            # The entries of the clique's multipliers and of +Y_{k-1} (first block), -Y_k (second).
+            sel = entry_clique == k
+            er, ec = [rows[sel] - a], [cols[sel] - a]
+            ev, evar = [vals[sel]], [local[self.position[var[sel]]]]
+            ys = []  # the Y blocks: (first row, last row + 1, sign), in local variable order
+            for first, stop, sign, count in ((0, split, 1.0, nY[k - 1]), (split, size, -1.0, nY[k])):
+                if not count:
+                    continue
+                ia, ib = np.triu_indices(stop - first)
+                v = (0 if sign > 0 else len(prev) + len(members[k])) + np.arange(count)
+                er += [ia + first, ib + first]
+                ec += [ib + first, ia + first]
+                ev += [np.where(ia == ib, sign / 2, sign)] * 2
+                evar += [v, v]
+                ys.append((first, stop, sign))
+            er, ec, ev, evar = (np.concatenate(z) for z in (er, ec, ev, evar))
+            basis = sp.csr_matrix((ev, (ec * size + er, evar)), shape=(size * size, len(gidx)))
+            F0 = np.zeros((size, size))
+            csel = clique_of_const == k
+            np.add.at(F0, (const.row[csel] - a, const.col[csel] - a), const.data[csel])
+            # The multipliers' factor rows, restricted to the clique's columns.
+            tsel = term_clique == k
+            used, inv = np.unique(np.concatenate([iu[tsel], iw[tsel]]), return_inverse=True)
+            nt = int(tsel.sum())
+            KT = sp.csr_matrix((coef[tsel], (local[self.position[fvar[tsel]]] - len(prev), np.arange(nt))),
+                               shape=(len(members[k]), nt))
+            self.cliques.append(_Clique(gidx, basis, R[used][:, a:b].toarray(), inv[:nt], inv[nt:], KT, ys,
+                                        len(prev)))
+            self.sizes.append(size)
+            self.F0s.append(F0)
+        self.m = m_new
+        self.offsets = offsets
+
+    # -- the interface _IPM iterates on -------------------------------------
+    def linear(self, y):
+        return [(c.basis @ y[c.gidx]).reshape(s, s, order="F") for c, s in zip(self.cliques, self.sizes)]
+
+    def adjoint(self, Gs):
+        out = np.zeros(self.m)
+        for c, G in zip(self.cliques, Gs):
+            out[c.gidx] += c.basisT @ G.reshape(-1, order="F")
+        return out
+
+    def newton(self, Xs, Zs, N, lp):
+        """Assemble the block-tridiagonal Schur complement and factor it; a solver, or None if singular."""
+        from scipy.linalg import LinAlgError, cholesky, solve_triangular
+
+        l = len(self.cliques)  # noqa: E741
+        D = [np.zeros((g, g)) for g in self.group_sizes]
+        C = [None] * l  # C[k]: rows of group k, columns of the tail (Y) of group k-1
+        # Only the lower triangles are filled and read (Cholesky reads the lower triangle).
+        for k, (c, X, Z) in enumerate(zip(self.cliques, Xs, Zs)):
+            h = c.schur(X, Z)
+            J, p = c.n_own, self.n_prev[k]
+            D[k][:J, :J] += h["own", "own"]
+            if ("cur", "cur") in h:
+                D[k][J:, :J] += h["cur", "own"]
+                D[k][J:, J:] += h["cur", "cur"]
+            if p:
+                D[k - 1][-p:, -p:] += h["prev", "prev"]
+                C[k] = np.vstack([h["own", "prev"], h["cur", "prev"]]) if ("cur", "prev") in h else h["own", "prev"]
+        group = np.searchsorted(self.offsets, N, side="right") - 1
+        for k in np.unique(group):
+            at = group == k
+            pos = N[at] - self.offsets[k]
+            D[k][pos, pos] += lp[at]
+        # Jacobi scaling, as in the dense method: the diagonal spans many orders of magnitude on deep nets.
+        hd = [np.sqrt(np.maximum(np.diag(Dk), 1e-300)) for Dk in D]
+        for k in range(l):
+            D[k] /= np.outer(hd[k], hd[k])
+            if C[k] is not None:
+                C[k] /= np.outer(hd[k], hd[k - 1][-self.n_prev[k]:])
+        for reg in (1e-14, 1e-11, 1e-8):
+            try:
+                Lf, E = [], [None] * l
+                for k in range(l):
+                    Dk = D[k] + reg * np.eye(len(D[k]))
+                    if C[k] is not None:
+                        p = self.n_prev[k]
+                        # L_{k,k-1} is nonzero only on the Y columns of group k-1, where the
+                        # trailing block of L_{k-1} is itself lower triangular.
+                        E[k] = solve_triangular(Lf[k - 1][-p:, -p:], C[k].T, lower=True, check_finite=False).T
+                        Dk = Dk - E[k] @ E[k].T
+                    Lf.append(cholesky(Dk, lower=True, check_finite=False))
+            except LinAlgError:
+                continue
+            return lambda rhs: self._block_solve(Lf, E, hd, rhs)
+        return None
+
+    def _block_solve(self, Lf, E, hd, rhs):
+        from scipy.linalg import solve_triangular
+
+        l = len(Lf)  # noqa: E741
+        xs = [rhs[self.offsets[k]:self.offsets[k + 1]] / hd[k] for k in range(l)]
+        for k in range(l):
+            b = xs[k]
+            if E[k] is not None:
+                b = b - E[k] @ xs[k - 1][-self.n_prev[k]:]
+            xs[k] = solve_triangular(Lf[k], b, lower=True, check_finite=False)
+        for k in reversed(range(l)):
+            b = xs[k]
+            if k + 1 < l and E[k + 1] is not None:
+                b = b.copy()
+                b[-self.n_prev[k + 1]:] -= E[k + 1].T @ xs[k + 1]
+            xs[k] = solve_triangular(Lf[k], b, lower=True, trans="T", check_finite=False)
+        return np.concatenate([x / h for x, h in zip(xs, hd)])
+
+
+class _Clique:
+    """One clique: its local variables (``gidx``, global indices of ``[Y_{k-1}, multipliers, Y_k]``),
+    the COO basis of its matrices, and the factored terms of its multipliers.
+
+    ``R`` (dense, rows x clique size) holds the multipliers' factor rows, ``iu, iw`` index
+    them per term and ``KT`` (multipliers x terms) carries the coefficients; ``ys`` lists
+    the ``Y`` blocks as ``(first row, stop row, sign)``, parametrised by their upper triangles.
+    """
+
+    def __init__(self, gidx, basis, R, iu, iw, KT, ys, n_prev):
+        self.gidx, self.basis, self.basisT = gidx, basis, basis.T.tocsr()
+        self.R, self.iu, self.iw, self.KT, self.ys, self.n_prev = R, iu, iw, KT, ys, n_prev
+        self.tri = []  # per Y block: (ia, ib, coefficients), local rows of the upper triangle
+        for first, stop, sign in ys:
+            ia, ib = np.triu_indices(stop - first)
+            self.tri.append((ia + first, ib + first, np.where(ia == ib, sign / 2, sign)))
+        self.n_own = KT.shape[0]
+
+    def schur(self, X, Z):
+        """The clique's Schur complement ``H_ij = tr(F_i X F_j Z)`` over its local variables.
+
+        Multiplier-multiplier entries come from the Gram formula of the factor rows;
+        the ``Y`` entries have unit rows ``e_a, e_b``, for which that formula reads
+
+        .. math:: h_{(ab),(cd)} = X_{bc}Z_{ad} + X_{bd}Z_{ac} + X_{ac}Z_{bd} + X_{ad}Z_{bc},
+
+        evaluated as batched rank-two products over the blocks (``O(w^4)`` per clique).
+        Returns the lower blocks, keyed by the spans ``"prev"`` (``Y_{k-1}``), ``"own"``
+        (the multipliers) and ``"cur"`` (``Y_k``).
+        """
+        p, J = self.n_prev, self.n_own
+        RX, RZ = self.R @ X, self.R @ Z
+        u, w = self.iu, self.iw
+        h = {("own", "own"): _term_schur(RX @ self.R.T, RZ @ self.R.T, u, w, self.KT)}
+        names = ["prev", "cur"] if p else ["cur"]
+        for n1, (ia, ib, c1) in zip(names, self.tri):
+            cross = RX[w][:, ia] * RZ[u][:, ib] + RX[w][:, ib] * RZ[u][:, ia] \
+                + RX[u][:, ia] * RZ[w][:, ib] + RX[u][:, ib] * RZ[w][:, ia]
+            if n1 == "prev":
+                h["own", "prev"] = (self.KT @ cross) * c1
+            else:
+                h["cur", "own"] = ((self.KT @ cross) * c1).T
+            for n2, (ic, id_, c2), (first, stop, _) in zip(names, self.tri, self.ys):
+                if n1 == "cur" and n2 == "prev":
+                    continue
+                n = stop - first
+                # rs[(a,b)] = X[a,:] Z[b,:]^T + X[b,:] Z[a,:]^T (rank two, over block 2): one
+                # batched product; the other two terms are its transpose.
+                U = np.stack([X[ia, first:stop], X[ib, first:stop]], axis=2)
+                V = np.stack([Z[ib, first:stop], Z[ia, first:stop]], axis=1)
+                rs = np.matmul(U, V).reshape(len(ia), n * n)
+                ic0, id0 = ic - first, id_ - first
+                blk = np.take(rs, ic0 * n + id0, axis=1) + np.take(rs, id0 * n + ic0, axis=1)
+                blk *= c1[:, None]
+                blk *= c2[None, :]
+                h[n2, n1] = blk.T if n1 != n2 else blk
+        return h
