@@ -231,6 +231,7 @@ class _CliqueChain:
     def newton(self, Xs, Zs, N, lp):
         """Assemble the block-tridiagonal Schur complement and factor it; a solver, or None if singular."""
         from scipy.linalg import LinAlgError, cholesky, solve_triangular
+        from scipy.linalg.blas import dsyrk
 
         l = len(self.cliques)  # noqa: E741
         D = [np.zeros((g, g)) for g in self.group_sizes]
@@ -267,7 +268,7 @@ class _CliqueChain:
                         # L_{k,k-1} is nonzero only on the Y columns of group k-1, where the
                         # trailing block of L_{k-1} is itself lower triangular.
                         E[k] = solve_triangular(Lf[k - 1][-p:, -p:], C[k].T, lower=True, check_finite=False).T
-                        Dk = Dk - E[k] @ E[k].T
+                        Dk = dsyrk(-1.0, E[k], beta=1.0, c=Dk, lower=1)  # lower triangle of Dk - E E^T
                     Lf.append(cholesky(Dk, lower=True, check_finite=False))
             except LinAlgError:
                 continue
@@ -323,7 +324,7 @@ class _Clique:
         Returns the lower blocks, keyed by the spans ``"prev"`` (``Y_{k-1}``), ``"own"``
         (the multipliers) and ``"cur"`` (``Y_k``).
         """
-        p, J = self.n_prev, self.n_own
+        p = self.n_prev
         RX, RZ = self.R @ X, self.R @ Z
         u, w = self.iu, self.iw
         h = {("own", "own"): _term_schur(RX @ self.R.T, RZ @ self.R.T, u, w, self.KT)}
