@@ -28,6 +28,7 @@ Usage::
     python benchmarks/bench_solvers.py --large      # also 784-256-256-10
     python benchmarks/bench_solvers.py --deep       # also 16-32xL-4, L = 4..50 (depth curve)
     python benchmarks/bench_solvers.py --xl         # also 784-1024x4-10 (4,096 hidden neurons)
+    python benchmarks/bench_solvers.py --deep-wide  # also 784-64x64-10 (64 layers of width 64)
 
 Writes ``benchmarks/results/solvers.{md,json,png}``.
 """
@@ -117,7 +118,7 @@ class NetSpec:
                 for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:])]
 
 
-def default_nets(large: bool, deep: bool = False, xl: bool = False) -> list[NetSpec]:
+def default_nets(large: bool, deep: bool = False, xl: bool = False, deep_wide: bool = False) -> list[NetSpec]:
     nets = [
         NetSpec("anchor-random 2-10-30-20-2", mat=str(ANCHORS / "lipsdp_random_weights.mat"), published=36.482),
         NetSpec("anchor-mnist 784-50-10", mat=str(ANCHORS / "lipsdp_mnist_weights.mat"), published=24.366),
@@ -130,6 +131,8 @@ def default_nets(large: bool, deep: bool = False, xl: bool = False) -> list[NetS
         nets += [NetSpec(f"deep 16-32x{d}-4", sizes=(16,) + (32,) * d + (4,), seed=100 + d) for d in DEPTHS]
     if xl:
         nets.append(NetSpec("random 784-1024x4-10", sizes=(784,) + (1024,) * 4 + (10,), seed=3))
+    if deep_wide:  # the MNIST-shaped MLP of GLipSDP's benchmark: 64 hidden layers of width 64
+        nets.append(NetSpec("deep 784-64x64-10", sizes=(784,) + (64,) * 64 + (10,), seed=164))
     return nets
 
 
@@ -259,6 +262,7 @@ def child_main(spec: dict, result_path: str) -> None:
                                   formulation="neuron", lower_bound_samples=0)
             out.update(bound=cert.bound, status=cert.status, verified=cert.status == "verified",
                        solver_status=cert.solver_status, solver_objective=cert.solver_objective,
+                       solver_iterations=cert.solver_iterations,
                        timings=dict(cert.timings), solved_lmi_size=cert.network.get("solved_lmi_size"),
                        message=cert.message)
         out["seconds"] = time.perf_counter() - t0
@@ -680,6 +684,7 @@ def main(argv=None) -> int:
     p.add_argument("--large", action="store_true", help="also the 784-256-256-10 net")
     p.add_argument("--deep", action="store_true", help="also deep narrow 16-32xL-4 nets, L in DEPTHS")
     p.add_argument("--xl", action="store_true", help="also the 784-1024x4-10 net (4,096 hidden neurons)")
+    p.add_argument("--deep-wide", action="store_true", help="also the 784-64x64-10 net (64 hidden layers of 64)")
     p.add_argument("--nets", nargs="+", metavar="TEXT", help="only nets whose name contains one of these")
     p.add_argument("--configs", nargs="+", metavar="CONFIG",
                    help="only these configurations (e.g. naive-scs lipsdp-scs)")
@@ -703,7 +708,7 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
 
-    nets = default_nets(args.large, args.deep, args.xl)
+    nets = default_nets(args.large, args.deep, args.xl, args.deep_wide)
     if args.nets:
         nets = [n for n in nets if any(t in n.name for t in args.nets)]
         if not nets:

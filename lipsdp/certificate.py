@@ -52,6 +52,9 @@ class Certificate:
         (``ipm``): a lower bound on the SDP optimum up to the solver's dual
         residual, so ``bound / solver_dual_objective - 1`` is how far the verified
         bound sits above the best this formulation can give.  Not a bound on ``L``.
+    solver_iterations : int or None
+        Iterations (interior point, SCS) or evaluations (``fo``) the backend reported,
+        summed over the solves of the certificate; None where it reports none.
     rho : float or None
         The verified ``rho`` (``bound**2 >= rho``).
     multipliers : list of float, or list of lists
@@ -81,6 +84,7 @@ class Certificate:
     lower_bound: float | None = None
     solver_objective: float | None = None
     solver_dual_objective: float | None = None
+    solver_iterations: int | None = None
     rho: float | None = None
     multipliers: list = field(default_factory=list)
     multiplier_labels: list = field(default_factory=list)

@@ -295,7 +295,7 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
     linear = len(lifting.blocks) == 1
     backend = None
     t_solve = t_verify = 0.0
-    outcomes, duals = [], []
+    outcomes, duals, iterations = [], [], []
     for omap, label in queries:
         t0 = time.perf_counter()
         full = build_lmi(lifting, formulation, output_map=omap, norm=norm)
@@ -345,6 +345,7 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
                                           f"{result.message}), re-solved with {alt.name}").lstrip("; ")
                     result, backend_name = alt_result, alt.name
             x, result_status, message = result.x, result.status, result.message
+            iterations.append(result.iterations)
             # The preconditioned objective is (c^T x) / g with g = v[0].
             objective = None if result.objective is None or not np.isfinite(result.objective) \
                 else float(np.sqrt(max(result.objective * v[0], 0.0)))
@@ -371,7 +372,8 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
     objectives = [o[3] for o in outcomes]
     common.update(solver=backend_name, solver_status=worst, timings=timings,
                   solver_objective=None if None in objectives else max(objectives),
-                  solver_dual_objective=max(duals) if len(duals) == len(outcomes) and duals else None)
+                  solver_dual_objective=max(duals) if len(duals) == len(outcomes) and duals else None,
+                  solver_iterations=sum(iterations) if iterations and None not in iterations else None)
     if norm == "linf":
         summary["per_output"] = [{"output": i, "bound": o[1].bound if o[1] else None, "solver_status": o[2]}
                                  for i, o in enumerate(outcomes)]

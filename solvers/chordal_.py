@@ -230,12 +230,23 @@ class _CliqueChain:
 
     def newton(self, Xs, Zs, N, lp):
         """Assemble the block-tridiagonal Schur complement and factor it; a solver, or None if singular."""
-        from scipy.linalg import LinAlgError, cholesky, solve_triangular
-        from scipy.linalg.blas import dsyrk
+        from scipy.linalg import LinAlgError
 
+        for reg in (1e-14, 1e-11, 1e-8):  # free multipliers can make H singular near the optimum
+            D, C, hd = self._assemble(Xs, Zs, N, lp)
+            try:
+                Lf, E = self._factor(D, C, reg)
+            except LinAlgError:
+                continue  # rare: assemble again rather than keep a copy of every block
+            return lambda rhs: self._block_solve(Lf, E, hd, rhs)
+        return None
+
+    def _assemble(self, Xs, Zs, N, lp):
+        """The Jacobi-scaled blocks: diagonal ``D[k]`` (lower triangles) and couplings ``C[k]``
+        (rows of group ``k``, columns of the ``Y`` tail of group ``k-1``), and the scaling ``hd``."""
         l = len(self.cliques)  # noqa: E741
         D = [np.zeros((g, g)) for g in self.group_sizes]
-        C = [None] * l  # C[k]: rows of group k, columns of the tail (Y) of group k-1
+        C = [None] * l
         # Only the lower triangles are filled and read (Cholesky reads the lower triangle).
         for k, (c, X, Z) in enumerate(zip(self.cliques, Xs, Zs)):
             h = c.schur(X, Z)
@@ -257,23 +268,30 @@ class _CliqueChain:
         for k in range(l):
             D[k] /= np.outer(hd[k], hd[k])
             if C[k] is not None:
-                C[k] /= np.outer(hd[k], hd[k - 1][-self.n_prev[k]:])
-        for reg in (1e-14, 1e-11, 1e-8):
-            try:
-                Lf, E = [], [None] * l
-                for k in range(l):
-                    Dk = D[k] + reg * np.eye(len(D[k]))
-                    if C[k] is not None:
-                        p = self.n_prev[k]
-                        # L_{k,k-1} is nonzero only on the Y columns of group k-1, where the
-                        # trailing block of L_{k-1} is itself lower triangular.
-                        E[k] = solve_triangular(Lf[k - 1][-p:, -p:], C[k].T, lower=True, check_finite=False).T
-                        Dk = dsyrk(-1.0, E[k], beta=1.0, c=Dk, lower=1)  # lower triangle of Dk - E E^T
-                    Lf.append(cholesky(Dk, lower=True, check_finite=False))
-            except LinAlgError:
-                continue
-            return lambda rhs: self._block_solve(Lf, E, hd, rhs)
-        return None
+                C[k] = np.ascontiguousarray(C[k] / np.outer(hd[k], hd[k - 1][-self.n_prev[k]:]))
+        return D, C, hd
+
+    def _factor(self, D, C, reg):
+        """Block Cholesky ``H = L L^T``, in place: ``L_kk`` overwrites ``D[k]``, ``L_{k,k-1}`` (``E[k]``,
+        nonzero only on the ``Y`` columns of group ``k-1``) overwrites ``C[k]``, so the factor takes
+        no more memory than the assembled system (width 64: about 37 MB a layer)."""
+        from scipy.linalg import cholesky, solve_triangular
+        from scipy.linalg.blas import dsyrk
+
+        Lf, E = [], [None] * len(D)
+        for k, Dk in enumerate(D):
+            Dk.flat[::len(Dk) + 1] += reg
+            if C[k] is not None:
+                p = self.n_prev[k]
+                # The trailing block of L_{k-1} is itself lower triangular; C[k].T is Fortran-ordered,
+                # so the solve and the rank update run in place.
+                E[k] = solve_triangular(Lf[k - 1][-p:, -p:], C[k].T, lower=True, overwrite_b=True,
+                                        check_finite=False).T
+                # D - E E^T on D's lower triangle, i.e. the upper triangle of its Fortran view.
+                dsyrk(-1.0, E[k], beta=1.0, c=Dk.T, lower=0, overwrite_c=1)
+            # Upper Cholesky of the Fortran view = lower Cholesky of D, in D's memory.
+            Lf.append(cholesky(Dk.T, lower=False, overwrite_a=True, check_finite=False).T)
+        return Lf, E
 
     def _block_solve(self, Lf, E, hd, rhs):
         from scipy.linalg import solve_triangular
