@@ -591,8 +591,8 @@ def markdown(rows, env, disc, fast, args) -> str:
         "`chordal`: the same iteration on the clique chain of the layer-by-layer LMI, Newton system "
         f"block-tridiagonal, linear in depth (solvers/chordal_.py; skipped on nets wider than {CHORDAL_MAX_WIDTH} "
         "or with one hidden layer); "
-        "`fo`: lipsdp's L-BFGS on the smoothed exact rho(T) (solvers/firstorder_.py), approximate (no dual "
-        "value), verified; `same family` = interior-point (ipm, chordal, SDPA, CVXOPT, Clarabel) or first-order "
+        "`fo`: lipsdp's L-BFGS on the smoothed exact rho(T) (solvers/firstorder_.py), approximate, verified, "
+        "with a dual lower bound from a repaired dual feasible point; `same family` = interior-point (ipm, chordal, SDPA, CVXOPT, Clarabel) or first-order "
         "(SCS, fo).",
         "- × = median seconds of the baseline / median seconds of the row (> 1: faster than the baseline); "
         "`best naive` is the fastest naive configuration on the same net.",

@@ -49,8 +49,8 @@ class Certificate:
         ``sqrt`` of the solver's raw objective, for comparison only.
     solver_dual_objective : float or None
         ``sqrt`` of the solver's dual objective where the backend reports one
-        (``ipm``): a lower bound on the SDP optimum up to the solver's dual
-        residual, so ``bound / solver_dual_objective - 1`` is how far the verified
+        (``ipm``, ``chordal``: up to the solver's dual residual; ``fo``: from a
+        repaired dual feasible point): a lower bound on the SDP optimum, so ``bound / solver_dual_objective - 1`` is how far the verified
         bound sits above the best this formulation can give.  Not a bound on ``L``.
     solver_iterations : int or None
         Iterations (interior point, SCS) or evaluations (``fo``) the backend reported,

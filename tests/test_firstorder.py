@@ -91,6 +91,41 @@ def test_close_to_the_sdp_optimum_and_sound(seed):
     assert fo.bound <= exact.bound * (1 + 1e-4)
 
 
+@pytest.mark.parametrize("sizes,activation,seed", [((8, 24, 24, 24, 4), "relu", 0), ((6, 16, 12, 3), "tanh", 1),
+                                                   ((6, 16, 12, 3), "leaky_relu", 2)])
+def test_dual_bound_brackets_the_optimum(sizes, activation, seed):
+    """fo's dual value is a lower bound on the SDP optimum (below the ipm's *verified* bound, which is
+    above it), close to it, and below fo's own verified bound."""
+    _, net = _net(sizes, seed=seed, activation=activation)
+    exact = lipsdp.certify(net, solver="ipm", lower_bound_samples=0)
+    fo = lipsdp.certify(net, solver="fo", lower_bound_samples=0)
+    dual = fo.solver_dual_objective
+    assert dual is not None
+    assert dual <= exact.bound and dual <= fo.bound
+    assert dual >= exact.bound * (1 - 1e-3)
+    assert "SDP dual value" in str(fo)
+
+
+def test_dual_bound_is_valid_at_any_point():
+    """Far from stationary (the start), the repaired X is still dual feasible: a weaker, valid bound;
+    and the mid-slope increments satisfy every slope constraint (<F_j, v v^T> >= 0)."""
+    _, net = _net((6, 14, 14, 3), seed=5)
+    lmi = _prepared_lmi(net)
+    exact = get_backend("ipm").solve(lmi)
+    d = _Descent(lmi, None, time.perf_counter(), False)
+    assert d.start() is not None
+    V = d.midslope_directions()
+    assert V is not None and np.all(d.quadratic_forms(V)[1:] >= 0)
+    assert np.all(d.quadratic_forms(V)[1:].reshape(-1) > 0)
+    for b in (1.0, 1e2, 1e4):
+        value = d.dual_bound([(b / d.best_rho, d.best_theta)])
+        assert np.isnan(value) or value <= exact.objective * (1 + 1e-9)
+    # A converged smoothed level (from the start here; a solve starts it from its best point).
+    d.minimise(1e2, d.evals + 300, tight=True)
+    value = d.dual_bound(d.level_ends)
+    assert exact.objective * (1 - 1e-2) <= value <= exact.objective * (1 + 1e-9)
+
+
 def test_deep_net_starts_layer_by_layer():
     """No uniform multiplier makes every pivot of this 16-layer net negative definite: fo starts with one
     scale per layer, from the last layer back, and still certifies."""
