@@ -598,8 +598,8 @@ def markdown(rows, env, disc, fast, args) -> str:
         f"block-tridiagonal, linear in depth (solvers/chordal_.py; skipped on nets wider than {CHORDAL_MAX_WIDTH} "
         "or with one hidden layer); "
         "`fo`: lipsdp's L-BFGS on the smoothed exact rho(T) (solvers/firstorder_.py), approximate, verified, "
-        "with a dual lower bound from a repaired dual feasible point; `same family` = interior-point (ipm, chordal, SDPA, CVXOPT, Clarabel) or first-order "
-        "(SCS, fo).",
+        "with a dual lower bound from a repaired dual feasible point; `same family` = interior-point (ipm, "
+        "chordal, SDPA, CVXOPT, Clarabel) or first-order (SCS, fo).",
         "- gap to dual = bound / (the backend's dual lower bound on the SDP optimum) - 1, where it reports one: "
         "an upper bound on how far the verified bound lies above the best this SDP can give.",
         "- × = median seconds of the baseline / median seconds of the row (> 1: faster than the baseline); "

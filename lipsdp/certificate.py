@@ -50,8 +50,9 @@ class Certificate:
     solver_dual_objective : float or None
         ``sqrt`` of the solver's dual objective where the backend reports one
         (``ipm``, ``chordal``: up to the solver's dual residual; ``fo``: from a
-        repaired dual feasible point): a lower bound on the SDP optimum, so ``bound / solver_dual_objective - 1`` is how far the verified
-        bound sits above the best this formulation can give.  Not a bound on ``L``.
+        repaired dual feasible point): a lower bound on the SDP optimum, so
+        ``bound / solver_dual_objective - 1`` is how far the verified bound sits
+        above the best this formulation can give.  Not a bound on ``L``.
     solver_iterations : int or None
         Iterations (interior point, SCS) or evaluations (``fo``) the backend reported,
         summed over the solves of the certificate; None where it reports none.

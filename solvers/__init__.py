@@ -29,7 +29,8 @@ from lipsdp.solvers.scs_ import SCS
 
 #: Every backend lipsdp knows (name -> class).  Not the order ``auto`` tries them in:
 #: that is :func:`get_backend` (MOSEK if licensed, the ipm rule, then :func:`_open_source_order`).
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (MOSEK, LowRankIPM, ChordalIPM, SCS, SDPA, CVXOPT, Clarabel, FirstOrder)}
+BACKENDS: dict[str, type[Backend]] = {
+    b.name: b for b in (MOSEK, LowRankIPM, ChordalIPM, SCS, SDPA, CVXOPT, Clarabel, FirstOrder)}
 
 
 def installed() -> list[str]:

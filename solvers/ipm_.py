@@ -211,7 +211,8 @@ class _IPM:
 
     @staticmethod
     def _positive_step(Ms, dMs, a):
-        """``(Ms + a' dMs, their Cholesky factors, a')`` for the largest ``a' = a 0.8^k`` that keeps every block positive definite."""
+        """``(Ms + a' dMs, their Cholesky factors, a')``, ``a' = a 0.8^k`` the largest that keeps every
+        block positive definite."""
         from scipy.linalg import LinAlgError, cholesky
 
         for _ in range(30):
