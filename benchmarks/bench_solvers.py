@@ -241,6 +241,9 @@ def child_main(spec: dict, result_path: str) -> None:
             import eclipse_nn  # noqa: F401
             import torch  # noqa: F401
         else:
+            import scipy.linalg  # noqa: F401  (import time is not the method's cost, as cvxpy's is not
+            import scipy.optimize  # noqa: F401  for the naive runs: fo's L-BFGS and LP live here)
+
             import lipsdp
             from lipsdp.network import Network
             from lipsdp.solvers import get_backend
@@ -553,7 +556,10 @@ def markdown(rows, env, disc, fast, args) -> str:
         + f"; lipsdp at commit {env['commit'] or '?'}"
         + (f" + uncommitted {', '.join(env['uncommitted'])}" if env["uncommitted"] else "")
         + f" (source snapshot {env['snapshot']}); {env['date']}; load average (1 min) "
-        f"{env['loadavg_start'][0]} at start, {env['loadavg_end'][0]} at end.", "",
+        f"{env['loadavg_start'][0]} at start, {env['loadavg_end'][0]} at end."
+        + (f" Merged (`--merge`): re-measured in this run: {'; '.join(env['merged']['rerun'])}; every other row "
+           f"from the run of {env['merged']['others_from']['date']} (commit {env['merged']['others_from']['commit']})."
+           if env.get("merged") else ""), "",
         f"Median of {args.repeats} run(s), each in a fresh subprocess, repeats round-robin over the configurations "
         f"(wall time excludes interpreter start-up and imports; CPU s = the child's process time over the same "
         f"span, less sensitive to other load on a shared machine; peak = the child's ru_maxrss, imports "
@@ -699,6 +705,8 @@ def main(argv=None) -> int:
     p.add_argument("--mem-limit-gib", type=float, default=None,
                    help="address-space limit per child (default: 90%% of available memory)")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the re-measured (net, config) rows of the saved solvers.json in --out-dir")
     p.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plot of a saved solvers.json")
     p.add_argument("--report", type=Path, metavar="JSON",
                    help="only rewrite solvers.{md,json,png} next to a saved solvers.json (no runs)")
@@ -750,6 +758,18 @@ def run(args, nets: list[NetSpec], snapshot: Path) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     # The raw runs first: a failure in the reporting below must not lose a long run.
     (args.out_dir / "solvers.raw.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    saved = args.out_dir / "solvers.json"
+    if args.merge and saved.exists():
+        # Re-measured (net, config) rows replace the saved ones; the rest of the saved report stays.
+        fresh = {(r.net, r.config) for r in rows}
+        old = [r for r in rows_from_json(saved) if (r.net, r.config) not in fresh]
+        previous = json.loads(saved.read_text())["environment"]
+        env["merged"] = {"rerun": sorted(f"{n} / {c}" for n, c in fresh),
+                         "others_from": {k: previous.get(k) for k in ("date", "commit", "snapshot")}}
+        order = {name: i for i, name in enumerate(dict.fromkeys(r.net for r in old + rows))}
+        rows = sorted(old + rows, key=lambda r: order[r.net])
+        names = {r.net for r in rows}
+        nets = [n for n in default_nets(True, True, True, True) if n.name in names]
     return write_report(rows, env, nets, args)
 
 
@@ -782,7 +802,7 @@ def report_again(path: Path, args) -> int:
     rows = rows_from_json(path)
     args.repeats, args.timeout, args.quick = payload["repeats"], payload["timeout_s"], payload.get("quick", False)
     names = {r.net for r in rows}
-    nets = [n for n in default_nets(True, True, True) if n.name in names]
+    nets = [n for n in default_nets(True, True, True, True) if n.name in names]
     args.out_dir = path.parent
     return write_report(rows, payload["environment"], nets, args)
 

@@ -63,3 +63,11 @@ def test_same_family_ratios(bench):
     assert by["lipsdp-ipm"].vs_same == pytest.approx(10.0)  # interior point: naive SDPA
     assert by["lipsdp-fo"].vs_same == pytest.approx(80.0)  # first order: naive SCS
     assert by["lipsdp-fo"].vs_best == pytest.approx(20.0)  # fastest naive of any family
+
+
+def test_gap_to_the_dual_bound(bench):
+    """The "gap to dual" column: bound / (largest dual lower bound over the runs) - 1, or none."""
+    row = bench.Row("net", 10, 8, "lipsdp-fo", "lipsdp", "fo", bound=2.0, verified=True, seconds=[1.0],
+                    runs=[{"solver_dual_objective": 1.99}, {"solver_dual_objective": 1.98}])
+    assert row.gap == pytest.approx(2.0 / 1.99 - 1.0)
+    assert bench.Row("net", 10, 8, "lipsdp-scs", "lipsdp", "scs", bound=2.0, runs=[{}]).gap is None
