@@ -57,8 +57,9 @@ class ChordalIPM(Backend):
     default_tol = 1e-7
     max_iters = 80
     step_fraction = 0.95
-    #: ``auto`` uses it while :func:`estimate_cost` is below the dense ipm's and below this
-    #: (about 5 s an iteration on one core; width 64: about 30 layers).
+    #: ``auto`` uses it while :func:`estimate_cost` is below the dense ipm's and below this: about
+    #: 10 s an iteration on one core (width 32: up to about 350 layers; width 64: about 7 layers, where
+    #: the dense ipm is cheaper, so ``auto`` leaves 64-wide nets to the ipm or ``fo``).
     max_auto_cost = 2.0e11
 
     @staticmethod
