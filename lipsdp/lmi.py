@@ -126,6 +126,11 @@ class LMIProblem:
     def n_var(self) -> int:
         return len(self.objective)
 
+    def block_of(self, idx) -> np.ndarray:
+        """The block (0 = input) that each row/column index in ``idx`` belongs to."""
+        starts = np.array([b.start for b in self.blocks])
+        return np.searchsorted(starts, np.asarray(idx), side="right") - 1
+
     # -- evaluation -----------------------------------------------------
     def _coo_matrix(self, vals: np.ndarray, x: np.ndarray) -> np.ndarray:
         M = np.zeros((self.n, self.n))

@@ -122,9 +122,8 @@ class _CliqueChain:
         """``(block sizes, clique of each variable, clique of each constant entry)``, or None if not a chain."""
         if getattr(lmi, "factors", None) is None or not lmi.blocks or len(lmi.blocks) < 3:
             return None
-        starts = np.array([b.start for b in lmi.blocks])
         sizes = np.array([b.stop - b.start for b in lmi.blocks])
-        which = lambda idx: np.searchsorted(starts, np.asarray(idx), side="right") - 1  # noqa: E731
+        which = lmi.block_of
         rb, cb = which(lmi.rows), which(lmi.cols)
         const = lmi.const.tocoo()
         kr, kc = which(const.row), which(const.col)

@@ -498,8 +498,7 @@ def _chain_groups(lmi) -> list[tuple[int, int]]:
     blocks = [(b.start, b.stop) for b in lmi.blocks] if lmi.blocks else [(0, lmi.n)]
     if len(blocks) <= 2:
         return blocks if len(blocks) == 2 else [(0, lmi.input_dim), (lmi.input_dim, lmi.n)]
-    starts = np.array([a for a, _ in blocks])
-    which = lambda idx: np.searchsorted(starts, idx, side="right") - 1  # noqa: E731
+    which = lmi.block_of
     const = lmi.const.tocoo()
     far = np.any(np.abs(which(np.asarray(lmi.rows)) - which(np.asarray(lmi.cols))) > 1) or \
         np.any(np.abs(which(const.row) - which(const.col)) > 1)
