@@ -77,6 +77,9 @@ class LMIProblem:
     #: constraint family gives no factored form.  Only structure-exploiting
     #: solvers read it; verification always uses the COO entries.
     factors: tuple | None = None
+    #: A feasible point known before solving (in this LMI's variables), or None: the layer-by-layer
+    #: point of :mod:`lipsdp.scaling`.  A hint for a backend's start, never a result.
+    start: np.ndarray | None = None
 
     def preconditioned(self, block_scale: np.ndarray, total: float) -> tuple["LMIProblem", np.ndarray]:
         r"""A congruent, rescaled copy of the LMI that solvers (and the float test) find well conditioned.
@@ -120,7 +123,8 @@ class LMIProblem:
             R, iu, iw, coef, fvar = self.factors
             factors = ((R @ Dm).tocsr(), iu, iw, coef * v[fvar] / g, fvar)
         return replace(self, vals=self.vals * scale, const=const, const_abs=const_abs,
-                       objective=self.objective * v / g, lift_err=lift_err, factors=factors), v
+                       objective=self.objective * v / g, lift_err=lift_err, factors=factors,
+                       start=None if self.start is None else self.start / v), v
 
     @property
     def n_var(self) -> int:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 
@@ -180,7 +181,6 @@ def _certify_split(network, layers, options) -> Certificate:
 
 def _exact_recheck(lmi, ver, lifting, output_map):
     """``--strict``: confirm a float-verified point in exact rational arithmetic, or drop it."""
-    from dataclasses import replace
 
     from lipsdp.exact import exact_negative_definite
 
@@ -243,14 +243,36 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
     return cert
 
 
+def _scales(lmi, block_scale, trivial):
+    """``(block_scale, total, start)``: preconditioning scales read off a layer-by-layer feasible
+    point on chain LMIs (:mod:`lipsdp.scaling`), that point a start hint; else composed norm
+    bounds (any graph) and no hint."""
+    from lipsdp.scaling import chain_scales
+
+    found = chain_scales(lmi)
+    return (block_scale, trivial, None) if found is None else (found.block_scale, found.total, found.x)
+
+
+def _verify(lmi, x, v, objective):
+    """:func:`~lipsdp.verify.verify`, retried on a block-balanced congruence when it fails or lands
+    far above the solver's ``objective``; the better of the two."""
+    from lipsdp.verify import verify, verify_balanced
+
+    ver = verify(lmi, x, scale=v)
+    if not ver.verified or (objective and ver.bound > objective * (1 + 1e-5)):
+        # The test's uniform shift may be swamping small blocks (deep nets).
+        alt = verify_balanced(lmi, x, scale=v)
+        if alt.verified and (not ver.verified or alt.bound < ver.bound):
+            ver = alt
+    return ver
+
+
 def _certify_network(network, *, solver, formulation, norm, output_map, time_limit, tol, lower_bound_samples,
                      memory_limit, progress, source="", load_seconds=0.0, strict=False) -> Certificate:
     from lipsdp.bounds import node_lipschitz, sampled_lower_bound
     from lipsdp.lifting import lift
     from lipsdp.lmi import build_lmi
     from lipsdp.solvers import get_backend
-    from lipsdp.verify import verify, verify_balanced
-
     if formulation not in FORMULATIONS:
         raise LipSDPError(f"unknown formulation {formulation!r}; choose from {', '.join(FORMULATIONS)} "
                           "(LipSDP-Network's coupled multipliers are unsound and not offered)")
@@ -304,8 +326,9 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
         lmi = full if reduced is lifting else build_lmi(reduced, formulation, output_map=omap, norm=norm)
         # Same LMIs up to an exact (powers of two) congruence and variable scaling:
         # rho and multipliers of order one, for the solver and for the float test.
-        lmi, _ = lmi.preconditioned(block_scale, trivial)
-        full_pre, v = full.preconditioned(block_scale, trivial)
+        scales, total, start = _scales(lmi, block_scale, trivial)
+        lmi, _ = replace(lmi, start=start).preconditioned(scales, total)
+        full_pre, v = full.preconditioned(scales, total)
         summary["solved_lmi_size"] = lmi.n
         t_build += time.perf_counter() - t0
         if linear:
@@ -353,13 +376,19 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
             if dual is not None and np.isfinite(dual) and result.status in ("optimal", "optimal_inaccurate"):
                 duals.append(float(np.sqrt(max(dual * v[0], 0.0))))
         t0 = time.perf_counter()
-        ver = verify(full_pre, x, scale=v) if x is not None else None
-        if ver is not None and (not ver.verified or (objective and ver.bound > objective * (1 + 1e-5))):
-            # Far above the solver's value, or not verified: the test's uniform shift may be swamping
-            # small blocks (deep nets); retry on a block-balanced exact congruence, keep the better.
-            alt = verify_balanced(full_pre, x, scale=v)
-            if alt.verified and (not ver.verified or alt.bound < ver.bound):
-                ver = alt
+        ver = _verify(full_pre, x, v, objective) if x is not None else None
+        path = result.extras.get("path") if not linear and isinstance(result.extras, dict) else None
+        if ver is not None and path and objective and (not ver.verified or ver.bound > objective * (1 + 1e-5)):
+            # An interior-point method's last iterates: the final point can sit so close to the boundary
+            # that rounding hides its margin (deep nets), while a slightly earlier one, further inside,
+            # proves a bound closer to the optimum.  Newest first; stop where none can do better.
+            for xk in reversed(path[:-1]):
+                obj_k = float(np.sqrt(max(float(full_pre.objective @ xk) * v[0], 0.0)))
+                if ver.verified and obj_k >= ver.bound:
+                    break
+                alt = _verify(full_pre, xk, v, obj_k)
+                if alt.verified and (not ver.verified or alt.bound < ver.bound):
+                    ver = alt
         if strict and ver is not None and ver.verified:
             ver = _exact_recheck(full, ver, lifting, omap)
         t_verify += time.perf_counter() - t0
@@ -454,7 +483,7 @@ def check_certificate(cert, model, **load_options) -> Certificate:
     from lipsdp.bounds import node_lipschitz
     from lipsdp.lifting import lift
     from lipsdp.lmi import build_lmi
-    from lipsdp.verify import rigorous_negative_definite, round_up_sqrt
+    from lipsdp.verify import balanced_scales, rigorous_negative_definite, round_up_sqrt
 
     if isinstance(cert, dict):
         cert = Certificate.from_dict(cert)
@@ -497,20 +526,16 @@ def check_certificate(cert, model, **load_options) -> Certificate:
         block_scale = np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]])
         for i, (omap_i, x) in enumerate(zip(queries, stored)):
             where = f" (output {i})" if len(queries) > 1 else ""
-            lmi, v = build_lmi(lifting, cert.formulation, output_map=omap_i, norm=cert.norm).preconditioned(
-                block_scale, lips[network.output])
+            raw = build_lmi(lifting, cert.formulation, output_map=omap_i, norm=cert.norm)
             try:
                 x = np.asarray(x, dtype=np.float64)
             except (TypeError, ValueError):
                 x = None
-            if x is None or x.shape != (lmi.n_var,) or not np.all(np.isfinite(x)) or np.any(x[lmi.nonneg] < 0):
+            if x is None or x.shape != (raw.n_var,) or not np.all(np.isfinite(x)) or np.any(x[raw.nonneg] < 0):
                 raise LipSDPError(f"the certificate's multipliers{where} do not fit this model's LMI "
                                   "(edited or corrupt)")
-            xs = x / v
-            if not np.array_equal(xs * v, x):  # v holds powers of two: exact unless under/overflow
-                raise LipSDPError(f"the certificate's multipliers{where} are out of range (edited or corrupt)")
             # sqrt(rho) or sqrt(sum lambda_in), summed in rationals and rounded up, as verify() does.
-            proven = round_up_sqrt(sum((Fraction(float(t)) for t in x[:lmi.n_in]), Fraction(0)))
+            proven = round_up_sqrt(sum((Fraction(float(t)) for t in x[:raw.n_in]), Fraction(0)))
             claims = [cert.bound]
             if per_output is not None:
                 claims.append((per_output[i] or {}).get("bound") if isinstance(per_output[i], dict) else None)
@@ -518,7 +543,21 @@ def check_certificate(cert, model, **load_options) -> Certificate:
                 if not isinstance(claim, (int, float)) or isinstance(claim, bool) or not proven <= claim:
                     raise LipSDPError(f"the certificate does not verify{where}: a stated bound {claim!r} is below "
                                       f"what its multipliers prove ({proven!r}; edited?)")
-            ok, margin = rigorous_negative_definite(lmi, xs)
+            # The same exact congruences certify() may have proven it in: its preconditioning
+            # (:func:`_scales`), composed norm bounds, and blocks balanced at x (verify_balanced).
+            ok = exact = False
+            for scales in (_scales(raw, block_scale, lips[network.output])[:2], (block_scale, lips[network.output]),
+                           balanced_scales(raw, x)):
+                lmi, v = raw.preconditioned(*scales)
+                xs = x / v
+                if not np.array_equal(xs * v, x):  # v holds powers of two: exact unless under/overflow
+                    continue
+                exact = True
+                ok, margin = rigorous_negative_definite(lmi, xs)
+                if ok:
+                    break
+            if not exact:
+                raise LipSDPError(f"the certificate's multipliers{where} are out of range (edited or corrupt)")
             if not ok:
                 raise LipSDPError(f"the certificate does not verify{where}: M is not provably negative definite "
                                   "at its multipliers (edited multipliers, bound or output?)")

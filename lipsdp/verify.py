@@ -280,6 +280,16 @@ def verify_balanced(lmi: LMIProblem, x: np.ndarray, *, scale: np.ndarray | None 
     x = np.asarray(x, dtype=np.float64)
     if x.shape != (lmi.n_var,) or not np.all(np.isfinite(x)) or not lmi.blocks:
         return verify(lmi, x, scale=scale)
+    balanced, v2 = lmi.preconditioned(*balanced_scales(lmi, x))
+    x2 = x / v2
+    if not np.array_equal(x2 * v2, x):  # powers of two: exact unless the scaling under/overflowed
+        return verify(lmi, x, scale=scale)
+    return verify(balanced, x2, scale=v * v2)
+
+
+def balanced_scales(lmi: LMIProblem, x: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(block_scale, total)`` for :meth:`~lipsdp.lmi.LMIProblem.preconditioned` that bring the
+    median diagonal entry of every block of ``M(x)`` to about that of the input block."""
     diag = np.abs(np.diag(lmi.matrix(x)))
     mags = []
     for b in lmi.blocks:
@@ -289,9 +299,4 @@ def verify_balanced(lmi: LMIProblem, x: np.ndarray, *, scale: np.ndarray | None 
     m0 = mags[0]
     block_scale = np.sqrt(m0 / np.asarray(mags))
     block_scale[0] = 1.0
-    balanced, v2 = lmi.preconditioned(block_scale, float(np.sqrt(m0)))
-    x2 = x / v2
-    if not np.array_equal(x2 * v2, x):  # powers of two: exact unless the scaling under/overflowed
-        return verify(lmi, x, scale=scale)
-    return verify(balanced, x2, scale=v * v2)
-
+    return block_scale, float(np.sqrt(m0))

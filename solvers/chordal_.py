@@ -82,6 +82,7 @@ class ChordalIPM(Backend):
         return SolveResult(status, y, float(lmi.objective @ y), time.perf_counter() - t0, state.iterations,
                            message, extras={"dual_objective": state.dual_objective if state.dinf < 1e-5
                                             else float("nan"), "gap": state.gap, "cliques": len(chain.cliques),
+                                            "path": [p[chain.position] for p in state.path],
                                             "primal_infeasibility": state.pinf, "dual_infeasibility": state.dinf})
 
 

@@ -76,7 +76,7 @@ class LowRankIPM(Backend):
                            state.iterations, message,
                            # The dual value bounds the optimum from below only where X is (nearly) feasible.
                            extras={"dual_objective": state.dual_objective if state.dinf < 1e-5 else float("nan"),
-                                   "gap": state.gap,
+                                   "gap": state.gap, "path": state.path,
                                    "primal_infeasibility": state.pinf, "dual_infeasibility": state.dinf})
 
 
@@ -156,6 +156,8 @@ class _IPM:
     :class:`_DenseLMI` (one block) or the clique chain of :mod:`~lipsdp.solvers.chordal_`.
     """
 
+    path_length = 8
+
     def __init__(self, structure, objective, nonneg, tol, time_limit, t0, verbose, max_iters, step_fraction):
         self.st = structure
         self.m = len(objective)
@@ -164,6 +166,9 @@ class _IPM:
         self.c = np.asarray(objective, dtype=np.float64)
         self.N = np.flatnonzero(nonneg)
         self.iterations = 0
+        #: The last iterates near the optimum (multipliers), newest last: :mod:`lipsdp.verify` may find
+        #: one of them, further from the boundary, provable where the final point's margin is lost to rounding.
+        self.path = []
         self.dual_objective = self.gap = self.pinf = self.dinf = float("nan")
         # Start: multipliers 1, X = I, S = s I with s the size of M at that point (the norm of
         # -F0 - F(y0), by a few power steps), so the first steps are not all spent on infeasibility.
@@ -269,6 +274,9 @@ class _IPM:
             self.gap = abs(pobj - dobj) / max(abs(pobj), abs(dobj), 1e-14)
             self.pinf = np.sqrt(dot(Rd, Rd)) / normF0
             self.dinf = np.linalg.norm(r) / normc
+            if self.pinf < 1e-6 and self.gap < 1e-2:
+                self.path.append(y.copy())
+                del self.path[:-self.path_length]
             if self.verbose:
                 print(f"ipm {it:3d}  pobj {pobj:+.9e}  dobj {dobj:+.9e}  gap {self.gap:.1e}  "
                       f"pinf {self.pinf:.1e}  dinf {self.dinf:.1e}  mu {mu:.1e}")

@@ -54,8 +54,12 @@ def test_gradient_matches_finite_differences(sizes, activation):
     lmi = _prepared_lmi(net)
     d = _Descent(lmi, None, time.perf_counter(), False)
     assert d.start() is not None
-    theta = d.best_theta + 0.2 * np.random.default_rng(0).standard_normal(d.m - 1)
+    noise = 0.2 * np.random.default_rng(0).standard_normal(d.m - 1)
     beta = 20.0 / d.best_rho
+    # A generic point near the start, inside the feasible set (the start may lie close to its edge).
+    while d.evaluate(d.best_theta + noise, beta) is None:
+        noise /= 2
+    theta = d.best_theta + noise
     f, rho, grad = d.evaluate(theta, beta)
     assert f >= rho
     h = 1e-6
@@ -126,14 +130,21 @@ def test_dual_bound_is_valid_at_any_point():
     assert exact.objective * (1 - 1e-2) <= value <= exact.objective * (1 + 1e-9)
 
 
-def test_deep_net_starts_layer_by_layer():
-    """No uniform multiplier makes every pivot of this 16-layer net negative definite: fo starts with one
-    scale per layer, from the last layer back, and still certifies."""
+def test_deep_net_starts_layer_by_layer(monkeypatch):
+    """Scaled by composed norm bounds, no uniform multiplier makes every pivot of this 16-layer net
+    negative definite: fo starts with one scale per layer, from the last layer back.  Scaled by the
+    layer-by-layer point (the default), it starts at that point.  Either way it certifies."""
+    from lipsdp import pipeline
+
     model, net = _net((4,) + (10,) * 16 + (2,), seed=1)
-    lmi = _prepared_lmi(net)
+    with monkeypatch.context() as mp:
+        mp.setattr(pipeline, "_scales", lambda lmi, block_scale, trivial: (block_scale, trivial, None))
+        lmi = _prepared_lmi(net)
     d = _Descent(lmi, None, time.perf_counter(), False)
     assert all(d.evaluate(np.full(d.m - 1, k * np.log(2.0))) is None for k in range(-4, 31))
     assert d.start() == "per layer" and np.isfinite(d.best_rho)
+    hinted = _Descent(_prepared_lmi(net), None, time.perf_counter(), False)
+    assert hinted.start() == "hint" and np.isfinite(hinted.best_rho)
     exact = lipsdp.certify(net, solver="ipm", lower_bound_samples=0)
     fo = lipsdp.certify(net, solver="fo", lower_bound_samples=0)
     assert_sandwich(fo, torch_lower_bound(model, 4))
