@@ -55,6 +55,37 @@ class ResidualMLP(nn.Module):
         return self.out(x + self.fc2(torch.relu(self.fc1(x))))
 
 
+def orthogonal(n: int, rng) -> np.ndarray:
+    """A random ``n x n`` orthogonal matrix (QR of a Gaussian, signs fixed)."""
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def linear(w) -> nn.Linear:
+    """``nn.Linear`` holding the weight matrix ``w`` (shape ``(out, in)``)."""
+    w = np.asarray(w)
+    lin = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(w))
+    return lin
+
+
+def lipschitz_sequential(n: int, hidden: int, layer, rng, orthogonal_weights: bool = True) -> nn.Sequential:
+    """``hidden`` activation modules ``layer()`` (lipsdp.nn's or deel-torchlip's GroupSort, FullSort,
+    HouseHolder, ...) between ``hidden + 1`` linear maps of width ``n``: orthogonal weights (true
+    constant 1) or Gaussian ones; a HouseHolder's angles are drawn at random.  float64, eval mode."""
+    mods = []
+    for k in range(hidden + 1):
+        mods.append(linear(orthogonal(n, rng) if orthogonal_weights else rng.standard_normal((n, n)) / np.sqrt(n)))
+        if k < hidden:
+            act = layer()
+            if type(act).__name__ == "HouseHolder":
+                with torch.no_grad():
+                    act.theta.copy_(torch.tensor(rng.uniform(0, 6, n // 2)))
+            mods.append(act)
+    return nn.Sequential(*mods).double().eval().requires_grad_(False)
+
+
 def residual_mlp(dim: int = 4, hidden: int = 8, n_out: int = 3, seed: int = 0) -> ResidualMLP:
     """A seeded :class:`ResidualMLP` in eval mode."""
     torch.manual_seed(seed)

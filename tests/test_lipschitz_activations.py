@@ -25,6 +25,7 @@ from lipsdp.network import Activation, Add, Affine, Input, Network
 from lipsdp.testing import check_constraint
 
 from conftest import assert_sandwich, torch_lower_bound
+from models import lipschitz_sequential, orthogonal
 
 GROUPINGS = [(2, 6), (3, 6), (4, 8), (None, 5), (None, 8)]  # (group_size, size); None: FullSort
 
@@ -46,11 +47,6 @@ def hh(theta):
     theta = np.asarray(theta, dtype=np.float64)
     return Activation("act", "HouseHolder", (2 * theta.size,), function="householder",
                       params={"theta": theta, "pairing": "halves"})
-
-
-def orthogonal(n, rng):
-    q, r = np.linalg.qr(rng.standard_normal((n, n)))
-    return q * np.sign(np.diag(r))
 
 
 # ---------------------------------------------------------------------------
@@ -196,25 +192,6 @@ def test_orthogonal_nets_certify_one(n, hidden):
             assert cert.lower_bound == pytest.approx(1.0, abs=1e-9)
 
 
-def _torchlip_net(n, hidden, layer, rng, orthogonal_weights=True):
-    torch = pytest.importorskip("torch")
-    tl = pytest.importorskip("deel.torchlip")
-    mods = []
-    for k in range(hidden + 1):
-        lin = torch.nn.Linear(n, n)
-        with torch.no_grad():
-            w = orthogonal(n, rng) if orthogonal_weights else rng.standard_normal((n, n)) / np.sqrt(n)
-            lin.weight.copy_(torch.tensor(w))
-        mods.append(lin)
-        if k < hidden:
-            act = layer()
-            if isinstance(act, tl.HouseHolder):
-                with torch.no_grad():
-                    act.theta.copy_(torch.tensor(rng.uniform(0, 6, n // 2)))
-            mods.append(act)
-    return torch.nn.Sequential(*mods).double().eval().requires_grad_(False)
-
-
 def _torchlip_layers(n):
     tl = pytest.importorskip("deel.torchlip")
     layers = {"GroupSort2": tl.GroupSort2, "FullSort": tl.FullSort, "HouseHolder": lambda: tl.HouseHolder(n)}
@@ -227,7 +204,7 @@ def _torchlip_layers(n):
 def test_orthogonal_torchlip_modules_certify_one(n, hidden):
     rng = np.random.default_rng(n + hidden)
     for name, layer in _torchlip_layers(n).items():
-        model = _torchlip_net(n, hidden, layer, rng)
+        model = lipschitz_sequential(n, hidden, layer, rng)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cert = lipsdp.certify(model, solver=SOLVER)
@@ -244,7 +221,7 @@ def test_orthogonal_torchlip_modules_certify_one(n, hidden):
 def test_random_torchlip_sandwich(n, hidden):
     rng = np.random.default_rng(100 + n)
     for name, layer in _torchlip_layers(n).items():
-        model = _torchlip_net(n, hidden, layer, rng, orthogonal_weights=False)
+        model = lipschitz_sequential(n, hidden, layer, rng, orthogonal_weights=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cert = lipsdp.certify(model, solver=SOLVER)

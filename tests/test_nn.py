@@ -29,22 +29,10 @@ from lipsdp.io import load_network, network_from_module  # noqa: E402
 from lipsdp.network import Activation, Add, Affine, Equilibrium, Input, Network  # noqa: E402
 
 from conftest import assert_sandwich, torch_lower_bound  # noqa: E402
+from models import lipschitz_sequential, orthogonal  # noqa: E402
 
 SOLVER = os.environ.get("LIPSDP_TEST_SOLVER", "auto")
 SUFFIX = {"pickle": "pt", "export": "pt2"}  # torch.export.load wants .pt2
-
-
-def orthogonal(n, rng):
-    q, r = np.linalg.qr(rng.standard_normal((n, n)))
-    return q * np.sign(np.diag(r))
-
-
-def linear(w) -> nn.Linear:
-    w = np.asarray(w)
-    lin = nn.Linear(w.shape[1], w.shape[0])
-    with torch.no_grad():
-        lin.weight.copy_(torch.tensor(w))
-    return lin
 
 
 def functions(net):
@@ -147,19 +135,6 @@ def test_activations_onnx(tmp_path):
     assert functions(net) == ["groupsort", "groupsort", "relu", "groupsort"]
 
 
-def _net(n, hidden, layer, rng, orthogonal_weights=True):
-    mods = []
-    for k in range(hidden + 1):
-        mods.append(linear(orthogonal(n, rng) if orthogonal_weights else rng.standard_normal((n, n)) / np.sqrt(n)))
-        if k < hidden:
-            act = layer()
-            if isinstance(act, lnn.HouseHolder):
-                with torch.no_grad():
-                    act.theta.copy_(torch.tensor(rng.uniform(0, 6, n // 2)))
-            mods.append(act)
-    return nn.Sequential(*mods).double().eval().requires_grad_(False)
-
-
 LAYERS = {"GroupSort2": lnn.GroupSort2, "GroupSort4": lambda: lnn.GroupSort(4), "FullSort": lnn.FullSort,
           "HouseHolder": lambda: lnn.HouseHolder(8)}
 
@@ -168,7 +143,7 @@ LAYERS = {"GroupSort2": lnn.GroupSort2, "GroupSort4": lambda: lnn.GroupSort(4), 
 def test_orthogonal_nets_certify_one(name):
     """MATH 4.4: orthogonal weights, true L = 1, certified 1.000 (pickled and reloaded too)."""
     rng = np.random.default_rng(11)
-    model = _net(8, 2, LAYERS[name], rng)
+    model = lipschitz_sequential(8, 2, LAYERS[name], rng)
     cert = lipsdp.certify(model, solver=SOLVER)
     assert cert.verified, (name, cert.message)
     assert abs(cert.bound - 1.0) < 1e-3, (name, cert.bound)
@@ -179,7 +154,7 @@ def test_orthogonal_nets_certify_one(name):
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_random_nets_sandwich(name):
     rng = np.random.default_rng(21)
-    model = _net(8, 2, LAYERS[name], rng, orthogonal_weights=False)
+    model = lipschitz_sequential(8, 2, LAYERS[name], rng, orthogonal_weights=False)
     cert = lipsdp.certify(model, solver=SOLVER)
     lower = torch_lower_bound(model, 8, samples=512)
     assert_sandwich(cert, lower)
