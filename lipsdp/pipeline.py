@@ -181,7 +181,6 @@ def _certify_split(network, layers, options) -> Certificate:
 
 def _exact_recheck(lmi, ver, lifting, output_map):
     """``--strict``: confirm a float-verified point in exact rational arithmetic, or drop it."""
-
     from lipsdp.exact import exact_negative_definite
 
     try:
@@ -273,6 +272,7 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
     from lipsdp.lifting import lift
     from lipsdp.lmi import build_lmi
     from lipsdp.solvers import get_backend
+
     if formulation not in FORMULATIONS:
         raise LipSDPError(f"unknown formulation {formulation!r}; choose from {', '.join(FORMULATIONS)} "
                           "(LipSDP-Network's coupled multipliers are unsound and not offered)")

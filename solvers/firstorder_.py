@@ -282,9 +282,10 @@ class _Descent:
             if len(bad):
                 rows = np.hstack([g[bad, None], H[bad]])
                 rows /= np.abs(rows).max(axis=1, keepdims=True)  # HiGHS's tolerances are absolute
+                # HiGHS's interior point: on 784-1024x4-10 (2,347 x 785) 3.3 s, its dual simplex 115 s.
                 res = linprog(-np.concatenate([[A0], a_v]), A_ub=-rows, b_ub=np.zeros(len(bad)),
                               A_eq=np.concatenate([[trX], b_v])[None, :], b_eq=[1.0],
-                              bounds=[(0, None)] * (1 + V.shape[1]), method="highs")
+                              bounds=[(0, None)] * (1 + V.shape[1]), method="highs-ipm")
                 if res.status == 0 and res.x[0] > 0:
                     c = res.x[1:] / res.x[0]
             # Whatever the LP left violated (its tolerance), a uniform weight on every direction fixes:
