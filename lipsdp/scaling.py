@@ -60,7 +60,8 @@ class LayerPoint:
     x : ndarray, shape (lmi.n_var,)
         The point itself: ``rho_E`` on the input variables, ``rho_E lambda_k`` on the
         sign-constrained multipliers of layer ``k``, 0 on free ones.  ``M(x) <= 0`` up to
-        rounding, on the boundary (``rho_E`` is the smallest for these multipliers).
+        rounding, on the boundary (``rho_E`` is the smallest for these multipliers), for sectors
+        with ``alpha beta >= 0``; otherwise only a guess (a backend starting there checks it).
     """
 
     block_scale: np.ndarray
