@@ -135,6 +135,24 @@ class LMIProblem:
         starts = np.array([b.start for b in self.blocks])
         return np.searchsorted(starts, np.asarray(idx), side="right") - 1
 
+    def chain_layers(self) -> np.ndarray | None:
+        """For each variable, the last block its matrix touches (-1 if none), or None unless this is a
+        layer chain: ``sum_j x_j M_j`` block-tridiagonal and every ``M_j`` inside two neighbouring blocks.
+
+        The pattern that :mod:`~lipsdp.solvers.chordal_` (cliques ``{k-1, k}``) and
+        :mod:`lipsdp.scaling` (one multiplier per layer) rely on; the constant term is theirs to check.
+        """
+        if not self.blocks:
+            return None
+        rb, cb = self.block_of(self.rows), self.block_of(self.cols)
+        if np.any(np.abs(rb - cb) > 1):
+            return None
+        lo = np.full(self.n_var, len(self.blocks), dtype=np.int64)
+        hi = np.full(self.n_var, -1, dtype=np.int64)
+        np.minimum.at(lo, self.var, np.minimum(rb, cb))
+        np.maximum.at(hi, self.var, np.maximum(rb, cb))
+        return None if np.any((hi >= 0) & (hi - lo > 1)) else hi
+
     # -- evaluation -----------------------------------------------------
     def _coo_matrix(self, vals: np.ndarray, x: np.ndarray) -> np.ndarray:
         M = np.zeros((self.n, self.n))

@@ -92,19 +92,14 @@ def chain_scales(lmi) -> LayerPoint | None:
     if nb < 2 or max(b.size for b in blocks) > MAX_BLOCK:
         return None
     which = lmi.block_of
-    rb, cb = which(lmi.rows), which(lmi.cols)
     const = lmi.const.tocoo()
-    if np.any(np.abs(rb - cb) > 1) or np.any(which(const.row) != nb - 1) or np.any(which(const.col) != nb - 1):
+    last = lmi.chain_layers()
+    # Input variables on block 0, a multiplier of layer k on blocks (k-1, k), the output term on the last.
+    if last is None or np.any(last[: lmi.n_in] > 0) or np.any(which(const.row) != nb - 1) \
+            or np.any(which(const.col) != nb - 1):
         return None
-    # Each variable's span of blocks: input variables on block 0, a multiplier on (k-1, k).
-    lo = np.full(lmi.n_var, nb, dtype=np.int64)
-    hi = np.full(lmi.n_var, -1, dtype=np.int64)
-    np.minimum.at(lo, lmi.var, np.minimum(rb, cb))
-    np.maximum.at(hi, lmi.var, np.maximum(rb, cb))
-    used = hi >= 0
-    if np.any(hi[: lmi.n_in] > 0) or np.any(used & (hi - lo > 1)):
-        return None
-    layer = np.where(np.arange(lmi.n_var) < lmi.n_in, 0, np.maximum(hi, 1))
+    rb, cb = which(lmi.rows), which(lmi.cols)
+    layer = np.where(np.arange(lmi.n_var) < lmi.n_in, 0, np.maximum(last, 1))
     # Free multipliers (e.g. GroupSort's) stay at zero: a valid, if weaker, point.
     weight = np.where((np.arange(lmi.n_var) < lmi.n_in) | lmi.nonneg, 1.0, 0.0)
 

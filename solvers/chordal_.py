@@ -125,18 +125,12 @@ class _CliqueChain:
             return None
         sizes = np.array([b.stop - b.start for b in lmi.blocks])
         which = lmi.block_of
-        rb, cb = which(lmi.rows), which(lmi.cols)
         const = lmi.const.tocoo()
         kr, kc = which(const.row), which(const.col)
-        if np.any(np.abs(rb - cb) > 1) or np.any(np.abs(kr - kc) > 1):
+        last = lmi.chain_layers()
+        if last is None or np.any(np.abs(kr - kc) > 1):
             return None
-        lo = np.full(lmi.n_var, len(sizes), dtype=np.int64)
-        hi = np.zeros(lmi.n_var, dtype=np.int64)
-        np.minimum.at(lo, lmi.var, np.minimum(rb, cb))
-        np.maximum.at(hi, lmi.var, np.maximum(rb, cb))
-        if np.any((hi - lo > 1) & (lo <= hi)):
-            return None
-        clique_of_var = np.maximum(hi, 1)
+        clique_of_var = np.maximum(last, 1)
         # Every factor row of a term must lie inside its variable's clique.
         R, iu, iw, _, fvar = lmi.factors
         Rc = sp.coo_matrix(R)
