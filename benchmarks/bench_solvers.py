@@ -16,10 +16,12 @@ Configurations
     ``lipsdp.certify(net, solver=..., formulation="neuron", lower_bound_samples=0)``:
     input-reduced LMI, native backend, verified bound.  ``ipm`` is lipsdp's own
     interior-point method on the factored (rank-two) constraints, ``chordal`` the same method
-    on the clique chain of the layer-by-layer LMI (linear in depth); ``fo`` its L-BFGS descent
+    on the clique chain of the layer-by-layer LMI (linear in depth), ``completion`` a primal-dual
+    method whose iterates both keep the block-tridiagonal pattern; ``fo`` its L-BFGS descent
     on the smoothed exact ``rho(T)`` (approximate, verified).  Clarabel is skipped where
     the LMI lipsdp solves is larger than 150 (its KKT system needs O(n^4) memory), the ipm
-    above 3000, SCS above 2000, chordal on nets wider than 64 or with one hidden layer.
+    above 3000, SCS above 2000, chordal on nets wider than 64 or with one hidden layer,
+    completion on nets wider than 512.
 
 Usage::
 
@@ -65,9 +67,9 @@ NAIVE_SOLVERS = ("scs", "cvxopt", "sdpa")
 #: closed-form ECLipsE-Fast.  Their numbers are their own, not verified by lipsdp.
 PEER_SOLVERS = ("eclipse", "eclipse-fast")
 PEER_SDP_SOLVER = "CVXOPT"
-LIPSDP_SOLVERS = ("ipm", "chordal", "fo", "scs", "sdpa", "cvxopt", "clarabel")
+LIPSDP_SOLVERS = ("ipm", "completion", "chordal", "fo", "scs", "sdpa", "cvxopt", "clarabel")
 #: Solver family of each backend: ``× vs naive`` compares with the fastest naive run of the same family.
-FAMILY = {"ipm": "interior-point", "chordal": "interior-point", "sdpa": "interior-point", "cvxopt": "interior-point",
+FAMILY = {"ipm": "interior-point", "completion": "interior-point", "chordal": "interior-point", "sdpa": "interior-point", "cvxopt": "interior-point",
           "clarabel": "interior-point", "scs": "first-order", "fo": "first-order"}
 #: Beyond these LMI sizes a configuration is not run: the naive formulation and the cvxpy-based
 #: backends timed out (300 s) on the 1296 x 1296 LMI of 784-256-256-10 in earlier runs.
@@ -79,6 +81,9 @@ IPM_MAX_N = 3000
 #: lipsdp's chordal: a Newton system of about (w^2/2)^3 flops per layer of width w; it needs
 #: two or more hidden layers (a chain of cliques).
 CHORDAL_MAX_WIDTH = 64
+#: lipsdp's completion: about 16 l w^2 r + 6 w r^2 flops an iteration for r ~ 2 l w factor rows; at
+#: width 1024 (784-1024x4-10) that is about 3e12, over an hour in all.
+COMPLETION_MAX_WIDTH = 512
 #: SCS: one eigendecomposition of the n x n iterate per iteration, thousands of iterations.
 SCS_MAX_N = 2000
 #: Bounds of two configurations that differ by more than this (relative) are reported.
@@ -318,7 +323,7 @@ class Row:
 
     @property
     def gap(self) -> float | None:
-        """``bound / dual - 1`` where the backend reported a dual lower bound (ipm, chordal, fo)."""
+        """``bound / dual - 1`` where the backend reported a dual lower bound (ipm, completion, chordal, fo)."""
         duals = [r["solver_dual_objective"] for r in self.runs if r.get("solver_dual_objective")]
         return self.bound / max(duals) - 1.0 if duals and self.bound is not None else None
 
@@ -403,6 +408,9 @@ def run_all(nets, repeats, timeout, mem_limit, only, snapshot: Path) -> list[Row
             elif kind == "lipsdp" and solver == "chordal" and (len(net.weights()) < 3 or max(
                     w.shape[0] for w in net.weights()[:-1]) > CHORDAL_MAX_WIDTH):
                 skip = f"needs >= 2 hidden layers of width <= {CHORDAL_MAX_WIDTH}"
+            elif kind == "lipsdp" and solver == "completion" and max(
+                    w.shape[0] for w in net.weights()[:-1]) > COMPLETION_MAX_WIDTH:
+                skip = f"hidden width > {COMPLETION_MAX_WIDTH}"
             elif kind == "lipsdp" and solver == "scs" and solved_n > SCS_MAX_N:
                 skip = f"LMI {solved_n} > {SCS_MAX_N}"
             if skip:
@@ -594,7 +602,8 @@ def markdown(rows, env, disc, fast, args) -> str:
         f"- Clarabel is skipped where the solved LMI is larger than {CLARABEL_MAX_N} (O(n^4) memory); the naive "
         f"formulation where the LMI is larger than {NAIVE_MAX_N}, and lipsdp-sdpa / lipsdp-cvxopt (through cvxpy) "
         f"where the solved LMI is larger than {CVXPY_MAX_N}: they timed out (300 s) there in earlier runs; "
-        f"lipsdp-ipm above {IPM_MAX_N} (about 20 min at n = 4880), lipsdp-scs above {SCS_MAX_N}.",
+        f"lipsdp-ipm above {IPM_MAX_N} (about 20 min at n = 4880), lipsdp-scs above {SCS_MAX_N}, "
+        f"lipsdp-completion on nets wider than {COMPLETION_MAX_WIDTH} (about 3e12 flops an iteration at width 1024).",
         "- `peer-eclipse`, `peer-eclipse-fast`: ECLipsE and ECLipsE-Fast (Xu and Sivaranjani, NeurIPS 2024; "
         f"`pip install eclipse-nn`), ECLipsE's layer-wise SDPs solved with {PEER_SDP_SOLVER} instead of its "
         "hard-coded SCS; a compositional relaxation of LipSDP, so its bound is expected at or above LipSDP's; "
@@ -602,10 +611,12 @@ def markdown(rows, env, disc, fast, args) -> str:
         "- `ipm`: lipsdp's interior-point method on the factored rank-two constraints (solvers/ipm_.py); "
         "`chordal`: the same iteration on the clique chain of the layer-by-layer LMI, Newton system "
         f"block-tridiagonal, linear in depth (solvers/chordal_.py; skipped on nets wider than {CHORDAL_MAX_WIDTH} "
-        "or with one hidden layer); "
+        "or with one hidden layer); `completion`: a primal-dual method that keeps the slack and the "
+        "primal on the block-tridiagonal pattern (max-det completion), Newton system in the multipliers "
+        "only (solvers/completion_.py); "
         "`fo`: lipsdp's L-BFGS on the smoothed exact rho(T) (solvers/firstorder_.py), approximate, verified, "
         "with a dual lower bound from a repaired dual feasible point; `same family` = interior-point (ipm, "
-        "chordal, SDPA, CVXOPT, Clarabel) or first-order (SCS, fo).",
+        "chordal, completion, SDPA, CVXOPT, Clarabel) or first-order (SCS, fo).",
         "- gap to dual = bound / (the backend's dual lower bound on the SDP optimum) - 1, where it reports one: "
         "an upper bound on how far the verified bound lies above the best this SDP can give.",
         "- × = median seconds of the baseline / median seconds of the row (> 1: faster than the baseline); "

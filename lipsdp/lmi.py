@@ -227,6 +227,7 @@ class LMIProblem:
         ``interior_point_lowrank`` (lipsdp's ipm): Gram matrices of the factor rows
         and the term-by-term Schur pieces.  ``interior_point_chordal``: the
         block-tridiagonal Newton system over ``(multipliers, Y_k)`` groups, linear in depth.
+        ``interior_point_completion``: the Gram matrices of the factor rows and ``(n, r)`` solves.
         """
         dense = 8 * self.n * self.n
         stored = 24 * len(self.vals)
@@ -241,6 +242,11 @@ class LMIProblem:
             clique = sizes[:-1] + sizes[1:]
             # Per group: its block of H, its factor, the coupling and its solve; per clique ~12 iterates.
             return int(8 * (4 * np.sum(group ** 2) + 12 * np.sum(clique ** 2)) + 6 * stored)
+        if kind == "interior_point_completion" and self.factors is not None:  # lipsdp's completion
+            # Five (n, r) work arrays (solves and the corrector), three r x r Gram matrices, the
+            # term-by-term Schur pieces and H; the iterates themselves are block-tridiagonal.
+            r, t = self.factors[0].shape[0], len(self.factors[3])
+            return 8 * (5 * self.n * r + 3 * r * r + 5 * t * t + 2 * self.n_var ** 2) + 6 * stored
         if kind == "interior_point_lowrank" and self.factors is not None:  # lipsdp's ipm
             r, t = self.factors[0].shape[0], len(self.factors[3])
             return 16 * dense + 8 * (2 * r * r + 3 * t * t + 2 * self.n_var ** 2) + 6 * stored

@@ -353,7 +353,7 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
             backend_name = backend.name
             result, seconds = _solve(backend, lmi, time_limit, tol, progress, label)
             t_solve += seconds
-            if solver.lower() == "auto" and backend.name in ("ipm", "chordal", "fo") and result.status not in (
+            if solver.lower() == "auto" and backend.name in ("ipm", "chordal", "completion", "fo") and result.status not in (
                     "optimal", "optimal_inaccurate", "time_limit"):
                 # The ipm stalls on some badly conditioned LMIs (e.g. very deep nets, whose composed
                 # norm bounds overshoot by orders of magnitude), fo may find no feasible start: let

@@ -6,7 +6,9 @@ imports a solver at ``import lipsdp``: availability is checked with
 ``importlib.util.find_spec``, and MOSEK's licence with a licence checkout.
 
 ``auto`` picks MOSEK when it is installed *and* licensed; otherwise lipsdp's
-own ``chordal`` (clique chain of a feed-forward LMI) where its estimated cost
+own ``completion`` (primal-dual, both iterates block-tridiagonal) for
+feed-forward nets with a layer-by-layer start and an affordable iteration;
+else ``chordal`` (clique chain of a feed-forward LMI) where its estimated cost
 is below the dense method's (deep narrow nets), else its ``ipm`` for LMIs whose
 constraints all have the factored rank-two form and
 no free multipliers (slope-restricted nets, up to size 3000); for larger l2
@@ -19,6 +21,7 @@ and SCS above: the fastest that stayed accurate in
 from __future__ import annotations
 
 from lipsdp.errors import SolverLicenseError, SolverNotFound
+from lipsdp.solvers.completion_ import CompletionIPM
 from lipsdp.solvers.base import STATUSES, Backend, SolveResult
 from lipsdp.solvers.chordal_ import ChordalIPM, estimate_cost
 from lipsdp.solvers.clarabel_ import Clarabel
@@ -30,7 +33,7 @@ from lipsdp.solvers.scs_ import SCS
 #: Every backend lipsdp knows (name -> class).  Not the order ``auto`` tries them in:
 #: that is :func:`get_backend` (MOSEK if licensed, the ipm rule, then :func:`_open_source_order`).
 BACKENDS: dict[str, type[Backend]] = {
-    b.name: b for b in (MOSEK, LowRankIPM, ChordalIPM, SCS, SDPA, CVXOPT, Clarabel, FirstOrder)}
+    b.name: b for b in (MOSEK, LowRankIPM, ChordalIPM, CompletionIPM, SCS, SDPA, CVXOPT, Clarabel, FirstOrder)}
 
 
 def installed() -> list[str]:
@@ -73,7 +76,10 @@ def get_backend(name: str = "auto", *, n: int | None = None, free_multipliers: b
         # Free multipliers (GroupSort, Householder) leave the ipm's Schur complement singular
         # near their unbounded optimal set; SDPA handles those (see _open_source_order).
         cost = estimate_cost(lmi) if lmi is not None and factored and not free_multipliers else None
-        if cost is not None and cost[0] < cost[1] and cost[0] <= ChordalIPM.max_auto_cost:
+        if lmi is not None and factored and not free_multipliers and CompletionIPM.preferred(lmi):
+            # A layer chain with a strictly feasible start: both iterates stay block-tridiagonal.
+            order = ["completion"] + order
+        elif cost is not None and cost[0] < cost[1] and cost[0] <= ChordalIPM.max_auto_cost:
             # Deep narrow nets: the clique chain's Newton system grows linearly with depth.
             order = ["chordal"] + order
         elif factored and not free_multipliers and (n is None or n <= LowRankIPM.max_auto_size):

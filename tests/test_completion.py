@@ -1,0 +1,194 @@
+"""lipsdp's completion method (``--solver completion``): both iterates on the block-tridiagonal pattern.
+
+Its pieces must be the dense quantities they stand for (the slack, its selected
+inverse, the inverse of the max-det completion, the Gram products and the
+pattern products); with one block it is the dense ipm, Mehrotra corrector and
+all; on chains its bounds must match the dense ipm's and lie in the sandwich.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy.io import loadmat
+
+import lipsdp
+from lipsdp.lifting import lift
+from lipsdp.lmi import build_lmi
+from lipsdp.network import Network
+from lipsdp.pipeline import _scales
+from lipsdp.solvers import get_backend
+from lipsdp.solvers.completion_ import CompletionIPM, _BlockChain, _Completion, estimate_cost
+
+from conftest import assert_sandwich, torch_lower_bound
+
+
+def _net(sizes, function="relu", params=None, seed=0):
+    rng = np.random.default_rng(seed)
+    weights = [rng.standard_normal((o, i)) / np.sqrt(i) for i, o in zip(sizes[:-1], sizes[1:])]
+    return Network.sequential(weights, activation=function, params=params or {})
+
+
+def _solved_lmi(sizes, function="relu", params=None, norm="l2", seed=0):
+    """The LMI that certify hands a backend: input-reduced (l2), preconditioned, with its start."""
+    from lipsdp.bounds import node_lipschitz
+
+    net = _net(sizes, function, params, seed)
+    lifting = lift(net)
+    lifting = lifting.reduce_input() if norm == "l2" else lifting
+    omap = np.array([[1.0, -1.0] + [0.0] * (sizes[-1] - 2)]) if norm == "linf" else None
+    lmi = build_lmi(lifting, output_map=omap, norm=norm)
+    lips = node_lipschitz(net)
+    scales, total, start = _scales(lmi, np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]]),
+                                   lips[net.output])
+    return replace(lmi, start=start).preconditioned(scales, total)[0]
+
+
+def _dense(chain, flat):
+    n = chain.starts[-1]
+    A = np.zeros((n, n))
+    st = chain.starts
+    for k in range(chain.nb):
+        A[st[k]:st[k + 1], st[k]:st[k + 1]] = chain.diag(flat, k)
+        if k:
+            A[st[k]:st[k + 1], st[k - 1]:st[k]] = chain.sub(flat, k)
+            A[st[k - 1]:st[k], st[k]:st[k + 1]] = chain.sub(flat, k).T
+    return A
+
+
+def _flat(chain, A):
+    """The lower blocks of a dense symmetric ``A``."""
+    flat = np.zeros(chain.length)
+    st = chain.starts
+    for k in range(chain.nb):
+        chain.diag(flat, k)[:] = A[st[k]:st[k + 1], st[k]:st[k + 1]]
+        if k:
+            chain.sub(flat, k)[:] = A[st[k]:st[k + 1], st[k - 1]:st[k]]
+    return flat
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_pattern_algebra_matches_dense(norm):
+    lmi = _solved_lmi((4, 6, 5, 7, 3), norm=norm)
+    chain = _BlockChain(lmi)
+    assert chain.nb == len(lmi.blocks) >= 4
+    state = _Completion(lmi, chain, 1e-7, None, 0.0, False, 10, 0.95)
+    y, fac = state.start()
+    S = _dense(chain, chain.assemble(y))
+    np.testing.assert_array_equal(S, -lmi.matrix(y))
+    assert fac[2] == pytest.approx(np.linalg.slogdet(S)[1], rel=1e-12)
+    Z = np.linalg.inv(S)
+    mask = _dense(chain, np.ones(chain.length)) != 0
+    np.testing.assert_allclose(_dense(chain, chain.selected_inverse(fac))[mask], Z[mask], rtol=1e-9, atol=1e-12)
+    R = lmi.factors[0].toarray()
+    np.testing.assert_allclose(chain.solve(fac, chain.Rt.copy()), Z @ R.T, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(chain.gram_of(Z @ R.T), R @ Z @ R.T, rtol=1e-9, atol=1e-12)
+    # The max-det completion of P(Z) is Z itself: its inverse is S, which has the pattern.
+    W, _ = chain.completion_inverse(chain.selected_inverse(fac))
+    np.testing.assert_allclose(_dense(chain, W), S, rtol=1e-8, atol=1e-10)
+    # A generic pattern X: the completion agrees with X on the pattern and its inverse has the pattern.
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((lmi.n, lmi.n))
+    Xp = _flat(chain, A @ A.T + np.eye(lmi.n))  # the pattern of a PD matrix: completable
+    W, _ = chain.completion_inverse(Xp)
+    Xhat = np.linalg.inv(_dense(chain, W))
+    np.testing.assert_allclose(Xhat[mask], _dense(chain, Xp)[mask], rtol=1e-8, atol=1e-10)
+    # Pattern products are the projections of the dense products.
+    Q, Y = rng.standard_normal((lmi.n, 5)), rng.standard_normal((lmi.n, 5))
+    full = (Q @ Y.T + Y @ Q.T) / 2
+    np.testing.assert_allclose(_dense(chain, chain.pattern_product(Q, Y))[mask], full[mask], atol=1e-12)
+    np.testing.assert_allclose(chain.pattern_times(chain.assemble(y), Q), S @ Q, atol=1e-12)
+    assert chain.inner(Xp, chain.assemble(y)) == pytest.approx(float(np.sum(_dense(chain, Xp) * S)), rel=1e-12)
+    # Not completable: a clique with a negative eigenvalue.
+    assert chain.completion_inverse(Xp - 10.0 * lmi.n * chain.identity()) is None
+
+
+def test_one_block_is_the_dense_ipm():
+    """Without the chain (one block) the completion is X itself: same iterations as the dense ipm,
+    the Mehrotra corrector included (it would take about 1.6x as many without)."""
+    lmi = _solved_lmi((16,) + (32,) * 4 + (4,))
+    dense = replace(lmi, blocks=[])
+    one = CompletionIPM().solve(dense)
+    ipm = get_backend("ipm").solve(lmi)
+    assert one.status == "optimal" and one.extras["blocks"] == 1
+    assert one.objective == pytest.approx(ipm.objective, rel=1e-6)
+    assert one.iterations <= ipm.iterations + 2
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("function,params", [("relu", None), ("tanh", None), ("sigmoid", None),
+                                             ("leaky_relu", {"negative_slope": 0.1})])
+def test_matches_ipm(function, params, norm):
+    lmi = _solved_lmi((5, 12, 10, 8, 3), function, params, norm, seed=11)
+    comp = CompletionIPM().solve(lmi)
+    ipm = get_backend("ipm").solve(lmi)
+    assert comp.status == "optimal", comp.message
+    assert comp.objective == pytest.approx(ipm.objective, rel=1e-6)
+    assert comp.extras["dual_objective"] <= comp.objective * (1 + 1e-9)
+    assert comp.extras["blocks"] == len(lmi.blocks)
+
+
+@pytest.mark.parametrize("function,params", [("relu", None), ("elu", None)])
+def test_certify_sandwich(function, params):
+    pytest.importorskip("torch")
+    from models import mlp
+
+    model = mlp([5, 12, 10, 8, 3], activation=function, seed=11)
+    comp = lipsdp.certify(model, solver="completion", input_shape=(5,), lower_bound_samples=0)
+    ipm = lipsdp.certify(model, solver="ipm", input_shape=(5,), lower_bound_samples=0)
+    assert comp.verified and comp.solver == "completion", comp.message
+    assert comp.bound == pytest.approx(ipm.bound, rel=1e-6)
+    assert_sandwich(comp, torch_lower_bound(model, 5))
+    assert comp.solver_dual_objective * (1 - 1e-6) <= comp.bound < comp.trivial_bound
+
+
+def test_deep_net_matches_chordal():
+    """12 narrow layers, the optimum decades below the layer-by-layer start."""
+    net = _net((6,) + (8,) * 12 + (3,), seed=4)
+    comp = lipsdp.certify(net, solver="completion", lower_bound_samples=64)
+    chordal = lipsdp.certify(net, solver="chordal", lower_bound_samples=0)
+    assert comp.verified and comp.solver_status == "optimal", comp.message
+    assert comp.bound == pytest.approx(chordal.bound, rel=1e-5)
+    assert comp.lower_bound <= comp.bound < comp.trivial_bound
+
+
+def test_published_anchor(anchors):
+    weights = [np.asarray(w, dtype=np.float64)
+               for w in loadmat(anchors / "lipsdp_random_weights.mat")["weights"][0]]
+    cert = lipsdp.certify(Network.sequential(weights), solver="completion", lower_bound_samples=0)
+    assert cert.verified and cert.solver_status == "optimal", cert.message
+    assert cert.bound == pytest.approx(36.482, rel=2e-5)
+
+
+def test_without_a_start_the_dense_ipm_solves():
+    """A skip connection: no layer chain, no layer-by-layer start; the dense ipm takes over."""
+    pytest.importorskip("torch")
+    from models import residual_mlp
+
+    model = residual_mlp()
+    cert = lipsdp.certify(model, solver="completion", input_shape=(4,), lower_bound_samples=0)
+    ipm = lipsdp.certify(model, solver="ipm", input_shape=(4,), lower_bound_samples=0)
+    assert cert.verified, cert.message
+    assert cert.bound == pytest.approx(ipm.bound, rel=1e-6)
+
+
+def test_auto_uses_it_on_chains_with_a_start():
+    if get_backend("auto").name == "mosek":
+        pytest.skip("a licensed MOSEK comes first")
+    lmi = _solved_lmi((16,) + (32,) * 8 + (4,))
+    assert lmi.start is not None and estimate_cost(lmi) <= CompletionIPM.max_auto_cost
+    assert get_backend("auto", n=lmi.n, factored=True, lmi=lmi, single_input=True).name == "completion"
+    # 784-1024x4-10 costs about 3e12 an iteration: fo's regime.
+    wide = _solved_lmi((784,) + (1024,) * 4 + (10,))
+    assert estimate_cost(wide) > CompletionIPM.max_auto_cost
+    assert get_backend("auto", n=wide.n, factored=True, lmi=wide, single_input=True).name == "fo"
+    cert = lipsdp.certify(_net((4, 8, 8, 8, 2)), lower_bound_samples=0)
+    assert cert.verified and cert.solver == "completion", cert.message
+
+
+def test_time_limit():
+    lmi = _solved_lmi((4,) + (10,) * 6 + (2,))
+    res = CompletionIPM().solve(lmi, time_limit=1e-6)
+    assert res.status == "time_limit"
