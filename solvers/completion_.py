@@ -165,15 +165,19 @@ class _BlockChain:
         self.const = -np.bincount(cpos[ck], weights=const.data[ck], minlength=self.length)
         self.nb = nb
 
-        # Factor rows, grouped by the first block they touch; each group's slab spans two blocks.
+        # Factor rows: unit rows (a neuron's own output q_i, ReLU's a_i) pick a row of R Y as it is;
+        # the others are grouped by the first block they touch, each group's slab spanning two blocks.
         R = sp.csr_matrix(lmi.factors[0])
+        R.sum_duplicates()
         self.r = R.shape[0]
         Rc = R.tocoo()
+        single = np.diff(R.indptr) == 1
+        self.unit = (np.flatnonzero(single), R.indices[R.indptr[:-1][single]], R.data[R.indptr[:-1][single]])
         first = np.full(self.r, nb - 1, dtype=np.int64)
         np.minimum.at(first, Rc.row, self.block_of(Rc.col))
         self.slabs = []
-        for k in np.unique(first):
-            idx = np.flatnonzero(first == k)
+        for k in np.unique(first[~single]):
+            idx = np.flatnonzero((first == k) & ~single)
             a, b = self.starts[k], self.starts[min(k + 2, nb)]
             self.slabs.append((idx, a, b, R[idx][:, a:b].toarray()))
         self.Rt = np.ascontiguousarray(R.T.toarray())  # (n, r): the right-hand sides of S Y = R^T
@@ -317,8 +321,10 @@ class _BlockChain:
         return W, factors
 
     def gram_of(self, Y):
-        """``R Y`` for ``Y`` of shape ``(n, r)``, slab by slab."""
+        """``R Y`` for ``Y`` of shape ``(n, r)``: unit rows by copy, the others slab by slab."""
         G = np.empty((self.r, Y.shape[1]))
+        rows, cols, vals = self.unit
+        G[rows] = Y[cols] * vals[:, None]
         for idx, a, b, slab in self.slabs:
             G[idx] = slab @ Y[a:b]
         return G
