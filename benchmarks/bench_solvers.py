@@ -69,7 +69,8 @@ PEER_SOLVERS = ("eclipse", "eclipse-fast")
 PEER_SDP_SOLVER = "CVXOPT"
 LIPSDP_SOLVERS = ("ipm", "completion", "chordal", "fo", "scs", "sdpa", "cvxopt", "clarabel")
 #: Solver family of each backend: ``× vs naive`` compares with the fastest naive run of the same family.
-FAMILY = {"ipm": "interior-point", "completion": "interior-point", "chordal": "interior-point", "sdpa": "interior-point", "cvxopt": "interior-point",
+FAMILY = {"ipm": "interior-point", "completion": "interior-point", "chordal": "interior-point",
+          "sdpa": "interior-point", "cvxopt": "interior-point",
           "clarabel": "interior-point", "scs": "first-order", "fo": "first-order"}
 #: Beyond these LMI sizes a configuration is not run: the naive formulation and the cvxpy-based
 #: backends timed out (300 s) on the 1296 x 1296 LMI of 784-256-256-10 in earlier runs.

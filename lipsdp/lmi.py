@@ -18,6 +18,7 @@ entrywise absolute value for rounding-error bounds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -154,10 +155,21 @@ class LMIProblem:
         return None if np.any((hi >= 0) & (hi - lo > 1)) else hi
 
     # -- evaluation -----------------------------------------------------
+    @cached_property
+    def entry_index(self) -> np.ndarray:
+        """``rows * n + cols`` of the COO entries: where each lands in the flattened ``n x n`` matrix."""
+        return np.asarray(self.rows, dtype=np.int64) * self.n + np.asarray(self.cols, dtype=np.int64)
+
+    @cached_property
+    def max_entry_terms(self) -> int:
+        """The most COO entries that add up into one matrix entry (the ``K`` of the rounding bounds)."""
+        return int(np.bincount(self.entry_index).max(initial=0)) if len(self.entry_index) else 0
+
     def _coo_matrix(self, vals: np.ndarray, x: np.ndarray) -> np.ndarray:
-        M = np.zeros((self.n, self.n))
-        np.add.at(M, (self.rows, self.cols), vals * x[self.var])
-        return M
+        # bincount adds each entry's terms one after another, as np.add.at did (a recursive sum:
+        # the same gamma_K error bound), about ten times faster on LMIs with millions of entries.
+        flat = np.bincount(self.entry_index, weights=vals * x[self.var], minlength=self.n * self.n)
+        return flat.reshape(self.n, self.n)
 
     def matrix(self, x: np.ndarray) -> np.ndarray:
         """Dense ``M(x)``, shape ``(n, n)``."""
@@ -175,8 +187,8 @@ class LMIProblem:
             return None
         rows, cols, vals, var, const = self.lift_err
         x = np.abs(np.asarray(x, dtype=np.float64))
-        M = np.zeros((self.n, self.n))
-        np.add.at(M, (rows, cols), vals * x[var])
+        M = np.bincount(np.asarray(rows, dtype=np.int64) * self.n + cols, weights=vals * x[var],
+                        minlength=self.n * self.n).reshape(self.n, self.n)
         return M + const.toarray()
 
     def basis(self) -> sp.csc_matrix:

@@ -353,8 +353,8 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
             backend_name = backend.name
             result, seconds = _solve(backend, lmi, time_limit, tol, progress, label)
             t_solve += seconds
-            if solver.lower() == "auto" and backend.name in ("ipm", "chordal", "completion", "fo") and result.status not in (
-                    "optimal", "optimal_inaccurate", "time_limit"):
+            if solver.lower() == "auto" and backend.name in ("ipm", "chordal", "completion", "fo") and \
+                    result.status not in ("optimal", "optimal_inaccurate", "time_limit"):
                 # The ipm stalls on some badly conditioned LMIs (e.g. very deep nets, whose composed
                 # norm bounds overshoot by orders of magnitude), fo may find no feasible start: let
                 # the general solver auto would otherwise pick have a go, and keep its point if it converged.

@@ -76,8 +76,10 @@ def get_backend(name: str = "auto", *, n: int | None = None, free_multipliers: b
         # Free multipliers (GroupSort, Householder) leave the ipm's Schur complement singular
         # near their unbounded optimal set; SDPA handles those (see _open_source_order).
         cost = estimate_cost(lmi) if lmi is not None and factored and not free_multipliers else None
-        if lmi is not None and factored and not free_multipliers and CompletionIPM.preferred(lmi):
-            # A layer chain with a strictly feasible start: both iterates stay block-tridiagonal.
+        if lmi is not None and factored and not free_multipliers and \
+                CompletionIPM.preferred(lmi, None if cost is None else cost[0]):
+            # A layer chain with a strictly feasible start: both iterates stay block-tridiagonal,
+            # unless the clique chain (linear in depth) is cheaper still (very deep narrow nets).
             order = ["completion"] + order
         elif cost is not None and cost[0] < cost[1] and cost[0] <= ChordalIPM.max_auto_cost:
             # Deep narrow nets: the clique chain's Newton system grows linearly with depth.

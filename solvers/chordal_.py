@@ -44,6 +44,7 @@ import scipy.sparse as sp
 
 from lipsdp.solvers.base import Backend, SolveResult
 from lipsdp.solvers.ipm_ import _IPM, _term_schur
+from lipsdp.solvers.ipm_ import estimate_cost as dense_cost
 
 
 class ChordalIPM(Backend):
@@ -92,9 +93,10 @@ def estimate_cost(lmi) -> tuple[float, float] | None:
 
     In flop-like units: ``chordal`` sums ``3 g^3`` over the groups ``(multipliers, Y_k)``
     (block Cholesky, coupling solve and update), the clique Schur products and a fixed
-    per-clique overhead; ``dense`` is ``25 n^3 + m^3`` for the one-block method.  Calibrated
-    on 16-32xL-4 nets (one core): the measured time ratio was 2.0 at L = 16 (model 2.3)
-    and 0.5 at L = 32 (model 0.6).  ``auto`` uses it to choose between the two.
+    per-clique overhead; ``dense`` is the one-block method's
+    (:func:`lipsdp.solvers.ipm_.estimate_cost`).  Calibrated on 16-32xL-4 nets (one core): the
+    measured time ratio was 2.0 at L = 16 (model 2.3) and 0.5 at L = 32 (model 0.6).  ``auto``
+    uses it to choose between the two.
     """
     layout = _CliqueChain.layout(lmi)
     if layout is None:
@@ -107,7 +109,7 @@ def estimate_cost(lmi) -> tuple[float, float] | None:
         g = float(counts[k] + (sizes[k] * (sizes[k] + 1) // 2 if k < len(sizes) - 1 else 0))
         t = g + sizes[k - 1] * (sizes[k - 1] + 1) / 2  # local variables of clique k
         chordal += 3.0 * g ** 3 + 8.0 * t * t + overhead
-    return chordal, 25.0 * float(lmi.n) ** 3 + float(lmi.n_var) ** 3 + overhead
+    return chordal, dense_cost(lmi)
 
 
 class _CliqueChain:

@@ -80,6 +80,13 @@ class LowRankIPM(Backend):
                                    "primal_infeasibility": state.pinf, "dual_infeasibility": state.dinf})
 
 
+def estimate_cost(lmi) -> float:
+    """One iteration of :class:`LowRankIPM` in the flop-like units of the chordal and completion
+    estimates: ``25 n^3`` for the dense ``n x n`` products, factorisations and step lengths, ``m^3``
+    for the Schur complement, and about 1 ms of fixed work."""
+    return 25.0 * float(lmi.n) ** 3 + float(lmi.n_var) ** 3 + 2e7
+
+
 class _DenseLMI:
     """The LMI as one dense block: linear maps from the COO basis, Schur complement from the factors."""
 

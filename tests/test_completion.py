@@ -20,6 +20,7 @@ from lipsdp.lmi import build_lmi
 from lipsdp.network import Network
 from lipsdp.pipeline import _scales
 from lipsdp.solvers import get_backend
+from lipsdp.solvers.chordal_ import estimate_cost as chordal_estimate
 from lipsdp.solvers.completion_ import CompletionIPM, _BlockChain, _Completion, estimate_cost
 
 from conftest import assert_sandwich, torch_lower_bound
@@ -184,6 +185,13 @@ def test_auto_uses_it_on_chains_with_a_start():
     wide = _solved_lmi((784,) + (1024,) * 4 + (10,))
     assert estimate_cost(wide) > CompletionIPM.max_auto_cost
     assert get_backend("auto", n=wide.n, factored=True, lmi=wide, single_input=True).name == "fo"
+    # Shallow and wide: the dense ipm's n^3 is cheaper than the Gram matrices of 1,040 factor rows.
+    shallow = _solved_lmi((784, 256, 256, 10))
+    assert get_backend("auto", n=shallow.n, factored=True, lmi=shallow, single_input=True).name == "ipm"
+    # 50 layers of width 32: its r x r Gram matrices outgrow chordal's linear-in-depth iteration.
+    deep = _solved_lmi((16,) + (32,) * 50 + (4,))
+    assert not CompletionIPM.preferred(deep, chordal_estimate(deep)[0])
+    assert get_backend("auto", n=deep.n, factored=True, lmi=deep, single_input=True).name == "chordal"
     cert = lipsdp.certify(_net((4, 8, 8, 8, 2)), lower_bound_samples=0)
     assert cert.verified and cert.solver == "completion", cert.message
 
