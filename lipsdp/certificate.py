@@ -49,7 +49,7 @@ class Certificate:
         ``sqrt`` of the solver's raw objective, for comparison only.
     solver_dual_objective : float or None
         ``sqrt`` of the solver's dual objective where the backend reports one
-        (``ipm``, ``chordal``: up to the solver's dual residual; ``fo``: from a
+        (``ipm``, ``completion``, ``chordal``: up to the solver's dual residual; ``fo``: from a
         repaired dual feasible point): a lower bound on the SDP optimum, so
         ``bound / solver_dual_objective - 1`` is how far the verified bound sits
         above the best this formulation can give.  Not a bound on ``L``.

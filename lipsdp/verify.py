@@ -220,7 +220,7 @@ def _lowest_passing(lmi, prepared, etas, max_inflation, v, k, t0, fast=False):
 
 
 def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
-           scale: np.ndarray | None = None) -> Verification:
+           scale: np.ndarray | None = None, candidates: int | None = None) -> Verification:
     """Re-derive and rigorously verify a bound from a solver's variable vector ``x = (in, y)``.
 
     Only the multipliers ``y`` are trusted as a starting point; the input
@@ -239,6 +239,8 @@ def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
         When ``lmi`` is :meth:`~lipsdp.lmi.LMIProblem.preconditioned` (powers of
         two), its ``v``: ``x`` is then in scaled variables, and the bound and
         ``Verification.x`` are mapped back exactly (``x_original = v * x``).
+    candidates : int, optional
+        Try only the first this many candidate multiplier vectors (1: as given).
     """
     t0 = time.perf_counter()
     v = np.ones(lmi.n_var) if scale is None else np.asarray(scale, dtype=np.float64)
@@ -255,7 +257,7 @@ def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
     # (floor, uniform scale, graded scale): the graded candidates grow earlier blocks' multipliers
     # slightly more than later ones, which lifts degenerate optima (orthogonal GroupSort nets,
     # where every block of M is exactly 0) into the interior.
-    candidates = [(0.0, 1.0, 0.0), (1e-9, 1.0, 0.0), (1e-7, 1.0 + 1e-6, 0.0), (0.0, 1.0, 1e-6),
+    trials = [(0.0, 1.0, 0.0), (1e-9, 1.0, 0.0), (1e-7, 1.0 + 1e-6, 0.0), (0.0, 1.0, 1e-6),
                   (1e-5, 1.0 + 1e-4, 0.0), (0.0, 1.0, 1e-4), (1e-3, 1.01, 0.0), (0.0, 1.0, 1e-2),
                   (1e-2, 1.1, 0.0)]
     blocks = lmi.var_block[k:] if lmi.var_block is not None else np.zeros(len(y), dtype=np.int64)
@@ -263,7 +265,7 @@ def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
     etas = [1e-12, 1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 2e-4, 5e-4, 1e-3]
     message = "no multipliers made the hidden block negative definite"
     prepared = []
-    for floor, s, graded in candidates:
+    for floor, s, graded in trials[:candidates]:
         yc = y * s * (1.0 + graded) ** (depth - blocks)
         yc[nn] += floor * scale
         lam = _repair_input(lmi, lam0 * s, yc)
@@ -288,7 +290,8 @@ def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
     return Verification(False, None, None, None, "float-cholesky", 0.0, 0.0, message, time.perf_counter() - t0)
 
 
-def verify_balanced(lmi: LMIProblem, x: np.ndarray, *, scale: np.ndarray | None = None) -> Verification:
+def verify_balanced(lmi: LMIProblem, x: np.ndarray, *, scale: np.ndarray | None = None,
+                    candidates: int | None = None) -> Verification:
     """:func:`verify` on a congruent copy of ``lmi`` whose blocks are balanced at ``x``.
 
     The rigorous test proves ``-M - c I`` positive definite; the uniform shift ``c``
@@ -302,12 +305,12 @@ def verify_balanced(lmi: LMIProblem, x: np.ndarray, *, scale: np.ndarray | None 
     v = np.ones(lmi.n_var) if scale is None else np.asarray(scale, dtype=np.float64)
     x = np.asarray(x, dtype=np.float64)
     if x.shape != (lmi.n_var,) or not np.all(np.isfinite(x)) or not lmi.blocks:
-        return verify(lmi, x, scale=scale)
+        return verify(lmi, x, scale=scale, candidates=candidates)
     balanced, v2 = lmi.preconditioned(*balanced_scales(lmi, x))
     x2 = x / v2
     if not np.array_equal(x2 * v2, x):  # powers of two: exact unless the scaling under/overflowed
-        return verify(lmi, x, scale=scale)
-    return verify(balanced, x2, scale=v * v2)
+        return verify(lmi, x, scale=scale, candidates=candidates)
+    return verify(balanced, x2, scale=v * v2, candidates=candidates)
 
 
 def balanced_scales(lmi: LMIProblem, x: np.ndarray) -> tuple[np.ndarray, float]:
