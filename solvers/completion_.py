@@ -191,11 +191,13 @@ class _BlockChain:
         single = np.diff(R.indptr) == 1
         self.unit = (np.flatnonzero(single), R.indices[R.indptr[:-1][single]], R.data[R.indptr[:-1][single]])
         first = np.full(self.r, nb - 1, dtype=np.int64)
+        last = np.zeros(self.r, dtype=np.int64)
         np.minimum.at(first, Rc.row, self.block_of(Rc.col))
+        np.maximum.at(last, Rc.row, self.block_of(Rc.col))
         self.slabs = []
         for k in np.unique(first[~single]):
             idx = np.flatnonzero((first == k) & ~single)
-            a, b = self.starts[k], self.starts[min(k + 2, nb)]
+            a, b = self.starts[k], self.starts[max(min(k + 2, nb), int(last[idx].max()) + 1)]
             self.slabs.append((idx, a, b, R[idx][:, a:b].toarray()))
         self.Rt = np.ascontiguousarray(R.T.toarray())  # (n, r): the right-hand sides of S Y = R^T
 
