@@ -36,7 +36,7 @@ For width ``w``, depth ``l``, ``r ~ 2 l w`` rows and ``m ~ l w`` multipliers tha
 ``16 l w^2 r + 6 w r^2 + m^3 / 3`` flops an iteration (:func:`estimate_cost`).  It starts
 from the LMI's strictly feasible point (:mod:`lipsdp.scaling`'s, doubled), so ``S = -M(y)``
 holds exactly at every iterate and only the dual equations are infeasible until
-convergence.  With one block (no chain) ``X^ = X`` and this is the dense ipm's iteration.
+convergence.  With one block (no chain) ``X^ = X`` and the step is the dense ipm's.
 As always, ``y`` is only a candidate for :mod:`lipsdp.verify`.
 """
 
