@@ -139,6 +139,11 @@ def test_in_process_interrupt_restores_stdout_and_handlers(monkeypatch, capfd, t
     model = tmp_path / "m.pt"
     torch.save(mlp([3, 5, 2], seed=0), model)
     _fake(monkeypatch, behaviour)
+    # Python's own SIGINT handler, re-installed at the C level and unblocked in this thread: in the full
+    # suite a native library loaded by an earlier test can leave its own handler behind (Python's view
+    # of the handler does not show it), and then the real SIGINT below did not interrupt the sleep.
+    signal.signal(signal.SIGINT, signal.getsignal(signal.SIGINT))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     handler = signal.getsignal(signal.SIGINT)
     t0 = time.monotonic()
     code = main(["certify", str(model), "--solver", "fake", "--samples", "0", "--json",
