@@ -139,23 +139,25 @@ def test_in_process_interrupt_restores_stdout_and_handlers(monkeypatch, capfd, t
     model = tmp_path / "m.pt"
     torch.save(mlp([3, 5, 2], seed=0), model)
     _fake(monkeypatch, behaviour)
-    # Python's own SIGINT handler, re-installed at the C level and unblocked in this thread: in the full
-    # suite a native library loaded by an earlier test can leave its own handler behind (Python's view
-    # of the handler does not show it), and then the real SIGINT below did not interrupt the sleep.
-    signal.signal(signal.SIGINT, signal.getsignal(signal.SIGINT))
+    # Python's own SIGINT handler, installed and unblocked in this thread: in the full suite the real
+    # SIGINT below did not interrupt the sleep (an earlier test leaves SIGINT handled elsewhere).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    handler = signal.getsignal(signal.SIGINT)
-    t0 = time.monotonic()
-    code = main(["certify", str(model), "--solver", "fake", "--samples", "0", "--json",
-                 "--save", str(tmp_path / "cert.json")])
-    assert code == 130 and time.monotonic() - t0 < 10
-    os.write(1, b"after\n")  # lands on the real stdout again
-    out, err = capfd.readouterr()
-    assert out == "after\n"
-    assert "native solver chatter" in err and err.strip().splitlines()[-1] == "lipsdp: interrupted"
-    assert not (tmp_path / "cert.json").exists() and not list(tmp_path.glob(".lipsdp-*"))
-    assert signal.getsignal(signal.SIGINT) is handler
-    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        handler = signal.getsignal(signal.SIGINT)
+        t0 = time.monotonic()
+        code = main(["certify", str(model), "--solver", "fake", "--samples", "0", "--json",
+                     "--save", str(tmp_path / "cert.json")])
+        assert code == 130 and time.monotonic() - t0 < 10, (code, previous)
+        os.write(1, b"after\n")  # lands on the real stdout again
+        out, err = capfd.readouterr()
+        assert out == "after\n"
+        assert "native solver chatter" in err and err.strip().splitlines()[-1] == "lipsdp: interrupted"
+        assert not (tmp_path / "cert.json").exists() and not list(tmp_path.glob(".lipsdp-*"))
+        assert signal.getsignal(signal.SIGINT) is handler
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_guard_is_removed_after_a_normal_command(tmp_path, capsys):
