@@ -242,13 +242,17 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
     return cert
 
 
-def _scales(lmi, block_scale, trivial):
+def _scales(lmi, block_scale, trivial, sweeps=None, deadline=None):
     """``(block_scale, total, start)``: preconditioning scales read off a layer-by-layer feasible
-    point on chain LMIs (:mod:`lipsdp.scaling`), that point a start hint; else composed norm
-    bounds (any graph) and no hint."""
+    point on chain LMIs (:mod:`lipsdp.scaling`, improved by ``sweeps`` sweeps of
+    :mod:`lipsdp.layer_sweep` on deep nets, none after ``deadline``), that point a start hint; else
+    composed norm bounds (any graph) and no hint."""
+    from lipsdp.layer_sweep import SWEEPS, sweep
     from lipsdp.scaling import chain_scales
 
     found = chain_scales(lmi)
+    if found is not None:
+        found = sweep(lmi, found, SWEEPS if sweeps is None else sweeps, deadline=deadline)
     return (block_scale, trivial, None) if found is None else (found.block_scale, found.total, found.x)
 
 
@@ -327,7 +331,9 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
         lmi = full if reduced is lifting else build_lmi(reduced, formulation, output_map=omap, norm=norm)
         # Same LMIs up to an exact (powers of two) congruence and variable scaling:
         # rho and multipliers of order one, for the solver and for the float test.
-        scales, total, start = _scales(lmi, block_scale, trivial)
+        # The sweeps may take a tenth of a time limit (seconds on 64 layers of width 64).
+        scales, total, start = _scales(lmi, block_scale, trivial,
+                                       deadline=None if not time_limit else t_start + 0.1 * time_limit)
         lmi, _ = replace(lmi, start=start).preconditioned(scales, total)
         full_pre, v = full.preconditioned(scales, total)
         summary["solved_lmi_size"] = lmi.n

@@ -51,7 +51,7 @@ from scipy.linalg.blas import dtrsm as _dtrsm
 from scipy.linalg.lapack import dpotrf as _dpotrf
 
 from lipsdp.solvers.base import Backend, SolveResult
-from lipsdp.solvers.ipm_ import _IPM, LowRankIPM, _term_schur
+from lipsdp.solvers.ipm_ import _IPM, LowRankIPM, _term_schur, factor_schur
 from lipsdp.solvers.ipm_ import estimate_cost as dense_cost
 
 
@@ -443,8 +443,6 @@ class _Completion:
         return lo
 
     def run(self):
-        from scipy.linalg import LinAlgError, cho_factor, cho_solve
-
         ch, N, c = self.chain, self.N, self.c
         found = self.start()
         if found is None:
@@ -500,18 +498,9 @@ class _Completion:
             H = _term_schur(GX, GS, self.iu, self.iw, self.KT)
             del GX
             H[N, N] += z / yN
-            H = (H + H.T) / 2
-            hd = np.sqrt(np.maximum(np.diag(H), 1e-300))
-            H /= np.outer(hd, hd)
-            Hf = None
-            for reg in (1e-14, 1e-11, 1e-8):
-                try:
-                    Hf = cho_factor(H + reg * np.eye(self.m), lower=True, check_finite=False)
-                    break
-                except LinAlgError:
-                    continue
+            schur_solve = factor_schur(H)
             del H
-            if Hf is None:
+            if schur_solve is None:
                 return ("optimal_inaccurate" if self.gap < 1e-4 else "solver_error",
                         f"singular Schur complement at iteration {it} (gap {self.gap:.1e})")
 
@@ -528,7 +517,7 @@ class _Completion:
                 if corr is not None:
                     rhs += corr[1]
                 rhs[N] += (smu - z * yN - corr_lp) / yN
-                dy = cho_solve(Hf, rhs / hd, check_finite=False) / hd
+                dy = schur_solve(rhs)
                 D = ch.direction(dy)  # dS = -D
                 # P(X^ dS S^{-1}) = -P(sym(X^ R^T K R S^{-1})).
                 Q = (terms(dy) @ XR.T).T  # X^ R^T K

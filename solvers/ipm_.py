@@ -121,22 +121,32 @@ class _DenseLMI:
 
     def newton(self, Xs, Zs, N, lp):
         """A solver for ``(H + diag_N(lp)) dy = rhs``, or None if H is numerically singular."""
-        from scipy.linalg import LinAlgError, cho_factor, cho_solve
-
         H = self.schur(Xs[0], Zs[0])
         H[N, N] += lp
-        H = (H + H.T) / 2
-        # Jacobi scaling: on deep nets the diagonal of H spans many orders of magnitude, and a
-        # regularisation relative to its largest entry would swamp the small ones.
-        hd = np.sqrt(np.maximum(np.diag(H), 1e-300))
-        Hs = H / np.outer(hd, hd)
-        for reg in (1e-14, 1e-11, 1e-8):  # free multipliers can make H singular near the optimum
-            try:
-                Hf = cho_factor(Hs + reg * np.eye(self.m), lower=True, check_finite=False)
-            except LinAlgError:
-                continue
-            return lambda rhs: cho_solve(Hf, rhs / hd, check_finite=False) / hd
-        return None
+        return factor_schur(H)
+
+
+def factor_schur(H):
+    """A solver for ``H dy = rhs`` (``H`` the symmetric Schur complement, overwritten), or None.
+
+    Cholesky after Jacobi scaling: on deep nets the diagonal of ``H`` spans many orders of
+    magnitude, and a regularisation relative to its largest entry would swamp the small ones.
+    The regularisations ``1e-14, 1e-11, 1e-8`` (of the unit diagonal) are tried in turn: free
+    multipliers can make ``H`` singular near the optimum.  None if all fail.
+    """
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
+    H += H.T
+    H /= 2
+    hd = np.sqrt(np.maximum(np.diag(H), 1e-300))
+    H /= np.outer(hd, hd)
+    for reg in (1e-14, 1e-11, 1e-8):
+        try:
+            Hf = cho_factor(H + reg * np.eye(len(H)), lower=True, check_finite=False)
+        except LinAlgError:
+            continue
+        return lambda rhs: cho_solve(Hf, rhs / hd, check_finite=False) / hd
+    return None
 
 
 def _term_schur(GX, GZ, u, w, KT):

@@ -138,7 +138,7 @@ def test_deep_net_starts_layer_by_layer(monkeypatch):
 
     model, net = _net((4,) + (10,) * 16 + (2,), seed=1)
     with monkeypatch.context() as mp:
-        mp.setattr(pipeline, "_scales", lambda lmi, block_scale, trivial: (block_scale, trivial, None))
+        mp.setattr(pipeline, "_scales", lambda lmi, block_scale, trivial, **kw: (block_scale, trivial, None))
         lmi = _prepared_lmi(net)
     d = _Descent(lmi, None, time.perf_counter(), False)
     assert all(d.evaluate(np.full(d.m - 1, k * np.log(2.0))) is None for k in range(-4, 31))

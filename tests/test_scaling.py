@@ -101,7 +101,7 @@ def test_deep_net_same_bound_fewer_iterations():
     assert scaled.bound == pytest.approx(reference.bound, rel=1e-5)
     original = pipeline._scales
     try:
-        pipeline._scales = lambda lmi, block_scale, trivial: (block_scale, trivial, None)
+        pipeline._scales = lambda lmi, block_scale, trivial, **kw: (block_scale, trivial, None)
         composed = lipsdp.certify(net, solver="ipm")
     finally:
         pipeline._scales = original
