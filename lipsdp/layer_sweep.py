@@ -42,9 +42,10 @@ the rest of the network is what lets repeated sweeps keep improving.
 Measured on random ReLU nets 16-32xL-4 (``rho`` over the SDP optimum): at 16
 layers 147 (greedy), 4.0 and 2.5 after one and two sweeps; at 50 layers 2.4e6,
 37 and 13; on 784-64x64-10, 3.2e7, 44 and 15 (9 s).  From the swept point the
-clique-chain interior-point method took 20, 22 and 23 iterations at 16, 32 and
-50 layers (22, 29 and 34 from the greedy one), the completion method 19, 22
-and 25 (23, 40 and 41): about flat, so their time became about linear in depth.
+clique-chain interior-point method took 20, 22 and 23 iterations at 16 (sweeps
+forced; see :data:`MIN_LAYERS`), 32 and 50 layers (22, 29 and 34 from the greedy
+one), the completion method 19, 22 and 25 (23, 40 and 41): about flat, so the
+clique-chain method's time became about linear in depth.
 
 The steps are solved by :class:`~lipsdp.solvers.ipm_.LowRankIPM` on a
 ``(n_{k-1} + n_k)``-sized LMI with ``n_k + 1`` variables.  Nothing here is a
