@@ -61,7 +61,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from lipsdp.scaling import LayerPoint
+from lipsdp.scaling import ChainBlocks, LayerPoint
 
 #: Sweeps taken (two: the second still gains half a decade on deep nets, a third little).
 SWEEPS = 2
@@ -130,8 +130,8 @@ def sweep(lmi, point: LayerPoint, sweeps: int = SWEEPS, deadline: float | None =
     return LayerPoint(scale, float(np.sqrt(rho)), best)
 
 
-class _Chain:
-    """The per-layer pieces of a chain LMI that the sweeps need: entries grouped by layer, factor rows."""
+class _Chain(ChainBlocks):
+    """The chain's per-layer blocks (:class:`~lipsdp.scaling.ChainBlocks`), and the sweeps on them."""
 
     @classmethod
     def of(cls, lmi):
@@ -140,43 +140,13 @@ class _Chain:
         if (last is None or lmi.factors is None or len(blocks) - 1 < MIN_LAYERS
                 or max(b.size for b in blocks[1:]) > MAX_WIDTH):
             return None
-        layer = np.where(np.arange(lmi.n_var) < lmi.n_in, 0, np.maximum(last, 1))
-        own = [np.flatnonzero((layer == k) & (lmi.nonneg | (k == 0))) for k in range(len(blocks))]
-        if any(len(o) == 0 for o in own):
-            return None
-        return cls(lmi, layer, own)
+        chain = cls(lmi, last)
+        return None if any(len(o) == 0 for o in chain.own) else chain
 
-    def __init__(self, lmi, layer, own):
-        self.lmi, self.layer, self.own = lmi, layer, own
-        blocks = lmi.blocks
-        self.starts = np.array([b.start for b in blocks] + [lmi.n])
-        self.sizes = np.diff(self.starts)
-        nb = len(blocks)
-        el = layer[lmi.var]
-        order = np.argsort(el, kind="stable")
-        cuts = np.searchsorted(el[order], np.arange(nb + 1))
-        #: Layer k's COO entries (on its blocks (k-1, k); block 0 for the input), upper triangle.
-        self.entries = []
-        for k in range(nb):
-            e = order[cuts[k]:cuts[k + 1]]
-            self.entries.append(e[lmi.cols[e] >= lmi.rows[e]])
-        K = lmi.const.tocsr()[self.starts[-2]:, self.starts[-2]:].toarray()
-        self.K = (K + K.T) / 2
-
-    # -- the blocks of N = -M at a point -----------------------------------------------
-    def pieces(self, k, x):
-        """``(P_k, Q_k, R_k)`` of layer ``k`` at multipliers ``x`` (dense; ``P_0 = Q_0 = None``)."""
-        lmi, e = self.lmi, self.entries[k]
-        lo = self.starts[max(k - 1, 0)]
-        n1, n2 = self.sizes[max(k - 1, 0)], self.sizes[k]
-        w = -lmi.vals[e] * x[lmi.var[e]]
-        r, c = lmi.rows[e] - lo, lmi.cols[e] - lo
-        full = np.zeros((n1 + n2, n1 + n2) if k else (n2, n2))
-        np.add.at(full, (r, c), w)
-        full = full + np.triu(full, 1).T
-        if k == 0:
-            return None, None, full
-        return full[:n1, :n1], full[:n1, n1:], full[n1:, n1:]
+    def __init__(self, lmi, last):
+        super().__init__(lmi, last)
+        #: Each layer's variables that the sweeps move (sign-constrained; free ones stay at zero).
+        self.own = [np.flatnonzero((self.layer == k) & (lmi.nonneg | (k == 0))) for k in range(len(self.sizes))]
 
     def requirements(self, x):
         """``[V_0, ..., V_l]`` at ``x`` (raises LinAlgError where some ``R_k - V_k`` is not definite)."""

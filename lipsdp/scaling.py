@@ -99,24 +99,15 @@ def chain_scales(lmi) -> LayerPoint | None:
     if last is None or np.any(last[: lmi.n_in] > 0) or np.any(which(const.row) != nb - 1) \
             or np.any(which(const.col) != nb - 1):
         return None
-    rb, cb = which(lmi.rows), which(lmi.cols)
-    layer = np.where(np.arange(lmi.n_var) < lmi.n_in, 0, np.maximum(last, 1))
+    chain = ChainBlocks(lmi, last)
     # Free multipliers (e.g. GroupSort's) stay at zero: a valid, if weaker, point.
     weight = np.where((np.arange(lmi.n_var) < lmi.n_in) | lmi.nonneg, 1.0, 0.0)
 
-    def neg_block(k, i, j):
-        """``-sum_{layer(v) = k} w_v M_v`` on blocks ``(i, j)``, dense."""
-        bi, bj = blocks[i], blocks[j]
-        sel = (layer[lmi.var] == k) & (rb == i) & (cb == j)
-        out = np.zeros((bi.size, bj.size))
-        np.add.at(out, (lmi.rows[sel] - bi.start, lmi.cols[sel] - bj.start), -lmi.vals[sel] * weight[lmi.var[sel]])
-        return out
-
     try:
-        T = neg_block(0, 0, 0)
+        T = chain.pieces(0, weight)[2]
         lam = np.ones(nb)
         for k in range(1, nb):
-            Q, R = neg_block(k, k - 1, k), neg_block(k, k, k)
+            _, Q, R = chain.pieces(k, weight)
             Lt = sla.cholesky((T + T.T) / 2, lower=True, check_finite=False)
             Z = sla.solve_triangular(Lt, Q, lower=True, check_finite=False)
             B = Z.T @ Z
@@ -126,8 +117,7 @@ def chain_scales(lmi) -> LayerPoint | None:
                 return None  # this layer does not depend on the previous one: no scale to read off
             lam[k] = 0.5 / top
             T = lam[k] * R - lam[k] ** 2 * B
-        K = const.toarray()[blocks[-1].start:, blocks[-1].start:]
-        rho = float(sla.eigh(K, (T + T.T) / 2, eigvals_only=True, subset_by_index=[K.shape[0] - 1] * 2,
+        rho = float(sla.eigh(chain.K, (T + T.T) / 2, eigvals_only=True, subset_by_index=[len(T) - 1] * 2,
                              check_finite=False)[0])
     except (sla.LinAlgError, ValueError):
         return None
@@ -135,4 +125,51 @@ def chain_scales(lmi) -> LayerPoint | None:
         return None
     scale = 1.0 / np.sqrt(lam)
     scale[0] = 1.0
-    return LayerPoint(scale, float(np.sqrt(rho)), rho * lam[layer] * weight)
+    return LayerPoint(scale, float(np.sqrt(rho)), rho * lam[chain.layer] * weight)
+
+
+class ChainBlocks:
+    """The blocks of ``N = -M`` that each layer's multipliers fill in a chain LMI, at any multipliers.
+
+    Layer ``k``'s variables live on blocks ``(k-1, k)`` (the input variables, layer 0, on block 0), and
+    give ``[[P_k, Q_k], [Q_k^T, R_k]]`` there; the output term ``K = M_c`` sits on the last block.
+    Used for the greedy point here and for the sweeps of :mod:`lipsdp.layer_sweep`.
+
+    Attributes
+    ----------
+    layer : ndarray of int, shape (n_var,)
+        Each variable's layer (0 for the input variables).
+    starts, sizes : ndarray of int
+        Block offsets (with ``n`` appended) and sizes.
+    K : ndarray
+        The output term on the last block, dense.
+    """
+
+    def __init__(self, lmi, last):
+        """``last``: :meth:`~lipsdp.lmi.LMIProblem.chain_layers` of ``lmi`` (not None)."""
+        self.lmi = lmi
+        self.layer = np.where(np.arange(lmi.n_var) < lmi.n_in, 0, np.maximum(last, 1))
+        self.starts = np.array([b.start for b in lmi.blocks] + [lmi.n])
+        self.sizes = np.diff(self.starts)
+        el = self.layer[lmi.var]
+        order = np.argsort(el, kind="stable")
+        cuts = np.searchsorted(el[order], np.arange(len(lmi.blocks) + 1))
+        # Each layer's COO entries, upper triangle (the lower one mirrors it).
+        self.entries = []
+        for k in range(len(lmi.blocks)):
+            e = order[cuts[k]:cuts[k + 1]]
+            self.entries.append(e[lmi.cols[e] >= lmi.rows[e]])
+        K = lmi.const.tocsr()[self.starts[-2]:, self.starts[-2]:].toarray()
+        self.K = (K + K.T) / 2
+
+    def pieces(self, k, x):
+        """``(P_k, Q_k, R_k)`` of layer ``k`` at multipliers ``x`` (dense; ``P_0 = Q_0 = None``)."""
+        lmi, e = self.lmi, self.entries[k]
+        lo = self.starts[max(k - 1, 0)]
+        n1, n2 = self.sizes[max(k - 1, 0)], self.sizes[k]
+        full = np.zeros((n1 + n2, n1 + n2) if k else (n2, n2))
+        np.add.at(full, (lmi.rows[e] - lo, lmi.cols[e] - lo), -lmi.vals[e] * x[lmi.var[e]])
+        full = full + np.triu(full, 1).T
+        if k == 0:
+            return None, None, full
+        return full[:n1, :n1], full[:n1, n1:], full[n1:, n1:]

@@ -258,8 +258,8 @@ def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
     # slightly more than later ones, which lifts degenerate optima (orthogonal GroupSort nets,
     # where every block of M is exactly 0) into the interior.
     trials = [(0.0, 1.0, 0.0), (1e-9, 1.0, 0.0), (1e-7, 1.0 + 1e-6, 0.0), (0.0, 1.0, 1e-6),
-                  (1e-5, 1.0 + 1e-4, 0.0), (0.0, 1.0, 1e-4), (1e-3, 1.01, 0.0), (0.0, 1.0, 1e-2),
-                  (1e-2, 1.1, 0.0)]
+              (1e-5, 1.0 + 1e-4, 0.0), (0.0, 1.0, 1e-4), (1e-3, 1.01, 0.0), (0.0, 1.0, 1e-2),
+              (1e-2, 1.1, 0.0)]
     blocks = lmi.var_block[k:] if lmi.var_block is not None else np.zeros(len(y), dtype=np.int64)
     depth = int(blocks.max(initial=0))
     etas = [1e-12, 1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 2e-4, 5e-4, 1e-3]
