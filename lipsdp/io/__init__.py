@@ -4,6 +4,7 @@
 saved with                  read by
 =========================== ===========================================================
 ``torch.save(model)``       :mod:`~lipsdp.io.safe_pickle` (no pickled code runs), then
+                            :mod:`~lipsdp.io.sequential` (plain ``Sequential``, untraced) or
                             ``torch.export`` of the module (:mod:`~lipsdp.io.torch_module`)
 ``torch.jit.save``          :mod:`~lipsdp.io.torchscript` (TorchScript graph)
 ``torch.export.save``       :mod:`~lipsdp.io.export` (ATen graph)

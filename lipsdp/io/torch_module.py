@@ -1,4 +1,4 @@
-"""In-memory ``torch.nn.Module`` -> :class:`~lipsdp.network.Network`, through ``torch.export``.
+"""In-memory ``torch.nn.Module`` -> :class:`~lipsdp.network.Network`, untraced or through ``torch.export``.
 
 Steps:
 
@@ -7,7 +7,9 @@ Steps:
 2. copy the model, switch it to ``eval()`` and bake deel-torchlip
    parametrizations (``SpectralLinear``, ``FrobeniusLinear``, ...) into plain
    weights, so the exported graph holds the weights the model really uses;
-3. ``torch.export.export`` it on a random batch of two samples whose shape is
+3. a plain ``Sequential`` of stock layers is translated layer by layer
+   (:mod:`lipsdp.io.sequential`, no tracing); any other model is
+   ``torch.export.export``-ed on a random batch of two samples whose shape is
    ``input_shape`` or the ``in_features`` of the first ``Linear``;
 4. translate the ATen graph (:mod:`lipsdp.io.export`): custom ``forward``
    methods with residual connections and concatenations become Add / Concat nodes.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 
 from lipsdp.errors import ModelLoadError, UnsupportedLayerError
 from lipsdp.io.formats import first_line
@@ -102,10 +105,12 @@ def network_from_module(module, input_shape=None, source: str | None = None):
     import torch
 
     from lipsdp.io.export import network_from_exported
+    from lipsdp.io.sequential import network_from_sequential
     from lipsdp.io.torchscript import network_from_script
 
     source = source or type(module).__name__
-    if isinstance(module, torch.export.ExportedProgram):
+    exported = sys.modules.get("torch.export")  # an ExportedProgram exists only once torch.export is imported
+    if exported is not None and isinstance(module, exported.ExportedProgram):
         return network_from_exported(module, source=source, input_shape=input_shape)
     if isinstance(module, torch.jit.ScriptModule):
         return network_from_script(module, input_shape=input_shape, source=source)
@@ -119,6 +124,9 @@ def network_from_module(module, input_shape=None, source: str | None = None):
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     generator = torch.Generator().manual_seed(0)
     example = torch.randn((2,) + shape, generator=generator).to(dtype)
+    network = network_from_sequential(model, example, source)
+    if network is not None:
+        return network
     quiet = logging.getLogger("torch._subclasses.fake_tensor")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # torch logs a traceback before raising; the error below says it all
