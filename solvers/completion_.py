@@ -79,9 +79,10 @@ class CompletionIPM(Backend):
 
     #: ``auto`` prefers :class:`~lipsdp.solvers.chordal_.ChordalIPM` where its cost estimate is below
     #: this multiple of this one's: an iteration here is ``r x r`` dense (``r`` factor rows, growing
-    #: with depth), chordal's is linear in depth.  On 16-32xL-4 nets (one core) this method took
-    #: 17.7 s against 24.7 s at L = 32 (estimates x2.5: 1.4e10 against 1.75e10) and 52 s against
-    #: 46 s at L = 50 (3.6e10 against 2.7e10).
+    #: with depth), chordal's is linear in depth.  On 16-32xL-4 nets (one core, whole ``certify``,
+    #: both from the swept start of :mod:`lipsdp.layer_sweep`) this method took 12.8 s against
+    #: 18.5 s at L = 32 (estimates x2.5: 1.4e10 against 1.75e10) and 37.7 s against 33.3 s at
+    #: L = 50 (3.6e10 against 2.7e10).  (Before the sweeps: 17.7 / 24.7 s and 52 / 46 s.)
     chordal_ratio = 2.5
     #: ... and the dense :class:`~lipsdp.solvers.ipm_.LowRankIPM` where this multiple of its estimate is
     #: below this one's (shallow wide nets): 784-256-256-10 took 10.9 s here, 9.8 s there (1.57e10
