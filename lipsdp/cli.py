@@ -62,12 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"lipsdp {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    c = sub.add_parser("certify", help="certify an l2 Lipschitz bound for a model file")
+    c = sub.add_parser("certify", help="certify an l2 or l_inf Lipschitz bound for a model file")
     c.add_argument("model", help="model file: torch.save'd module (.pt), TorchScript, torch.export (.pt2), "
                                  "ONNX, checkpoint/state_dict (needs --activation) or LipSDP .mat")
     c.add_argument("--solver", default="auto",
-                   help="auto (default: licensed MOSEK, else ipm for slope-restricted nets, else SDPA / CVXOPT / "
-                        "SCS by size), mosek, ipm, scs, sdpa, cvxopt, clarabel, fo; `lipsdp solvers` lists them")
+                   help="auto (default: a licensed MOSEK, else lipsdp's own completion / chordal / ipm for "
+                        "slope-restricted nets and fo for l2 LMIs beyond size 3000, else SDPA / CVXOPT / SCS), "
+                        "mosek, completion, chordal, ipm, fo, scs, sdpa, cvxopt, clarabel; `lipsdp solvers` "
+                        "lists them")
     c.add_argument("--formulation", default="neuron", choices=["neuron", "layer"],
                    help="LipSDP-Neuron (default, tighter) or LipSDP-Layer")
     c.add_argument("--norm", default="l2", choices=["l2", "linf"],

@@ -195,3 +195,14 @@ def test_strict_exact_check(model_file):
     code, out, err = run_cli("certify", model_file, "--strict", "--json", "--norm", "linf")
     assert code == 0, err
     assert json.loads(out)["verification"]["method"] == "exact"
+
+
+def test_solver_help_names_every_backend():
+    """``--solver``'s help is written by hand: it must not fall behind the backends lipsdp has."""
+    from lipsdp.cli import build_parser
+    from lipsdp.solvers import BACKENDS
+
+    certify = build_parser()._subparsers._group_actions[0].choices["certify"]
+    text = next(a.help for a in certify._actions if "--solver" in a.option_strings)
+    missing = [name for name in BACKENDS if name not in text.replace(",", " ").replace(";", " ").split()]
+    assert not missing, f"--solver help omits {missing}"
