@@ -218,13 +218,15 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
     else:
         try:
             cert = _certify_network(network, **options)
-        except ResourceError:
+        except ResourceError as exc:
             from lipsdp.split import is_chain
 
             # Too big for memory: a chain net can still be certified piece by piece (looser, labelled).
             if norm != "l2" or not is_chain(network) or len(network.activations()) < 2:
                 raise
             cert = _certify_split(network, None, options)
+            if not cert.verified:  # the pieces' failure alone would hide why lipsdp split at all
+                cert.message = f"{exc}; splitting the network instead failed: {cert.message}"
     attach_well_posedness(network, cert, formulation, norm)
     pairs = [n for n in network.activations() if network.op(n).function == "groupsort"
              and (network.op(n).params.get("group_size") == 2 or network.op(n).size == 2)]
@@ -260,6 +262,22 @@ def _scales(lmi, block_scale, trivial, sweeps=None, deadline=None):
     if found is not None:
         found = sweep(lmi, found, SWEEPS if sweeps is None else sweeps, deadline=deadline)
     return (block_scale, trivial, None) if found is None else (found.block_scale, found.total, found.x)
+
+
+def _fitting_backends(lmi, budget: int) -> str:
+    """What to tell a user whose backend does not fit: the usable backends that apply to ``lmi`` and
+    fit in ``budget`` bytes, with their estimates, or how to make the problem smaller."""
+    from lipsdp.solvers import BACKENDS, usable
+
+    fits = []
+    for name in usable():
+        cls = BACKENDS[name]
+        need = lmi.memory_estimate(cls.family)
+        if cls.applies(lmi) and need <= budget:
+            fits.append((need, name))
+    if not fits:
+        return "no installed backend fits: try --split K or a smaller network"
+    return "these fit: " + ", ".join(f"--solver {name} (about {need / 2**30:.2g} GiB)" for need, name in sorted(fits))
 
 
 def _verify(lmi, x, v, objective, candidates=None):
@@ -362,7 +380,7 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
                 if need > budget:
                     raise ResourceError(f"solving this {lmi.n}x{lmi.n} LMI with {backend.name} needs about "
                                         f"{need / 2**30:.1f} GiB but {budget / 2**30:.1f} GiB are available; "
-                                        f"try --solver scs or a smaller network")
+                                        f"{_fitting_backends(lmi, budget)}")
             backend_name = backend.name
             result, seconds = _solve(backend, lmi, time_limit, tol, progress, label)
             t_solve += seconds

@@ -117,6 +117,11 @@ class Backend:
         """``(usable, reason)``; backends without licences are usable when installed."""
         return (True, "no licence needed") if cls.is_installed() else (False, "not installed")
 
+    @staticmethod
+    def applies(lmi) -> bool:
+        """Whether this backend can solve ``lmi`` at all (the conic backends take any LMI)."""
+        return True
+
     def solve(self, lmi, *, time_limit: float | None = None, tol: float | None = None,
               verbose: bool = False) -> SolveResult:
         raise NotImplementedError

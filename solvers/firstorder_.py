@@ -66,9 +66,14 @@ class FirstOrder(Backend):
     #: (:meth:`_Descent.dual_bound`; on 20-50-50-10 the bound came 1.7e-4 below the optimum in rho).
     dual_level, dual_evals = 1e2, 150
 
+    @staticmethod
+    def applies(lmi) -> bool:
+        """Whether ``lmi`` is an l2 LMI (one input variable, ``rho``)."""
+        return lmi.n_in == 1
+
     def solve(self, lmi, *, time_limit=None, tol=None, verbose=False):
         t0 = time.perf_counter()
-        if lmi.n_in != 1:
+        if not self.applies(lmi):
             return SolveResult("solver_error", None, None, 0.0, message="the fo backend certifies l2 bounds only")
         state = _Descent(lmi, time_limit, t0, verbose)
         if state.start() is None:

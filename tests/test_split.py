@@ -92,3 +92,19 @@ def test_cli_split_and_verify_refusal(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lipsdp", "certify", str(path), "--split", "0"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "at least 1" in proc.stderr
+
+
+def test_memory_refusal_names_the_backends_that_fit(monkeypatch):
+    """Refused for memory, the message lists the usable backends that apply and fit (fo is l2-only)."""
+    from lipsdp.errors import ResourceError
+    from lipsdp.lmi import LMIProblem
+
+    real = LMIProblem.memory_estimate
+    monkeypatch.setattr(LMIProblem, "memory_estimate",
+                        lambda self, kind="first_order": 2**40 if kind == "interior_point_lowrank" else real(self, kind))
+    net = _net(sizes=(4, 6, 6, 2), seed=1)
+    with pytest.raises(ResourceError) as err:  # l_inf: no splitting fallback
+        lipsdp.certify_network(net, norm="linf", solver="ipm", lower_bound_samples=0, memory_limit=2**30)
+    message = str(err.value)
+    assert "with ipm needs about 1024.0 GiB" in message and "--solver scs (about" in message
+    assert "--solver fo" not in message and "--solver ipm" not in message
