@@ -77,10 +77,65 @@ def node_lipschitz(network: Network, norm: str = "l2") -> dict[int, float]:
 
 
 def jacobians(network: Network, x: np.ndarray) -> np.ndarray:
-    """Jacobians of the network at a batch of inputs, shape ``(batch, m, n0)``."""
+    """Jacobians of the network at a batch of inputs, shape ``(batch, m, n0)``.
+
+    Reverse mode (``m`` rows carried from the output back) where the network has fewer outputs
+    than inputs and every node has a transposable local Jacobian (elementwise activations, no
+    implicit layers); forward mode (``n0`` columns carried from the input) otherwise.  A
+    classifier's 10 outputs against 784 inputs make reverse mode ~80x cheaper: 128 samples of an
+    MNIST-sized CNN took 31 s forward.
+    """
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    if network.output_dim < network.input_dim and _reversible(network):
+        return _jacobians_reverse(network, x)
+    return _jacobians_forward(network, x)
+
+
+def _reversible(network: Network) -> bool:
+    from lipsdp.constraints import QuadraticConstraint, get_constraint
+
+    for n in network.activations():
+        op = network.op(n)
+        if isinstance(op, Equilibrium) or type(get_constraint(op.function)).jacobian is not QuadraticConstraint.jacobian:
+            return False
+    return True
+
+
+def _jacobians_reverse(network: Network, x: np.ndarray) -> np.ndarray:
+    """``J = dy/dx`` by back-propagating the ``m`` rows of ``I_m`` (elementwise activations only)."""
     from lipsdp.constraints import get_constraint
 
-    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    b = len(x)
+    values = network.node_values(x)
+    m = network.output_dim
+    grads = {network.output: np.broadcast_to(np.eye(m), (b, m, m)).copy()}
+    for n in reversed(list(network.graph.nodes)):
+        if n not in grads or n == network.input:
+            continue
+        G = grads.pop(n)  # (b, m, size of n): d output / d node n
+        op, parents = network.op(n), network.parents(n)
+        if isinstance(op, Affine):
+            W = op.weight
+            flat = G.reshape(b * m, -1)
+            back = [np.asarray((W.T @ flat.T).T if sp.issparse(W) else flat @ W).reshape(b, m, -1)]
+        elif isinstance(op, Activation):
+            back = [G * get_constraint(op.function).derivative(values[parents[0]], op)[:, None, :]]
+        elif isinstance(op, Concat):
+            perm = concat_permutation([network.op(p).shape for p in parents], op.axis)
+            stacked = np.empty_like(G)
+            stacked[:, :, perm] = G
+            back = np.split(stacked, np.cumsum([network.op(p).size for p in parents])[:-1], axis=2)
+        else:  # Reshape: the identity on flat values; Add: every term gets the whole gradient
+            back = [G] * len(parents)
+        for p, g in zip(parents, back):
+            grads[p] = grads[p] + g if p in grads else g
+    return grads.get(network.input, np.zeros((b, m, network.input_dim)))
+
+
+def _jacobians_forward(network: Network, x: np.ndarray) -> np.ndarray:
+    """``J = dy/dx`` by pushing the ``n0`` columns of ``I_{n0}`` through the network."""
+    from lipsdp.constraints import get_constraint
+
     b, n0 = x.shape
     vals, jacs = {}, {}
     for n in network.graph.nodes:

@@ -296,6 +296,10 @@ class Network:
 
         Used by tests to check that a loader reproduces the torch model exactly.
         """
+        return self.node_values(x)[self.output]
+
+    def node_values(self, x: np.ndarray) -> dict[int, np.ndarray]:
+        """The value of every node on a batch ``x`` of shape ``(batch, input_dim)``, flat ``(batch, size)``."""
         from lipsdp.constraints import get_constraint
 
         values: dict[int, np.ndarray] = {}
@@ -322,7 +326,7 @@ class Network:
             else:
                 y = get_constraint(op.function).evaluate(ins[0], op)
             values[n] = y
-        return values[self.output]
+        return values
 
 
 def concat_permutation(shapes: list[tuple[int, ...]], axis: int) -> np.ndarray:
