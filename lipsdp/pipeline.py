@@ -50,31 +50,34 @@ def available_memory() -> int:
 
 @contextmanager
 def _progress(text: str, enabled: bool, delay: float = 1.0):
-    """A spinner on stderr, shown only if the block runs longer than ``delay`` seconds."""
+    """A spinner on stderr with the elapsed seconds, shown only if the block runs longer than ``delay``."""
     if not enabled or not sys.stderr.isatty():
         yield
         return
     from rich.console import Console
 
     console = Console(stderr=True)
-    state = {"status": None}
     done = threading.Event()
+    t0 = time.monotonic()
 
-    def start():
-        if not done.is_set():
-            state["status"] = console.status(text)
-            state["status"].start()
+    def spin():
+        if done.wait(delay):
+            return
+        status = console.status(f"{text} ({delay:.0f} s)")
+        status.start()
+        try:
+            while not done.wait(1.0):
+                status.update(f"{text} ({time.monotonic() - t0:.0f} s; Ctrl-C stops, --time-limit bounds it)")
+        finally:
+            status.stop()
 
-    timer = threading.Timer(delay, start)
-    timer.daemon = True
-    timer.start()
+    thread = threading.Thread(target=spin, name="lipsdp-progress", daemon=True)
+    thread.start()
     try:
         yield
     finally:
         done.set()
-        timer.cancel()
-        if state["status"] is not None:
-            state["status"].stop()
+        thread.join(timeout=2.0)
 
 
 def _check_constraints_exist(network) -> None:
