@@ -108,6 +108,12 @@ def test_dual_bound_brackets_the_optimum(sizes, activation, seed):
     assert dual <= exact.bound and dual <= fo.bound
     assert dual >= exact.bound * (1 - 1e-2)
     assert "SDP dual value" in str(fo)
+    # A valid but near-zero dual (deep nets) is called weak, not given as a relative gap of 1e21.
+    from dataclasses import replace
+
+    rows = dict(replace(fo, solver_dual_objective=fo.bound * 1e-21).summary_rows())
+    assert rows["SDP dual value (gap of the bound)"].endswith("(weak: the bound is 1e+21x it)")
+    assert "weak" not in dict(fo.summary_rows())["SDP dual value (gap of the bound)"]
 
 
 def test_dual_bound_is_valid_at_any_point():
