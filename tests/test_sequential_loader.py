@@ -50,6 +50,12 @@ def _models():
     yield "conv2d", _with_batch_stats(nn.Sequential(
         nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3), nn.LeakyReLU(0.2),
         nn.Conv2d(3, 4, 2, dilation=1, groups=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3))), (2, 8, 8)
+    yield "bias-free-bn-without-affine", nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6, affine=False),
+                                                       nn.ReLU(), nn.Linear(6, 2)).eval(), None
+    yield "grouped-conv", nn.Sequential(nn.Conv2d(4, 4, 3, groups=2, bias=False, padding=(1, 0)), nn.ReLU(),
+                                        nn.Flatten(), nn.Linear(4 * 6 * 4, 3)), (4, 6, 6)
+    yield "flatten-first", nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2)), (3, 4)
+    yield "conv3d", nn.Sequential(nn.Conv3d(1, 2, 2), nn.Sigmoid(), nn.Flatten(), nn.Linear(2 * 8, 2)), (1, 3, 3, 3)
     yield "conv1d-unflatten", nn.Sequential(
         nn.Linear(12, 12), nn.Unflatten(1, (3, 4)), nn.Conv1d(3, 2, 2), nn.GELU(approximate="tanh"),
         nn.Flatten(), nn.Linear(6, 2)), None
