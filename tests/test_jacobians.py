@@ -15,6 +15,7 @@ from torch import nn  # noqa: E402
 from lipsdp import bounds  # noqa: E402
 from lipsdp.io import network_from_module  # noqa: E402
 
+from conftest import torch_jacobians  # noqa: E402
 from models import mlp, residual_mlp  # noqa: E402
 
 
@@ -42,13 +43,6 @@ def _cnn():
     return model.eval()
 
 
-def _autograd(model, x, shape):
-    xt = torch.as_tensor(x, dtype=torch.float64).reshape((len(x),) + shape)
-    model = model.double()
-    J = torch.func.vmap(torch.func.jacrev(lambda v: model(v.unsqueeze(0)).reshape(-1)))(xt)
-    return J.reshape(len(x), J.shape[1], -1).detach().numpy()
-
-
 CASES = [
     ("mlp", lambda: mlp([20, 16, 16, 3], activation="tanh"), (20,)),
     ("residual", lambda: residual_mlp(dim=6, hidden=8, n_out=2), (6,)),
@@ -65,7 +59,7 @@ def test_reverse_mode_matches_autograd_and_forward_mode(name, build, shape):
     x = np.random.default_rng(1).standard_normal((7, net.input_dim))
     reverse = bounds.jacobians(net, x)  # picks reverse mode here
     np.testing.assert_allclose(reverse, bounds._jacobians_forward(net, x), rtol=1e-10, atol=1e-13)
-    np.testing.assert_allclose(reverse, _autograd(model, x, shape), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(reverse, torch_jacobians(model, x, shape), rtol=1e-5, atol=1e-7)
 
 
 def test_group_activations_keep_forward_mode():
