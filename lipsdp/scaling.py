@@ -111,8 +111,7 @@ def chain_scales(lmi) -> LayerPoint | None:
             Lt = sla.cholesky((T + T.T) / 2, lower=True, check_finite=False)
             Z = sla.solve_triangular(Lt, Q, lower=True, check_finite=False)
             B = Z.T @ Z
-            top = float(sla.eigh(B, (R + R.T) / 2, eigvals_only=True, subset_by_index=[B.shape[0] - 1] * 2,
-                                 check_finite=False)[0])
+            top = _top_generalized(Z, (R + R.T) / 2)
             if not np.isfinite(top) or top <= 0:
                 return None  # this layer does not depend on the previous one: no scale to read off
             lam[k] = 0.5 / top
@@ -126,6 +125,25 @@ def chain_scales(lmi) -> LayerPoint | None:
     scale = 1.0 / np.sqrt(lam)
     scale[0] = 1.0
     return LayerPoint(scale, float(np.sqrt(rho)), rho * lam[chain.layer] * weight)
+
+
+def _top_generalized(Z, R) -> float:
+    """The largest eigenvalue of the pencil ``(Z^T Z, R)``, ``R > 0``: ``||Z L^{-T}||_2^2`` with ``R = L L^T``.
+
+    Read off the smaller of the two Gram matrices of ``Y = Z L^{-T}`` (on a CNN's first convolution,
+    784 x 784 instead of the 3136 x 3136 pencil: 0.1 s instead of 3 s); ``L = sqrt(R)`` when ``R`` is
+    diagonal (ReLU-type layers).  Raises ``LinAlgError`` when ``R`` is not positive definite.
+    """
+    d = np.diag(R).copy()
+    if not np.any(R - np.diag(d)):
+        if not np.all(d > 0):
+            raise sla.LinAlgError("R is not positive definite")
+        Y = Z / np.sqrt(d)
+    else:
+        L = sla.cholesky(R, lower=True, check_finite=False)
+        Y = sla.solve_triangular(L, Z.T, lower=True, check_finite=False).T
+    G = Y @ Y.T if Y.shape[0] <= Y.shape[1] else Y.T @ Y
+    return float(sla.eigh(G, eigvals_only=True, subset_by_index=[len(G) - 1] * 2, check_finite=False)[0])
 
 
 class ChainBlocks:
@@ -166,10 +184,18 @@ class ChainBlocks:
         """``(P_k, Q_k, R_k)`` of layer ``k`` at multipliers ``x`` (dense; ``P_0 = Q_0 = None``)."""
         lmi, e = self.lmi, self.entries[k]
         lo = self.starts[max(k - 1, 0)]
-        n1, n2 = self.sizes[max(k - 1, 0)], self.sizes[k]
-        full = np.zeros((n1 + n2, n1 + n2) if k else (n2, n2))
-        np.add.at(full, (lmi.rows[e] - lo, lmi.cols[e] - lo), -lmi.vals[e] * x[lmi.var[e]])
-        full = full + np.triu(full, 1).T
+        n1, n2 = (self.sizes[k - 1], self.sizes[k]) if k else (0, self.sizes[0])
+        r, c, w = lmi.rows[e] - lo, lmi.cols[e] - lo, -lmi.vals[e] * x[lmi.var[e]]
+
+        def dense(sel, shape, dr, dc):  # the upper-triangle entries ``sel``, summed, as a dense block
+            flat = (r[sel] - dr) * shape[1] + (c[sel] - dc)
+            return np.bincount(flat, weights=w[sel], minlength=shape[0] * shape[1]).reshape(shape)
+
+        def symmetric(A):  # from its upper triangle
+            return A + A.T - np.diag(np.diag(A))
+
+        R = symmetric(dense(r >= n1, (n2, n2), n1, n1))
         if k == 0:
-            return None, None, full
-        return full[:n1, :n1], full[:n1, n1:], full[n1:, n1:]
+            return None, None, R
+        top = r < n1
+        return symmetric(dense(top & (c < n1), (n1, n1), 0, 0)), dense(top & (c >= n1), (n1, n2), 0, n1), R

@@ -17,7 +17,7 @@ from lipsdp import pipeline
 from lipsdp.lifting import lift
 from lipsdp.lmi import build_lmi
 from lipsdp.network import Network
-from lipsdp.scaling import chain_scales
+from lipsdp.scaling import _top_generalized, chain_scales
 from lipsdp.solvers import usable
 
 from conftest import assert_sandwich
@@ -130,3 +130,21 @@ def test_path_rescues_an_unusable_final_point(monkeypatch):
     rescued = lipsdp.certify(net, solver="ipm")
     assert rescued.verified
     assert good.bound <= rescued.bound <= good.bound * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("m,n,diagonal", [(30, 80, True), (80, 30, True), (40, 40, False), (50, 20, False)])
+def test_top_of_the_pencil_from_the_smaller_gram_matrix(m, n, diagonal):
+    """``lambda_max(Z^T Z, R)`` from ``Y = Z L^{-T}``'s smaller Gram matrix equals the pencil's (scipy),
+    for diagonal ``R`` (ReLU layers) and dense ones; an ``R`` not positive definite raises as the pencil does."""
+    rng = np.random.default_rng(m + n)
+    Z = rng.standard_normal((m, n))
+    A = rng.standard_normal((n, n))
+    R = np.diag(rng.random(n) + 0.1) if diagonal else A @ A.T + 0.5 * np.eye(n)
+    assert _top_generalized(Z, R) == pytest.approx(sla.eigh(Z.T @ Z, R, eigvals_only=True)[-1], rel=1e-12)
+    w, V = np.linalg.eigh(R)
+    indefinite = np.diag(np.r_[np.ones(n - 1), 0.0]) if diagonal else (V * np.r_[-w[0], w[1:]]) @ V.T
+    for bad in (indefinite, -R):
+        with pytest.raises(sla.LinAlgError):
+            sla.eigh(Z.T @ Z, bad, eigvals_only=True)
+        with pytest.raises(sla.LinAlgError):
+            _top_generalized(Z, bad)
