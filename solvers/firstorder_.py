@@ -10,6 +10,9 @@ elimination of section 1.4 gives it at a cost linear in depth:
     \\qquad \\rho(T) = \\lambda_{\\max}\\big(M_{00} - M_{01} S_1^{-1} M_{10}\\big),
 
 valid when every ``S_k < 0`` (other nets: one hidden block, ``P - Q R^{-1} Q^T``).
+Wide layers whose own block is diagonal (ReLU-type, as a CNN's first convolution) are
+eliminated first, through sparse products, so that the dense steps run at the widths of
+their narrower neighbours (:func:`_early_blocks`; the same ``rho(T)``).
 *Every* such ``T`` certifies ``sqrt(rho(T))``, so speed never costs soundness;
 the answer is re-derived and proved by :mod:`lipsdp.verify` as always.
 
@@ -65,6 +68,9 @@ class FirstOrder(Backend):
     #: whose end point gives the dual bound
     #: (:meth:`_Descent.dual_bound`; on 20-50-50-10 the bound came 1.7e-4 below the optimum in rho).
     dual_level, dual_evals = 1e2, 150
+    #: Eliminate wide diagonal blocks first (:func:`_early_blocks`); False keeps the plain backward
+    #: recursion (the same ``rho(T)``; ``benchmarks/bench_cnn.py`` compares the two).
+    early_elimination = True
 
     @staticmethod
     def applies(lmi) -> bool:
@@ -75,7 +81,7 @@ class FirstOrder(Backend):
         t0 = time.perf_counter()
         if not self.applies(lmi):
             return SolveResult("solver_error", None, None, 0.0, message="the fo backend certifies l2 bounds only")
-        state = _Descent(lmi, time_limit, t0, verbose)
+        state = _Descent(lmi, time_limit, t0, verbose, early=self.early_elimination)
         if state.start() is None:
             return SolveResult("infeasible", None, None, time.perf_counter() - t0,
                                message="neither uniform nor per-layer multipliers made every pivot negative definite")
@@ -122,7 +128,7 @@ class _Descent:
     ``z^T F_j z = 2 coef (R z)[u] (R z)[w]`` over the factored rank-two terms of ``F_j``.
     """
 
-    def __init__(self, lmi, time_limit, t0, verbose):
+    def __init__(self, lmi, time_limit, t0, verbose, early=True):
         import scipy.sparse as sp
 
         from lipsdp.accel import device_for
@@ -173,6 +179,9 @@ class _Descent:
         self.level_ends = []  # (beta, theta, tight) at the end of each full smoothing level
         #: L-BFGS settings per smoothing level ``b``: relative decrease ``ftol_factor / b``.
         self.ftol_factor, self.gtol, self.maxcor = 1e-3, 1e-6, 20
+        self.early = _early_blocks(self.pieces, [int(x) for x in size]) if early else {}
+        self.sparse = {key: _SparsePiece(*self.pieces[key]) for e, sparse in self.early.items() if sparse
+                       for key in ((e - 1, e), (e, e + 1))}
 
     def unpack(self, theta):
         return np.where(self.free, theta, np.exp(theta))
@@ -181,26 +190,86 @@ class _Descent:
         pos, vals, var, base, shape = self.pieces[g, h]
         return (base + np.bincount(pos, weights=vals * y[var], minlength=base.size)).reshape(shape)
 
-    def eliminate(self, y, down_to: int = 1):
-        """The backward block elimination of ``M(0, T)`` (``y = (0, T)``) down to block ``down_to``.
+    def diagonal(self, g, y):
+        """The diagonal of block ``(g, g)`` (a diagonal block: see :func:`_early_blocks`)."""
+        pos, vals, var, base, (n, _) = self.pieces[g, g]
+        return base[::n + 1] + np.bincount(pos // n, weights=vals * y[var], minlength=n)
 
-        Returns ``(S, factors, couplings)``: the last Schur complement (the input block's when
-        ``down_to == 1``), the Cholesky factors ``L_k`` of ``-S_k`` and the blocks ``M_{k-1,k}``;
-        ``None`` as soon as a pivot ``S_k`` is not negative definite.
+    def coupling(self, g, h, y):
+        """Block ``(g, h = g + 1)``: sparse where :func:`_early_blocks` chose sparse products, else dense."""
+        return self.sparse[g, h].matrix(y) if (g, h) in self.sparse else self.block(g, h, y)
+
+    def eliminate(self, y, down_to: int = 1):
+        """The block elimination of ``M(0, T)`` (``y = (0, T)``) down to block ``down_to``.
+
+        Returns ``(S, factors, couplings, early)``: the last Schur complement (the input block's
+        when ``down_to == 1``); the Cholesky factors ``L_k`` of ``-S_k`` and the blocks
+        ``M_{j,k}`` (``j`` the block before ``k`` once the early blocks are gone) of the
+        backward recursion; and, per early block ``e``, ``(1 / -diag M_ee, M_{e-1,e}, M_{e,e+1})``.
+        ``None`` as soon as a pivot is not negative definite.
+
+        The early blocks (:func:`_early_blocks`: diagonal, wider than the dense steps they
+        save) are eliminated first, each into its two neighbours:
+        ``M_{e-1,e-1} += P D P^T``, ``M_{e+1,e+1} += Q^T D Q``, ``M_{e-1,e+1} = P D Q`` with
+        ``D = (-M_ee)^{-1}``, ``P = M_{e-1,e}``, ``Q = M_{e,e+1}``.  A symmetric matrix is
+        negative definite iff its pivots are in any block order, and the input block's Schur
+        complement does not depend on the order, so ``rho(T)`` is the same function.
         """
         la = self.la
         K = len(self.groups)
+        early = {}
+        if down_to == 1:
+            for e in self.early:
+                d = self.diagonal(e, y)
+                if not np.all(d < 0):
+                    return None
+                early[e] = (1.0 / -d, self.coupling(e - 1, e, y), self.coupling(e, e + 1, y))
+        keep = [k for k in range(down_to - 1, K) if k not in early]
+
+        def diagonal_block(k):
+            M = self.block(k, k, y)
+            for e in (k - 1, k + 1):
+                if e in early:
+                    D, P, Q = early[e]
+                    M += _product(P, D, P.T) if e == k + 1 else _product(Q.T, D, Q)
+            return la.array(M)
+
+        def coupling_block(j, k):
+            if k == j + 1:
+                return la.array(self.block(j, k, y))
+            D, P, Q = early[j + 1]
+            return la.array(_product(P, D, Q))
+
         factors, couplings = {}, {}
-        S = la.array(self.block(K - 1, K - 1, y))
-        for k in range(K - 1, down_to - 1, -1):
+        S = diagonal_block(keep[-1])
+        for i in range(len(keep) - 1, 0, -1):
+            j, k = keep[i - 1], keep[i]
             L = la.cholesky(-S)
             if L is None:
                 return None
-            B = la.array(self.block(k - 1, k, y))
+            B = coupling_block(j, k)
             Z = la.solve_lower(L, B.T)
-            S = la.array(self.block(k - 1, k - 1, y)) + Z.T @ Z
+            S = diagonal_block(j) + Z.T @ Z
             factors[k], couplings[k] = L, B
-        return S, factors, couplings
+        return S, factors, couplings, early
+
+    def null_vectors(self, factors, couplings, early, z):
+        """Per block, in order, the null vectors of ``M(rho, T)`` whose input parts are the columns of ``z``.
+
+        ``z_k = -S_k^{-1} M_{k,j} z_j`` along the recursion of :meth:`eliminate`, then
+        ``z_e = (-M_ee)^{-1} (M_{e,e-1} z_{e-1} + M_{e,e+1} z_{e+1})`` for the early blocks
+        (their rows of ``M z = 0``).
+        """
+        la = self.la
+        parts = {0: z}
+        for k in sorted(factors):
+            L = factors[k]
+            z = la.solve_upper(L, la.solve_lower(L, couplings[k].T @ z))
+            parts[k] = z
+        parts = {k: la.numpy(p) for k, p in parts.items()}
+        for e, (D, P, Q) in early.items():
+            parts[e] = D[:, None] * (P.T @ parts[e - 1] + Q @ parts[e + 1])
+        return [parts[k] for k in range(len(self.groups))]
 
     def evaluate(self, theta, beta=None, vectors=False):
         """``(f_beta, exact rho, gradient in theta)``; ``None`` where some pivot ``S_k`` is not < 0.
@@ -210,11 +279,10 @@ class _Descent:
         """
         la = self.la
         t = self.unpack(theta)
-        K = len(self.groups)
         out = self.eliminate(np.concatenate([[0.0], t]))
         if out is None:
             return None
-        S, factors, couplings = out
+        S, factors, couplings, early = out
         lam, V = la.eigh(S)
         rho = float(lam[-1])
         if beta is None:
@@ -225,13 +293,7 @@ class _Descent:
         w = shifted / total
         keep = np.flatnonzero(w > 1e-12)
         # Null vectors, weighted by sqrt(w_i) so that sum_i w_i z_i z_i^T = Zs Zs^T.
-        z = V[:, keep] * la.array(np.sqrt(w[keep]))
-        parts = [z]
-        for k in range(1, K):
-            L = factors[k]
-            z = la.solve_upper(L, la.solve_lower(L, couplings[k].T @ z))  # -S_k^{-1} M_{k,k-1} z
-            parts.append(z)
-        Zs = np.vstack([la.numpy(p) for p in parts])
+        Zs = np.vstack(self.null_vectors(factors, couplings, early, V[:, keep] * la.array(np.sqrt(w[keep]))))
         grad_t = self.quadratic_forms(Zs)[1:]
         grad = np.where(self.free, grad_t, grad_t * t)
         return (f, rho, grad, Zs) if vectors else (f, rho, grad)
@@ -508,6 +570,87 @@ class _LinearAlgebra:
             return eigh((S + S.T) / 2, check_finite=False)
         lam, V = self.torch.linalg.eigh((S + S.T) / 2)
         return lam.cpu().numpy(), V
+
+
+#: How much slower a flop of a sparse product (scipy) runs than one of a dense one (BLAS), for
+#: :func:`_early_blocks`'s choice.
+_SPARSE_FLOP_COST = 10.0
+
+
+def _early_blocks(pieces, sizes) -> dict[int, bool]:
+    """The chain blocks to eliminate first, each with whether its products are taken sparse.
+
+    A block ``e`` (not the input, not the last) whose own block ``M_ee`` is diagonal
+    (ReLU-type layers, whose next layer has ``alpha = 0``) can be eliminated before the
+    dense recursion at the cost of three products through it
+    (:meth:`_Descent.eliminate`), which makes its neighbours adjacent.  That pays when it
+    is wider than its neighbours: on an MNIST-sized CNN (784 -> 3136 -> 1568 -> 100) the
+    3136 block's Cholesky and its rank-1568 Schur update go, and the rest works at 1568.
+    The choice is greedy on a flop model (sparse products from the blocks' patterns, at
+    :data:`_SPARSE_FLOP_COST` per flop), no two chosen blocks adjacent; on equal widths
+    (784-1024x4-10) it chooses none.
+    """
+    K = len(sizes)
+
+    def diagonal(e):
+        pos, _, _, base, (n, _) = pieces[e, e]
+        nz = np.flatnonzero(base)
+        return bool(np.all(pos // n == pos % n) and np.all(nz // n == nz % n))
+
+    def products(e) -> tuple[float, bool]:
+        """The flops of ``P D P^T``, ``Q^T D Q`` and ``P D Q``, and whether sparse is the cheaper."""
+        a, n, b = sizes[e - 1], sizes[e], sizes[e + 1]
+        dense = float(a * a + a * b + b * b) * n
+        cols_p = np.bincount(pieces[e - 1, e][0] % n, minlength=n).astype(float)  # entries of P per column
+        rows_q = np.bincount(pieces[e, e + 1][0] // b, minlength=n).astype(float)  # entries of Q per row
+        sparse = _SPARSE_FLOP_COST * float(np.sum((cols_p + rows_q) ** 2))
+        return min(dense, sparse), sparse < dense
+
+    def chain(early) -> float:
+        keep = [k for k in range(K) if k not in early]
+        steps = sum(n ** 3 / 3 + n * n * m + m * m * n
+                    for n, m in ((float(sizes[k]), float(sizes[j])) for j, k in zip(keep, keep[1:])))
+        return steps + sum(products(e)[0] for e in early)
+
+    candidates = [e for e in range(1, K - 1) if diagonal(e)]
+    early: set = set()
+    while True:
+        allowed = [e for e in candidates if not {e - 1, e, e + 1} & early]
+        cost = chain(early)
+        gains = {e: cost - chain(early | {e}) for e in allowed}
+        if not gains or max(gains.values()) <= 0:
+            return {e: products(e)[1] for e in sorted(early)}
+        early.add(max(gains, key=gains.get))
+
+
+class _SparsePiece:
+    """A band block as a CSR matrix whose pattern is fixed: each evaluation fills in the values."""
+
+    def __init__(self, pos, vals, var, base, shape):
+        nz = np.flatnonzero(base)
+        where = np.concatenate([pos, nz])
+        self.pattern, self.slot = np.unique(where, return_inverse=True)
+        self.n_var, self.vals, self.var, self.base, self.shape = len(pos), vals, var, base[nz], shape
+        rows = self.pattern // shape[1]
+        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])
+        self.indices = self.pattern % shape[1]
+
+    def matrix(self, y):
+        import scipy.sparse as sp
+
+        weights = np.concatenate([self.vals * y[self.var], self.base])
+        data = np.bincount(self.slot, weights=weights, minlength=len(self.pattern))
+        return sp.csr_matrix((data, self.indices, self.indptr), shape=self.shape)
+
+
+def _product(A, d, B):
+    """``A diag(d) B`` as a dense array (``A``, ``B`` dense or sparse)."""
+    import scipy.sparse as sp
+
+    if sp.issparse(A):
+        out = (A @ sp.diags(d)) @ B
+        return out.toarray() if sp.issparse(out) else np.asarray(out)
+    return (A * d) @ (B.toarray() if sp.issparse(B) else B)
 
 
 def _chain_groups(lmi) -> list[tuple[int, int]]:

@@ -37,14 +37,16 @@ def torch_jacobians(model, x, shape=None):
     return J.detach().reshape(len(xt), J.shape[1], -1).numpy()
 
 
-def torch_lower_bound(model, input_dim: int, samples: int = 256, seed: int = 0, scale: float = 1.0) -> float:
-    """Largest spectral norm of the autograd Jacobian of the real torch model at random inputs."""
+def torch_lower_bound(model, input_dim: int, samples: int = 256, seed: int = 0, scale: float = 1.0,
+                      shape=None) -> float:
+    """Largest spectral norm of the autograd Jacobian of the real torch model at random inputs
+    (``shape``: the sample shape the model takes, as in :func:`torch_jacobians`)."""
     import numpy as np
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     x = scale * torch.randn(samples, input_dim, generator=gen, dtype=torch.float64)
-    return float(np.linalg.norm(torch_jacobians(model, x), 2, axis=(1, 2)).max())
+    return float(np.linalg.norm(torch_jacobians(model, x, shape), 2, axis=(1, 2)).max())
 
 
 def assert_sandwich(cert, lower: float, rel: float = 1e-7):
