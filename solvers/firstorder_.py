@@ -575,6 +575,10 @@ class _LinearAlgebra:
 #: How much slower a flop of a sparse product (scipy) runs than one of a dense one (BLAS), for
 #: :func:`_early_blocks`'s choice.
 _SPARSE_FLOP_COST = 10.0
+#: An early block must save this share of the elimination's flops and this many flops: below, the
+#: extra calls cost more than the flops they save, and the plain recursion is kept (on the MLPs of
+#: the benchmark, whose narrower input block saves 0.5-5% at most).
+_EARLY_MIN_SHARE, _EARLY_MIN_FLOPS = 0.2, 1e6
 
 
 def _early_blocks(pieces, sizes) -> dict[int, bool]:
@@ -588,7 +592,7 @@ def _early_blocks(pieces, sizes) -> dict[int, bool]:
     3136 block's Cholesky and its rank-1568 Schur update go, and the rest works at 1568.
     The choice is greedy on a flop model (sparse products from the blocks' patterns, at
     :data:`_SPARSE_FLOP_COST` per flop), no two chosen blocks adjacent; on equal widths
-    (784-1024x4-10) it chooses none.
+    (784-1024x4-10) it chooses none, nor where it would save little (:data:`_EARLY_MIN_SHARE`).
     """
     K = len(sizes)
 
@@ -618,7 +622,7 @@ def _early_blocks(pieces, sizes) -> dict[int, bool]:
         allowed = [e for e in candidates if not {e - 1, e, e + 1} & early]
         cost = chain(early)
         gains = {e: cost - chain(early | {e}) for e in allowed}
-        if not gains or max(gains.values()) <= 0:
+        if not gains or max(gains.values()) < max(_EARLY_MIN_SHARE * cost, _EARLY_MIN_FLOPS):
             return {e: products(e)[1] for e in sorted(early)}
         early.add(max(gains, key=gains.get))
 
