@@ -162,6 +162,15 @@ class _Descent:
                 np.add.at(base, (const.row[csel] - start[g]) * size[h] + (const.col[csel] - start[h]),
                           const.data[csel])
                 self.pieces[g, h] = (pos, vals[sel], var[sel], base, (int(size[g]), int(size[h])))
+        #: Dense templates ``(values, variables)`` of the pieces that are mostly filled, one entry per
+        #: position (a dense layer's coupling): a gather replaces the scatter-add (784-1024x4-10: 2-3 ms
+        #: instead of 13-17 ms per 1024 x 1024 coupling, 10% of an evaluation).
+        self.templates = {}
+        for key, (pos, pvals, pvar, base, _) in self.pieces.items():
+            if len(pos) >= base.size // 4 and len(np.unique(pos)) == len(pos):
+                values, index = np.zeros(base.size), np.zeros(base.size, dtype=np.int32)
+                values[pos], index[pos] = pvals, pvar
+                self.templates[key] = (values, index, bool(np.any(base)))
         R, iu, iw, coef, fvar = lmi.factors if lmi.factors is not None else (None,) * 5
         self.coo = (rows, cols, vals, var)  # without a factored form: z^T F_j z from the entries
         self.R = None if R is None else sp.csr_matrix(R)
@@ -188,6 +197,10 @@ class _Descent:
 
     def block(self, g, h, y):
         pos, vals, var, base, shape = self.pieces[g, h]
+        if (g, h) in self.templates:
+            values, index, has_base = self.templates[g, h]
+            dense = values * y[index]
+            return (dense + base if has_base else dense).reshape(shape)
         return (base + np.bincount(pos, weights=vals * y[var], minlength=base.size)).reshape(shape)
 
     def diagonal(self, g, y):
