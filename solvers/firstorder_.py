@@ -647,7 +647,7 @@ class _SparsePiece:
         nz = np.flatnonzero(base)
         where = np.concatenate([pos, nz])
         self.pattern, self.slot = np.unique(where, return_inverse=True)
-        self.n_var, self.vals, self.var, self.base, self.shape = len(pos), vals, var, base[nz], shape
+        self.vals, self.var, self.base, self.shape = vals, var, base[nz], shape
         rows = self.pattern // shape[1]
         self.indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])
         self.indices = self.pattern % shape[1]
