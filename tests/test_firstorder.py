@@ -139,6 +139,31 @@ def test_early_blocks_give_the_same_rho_and_gradient(case, early):
     assert d.evaluate(bad) is None and plain.evaluate(bad) is None
 
 
+def test_windowed_spectrum_gives_the_full_spectrums_values_and_gradient():
+    """Only the eigenvalues within ``WINDOW / beta`` of the largest enter ``f_beta`` (LAPACK's subset
+    driver); ``f``, ``rho`` and the gradient equal the whole spectrum's, also when the window holds more
+    eigenvalues than were asked for (the whole spectrum is then computed)."""
+    _, net = _net((256, 300, 20, 5), seed=7)  # 256 inputs: the subset driver is used
+    lmi = _prepared_lmi(net)
+    d = _Descent(lmi, None, time.perf_counter(), False)
+    full = _Descent(lmi, None, time.perf_counter(), False)
+    assert d.start() is not None
+    n0 = d.groups[0][1]
+    theta = d.best_theta + 0.05 * np.random.default_rng(4).standard_normal(d.m - 1)
+    windows = []
+    for b in (1e1, 1e2, 1e3, 1e4):
+        beta = b / d.best_rho
+        for window in (0, d.window):  # asked for 16 (too few at small b), then for what the window held
+            d.window, full.window = window, 10 ** 9
+            f, rho, grad = d.evaluate(theta, beta)
+            f0, rho0, grad0 = full.evaluate(theta, beta)
+            assert f == pytest.approx(f0, rel=1e-12) and rho == pytest.approx(rho0, rel=1e-12)
+            np.testing.assert_allclose(grad, grad0, rtol=1e-9, atol=1e-12 * np.abs(grad0).max())
+        windows.append(d.window)
+    assert max(windows) > 16 and 2 * min(windows) + 16 <= n0 // 4  # both paths were taken
+    assert d.evaluate(theta)[1] == pytest.approx(full.evaluate(theta)[1], rel=1e-12)  # the largest alone
+
+
 def test_cnn_certificate_with_early_elimination_is_sound():
     model, net = _small_cnn(seed=2)
     exact = lipsdp.certify(net, solver="ipm", lower_bound_samples=0)
