@@ -24,6 +24,7 @@ minimises its soft maximum (Nesterov, Math. Program. 2007), an upper bound on it
     f_\\beta(T) = \\tfrac{1}{\\beta}\\log\\sum_i e^{\\beta\\lambda_i} \\;\\ge\\; \\rho(T)
     \\qquad (\\lambda_i \\text{ the eigenvalues of the input Schur complement}),
 
+(the eigenvalues more than ``30 / beta`` below ``rho`` left out: :meth:`_Descent.spectrum`)
 over ``theta = log T`` (free multipliers as they are) with L-BFGS (scipy), for
 ``beta = b / rho`` with ``b = 10^2, 10^3, ...`` (continuation: the smoothing
 costs at most ``rho log(n_0) / b``).  Its gradient is exact and cheap: see
@@ -128,8 +129,9 @@ class _Descent:
     ``z^T F_j z = 2 coef (R z)[u] (R z)[w]`` over the factored rank-two terms of ``F_j``.
     """
 
-    #: Eigenvalues more than ``WINDOW / beta`` below the largest are left out of ``f_beta`` (:meth:`spectrum`).
-    WINDOW = 30.0
+    #: Eigenvalues more than ``WINDOW / beta`` below the largest are left out of ``f_beta`` (:meth:`spectrum`),
+    #: on input blocks of ``SUBSET_MIN`` or more (below, the whole spectrum costs under 30 ms).
+    WINDOW, SUBSET_MIN = 30.0, 512
 
     def __init__(self, lmi, time_limit, t0, verbose, early=True):
         import scipy.sparse as sp
@@ -323,11 +325,11 @@ class _Descent:
         alone when ``beta`` is None.  In numpy they come from LAPACK's subset driver, asked for a
         few more than the window held at the last evaluation (a tridiagonalisation and a few
         eigenvectors: at 3072 inputs 3.3 s instead of 7.0 s, at 784 0.03-0.07 s instead of 0.10 s);
-        when the window holds more, or most of the spectrum, all of them.
+        when the window holds more, or a quarter of the spectrum, or the block is small, all of them.
         """
         la, n = self.la, S.shape[0]
         k = 1 if beta is None else min(n, 2 * self.window + 16)
-        if la.device == "numpy" and k <= n // 4:
+        if la.device == "numpy" and k <= n // 4 and n >= self.SUBSET_MIN:
             from scipy.linalg import eigh
 
             lam, V = eigh((S + S.T) / 2, subset_by_index=(n - k, n - 1), driver="evr", check_finite=False)
