@@ -146,7 +146,7 @@ def test_windowed_spectrum_gives_the_full_spectrums_values_and_gradient():
     _, net = _net((256, 300, 20, 5), seed=7)
     lmi = _prepared_lmi(net)
     d = _Descent(lmi, None, time.perf_counter(), False)
-    d.SUBSET_MIN = 256  # 256 inputs: the subset driver is used (512 and more by default)
+    d.SUBSET_MIN = 256  # 256 inputs: the subset driver is used (1024 and more by default)
     full = _Descent(lmi, None, time.perf_counter(), False)
     assert d.start() is not None
     n0 = d.groups[0][1]
