@@ -47,6 +47,16 @@ def _net(sizes, seed=0, activation="relu"):
     return model, network_from_module(model, input_shape=(sizes[0],))
 
 
+def _assert_finite_differences(d, theta, beta, grad, f, count):
+    """``grad`` (of ``f_beta`` at ``theta``) against central differences, in about ``count`` coordinates."""
+    h = 1e-6
+    for j in range(0, d.m - 1, max(1, (d.m - 1) // count)):
+        e = np.zeros_like(theta)
+        e[j] = h
+        fd = (d.evaluate(theta + e, beta)[0] - d.evaluate(theta - e, beta)[0]) / (2 * h)
+        assert grad[j] == pytest.approx(fd, rel=1e-4, abs=1e-9 * abs(f))
+
+
 @pytest.mark.parametrize("sizes,activation", [((5, 12, 12, 3), "relu"), ((4, 9, 7, 8, 2), "tanh"),
                                               ((6, 10, 4), "leaky_relu")])
 def test_gradient_matches_finite_differences(sizes, activation):
@@ -62,12 +72,7 @@ def test_gradient_matches_finite_differences(sizes, activation):
     theta = d.best_theta + noise
     f, rho, grad = d.evaluate(theta, beta)
     assert f >= rho
-    h = 1e-6
-    for j in range(0, d.m - 1, max(1, (d.m - 1) // 7)):
-        e = np.zeros_like(theta)
-        e[j] = h
-        fd = (d.evaluate(theta + e, beta)[0] - d.evaluate(theta - e, beta)[0]) / (2 * h)
-        assert grad[j] == pytest.approx(fd, rel=1e-4, abs=1e-9 * abs(f))
+    _assert_finite_differences(d, theta, beta, grad, f, 7)
 
 
 def test_block_elimination_matches_the_dense_schur_complement():
@@ -127,12 +132,7 @@ def test_early_blocks_give_the_same_rho_and_gradient(case, early):
     f0, rho0, grad0 = plain.evaluate(theta, beta)
     assert f == pytest.approx(f0, rel=1e-10) and rho == pytest.approx(rho0, rel=1e-10)
     np.testing.assert_allclose(grad, grad0, rtol=1e-7, atol=1e-10 * np.abs(grad0).max())
-    h = 1e-6
-    for j in range(0, d.m - 1, max(1, (d.m - 1) // 5)):
-        e = np.zeros_like(theta)
-        e[j] = h
-        fd = (d.evaluate(theta + e, beta)[0] - d.evaluate(theta - e, beta)[0]) / (2 * h)
-        assert grad[j] == pytest.approx(fd, rel=1e-4, abs=1e-9 * abs(f))
+    _assert_finite_differences(d, theta, beta, grad, f, 5)
     # Multipliers that leave a pivot not negative definite are refused in both orders.
     bad = theta.copy()
     bad[d.var_block == 1] -= 30.0
