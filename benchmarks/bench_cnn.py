@@ -87,6 +87,10 @@ def run_one(model, shape, config: str, time_limit) -> dict:
             "lmi_size": cert.network.get("solved_lmi_size")}
 
 
+def _fmt(bound) -> str:
+    return "none (not verified)" if bound is None else f"{bound:.6f}"
+
+
 def median(rows, key):
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--time-limit", type=float, default=60.0,
-                   help="seconds per run on the mnist net (default 60; 0: none, fo then takes about 8 minutes)")
+                   help="seconds per run on the mnist net (default 60; 0: none, fo then takes several minutes)")
     p.add_argument("--out-dir", type=Path, default=HERE / "results" / "cnn")
     args = p.parse_args(argv)
 
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
             for config in args.configs:
                 r = run_one(model, shape, config, limit)
                 runs[config].append(r)
-                print(f"  [{rep + 1}/{args.repeats}] {name:6s} {config:9s} bound {r['bound']:.6f} "
+                print(f"  [{rep + 1}/{args.repeats}] {name:6s} {config:9s} bound {_fmt(r['bound'])} "
                       f"{'verified' if r['verified'] else 'NOT VERIFIED'}  {r['seconds']:7.1f} s  "
                       f"{r['evaluations']:5d} evaluations  {r['per_eval']:.4f} s each", flush=True)
         results[name] = {"time_limit": limit, "runs": runs}
@@ -128,8 +132,8 @@ def main(argv=None) -> int:
             per, wall, bound = median(rows, "per_eval"), median(rows, "seconds"), median(rows, "bound")
             ratio_eval = f"{plain_eval / per:.1f}x" if config == "fo" and both else ""
             ratio_wall = f"{plain_wall / wall:.1f}x" if config == "fo" and both and res["time_limit"] is None else ""
-            rel = f"{(bound - plain_bound) / plain_bound:+.2e}" if config == "fo" and both else ""
-            lines.append(f"| {name} | {rows[0]['lmi_size']} | {res['time_limit'] or 'none'} | {config} | {bound:.6f} "
+            rel = f"{(bound - plain_bound) / plain_bound:+.2e}" if config == "fo" and both and bound and plain_bound else ""
+            lines.append(f"| {name} | {rows[0]['lmi_size']} | {res['time_limit'] or 'none'} | {config} | {_fmt(bound)} "
                          f"| {wall:.1f} | {median(rows, 'evaluations'):.0f} | {per:.4f} | {ratio_eval} | {ratio_wall} "
                          f"| {rel} |")
     env = (f"lipsdp {lipsdp.__version__}, Python {platform.python_version()}, {platform.machine()}, "

@@ -325,11 +325,10 @@ class _Descent:
 
         Those within ``WINDOW / beta`` of the largest (each of the others weighs less than
         ``exp(-WINDOW) = 9e-14`` in ``f_beta``, below the ``1e-12`` the gradient keeps), or the largest
-        alone when ``beta`` is None.  In numpy they come from LAPACK's subset driver, asked for a
-        few more than the window held at the last evaluation (a tridiagonalisation and a few
-        eigenvectors: at 3072 inputs 3.3 s instead of 7.0 s, at 784 0.03-0.07 s instead of 0.10 s, where
-        it is not used: see :attr:`SUBSET_MIN`);
-        when the window holds more, or a quarter of the spectrum, or the block is small, all of them.
+        alone when ``beta`` is None.  In numpy, on blocks of :attr:`SUBSET_MIN` or more, they come
+        from LAPACK's subset driver, asked for a few more than the window held at the last
+        evaluation (a tridiagonalisation and a few eigenvectors: at 3072 inputs 3.3 s instead of
+        7.0 s); when the window holds more, or a quarter of the spectrum, all of them.
         """
         la, n = self.la, S.shape[0]
         k = 1 if beta is None else min(n, 2 * self.window + 16)
