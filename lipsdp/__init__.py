@@ -12,16 +12,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import os as _os
-
-# In a source checkout, constraints/ and solvers/ sit beside lipsdp/ (setup.cfg
-# maps them to lipsdp.constraints / lipsdp.solvers when installed).  When this
-# package is imported straight from the checkout, extend its path the same way.
-_here = _os.path.dirname(__file__)
-if not _os.path.isdir(_os.path.join(_here, "constraints")) and _os.path.isfile(
-        _os.path.join(_here, _os.pardir, "constraints", "__init__.py")):
-    __path__.append(_os.path.normpath(_os.path.join(_here, _os.pardir)))
-
 from lipsdp.errors import (  # noqa: F401  (re-exported)
     InvalidNetworkError,
     LipSDPError,
