@@ -26,7 +26,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
-EXPECTED_PAGES = {"formulations.md", "layers.md", "solvers.md", "certificates.md", "extending.md"}
+EXPECTED_PAGES = {"formulations.md", "layers.md", "solvers.md", "certificates.md", "extending.md", "math.md",
+                  "performance.md"}
 PAGE_TIMEOUT = 600  # seconds for all blocks of one page
 
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.S | re.M)
@@ -92,16 +93,32 @@ def test_blocks_are_marked(path):
     assert any(b["marker"] == "run" for b in blocks), f"{path.name} has no runnable block"
 
 
-@pytest.mark.parametrize("path", PAGES, ids=_ids(PAGES))
+@pytest.mark.parametrize("path", PAGES + [REPO / "README.md"], ids=_ids(PAGES) + ["README.md"])
 def test_relative_links_resolve(path):
+    """Relative links point at files of this repository (a reader of one checkout can follow them all)."""
     text = path.read_text()
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
         if re.match(r"[a-z]+:", target):
             continue
         resolved = (path.parent / target).resolve()
-        if REPO.resolve() not in resolved.parents:
-            continue  # the shared design notes live beside the repository, not in every checkout
+        assert REPO.resolve() in resolved.parents, f"{path.name} links outside the repository: {target}"
         assert resolved.exists(), f"{path.name} links to missing {target}"
+
+
+#: A citation of the math page, as code comments and docs write it: ``docs/math.md §1.4``, ``math.md §10``.
+MATH_CITATION = re.compile(r"math\.md §(\d+(?:\.\d+)?)")
+
+
+def test_math_citations_name_existing_sections():
+    """Every ``math.md §N`` cited in the code, tests, benchmarks and docs is a section of docs/math.md."""
+    sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", (DOCS / "math.md").read_text(), re.M))
+    assert {"0", "1.4", "4.1", "5.2", "8.1", "8.2", "8.4", "9", "10"} <= sections
+    code_dirs = ("lipsdp", "constraints", "solvers", "benchmarks", "tests")
+    files = {f.resolve() for d in code_dirs for f in (REPO / d).rglob("*.py")}
+    files |= {p.resolve() for p in PAGES} | {(REPO / "README.md").resolve()}
+    wrong = [f"{f.relative_to(REPO.resolve())}: §{n}" for f in sorted(files)
+             for n in MATH_CITATION.findall(f.read_text(errors="replace")) if n not in sections]
+    assert not wrong, f"citations of missing docs/math.md sections: {wrong}"
 
 
 def test_readme_links_every_page():
