@@ -105,6 +105,26 @@ def test_relative_links_resolve(path):
         assert resolved.exists(), f"{path.name} links to missing {target}"
 
 
+def _heading_anchors(path: Path):
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} (.*?)\s*$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, 0) + 1
+        yield slug if seen[slug] == 1 else f"{slug}-{seen[slug] - 1}"
+
+
+@pytest.mark.parametrize("path", PAGES + [REPO / "README.md"], ids=_ids(PAGES) + ["README.md"])
+def test_anchors_resolve(path):
+    """``page.md#section`` links name a heading that exists (renaming a heading breaks them silently)."""
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", path.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        dest = (path.parent / target).resolve() if target else path
+        assert anchor in set(_heading_anchors(dest)), f"{path.name} links to a missing heading: {target}#{anchor}"
+
+
 #: A citation of the math page, as code comments and docs write it: ``docs/math.md §1.4``, ``math.md §10``.
 MATH_CITATION = re.compile(r"math\.md §(\d+(?:\.\d+)?)")
 
