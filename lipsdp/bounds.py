@@ -160,7 +160,7 @@ def _(op, G, ins, shapes):
 
 @node_pullback.register(Activation)
 def _(op, G, ins, shapes):
-    return [G * get_constraint(op.function).derivative(ins[0], op)[:, None, :]]
+    return [G * activation_function(op.function).derivative(ins[0], op)[:, None, :]]
 
 
 @node_pullback.register(Equilibrium)
@@ -229,8 +229,8 @@ def _(op, ins, js, shapes):
 
 @node_jacobian.register(Activation)
 def _(op, ins, js, shapes):
-    qc = get_constraint(op.function)
-    return qc.evaluate(ins[0], op), qc.jacobian(ins[0], js[0], op)
+    phi = activation_function(op.function)
+    return phi.evaluate(ins[0], op), phi.jacobian(ins[0], js[0], op)
 
 
 @node_jacobian.register(Equilibrium)

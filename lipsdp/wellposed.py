@@ -52,7 +52,6 @@ from lipsdp.equilibrium import dense
 from lipsdp.errors import WellPosednessError
 from lipsdp.lifting import lift
 from lipsdp.lmi import LMIProblem, build_lmi
-from lipsdp.network import Equilibrium
 from lipsdp.verify import rigorous_negative_definite
 
 __all__ = ["attach_well_posedness", "check_provable", "implicit_nodes", "own_block_lmi", "prove_well_posed"]
@@ -64,7 +63,7 @@ CONDITION = ("2T + 2F^T T A B F - F^T T (A+B) - (A+B) T F > 0 for the verified T
 
 def implicit_nodes(network) -> list[int]:
     """The nodes of ``network`` that are implicit layers."""
-    return [n for n in network.activations() if isinstance(network.op(n), Equilibrium)]
+    return [n for n in network.activations() if network.op(n).implicit]
 
 
 def _sector(op, qc):
