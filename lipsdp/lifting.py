@@ -12,7 +12,7 @@ is a linear map of ``z`` (biases dropped: they cancel in increments):
 - Equilibrium ``k`` (implicit layer ``z = phi(F z + u)``): ``P_k = L_parent + F Q_k``,
   rows that read the block's own outputs (``C_vw`` not triangular, docs/math.md §5.2).
 
-The network output is ``C z``.  This is the LFT form (3.1) of docs/math.md §3:
+The network output is ``C z``.  This is the LFT form of docs/math.md §3.1:
 ``[P; Q] = [[C_vx, C_vw], [0, I]]`` and ``C = [D_yx, D_yw]``.  For a feed-forward
 net ``P_k`` has nonzeros only in block ``k-1``, so the LMI is block-tridiagonal;
 :meth:`Lifting.block_graph` exposes the coupling pattern for chordal methods.
@@ -21,7 +21,7 @@ Rounding: ``F Q_k`` is exact (``Q_k`` selects), and so is its sum with
 ``L_parent``, which only reads earlier blocks.  ``W L`` is exact when ``L``
 selects coordinates (one nonzero, 1.0, per column), which covers feed-forward
 nets.  Otherwise the product is rounded;
-``perr`` and ``cerr`` keep entrywise bounds on that error (Higham's
+``pre_err`` and ``output_err`` keep entrywise bounds on that error (Higham's
 ``gamma_k |W||L|``) so verification (:mod:`lipsdp.verify`) can cover it.
 
 The walk over the graph (:func:`traverse`) is written once, with each node

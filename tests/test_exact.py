@@ -191,6 +191,30 @@ def test_rounded_lifting_is_recomputed_exactly():
     assert not both(lmi, with_rho(best_rho(lmi, y) * (1 - 1e-8), y), lifting)
 
 
+def test_rational_walk_is_the_float_walk_in_other_arithmetic():
+    """exact.py lifts with lifting's own walk: on rounded rows the rational rows lie within the float rows'
+    error bounds, and they are exactly the float rows where those are exact."""
+    from lipsdp.exact import RationalRows
+    from lipsdp.lifting import traverse
+
+    lifting = lift(bn_net())
+    pre, out = traverse(lifting.network, RationalRows(), lifting.blocks)
+
+    def dense(rows):
+        A = np.full((len(rows), lifting.n), Fraction(0), dtype=object)
+        for i, r in enumerate(rows):
+            for j, v in r.items():
+                A[i, j] = v
+        return A
+
+    for P, E, R in zip(lifting.pre + [lifting.output], lifting.pre_err + [lifting.output_err], pre + [out]):
+        exact_float_rows = np.vectorize(Fraction, otypes=[object])(P.toarray())
+        diff = np.abs((dense(R) - exact_float_rows).astype(float))
+        assert np.all(diff <= E.toarray())
+        assert np.all((E.toarray() > 0) | (diff == 0))
+    assert not lifting.exact
+
+
 def test_residual_network():
     rng = np.random.default_rng(2)
     from lipsdp.network import Add
