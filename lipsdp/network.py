@@ -66,7 +66,9 @@ def activation_function(function: str):
     """The activation ``function`` as an object with ``evaluate(x, op)``, ``derivative(x, op)`` and
     ``jacobian(x, J, op)``: what evaluating the graph needs of a nonlinearity.
 
-    The one place the graph reaches for activations' definitions.
+    The one place the graph reaches for activations' definitions: every ``Activation.function``
+    key (GroupSort and Householder included) is known to :func:`lipsdp.constraints.get_constraint`,
+    which imports nothing of the graph, so evaluating a network needs no stage above it.
     """
     return get_constraint(function)
 
