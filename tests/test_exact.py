@@ -1,4 +1,4 @@
-"""The exact (rational) test of MATH.md section 10, step 4, as referee of the floating-point one.
+"""The exact (rational) test of docs/math.md §10, step 4, as referee of the floating-point one.
 
 ``lipsdp.exact`` rebuilds ``-M(x)`` from the weights, sectors and multipliers in
 integers and decides definiteness without rounding.  These tests check that
@@ -140,7 +140,7 @@ def test_float_test_never_accepts_what_the_exact_test_rejects(seed):
 
 # -- raw solver points ----------------------------------------------------------
 def test_raw_scs_points_are_rejected_when_infeasible():
-    """MATH.md section 10: SCS points have lambda_max(M) ~ +1e-5; they are not certificates."""
+    """docs/math.md §10: SCS points have lambda_max(M) ~ +1e-5; they are not certificates."""
     infeasible = 0
     for seed in range(4):
         lifting, lmi, raw = solved(net_of((6, 12, 12, 3), "relu", seed=seed), solver="scs")
@@ -370,7 +370,7 @@ def test_bareiss_and_certificates_agree_with_eigenvalues():
 
 
 def test_timing_at_n48():
-    """MATH.md quotes ~1 s for Bareiss at n = 48 in pure Python; the certificate path is far cheaper."""
+    """Bareiss at n = 48 takes on the order of a second in pure Python; the certificate path is far cheaper."""
     lifting, lmi, res = solved(net_of((16, 16, 16, 4), "leaky_relu"))
     assert lmi.n == 48
     x = verify(lmi, res.x).x
