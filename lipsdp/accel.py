@@ -3,8 +3,8 @@
 The preprocessing of large weight matrices (spectral norms for the trivial
 bound and the preconditioning scales, the eigendecomposition behind the exact
 input-space reduction of :meth:`lipsdp.lifting.Lifting.reduce_input`) is
-O(n^3) dense linear algebra.  On a GPU, torch does it one to two orders of
-magnitude faster for n in the thousands.  None of it is trusted for
+O(n^3) dense linear algebra, which a GPU does far faster than the CPU for n
+in the thousands (docs/performance.md).  None of it is trusted for
 soundness: every bound is verified on the full LMI in float64 on the CPU.
 
 The device is chosen per call:

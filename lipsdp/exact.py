@@ -1,4 +1,4 @@
-"""Exact (rational) test that ``M(x)`` is negative definite: MATH.md section 10, step 4.
+"""Exact (rational) test that ``M(x)`` is negative definite: docs/math.md §10, step 4.
 
 Every float is a dyadic rational ``m 2^e``.  So ``-M(x)`` can be rebuilt
 *exactly* from the numbers the theorem uses -- the lifted rows (the weights),
@@ -12,18 +12,16 @@ the ``k``-th Bareiss pivot is the ``k``-th leading principal minor of ``H``, so
     \\qquad \\text{(Sylvester)} .
 
 Nothing here rounds, so the answer is the truth about the exact matrix.
-Bareiss costs ``O(n^3)`` operations on integers of ``O(n)`` words (measured,
-pure Python: 0.2-0.7 s at ``n = 48``, 1-3 s at ``n = 64``, 13-46 s at
-``n = 100``; the range is ReLU vs leaky ReLU, whose ``alpha = 0.1`` doubles the
-entries' bit length).  So :func:`exact_negative_definite` first tries two
-*exact* certificates that floating point only guides -- a Gram residual
-``A - R^T R - cI`` with ``c > ||.||_F`` for "yes", an integer witness
-``z^T A z <= 0`` for "no" -- and falls back to Bareiss only when ``-M`` is
-too close to singular for them (``|lambda_min| / ||M|| <~ 1e-13``): about
-5-10 ms at ``n = 48`` and 0.1-0.5 s at ``n = 200``.  It is the referee for
-:func:`lipsdp.verify.rigorous_negative_definite` (the cheap floating-point
-proof the pipeline uses) in tests, and a second opinion for small
-certificates (:func:`exact_certificate_check`).
+Bareiss costs ``O(n^3)`` operations on integers of ``O(n)`` words, and entries
+with long mantissas (a leaky ReLU's ``alpha = 0.1``) make them longer.  So
+:func:`exact_negative_definite` first tries two *exact* certificates that
+floating point only guides -- a Gram residual ``A - R^T R - cI`` with
+``c > ||.||_F`` for "yes", an integer witness ``z^T A z <= 0`` for "no" -- and
+falls back to Bareiss only when ``-M`` is too close to singular for them
+(``|lambda_min| / ||M|| <~ 1e-13``); docs/performance.md has the timings.  It is
+the referee for :func:`lipsdp.verify.rigorous_negative_definite` (the cheap
+floating-point proof the pipeline uses) in tests, and a second opinion for
+small certificates (:func:`exact_certificate_check`).
 
 The matrix is *not* read from :attr:`LMIProblem.vals`: those are rounded float
 products ``coef * a * b``.  It is rebuilt from exact factors:
@@ -52,7 +50,13 @@ import math
 from fractions import Fraction
 
 import numpy as np
+import scipy.linalg as sla
 import scipy.sparse as sp
+
+from lipsdp.certificate import Certificate
+from lipsdp.constraints import SlopeRestricted, get_constraint
+from lipsdp.lifting import lift, traverse
+from lipsdp.lmi import build_lmi
 
 __all__ = ["exact_negative_definite", "exact_certificate_check", "exact_matrix", "bareiss_positive_definite"]
 
@@ -107,74 +111,69 @@ def _fraction_rows(rows: list[dict]) -> list[list[tuple[int, int, int]]]:
     return out
 
 
+class RationalRows:
+    """The :class:`~lipsdp.lifting.RowAlgebra` of exact rows: each row a dict ``column -> Fraction`` over ``z``.
+
+    Every float weight is a dyadic rational, so products and sums here are exact.
+    """
+
+    def select(self, start, size, n):
+        return [{start + i: Fraction(1)} for i in range(size)]
+
+    def affine(self, W, rows):
+        W = sp.csr_matrix(W, dtype=np.float64)
+        out = []
+        for i in range(W.shape[0]):
+            acc: dict = {}
+            for j, w in zip(W.indices[W.indptr[i]:W.indptr[i + 1]].tolist(),
+                            W.data[W.indptr[i]:W.indptr[i + 1]].tolist()):
+                if w == 0.0:
+                    continue
+                fw = Fraction(w)
+                for col, v in rows[j].items():
+                    acc[col] = acc.get(col, 0) + fw * v
+            out.append({c: v for c, v in acc.items() if v != 0})
+        return out
+
+    def add(self, terms):
+        out = [dict(r) for r in terms[0]]
+        for rows in terms[1:]:
+            for acc, r in zip(out, rows):
+                for col, v in r.items():
+                    acc[col] = acc.get(col, 0) + v
+        return [{c: v for c, v in acc.items() if v != 0} for acc in out]
+
+    def concat(self, parts, perm):
+        stacked = [r for rows in parts for r in rows]
+        return [stacked[i] for i in perm]
+
+    def feedback(self, rows, F, selector):
+        F = sp.csr_matrix(F, dtype=np.float64)
+        out = [dict(r) for r in rows]
+        for i, acc in enumerate(out):
+            for j, w in zip(F.indices[F.indptr[i]:F.indptr[i + 1]].tolist(),
+                            F.data[F.indptr[i]:F.indptr[i + 1]].tolist()):
+                if w != 0.0:
+                    for col, v in selector[j].items():
+                        acc[col] = acc.get(col, 0) + Fraction(w) * v
+        return out
+
+    def settle(self, rows):
+        return rows
+
+
 def _exact_lifted_rows(lifting) -> tuple[list[list[dict]], list[dict]]:
     """The lifting's pre-activation rows and output rows, computed in rationals from the weights.
 
-    Mirrors :func:`lipsdp.lifting.lift` without rounding (``W L`` products and
-    sums exact).  Rows are dicts ``column -> Fraction`` over ``z``.
+    The same walk as :func:`lipsdp.lifting.lift` (:func:`lipsdp.lifting.traverse`) in
+    :class:`RationalRows`.  Rows are dicts ``column -> Fraction`` over ``z``.
     """
-    from lipsdp.network import Activation, Add, Affine, Concat, Input, Reshape, concat_permutation
-
-    network = lifting.network
-    start = {b.node: b.start for b in lifting.blocks[1:]}
-    rows: dict[int, list[dict]] = {}
-    pre = []
-    for node in network.graph.nodes:
-        op, parents = network.op(node), network.parents(node)
-        if isinstance(op, Input):
-            L = [{i: Fraction(1)} for i in range(op.size)]
-        elif isinstance(op, Affine):
-            W = sp.csr_matrix(op.weight, dtype=np.float64)
-            Lp = rows[parents[0]]
-            L = []
-            for i in range(W.shape[0]):
-                acc: dict = {}
-                for j, w in zip(W.indices[W.indptr[i]:W.indptr[i + 1]].tolist(),
-                                W.data[W.indptr[i]:W.indptr[i + 1]].tolist()):
-                    if w == 0.0:
-                        continue
-                    fw = Fraction(w)
-                    for col, v in Lp[j].items():
-                        acc[col] = acc.get(col, 0) + fw * v
-                L.append({c: v for c, v in acc.items() if v != 0})
-        elif isinstance(op, Reshape):
-            L = rows[parents[0]]
-        elif isinstance(op, Add):
-            L = [dict(r) for r in rows[parents[0]]]
-            for p in parents[1:]:
-                for acc, r in zip(L, rows[p]):
-                    for col, v in r.items():
-                        acc[col] = acc.get(col, 0) + v
-            L = [{c: v for c, v in acc.items() if v != 0} for acc in L]
-        elif isinstance(op, Concat):
-            perm = concat_permutation([network.op(p).shape for p in parents], op.axis)
-            stacked = [r for p in parents for r in rows[p]]
-            L = [stacked[i] for i in perm]
-        elif isinstance(op, Activation):
-            s = start[node]
-            P = rows[parents[0]]
-            F = getattr(op, "feedback", None)  # an Equilibrium reads its own block: P = L_u + F Q
-            if F is not None:
-                F = sp.csr_matrix(F, dtype=np.float64)
-                P = [dict(r) for r in P]
-                for i, acc in enumerate(P):
-                    for j, w in zip(F.indices[F.indptr[i]:F.indptr[i + 1]].tolist(),
-                                    F.data[F.indptr[i]:F.indptr[i + 1]].tolist()):
-                        if w != 0.0:
-                            acc[s + j] = acc.get(s + j, 0) + Fraction(w)
-            pre.append(P)
-            L = [{s + i: Fraction(1)} for i in range(op.size)]
-        else:  # pragma: no cover - loaders only build the kinds above
-            raise TypeError(f"unknown node kind {type(op).__name__}")
-        rows[node] = L
-    return pre, rows[network.output]
+    return traverse(lifting.network, RationalRows(), lifting.blocks)
 
 
 # -- the exact matrix -------------------------------------------------------
 def _slope_sectors(lifting):
     """``(alpha, beta)`` arrays per activation block; NotImplementedError for other families."""
-    from lipsdp.constraints import SlopeRestricted, get_constraint
-
     sectors = []
     for block in lifting.blocks[1:]:
         op = lifting.network.op(block.node)
@@ -188,6 +187,94 @@ def _slope_sectors(lifting):
         beta = np.broadcast_to(np.asarray(hi, dtype=np.float64), (block.size,)).tolist()
         sectors.append((alpha, beta))
     return sectors
+
+
+def _check_pairing(lmi, x: np.ndarray, lifting) -> None:
+    """Refuse an ``x`` or ``lmi`` that cannot belong to ``lifting`` (ValueError)."""
+    if lmi.formulation not in ("neuron", "layer"):
+        raise ValueError(f"unknown formulation {lmi.formulation!r}")
+    if lmi.n != lifting.n or lmi.input_dim != lifting.input_dim:
+        raise ValueError(f"the LMI ({lmi.n}x{lmi.n}) is not the one of this lifting (n = {lifting.n})")
+    if x.shape != (lmi.n_var,):
+        raise ValueError(f"x has shape {x.shape}, the LMI has {lmi.n_var} variables")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("x is not finite")
+
+
+def _exact_rows(lifting, output_map) -> tuple[list, list]:
+    """Pre-activation and output rows as ``[(col, m, e), ...]``, exact; the output through ``output_map``."""
+    if lifting.exact:
+        pre = [_csr_rows(P) for P in lifting.pre]
+        out = _csr_rows(lifting.output)
+    else:  # the float rows are rounded products: redo them in rationals from the weights
+        pre_f, out_f = _exact_lifted_rows(lifting)
+        pre = [_fraction_rows(P) for P in pre_f]
+        out = _fraction_rows(out_f)
+    if output_map is None:
+        return pre, out
+    cm = sp.csr_matrix(np.atleast_2d(np.asarray(output_map, dtype=np.float64)))
+    rows_f = []
+    for i in range(cm.shape[0]):
+        acc: dict = {}
+        for k, w in zip(cm.indices[cm.indptr[i]:cm.indptr[i + 1]].tolist(),
+                        cm.data[cm.indptr[i]:cm.indptr[i + 1]].tolist()):
+            mw, ew = _dyadic(w)
+            for col, m, e in out[k]:
+                acc[col] = acc.get(col, 0) + Fraction(mw * m) * Fraction(2) ** (ew + e)
+        rows_f.append(acc)
+    return pre, _fraction_rows(rows_f)
+
+
+def _input_terms(x: np.ndarray, n0: int, n_in: int, add) -> None:
+    """``+ rho I`` (l2) or ``+ diag(lambda_in)`` (l_inf) on the input block."""
+    for i in range(n0):
+        m, e = _dyadic(x[0] if n_in == 1 else x[i])
+        if m:
+            add(((i, i), m, e))
+
+
+def _output_terms(out: list, add) -> None:
+    """``- C^T C`` (upper triangle)."""
+    for row in out:
+        for a, (j, mj, ej) in enumerate(row):
+            for (l, ml, el) in row[a:]:
+                add(((j, l), -mj * ml, ej + el))
+
+
+def _neuron_terms(prow: list, s: int, t: float, alpha: float, beta: float, add) -> None:
+    """``- t F_i`` for one neuron: pre-activation row ``prow``, output coordinate ``s``, sector ``[alpha, beta]``."""
+    tm, te = _dyadic(t)
+    # + 2 t q q^T
+    if tm:
+        add(((s, s), 2 * tm, te))
+    if tm == 0 or not prow:
+        return
+    am, ae = _dyadic(alpha)
+    bm, be = _dyadic(beta)
+    # + 2 t alpha beta p p^T
+    if am and bm:
+        cm_, ce = 2 * tm * am * bm, te + ae + be
+        for a, (j, mj, ej) in enumerate(prow):
+            for (l, ml, el) in prow[a:]:
+                add(((j, l), cm_ * mj * ml, ce + ej + el))
+    # - t (alpha + beta) (p q^T + q p^T), with alpha + beta summed exactly
+    emin = min(ae, be)
+    sm = (am << (ae - emin)) + (bm << (be - emin))
+    if sm:
+        cm_, ce = -tm * sm, te + emin
+        for (j, mj, ej) in prow:
+            v = cm_ * mj * (2 if j == s else 1)
+            add(((j, s) if j <= s else (s, j), v, ce + ej))
+
+
+def _sum_terms(terms: list) -> tuple[dict, int]:
+    """``entries[(i, j)] * 2**E`` = the sum of the terms ``m 2^e`` at ``(i, j)``, exactly."""
+    E = min((e for _, _, e in terms), default=0)
+    entries: dict[tuple[int, int], int] = {}
+    get = entries.get
+    for key, m, e in terms:
+        entries[key] = get(key, 0) + (m << (e - E))
+    return entries, E
 
 
 def exact_matrix(lmi, x, lifting, *, output_map=None) -> tuple[dict, int]:
@@ -211,90 +298,25 @@ def exact_matrix(lmi, x, lifting, *, output_map=None) -> tuple[dict, int]:
         ``x`` does not fit ``lmi``, or ``lmi`` is not the LMI of ``lifting``.
     """
     x = np.asarray(x, dtype=np.float64)
-    n, n0 = lifting.n, lifting.input_dim
     n_in = int(getattr(lmi, "n_in", 1))
-    formulation = lmi.formulation
-    if formulation not in ("neuron", "layer"):
-        raise ValueError(f"unknown formulation {formulation!r}")
-    if lmi.n != n or lmi.input_dim != n0:
-        raise ValueError(f"the LMI ({lmi.n}x{lmi.n}) is not the one of this lifting (n = {n})")
-    if x.shape != (lmi.n_var,):
-        raise ValueError(f"x has shape {x.shape}, the LMI has {lmi.n_var} variables")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("x is not finite")
+    neuron = lmi.formulation == "neuron"
+    _check_pairing(lmi, x, lifting)
     sectors = _slope_sectors(lifting)
-
-    if lifting.exact:
-        pre = [_csr_rows(P) for P in lifting.pre]
-        out = _csr_rows(lifting.output)
-    else:  # the float rows are rounded products: redo them in rationals from the weights
-        pre_f, out_f = _exact_lifted_rows(lifting)
-        pre = [_fraction_rows(P) for P in pre_f]
-        out = _fraction_rows(out_f)
-    if output_map is not None:
-        cm = sp.csr_matrix(np.atleast_2d(np.asarray(output_map, dtype=np.float64)))
-        rows_f = []
-        for i in range(cm.shape[0]):
-            acc: dict = {}
-            for k, w in zip(cm.indices[cm.indptr[i]:cm.indptr[i + 1]].tolist(),
-                            cm.data[cm.indptr[i]:cm.indptr[i + 1]].tolist()):
-                mw, ew = _dyadic(w)
-                for col, m, e in out[k]:
-                    acc[col] = acc.get(col, 0) + Fraction(mw * m) * Fraction(2) ** (ew + e)
-            rows_f.append(acc)
-        out = _fraction_rows(rows_f)
+    pre, out = _exact_rows(lifting, output_map)
 
     terms: list[tuple[tuple[int, int], int, int]] = []  # ((i, j), m, e): -M[i, j] += m 2^e, i <= j
-    add = terms.append
-
-    # Input block: + rho I (l2) or + diag(lambda_in) (l_inf).
-    for i in range(n0):
-        m, e = _dyadic(x[0] if n_in == 1 else x[i])
-        if m:
-            add(((i, i), m, e))
-    # Output: - C^T C (upper triangle).
-    for row in out:
-        for a, (j, mj, ej) in enumerate(row):
-            for (l, ml, el) in row[a:]:
-                add(((j, l), -mj * ml, ej + el))
-    # Quadratic constraints: - t_i F_i.
-    offset = n_in
+    _input_terms(x, lifting.input_dim, n_in, terms.append)
+    _output_terms(out, terms.append)
+    offset = n_in  # quadratic constraints: - t_i F_i
     for k, (P, (alpha, beta)) in enumerate(zip(pre, sectors), start=1):
         block = lifting.blocks[k]
         for i, prow in enumerate(P):
-            tm, te = _dyadic(x[offset + (i if formulation == "neuron" else 0)])
-            s = block.start + i
-            # + 2 t q q^T
-            if tm:
-                add(((s, s), 2 * tm, te))
-            if tm == 0 or not prow:
-                continue
-            am, ae = _dyadic(alpha[i])
-            bm, be = _dyadic(beta[i])
-            # + 2 t alpha beta p p^T
-            if am and bm:
-                cm_, ce = 2 * tm * am * bm, te + ae + be
-                for a, (j, mj, ej) in enumerate(prow):
-                    for (l, ml, el) in prow[a:]:
-                        add(((j, l), cm_ * mj * ml, ce + ej + el))
-            # - t (alpha + beta) (p q^T + q p^T), with alpha + beta summed exactly
-            emin = min(ae, be)
-            sm = (am << (ae - emin)) + (bm << (be - emin))
-            if sm:
-                cm_, ce = -tm * sm, te + emin
-                for (j, mj, ej) in prow:
-                    v = cm_ * mj * (2 if j == s else 1)
-                    add(((j, s) if j <= s else (s, j), v, ce + ej))
-        offset += block.size if formulation == "neuron" else 1
+            _neuron_terms(prow, block.start + i, x[offset + (i if neuron else 0)], alpha[i], beta[i], terms.append)
+        offset += block.size if neuron else 1
     if offset != lmi.n_var:
         raise ValueError(f"the LMI has {lmi.n_var} variables, the lifting's slope constraints "
-                         f"({formulation}) give {offset}: not the LMI of this lifting")
-
-    E = min((e for _, _, e in terms), default=0)
-    entries: dict[tuple[int, int], int] = {}
-    get = entries.get
-    for key, m, e in terms:
-        entries[key] = get(key, 0) + (m << (e - E))
+                         f"({lmi.formulation}) give {offset}: not the LMI of this lifting")
+    entries, E = _sum_terms(terms)
     _check_consistent(lmi, x, entries, E)
     return entries, E
 
@@ -383,8 +405,6 @@ def _decide_by_certificates(A: list[list[int]]) -> bool | None:
     Both are exact proofs whatever the floating-point steps did; they fail
     (return None) only when ``A`` is too close to singular for float64 to guide them.
     """
-    import scipy.linalg as sla
-
     n = len(A)
     maxbits = max((abs(v).bit_length() for row in A for v in row), default=0)
     if maxbits == 0:
@@ -505,10 +525,6 @@ def exact_certificate_check(cert, network) -> bool:
     NotImplementedError
         Non-l2 certificates, or activations outside the slope-restricted family.
     """
-    from lipsdp.certificate import Certificate
-    from lipsdp.lifting import lift
-    from lipsdp.lmi import build_lmi
-
     if isinstance(cert, dict):
         cert = Certificate.from_dict(cert)
     if cert.norm != "l2":

@@ -10,9 +10,9 @@ is a linear map of ``z`` (biases dropped: they cancel in increments):
 - Activation ``k``: its pre-activation rows are ``P_k = L_parent``, its output
   rows ``Q_k`` select block ``k``;
 - Equilibrium ``k`` (implicit layer ``z = phi(F z + u)``): ``P_k = L_parent + F Q_k``,
-  rows that read the block's own outputs (``C_vw`` not triangular, MATH.md 5.2).
+  rows that read the block's own outputs (``C_vw`` not triangular, docs/math.md §5.2).
 
-The network output is ``C z``.  This is the LFT form (3.1) of MATH.md:
+The network output is ``C z``.  This is the LFT form of docs/math.md §3.1:
 ``[P; Q] = [[C_vx, C_vw], [0, I]]`` and ``C = [D_yx, D_yw]``.  For a feed-forward
 net ``P_k`` has nonzeros only in block ``k-1``, so the LMI is block-tridiagonal;
 :meth:`Lifting.block_graph` exposes the coupling pattern for chordal methods.
@@ -21,19 +21,27 @@ Rounding: ``F Q_k`` is exact (``Q_k`` selects), and so is its sum with
 ``L_parent``, which only reads earlier blocks.  ``W L`` is exact when ``L``
 selects coordinates (one nonzero, 1.0, per column), which covers feed-forward
 nets.  Otherwise the product is rounded;
-``perr`` and ``cerr`` keep entrywise bounds on that error (Higham's
+``pre_err`` and ``output_err`` keep entrywise bounds on that error (Higham's
 ``gamma_k |W||L|``) so verification (:mod:`lipsdp.verify`) can cover it.
+
+The walk over the graph (:func:`traverse`) is written once, with each node
+type's rule registered in :func:`lift_node`, and is generic in the arithmetic of
+the rows (a :class:`RowAlgebra`): :func:`lift` runs it on float sparse rows with
+error bounds (:class:`FloatRows`), :mod:`lipsdp.exact` on rational rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import singledispatch
+from typing import Any, Protocol
 
 import networkx as nx
 import numpy as np
 import scipy.sparse as sp
 
-from lipsdp.network import Activation, Add, Affine, Concat, Equilibrium, Input, Network, Reshape, concat_permutation
+from lipsdp import accel
+from lipsdp.network import Activation, Add, Affine, Concat, Equilibrium, Input, Network, Op, Reshape, concat_permutation
 
 _U = 2.0 ** -53
 
@@ -131,8 +139,6 @@ class Lifting:
         """
         n0 = self.input_dim
         G = sp.vstack([P[:, :n0] for P in self.pre] + [self.output[:, :n0]]).tocsr()
-        from lipsdp import accel
-
         gram = (G.T @ G).toarray()
         evals, evecs = accel.eigh(gram)  # on the GPU when one is there (lipsdp.accel)
         keep = evals > rtol * max(evals[-1], 1e-300)
@@ -162,6 +168,151 @@ def _is_selector(L: sp.csr_matrix) -> bool:
     return np.all(np.diff(sp.csc_matrix(L).indptr) <= 1)
 
 
+class RowAlgebra(Protocol):
+    """The arithmetic of lifted rows: what :func:`traverse` needs to write a node's rows over ``z``.
+
+    A value is the stack of rows of one node (one row per coordinate), in the
+    algebra's own representation.
+    """
+
+    def select(self, start: int, size: int, n: int) -> Any:
+        """Rows picking ``z[start:start + size]`` out of ``z`` (length ``n``)."""
+
+    def affine(self, W, rows: Any) -> Any:
+        """``W @ rows``."""
+
+    def add(self, terms: list) -> Any:
+        """The sum of the rows ``terms`` (in this order)."""
+
+    def concat(self, parts: list, perm: np.ndarray) -> Any:
+        """The rows of ``parts`` stacked, then reordered by ``perm``."""
+
+    def feedback(self, rows: Any, F, selector: Any) -> Any:
+        """``rows + F @ selector``: an implicit layer's pre-activation reading its own block."""
+
+    def settle(self, rows: Any) -> Any:
+        """Tidy a node's rows once they are final (e.g. drop stored zeros)."""
+
+
+class FloatRows:
+    """Float64 sparse rows with an entrywise bound on their rounding error: values are ``(L, E)``."""
+
+    def select(self, start, size, n):
+        L = sp.csr_matrix((np.ones(size), (np.arange(size), np.arange(start, start + size))), shape=(size, n))
+        return L, sp.csr_matrix((size, n))
+
+    def affine(self, W, rows):
+        W = sp.csr_matrix(W, dtype=np.float64)
+        Lp, Ep = rows
+        L = (W @ Lp).tocsr()
+        absW = abs(W)
+        E = (absW @ Ep).tocsr()
+        if not _is_selector(Lp):
+            k = int(np.diff(W.indptr).max(initial=0)) + 1
+            E = (E + _gamma(k) * (absW @ abs(Lp))).tocsr()
+        return L, E
+
+    def add(self, terms):
+        Ls, Es = [t[0] for t in terms], [t[1] for t in terms]
+        L = sum(Ls[1:]) + Ls[0] if len(Ls) > 1 else Ls[0]
+        E = sum(Es)
+        if len(Ls) > 1:
+            E = E + _gamma(len(Ls)) * sum(abs(L_) for L_ in Ls)
+        return sp.csr_matrix(L), sp.csr_matrix(E)
+
+    def concat(self, parts, perm):
+        return (sp.vstack([p[0] for p in parts]).tocsr()[perm], sp.vstack([p[1] for p in parts]).tocsr()[perm])
+
+    def feedback(self, rows, F, selector):
+        # Disjoint columns (the block itself vs earlier blocks): the sum is exact, the error unchanged.
+        L, E = rows
+        return (L + sp.csr_matrix(F, dtype=np.float64) @ selector[0]).tocsr(), E
+
+    def settle(self, rows):
+        rows[0].eliminate_zeros()
+        return rows
+
+
+@dataclass
+class Walk:
+    """The state of one :func:`traverse`: the arithmetic, ``z``'s size, block starts, pre-activation rows."""
+
+    algebra: RowAlgebra
+    n: int
+    start: dict
+    pre: list = field(default_factory=list)
+
+
+@singledispatch
+def lift_node(op: Op, ins: list, shapes: list, walk: Walk, node: int) -> Any:
+    """The rows of node ``op`` over ``z``, from its parents' rows ``ins`` (shapes ``shapes``).
+
+    An activation also appends its pre-activation rows to ``walk.pre``.
+    """
+    raise TypeError(f"unknown node kind {type(op).__name__}")
+
+
+@lift_node.register(Input)
+def _(op, ins, shapes, walk, node):
+    return walk.algebra.select(0, op.size, walk.n)
+
+
+@lift_node.register(Affine)
+def _(op, ins, shapes, walk, node):
+    return walk.algebra.affine(op.weight, ins[0])
+
+
+@lift_node.register(Reshape)
+def _(op, ins, shapes, walk, node):
+    return ins[0]
+
+
+@lift_node.register(Add)
+def _(op, ins, shapes, walk, node):
+    return walk.algebra.add(ins)
+
+
+@lift_node.register(Concat)
+def _(op, ins, shapes, walk, node):
+    return walk.algebra.concat(ins, concat_permutation(shapes, op.axis))
+
+
+@lift_node.register(Activation)
+def _(op, ins, shapes, walk, node):
+    walk.pre.append(ins[0])
+    return walk.algebra.select(walk.start[node], op.size, walk.n)
+
+
+@lift_node.register(Equilibrium)
+def _(op, ins, shapes, walk, node):
+    Q = walk.algebra.select(walk.start[node], op.size, walk.n)
+    walk.pre.append(walk.algebra.feedback(ins[0], op.feedback, Q))
+    return Q
+
+
+def layout(network: Network) -> list[Block]:
+    """The blocks of ``z``: the input, then one per activation node in topological order."""
+    blocks = [Block("input", 0, 0, network.input_dim)]
+    for a in network.activations():
+        blocks.append(Block(network.op(a).name, a, blocks[-1].stop, network.op(a).size))
+    return blocks
+
+
+def traverse(network: Network, algebra: RowAlgebra, blocks: list[Block]) -> tuple[list, Any]:
+    """Walk ``network`` in topological order and write every node as rows over ``z`` in ``algebra``.
+
+    Returns ``(pre, output)``: the pre-activation rows of each activation block
+    (in block order) and the rows of the network output.
+    """
+    walk = Walk(algebra, blocks[-1].stop, {b.node: b.start for b in blocks[1:]})
+    rows: dict[int, Any] = {}
+    for node in network.graph.nodes:
+        parents = network.parents(node)
+        rows[node] = algebra.settle(lift_node(network.op(node), [rows[p] for p in parents],
+                                              [network.op(p).shape for p in parents], walk, node))
+    return walk.pre, rows[network.output]
+
+
 def lift(network: Network) -> Lifting:
     """Write every pre-activation and the output of ``network`` as rows over ``z``.
 
@@ -174,56 +325,6 @@ def lift(network: Network) -> Lifting:
     -------
     Lifting
     """
-    acts = network.activations()
-    blocks = [Block("input", 0, 0, network.input_dim)]
-    for a in acts:
-        blocks.append(Block(network.op(a).name, a, blocks[-1].stop, network.op(a).size))
-    n = blocks[-1].stop
-    block_index = {b.node: k for k, b in enumerate(blocks)}
-
-    rows: dict[int, sp.csr_matrix] = {}
-    errs: dict[int, sp.csr_matrix] = {}
-    pre, pre_err = [], []
-    for node in network.graph.nodes:
-        op, parents = network.op(node), network.parents(node)
-        if isinstance(op, Input):
-            L = sp.csr_matrix((np.ones(op.size), (np.arange(op.size), np.arange(op.size))), shape=(op.size, n))
-            E = sp.csr_matrix((op.size, n))
-        elif isinstance(op, Affine):
-            W = sp.csr_matrix(op.weight, dtype=np.float64)
-            Lp, Ep = rows[parents[0]], errs[parents[0]]
-            L = (W @ Lp).tocsr()
-            absW = abs(W)
-            E = (absW @ Ep).tocsr()
-            if not _is_selector(Lp):
-                k = int(np.diff(W.indptr).max(initial=0)) + 1
-                E = (E + _gamma(k) * (absW @ abs(Lp))).tocsr()
-        elif isinstance(op, Reshape):
-            L, E = rows[parents[0]], errs[parents[0]]
-        elif isinstance(op, Add):
-            L = sum(rows[p] for p in parents[1:]) + rows[parents[0]] if len(parents) > 1 else rows[parents[0]]
-            E = sum(errs[p] for p in parents)
-            if len(parents) > 1:
-                E = E + _gamma(len(parents)) * sum(abs(rows[p]) for p in parents)
-            L, E = sp.csr_matrix(L), sp.csr_matrix(E)
-        elif isinstance(op, Concat):
-            perm = concat_permutation([network.op(p).shape for p in parents], op.axis)
-            L = sp.vstack([rows[p] for p in parents]).tocsr()[perm]
-            E = sp.vstack([errs[p] for p in parents]).tocsr()[perm]
-        elif isinstance(op, Activation):
-            k = block_index[node]
-            b = blocks[k]
-            L = sp.csr_matrix((np.ones(b.size), (np.arange(b.size), np.arange(b.start, b.stop))), shape=(b.size, n))
-            P = rows[parents[0]]
-            if isinstance(op, Equilibrium):
-                # Disjoint columns (block k vs earlier blocks): the sum is exact.
-                P = (P + sp.csr_matrix(op.feedback, dtype=np.float64) @ L).tocsr()
-            pre.append(P)
-            pre_err.append(errs[parents[0]])
-            E = sp.csr_matrix((b.size, n))
-        else:  # pragma: no cover - loaders only build the kinds above
-            raise TypeError(f"unknown node kind {type(op).__name__}")
-        L.eliminate_zeros()
-        rows[node], errs[node] = L, E
-    out = rows[network.output]
-    return Lifting(network, blocks, pre, out, pre_err, errs[network.output])
+    blocks = layout(network)
+    pre, (out, out_err) = traverse(network, FloatRows(), blocks)
+    return Lifting(network, blocks, [P for P, _ in pre], out, [E for _, E in pre], out_err)

@@ -1,6 +1,6 @@
 """The LMI ``M(x) = M_c + sum_j x_j M_j <= 0`` that certifies a Lipschitz bound.
 
-For the l2 gain (LipSDP, MATH.md (1.1) and (3.1)) the variables are
+For the l2 gain (LipSDP, docs/math.md §1.1 and §3.1) the variables are
 ``x = (rho, y)``: ``rho`` multiplies ``-E0^T E0`` and the QC multipliers ``y``
 come from :mod:`lipsdp.constraints`; the constant part is ``C^T C``:
 
@@ -17,7 +17,7 @@ entrywise absolute value for rounding-error bounds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -99,8 +99,6 @@ class LMIProblem:
         verifies ``M`` at ``v * x'``.  The objective is divided by ``g``
         (``v[0] == g``).  Returns ``(lmi', v)``.
         """
-        from dataclasses import replace
-
         def pow2(a):
             a = np.asarray(a, dtype=np.float64)
             return np.where((a > 0) & np.isfinite(a), np.exp2(np.round(np.log2(np.where(a > 0, a, 1.0)))), 1.0)
@@ -166,8 +164,8 @@ class LMIProblem:
         return int(np.bincount(self.entry_index).max(initial=0)) if len(self.entry_index) else 0
 
     def _coo_matrix(self, vals: np.ndarray, x: np.ndarray) -> np.ndarray:
-        # bincount adds each entry's terms one after another, as np.add.at did (a recursive sum:
-        # the same gamma_K error bound), about ten times faster on LMIs with millions of entries.
+        # bincount adds each entry's terms one after another (a recursive sum), so the rounding
+        # bounds of lipsdp.verify (gamma_K with K = max_entry_terms) hold for it.
         flat = np.bincount(self.entry_index, weights=vals * x[self.var], minlength=self.n * self.n)
         return flat.reshape(self.n, self.n)
 
@@ -265,6 +263,86 @@ class LMIProblem:
         return 12 * dense + 8 * self.n_var ** 2 + 4 * stored
 
 
+@dataclass
+class _Parts:
+    """The LMI's COO entries, variables and factors, gathered block by block by :func:`build_lmi`."""
+
+    rows: list
+    cols: list
+    vals: list
+    var: list
+    labels: list
+    nonneg: list
+    var_block: list
+    factors: list | None
+    err: list = field(default_factory=list)
+
+    def add(self, t, k: int) -> int:
+        """Append the terms ``t`` (:class:`~lipsdp.constraints.QCTerms`) of block ``k``; return their offset."""
+        offset = len(self.labels)
+        self.rows.append(t.rows)
+        self.cols.append(t.cols)
+        self.vals.append(t.vals)
+        self.var.append(t.mult + offset)
+        self.labels.extend(t.labels)
+        self.var_block.extend([k] * t.n_mult)
+        self.nonneg.extend(t.nonneg.tolist())
+        if self.factors is not None and t.factors:
+            self.factors.extend((A, B, coef, np.asarray(mult) + offset) for A, B, coef, mult in t.factors)
+        elif t.n_mult:
+            self.factors = None
+        return offset
+
+
+def _output_rows(lifting: Lifting, output_map) -> tuple[sp.csr_matrix, sp.csr_matrix, bool]:
+    """``C`` (through ``output_map``), the bound on its rounding error, and whether the map is exact."""
+    C, C_err = lifting.output, lifting.output_err
+    map_exact = True
+    if output_map is not None:
+        cm = sp.csr_matrix(np.atleast_2d(np.asarray(output_map, dtype=np.float64)))
+        # Rows that pick one output (times +-1) are exact; sums of outputs are rounded.
+        map_exact = bool(np.all(np.diff(cm.indptr) <= 1) and np.all(np.abs(cm.data) == 1.0))
+        C_err = abs(cm) @ C_err + (0 if map_exact else (abs(cm) @ abs(C)) * (2 * cm.shape[1] * _U))
+        C = cm @ C
+    return sp.csr_matrix(C), C_err, map_exact
+
+
+def _input_block(n0: int, n: int, norm: str) -> _Parts:
+    """``-E0^T E0`` times ``rho`` (l2) or ``-E0^T diag(lambda_in) E0`` (l_inf)."""
+    if norm == "l2":
+        var, labels = [np.zeros(n0, dtype=np.int64)], ["rho"]
+    else:
+        var, labels = [np.arange(n0, dtype=np.int64)], [f"lambda_in[{i}]" for i in range(n0)]
+    # -E0^T diag(x_in) E0 = sum_i x_in[i] * (-1/2) (e_i e_i^T + e_i e_i^T).
+    E0 = sp.eye(n0, n, format="csr")
+    return _Parts(rows=[np.arange(n0)], cols=[np.arange(n0)], vals=[-np.ones(n0)], var=var, labels=labels,
+                  nonneg=[True] * len(labels), var_block=[0] * len(labels),
+                  factors=[(E0, E0, np.full(n0, -0.5), var[0])])
+
+
+def _constraint_error(qc, op, P, P_err, Q, formulation: str, offset: int) -> tuple:
+    """COO bound on how much the rounding ``P_err`` of the rows ``P`` moves the QC's terms.
+
+    ``|F(P+d) - F(P)| <= F_abs(|P|+|d|) - F_abs(|P|)``: the terms are bilinear in the rows.
+    """
+    hi = qc.terms(op, abs(P) + P_err, abs(Q), formulation)
+    lo = qc.terms(op, abs(P), abs(Q), formulation)
+    return (np.concatenate([hi.rows, lo.rows]), np.concatenate([hi.cols, lo.cols]),
+            np.concatenate([np.abs(hi.vals), -np.abs(lo.vals)]), np.concatenate([hi.mult, lo.mult]) + offset)
+
+
+def _lift_error(C: sp.csr_matrix, C_err, err_parts: list) -> tuple:
+    """``(rows, cols, vals, var, const)``: the bound on ``|M - M_exact|`` of :meth:`LMIProblem.lifting_error`."""
+    absC = abs(C)
+    c_err = (C_err.T @ absC + absC.T @ C_err + C_err.T @ C_err).tocsr()
+    if err_parts:
+        r, c, v, m = (np.concatenate(z) for z in zip(*err_parts))
+    else:
+        r = c = m = np.zeros(0, dtype=np.int64)
+        v = np.zeros(0)
+    return r, c, v, m, c_err
+
+
 def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndarray | None = None,
               norm: str = "l2") -> LMIProblem:
     """The LipSDP LMI of a lifted network.
@@ -278,93 +356,38 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
         Certify ``c f`` instead of ``f`` (e.g. a logit difference ``e_y - e_j``).
     norm : {"l2", "linf"}
         ``l2``: one variable ``rho`` on ``-E0^T E0``, bound ``sqrt(rho)`` (l2 -> l2).
-        ``linf``: the square-root form of MATH.md section 2.1 for a *scalar*
+        ``linf``: the square-root form of docs/math.md §2.1 for a *scalar*
         output ``g = c f``: a diagonal input multiplier ``lambda_in >= 0`` on
         ``-E0^T diag(lambda_in) E0``, objective ``sum(lambda_in)``, and
         ``|g(x) - g(x')| <= sqrt(sum lambda_in) ||x - x'||_inf``.
     """
     if norm not in ("l2", "linf"):
         raise ValueError(f"unknown norm {norm!r}")
-    net = lifting.network
     n, n0 = lifting.n, lifting.input_dim
-    C = lifting.output
-    C_err = lifting.output_err
-    map_exact = True
-    if output_map is not None:
-        cm = sp.csr_matrix(np.atleast_2d(np.asarray(output_map, dtype=np.float64)))
-        # Rows that pick one output (times +-1) are exact; sums of outputs are rounded.
-        map_exact = bool(np.all(np.diff(cm.indptr) <= 1) and np.all(np.abs(cm.data) == 1.0))
-        C_err = abs(cm) @ C_err + (0 if map_exact else (abs(cm) @ abs(C)) * (2 * cm.shape[1] * _U))
-        C = cm @ C
-    C = sp.csr_matrix(C)
+    C, C_err, map_exact = _output_rows(lifting, output_map)
     if norm == "linf" and C.shape[0] != 1:
         raise ValueError("the l_inf LMI certifies one scalar output: pass output_map with one row")
-    const = (C.T @ C).tocsr()
-    const_abs = (abs(C).T @ abs(C)).tocsr()
-
-    rows = [np.arange(n0)]
-    cols = [np.arange(n0)]
-    vals = [-np.ones(n0)]
-    if norm == "l2":
-        n_in = 1
-        var = [np.zeros(n0, dtype=np.int64)]
-        labels = ["rho"]
-    else:
-        n_in = n0
-        var = [np.arange(n0, dtype=np.int64)]
-        labels = [f"lambda_in[{i}]" for i in range(n0)]
-    nonneg, var_block = [True] * n_in, [0] * n_in
+    parts = _input_block(n0, n, norm)
+    n_in = len(parts.labels)
     lift_exact = lifting.exact and map_exact
-    err_parts = []
-    # -E0^T diag(x_in) E0 = sum_i x_in[i] * (-1/2) (e_i e_i^T + e_i e_i^T).
-    E0 = sp.eye(n0, n, format="csr")
-    factors = [(E0, E0, np.full(n0, -0.5), var[0])]
     for k, P in enumerate(lifting.pre, start=1):
-        op = net.op(lifting.blocks[k].node)
+        op = lifting.network.op(lifting.blocks[k].node)
         qc = get_constraint(op.function)
         Q = lifting.selector(k)
-        t = qc.terms(op, P, Q, formulation)
-        offset = len(labels)
-        rows.append(t.rows)
-        cols.append(t.cols)
-        vals.append(t.vals)
-        var.append(t.mult + offset)
-        labels.extend(t.labels)
-        var_block.extend([k] * t.n_mult)
-        nonneg.extend(t.nonneg.tolist())
-        if factors is not None and t.factors:
-            factors.extend((A, B, coef, np.asarray(mult) + offset) for A, B, coef, mult in t.factors)
-        elif t.n_mult:
-            factors = None
+        offset = parts.add(qc.terms(op, P, Q, formulation), k)
         if not lift_exact:
-            # |F(P+d) - F(P)| <= F_abs(|P|+|d|) - F_abs(|P|): F is bilinear in the rows.
-            hi = qc.terms(op, abs(P) + lifting.pre_err[k - 1], abs(Q), formulation)
-            lo = qc.terms(op, abs(P), abs(Q), formulation)
-            err_parts.append((np.concatenate([hi.rows, lo.rows]), np.concatenate([hi.cols, lo.cols]),
-                              np.concatenate([np.abs(hi.vals), -np.abs(lo.vals)]),
-                              np.concatenate([hi.mult, lo.mult]) + offset))
-    lift_err = None
-    if not lift_exact:
-        absC = abs(C)
-        c_err = (C_err.T @ absC + absC.T @ C_err + C_err.T @ C_err).tocsr()
-        if err_parts:
-            r, c, v, m = (np.concatenate(z) for z in zip(*err_parts))
-        else:
-            r = c = m = np.zeros(0, dtype=np.int64)
-            v = np.zeros(0)
-        lift_err = (r, c, v, m, c_err)
-    objective = np.zeros(len(labels))
+            parts.err.append(_constraint_error(qc, op, P, lifting.pre_err[k - 1], Q, formulation, offset))
+    objective = np.zeros(len(parts.labels))
     objective[:n_in] = 1.0
-    if factors is not None:
-        factors = _stack_factors(factors, n)
     return LMIProblem(
-        n=n, input_dim=n0, const=const, const_abs=const_abs,
-        rows=np.concatenate(rows).astype(np.int64), cols=np.concatenate(cols).astype(np.int64),
-        vals=np.concatenate(vals), var=np.concatenate(var).astype(np.int64),
-        objective=objective, nonneg=np.array(nonneg, dtype=bool), labels=labels,
+        n=n, input_dim=n0, const=(C.T @ C).tocsr(), const_abs=(abs(C).T @ abs(C)).tocsr(),
+        rows=np.concatenate(parts.rows).astype(np.int64), cols=np.concatenate(parts.cols).astype(np.int64),
+        vals=np.concatenate(parts.vals), var=np.concatenate(parts.var).astype(np.int64),
+        objective=objective, nonneg=np.array(parts.nonneg, dtype=bool), labels=parts.labels,
         formulation=formulation, blocks=list(lifting.blocks), const_terms=max(C.shape[0], 1),
-        lift_err=lift_err, var_block=np.array(var_block, dtype=np.int64), norm=norm, n_in=n_in,
-        factors=factors,
+        lift_err=None if lift_exact else _lift_error(C, C_err, parts.err),
+        var_block=np.array(parts.var_block, dtype=np.int64), norm=norm, n_in=n_in,
+        factors=None if parts.factors is None else _stack_factors(parts.factors, n),
     )
 
 

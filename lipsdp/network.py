@@ -22,6 +22,13 @@ Equilibrium an implicit layer, an Activation whose output ``z`` solves  1
             :mod:`lipsdp.equilibrium`)
 =========== =========================================================== ===========
 
+Each node type states here, as methods, what it means for the graph: its value
+(:meth:`Op.evaluate`), its shape checks (:meth:`Op.problems`), what the
+fingerprint hashes (:meth:`Op.digest`) and whether it can carry the input's
+variation (:meth:`Op.varies`).  The stages above register their own view of each
+type next to their code: the lift in :mod:`lipsdp.lifting`, the norm bound and
+Jacobian in :mod:`lipsdp.bounds`.
+
 Tensors are flattened in row-major (C) order, as torch and ONNX lay them out,
 so Flatten and Reshape do not move coordinates.  Biases are kept for local
 analysis; every global bound ignores them.
@@ -29,18 +36,41 @@ analysis; every global bound ignores them.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import networkx as nx
 import numpy as np
 import scipy.sparse as sp
 
+from lipsdp.constraints import get_constraint
+from lipsdp.equilibrium import equilibrium
 from lipsdp.errors import InvalidNetworkError
 
 
 def _size(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape)) if len(shape) else 1
+
+
+def _finite(a) -> bool:
+    return bool(np.all(np.isfinite(a.data if sp.issparse(a) else np.asarray(a))))
+
+
+def _hash_array(h, a) -> None:
+    a = a.toarray() if sp.issparse(a) else np.asarray(a)
+    h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+
+
+def activation_function(function: str):
+    """The activation ``function`` as an object with ``evaluate(x, op)``, ``derivative(x, op)`` and
+    ``jacobian(x, J, op)``: what evaluating the graph needs of a nonlinearity.
+
+    The one place the graph reaches for activations' definitions: every ``Activation.function``
+    key (GroupSort and Householder included) is known to :func:`lipsdp.constraints.get_constraint`,
+    which imports nothing of the graph, so evaluating a network needs no stage above it.
+    """
+    return get_constraint(function)
 
 
 @dataclass
@@ -61,14 +91,42 @@ class Op:
     kind: str
     shape: tuple[int, ...]
 
+    #: True for implicit layers (the value solves an equation instead of being computed in one pass).
+    implicit: ClassVar[bool] = False
+
     @property
     def size(self) -> int:
         return _size(self.shape)
 
+    def evaluate(self, ins: list[np.ndarray], shapes: list[tuple[int, ...]]) -> np.ndarray:
+        """The node's value, flat ``(batch, size)``, from its parents' values ``ins`` (shapes ``shapes``)."""
+        raise TypeError(f"unknown node kind {type(self).__name__}")
+
+    def problems(self, sizes: list[int]) -> list[str]:
+        """What is wrong with this node fed by parents of sizes ``sizes`` (empty when nothing)."""
+        return []
+
+    def digest(self, h) -> None:
+        """Feed what defines this node besides its type, shape and parents to the hash ``h``."""
+
+    def varies(self, parents: list[bool]) -> bool:
+        """Whether the node can depend on the input, given which parents can."""
+        return any(parents)
+
+    def _size_problem(self, sizes: list[int]) -> list[str]:
+        if sizes[0] != self.size:
+            return [f"{self.name} ({self.kind}) changes the size {sizes[0]} -> {self.size}"]
+        return []
+
 
 @dataclass
 class Input(Op):
-    pass
+    def evaluate(self, ins, shapes):
+        x = ins[0]
+        return np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+
+    def varies(self, parents):
+        return True
 
 
 @dataclass
@@ -82,20 +140,64 @@ class Affine(Op):
     weight: Any = None
     bias: np.ndarray | None = None
 
+    def evaluate(self, ins, shapes):
+        y = np.asarray((self.weight @ ins[0].T).T)
+        return y if self.bias is None else y + self.bias
+
+    def problems(self, sizes):
+        out, w = [], self.weight
+        if not _finite(w) or (self.bias is not None and not np.all(np.isfinite(self.bias))):
+            out.append(f"{self.name} ({self.kind}) has NaN or Inf weights")
+        if w.shape != (self.size, sizes[0]):
+            out.append(f"{self.name} ({self.kind}) maps {w.shape[1]} -> {w.shape[0]} values "
+                       f"but receives {sizes[0]} and should give {self.size}")
+        return out
+
+    def digest(self, h):
+        _hash_array(h, self.weight)
+        if self.bias is not None:
+            _hash_array(h, self.bias)
+
+    def varies(self, parents):
+        w = self.weight
+        nonzero = (w.count_nonzero() if sp.issparse(w) else np.count_nonzero(w)) > 0
+        return nonzero and parents[0]
+
 
 @dataclass
 class Reshape(Op):
-    pass
+    def evaluate(self, ins, shapes):
+        return ins[0]
+
+    def problems(self, sizes):
+        return self._size_problem(sizes)
 
 
 @dataclass
 class Add(Op):
-    pass
+    def evaluate(self, ins, shapes):
+        return sum(ins)
+
+    def problems(self, sizes):
+        if any(s != self.size for s in sizes):
+            return [f"{self.name} ({self.kind}) adds tensors of sizes {sizes}"]
+        return []
 
 
 @dataclass
 class Concat(Op):
     axis: int = 0  # axis of the non-batch shape
+
+    def evaluate(self, ins, shapes):
+        return np.concatenate(ins, axis=1)[:, concat_permutation(shapes, self.axis)]
+
+    def problems(self, sizes):
+        if sum(sizes) != self.size:
+            return [f"{self.name} ({self.kind}) concatenates {sizes} into {self.size}"]
+        return []
+
+    def digest(self, h):
+        h.update(str(self.axis).encode())
 
 
 @dataclass
@@ -110,6 +212,21 @@ class Activation(Op):
     function: str = "relu"
     params: dict = field(default_factory=dict)
 
+    def evaluate(self, ins, shapes):
+        return activation_function(self.function).evaluate(ins[0], self)
+
+    def problems(self, sizes):
+        return self._size_problem(sizes) + self._param_problems()
+
+    def _param_problems(self) -> list[str]:
+        return [f"{self.name} ({self.kind}) has NaN or Inf parameter {key}" for key, value in self.params.items()
+                if isinstance(value, np.ndarray) and not np.all(np.isfinite(value))]
+
+    def digest(self, h):
+        h.update(self.function.encode())
+        for key in sorted(self.params):
+            h.update(f"{key}={np.asarray(self.params[key]).tolist()}".encode())
+
 
 @dataclass
 class Equilibrium(Activation):
@@ -117,13 +234,34 @@ class Equilibrium(Activation):
 
     It is an :class:`Activation` whose pre-activation also reads its own output
     through ``feedback`` ``F`` (shape ``(size, size)``, dense or sparse): in the
-    LFT form of MATH.md section 3 its block of ``C_vw`` is ``F``, not
-    triangular (section 5.2).  The graph itself stays acyclic.  The value of the
+    LFT form of docs/math.md §3 its block of ``C_vw`` is ``F``, not
+    triangular (docs/math.md §5.2).  The graph itself stays acyclic.  The value of the
     node is the equilibrium; it exists and is unique when lipsdp's LMI verifies
-    (:mod:`lipsdp.equilibrium` has the argument).
+    (:mod:`lipsdp.wellposed` has the argument).
     """
 
     feedback: Any = None
+
+    implicit: ClassVar[bool] = True
+
+    def evaluate(self, ins, shapes):
+        return equilibrium(self, ins[0], activation_function(self.function), strict=True)
+
+    def problems(self, sizes):
+        return self._size_problem(sizes) + self._feedback_problems() + self._param_problems()
+
+    def _feedback_problems(self) -> list[str]:
+        F = self.feedback
+        if F is None or F.shape != (self.size, self.size):
+            return [f"{self.name} ({self.kind}) needs a {self.size}x{self.size} feedback matrix, got "
+                    f"{None if F is None else F.shape}"]
+        if not _finite(F):
+            return [f"{self.name} ({self.kind}) has NaN or Inf feedback weights"]
+        return []
+
+    def digest(self, h):
+        super().digest(h)
+        _hash_array(h, self.feedback)
 
 
 class Network:
@@ -203,66 +341,22 @@ class Network:
     # -- checks ---------------------------------------------------------
     def validate(self) -> "Network":
         """Check finiteness and shapes; raise :class:`InvalidNetworkError` with every problem found."""
-        problems = []
         if self.output is None or not isinstance(self.op(0), Input):
             raise InvalidNetworkError("the network has no input node")
-        if not nx.is_directed_acyclic_graph(self.graph):
-            problems.append("the graph has a cycle")
+        problems = [] if nx.is_directed_acyclic_graph(self.graph) else ["the graph has a cycle"]
         for n in self.graph.nodes:
-            op, parents = self.op(n), self.parents(n)
-            sizes = [self.op(p).size for p in parents]
-            if isinstance(op, Affine):
-                w = op.weight
-                data = w.data if sp.issparse(w) else np.asarray(w)
-                if not np.all(np.isfinite(data)) or (op.bias is not None and not np.all(np.isfinite(op.bias))):
-                    problems.append(f"{op.name} ({op.kind}) has NaN or Inf weights")
-                if w.shape != (op.size, sizes[0]):
-                    problems.append(f"{op.name} ({op.kind}) maps {w.shape[1]} -> {w.shape[0]} values "
-                                    f"but receives {sizes[0]} and should give {op.size}")
-            elif isinstance(op, (Reshape, Activation)) and sizes[0] != op.size:
-                problems.append(f"{op.name} ({op.kind}) changes the size {sizes[0]} -> {op.size}")
-            elif isinstance(op, Add) and any(s != op.size for s in sizes):
-                problems.append(f"{op.name} ({op.kind}) adds tensors of sizes {sizes}")
-            elif isinstance(op, Concat) and sum(sizes) != op.size:
-                problems.append(f"{op.name} ({op.kind}) concatenates {sizes} into {op.size}")
-            if isinstance(op, Equilibrium):
-                F = op.feedback
-                if F is None or F.shape != (op.size, op.size):
-                    problems.append(f"{op.name} ({op.kind}) needs a {op.size}x{op.size} feedback matrix, got "
-                                    f"{None if F is None else F.shape}")
-                elif not np.all(np.isfinite(F.data if sp.issparse(F) else np.asarray(F))):
-                    problems.append(f"{op.name} ({op.kind}) has NaN or Inf feedback weights")
-            if isinstance(op, Activation):
-                for key, value in op.params.items():
-                    if isinstance(value, np.ndarray) and not np.all(np.isfinite(value)):
-                        problems.append(f"{op.name} ({op.kind}) has NaN or Inf parameter {key}")
+            problems.extend(self.op(n).problems([self.op(p).size for p in self.parents(n)]))
         if problems:
             raise InvalidNetworkError("; ".join(problems))
         return self
 
     def fingerprint(self) -> str:
         """SHA-256 of the architecture and every weight (float64 bytes): what a certificate is about."""
-        import hashlib
-
         h = hashlib.sha256()
         for n in self.graph.nodes:
             op = self.op(n)
             h.update(f"{type(op).__name__}|{op.shape}|{self.parents(n)}|".encode())
-            if isinstance(op, Affine):
-                w = op.weight
-                w = w.toarray() if sp.issparse(w) else np.asarray(w)
-                h.update(np.ascontiguousarray(w, dtype=np.float64).tobytes())
-                if op.bias is not None:
-                    h.update(np.ascontiguousarray(op.bias, dtype=np.float64).tobytes())
-            elif isinstance(op, Activation):
-                h.update(op.function.encode())
-                for key in sorted(op.params):
-                    h.update(f"{key}={np.asarray(op.params[key]).tolist()}".encode())
-                if isinstance(op, Equilibrium):
-                    F = op.feedback.toarray() if sp.issparse(op.feedback) else np.asarray(op.feedback)
-                    h.update(np.ascontiguousarray(F, dtype=np.float64).tobytes())
-            elif isinstance(op, Concat):
-                h.update(str(op.axis).encode())
+            op.digest(h)
         return h.hexdigest()
 
     def is_constant(self) -> bool:
@@ -274,20 +368,12 @@ class Network:
         """
         varying: dict[int, bool] = {}
         for n in self.graph.nodes:
-            op, parents = self.op(n), self.parents(n)
-            if isinstance(op, Input):
-                varying[n] = True
-            elif isinstance(op, Affine):
-                w = op.weight
-                nonzero = (w.count_nonzero() if sp.issparse(w) else np.count_nonzero(w)) > 0
-                varying[n] = nonzero and varying[parents[0]]
-            else:
-                varying[n] = any(varying[p] for p in parents)
+            varying[n] = self.op(n).varies([varying[p] for p in self.parents(n)])
         return not varying[self.output]
 
     def is_feedforward(self) -> bool:
         """True when the graph is a chain (no Add/Concat, no implicit layer), the case LipSDP's papers treat."""
-        if any(isinstance(op, Equilibrium) for op in self.ops()):
+        if any(op.implicit for op in self.ops()):
             return False
         return all(self.graph.in_degree(n) <= 1 and self.graph.out_degree(n) <= 1 for n in self.graph.nodes)
 
@@ -300,32 +386,11 @@ class Network:
 
     def node_values(self, x: np.ndarray) -> dict[int, np.ndarray]:
         """The value of every node on a batch ``x`` of shape ``(batch, input_dim)``, flat ``(batch, size)``."""
-        from lipsdp.constraints import get_constraint
-
         values: dict[int, np.ndarray] = {}
         for n in self.graph.nodes:
-            op, parents = self.op(n), self.parents(n)
-            ins = [values[p] for p in parents]
-            if isinstance(op, Input):
-                y = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-            elif isinstance(op, Affine):
-                y = np.asarray((op.weight @ ins[0].T).T)
-                if op.bias is not None:
-                    y = y + op.bias
-            elif isinstance(op, Reshape):
-                y = ins[0]
-            elif isinstance(op, Add):
-                y = sum(ins)
-            elif isinstance(op, Concat):
-                perm = concat_permutation([self.op(p).shape for p in parents], op.axis)
-                y = np.concatenate(ins, axis=1)[:, perm]
-            elif isinstance(op, Equilibrium):
-                from lipsdp.equilibrium import equilibrium
-
-                y = equilibrium(op, ins[0], strict=True)
-            else:
-                y = get_constraint(op.function).evaluate(ins[0], op)
-            values[n] = y
+            parents = self.parents(n)
+            ins = [x] if n == self.input else [values[p] for p in parents]
+            values[n] = self.op(n).evaluate(ins, [self.op(p).shape for p in parents])
         return values
 
 

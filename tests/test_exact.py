@@ -1,4 +1,4 @@
-"""The exact (rational) test of MATH.md section 10, step 4, as referee of the floating-point one.
+"""The exact (rational) test of docs/math.md §10, step 4, as referee of the floating-point one.
 
 ``lipsdp.exact`` rebuilds ``-M(x)`` from the weights, sectors and multipliers in
 integers and decides definiteness without rounding.  These tests check that
@@ -140,7 +140,7 @@ def test_float_test_never_accepts_what_the_exact_test_rejects(seed):
 
 # -- raw solver points ----------------------------------------------------------
 def test_raw_scs_points_are_rejected_when_infeasible():
-    """MATH.md section 10: SCS points have lambda_max(M) ~ +1e-5; they are not certificates."""
+    """docs/math.md §10: SCS points have lambda_max(M) ~ +1e-5; they are not certificates."""
     infeasible = 0
     for seed in range(4):
         lifting, lmi, raw = solved(net_of((6, 12, 12, 3), "relu", seed=seed), solver="scs")
@@ -189,6 +189,30 @@ def test_rounded_lifting_is_recomputed_exactly():
     assert v.verified and both(lmi, v.x, lifting)
     y = v.x[1:]
     assert not both(lmi, with_rho(best_rho(lmi, y) * (1 - 1e-8), y), lifting)
+
+
+def test_rational_walk_is_the_float_walk_in_other_arithmetic():
+    """exact.py lifts with lifting's own walk: on rounded rows the rational rows lie within the float rows'
+    error bounds, and they are exactly the float rows where those are exact."""
+    from lipsdp.exact import RationalRows
+    from lipsdp.lifting import traverse
+
+    lifting = lift(bn_net())
+    pre, out = traverse(lifting.network, RationalRows(), lifting.blocks)
+
+    def dense(rows):
+        A = np.full((len(rows), lifting.n), Fraction(0), dtype=object)
+        for i, r in enumerate(rows):
+            for j, v in r.items():
+                A[i, j] = v
+        return A
+
+    for P, E, R in zip(lifting.pre + [lifting.output], lifting.pre_err + [lifting.output_err], pre + [out]):
+        exact_float_rows = np.vectorize(Fraction, otypes=[object])(P.toarray())
+        diff = np.abs((dense(R) - exact_float_rows).astype(float))
+        assert np.all(diff <= E.toarray())
+        assert np.all((E.toarray() > 0) | (diff == 0))
+    assert not lifting.exact
 
 
 def test_residual_network():
@@ -346,7 +370,7 @@ def test_bareiss_and_certificates_agree_with_eigenvalues():
 
 
 def test_timing_at_n48():
-    """MATH.md quotes ~1 s for Bareiss at n = 48 in pure Python; the certificate path is far cheaper."""
+    """Bareiss at n = 48 takes on the order of a second in pure Python; the certificate path is far cheaper."""
     lifting, lmi, res = solved(net_of((16, 16, 16, 4), "leaky_relu"))
     assert lmi.n == 48
     x = verify(lmi, res.x).x

@@ -1,8 +1,8 @@
 """lipsdp.nn: GroupSort / MaxMin / FullSort / HouseHolder modules and the implicit (equilibrium) layer.
 
 Activations: same maps as deel-torchlip's, every save path loads them, orthogonal
-nets certify at 1 (MATH.md 4.4), random nets sit in the sandwich.
-Implicit layers (MATH.md 5.2): true equilibria and IFT Jacobians, every save path
+nets certify at 1 (docs/math.md §4.4), random nets sit in the sandwich.
+Implicit layers (docs/math.md §5.2): true equilibria and IFT Jacobians, every save path
 that can hold them, ``sampled <= vertex max <= certified <= ||C|| ||U|| / (1 - ||W||)``
 with well-posedness proved, and non-well-posed layers never get a bound.
 """
@@ -68,7 +68,7 @@ def assert_same(net, model, n_in, atol=1e-5):
 
 
 def test_import_lipsdp_does_not_import_torch():
-    code = "import sys, lipsdp, lipsdp.equilibrium; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, lipsdp, lipsdp.equilibrium, lipsdp.wellposed; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
@@ -141,7 +141,7 @@ LAYERS = {"GroupSort2": lnn.GroupSort2, "GroupSort4": lambda: lnn.GroupSort(4), 
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_orthogonal_nets_certify_one(name):
-    """MATH 4.4: orthogonal weights, true L = 1, certified 1.000 (pickled and reloaded too)."""
+    """docs/math.md §4.4: orthogonal weights, true L = 1, certified 1.000 (pickled and reloaded too)."""
     rng = np.random.default_rng(11)
     model = lipschitz_sequential(8, 2, LAYERS[name], rng)
     cert = lipsdp.certify(model, solver=SOLVER)
@@ -164,7 +164,7 @@ def test_random_nets_sandwich(name):
 
 
 # ---------------------------------------------------------------------------
-# implicit layers (MATH.md 5.2)
+# implicit layers (docs/math.md §5.2)
 # ---------------------------------------------------------------------------
 def implicit_model(n_in=3, n=5, n_out=2, activation="relu", w_norm=0.9, seed=0, direct=False, param=None):
     """An ``ImplicitLayer`` in float64 whose feedback ``W`` has spectral norm ``w_norm``."""
@@ -246,7 +246,7 @@ def vertex_max(model) -> float:
 @pytest.mark.parametrize("activation,seed,direct", [("relu", 0, False), ("relu", 1, True), ("relu", 2, False),
                                                     ("tanh", 3, False), ("leaky_relu", 4, True)])
 def test_implicit_sandwich(activation, seed, direct):
-    """MATH 5.2: sampled <= vertex max <= certified <= ||C|| ||U|| / (1 - ||W||), well-posedness proved."""
+    """docs/math.md §5.2: sampled <= vertex max <= certified <= ||C|| ||U|| / (1 - ||W||), well-posedness proved."""
     model = implicit_model(n_in=3, n=5, n_out=2, activation=activation, w_norm=0.9, seed=seed, direct=direct)
     cert = lipsdp.certify(model, solver=SOLVER)
     assert cert.verified, cert.message

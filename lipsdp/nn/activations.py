@@ -2,7 +2,7 @@ r"""GroupSort, MaxMin and Householder activations with deel-torchlip's semantics
 
 These are the activations of orthogonal / 1-Lipschitz networks (Anil et al.,
 ICML 2019; Singla et al., ICLR 2022).  lipsdp certifies them with the quadratic
-constraints of Pauli et al. (ICLR 2024, MATH.md section 4): GroupSort preserves
+constraints of Pauli et al. (ICLR 2024, docs/math.md §4): GroupSort preserves
 the sum of each group and is incrementally 1-Lipschitz on it; Householder is the
 identity on :math:`u^\perp` and shrinks :math:`|u^T \Delta z|`.
 
@@ -74,7 +74,7 @@ class GroupSort(nn.Module):
 
     Note:
         Same map as ``deel.torchlip.GroupSort`` (Anil et al., ICML 2019); lipsdp
-        certifies it with the QC of Pauli et al., ICLR 2024 (MATH.md section 4).
+        certifies it with the QC of Pauli et al., ICLR 2024 (docs/math.md §4).
     """
 
     def __init__(self, group_size: Optional[int] = None, k_coef_lip: float = 1.0):

@@ -14,7 +14,7 @@ Jacobians of the equilibrium map (and gradients for training in ``W``, ``U``, ``
 
 Because the equilibrium is one operator, ``torch.export`` and
 ``torch.jit.trace/script`` keep it as one node; lipsdp's loaders turn that node
-into an :class:`~lipsdp.network.Equilibrium` (the LFT form of MATH.md 5.2).
+into an :class:`~lipsdp.network.Equilibrium` (the LFT form of docs/math.md §5.2).
 Files that contain it need ``import lipsdp.nn`` before ``torch.export.load`` /
 ``torch.jit.load`` in other programs (lipsdp's own loaders do it).  ONNX has no
 such operator: export these models with ``torch.save``, ``torch.export`` or TorchScript.
@@ -34,13 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from lipsdp.equilibrium import ACTIVATION_PARAMS, activation_params
+from lipsdp.equilibrium import equilibrium as solve_equilibrium
+from lipsdp.network import Equilibrium, activation_function
 
 _DEFAULT_PARAM = {"leaky_relu": 0.01, "elu": 1.0, "softplus": 1.0}
 
 
-def _layer(u: Tensor, W: Tensor, activation: str, param: float):
-    from lipsdp.network import Equilibrium
-
+def _layer(u: Tensor, W: Tensor, activation: str, param: float) -> Equilibrium:
     n = W.shape[0]
     return Equilibrium("ImplicitLayer", "ImplicitLayer", (n,), function=activation,
                        params=activation_params(activation, param),
@@ -54,9 +54,8 @@ def _numpy(t: Tensor) -> np.ndarray:
 @torch.library.custom_op("lipsdp::equilibrium", mutates_args=())
 def equilibrium(u: Tensor, W: Tensor, activation: str, param: float, tol: float, max_iter: int) -> Tensor:
     """``z`` with ``z = phi(z W^T + u)`` along the last axis of ``u`` (every other axis is a batch axis)."""
-    from lipsdp.equilibrium import equilibrium as solve_equilibrium
-
-    z = solve_equilibrium(_layer(u, W, activation, param), _numpy(u), strict=True, tol=tol, max_iter=max_iter)
+    op = _layer(u, W, activation, param)
+    z = solve_equilibrium(op, _numpy(u), activation_function(activation), strict=True, tol=tol, max_iter=max_iter)
     return torch.from_numpy(z).to(dtype=u.dtype, device=u.device).reshape(u.shape)
 
 
@@ -73,14 +72,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     """``g -> D (I - W^T D)^{-1} g`` for ``u`` and its outer product with ``z`` for ``W`` (IFT)."""
-    from lipsdp.constraints import get_constraint
-
     u, W, z = ctx.saved_tensors
     op = _layer(u, W, ctx.activation, ctx.param)
     n = W.shape[0]
     zf, uf = z.reshape(-1, n), u.reshape(-1, n)
     v = _numpy(zf) @ op.feedback.T + _numpy(uf)
-    d = torch.from_numpy(get_constraint(op.function).derivative(v, op)).to(dtype=grad.dtype, device=grad.device)
+    d = torch.from_numpy(activation_function(op.function).derivative(v, op)).to(dtype=grad.dtype, device=grad.device)
     A = torch.eye(n, dtype=grad.dtype, device=grad.device) - W.T.to(grad.dtype)[None] * d[:, None, :]
     a = torch.linalg.solve(A, grad.reshape(-1, n, 1)).squeeze(-1)
     gu = d * a
@@ -129,9 +126,9 @@ class ImplicitLayer(nn.Module):
 
     Note:
         Deep equilibrium models (Bai, Kolter, Koltun, NeurIPS 2019).  lipsdp certifies
-        ``y`` with the slope QC on the non-triangular LFT of MATH.md 5.2 and proves the
+        ``y`` with the slope QC on the non-triangular LFT of docs/math.md §5.2 and proves the
         equilibrium well-posed from the same multipliers (Revay, Wang, Manchester 2020;
-        :mod:`lipsdp.equilibrium`).
+        :mod:`lipsdp.wellposed`).
 
     Examples
     --------
