@@ -110,7 +110,7 @@ class Query:
 
     @classmethod
     def build(cls, lifting: Lifting, formulation: str, norm: str, output_map, label: str = "") -> "Query":
-        """The query of one read-out, its LMI built (docs/math.md §1.4) and not yet reduced."""
+        """The query of one read-out, its LMI built (docs/math.md §1, §2 for l_inf) and not yet reduced."""
         lmi = build_lmi(lifting, formulation, output_map=output_map, norm=norm)
         return cls(lifting, output_map, label, formulation, norm, lmi, lmi, lmi, np.ones(lmi.n_var))
 
