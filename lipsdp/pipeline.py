@@ -38,7 +38,7 @@ from lipsdp.network import Network
 from lipsdp.reductions import (Chain, MaxMinAsReLU, Precondition, Query, ReduceInput, Split,
                                preconditioning_scales, readouts)
 from lipsdp.resources import available_memory  # noqa: F401  (public here for scripts and benchmarks)
-from lipsdp.solve import Solve, closed_form
+from lipsdp.solve import ClosedForm, Solve
 from lipsdp.split import is_chain
 from lipsdp.verification import FORMULATIONS, NORMS, check_claims, recheck, verify_solution
 
@@ -116,7 +116,7 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
     chain = Chain([ReduceInput(), Precondition(block_scale, trivial, scales=_scales,
                                                deadline=None if not time_limit else
                                                t_start + SWEEP_SHARE * time_limit)])
-    solve = closed_form if len(lifting.blocks) == 1 else \
+    solve = ClosedForm() if len(lifting.blocks) == 1 else \
         Solve(solver, time_limit=time_limit, tol=tol, memory_limit=memory_limit, progress=progress)
     outcomes = []
     for omap, label in readouts(network.output_dim, norm, output_map):
@@ -128,7 +128,7 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
         t0 = time.perf_counter()
         outcomes.append(verify_solution(query, solution, strict=strict))
         t_verify += time.perf_counter() - t0
-    return certificate_from_outcomes(outcomes, common, timings(getattr(solve, "seconds", 0.0)))
+    return certificate_from_outcomes(outcomes, common, timings(solve.seconds))
 
 
 def _certify_pieces(network, layers, output_map, options) -> list[Certificate]:

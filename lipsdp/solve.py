@@ -79,19 +79,23 @@ class Solution:
     solver: str = ""
 
 
-def closed_form(query) -> Solution:
-    """The solution of a network without activations, where no solver is needed.
+class ClosedForm:
+    """The solve stage of a network without activations, where no solver is needed.
 
     l2: an eigenvalue problem that verification solves from ``rho = 0``.  l_inf:
     ``min sum(lambda) s.t. diag(lambda) >= c c^T`` is ``lambda = |c| ||c||_1``.
     """
-    n_var = query.given.n_var
-    if query.norm == "l2":
-        x = np.zeros(n_var)
-    else:
-        c = np.abs(np.asarray(query.output_map @ query.lifting.output.toarray())[0])
-        x = c * c.sum() / query.scale[:n_var]
-    return Solution(x, "optimal", solver="closed-form")
+
+    seconds = 0.0
+
+    def __call__(self, query) -> Solution:
+        n_var = query.given.n_var
+        if query.norm == "l2":
+            x = np.zeros(n_var)
+        else:
+            c = np.abs(np.asarray(query.output_map @ query.lifting.output.toarray())[0])
+            x = c * c.sum() / query.scale[:n_var]
+        return Solution(x, "optimal", solver="closed-form")
 
 
 def run_backend(backend, lmi, time_limit, tol, progress: bool, label: str = "") -> tuple[SolveResult, float]:
