@@ -10,6 +10,8 @@ The heavy parts load when used.
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
 from lipsdp.errors import (  # noqa: F401  (re-exported)
@@ -26,27 +28,30 @@ from lipsdp.errors import (  # noqa: F401  (re-exported)
 )
 
 
+#: Public names that load on first use (name -> module): ``import lipsdp`` stays free of torch,
+#: scipy-heavy modules and solver backends until one of these is touched.
+_LAZY = {
+    "certify": "lipsdp.pipeline",
+    "certify_network": "lipsdp.pipeline",
+    "Certificate": "lipsdp.certificate",
+    "Network": "lipsdp.network",
+    "certified_radii": "lipsdp.robustness",
+    "pairwise_lipschitz": "lipsdp.robustness",
+    "load_network": "lipsdp.io",
+}
+
+
 def __getattr__(name):
-    # Lazy attributes keep `import lipsdp` free of scipy-heavy and torch imports.
-    if name in ("certify", "certify_network"):
-        from lipsdp import pipeline
-        return getattr(pipeline, name)
-    if name == "Certificate":
-        from lipsdp.certificate import Certificate
-        return Certificate
-    if name == "Network":
-        from lipsdp.network import Network
-        return Network
-    if name in ("certified_radii", "pairwise_lipschitz"):
-        from lipsdp import robustness
-        return getattr(robustness, name)
-    if name == "load_network":
-        from lipsdp.io import load_network
-        return load_network
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lipsdp' has no attribute {name!r}")
 
 
-__all__ = ["certify", "certify_network", "Certificate", "Network", "load_network", "LipSDPError",
-           "ModelLoadError", "UnsafeModelError", "UnsupportedLayerError", "InvalidNetworkError",
-           "SolverNotFound", "SolverLicenseError", "SolverError", "ResourceError", "WellPosednessError",
-           "__version__"]
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = ["certify", "certify_network", "certified_radii", "pairwise_lipschitz", "Certificate", "Network",
+           "load_network", "LipSDPError", "ModelLoadError", "UnsafeModelError", "UnsupportedLayerError",
+           "InvalidNetworkError", "SolverNotFound", "SolverLicenseError", "SolverError", "ResourceError",
+           "WellPosednessError", "__version__"]

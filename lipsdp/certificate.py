@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
+
+from lipsdp.errors import LipSDPError
 
 #: ``status`` values: verified bound / solver returned something that failed verification / solver gave nothing.
 VERIFIED, UNVERIFIED, SOLVER_FAILED = "verified", "unverified", "solver_failed"
@@ -126,9 +130,6 @@ class Certificate:
 
     def save(self, path) -> None:
         """Write the certificate as JSON, atomically (no half-written file on Ctrl-C)."""
-        import os
-        import tempfile
-
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lipsdp-", suffix=".json")
@@ -146,8 +147,6 @@ class Certificate:
 
     @classmethod
     def load(cls, path) -> "Certificate":
-        from lipsdp.errors import LipSDPError
-
         try:
             with open(path) as fh:
                 return cls.from_dict(json.load(fh))
@@ -191,3 +190,80 @@ class Certificate:
         rows = self.summary_rows()
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + f"\n{self.message}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The certificate stage: assembling a Certificate from what the verify stage proved.
+
+
+def network_summary(network, lifting, source) -> dict:
+    """``Certificate.network``: what was certified (its SHA-256 is what ``lipsdp verify`` matches)."""
+    layers = [f"{op.kind}{list(op.shape)}" for op in network.ops()]
+    return {"source": str(source), "input_dim": network.input_dim, "output_dim": network.output_dim,
+            "hidden_neurons": int(sum(b.size for b in lifting.blocks[1:])), "layers": layers,
+            "lmi_size": lifting.n, "feedforward": network.is_feedforward(), "sha256": network.fingerprint()}
+
+
+def constant_certificate(common: dict, timings: dict) -> Certificate:
+    """``L = 0``, read off the graph: some all-zero layer cuts every input-output path."""
+    return Certificate(0.0, VERIFIED, solver="closed-form", solver_status="optimal",
+                       message="verified: the network is constant (an all-zero layer cuts every path from "
+                       "input to output)", rho=0.0, verification={"method": "structural"}, timings=timings,
+                       **common)
+
+
+def certificate_from_outcomes(outcomes, common: dict, timings: dict) -> Certificate:
+    """One certificate from the verify stage's outcomes (:class:`lipsdp.verification.Outcome`, one per
+    query): verified only if every query verified; its bound is the largest of theirs."""
+    worst = next((o.status for o in outcomes if o.status != "optimal"), "optimal")
+    objectives = [o.objective for o in outcomes]
+    duals = [o.dual for o in outcomes if o.dual is not None]
+    iterations = [o.iterations for o in outcomes]
+    solver = outcomes[-1].solver
+    common = dict(common, solver=solver, solver_status=worst, timings=timings,
+                  solver_objective=None if None in objectives else max(objectives),
+                  solver_dual_objective=max(duals) if len(duals) == len(outcomes) and duals else None,
+                  solver_iterations=sum(iterations) if iterations and None not in iterations else None)
+    if common["norm"] == "linf":
+        common["network"]["per_output"] = [
+            {"output": i, "bound": o.verification.bound if o.verification else None, "solver_status": o.status}
+            for i, o in enumerate(outcomes)]
+    for o in outcomes:
+        if o.verification is None:
+            return Certificate(None, SOLVER_FAILED, message=f"{solver} returned no solution{o.label} "
+                               f"({o.status}{': ' + o.message if o.message else ''})", **common)
+        if not o.verification.verified:
+            return Certificate(None, UNVERIFIED, message=f"{solver} finished{o.label} ({o.status}) but its "
+                               f"multipliers could not be verified: {o.verification.message}",
+                               verification={"method": o.verification.method, "message": o.verification.message},
+                               **common)
+    best = max(outcomes, key=lambda o: o.verification.bound).verification
+    note = "" if worst == "optimal" else f" (solver status {worst}: the bound is valid, maybe not tight)"
+    multipliers = best.x.tolist() if len(outcomes) == 1 else [o.verification.x.tolist() for o in outcomes]
+    return Certificate(best.bound, VERIFIED, message=f"verified{note}", rho=best.rho, multipliers=multipliers,
+                       multiplier_labels=list(outcomes[0].labels),
+                       verification={"method": best.method,
+                                     "inflation": max(o.verification.inflation for o in outcomes),
+                                     "margin": min(o.verification.margin for o in outcomes),
+                                     "message": best.message},
+                       **common)
+
+
+def split_certificate(parts, bound, common: dict) -> Certificate:
+    """The certificate of a network certified piece by piece (docs/math.md §8.2): ``bound`` is the
+    composition of the pieces' bounds (None unless every piece verified); labelled as looser."""
+    common["network"]["split"] = [{"bound": c.bound, "status": c.status, "solver": c.solver,
+                                   "solver_status": c.solver_status, "lmi_size": c.network.get("lmi_size"),
+                                   "multipliers": c.multipliers, "multiplier_labels": c.multiplier_labels}
+                                  for c in parts]
+    common = dict(common, solver=parts[0].solver,
+                  solver_status=next((c.solver_status for c in parts if c.solver_status != "optimal"), "optimal"),
+                  verification={"method": "split", "pieces": len(parts)})
+    failed = next((c for c in parts if not c.verified), None)
+    if failed is not None:
+        return Certificate(None, failed.status, message=f"split into {len(parts)} pieces; a piece was not verified: "
+                           f"{failed.message}", **common)
+    return Certificate(bound, VERIFIED,
+                       message=f"verified by splitting into {len(parts)} pieces: the product of their LipSDP bounds "
+                       f"({' x '.join(f'{c.bound:.6g}' for c in parts)}); sound but looser than the SDP on the "
+                       "whole network", **common)

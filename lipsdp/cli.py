@@ -17,6 +17,12 @@ import signal
 import sys
 import threading
 
+from lipsdp import __version__
+from lipsdp.certificate import WRITING, Certificate
+from lipsdp.errors import LipSDPError
+from lipsdp.pipeline import certify, check_certificate
+from lipsdp.solvers import describe
+
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
@@ -56,8 +62,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lipsdp import __version__
-
     p = _Parser(prog="lipsdp", description="Certified upper bounds on the Lipschitz constant of neural networks (LipSDP).")
     p.add_argument("--version", action="version", version=f"lipsdp {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -132,8 +136,6 @@ def _print_table(rows, title=None, file=None):
 
 
 def _cmd_certify(args) -> int:
-    from lipsdp.pipeline import certify
-
     cert = certify(args.model, solver=args.solver, formulation=args.formulation, norm=args.norm,
                    output_index=args.output,
                    activation=args.activation, input_shape=args.input_shape, time_limit=args.time_limit,
@@ -161,9 +163,6 @@ def _what_was_certified(cert) -> str:
 
 
 def _cmd_verify(args) -> int:
-    from lipsdp.certificate import Certificate
-    from lipsdp.pipeline import check_certificate
-
     cert = check_certificate(Certificate.load(args.certificate), args.model, activation=args.activation,
                              input_shape=args.input_shape, trust_pickle=args.trust_pickle)
     seconds = cert.verification["recheck_seconds"]
@@ -182,8 +181,6 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_solvers(args) -> int:
-    from lipsdp.solvers import describe
-
     rows = describe()
     if args.json:
         print(json.dumps(rows))
@@ -223,8 +220,6 @@ def _exit_interrupted() -> None:
     """
     _OUTPUT.acquire(timeout=10.0)
     _announce_interrupt()
-    from lipsdp.certificate import WRITING
-
     for tmp in list(WRITING):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -285,8 +280,6 @@ def main(argv=None, *, own_process: bool | None = None) -> int:
     ``own_process`` (default: when ``argv`` is None, i.e. the console script or
     ``python -m lipsdp``) lets Ctrl-C end the process at once (:func:`_interrupts`).
     """
-    from lipsdp.errors import LipSDPError
-
     global _announced
     _announced = threading.Lock()  # one "interrupted" line per command, also when called in-process
     args = build_parser().parse_args(argv)

@@ -5,7 +5,7 @@ quadratic constraint of Pauli et al. (ICLR 2024) for GroupSort, the way to
 certify a MaxMin network with LipSDP was to rewrite every pair sort as a small
 residual ReLU map.  :func:`maxmin_as_relu` produces such rewritings, so the
 bound of the dedicated GroupSort constraint can be compared with the ReLU
-baselines on *the same function* (MATH.md section 4.4).
+baselines on *the same function* (docs/math.md §4.4).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import copy
 import numpy as np
 import scipy.sparse as sp
 
+from lipsdp.constraints import get_constraint
 from lipsdp.network import Activation, Add, Affine, Network
 
 __all__ = ["maxmin_as_relu", "VARIANTS"]
@@ -40,8 +41,6 @@ def _blocks(pair: np.ndarray, m: int) -> sp.csr_matrix:
 
 
 def _group_size(op: Activation) -> int:
-    from lipsdp.constraints import get_constraint
-
     return get_constraint("groupsort").group_size(op)
 
 
@@ -78,7 +77,7 @@ def maxmin_as_relu(network: Network, variant: str = "two") -> Network:
     since :math:`\min = u_1 - \mathrm{ReLU}(u_1 - u_2)` and
     :math:`\max = u_2 + \mathrm{ReLU}(u_1 - u_2)`.  Subgraph: ``Affine(F) ->
     ReLU -> Affine(E)`` added to the input (the skip connection is :math:`J = I`).
-    (MATH.md writes :math:`J = \begin{bmatrix}0&1\\1&0\end{bmatrix}`,
+    (docs/math.md §4.4 writes :math:`J = \begin{bmatrix}0&1\\1&0\end{bmatrix}`,
     :math:`E = [1; -1]`: that is the descending order :math:`(\max, \min)`.)
 
     LipSDP's ReLU constraint is a different relaxation of each rewriting.  On

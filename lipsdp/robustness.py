@@ -1,9 +1,9 @@
-"""Certified robustness radii of classifiers from verified Lipschitz bounds (MATH.md section 9).
+"""Certified robustness radii of classifiers from verified Lipschitz bounds (docs/math.md §9).
 
 A classifier with logits :math:`f(x)\\in\\mathbb R^K` predicts :math:`y=\\arg\\max_i f_i(x)`. Its
 margins are :math:`m_j(x)=f_y(x)-f_j(x)` for :math:`j\\ne y`. If :math:`L_{yj}` bounds the
-Lipschitz constant of the scalar :math:`f_y-f_j` (the LipSDP read-out :math:`c=e_y-e_j`, MATH.md
-sections 1.3 and 2), then for every perturbation with :math:`\\|\\delta\\|<r(x)`,
+Lipschitz constant of the scalar :math:`f_y-f_j` (the LipSDP read-out :math:`c=e_y-e_j`, docs/math.md
+§1.3 and §2), then for every perturbation with :math:`\\|\\delta\\|<r(x)`,
 
 .. math::
 
@@ -15,15 +15,15 @@ so the prediction cannot change inside the open ball of radius :math:`r(x)`.
 Two ways to get the :math:`L_{yj}`:
 
 * :func:`pairwise_lipschitz` certifies each pair separately (``K(K-1)/2`` SDPs). This is the tightest
-  option with global bounds. MATH.md section 9 calls it "best".
+  option with global bounds. docs/math.md §9 calls it "best".
 * A single global bound :math:`L` of :math:`f` (one SDP, :func:`lipsdp.certify`) gives
   :math:`L_{yj}\\le\\sqrt2\\,L` in :math:`\\ell_2`, because :math:`\\|e_y-e_j\\|_2=\\sqrt2`. In
   :math:`\\ell_\\infty` it gives :math:`L_{yj}\\le2L`, where :math:`L=\\max_i\\sup_x\\|\\nabla f_i(x)\\|_1`
   is what ``certify(norm="linf")`` returns, and the triangle inequality gives the factor 2.
 
-Only global Lipschitz bounds are used here. Local bounds on a box around :math:`x` (MATH.md section 6)
+Only global Lipschitz bounds are used here. Local bounds on a box around :math:`x` (docs/math.md §6)
 would give larger radii, but lipsdp does not have them yet. Margins come from a float64 forward pass
-(:meth:`lipsdp.network.Network.numpy_forward`). As MATH.md section 9 says, the guarantee is for the
+(:meth:`lipsdp.network.Network.numpy_forward`). As docs/math.md §9 says, the guarantee is for the
 real-arithmetic function with the given weights. Inference rounding error is not subtracted.
 """
 
@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lipsdp import pipeline
+from lipsdp.certificate import Certificate
 from lipsdp.errors import LipSDPError
 
 __all__ = ["RadiusResult", "pairwise_lipschitz", "global_lipschitz", "certified_radii"]
@@ -45,9 +47,7 @@ GLOBAL_FACTOR = {"l2": math.sqrt(2.0), "linf": 2.0}
 
 def _as_network(model_or_network, **load_options):
     """The model as a validated :class:`~lipsdp.network.Network`. It is loaded once."""
-    from lipsdp.pipeline import load_model
-
-    network, _ = load_model(model_or_network, **load_options)
+    network, _ = pipeline.load_model(model_or_network, **load_options)
     return network.validate()
 
 
@@ -62,7 +62,7 @@ def pairwise_lipschitz(model_or_network, norm: str = "l2", solver: str = "auto",
     """Verified Lipschitz bounds :math:`L_{yj}` of every logit difference :math:`f_y-f_j`.
 
     For each pair, LipSDP certifies the scalar network :math:`c^Tf` with :math:`c=e_y-e_j`
-    (MATH.md sections 1.3 and 9):
+    (docs/math.md §1.3 and §9):
 
     .. math::
 
@@ -103,8 +103,6 @@ def pairwise_lipschitz(model_or_network, norm: str = "l2", solver: str = "auto",
     LipSDPError
         A pair did not verify, or a pair index is out of range.
     """
-    from lipsdp.pipeline import certify_network
-
     _check_norm(norm)
     network = _as_network(model_or_network, **load_options)
     k = network.output_dim
@@ -126,7 +124,7 @@ def pairwise_lipschitz(model_or_network, norm: str = "l2", solver: str = "auto",
     for y, j in todo:
         c = np.zeros((1, k))
         c[0, y], c[0, j] = 1.0, -1.0
-        cert = certify_network(network, solver=solver, formulation=formulation, norm=norm, output_map=c,
+        cert = pipeline.certify_network(network, solver=solver, formulation=formulation, norm=norm, output_map=c,
                                time_limit=time_limit, lower_bound_samples=0, compare=False)
         if not cert.verified:
             raise LipSDPError(f"the Lipschitz bound of f_{y} - f_{j} ({norm}) did not verify: "
@@ -148,11 +146,9 @@ def global_lipschitz(model_or_network, norm: str = "l2", solver: str = "auto", *
     LipSDPError
         The bound did not verify.
     """
-    from lipsdp.pipeline import certify_network
-
     _check_norm(norm)
     network = _as_network(model_or_network, **load_options)
-    cert = certify_network(network, solver=solver, formulation=formulation, norm=norm, lower_bound_samples=0,
+    cert = pipeline.certify_network(network, solver=solver, formulation=formulation, norm=norm, lower_bound_samples=0,
                            compare=False)
     if not cert.verified:
         raise LipSDPError(f"the global Lipschitz bound ({norm}) did not verify: {cert.status}: {cert.message}")
@@ -161,7 +157,7 @@ def global_lipschitz(model_or_network, norm: str = "l2", solver: str = "auto", *
 
 @dataclass
 class RadiusResult:
-    """Certified radii of a batch of inputs (MATH.md section 9).
+    """Certified radii of a batch of inputs (docs/math.md §9).
 
     Attributes
     ----------
@@ -232,11 +228,45 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def _pairwise_bounds(network, L, norm: str, solver: str) -> tuple[np.ndarray, str]:
+    """``(L_yj matrix, method)`` from :func:`certified_radii`'s ``L`` argument (computed here if asked)."""
+    k = network.output_dim
+    method = "pairwise"
+    if L is None or (isinstance(L, str) and L == "pairwise"):
+        Lmat = pairwise_lipschitz(network, norm=norm, solver=solver)
+    elif isinstance(L, str) and L == "global":
+        Lmat, method = global_lipschitz(network, norm=norm, solver=solver), "global"
+    elif isinstance(L, Certificate):
+        if not L.verified:
+            raise LipSDPError(f"the certificate holds no verified bound ({L.status})")
+        if L.norm != norm:
+            raise LipSDPError(f"the certificate is for the {L.norm} norm, not {norm}")
+        Lmat, method = float(L.bound), "global"
+    elif isinstance(L, str):
+        raise LipSDPError(f"unknown L {L!r}; use None, 'pairwise', 'global', a number or a (K, K) matrix")
+    elif np.ndim(L) == 0:
+        Lmat, method = float(L), "global"
+    else:
+        Lmat = np.array(L, dtype=np.float64)
+        if Lmat.shape != (k, k):
+            raise LipSDPError(f"pairwise L must have shape ({k}, {k}), got {Lmat.shape}")
+    if method == "global":
+        if not (Lmat >= 0):  # also rejects NaN
+            raise LipSDPError(f"a Lipschitz bound must be >= 0, got {Lmat}")
+        # Round sqrt(2) L up so that the float used is >= the real sqrt(2) L.
+        scaled = np.nextafter(GLOBAL_FACTOR[norm] * Lmat, np.inf) if Lmat > 0 else 0.0
+        Lmat = np.full((k, k), scaled)
+        np.fill_diagonal(Lmat, 0.0)
+    if np.isnan(Lmat).any() or (Lmat < 0).any():
+        raise LipSDPError("pairwise Lipschitz bounds must be >= 0 (inf allowed for unknown pairs)")
+    return Lmat, method
+
+
 def certified_radii(model_or_network, X, labels=None, L=None, norm: str = "l2", *, solver: str = "auto",
                     **load_options) -> RadiusResult:
     """Certified :math:`\\ell_2` or :math:`\\ell_\\infty` robustness radii from global Lipschitz bounds.
 
-    For a prediction :math:`y` with margins :math:`m_j=f_y(x)-f_j(x)` (MATH.md section 9),
+    For a prediction :math:`y` with margins :math:`m_j=f_y(x)-f_j(x)` (docs/math.md §9),
 
     .. math::
 
@@ -244,7 +274,7 @@ def certified_radii(model_or_network, X, labels=None, L=None, norm: str = "l2", 
         \\|\\delta\\|<r(x)\\ \\Rightarrow\\ \\arg\\max_i f_i(x+\\delta)=y ,
 
     because :math:`f_y(x+\\delta)-f_j(x+\\delta)\\ge m_j-L_{yj}\\|\\delta\\|>0`. A global bound
-    :math:`L` for :math:`f` uses :math:`L_{yj}=\\sqrt2L` (l2, MATH.md section 1.3) or :math:`2L`
+    :math:`L` for :math:`f` uses :math:`L_{yj}=\\sqrt2L` (l2, docs/math.md §1.3) or :math:`2L`
     (linf), which gives :math:`r(x)=(f_y-\\max_{j\\ne y}f_j)/(\\sqrt2L)`. Pairwise radii are never
     smaller than global ones, up to solver tolerance. In l2, doubling a global certificate
     :math:`(\\rho,T)` gives a feasible point :math:`(2\\rho,2T)` of the pairwise LMI, because
@@ -277,39 +307,10 @@ def certified_radii(model_or_network, X, labels=None, L=None, norm: str = "l2", 
     -------
     RadiusResult
     """
-    from lipsdp.certificate import Certificate
-
     _check_norm(norm)
     network = _as_network(model_or_network, **load_options)
     k = network.output_dim
-    method = "pairwise"
-    if L is None or (isinstance(L, str) and L == "pairwise"):
-        Lmat = pairwise_lipschitz(network, norm=norm, solver=solver)
-    elif isinstance(L, str) and L == "global":
-        Lmat, method = global_lipschitz(network, norm=norm, solver=solver), "global"
-    elif isinstance(L, Certificate):
-        if not L.verified:
-            raise LipSDPError(f"the certificate holds no verified bound ({L.status})")
-        if L.norm != norm:
-            raise LipSDPError(f"the certificate is for the {L.norm} norm, not {norm}")
-        Lmat, method = float(L.bound), "global"
-    elif isinstance(L, str):
-        raise LipSDPError(f"unknown L {L!r}; use None, 'pairwise', 'global', a number or a (K, K) matrix")
-    elif np.ndim(L) == 0:
-        Lmat, method = float(L), "global"
-    else:
-        Lmat = np.array(L, dtype=np.float64)
-        if Lmat.shape != (k, k):
-            raise LipSDPError(f"pairwise L must have shape ({k}, {k}), got {Lmat.shape}")
-    if method == "global":
-        if not (Lmat >= 0):  # also rejects NaN
-            raise LipSDPError(f"a Lipschitz bound must be >= 0, got {Lmat}")
-        # Round sqrt(2) L up so that the float used is >= the real sqrt(2) L.
-        scaled = np.nextafter(GLOBAL_FACTOR[norm] * Lmat, np.inf) if Lmat > 0 else 0.0
-        Lmat = np.full((k, k), scaled)
-        np.fill_diagonal(Lmat, 0.0)
-    if np.isnan(Lmat).any() or (Lmat < 0).any():
-        raise LipSDPError("pairwise Lipschitz bounds must be >= 0 (inf allowed for unknown pairs)")
+    Lmat, method = _pairwise_bounds(network, L, norm, solver)
 
     X = _to_numpy(X)
     X = X.reshape(len(X), -1)

@@ -1,4 +1,4 @@
-"""Network splitting: certify a chain network piece by piece (MATH.md section 8.2).
+"""Network splitting: certify a chain network piece by piece (docs/math.md §8.2).
 
 Write ``f = f_k o ... o f_1`` with every piece but the last ending at an
 activation's output.  Each piece is a smaller network whose LipSDP bound
@@ -7,7 +7,7 @@ activation's output.  Each piece is a smaller network whose LipSDP bound
 .. math:: \\|f(x) - f(y)\\|_2 \\le \\Big(\\prod_i L_i\\Big) \\|x - y\\|_2 .
 
 This is sound but looser than the SDP on the whole network (the pieces cannot
-share multipliers): on the 3-5-5-5-2 net of MATH.md 8.2 the full SDP gives
+share multipliers): on the 3-5-5-5-2 net of docs/math.md §8.2 the full SDP gives
 1.509 and two pieces 1.933.  lipsdp uses it only as a fallback, for nets whose
 full LMI does not fit in memory, or when asked (``--split K``), and labels the
 result.  l2 only: the pieces' norms must chain.

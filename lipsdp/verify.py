@@ -1,4 +1,4 @@
-"""Turning a solver's multipliers into a verified bound (MATH.md sections 1.4 and 10).
+"""Turning a solver's multipliers into a verified bound (docs/math.md §1.4 and §10).
 
 A solver's status and objective are never a certificate: SCS returns slightly
 infeasible points and its objective can lie *below* the true optimum.  So:
@@ -149,7 +149,7 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray) -> tuple[bool, fl
     With ``c > 2 (gamma_{n+1} tr|H| + ||Delta||_F)``, a successful float Cholesky
     ``R^T R = H - c I + E`` with ``|E| <= gamma_{n+1} |R^T||R|`` proves ``H > 0``
     whenever ``c > gamma_{n+1} ||R||_F^2 + ||Delta||_F + 4u(max H_ii + c)``.
-    The error terms are doubled for safety (MATH.md section 10).
+    The error terms are doubled for safety (docs/math.md §10).
 
     Returns
     -------
@@ -177,7 +177,7 @@ def _lowest_passing(lmi, prepared, etas, max_inflation, v, k, t0, fast=False):
     """The lowest bound among the candidates, each at the smallest inflation in ``etas`` where it
     passes, or None.
 
-    Each rigorous test is a dense Cholesky factorisation (2 s at n = 4880), so a candidate is first
+    Each rigorous test is a dense Cholesky factorisation, the verifier's main cost, so a candidate is first
     tried at the largest inflation and dropped if it fails there, and otherwise its smallest passing
     inflation is bisected (more inflation only adds to the input block's margin).  With ``fast``
     the smallest inflation is tried first: most points pass there at once.

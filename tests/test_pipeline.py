@@ -21,7 +21,7 @@ def anchor_weights(anchors, name):
 
 
 def vertex_max(weights, alpha=0.0, beta=1.0):
-    """max over D_k in {alpha, beta}^{n_k} of ||W_l D_l ... D_1 W_0||_2 (MATH.md 1.5): a sound bound can't go below."""
+    """max over D_k in {alpha, beta}^{n_k} of ||W_l D_l ... D_1 W_0||_2 (docs/math.md §1.5): a sound bound can't go below."""
     hidden = sum(w.shape[0] for w in weights[:-1])
     best = 0.0
     for pattern in itertools.product((alpha, beta), repeat=hidden):
@@ -84,7 +84,7 @@ def test_single_linear_layer_is_spectral_norm():
 
 
 def test_ramp_counterexample_is_not_below_one():
-    """relu(x) - relu(x-1) has L = 1; LipSDP-Network wrongly returns 0 (MATH.md 1.2). We must return 1."""
+    """relu(x) - relu(x-1) has L = 1; LipSDP-Network wrongly returns 0 (docs/math.md §1.2). We must return 1."""
     net = Network.sequential([np.array([[1.0], [1.0]]), np.array([[1.0, -1.0]])], biases=[np.array([0.0, -1.0]), None])
     for form in ("neuron", "layer"):
         cert = lipsdp.certify(net, formulation=form)
@@ -139,7 +139,7 @@ def test_digits_classifier_certifies():
     assert_sandwich(cert, torch_lower_bound(model, 64, samples=256, scale=5.0))
 
 
-# -- l_inf (MATH.md section 2.1) ------------------------------------------
+# -- l_inf (docs/math.md §2.1) ------------------------------------------
 def test_linf_single_linear_layer_is_l1_norm():
     w = np.random.default_rng(0).standard_normal((1, 6))
     cert = lipsdp.certify(Network.sequential([w]), norm="linf")
@@ -183,11 +183,11 @@ def test_output_index_and_pairs():
     pair = lipsdp.certify(net, output_map=np.array([[1.0, -1.0, 0.0]]))
     assert one.verified and pair.verified
     assert one.lower_bound <= one.bound <= full * (1 + 1e-6)
-    assert pair.lower_bound <= pair.bound <= np.sqrt(2) * full * (1 + 1e-6)  # MATH.md 1.3: L_yj <= sqrt(2) L
+    assert pair.lower_bound <= pair.bound <= np.sqrt(2) * full * (1 + 1e-6)  # docs/math.md §1.3: L_yj <= sqrt(2) L
 
 
 def test_first_order_backend_is_sound_and_close():
-    """Descent on rho(T) (MATH.md 8.4): any iterate certifies; verified value >= the SDP optimum."""
+    """Descent on rho(T) (docs/math.md §8.4): any iterate certifies; verified value >= the SDP optimum."""
     rng = np.random.default_rng(8)
     ws = [rng.standard_normal((10, 6)) / 2, rng.standard_normal((10, 10)) / 3, rng.standard_normal((3, 10)) / 3]
     net = Network.sequential(ws)
@@ -195,3 +195,46 @@ def test_first_order_backend_is_sound_and_close():
     fo = lipsdp.certify(net, solver="fo", lower_bound_samples=0)
     assert fo.verified and exact * (1 - 1e-9) <= fo.bound <= exact * 1.01
     assert fo.solver == "fo" and fo.solver_status in ("optimal_inaccurate", "time_limit")
+
+
+# -- the stages, composed by hand as pipeline.py composes them --------------------------------------
+
+
+def test_dir_lists_the_public_api():
+    names = dir(lipsdp)
+    assert {"certify", "load_network", "certified_radii", "Certificate", "LipSDPError"} <= set(names)
+
+
+def test_stages_by_hand_give_the_certificate():
+    """lift -> Query -> (ReduceInput, Precondition) -> Solve -> invert -> verify: the bound of certify()."""
+    from lipsdp.bounds import node_lipschitz
+    from lipsdp.lifting import lift
+    from lipsdp.reductions import Chain, Precondition, Query, ReduceInput
+    from lipsdp.solve import Solve
+    from lipsdp.verification import verify_solution
+
+    rng = np.random.default_rng(3)
+    net = Network.sequential([rng.standard_normal((6, 9)), rng.standard_normal((5, 6)), rng.standard_normal((2, 5))],
+                             activation="relu")
+    lifting = lift(net)
+    lips = node_lipschitz(net)
+    block_scale = np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]])
+    chain = Chain([ReduceInput(), Precondition(block_scale, lips[net.output])])
+    query, inverse = chain.apply(Query.build(lifting, "neuron", "l2", None))
+    assert query.solve.n < query.target.n == query.given.n  # 9 inputs seen through 6 rows
+    assert np.all(np.log2(query.scale) == np.round(np.log2(query.scale)))  # exact: powers of two
+    solution = chain.invert(Solve("ipm")(query), inverse)
+    outcome = verify_solution(query, solution)
+    cert = lipsdp.certify(net, solver="ipm", lower_bound_samples=0)
+    assert outcome.verification.verified and outcome.verification.bound == cert.bound
+    assert outcome.objective == cert.solver_objective
+
+
+def test_split_reduction_inverts_to_the_rounded_product():
+    from lipsdp.reductions import Split
+    from lipsdp.split import compose_bounds
+
+    net = Network.sequential([np.eye(3)] * 4, activation="relu")
+    pieces, data = Split(1).apply(net)
+    assert len(pieces) == 3
+    assert Split(1).invert([1.5, 2.0, 3.0], data) == compose_bounds([1.5, 2.0, 3.0]) >= 9.0

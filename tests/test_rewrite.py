@@ -1,4 +1,4 @@
-"""``lipsdp.rewrite.maxmin_as_relu``: GroupSort-2 as ReLU subgraphs (MATH.md section 4.4).
+"""``lipsdp.rewrite.maxmin_as_relu``: GroupSort-2 as ReLU subgraphs (docs/math.md §4.4).
 
 The rewritten networks compute the same function (forward passes and Jacobians
 agree), the dedicated GroupSort constraint and the one-ReLU rewriting certify
@@ -128,7 +128,7 @@ def test_unknown_variant():
 
 
 # ---------------------------------------------------------------------------
-# MATH 4.4: orthogonal nets (true L = 1)
+# docs/math.md §4.4: orthogonal nets (true L = 1)
 # ---------------------------------------------------------------------------
 # Seeds whose GroupSort-QC solve verifies: at the optimum every block of the LMI is 0 (no
 # interior), and a few percent of random orthogonal nets fail the strict verification test.
@@ -150,7 +150,7 @@ def test_orthogonal_maxmin(n, hidden, seed):
         assert cert.bound <= cert.trivial_bound * (1 + RTOL)
     assert abs(certs["groupsort"].bound - 1.0) < 1e-3
     assert abs(certs["one"].bound - 1.0) < 1e-3
-    assert certs["two"].bound > 1.5  # the baseline's looseness (MATH: 1.96, 2.64, 2.00 on its nets)
+    assert certs["two"].bound > 1.5  # the baseline's looseness (docs/math.md §4.4: 1.96, 2.64, 2.00 on its nets)
     print(f"orthogonal n={n} hidden={hidden}: groupsort QC {certs['groupsort'].bound:.6f}  "
           f"one-ReLU {certs['one'].bound:.6f}  two-ReLU {certs['two'].bound:.6f}")
 

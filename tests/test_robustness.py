@@ -1,4 +1,4 @@
-"""Certified radii from Lipschitz bounds (lipsdp.robustness, MATH.md section 9).
+"""Certified radii from Lipschitz bounds (lipsdp.robustness, docs/math.md §9).
 
 The checks:
 
@@ -95,7 +95,7 @@ def test_pairwise_radii_dominate_global(classifier, norm):
     assert pair.method == "pairwise" and glob.method == "global"
     assert np.all(pair.radii >= glob.radii * (1 - RTOL))
     assert np.any(pair.radii > glob.radii * 1.01), "pairwise should beat global somewhere on this net"
-    # The global radius is exactly the MATH section 9 formula (f_y - max_{j!=y} f_j) / (factor L).
+    # The global radius is exactly the docs/math.md §9 formula (f_y - max_{j!=y} f_j) / (factor L).
     factor = math.sqrt(2) if norm == "l2" else 2.0
     top2 = np.sort(glob.logits, axis=1)[:, -2:]
     expected = np.where(glob.correct, (top2[:, 1] - top2[:, 0]) / (factor * Lg), 0.0)

@@ -1,4 +1,4 @@
-"""Network splitting (MATH.md 8.2): sound, looser, labelled; the fallback when the LMI does not fit."""
+"""Network splitting (docs/math.md §8.2): sound, looser, labelled; the fallback when the LMI does not fit."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_split_bound_is_sound_and_looser(activation):
 
 
 def test_math_8_2_example_shape():
-    """3-5-5-5-2 split after two layers: full < split < trivial (MATH.md 8.2 reports 1.509 < 1.933 < 3.759)."""
+    """3-5-5-5-2 split after two layers: full < split < trivial (docs/math.md §8.2 reports 1.509 < 1.933 < 3.759)."""
     net = _net(seed=11)
     full = lipsdp.certify_network(net, lower_bound_samples=0)
     split = lipsdp.certify_network(net, split=2, lower_bound_samples=0)

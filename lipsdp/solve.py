@@ -1,0 +1,168 @@
+"""The solve stage: which backend, whether it fits in memory, running it, and what to do when it stops.
+
+Everything the certification needs to know about backends goes through the
+four small functions at the top (:func:`_choose`, :func:`_need`,
+:func:`_fallback`, :func:`_fitting`); the rest of lipsdp never names a backend.
+A backend's answer is never trusted as a bound: the verify stage
+(:mod:`lipsdp.verification`) proves one from its point or reports that it could not.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from lipsdp.errors import LipSDPError, ResourceError
+from lipsdp.progress import spinner
+from lipsdp.resources import available_memory
+from lipsdp.solvers import BACKENDS, get_backend, usable
+from lipsdp.solvers.base import SolveResult, native_output_to_stderr
+
+#: A solve that ended otherwise gets a second backend under ``auto``: it neither converged nor ran out of time.
+_SETTLED = ("optimal", "optimal_inaccurate", "time_limit")
+#: Share of the available memory a solve may plan for; the rest is the process's own and the verifier's.
+MEMORY_SHARE = 0.8
+
+
+def _choose(name: str, lmi):
+    """The backend called ``name`` (``"auto"``: the preferred one for ``lmi``)."""
+    return get_backend(name, n=lmi.n, free_multipliers=not bool(lmi.nonneg.all()),
+                       factored=lmi.factors is not None, single_input=lmi.n_in == 1, lmi=lmi)
+
+
+def _need(backend, lmi) -> int:
+    """Bytes ``backend`` needs to solve ``lmi``."""
+    return lmi.memory_estimate(backend.family)
+
+
+def _fallback(lmi, failed):
+    """The backend ``auto`` tries after ``failed`` stopped short on ``lmi``, or None.
+
+    lipsdp's own methods can stall on badly conditioned LMIs (very deep nets, whose
+    composed norm bounds overshoot by orders of magnitude) or find no feasible
+    start (fo); the general-purpose solver ``auto`` would otherwise pick gets a go.
+    """
+    if failed.name not in ("ipm", "chordal", "completion", "fo"):
+        return None
+    return get_backend("auto", n=lmi.n, free_multipliers=not bool(lmi.nonneg.all()))
+
+
+def _fitting(lmi, budget: int) -> list[tuple[int, str]]:
+    """``(bytes, name)`` of the usable backends that apply to ``lmi`` and fit in ``budget``, smallest first."""
+    fits = []
+    for name in usable():
+        cls = BACKENDS[name]
+        need = lmi.memory_estimate(cls.family)
+        if cls.applies(lmi) and need <= budget:
+            fits.append((need, name))
+    return sorted(fits)
+
+
+@dataclass
+class Solution:
+    """A backend's answer, in the variables of the LMI it solved.
+
+    ``objective`` and ``dual`` are the raw values ``c^T x`` of that LMI (the
+    reductions' :meth:`~lipsdp.reductions.Reduction.invert` map them back);
+    ``path`` holds an interior-point method's last iterates, newest last.
+    """
+
+    x: np.ndarray | None
+    status: str
+    message: str = ""
+    objective: float | None = None
+    dual: float | None = None
+    iterations: int | None = None
+    path: list | None = None
+    solver: str = ""
+
+
+class ClosedForm:
+    """The solve stage of a network without activations, where no solver is needed.
+
+    l2: an eigenvalue problem that verification solves from ``rho = 0``.  l_inf:
+    ``min sum(lambda) s.t. diag(lambda) >= c c^T`` is ``lambda = |c| ||c||_1``.
+    """
+
+    seconds = 0.0
+
+    def __call__(self, query) -> Solution:
+        n_var = query.given.n_var
+        if query.norm == "l2":
+            x = np.zeros(n_var)
+        else:
+            c = np.abs(np.asarray(query.output_map @ query.lifting.output.toarray())[0])
+            x = c * c.sum() / query.scale[:n_var]
+        return Solution(x, "optimal", solver="closed-form")
+
+
+def run_backend(backend, lmi, time_limit, tol, progress: bool, label: str = "") -> tuple[SolveResult, float]:
+    """``(result, seconds)`` of ``backend`` on ``lmi``; a crash is a ``solver_error`` result, not an exception."""
+    t0 = time.perf_counter()
+    with spinner(f"solving a {lmi.n}x{lmi.n} LMI{label} with {backend.name}", progress), native_output_to_stderr():
+        try:
+            result = backend.solve(lmi, time_limit=time_limit, tol=tol)
+        except LipSDPError:
+            raise
+        except Exception as exc:  # a backend crash is a solver failure, not a lipsdp bug
+            result = SolveResult("solver_error", None, None, time.perf_counter() - t0,
+                                 message=f"{type(exc).__name__}: {exc}")
+    if time_limit and not backend.supports_time_limit:
+        result.message += f" ({backend.name} has no time limit; --time-limit was not applied)"
+    return result, time.perf_counter() - t0
+
+
+class Solve:
+    """The solve stage of one certification: one backend for all its queries.
+
+    The backend is chosen, and its memory checked, on the first query; a
+    ``time_limit`` is one budget for a solve and its fallback.  ``seconds`` sums
+    the backends' wall time.
+    """
+
+    def __init__(self, solver: str = "auto", *, time_limit=None, tol=None, memory_limit=None, progress=False):
+        self.solver, self.time_limit, self.tol = solver, time_limit, tol
+        self.memory_limit, self.progress = memory_limit, progress
+        self.backend = None
+        self.seconds = 0.0
+
+    def __call__(self, query) -> Solution:
+        lmi = query.solve
+        if self.backend is None:
+            self.backend = _choose(self.solver, lmi)
+            self._check_memory(lmi)
+        result, seconds = run_backend(self.backend, lmi, self.time_limit, self.tol, self.progress, query.label)
+        self.seconds += seconds
+        name = self.backend.name
+        if self.solver.lower() == "auto" and result.status not in _SETTLED:
+            result, name = self._retry(lmi, result, seconds, query.label)
+        extras = result.extras if isinstance(result.extras, dict) else {}
+        return Solution(result.x, result.status, result.message, result.objective, extras.get("dual_objective"),
+                        result.iterations, extras.get("path"), name)
+
+    def _check_memory(self, lmi) -> None:
+        need = _need(self.backend, lmi)
+        budget = self.memory_limit or int(MEMORY_SHARE * available_memory())
+        if need > budget:
+            fits = _fitting(lmi, budget)
+            advice = "these fit: " + ", ".join(f"--solver {name} (about {n / 2**30:.2g} GiB)" for n, name in fits) \
+                if fits else "no installed backend fits: try --split K or a smaller network"
+            raise ResourceError(f"solving this {lmi.n}x{lmi.n} LMI with {self.backend.name} needs about "
+                                f"{need / 2**30:.1f} GiB but {budget / 2**30:.1f} GiB are available; {advice}")
+
+    def _retry(self, lmi, result, seconds, label):
+        """``(result, backend name)``: the fallback's result where it converged, else the first one."""
+        alt = _fallback(lmi, self.backend)
+        if alt is None:
+            return result, self.backend.name
+        left = None if not self.time_limit else self.time_limit - seconds
+        alt_result, seconds = run_backend(alt, lmi, left, self.tol, self.progress, label) \
+            if left is None or left > 0 else (result, 0.0)
+        self.seconds += seconds
+        if alt_result.status == "optimal" and alt_result.x is not None:
+            alt_result.message = (f"{alt_result.message}; {self.backend.name} stopped ({result.status}: "
+                                  f"{result.message}), re-solved with {alt.name}").lstrip("; ")
+            return alt_result, alt.name
+        return result, self.backend.name
