@@ -33,7 +33,6 @@ S. Bai, J. Z. Kolter, V. Koltun, "Deep Equilibrium Models", NeurIPS 2019.
 
 from __future__ import annotations
 
-import importlib
 
 import numpy as np
 import scipy.sparse as sp
@@ -176,16 +175,3 @@ def jacobian(op, u: np.ndarray, z: np.ndarray, Ju: np.ndarray, activation) -> np
         J[ok] = np.linalg.solve(A, D[ok][:, :, None] * np.asarray(Ju)[ok])
     return J
 
-
-#: Names that moved up to :mod:`lipsdp.wellposed` (certification, not evaluation).
-_MOVED_TO_WELLPOSED = ("check_provable", "attach_well_posedness", "implicit_nodes", "own_block_lmi",
-                       "prove_well_posed")
-
-
-def __getattr__(name):
-    # Transitional: callers not yet rewired (the pipeline) still import these names from here.
-    # importlib keeps this module below lipsdp.wellposed in the import graph; delete once no
-    # caller uses the old location.
-    if name in _MOVED_TO_WELLPOSED:
-        return getattr(importlib.import_module("lipsdp.wellposed"), name)
-    raise AttributeError(f"module 'lipsdp.equilibrium' has no attribute {name!r}")

@@ -30,7 +30,7 @@ from lipsdp.bounds import node_lipschitz, sampled_lower_bound
 from lipsdp.certificate import (Certificate, certificate_from_outcomes, constant_certificate, network_summary,
                                 split_certificate)
 from lipsdp.constraints import registered
-from lipsdp.equilibrium import attach_well_posedness, check_provable, implicit_nodes
+from lipsdp.wellposed import attach_well_posedness, check_provable, implicit_nodes
 from lipsdp.errors import LipSDPError, ResourceError, UnsupportedLayerError
 from lipsdp.io import load_network, network_from_module
 from lipsdp.lifting import lift
