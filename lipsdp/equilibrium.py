@@ -33,7 +33,6 @@ S. Bai, J. Z. Kolter, V. Koltun, "Deep Equilibrium Models", NeurIPS 2019.
 
 from __future__ import annotations
 
-
 import numpy as np
 import scipy.sparse as sp
 
