@@ -65,20 +65,15 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from lipsdp.activations import IMPLICIT_PARAMS, implicit_params
 from lipsdp.errors import WellPosednessError
 
 #: Activations of :class:`lipsdp.nn.ImplicitLayer`: name -> the key of its one scalar parameter (or None).
-ACTIVATION_PARAMS = {"relu": None, "leaky_relu": "negative_slope", "tanh": None, "sigmoid": None,
-                     "elu": "alpha", "softplus": "beta", "silu": None, "gelu": None}
+#: Derived from the catalogue :mod:`lipsdp.activations` (entries with ``implicit = True``).
+ACTIVATION_PARAMS = IMPLICIT_PARAMS
 
-
-def activation_params(function: str, param: float) -> dict:
-    """``Activation.params`` for ``function`` with its scalar parameter ``param``."""
-    if function not in ACTIVATION_PARAMS:
-        raise ValueError(f"implicit layers support the activations {', '.join(ACTIVATION_PARAMS)}; "
-                         f"got {function!r}")
-    key = ACTIVATION_PARAMS[function]
-    return {} if key is None else {key: float(param)}
+#: ``Activation.params`` for ``function`` with its scalar parameter ``param``.
+activation_params = implicit_params
 
 
 def _dense(F) -> np.ndarray:

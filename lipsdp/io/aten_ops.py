@@ -25,6 +25,8 @@ from typing import Any, Callable
 import numpy as np
 import scipy.sparse as sp
 
+from lipsdp import activations
+from lipsdp.activations import NotExpressible
 from lipsdp.errors import UnsupportedLayerError
 from lipsdp.io import linmaps
 from lipsdp.io.builder import GraphBuilder, Label, Sym, Unsupported
@@ -776,57 +778,25 @@ def _div(t, a, b, rounding_mode=None):
     return scale_by(t, a, 1.0 / to_numpy(b))
 
 
-# -- activations -------------------------------------------------------------
-@register_aten("relu")
-def _relu(t, x):
-    return t.act(x, "relu")
+# -- activations: generated from the catalogue ----------------------------------
+def activation_handler(function: str, mapping: Callable[..., dict]):
+    """The ATen handler of a catalogue activation: ``mapping`` turns the operator's arguments
+    after the input (tensors as numpy arrays) into ``Activation.params``."""
+
+    def handler(t, x, *args):
+        if not _is_sym(x) or any(_is_sym(a) for a in args):
+            raise Unsupported("with input-dependent parameters")
+        try:
+            params = mapping(*(to_numpy(a) if hasattr(a, "detach") else a for a in args))
+        except NotExpressible as exc:
+            raise Unsupported(str(exc)) from None
+        return t.act(x, function, params)
+
+    return handler
 
 
-@register_aten("leaky_relu")
-def _leaky_relu(t, x, negative_slope=0.01):
-    return t.act(x, "leaky_relu", {"negative_slope": float(negative_slope)})
-
-
-@register_aten("tanh")
-def _tanh(t, x):
-    return t.act(x, "tanh")
-
-
-@register_aten("sigmoid")
-def _sigmoid(t, x):
-    return t.act(x, "sigmoid")
-
-
-@register_aten("elu")
-def _elu(t, x, alpha=1.0, scale=1.0, input_scale=1.0):
-    if float(scale) != 1.0 or float(input_scale) != 1.0:
-        raise Unsupported("with scale != 1 (SELU/CELU)")
-    return t.act(x, "elu", {"alpha": float(alpha)})
-
-
-@register_aten("softplus")
-def _softplus(t, x, beta=1.0, threshold=20.0):
-    return t.act(x, "softplus", {"beta": float(beta), "threshold": float(threshold)})
-
-
-@register_aten("hardtanh")
-def _hardtanh(t, x, min_val=-1.0, max_val=1.0):
-    return t.act(x, "hardtanh", {"min_val": float(min_val), "max_val": float(max_val)})
-
-
-@register_aten("relu6")
-def _relu6(t, x):
-    return _hardtanh(t, x, 0.0, 6.0)
-
-
-@register_aten("silu")
-def _silu(t, x):
-    return t.act(x, "silu")
-
-
-@register_aten("gelu")
-def _gelu(t, x, approximate="none"):
-    return t.act(x, "gelu", {"approximate": str(approximate)})
+for _op, (_entry, _mapping) in activations.aten_table().items():
+    register_aten(_op)(activation_handler(_entry.name, _mapping))
 
 
 def clamp(t, x: Sym, lo, hi) -> Sym:
@@ -866,14 +836,6 @@ def _clamp_min(t, x, lo):
 @register_aten("clamp_max")
 def _clamp_max(t, x, hi):
     return clamp(t, x, None, _scalar_bound(t, hi))
-
-
-@register_aten("prelu", "_prelu_kernel")
-def _prelu(t, x, weight):
-    w = to_numpy(weight).ravel()
-    if w.size != 1 and not np.all(w == w[0]):
-        raise Unsupported("with one slope per channel")
-    return t.act(x, "leaky_relu", {"negative_slope": float(w[0])})
 
 
 # -- sorting: deel-torchlip GroupSort / FullSort -------------------------------
@@ -938,9 +900,7 @@ def _stack(t, tensors, dim=0):
 # -- implicit layers: lipsdp.nn.ImplicitLayer ------------------------------------
 @register_aten("equilibrium")
 def _equilibrium(t, u, W, activation, param, tol=None, max_iter=None):
-    """``torch.ops.lipsdp.equilibrium(u, W, ...)``: the solution of ``z = phi(W z + u)`` (MATH.md 5.2)."""
-    from lipsdp.equilibrium import activation_params
-
+    """``torch.ops.lipsdp.equilibrium(u, W, ...)``: the solution of ``z = phi(W z + u)`` (docs/math.md §5.2)."""
     if not _is_sym(u) or _is_sym(W):
         raise Unsupported("has an input-dependent feedback matrix")
     if len(u.shape) != 1:
@@ -949,7 +909,7 @@ def _equilibrium(t, u, W, activation, param, tol=None, max_iter=None):
     if F.shape != (u.size, u.size):
         raise Unsupported(f"with a {F.shape} feedback matrix for {u.size} features")
     try:
-        params = activation_params(str(activation), float(param))
+        params = activations.implicit_params(str(activation), float(param))
     except ValueError as exc:
         raise Unsupported(str(exc)) from None
     return t.b.equilibrium(u, F, str(activation), params, t.label)

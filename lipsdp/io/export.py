@@ -21,7 +21,7 @@ def load_exported(path: str, input_shape=None):
     """Read a ``torch.export.save`` file and translate it."""
     import torch
 
-    import lipsdp.nn  # noqa: F401  (registers torch.ops.lipsdp.equilibrium, which programs may call)
+    import lipsdp.nn  # noqa: F401  (needs torch; registers torch.ops.lipsdp.equilibrium, which programs may call)
 
     try:
         program = torch.export.load(path)

@@ -4,9 +4,10 @@ The graph is walked in order; nodes whose inputs are all constants are
 evaluated (with numpy, or ``onnx.reference`` for the rest), the others are
 translated by :data:`ONNX_OPS` on top of the same helpers as the ATen table
 (:mod:`lipsdp.io.aten_ops`): Gemm, MatMul(+Add), Conv, BatchNormalization, the
-activations (Relu, LeakyRelu, Tanh, Sigmoid, Elu, Softplus, Clip, Gelu,
-``x * Sigmoid(x)`` = SiLU), Flatten/Reshape/Transpose/Squeeze/Unsqueeze,
-Slice/Split/Gather/Concat, AveragePool, ReduceMean/Sum, Pad.
+activations of the catalogue :mod:`lipsdp.activations` (Relu, LeakyRelu, PRelu,
+Tanh, Sigmoid, Elu, Softplus, Gelu, ...), Clip, ``x * Sigmoid(x)`` = SiLU,
+Flatten/Reshape/Transpose/Squeeze/Unsqueeze, Slice/Split/Gather/Concat,
+AveragePool, ReduceMean/Sum, Pad.
 
 Tensors stored in external data files are read only from the model's folder
 (a ``location`` that leaves it is refused), and tensors over
@@ -20,6 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lipsdp import activations
+from lipsdp.activations import NotExpressible
 from lipsdp.errors import ModelLoadError
 from lipsdp.io import aten_ops as A
 from lipsdp.io.aten_ops import Poison, Translator, leaves
@@ -300,21 +303,24 @@ def _neg(t, ins, attrs):
     return t.b.scale(_sym(ins[0]), -1.0, t.label)
 
 
-def _activation(function: str, params: Callable[[dict], dict] | None = None):
+def activation_handler(function: str, mapping: Callable[..., dict]):
+    """The ONNX handler of a catalogue activation: ``mapping(attributes, *constant inputs)`` gives its params."""
+
     def handler(t, ins, attrs):
-        return t.act(_sym(ins[0]), function, params(attrs) if params else {})
+        x = _sym(ins[0])
+        if any(isinstance(v, Sym) for v in ins[1:]):
+            raise Unsupported("with input-dependent parameters")
+        try:
+            params = mapping(attrs, *ins[1:])
+        except NotExpressible as exc:
+            raise Unsupported(str(exc)) from None
+        return t.act(x, function, params)
 
     return handler
 
 
-register_onnx("Relu")(_activation("relu"))
-register_onnx("Tanh")(_activation("tanh"))
-register_onnx("Sigmoid")(_activation("sigmoid"))
-register_onnx("LeakyRelu")(_activation("leaky_relu", lambda a: {"negative_slope": float(a.get("alpha", 0.01))}))
-register_onnx("Elu")(_activation("elu", lambda a: {"alpha": float(a.get("alpha", 1.0))}))
-# ONNX Softplus is log(1 + e^x) exactly; torch's threshold 20 differs from it by < 3e-9.
-register_onnx("Softplus")(_activation("softplus", lambda a: {"beta": 1.0, "threshold": 20.0}))
-register_onnx("Gelu")(_activation("gelu", lambda a: {"approximate": str(a.get("approximate", "none"))}))
+for _op, (_entry, _mapping) in activations.onnx_table().items():
+    register_onnx(_op)(activation_handler(_entry.name, _mapping))
 
 
 @register_onnx("Clip")
@@ -326,14 +332,6 @@ def _clip(t, ins, attrs):
     lo = None if lo is None else float(np.asarray(lo).ravel()[0])
     hi = None if hi is None else float(np.asarray(hi).ravel()[0])
     return A.clamp(t, _sym(ins[0]), lo, hi)
-
-
-@register_onnx("PRelu")
-def _prelu(t, ins, attrs):
-    slope = np.asarray(ins[1], dtype=np.float64).ravel()
-    if slope.size != 1 and not np.all(slope == slope[0]):
-        raise Unsupported("with one slope per channel")
-    return t.act(_sym(ins[0]), "leaky_relu", {"negative_slope": float(slope[0])})
 
 
 @register_onnx("Flatten")
