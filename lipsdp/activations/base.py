@@ -60,6 +60,13 @@ class TorchModule:
         return tuple(getattr(module, a) for a in self.attributes)
 
 
+def constant(value):
+    """A tensor argument as a float64 numpy array (other values unchanged), without importing torch."""
+    if hasattr(value, "detach"):
+        return np.array(value.detach().cpu().numpy(), dtype=np.float64)
+    return value
+
+
 class SlopeActivation:
     """One elementwise activation :math:`\\phi`, slope-restricted in an exact sector ``[alpha, beta]``.
 
@@ -143,12 +150,20 @@ class SlopeActivation:
         """Where the evaluation switches formula or ``phi'`` jumps (tests probe pairs around them)."""
         return ()
 
+    def discontinuity(self, params: Mapping) -> float:
+        """The largest jump of :meth:`evaluate` (a framework's switch of formula), which the sector ignores.
+
+        The sector is that of the mathematical function; a framework that switches
+        to an approximation (torch's Softplus above its threshold) may jump by this much.
+        """
+        return 0.0
+
     # -- names in the model formats ----------------------------------------
     def module_params(self, module) -> dict:
         """``Activation.params`` of a ``torch.nn`` module instance of one of :attr:`torch_modules`."""
         for entry in self.torch_modules:
             if type(module).__name__ == entry.class_name:
-                return self.aten[entry.aten](*entry.aten_args(module))
+                return self.aten[entry.aten](*(constant(a) for a in entry.aten_args(module)))
         raise KeyError(f"{type(module).__name__} is not a torch module of {self.name}")
 
     def __repr__(self) -> str:

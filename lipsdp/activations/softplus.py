@@ -2,9 +2,11 @@
 
 :math:`\\phi'(x) = \\sigma(\\beta x)` ranges over (0, 1) for every real
 :math:`\\beta \\ne 0`.  Torch returns ``x`` itself where :math:`\\beta x` exceeds
-``threshold``; there the function jumps by :math:`\\log(1 + e^{-t}) / \\beta`
-(about 2e-9 for the default ``t = 20``), far below the accuracy of float32
-models, and the sector is that of the smooth function.
+``threshold`` ``t``; there its function jumps down by :math:`\\log(1 + e^{-t}) / |\\beta|`
+(:meth:`Softplus.discontinuity`; about 2e-9 for the default ``t = 20``, below
+the accuracy of float32 models).  The sector, hence the certified bound, is
+that of the smooth function :math:`\\log(1 + e^{\\beta x}) / \\beta`; with a small
+threshold the torch function differs from it by that jump.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class Softplus(SlopeActivation):
             raise ValueError("softplus: beta = 0 does not define a function")
         self.real(params, "threshold")
         return 0.0, 1.0
+
+    def discontinuity(self, params):
+        b, thr = self.real(params, "beta"), self.real(params, "threshold")
+        return float(np.logaddexp(0.0, -thr) / abs(b)) if b else 0.0
 
     def breakpoints(self, params):
         b, thr = self.real(params, "beta"), self.real(params, "threshold")
