@@ -210,3 +210,10 @@ def test_implicit_activations_come_from_the_catalogue():
     assert activation_params("softplus", 2.0) == {"beta": 2.0} and activation_params("gelu", 0.0) == {}
     with pytest.raises(ValueError, match="implicit layers support"):
         activation_params("hardtanh", 1.0)
+
+
+def test_weights_only_activation_names_resolve_through_the_catalogue():
+    from lipsdp.io.checkpoint import normalize_activation
+
+    assert normalize_activation("Leaky-ReLU") == normalize_activation("LeakyReLU") == "leaky_relu"
+    assert normalize_activation(" GELU ") == "gelu" and normalize_activation("relu6") == "relu6"
