@@ -98,9 +98,33 @@ def network_from_onnx(model, input_shape=None, source: str = ""):
     inputs = [i for i in graph.input if i.name not in consts]
     if len(inputs) != 1:
         raise ModelLoadError(f"{source}: the graph takes {len(inputs)} inputs; lipsdp certifies models with exactly one")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    batch, sample = _input_shape(inputs[0], input_shape, source)
+
+    builder = GraphBuilder(source)
+    t = Translator(builder, batch)
+    env: dict[str, Any] = dict(consts)
+    env[""] = None  # omitted optional inputs
+    env[inputs[0].name] = builder.input(sample, name=inputs[0].name)
+    for position, node in enumerate(graph.node):
+        t.label, t.position = _label(node), position
+        ins = [env.get(name) for name in node.input]
+        results = _translate(t, node, ins)
+        for name, value in zip(node.output, results):
+            env[name] = value
+    t.raise_errors()
+    if len(graph.output) != 1:
+        raise ModelLoadError(f"{source}: the graph has {len(graph.output)} outputs; lipsdp certifies one output tensor")
+    result = env.get(graph.output[0].name)
+    if not isinstance(result, Sym):
+        raise ModelLoadError(f"{source}: the output does not depend on the input")
+    return builder.finish(result)
+
+
+def _input_shape(graph_input, input_shape, source: str) -> tuple[int, tuple]:
+    """``(batch, sample shape)`` of the graph's input, checked against ``input_shape``."""
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim]
     if not dims:
-        raise ModelLoadError(f"{source}: the input {inputs[0].name!r} has no declared shape; pass input_shape")
+        raise ModelLoadError(f"{source}: the input {graph_input.name!r} has no declared shape; pass input_shape")
     batch = dims[0] or 1
     if input_shape is not None:
         sample = tuple(int(s) for s in input_shape)
@@ -114,47 +138,35 @@ def network_from_onnx(model, input_shape=None, source: str = ""):
         sample = tuple(int(d) for d in dims[1:])
     if int(np.prod(sample)) > MAX_ELEMENTS:
         raise ModelLoadError(f"{source}: the input shape {sample} is larger than {MAX_ELEMENTS} elements")
+    return batch, sample
 
-    builder = GraphBuilder(source)
-    t = Translator(builder, batch)
-    env: dict[str, Any] = dict(consts)
-    env[""] = None  # omitted optional inputs
-    env[inputs[0].name] = builder.input(sample, name=inputs[0].name)
-    for position, node in enumerate(graph.node):
-        t.label, t.position = _label(node), position
-        ins = [env.get(name) for name in node.input]
-        attrs = _attributes(node)
-        if any(isinstance(v, Poison) for v in leaves(ins)):
-            for v in leaves(ins):
-                if isinstance(v, Poison) and v.error is not None:
-                    t.report(v.error)
-                    v.error = None
-            if node.op_type not in ONNX_OPS:
-                t.report(t.entry(node.op_type))
-            results = _shadow(t, node, ins)
-        elif not any(isinstance(v, (Sym, A.Extreme)) for v in leaves(ins)):
-            results = _fold(t, node, ins, attrs)
-        elif node.op_type not in ONNX_OPS:
+
+def _translate(t: Translator, node, ins: list) -> list:
+    """The outputs of one node: folded, translated by its handler, or :class:`Poison` (recorded)."""
+    attrs = _attributes(node)
+    if any(isinstance(v, Poison) for v in leaves(ins)):
+        for v in leaves(ins):
+            if isinstance(v, Poison) and v.error is not None:
+                t.report(v.error)
+                v.error = None
+        if node.op_type not in ONNX_OPS:
             t.report(t.entry(node.op_type))
+        results = _shadow(t, node, ins)
+    elif not any(isinstance(v, (Sym, A.Extreme)) for v in leaves(ins)):
+        results = _fold(t, node, ins, attrs)
+    elif node.op_type not in ONNX_OPS:
+        t.report(t.entry(node.op_type))
+        results = _shadow(t, node, ins)
+    else:
+        try:
+            if node.op_type != "Concat" and any(isinstance(v, A.Extreme) for v in ins):
+                raise Unsupported("of a max/min over an axis (only GroupSort's pattern is supported)")
+            out = ONNX_OPS[node.op_type](t, ins, attrs)
+            results = out if isinstance(out, list) else [out]
+        except Unsupported as exc:
+            t.report(t.entry(f"{node.op_type} {exc}"))
             results = _shadow(t, node, ins)
-        else:
-            try:
-                if node.op_type != "Concat" and any(isinstance(v, A.Extreme) for v in ins):
-                    raise Unsupported("of a max/min over an axis (only GroupSort's pattern is supported)")
-                out = ONNX_OPS[node.op_type](t, ins, attrs)
-                results = out if isinstance(out, list) else [out]
-            except Unsupported as exc:
-                t.report(t.entry(f"{node.op_type} {exc}"))
-                results = _shadow(t, node, ins)
-        for name, value in zip(node.output, results):
-            env[name] = value
-    t.raise_errors()
-    if len(graph.output) != 1:
-        raise ModelLoadError(f"{source}: the graph has {len(graph.output)} outputs; lipsdp certifies one output tensor")
-    result = env.get(graph.output[0].name)
-    if not isinstance(result, Sym):
-        raise ModelLoadError(f"{source}: the output does not depend on the input")
-    return builder.finish(result)
+    return results
 
 
 def _label(node) -> Label:
