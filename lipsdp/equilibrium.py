@@ -38,19 +38,6 @@ import scipy.sparse as sp
 
 from lipsdp.errors import WellPosednessError
 
-#: Activations of :class:`lipsdp.nn.ImplicitLayer`: name -> the key of its one scalar parameter (or None).
-ACTIVATION_PARAMS = {"relu": None, "leaky_relu": "negative_slope", "tanh": None, "sigmoid": None,
-                     "elu": "alpha", "softplus": "beta", "silu": None, "gelu": None}
-
-
-def activation_params(function: str, param: float) -> dict:
-    """``Activation.params`` for ``function`` with its scalar parameter ``param``."""
-    if function not in ACTIVATION_PARAMS:
-        raise ValueError(f"implicit layers support the activations {', '.join(ACTIVATION_PARAMS)}; "
-                         f"got {function!r}")
-    key = ACTIVATION_PARAMS[function]
-    return {} if key is None else {key: float(param)}
-
 
 def dense(F) -> np.ndarray:
     """The feedback matrix ``F`` as a dense float64 array (it may be stored sparse)."""

@@ -60,7 +60,8 @@ TIMEOUT = 20.0  # seconds per load: far above the ~0.05 s a damaged file takes
 
 
 # -- known bugs (reported; reproducers at the end) ------------------------------------
-ONNX_FILES = ("lipsdp/io/onnx_.py", "lipsdp/io/aten_ops.py", "lipsdp/io/builder.py", "lipsdp/io/linmaps.py")
+ONNX_FILES = ("lipsdp/io/onnx_.py", "lipsdp/io/onnx_ops.py", "lipsdp/io/aten_ops.py", "lipsdp/io/aten_linear.py",
+              "lipsdp/io/aten_shapes.py", "lipsdp/io/translator.py", "lipsdp/io/builder.py", "lipsdp/io/linmaps.py")
 # Known escapes tolerated by the fuzzers: none left.  Damaged zip headers and unvalidated ONNX graphs
 # (UnicodeDecodeError, NotImplementedError, IndexError, ValueError, TypeError, ...) are now turned into
 # ModelLoadError by lipsdp.io.load_network; their reproducers below are regression tests.
@@ -491,13 +492,13 @@ def _onnx_non_utf8_op_type() -> bytes:
 KNOWN_CRASHES = [  # (id, file bytes, suffix, exception once raised, where): fixed, kept as regressions
     ("zip-bad-utf8-name", _zip_bad_utf8_name, ".pt", UnicodeDecodeError, "formats.py:_zip_format"),
     ("zip-future-version", _zip_future_version, ".pt", NotImplementedError, "formats.py:_zip_format"),
-    ("onnx-undefined-weight", _onnx_undefined_weight, ".onnx", IndexError, "aten_ops.py:apply_last"),
-    ("onnx-rank1-weight", _onnx_rank1_weight, ".onnx", IndexError, "aten_ops.py:apply_last"),
+    ("onnx-undefined-weight", _onnx_undefined_weight, ".onnx", IndexError, "aten_linear.py:apply_last"),
+    ("onnx-rank1-weight", _onnx_rank1_weight, ".onnx", IndexError, "aten_linear.py:apply_last"),
     ("onnx-initializer-dims", _onnx_initializer_dims_mismatch, ".onnx", ValueError, "onnx_.py:network_from_onnx"),
-    ("onnx-gemm-one-input", _onnx_gemm_one_input, ".onnx", IndexError, "onnx_.py:_gemm"),
-    ("onnx-batchnorm-arity", _onnx_batchnorm_three_inputs, ".onnx", ValueError, "onnx_.py:_batch_norm"),
-    ("onnx-reshape-nan", _onnx_reshape_nan_shape, ".onnx", ValueError, "onnx_.py:_reshape"),
-    ("onnx-non-utf8-op-type", _onnx_non_utf8_op_type, ".onnx", TypeError, "aten_ops.py:Translator.entry"),
+    ("onnx-gemm-one-input", _onnx_gemm_one_input, ".onnx", IndexError, "onnx_ops.py:_gemm"),
+    ("onnx-batchnorm-arity", _onnx_batchnorm_three_inputs, ".onnx", ValueError, "onnx_ops.py:_batch_norm"),
+    ("onnx-reshape-nan", _onnx_reshape_nan_shape, ".onnx", ValueError, "onnx_ops.py:_reshape"),
+    ("onnx-non-utf8-op-type", _onnx_non_utf8_op_type, ".onnx", TypeError, "translator.py:Translator.entry"),
 ]
 
 

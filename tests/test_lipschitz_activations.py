@@ -1,6 +1,6 @@
 """GroupSort, FullSort and Householder: the quadratic constraints of Pauli et al. (ICLR 2024).
 
-MATH.md section 4: the constraints hold on true pairs (and a wrong one is caught),
+docs/math.md §4: the constraints hold on true pairs (and a wrong one is caught),
 orthogonal nets certify at exactly 1 (section 4.4), random nets sit in the
 sandwich ``sampled <= certified <= trivial`` with the certified bound strictly
 below the trivial one, the free S/P multipliers beat the T-only chain and stay
@@ -33,7 +33,7 @@ GROUPINGS = [(2, 6), (3, 6), (4, 8), (None, 5), (None, 8)]  # (group_size, size)
 # lifted U_j^T v and U_j^T w): a recession direction of zero cost, so the optimal multipliers
 # form an unbounded set and the dual has no interior point.  CVXOPT stops on a singular KKT
 # matrix there; SDPA reports "inaccurate" but its points verify.  Orthogonal nets add a second
-# degeneracy (every LMI block is 0 at the optimum, MATH 4.4).  Measured on these nets: SDPA
+# degeneracy (every LMI block is 0 at the optimum, docs/math.md §4.4).  Measured on these nets: SDPA
 # verifies all, Clarabel all but three, CVXOPT fails on most.
 SOLVER = os.environ.get("LIPSDP_TEST_SOLVER", "auto")
 
@@ -111,7 +111,7 @@ def test_wrong_constraint_is_caught(wrong, op):
 
 
 def test_gamma_is_spanned_by_s_and_p():
-    """The T-part U gamma U^T of MATH (4.1) is exactly the s = -gamma/2, p = gamma/2 combination.
+    """The T-part U gamma U^T of (4.1) in docs/math.md §4.2 is exactly the s = -gamma/2, p = gamma/2 combination.
 
     And s = p is the recession direction -2 (a - b)(a - b)^T documented in groupsort.py.
     """
@@ -164,7 +164,7 @@ def test_evaluate_and_jacobian_match_torchlip():
 
 
 # ---------------------------------------------------------------------------
-# MATH 4.4: orthogonal weights certify at exactly 1
+# docs/math.md §4.4: orthogonal weights certify at exactly 1
 # ---------------------------------------------------------------------------
 def _families(n, rng):
     fams = [("groupsort", {"group_size": 2}), ("groupsort", {}), ("householder", {"theta": rng.uniform(0, 6, n // 2)})]
@@ -175,7 +175,7 @@ def _families(n, rng):
 
 @pytest.mark.parametrize("n,hidden", [(4, 2), (6, 3), (8, 2), (8, 3)])
 def test_orthogonal_nets_certify_one(n, hidden):
-    """MATH 4.4: every block of the LMI is exactly 0 at the optimum (rho = 1, T = I, S = P = 0).
+    """docs/math.md §4.4: every block of the LMI is exactly 0 at the optimum (rho = 1, T = I, S = P = 0).
 
     The optimum sits on a face with no interior, so a solver's point can fail the
     strict-negativity test of verification (a few percent of random orthogonal nets
@@ -234,7 +234,7 @@ def test_random_torchlip_sandwich(n, hidden):
 
 
 # ---------------------------------------------------------------------------
-# MATH 4.2: vertex max <= LFT with S, P <= T-only chain <= trivial
+# docs/math.md §4.2: vertex max <= LFT with S, P <= T-only chain <= trivial
 # ---------------------------------------------------------------------------
 class TOnly(GroupSort):
     """The authors' non-residual chain: ``T_j = lambda_j I + gamma_j 1 1^T / g``, no S or P."""
@@ -282,13 +282,13 @@ def test_sp_multipliers_beat_the_chain(sizes, monkeypatch):
     vmax = vertex_max(weights)
     assert lft.verified and chain.verified
     assert vmax <= lft.bound * (1 + 1e-7)  # every permutation pattern satisfies P1 + P2
-    assert lft.bound < 0.99 * chain.bound  # MATH 4.2: S and P are noticeably tighter than the chain
+    assert lft.bound < 0.99 * chain.bound  # docs/math.md §4.2: S and P are noticeably tighter than the chain
     assert chain.bound <= chain.trivial_bound
     print(sizes, f"vertex {vmax:.4f}  lft {lft.bound:.4f}  chain {chain.bound:.4f}  trivial {lft.trivial_bound:.4f}")
 
 
 # ---------------------------------------------------------------------------
-# MATH 4.4 caveat: GroupSort-2 = v + E relu(F v) (one ReLU per pair) gives the same bound
+# docs/math.md §4.4 caveat: GroupSort-2 = v + E relu(F v) (one ReLU per pair) gives the same bound
 # ---------------------------------------------------------------------------
 def one_relu_network(weights):
     net = Network()

@@ -195,7 +195,7 @@ def test_nan_weight_is_refused_as_before():
 
 
 def test_loading_a_saved_mlp_skips_torchdynamo(tmp_path):
-    """The point of the path: ``lipsdp certify mlp.pt`` does not import TorchDynamo (2.5 s)."""
+    """The point of the path: ``lipsdp certify mlp.pt`` does not import TorchDynamo."""
     path = tmp_path / "mlp.pt"
     torch.save(mlp([6, 8, 3]), path)
     code = ("import sys; from lipsdp.io import load_network; "

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from lipsdp import activations
 from lipsdp.errors import ModelLoadError
 from lipsdp.io import linmaps
 from lipsdp.network import Activation, Add, Affine, Concat, Equilibrium, Input, Network, Reshape, concat_permutation
 
-#: Activation functions applied coordinate by coordinate (these may be merged across a concatenation).
-ELEMENTWISE = frozenset({"relu", "leaky_relu", "tanh", "sigmoid", "elu", "softplus", "hardtanh", "silu", "gelu"})
+#: Activation functions applied coordinate by coordinate (these may be merged across a concatenation):
+#: the catalogue :mod:`lipsdp.activations`.
+ELEMENTWISE = frozenset(activations.names())
 
 
 class Unsupported(Exception):

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from lipsdp import activations
 from lipsdp.errors import ModelLoadError
 from lipsdp.network import Activation, Affine, Input, Network
 
@@ -21,8 +22,14 @@ CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "model_state", "ne
 
 
 def normalize_activation(activation: str) -> str:
-    """``"Leaky-ReLU"`` -> ``"leaky_relu"``."""
-    return str(activation).strip().lower().replace("-", "_")
+    """The catalogue key the user means: ``"Leaky-ReLU"``, ``"LeakyReLU"`` -> ``"leaky_relu"``.
+
+    Case, ``-`` and ``_`` are ignored when matching the names of :mod:`lipsdp.activations`;
+    anything else is returned lower-cased (and refused later, with the known names).
+    """
+    key = str(activation).strip().lower().replace("-", "_")
+    compact = key.replace("_", "")
+    return next((name for name in activations.names() if name.replace("_", "") == compact), key)
 
 
 def mlp_network(layers: list[tuple[str, np.ndarray, np.ndarray | None]], activation: str | None,

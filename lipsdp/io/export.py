@@ -21,7 +21,7 @@ def load_exported(path: str, input_shape=None):
     """Read a ``torch.export.save`` file and translate it."""
     import torch
 
-    import lipsdp.nn  # noqa: F401  (registers torch.ops.lipsdp.equilibrium, which programs may call)
+    import lipsdp.nn  # noqa: F401  (needs torch; registers torch.ops.lipsdp.equilibrium, which programs may call)
 
     try:
         program = torch.export.load(path)
@@ -48,30 +48,11 @@ def network_from_exported(program, source: str = "", input_shape=None):
         Validated.
     """
     import torch
-    from torch.export.graph_signature import InputKind
 
     signature = program.graph_signature
     state = dict(program.state_dict)
-    constants = dict(getattr(program, "constants", {}) or {})
-    lifted = {}
-    user_inputs = []
-    for spec in signature.input_specs:
-        name = spec.arg.name
-        if spec.kind == InputKind.USER_INPUT:
-            user_inputs.append(name)
-        elif spec.target in state:
-            lifted[name] = state[spec.target]
-        elif spec.target in constants:
-            lifted[name] = constants[spec.target]
-        else:
-            lifted[name] = None
-    graph = program.graph_module.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    tensor_inputs = [n for n in placeholders if n.name in user_inputs and _is_tensor_meta(n)]
-    if len(tensor_inputs) != 1:
-        raise ModelLoadError(f"{source}: the program takes {len(tensor_inputs)} tensor inputs; "
-                             "lipsdp certifies models with exactly one")
-    shape = [_concrete(s) for s in tensor_inputs[0].meta["val"].shape]
+    lifted, tensor_input = _inputs(program, state, source)
+    shape = [_concrete(s) for s in tensor_input.meta["val"].shape]
     if len(shape) < 2:
         raise ModelLoadError(f"{source}: the input has shape {tuple(shape)}; expected a batch axis "
                              "followed by the sample shape")
@@ -83,14 +64,14 @@ def network_from_exported(program, source: str = "", input_shape=None):
     builder = GraphBuilder(source)
     t = Translator(builder, batch)
     env: dict = {}
-    nodes = list(graph.nodes)
+    nodes = list(program.graph_module.graph.nodes)
     skip: set = set()
     output = None
     for position, node in enumerate(nodes):
         if node in skip:
             continue
         if node.op == "placeholder":
-            if node is tensor_inputs[0]:
+            if node is tensor_input:
                 env[node] = builder.input(sample, name=node.name)
             elif node.name in lifted:
                 env[node] = lifted[node.name]
@@ -99,7 +80,6 @@ def network_from_exported(program, source: str = "", input_shape=None):
         elif node.op == "get_attr":
             env[node] = _get_attr(program.graph_module, node.target)
         elif node.op == "call_function":
-            label = _label(node)
             group = _module_group(nodes, position)
             if group is not None:
                 skip.update(group[0])
@@ -107,10 +87,36 @@ def network_from_exported(program, source: str = "", input_shape=None):
                 continue
             args = torch.fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
-            env[node] = _call(t, node.target, args, kwargs, label, position)
+            env[node] = _call(t, node.target, args, kwargs, _label(node), position)
         elif node.op == "output":
             output = torch.fx.node.map_arg(node.args[0], lambda n: env[n])
     return _finish(t, builder, output, signature, source)
+
+
+def _inputs(program, state: dict, source: str):
+    """``(lifted, tensor_input)``: the values of the lifted parameters, buffers and constants by
+    placeholder name, and the one placeholder that is the network input."""
+    from torch.export.graph_signature import InputKind
+
+    constants = dict(getattr(program, "constants", {}) or {})
+    lifted = {}
+    user_inputs = []
+    for spec in program.graph_signature.input_specs:
+        name = spec.arg.name
+        if spec.kind == InputKind.USER_INPUT:
+            user_inputs.append(name)
+        elif spec.target in state:
+            lifted[name] = state[spec.target]
+        elif spec.target in constants:
+            lifted[name] = constants[spec.target]
+        else:
+            lifted[name] = None
+    tensor_inputs = [n for n in program.graph_module.graph.nodes
+                     if n.op == "placeholder" and n.name in user_inputs and _is_tensor_meta(n)]
+    if len(tensor_inputs) != 1:
+        raise ModelLoadError(f"{source}: the program takes {len(tensor_inputs)} tensor inputs; "
+                             "lipsdp certifies models with exactly one")
+    return lifted, tensor_inputs[0]
 
 
 def _finish(t: Translator, builder: GraphBuilder, output, signature, source: str):

@@ -1,12 +1,12 @@
 """A plain ``torch.nn.Sequential`` -> :class:`~lipsdp.network.Network`, layer by layer, untraced.
 
-``torch.export`` imports TorchDynamo before it traces anything: about 2.5 s of a
-5 s ``lipsdp certify`` on a small MLP (2-core machine), where the whole LMI
-work takes 0.2 s.  A ``Sequential`` of stock ``torch.nn`` layers needs no
-tracing: its forward is the composition of its children.  So such a model is
-translated here by calling, for each layer, the handler that the ATen operator
-of its forward has in :mod:`lipsdp.io.aten_ops` (``Linear`` -> ``linear``), in
-the same :class:`~lipsdp.io.builder.GraphBuilder`: the nodes, names and merges
+``torch.export`` imports TorchDynamo before it traces anything, which on a
+small MLP takes longer than all of the LMI work (docs/performance.md).  A
+``Sequential`` of stock ``torch.nn`` layers needs no tracing: its forward is the
+composition of its children.  So such a model is translated here by calling,
+for each layer, the handler that the ATen operator of its forward has in
+:mod:`lipsdp.io.aten_ops` (``Linear`` -> ``linear``), in the same
+:class:`~lipsdp.io.builder.GraphBuilder`: the nodes, names and merges
 (``Linear -> BatchNorm1d`` into one ``Affine``) are those of the traced path.
 
 Only what cannot differ from the traced forward takes this path: containers of
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lipsdp import activations
 from lipsdp.errors import LipSDPError
 from lipsdp.io.aten_ops import Translator, handler_for
 from lipsdp.io.builder import GraphBuilder, Label
@@ -45,21 +46,13 @@ LAYER_OPS = {
     "Linear": lambda m: ("linear", (m.weight, m.bias)),
     "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv,
     "BatchNorm1d": _batch_norm, "BatchNorm2d": _batch_norm, "BatchNorm3d": _batch_norm,
-    "ReLU": lambda m: ("relu", ()),
-    "ReLU6": lambda m: ("relu6", ()),
-    "LeakyReLU": lambda m: ("leaky_relu", (m.negative_slope,)),
-    "Tanh": lambda m: ("tanh", ()),
-    "Sigmoid": lambda m: ("sigmoid", ()),
-    "ELU": lambda m: ("elu", (m.alpha,)),
-    "Softplus": lambda m: ("softplus", (m.beta, m.threshold)),
-    "Hardtanh": lambda m: ("hardtanh", (m.min_val, m.max_val)),
-    "SiLU": lambda m: ("silu", ()),
-    "GELU": lambda m: ("gelu", (m.approximate,)),
     "Flatten": lambda m: ("flatten", (m.start_dim, m.end_dim)),
     "Unflatten": lambda m: ("unflatten", (m.dim, m.unflattened_size)),
     # The identity in eval mode (the model is an eval-mode copy).
     **{cls: lambda m: ("identity", ()) for cls in ("Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d",
                                                    "AlphaDropout", "FeatureAlphaDropout")},
+    # The activations of the catalogue: each forward is F.<aten>(input, *attributes).
+    **{cls: (lambda m, e=entry: (e.aten, e.aten_args(m))) for cls, entry in activations.torch_modules().items()},
 }
 
 

@@ -21,18 +21,22 @@ import copy
 import logging
 import sys
 
+from lipsdp import activations
 from lipsdp.errors import ModelLoadError, UnsupportedLayerError
+from lipsdp.io.export import network_from_exported
 from lipsdp.io.formats import first_line
+from lipsdp.io.sequential import network_from_sequential
+from lipsdp.io.torchscript import network_from_script
 
 #: ``torch.nn`` leaf modules the translation handles (others from ``torch.nn`` are refused up front).
+#: The activations among them are those of the catalogue :mod:`lipsdp.activations`.
 SUPPORTED_TORCH_LAYERS = frozenset({
     "Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "Flatten", "Unflatten", "Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d",
-    "AlphaDropout", "FeatureAlphaDropout", "ReLU", "ReLU6", "LeakyReLU", "PReLU", "Tanh", "Sigmoid",
-    "ELU", "Softplus", "Hardtanh", "SiLU", "GELU", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+    "AlphaDropout", "FeatureAlphaDropout", "AvgPool1d", "AvgPool2d", "AvgPool3d",
     "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d",
     "ConstantPad1d", "ConstantPad2d", "ConstantPad3d", "Sequential", "ModuleList", "ModuleDict",
-})
+}) | frozenset(activations.torch_modules())
 
 #: deel-torchlip leaf modules known to be nonlinear in a way lipsdp has no constraint for.
 UNSUPPORTED_TORCHLIP_LAYERS = frozenset({
@@ -103,10 +107,6 @@ def network_from_module(module, input_shape=None, source: str | None = None):
         The input shape cannot be inferred, or ``torch.export`` cannot trace the model.
     """
     import torch
-
-    from lipsdp.io.export import network_from_exported
-    from lipsdp.io.sequential import network_from_sequential
-    from lipsdp.io.torchscript import network_from_script
 
     source = source or type(module).__name__
     exported = sys.modules.get("torch.export")  # an ExportedProgram exists only once torch.export is imported

@@ -27,7 +27,7 @@ def load_torchscript(path: str, input_shape=None):
     """Read a ``torch.jit.save`` archive and translate it."""
     import torch
 
-    import lipsdp.nn  # noqa: F401  (registers torch.ops.lipsdp.equilibrium, which archives may call)
+    import lipsdp.nn  # noqa: F401  (needs torch; registers torch.ops.lipsdp.equilibrium, which archives may call)
 
     try:
         module = torch.jit.load(path, map_location="cpu")

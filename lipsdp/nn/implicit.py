@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lipsdp.equilibrium import ACTIVATION_PARAMS, activation_params
+from lipsdp.activations import (IMPLICIT_DEFAULTS, IMPLICIT_PARAMS as ACTIVATION_PARAMS,
+                                implicit_params as activation_params)
 from lipsdp.equilibrium import equilibrium as solve_equilibrium
 from lipsdp.network import Equilibrium, activation_function
 
-_DEFAULT_PARAM = {"leaky_relu": 0.01, "elu": 1.0, "softplus": 1.0}
+_DEFAULT_PARAM = IMPLICIT_DEFAULTS
 
 
 def _layer(u: Tensor, W: Tensor, activation: str, param: float) -> Equilibrium:
