@@ -25,11 +25,13 @@ are computed here once.
 from __future__ import annotations
 
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 
-from lipsdp.lmi import LMIProblem
+if TYPE_CHECKING:  # only read, never built here; importing lmi would pull the lifting into ``lipsdp solvers``
+    from lipsdp.lmi import LMIProblem
 
 
 class BlockChain:

@@ -50,7 +50,6 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import eigh, solve_triangular
 from scipy.linalg.lapack import dpotrf
-from scipy.optimize import linprog, minimize
 
 from lipsdp.accel import as_tensor, device_for
 from lipsdp.chain import BlockChain
@@ -394,6 +393,8 @@ class _Descent:
         LP).  Feasibility is re-checked in floating point; only slope-type constraints (no
         free multipliers) qualify.  The bound is as tight as the point is stationary.
         """
+        from scipy.optimize import linprog  # HiGHS, a solver package: loaded only when fo runs
+
         V = self.midslope_directions()
         if V is None or np.any(self.free):
             return float("nan")
@@ -537,6 +538,8 @@ class _Descent:
         per-layer scale of the multipliers, which deep nets need first and plain L-BFGS finds slowly).
         ``tight``: converge the smoothed objective itself (gradient ~1e-8), as the dual bound needs.
         """
+        from scipy.optimize import minimize  # L-BFGS-B, a solver package: loaded only when fo runs
+
         base = self.best_theta.copy()
         P = subspace
         scale = max(self.best_rho, 1e-300)
