@@ -266,3 +266,11 @@ def test_registering_is_one_decorator(lmis):
         BACKENDS.clear()
         BACKENDS.update(saved)
     assert "eager" not in BACKENDS
+
+
+@pytest.mark.parametrize("n", [None, 100, 600, 601, 5000])
+@pytest.mark.parametrize("free", [False, True])
+def test_general_order_read_off_the_preferences(n, free):
+    from lipsdp.solvers import _open_source_order
+
+    assert _open_source_order(n, free) == _old_open_source_order(n, free)
