@@ -2,10 +2,9 @@
 
 :func:`lipsdp.scaling.chain_scales` picks one multiplier per layer, from the
 input forward, each blind to the layers after it (ECLipsE-Fast on ReLU nets).
-On deep nets its ``rho`` lies decades above the SDP's: 2.2 decades at 16
-layers of width 32, 6.4 decades at 50.  An interior-point method started there
-spends about one iteration per decade on the descent, which is what made their
-iteration count grow with depth.  This module lowers ``rho`` by exact block
+On deep nets its ``rho`` lies decades above the SDP's, more the deeper the
+net, and an interior-point method started there spends about one iteration per
+decade on the descent: its iteration count would grow with depth.  This module lowers ``rho`` by exact block
 coordinate steps over one layer's per-neuron multipliers at a time.
 
 With ``N = -M`` and layer ``k``'s terms ``[[P_k, Q_k], [Q_k^T, R_k]]`` on blocks
@@ -19,7 +18,7 @@ complements from the input forward and the requirements from the output back:
 
 ``K = C^T C`` the output term on the last block.  Where the inverted matrices
 are positive definite, ``N >= 0`` iff ``T_k >= V_k`` for any one ``k``
-(MATH.md section 1.4; ``T_k`` depends only on the layers up to ``k`` and on
+(docs/math.md §1.4; ``T_k`` depends only on the layers up to ``k`` and on
 ``rho``, ``V_k`` only on the layers after ``k``).  One step on layer ``k`` keeps
 the later multipliers, solves the small SDP
 
@@ -39,18 +38,14 @@ ECLipsE (Xu and Sivaranjani, NeurIPS 2024) solves the same layer SDP with a one-
 look-ahead, ``W_{k+1}^T W_{k+1}``, in place of ``V_k``; the exact requirement of
 the rest of the network is what lets repeated sweeps keep improving.
 
-Measured on random ReLU nets 16-32xL-4 (``rho`` over the SDP optimum): at 16
-layers 147 (greedy), 4.0 and 2.5 after one and two sweeps; at 50 layers 2.4e6,
-37 and 13; on 784-64x64-10, 3.2e7, 44 and 15 (9 s).  From the swept point the
-clique-chain interior-point method took 20, 22 and 23 iterations at 16 (sweeps
-forced; see :data:`MIN_LAYERS`), 32 and 50 layers (22, 29 and 34 from the greedy
-one), the completion method 19, 22 and 25 (23, 40 and 41): about flat, so the
-clique-chain method's time became about linear in depth.
+From the swept point the interior-point methods' iteration counts stay about
+flat in depth (benchmarks/results and docs/performance.md hold the figures).
 
-The steps are solved by :class:`~lipsdp.solvers.ipm_.LowRankIPM` on a
-``(n_{k-1} + n_k)``-sized LMI with ``n_k + 1`` variables.  Nothing here is a
-bound: the point is a start and a scale for the real solve, and every
-certificate is verified as always.
+This is a reduction, below the solve stage: the steps are solved by the shared
+interior-point iteration of :mod:`lipsdp.interior` (:func:`~lipsdp.interior.solve_dense`,
+as the ``ipm`` backend runs it) on a ``(n_{k-1} + n_k)``-sized LMI with ``n_k + 1``
+variables, with no solver backend involved.  Nothing here is a bound: the point is a
+start and a scale for the real solve, and every certificate is verified as always.
 """
 
 from __future__ import annotations
@@ -61,13 +56,16 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from lipsdp.scaling import ChainBlocks, LayerPoint
+from lipsdp.chain import BlockChain
+from lipsdp.interior import solve_dense
+from lipsdp.lmi import LMIProblem
+from lipsdp.scaling import LayerPoint
 
 #: Sweeps taken (two: the second still gains half a decade on deep nets, a third little).
 SWEEPS = 2
-#: Fewest activation layers worth sweeping.  The greedy point lies about 0.14 decades per layer
-#: above the optimum (width 32), and a sweep costs about 35 ms per layer there: at 8 layers the
-#: sweeps cost more than the iterations they save, at 16 about as much, from 32 on far less.
+#: Fewest activation layers worth sweeping.  The greedy point's distance to the optimum grows with
+#: depth while a sweep's cost per layer is fixed: on shallow nets the sweeps cost more than the
+#: iterations they save (docs/performance.md).
 MIN_LAYERS = 20
 #: Widest activation block swept: each step is a dense interior-point solve of size ``2 w``.
 MAX_WIDTH = 128
@@ -130,23 +128,21 @@ def sweep(lmi, point: LayerPoint, sweeps: int = SWEEPS, deadline: float | None =
     return LayerPoint(scale, float(np.sqrt(rho)), best)
 
 
-class _Chain(ChainBlocks):
-    """The chain's per-layer blocks (:class:`~lipsdp.scaling.ChainBlocks`), and the sweeps on them."""
+class _Chain(BlockChain):
+    """The chain's per-layer blocks (:class:`~lipsdp.chain.BlockChain`), and the sweeps on them."""
 
     @classmethod
     def of(cls, lmi):
         blocks = lmi.blocks
-        last = lmi.chain_layers()
-        if (last is None or lmi.factors is None or len(blocks) - 1 < MIN_LAYERS
+        if (not blocks or lmi.factors is None or len(blocks) - 1 < MIN_LAYERS
                 or max(b.size for b in blocks[1:]) > MAX_WIDTH):
             return None
-        chain = cls(lmi, last)
-        return None if any(len(o) == 0 for o in chain.own) else chain
-
-    def __init__(self, lmi, last):
-        super().__init__(lmi, last)
+        chain = cls(lmi)
+        if chain.last is None:
+            return None
         #: Each layer's variables that the sweeps move (sign-constrained; free ones stay at zero).
-        self.own = [np.flatnonzero((self.layer == k) & (lmi.nonneg | (k == 0))) for k in range(len(self.sizes))]
+        chain.own = [np.flatnonzero((chain.layer == k) & (lmi.nonneg | (k == 0))) for k in range(chain.nb)]
+        return None if any(len(o) == 0 for o in chain.own) else chain
 
     def requirements(self, x):
         """``[V_0, ..., V_l]`` at ``x`` (raises LinAlgError where some ``R_k - V_k`` is not definite)."""
@@ -163,8 +159,6 @@ class _Chain(ChainBlocks):
     def sweep(self, x, deadline=None):
         """One sweep from the feasible ``x``: a new feasible point, or None if a step failed or
         ``deadline`` passed."""
-        from lipsdp.solvers.ipm_ import LowRankIPM
-
         nb = len(self.sizes)
         x = x.copy()
         V = self.requirements(x)
@@ -179,10 +173,10 @@ class _Chain(ChainBlocks):
             if not (tau > 0 and g > 0):
                 return None
             stage = self.step_lmi(k, T / tau, V[k] / g)
-            res = LowRankIPM().solve(stage, tol=STEP_TOL)
-            if res.x is None or not np.all(np.isfinite(res.x)):
+            state, _, _ = solve_dense(stage, STEP_TOL)
+            if not np.all(np.isfinite(state.y)):
                 return None
-            lam = np.maximum(res.x[1:], 0.0)
+            lam = np.maximum(state.y[1:], 0.0)
             if not np.any(lam > 0):
                 return None
             lam = np.maximum(lam, 1e-12 * lam.max())
@@ -216,9 +210,7 @@ class _Chain(ChainBlocks):
     def step_lmi(self, k, T, V):
         """The layer SDP of step ``k`` as an :class:`~lipsdp.lmi.LMIProblem` in ``(c, lambda_k)``:
         ``min -c`` s.t. ``M = [[-T, 0], [0, 0]] + c [[0, 0], [0, V]] + sum_j lambda_j M_j <= 0``."""
-        from lipsdp.lmi import LMIProblem
-
-        lmi, e, own = self.lmi, self.entries[k], self.own[k]
+        lmi, e, own = self.lmi, self.layer_entries[k], self.own[k]
         lo, n1, n2 = self.starts[k - 1], self.sizes[k - 1], self.sizes[k]
         n = n1 + n2
         pos = np.full(lmi.n_var, -1)

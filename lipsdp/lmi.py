@@ -229,38 +229,14 @@ class LMIProblem:
         return A, b
 
     def memory_estimate(self, kind: str = "first_order") -> int:
-        """Rough peak bytes of a solve: dense n x n work arrays plus the stored basis.
+        """Deprecated: each backend states its own, :meth:`lipsdp.solvers.base.Backend.memory_estimate`.
 
-        ``first_order`` (SCS): a few dense ``n x n`` matrices for the projection.
-        ``interior_point``: also the Schur complement in the variables (``n_var^2``)
-        and the dense KKT block of the PSD cone where the solver forms it.
-        ``interior_point_lowrank`` (lipsdp's ipm): Gram matrices of the factor rows
-        and the term-by-term Schur pieces.  ``interior_point_chordal``: the
-        block-tridiagonal Newton system over ``(multipliers, Y_k)`` groups, linear in depth.
-        ``interior_point_completion``: the Gram matrices of the factor rows and ``(n, r)`` solves.
+        Kept only until the solve stage calls the backends' estimates; ``kind`` is a backend family.
         """
-        dense = 8 * self.n * self.n
-        stored = 24 * len(self.vals)
-        if kind == "first_order":
-            return 8 * dense + 4 * stored
-        if kind == "interior_point_cone":  # Clarabel: dense (n(n+1)/2)^2 scaling block
-            m = self.n * (self.n + 1) // 2
-            return 8 * m * m + 8 * dense + 4 * stored
-        if kind == "interior_point_chordal" and len(self.blocks) >= 3:  # lipsdp's chordal
-            sizes = np.array([b.stop - b.start for b in self.blocks], dtype=np.float64)
-            group = sizes * (sizes + 1) / 2 + sizes  # Y_k and the layer's multipliers
-            clique = sizes[:-1] + sizes[1:]
-            # Per group: its block of H, its factor, the coupling and its solve; per clique ~12 iterates.
-            return int(8 * (4 * np.sum(group ** 2) + 12 * np.sum(clique ** 2)) + 6 * stored)
-        if kind == "interior_point_completion" and self.factors is not None:  # lipsdp's completion
-            # Five (n, r) work arrays (solves and the corrector), three r x r Gram matrices, the
-            # term-by-term Schur pieces and H; the iterates themselves are block-tridiagonal.
-            r, t = self.factors[0].shape[0], len(self.factors[3])
-            return 8 * (5 * self.n * r + 3 * r * r + 5 * t * t + 2 * self.n_var ** 2) + 6 * stored
-        if kind == "interior_point_lowrank" and self.factors is not None:  # lipsdp's ipm
-            r, t = self.factors[0].shape[0], len(self.factors[3])
-            return 16 * dense + 8 * (2 * r * r + 3 * t * t + 2 * self.n_var ** 2) + 6 * stored
-        return 12 * dense + 8 * self.n_var ** 2 + 4 * stored
+        from lipsdp.solvers import BACKENDS, Backend  # transitional: removed with this method
+
+        owner = next((cls for cls in BACKENDS.values() if cls.family == kind), Backend)
+        return owner.memory_estimate(self)
 
 
 @dataclass

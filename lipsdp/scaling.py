@@ -5,14 +5,13 @@ gain ``d_k`` (how much block ``k`` moves per unit input move) and an overall
 gain: the multipliers of block ``k`` then enter in units of ``g / d_k^2`` and
 ``rho`` in units of ``g``.  Composed norm bounds (``prod ||W_j||``) serve for any
 graph, but on deep nets they overshoot the SDP's own per-layer scale
-geometrically: on 16-32x32-4 ReLU nets the optimal multipliers lie 11 decades
-below the start in the first layer and half a decade in the last, and an
-interior-point method spends one iteration or so per decade descending.
+geometrically, most in the first layers, and an interior-point method spends
+about one iteration per decade descending.
 
 On a chain LMI (block-tridiagonal, each multiplier inside two neighbouring
-blocks, as :mod:`lipsdp.solvers.chordal_` requires) a feasible point with one
-multiplier per layer follows from the block recursion of ``N = -M`` (MATH.md
-section 8.4), ``rho = 1`` and ``T_0 = N_00``:
+blocks: :class:`lipsdp.chain.BlockChain`) a feasible point with one
+multiplier per layer follows from the block recursion of ``N = -M``
+(docs/math.md §8.4), ``rho = 1`` and ``T_0 = N_00``:
 
 .. math::
 
@@ -43,6 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg as sla
+
+from lipsdp.chain import BlockChain
 
 #: Largest block for which the recursion's dense ``O(w^3)`` steps are taken.
 MAX_BLOCK = 4096
@@ -92,14 +93,12 @@ def chain_scales(lmi) -> LayerPoint | None:
     nb = len(blocks)
     if nb < 2 or max(b.size for b in blocks) > MAX_BLOCK:
         return None
-    which = lmi.block_of
-    const = lmi.const.tocoo()
-    last = lmi.chain_layers()
+    chain = BlockChain(lmi)
+    last = chain.last
+    kr, kc = chain.const_blocks
     # Input variables on block 0, a multiplier of layer k on blocks (k-1, k), the output term on the last.
-    if last is None or np.any(last[: lmi.n_in] > 0) or np.any(which(const.row) != nb - 1) \
-            or np.any(which(const.col) != nb - 1):
+    if last is None or np.any(last[: lmi.n_in] > 0) or np.any(kr != nb - 1) or np.any(kc != nb - 1):
         return None
-    chain = ChainBlocks(lmi, last)
     # Free multipliers (e.g. GroupSort's) stay at zero: a valid, if weaker, point.
     weight = np.where((np.arange(lmi.n_var) < lmi.n_in) | lmi.nonneg, 1.0, 0.0)
 
@@ -130,8 +129,8 @@ def chain_scales(lmi) -> LayerPoint | None:
 def _top_generalized(Z, R) -> float:
     """The largest eigenvalue of the pencil ``(Z^T Z, R)``, ``R > 0``: ``||Z L^{-T}||_2^2`` with ``R = L L^T``.
 
-    Read off the smaller of the two Gram matrices of ``Y = Z L^{-T}`` (on a CNN's first convolution,
-    784 x 784 instead of the 3136 x 3136 pencil: 0.1 s instead of 3 s); ``L = sqrt(R)`` when ``R`` is
+    Read off the smaller of the two Gram matrices of ``Y = Z L^{-T}`` (on a CNN's first convolution the
+    input's Gram matrix is several times smaller than the pencil); ``L = sqrt(R)`` when ``R`` is
     diagonal (ReLU-type layers).  Raises ``LinAlgError`` when ``R`` is not positive definite.
     """
     d = np.diag(R).copy()
@@ -144,58 +143,3 @@ def _top_generalized(Z, R) -> float:
         Y = sla.solve_triangular(L, Z.T, lower=True, check_finite=False).T
     G = Y @ Y.T if Y.shape[0] <= Y.shape[1] else Y.T @ Y
     return float(sla.eigh(G, eigvals_only=True, subset_by_index=[len(G) - 1] * 2, check_finite=False)[0])
-
-
-class ChainBlocks:
-    """The blocks of ``N = -M`` that each layer's multipliers fill in a chain LMI, at any multipliers.
-
-    Layer ``k``'s variables live on blocks ``(k-1, k)`` (the input variables, layer 0, on block 0), and
-    give ``[[P_k, Q_k], [Q_k^T, R_k]]`` there; the output term ``K = M_c`` sits on the last block.
-    Used for the greedy point here and for the sweeps of :mod:`lipsdp.layer_sweep`.
-
-    Attributes
-    ----------
-    layer : ndarray of int, shape (n_var,)
-        Each variable's layer (0 for the input variables).
-    starts, sizes : ndarray of int
-        Block offsets (with ``n`` appended) and sizes.
-    K : ndarray
-        The output term on the last block, dense.
-    """
-
-    def __init__(self, lmi, last):
-        """``last``: :meth:`~lipsdp.lmi.LMIProblem.chain_layers` of ``lmi`` (not None)."""
-        self.lmi = lmi
-        self.layer = np.where(np.arange(lmi.n_var) < lmi.n_in, 0, np.maximum(last, 1))
-        self.starts = np.array([b.start for b in lmi.blocks] + [lmi.n])
-        self.sizes = np.diff(self.starts)
-        el = self.layer[lmi.var]
-        order = np.argsort(el, kind="stable")
-        cuts = np.searchsorted(el[order], np.arange(len(lmi.blocks) + 1))
-        # Each layer's COO entries, upper triangle (the lower one mirrors it).
-        self.entries = []
-        for k in range(len(lmi.blocks)):
-            e = order[cuts[k]:cuts[k + 1]]
-            self.entries.append(e[lmi.cols[e] >= lmi.rows[e]])
-        K = lmi.const.tocsr()[self.starts[-2]:, self.starts[-2]:].toarray()
-        self.K = (K + K.T) / 2
-
-    def pieces(self, k, x):
-        """``(P_k, Q_k, R_k)`` of layer ``k`` at multipliers ``x`` (dense; ``P_0 = Q_0 = None``)."""
-        lmi, e = self.lmi, self.entries[k]
-        lo = self.starts[max(k - 1, 0)]
-        n1, n2 = (self.sizes[k - 1], self.sizes[k]) if k else (0, self.sizes[0])
-        r, c, w = lmi.rows[e] - lo, lmi.cols[e] - lo, -lmi.vals[e] * x[lmi.var[e]]
-
-        def dense(sel, shape, dr, dc):  # the upper-triangle entries ``sel``, summed, as a dense block
-            flat = (r[sel] - dr) * shape[1] + (c[sel] - dc)
-            return np.bincount(flat, weights=w[sel], minlength=shape[0] * shape[1]).reshape(shape)
-
-        def symmetric(A):  # from its upper triangle
-            return A + A.T - np.diag(np.diag(A))
-
-        R = symmetric(dense(r >= n1, (n2, n2), n1, n1))
-        if k == 0:
-            return None, None, R
-        top = r < n1
-        return symmetric(dense(top & (c < n1), (n1, n1), 0, 0)), dense(top & (c >= n1), (n1, n2), 0, n1), R

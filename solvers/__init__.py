@@ -1,39 +1,35 @@
 """Solver backends (installed as ``lipsdp.solvers``).
 
 One class per backend, one file each (``scs_.py`` etc., with the trailing
-underscore so a file never shadows the solver's own package).  Nothing here
-imports a solver at ``import lipsdp``: availability is checked with
-``importlib.util.find_spec``, and MOSEK's licence with a licence checkout.
+underscore so a file never shadows the solver's own package), registered with
+:func:`register`.  Nothing here imports a solver at ``import lipsdp``:
+availability is checked with ``importlib.util.find_spec``, and MOSEK's licence
+with a licence checkout.
 
-``auto`` picks MOSEK when it is installed *and* licensed; otherwise lipsdp's
-own ``completion`` (primal-dual, both iterates block-tridiagonal) for
-feed-forward nets with a layer-by-layer start and an affordable iteration;
-else ``chordal`` (clique chain of a feed-forward LMI) where its estimated cost
-is below the dense method's (deep narrow nets), else its ``ipm`` for LMIs whose
-constraints all have the factored rank-two form and
-no free multipliers (slope-restricted nets, up to size 3000); for larger l2
-LMIs lipsdp's ``fo`` (L-BFGS on the exact ``rho(T)``: approximate, verified);
-else SDPA for free multipliers (GroupSort, Householder), CVXOPT up to size 600
-and SCS above: the fastest that stayed accurate in
+Each backend states its own memory estimate and its preference for an LMI;
+``auto`` (:func:`choose`) takes the usable backend with the highest preference.
+The ranking this gives, highest first: a licensed MOSEK; lipsdp's ``completion``
+(primal-dual, both iterates block-tridiagonal) for feed-forward nets with a
+layer-by-layer start and an affordable iteration; ``chordal`` (clique chain) where
+its estimated cost is below the dense method's (deep narrow nets); ``ipm`` for LMIs
+whose constraints all have the factored rank-two form and no free multipliers (up
+to size 3000); for larger l2 LMIs ``fo`` (L-BFGS on the exact ``rho(T)``:
+approximate, verified); else SDPA for free multipliers (GroupSort, Householder),
+CVXOPT up to size 600 and SCS above: the fastest that stayed accurate in
 ``benchmarks/bench_solvers.py`` and the tests.
 """
 
 from __future__ import annotations
 
 from lipsdp.errors import SolverLicenseError, SolverNotFound
-from lipsdp.solvers.completion_ import CompletionIPM
-from lipsdp.solvers.base import STATUSES, Backend, SolveResult
-from lipsdp.solvers.chordal_ import ChordalIPM, estimate_cost
+from lipsdp.solvers.base import BACKENDS, STATUSES, Backend, LMIShape, SolveResult, register
+from lipsdp.solvers.chordal_ import ChordalIPM
 from lipsdp.solvers.clarabel_ import Clarabel
+from lipsdp.solvers.completion_ import CompletionIPM
 from lipsdp.solvers.cvxpy_ import CVXOPT, MOSEK, SDPA
 from lipsdp.solvers.firstorder_ import FirstOrder
 from lipsdp.solvers.ipm_ import LowRankIPM
 from lipsdp.solvers.scs_ import SCS
-
-#: Every backend lipsdp knows (name -> class).  Not the order ``auto`` tries them in:
-#: that is :func:`get_backend` (MOSEK if licensed, the ipm rule, then :func:`_open_source_order`).
-BACKENDS: dict[str, type[Backend]] = {
-    b.name: b for b in (MOSEK, LowRankIPM, ChordalIPM, CompletionIPM, SCS, SDPA, CVXOPT, Clarabel, FirstOrder)}
 
 
 def installed() -> list[str]:
@@ -56,44 +52,24 @@ def describe() -> list[dict]:
     return rows
 
 
-def get_backend(name: str = "auto", *, n: int | None = None, free_multipliers: bool = False,
-                factored: bool = False, single_input: bool = False, lmi=None) -> Backend:
-    """An instance of the backend called ``name``.
+def choose(name: str, lmi) -> Backend:
+    """An instance of the backend called ``name`` for ``lmi``.
 
-    ``"auto"`` prefers a licensed MOSEK, then the best open-source backend for an
-    LMI of size ``n`` (``factored``: every constraint has the rank-two form that
-    :class:`~lipsdp.solvers.ipm_.LowRankIPM` exploits; ``single_input``: the l2 LMI,
-    whose one input variable ``rho`` the ``fo`` backend needs; ``lmi``: the problem itself,
-    whose layer chain lets ``auto`` weigh :class:`~lipsdp.solvers.chordal_.ChordalIPM`
-    against the dense ipm by their estimated cost).  A missing or unlicensed
-    backend raises an error that lists what is available and how to install the rest.
+    ``"auto"``: the usable backend with the highest :meth:`~lipsdp.solvers.base.Backend.preference`
+    for ``lmi`` (an :class:`~lipsdp.lmi.LMIProblem`, or an :class:`~lipsdp.solvers.base.LMIShape`).
+    A missing or unlicensed backend raises an error that lists what is available and how to
+    install the rest.
+
+    Raises
+    ------
+    SolverNotFound
+        Unknown or not installed; for ``auto``, no backend installed that takes the LMI.
+    SolverLicenseError
+        Installed but unusable (MOSEK without a licence).
     """
     name = name.lower()
     if name == "auto":
-        if MOSEK.license_status()[0]:
-            return MOSEK()
-        order = _open_source_order(n, free_multipliers)
-        # Free multipliers (GroupSort, Householder) leave the ipm's Schur complement singular
-        # near their unbounded optimal set; SDPA handles those (see _open_source_order).
-        cost = estimate_cost(lmi) if lmi is not None and factored and not free_multipliers else None
-        if lmi is not None and factored and not free_multipliers and \
-                CompletionIPM.preferred(lmi, None if cost is None else cost[0]):
-            # A layer chain with a strictly feasible start: both iterates stay block-tridiagonal,
-            # unless the clique chain (linear in depth) is cheaper still (very deep narrow nets).
-            order = ["completion"] + order
-        elif cost is not None and cost[0] < cost[1] and cost[0] <= ChordalIPM.max_auto_cost:
-            # Deep narrow nets: the clique chain's Newton system grows linearly with depth.
-            order = ["chordal"] + order
-        elif factored and not free_multipliers and (n is None or n <= LowRankIPM.max_auto_size):
-            order = ["ipm"] + order
-        elif single_input and not free_multipliers and n is not None and n > LowRankIPM.max_auto_size:
-            # Beyond the interior-point methods' reach (minutes per iteration, SCS an n x n
-            # eigendecomposition per iteration): descent on the exact rho(T), still verified.
-            order = ["fo"] + order
-        for choice in order:
-            if BACKENDS[choice].is_installed():
-                return BACKENDS[choice]()
-        raise SolverNotFound("no SDP solver is installed; pip install scs")
+        return _best(LMIShape.of(lmi))
     if name not in BACKENDS:
         raise SolverNotFound(f"unknown solver {name!r}; choose from auto, {', '.join(BACKENDS)}")
     cls = BACKENDS[name]
@@ -107,17 +83,68 @@ def get_backend(name: str = "auto", *, n: int | None = None, free_multipliers: b
     return cls()
 
 
+def fallback(lmi, failed: Backend) -> Backend | None:
+    """What ``auto`` re-solves ``lmi`` with after ``failed`` stopped without an optimal point.
+
+    None unless ``failed`` is :attr:`~lipsdp.solvers.base.Backend.specialised` (one of lipsdp's
+    structure-exploiting methods: they stall on some badly conditioned LMIs, ``fo`` may find no
+    feasible start); then the general backend ``auto`` would pick for an LMI of this size and
+    these multipliers, whatever its structure.  Raises :class:`SolverNotFound` when none is installed.
+    """
+    if not failed.specialised:
+        return None
+    shape = LMIShape(n=lmi.n, free_multipliers=not bool(lmi.nonneg.all()))
+    return _best(shape, general_only=True)
+
+
+def fitting(lmi, budget: int) -> list[tuple[int, str]]:
+    """``(bytes, name)`` of the usable backends that apply to ``lmi`` and whose memory estimate fits
+    in ``budget`` bytes, smallest first."""
+    fits = []
+    for name in usable():
+        cls = BACKENDS[name]
+        need = cls.memory_estimate(lmi)
+        if cls.applies(lmi) and need <= budget:
+            fits.append((need, name))
+    return sorted(fits)
+
+
+def get_backend(name: str = "auto", *, n: int | None = None, free_multipliers: bool = False,
+                factored: bool = False, single_input: bool = False, lmi=None) -> Backend:
+    """:func:`choose` from bare facts about the LMI (compatibility form).
+
+    ``n``: matrix size; ``factored``: every constraint has the rank-two form;
+    ``single_input``: the l2 LMI (one input variable ``rho``); ``lmi``: the problem itself,
+    which the structure-exploiting methods need before ``auto`` weighs them.
+    """
+    return choose(name, LMIShape(n, free_multipliers, factored, single_input, lmi))
+
+
 def _open_source_order(n: int | None, free_multipliers: bool = False) -> list[str]:
-    # Measured in benchmarks/bench_solvers.py on 2 cores, BLAS threads = 1 (see README).
-    # CVXOPT is accurate on small and medium LMIs; SDPA is often faster but reports
-    # "inaccurate" or fails on badly scaled nets; SCS scales furthest.
-    if free_multipliers:
-        # GroupSort / Householder QCs have free multipliers whose optimal set is unbounded:
-        # CVXOPT stops on a singular KKT system there (51 of 90 nets), SDPA failed 3 of 90.
-        return ["sdpa", "clarabel", "scs", "cvxopt"]
-    if n is not None and n > 600:
-        return ["scs", "cvxopt", "sdpa", "clarabel"]
-    return ["cvxopt", "sdpa", "scs", "clarabel"]
+    """The general backends in ``auto``'s order for an LMI of size ``n`` (read off their preferences).
+
+    Transitional: docs/solvers.md still calls it until that page describes :func:`choose`.
+    """
+    shape = LMIShape(n=n, free_multipliers=free_multipliers)
+    ranked = sorted(((cls.preference(shape), name) for name, cls in BACKENDS.items()
+                     if not cls.specialised and cls.auto_rank is not None), key=lambda pair: -pair[0])
+    return [name for _, name in ranked]
 
 
-__all__ = ["BACKENDS", "Backend", "SolveResult", "STATUSES", "describe", "get_backend", "installed", "usable"]
+def _best(shape: LMIShape, general_only: bool = False) -> Backend:
+    best, best_pref = None, None
+    for name in usable():
+        cls = BACKENDS[name]
+        if general_only and cls.specialised:
+            continue
+        pref = cls.preference(shape)
+        if pref is not None and (best_pref is None or pref > best_pref):
+            best, best_pref = cls, pref
+    if best is None:
+        raise SolverNotFound("no SDP solver is installed; pip install scs")
+    return best()
+
+
+__all__ = ["BACKENDS", "Backend", "LMIShape", "SolveResult", "STATUSES", "choose", "describe", "fallback",
+           "fitting", "get_backend", "installed", "register", "usable", "CVXOPT", "MOSEK", "SDPA", "SCS",
+           "Clarabel", "ChordalIPM", "CompletionIPM", "FirstOrder", "LowRankIPM"]

@@ -1,10 +1,10 @@
 """An interior-point method on the clique decomposition of a layer-chain LMI.
 
-The LMI of a feed-forward net is block-tridiagonal (MATH.md section 1.4): with
+The LMI of a feed-forward net is block-tridiagonal (docs/math.md §1.4): with
 blocks ``0..l`` (input, then one per activation layer) only neighbouring
 blocks are coupled.  That pattern is chordal with maximal cliques
 ``C_k = {k-1, k}``, so by Agler's theorem (Agler, Helton, McCullough and
-Rodman 1988; MATH.md section 8.1)
+Rodman 1988; docs/math.md §8.1)
 
 .. math::
 
@@ -23,14 +23,14 @@ Each ``Z_k`` is small (``n_{k-1} + n_k``), and each variable touches at most
 two neighbouring cliques, so the Schur complement of a primal-dual
 interior-point method is block-tridiagonal over the groups
 ``(multipliers of layer k, Y_k)``: it is assembled clique by clique (the
-rank-two Gram formula of :mod:`~lipsdp.solvers.ipm_`, with unit rows for the
+rank-two Gram formula of :func:`lipsdp.interior.term_schur`, with unit rows for the
 ``Y`` entries) and factored by a block Cholesky recursion.  The cost of an
 iteration is linear in depth, about ``l (w^2/2)^3`` flops for width ``w``,
 against ``(l w)^3`` for the dense LMI: the dense method wins on shallow nets,
 this one on deep narrow ones (``benchmarks/bench_solvers.py --deep``).
 
 The iteration itself (HKM direction, Mehrotra predictor-corrector, infeasible
-start) is :class:`~lipsdp.solvers.ipm_._IPM`; only the answer's multipliers
+start) is :class:`lipsdp.interior.InteriorPoint`; only the answer's multipliers
 are returned (the ``Y_k`` are discarded), and :mod:`lipsdp.verify` checks
 them on the full LMI as always.
 """
@@ -41,16 +41,29 @@ import time
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.linalg import LinAlgError, cholesky, solve_triangular
+from scipy.linalg.blas import dsyrk
 
-from lipsdp.solvers.base import Backend, SolveResult
-from lipsdp.solvers.ipm_ import _IPM, _term_schur
-from lipsdp.solvers.ipm_ import estimate_cost as dense_cost
+from lipsdp.chain import BlockChain
+from lipsdp.interior import InteriorPoint, dense_iteration_cost, term_schur
+from lipsdp.solvers.base import Backend, LMIShape, SolveResult, register, stored_bytes
 
 
+@register
 class ChordalIPM(Backend):
-    """Interior-point method on the clique chain of a feed-forward LMI (numpy / scipy only)."""
+    """Interior-point method on the clique chain of a feed-forward LMI (numpy / scipy only).
+
+    Conventions: reads the chain (:class:`lipsdp.chain.BlockChain`) and the rank-two factors of
+    the LMI directly.  Memory: the block-tridiagonal Newton system over the groups
+    ``(multipliers, Y_k)`` and the clique iterates, linear in depth.  Preference: for factored
+    chain LMIs without free multipliers where :func:`estimate_cost` is below the dense method's
+    and below :attr:`max_auto_cost` (deep narrow nets), unless the completion method is preferred;
+    specialised.
+    """
 
     name = "chordal"
+    listing = 2
+    specialised = True
     modules = ("scipy",)
     install = "built in (numpy and scipy)"
     family = "interior_point_chordal"
@@ -58,26 +71,54 @@ class ChordalIPM(Backend):
     default_tol = 1e-7
     max_iters = 80
     step_fraction = 0.95
-    #: ``auto`` uses it while :func:`estimate_cost` is below the dense ipm's and below this: about
-    #: 10 s an iteration on one core (width 32: up to about 350 layers; width 64: about 7 layers, where
-    #: the dense ipm is cheaper, so ``auto`` leaves 64-wide nets to the ipm or ``fo``).
+    #: ``auto`` uses it while :func:`estimate_cost` is below the dense ipm's and below this (an
+    #: iteration of several seconds on one core; on wide layers the dense ipm is cheaper anyway).
     max_auto_cost = 2.0e11
+    #: ``auto``'s rank when it prefers this method (below completion, above the dense ipm).
+    specialised_rank = 12.0
+
+    @classmethod
+    def memory_estimate(cls, lmi) -> int:
+        if len(lmi.blocks) < 3:
+            return super().memory_estimate(lmi)
+        sizes = np.array([b.stop - b.start for b in lmi.blocks], dtype=np.float64)
+        group = sizes * (sizes + 1) / 2 + sizes  # Y_k and the layer's multipliers
+        clique = sizes[:-1] + sizes[1:]
+        # Per group: its block of H, its factor, the coupling and its solve; per clique ~12 iterates.
+        return int(8 * (4 * np.sum(group ** 2) + 12 * np.sum(clique ** 2)) + 6 * stored_bytes(lmi))
+
+    @classmethod
+    def iteration_cost(cls, lmi) -> float | None:
+        cost = estimate_cost(lmi)
+        return None if cost is None else cost[0]
+
+    @classmethod
+    def preference(cls, lmi) -> float | None:
+        # Deep narrow nets: the clique chain's Newton system grows linearly with depth.
+        shape = LMIShape.of(lmi)
+        if not shape.structured:
+            return None
+        cost = shape.cost(cls)
+        if cost is None or not (cost < dense_iteration_cost(shape.lmi) and cost <= cls.max_auto_cost):
+            return None
+        return cls.specialised_rank
 
     @staticmethod
     def applies(lmi) -> bool:
         """Whether ``lmi`` has factored terms and is a chain of at least three blocks."""
-        return _CliqueChain.layout(lmi) is not None
+        return _CliqueChain.layout(BlockChain(lmi)) is not None
 
     def solve(self, lmi, *, time_limit=None, tol=None, verbose=False):
         t0 = time.perf_counter()
-        layout = _CliqueChain.layout(lmi)
+        blocks = BlockChain(lmi)
+        layout = _CliqueChain.layout(blocks)
         if layout is None:
             return SolveResult("solver_error", None, None, time.perf_counter() - t0,
                                message="chordal needs a layer chain (feed-forward net, at least two activation "
                                "layers) with factored constraint terms")
-        chain = _CliqueChain(lmi, *layout)
-        state = _IPM(chain, chain.objective, chain.nonneg, tol or self.default_tol, time_limit, t0, verbose,
-                     self.max_iters, self.step_fraction)
+        chain = _CliqueChain(blocks, layout)
+        state = InteriorPoint(chain, chain.objective, chain.nonneg, tol or self.default_tol, time_limit, t0,
+                              verbose, self.max_iters, self.step_fraction)
         status, message = state.run()
         y = state.y[chain.position]  # the multipliers, in the LMI's order; the Y_k are dropped
         return SolveResult(status, y, float(lmi.objective @ y), time.perf_counter() - t0, state.iterations,
@@ -94,11 +135,10 @@ def estimate_cost(lmi) -> tuple[float, float] | None:
     In flop-like units: ``chordal`` sums ``3 g^3`` over the groups ``(multipliers, Y_k)``
     (block Cholesky, coupling solve and update), the clique Schur products and a fixed
     per-clique overhead; ``dense`` is the one-block method's
-    (:func:`lipsdp.solvers.ipm_.estimate_cost`).  Calibrated on 16-32xL-4 nets (one core): the
-    measured time ratio was 2.0 at L = 16 (model 2.3) and 0.5 at L = 32 (model 0.6).  ``auto``
-    uses it to choose between the two.
+    (:func:`lipsdp.interior.dense_iteration_cost`).  Calibrated against measured times on deep
+    narrow nets (docs/performance.md).  ``auto`` uses it to choose between the two.
     """
-    layout = _CliqueChain.layout(lmi)
+    layout = _CliqueChain.layout(BlockChain(lmi))
     if layout is None:
         return None
     sizes, clique_of_var = layout[0], layout[1]
@@ -109,11 +149,12 @@ def estimate_cost(lmi) -> tuple[float, float] | None:
         g = float(counts[k] + (sizes[k] * (sizes[k] + 1) // 2 if k < len(sizes) - 1 else 0))
         t = g + sizes[k - 1] * (sizes[k - 1] + 1) / 2  # local variables of clique k
         chordal += 3.0 * g ** 3 + 8.0 * t * t + overhead
-    return chordal, dense_cost(lmi)
+    return chordal, dense_iteration_cost(lmi)
 
 
 class _CliqueChain:
-    """The clique form of a chain LMI, in the interface :class:`~lipsdp.solvers.ipm_._IPM` iterates on.
+    """The clique form of a chain LMI (:class:`lipsdp.chain.BlockChain`), in the interface
+    :class:`lipsdp.interior.InteriorPoint` iterates on.
 
     Variables are reordered into groups ``g_k = (multipliers of clique k, svec(Y_k))``,
     ``k = 1..l``; ``position[j]`` is where the LMI's variable ``j`` went.  ``Y_k``
@@ -121,33 +162,28 @@ class _CliqueChain:
     """
 
     @staticmethod
-    def layout(lmi):
+    def layout(chain: BlockChain):
         """``(block sizes, clique of each variable, clique of each constant entry)``, or None if not a chain."""
+        lmi = chain.lmi
         if getattr(lmi, "factors", None) is None or not lmi.blocks or len(lmi.blocks) < 3:
             return None
-        sizes = np.array([b.stop - b.start for b in lmi.blocks])
-        which = lmi.block_of
-        const = lmi.const.tocoo()
-        kr, kc = which(const.row), which(const.col)
-        last = lmi.chain_layers()
-        if last is None or np.any(np.abs(kr - kc) > 1):
+        if not chain.is_layer_chain:
             return None
-        clique_of_var = np.maximum(last, 1)
+        clique_of_var = chain.clique_of_var
         # Every factor row of a term must lie inside its variable's clique.
-        R, iu, iw, _, fvar = lmi.factors
-        Rc = sp.coo_matrix(R)
-        rlo = np.full(R.shape[0], len(sizes), dtype=np.int64)
-        rhi = np.zeros(R.shape[0], dtype=np.int64)
-        np.minimum.at(rlo, Rc.row, which(Rc.col))
-        np.maximum.at(rhi, Rc.row, which(Rc.col))
+        _, iu, iw, _, fvar = lmi.factors
+        rlo, rhi = chain.factor_blocks()
         k = clique_of_var[np.asarray(fvar)]
         for rows in (np.asarray(iu), np.asarray(iw)):
             used = rlo[rows] <= rhi[rows]
             if np.any(used & ((rlo[rows] < k - 1) | (rhi[rows] > k))):
                 return None
-        return sizes, clique_of_var, np.maximum(np.maximum(kr, kc), 1)
+        kr, kc = chain.const_blocks
+        return chain.sizes, clique_of_var, np.maximum(np.maximum(kr, kc), 1)
 
-    def __init__(self, lmi, sizes, clique_of_var, clique_of_const):
+    def __init__(self, chain: BlockChain, layout):
+        lmi = chain.lmi
+        sizes, clique_of_var, clique_of_const = layout
         l = len(sizes) - 1  # noqa: E741  (cliques 1..l)
         starts = np.concatenate([[0], np.cumsum(sizes)])
         nY = [sizes[k] * (sizes[k] + 1) // 2 if 1 <= k < l else 0 for k in range(l + 1)]
@@ -215,7 +251,7 @@ class _CliqueChain:
         self.m = m_new
         self.offsets = offsets
 
-    # -- the interface _IPM iterates on -------------------------------------
+    # -- the interface InteriorPoint iterates on -------------------------------------
     def linear(self, y):
         return [(c.basis @ y[c.gidx]).reshape(s, s, order="F") for c, s in zip(self.cliques, self.sizes)]
 
@@ -227,8 +263,6 @@ class _CliqueChain:
 
     def newton(self, Xs, Zs, N, lp):
         """Assemble the block-tridiagonal Schur complement and factor it; a solver, or None if singular."""
-        from scipy.linalg import LinAlgError
-
         for reg in (1e-14, 1e-11, 1e-8):  # free multipliers can make H singular near the optimum
             D, C, hd = self._assemble(Xs, Zs, N, lp)
             try:
@@ -271,10 +305,7 @@ class _CliqueChain:
     def _factor(self, D, C, reg):
         """Block Cholesky ``H = L L^T``, in place: ``L_kk`` overwrites ``D[k]``, ``L_{k,k-1}`` (``E[k]``,
         nonzero only on the ``Y`` columns of group ``k-1``) overwrites ``C[k]``, so the factor takes
-        no more memory than the assembled system (width 64: about 37 MB a layer)."""
-        from scipy.linalg import cholesky, solve_triangular
-        from scipy.linalg.blas import dsyrk
-
+        no more memory than the assembled system."""
         Lf, E = [], [None] * len(D)
         for k, Dk in enumerate(D):
             Dk.flat[::len(Dk) + 1] += reg
@@ -291,8 +322,6 @@ class _CliqueChain:
         return Lf, E
 
     def _block_solve(self, Lf, E, hd, rhs):
-        from scipy.linalg import solve_triangular
-
         l = len(Lf)  # noqa: E741
         xs = [rhs[self.offsets[k]:self.offsets[k + 1]] / hd[k] for k in range(l)]
         for k in range(l):
@@ -342,7 +371,7 @@ class _Clique:
         p = self.n_prev
         RX, RZ = self.R @ X, self.R @ Z
         u, w = self.iu, self.iw
-        h = {("own", "own"): _term_schur(RX @ self.R.T, RZ @ self.R.T, u, w, self.KT)}
+        h = {("own", "own"): term_schur(RX @ self.R.T, RZ @ self.R.T, u, w, self.KT)}
         names = ["prev", "cur"] if p else ["cur"]
         for n1, (ia, ib, c1) in zip(names, self.tri):
             cross = RX[w][:, ia] * RZ[u][:, ib] + RX[w][:, ib] * RZ[u][:, ia] \

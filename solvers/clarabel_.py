@@ -4,7 +4,7 @@ Clarabel solves ``min 1/2 x^T P x + q^T x  s.t.  A x + s = b, s in K``; its PSD
 cone (``PSDTriangleConeT``) takes the upper triangle, column-major, scaled by
 sqrt(2).  Accurate, but its KKT system holds a dense ``n(n+1)/2`` block for the
 PSD cone (roughly O(n^6) work per iteration), so it suits small LMIs only
-(MATH.md section 10); :meth:`LMIProblem.memory_estimate` guards against it.
+(docs/math.md §10); :meth:`Clarabel.memory_estimate` lets the solve stage guard against it.
 
 Reference: P. Goulart, Y. Chen, "Clarabel: An interior-point solver for conic
 programs with quadratic objectives", arXiv 2405.12762, 2024.
@@ -17,11 +17,22 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-from lipsdp.solvers.base import Backend, SolveResult
+from lipsdp.solvers.base import Backend, SolveResult, dense_bytes, register, stored_bytes
 
 
+@register
 class Clarabel(Backend):
+    """Clarabel, called in its native form.
+
+    Conventions: ``A x + s = b``, ``s`` in (nonnegative cone) x (PSD cone), upper triangle,
+    column-major, scaled by ``sqrt(2)``.  Memory: the dense ``(n(n+1)/2)^2`` scaling block of
+    the PSD cone.  Preference: accurate but the slowest to scale, last of the general backends
+    (second where multipliers are free).
+    """
+
     name = "clarabel"
+    listing = 7
+    auto_rank = (3, 1, 1)
     modules = ("clarabel",)
     install = "pip install clarabel"
     family = "interior_point_cone"
@@ -34,6 +45,11 @@ class Clarabel(Backend):
         "NumericalError": "solver_error", "InsufficientProgress": "optimal_inaccurate",
     }
     default_tol = 1e-8
+
+    @classmethod
+    def memory_estimate(cls, lmi) -> int:
+        m = lmi.n * (lmi.n + 1) // 2
+        return 8 * m * m + 8 * dense_bytes(lmi) + 4 * stored_bytes(lmi)
 
     def solve(self, lmi, *, time_limit=None, tol=None, verbose=False):
         import clarabel

@@ -2,8 +2,8 @@
 
 The LMI of a feed-forward net is block-tridiagonal, and so is the dual slack
 ``S = -M(y)``; the primal ``X`` of :mod:`~lipsdp.solvers.ipm_` is dense, and the
-clique form of :mod:`~lipsdp.solvers.chordal_` adds ``w^2/2`` variables per layer.
-At width 64 either costs about ``2e12`` flops an iteration on a 64-layer net.
+clique form of :mod:`~lipsdp.solvers.chordal_` adds ``w^2/2`` variables per layer:
+on deep nets of moderate width either grows expensive.
 
 Only the entries of ``X`` on the pattern ``P`` of ``S`` (the diagonal and
 first off-diagonal blocks) enter the objective and the constraints.  The
@@ -23,14 +23,14 @@ One HKM step (as in the ipm, with the factored rank-two terms) then needs
 
 - ``G_S = R S^{-1} R^T`` and ``G_X = R X^ R^T``: two block-tridiagonal solves with the
   ``r`` factor rows and a slab-by-slab product (each row spans two blocks);
-- the Schur complement ``H_ij = tr(F_i X^ F_j S^{-1})`` (:func:`~lipsdp.solvers.ipm_._term_schur`),
+- the Schur complement ``H_ij = tr(F_i X^ F_j S^{-1})`` (:func:`lipsdp.interior.term_schur`),
   ``m x m`` in the multipliers alone;
 - ``dX = P(mu S^{-1} - X^ - X^ dS S^{-1})`` on the pattern only: ``P(S^{-1})`` by the
   block recursion of the selected inverse, ``P(X^ dS S^{-1})`` from the two solves above;
 - Mehrotra's corrector ``dX dS S^{-1}``: the predictor ``dX = -X^ + sym(X^ F S^{-1})``
   (``F = sum_j dy_j F_j``) is dense, but it enters only as ``dX R^T = -X^ R^T +
   (X^ F S^{-1} R^T + S^{-1} F X^ R^T) / 2``: two products with the sparse ``F`` and two
-  more block solves.  Without it the method took 1.4 to 2 times as many iterations.
+  more block solves.  Without it the method takes markedly more iterations.
 
 For width ``w``, depth ``l``, ``r ~ 2 l w`` rows and ``m ~ l w`` multipliers that is about
 ``16 l w^2 r + 6 w r^2 + m^3 / 3`` flops an iteration (:func:`estimate_cost`).  It starts
@@ -46,19 +46,34 @@ import time
 
 import numpy as np
 import scipy.sparse as sp
-
+from scipy.linalg import LinAlgError, cholesky, solve_triangular
 from scipy.linalg.blas import dtrsm as _dtrsm
 from scipy.linalg.lapack import dpotrf as _dpotrf
+from scipy.linalg.lapack import dpotri
 
-from lipsdp.solvers.base import Backend, SolveResult
-from lipsdp.solvers.ipm_ import _IPM, LowRankIPM, _term_schur, factor_schur
-from lipsdp.solvers.ipm_ import estimate_cost as dense_cost
+from lipsdp.chain import BlockChain
+from lipsdp.interior import InteriorPoint, dense_iteration_cost, factor_schur, term_schur
+from lipsdp.solvers.base import Backend, LMIShape, SolveResult, register, stored_bytes
+from lipsdp.solvers.chordal_ import ChordalIPM
+from lipsdp.solvers.ipm_ import LowRankIPM
 
 
+@register
 class CompletionIPM(Backend):
-    """Primal-dual interior-point method with both iterates on the block-tridiagonal pattern (numpy / scipy)."""
+    """Primal-dual interior-point method with both iterates on the block-tridiagonal pattern (numpy / scipy).
+
+    Conventions: reads the chain (:class:`lipsdp.chain.BlockChain`), the rank-two factors and the
+    start hint of the LMI directly.  Memory: ``(n, r)`` work arrays for the block solves (``r``
+    factor rows), the ``r x r`` Gram matrices, the term-by-term Schur pieces; the iterates
+    themselves are block-tridiagonal.  Preference: the first choice for factored LMIs without
+    free multipliers that have a layer-by-layer start, where an iteration is affordable and
+    cheaper than the dense ipm's and the chordal method's (weighed by :attr:`dense_ratio` and
+    :attr:`chordal_ratio`); specialised.
+    """
 
     name = "completion"
+    listing = 3
+    specialised = True
     modules = ("scipy",)
     install = "built in (numpy and scipy)"
     family = "interior_point_completion"
@@ -68,9 +83,11 @@ class CompletionIPM(Backend):
     step_fraction = 0.95
 
     #: ``auto`` uses it on chain LMIs with a layer-by-layer start while :func:`estimate_cost` is
-    #: below this: about 15 s an iteration on one core (784-64x64-10: 1.9e11).  Beyond it (wide nets
-    #: such as 784-1024x4-10: 3e12) ``fo`` is faster to 1%.
+    #: below this (an iteration of several seconds on one core); beyond it, on wide nets, ``fo``
+    #: reaches a close bound sooner.
     max_auto_cost = 3.0e11
+    #: ``auto``'s rank when it prefers this method (above every other lipsdp method).
+    specialised_rank = 13.0
 
     @staticmethod
     def applies(lmi) -> bool:
@@ -79,33 +96,46 @@ class CompletionIPM(Backend):
 
     #: ``auto`` prefers :class:`~lipsdp.solvers.chordal_.ChordalIPM` where its cost estimate is below
     #: this multiple of this one's: an iteration here is ``r x r`` dense (``r`` factor rows, growing
-    #: with depth), chordal's is linear in depth.  On 16-32xL-4 nets (one core, whole ``certify``,
-    #: both from the swept start of :mod:`lipsdp.layer_sweep`) this method took 12.8 s against
-    #: 18.5 s at L = 32 (estimates x2.5: 1.4e10 against 1.75e10) and 37.7 s against 33.3 s at
-    #: L = 50 (3.6e10 against 2.7e10).  (Before the sweeps: 17.7 / 24.7 s and 52 / 46 s.)
+    #: with depth), chordal's is linear in depth.  Calibrated on deep narrow nets from the swept start
+    #: of :mod:`lipsdp.layer_sweep` (docs/performance.md).
     chordal_ratio = 2.5
     #: ... and the dense :class:`~lipsdp.solvers.ipm_.LowRankIPM` where this multiple of its estimate is
-    #: below this one's (shallow wide nets): 784-256-256-10 took 10.9 s here, 9.8 s there (1.57e10
-    #: against 1.3 x 1.15e10); 64-100x3-10 1.15 s here, 1.66 s there (1.58e9 against 1.3 x 1.25e9).
+    #: below this one's (shallow wide nets), calibrated likewise.
     dense_ratio = 1.3
 
     @classmethod
-    def preferred(cls, lmi, chordal_cost: float | None = None) -> bool:
-        """Whether ``auto`` should use it: factored terms, a layer-by-layer start (chain LMIs, where
-        :mod:`lipsdp.scaling` found one), an affordable iteration, and cheaper than the dense ipm
-        and (given its estimate) :class:`~lipsdp.solvers.chordal_.ChordalIPM`."""
-        if not cls.applies(lmi) or lmi.start is None:
-            return False
-        cost = estimate_cost(lmi)
-        return (cost <= cls.max_auto_cost and cost <= cls.dense_ratio * dense_cost(lmi)
-                and (chordal_cost is None or cls.chordal_ratio * cost <= chordal_cost))
+    def memory_estimate(cls, lmi) -> int:
+        if lmi.factors is None:
+            return super().memory_estimate(lmi)
+        # Five (n, r) work arrays (solves and the corrector), three r x r Gram matrices, the
+        # term-by-term Schur pieces and H; the iterates themselves are block-tridiagonal.
+        r, t = lmi.factors[0].shape[0], len(lmi.factors[3])
+        return 8 * (5 * lmi.n * r + 3 * r * r + 5 * t * t + 2 * lmi.n_var ** 2) + 6 * stored_bytes(lmi)
+
+    @classmethod
+    def iteration_cost(cls, lmi) -> float:
+        return estimate_cost(lmi)
+
+    @classmethod
+    def preference(cls, lmi) -> float | None:
+        """Preferred with factored terms, a layer-by-layer start (chain LMIs, where :mod:`lipsdp.scaling`
+        found one), an affordable iteration, and cheaper than the dense ipm and the
+        :class:`~lipsdp.solvers.chordal_.ChordalIPM` (where that applies)."""
+        shape = LMIShape.of(lmi)
+        if not shape.structured or not cls.applies(shape.lmi) or shape.lmi.start is None:
+            return None
+        cost, chordal = shape.cost(cls), shape.cost(ChordalIPM)
+        if (cost <= cls.max_auto_cost and cost <= cls.dense_ratio * dense_iteration_cost(shape.lmi)
+                and (chordal is None or cls.chordal_ratio * cost <= chordal)):
+            return cls.specialised_rank
+        return None
 
     def solve(self, lmi, *, time_limit=None, tol=None, verbose=False):
         t0 = time.perf_counter()
         if not self.applies(lmi):
             return SolveResult("solver_error", None, None, time.perf_counter() - t0,
                                message="completion needs factored constraint terms; a constraint family gave none")
-        state = _Completion(lmi, _BlockChain(lmi), tol or self.default_tol, time_limit, t0, verbose,
+        state = _Completion(lmi, PatternChain(BlockChain(lmi)), tol or self.default_tol, time_limit, t0, verbose,
                             self.max_iters, self.step_fraction)
         status, message = state.run()
         if state.y is None and lmi.n <= LowRankIPM.max_auto_size:
@@ -129,7 +159,7 @@ def estimate_cost(lmi) -> float:
     """Flops of one iteration (about): four block solves, three slab products ``R Y``, five
     pattern products with ``r`` columns, the Schur complement and its Cholesky factor.
 
-    Measured on one core at about 15 Gflop/s (16-32x32-4: 5.6e9, 0.37 s an iteration).
+    Calibrated against measured iteration times on one core (docs/performance.md).
     """
     sizes = np.array([b.stop - b.start for b in lmi.blocks], dtype=np.float64) if lmi.blocks else \
         np.array([float(lmi.n)])
@@ -140,25 +170,23 @@ def estimate_cost(lmi) -> float:
     return 2.0 * r * band * 9 + 3 * 2.0 * r * r * span + m ** 3 / 3 + 12.0 * terms ** 2
 
 
-class _BlockChain:
-    """Matrices with the pattern of ``S(y) = -M(y)``: block-tridiagonal (one dense block where the LMI is no chain).
+class PatternChain:
+    """Matrices with the pattern of ``S(y) = -M(y)``: block-tridiagonal on the blocks of a
+    :class:`lipsdp.chain.BlockChain` (one dense block where the LMI is no layer chain).
 
     Holds the lower blocks in one flat buffer (diagonal blocks ``D_k``, then sub-diagonal
     blocks ``B_k = S[k, k-1]``), a scatter index for the LMI's COO entries, and the factor
     rows ``R`` grouped into dense slabs over the blocks they span.
     """
 
-    def __init__(self, lmi):
-        n = lmi.n
+    def __init__(self, blocks: BlockChain):
+        lmi = blocks.lmi
+        if not (blocks.nb >= 2 and blocks.is_layer_chain):
+            blocks = BlockChain(lmi, whole=True)
         rows, cols = np.asarray(lmi.rows), np.asarray(lmi.cols)
         const = sp.coo_matrix(lmi.const)
-        chain = bool(lmi.blocks) and len(lmi.blocks) >= 2 and lmi.chain_layers() is not None
-        if chain:
-            kr, kc = lmi.block_of(const.row), lmi.block_of(const.col)
-            chain = not np.any(np.abs(kr - kc) > 1)
-        bounds = [(b.start, b.stop) for b in lmi.blocks] if chain else [(0, n)]
-        self.starts = np.array([a for a, _ in bounds] + [n])
-        self.sizes = np.diff(self.starts)
+        self.blocks = blocks
+        self.starts, self.sizes = blocks.starts, blocks.sizes
         nb = len(self.sizes)
         d_off = np.concatenate([[0], np.cumsum(self.sizes ** 2)])
         b_sizes = np.concatenate([[0], self.sizes[1:] * self.sizes[:-1]])
@@ -203,7 +231,7 @@ class _BlockChain:
         self.Rt = np.ascontiguousarray(R.T.toarray())  # (n, r): the right-hand sides of S Y = R^T
 
     def block_of(self, idx):
-        return np.searchsorted(self.starts, np.asarray(idx), side="right") - 1
+        return self.blocks.block_of(idx)
 
     def assemble(self, y):
         """The flat lower blocks of ``S(y)``."""
@@ -278,8 +306,6 @@ class _BlockChain:
     def selected_inverse(self, fac):
         """``P(S^{-1})`` from the block Cholesky factor, by the backward recursion
         ``Z_{k+1,k} = -Z_{k+1,k+1} E_{k+1} L_k^{-1}``, ``Z_kk = (L_k^{-T} - Z_{k+1,k}^T E_{k+1}) L_k^{-1}``."""
-        from scipy.linalg import solve_triangular
-
         Ls, Es, _ = fac
         Z = np.zeros(self.length)
         for k in reversed(range(self.nb)):
@@ -311,9 +337,6 @@ class _BlockChain:
     def completion_inverse(self, X):
         """``((X^)^{-1} as lower blocks, the cliques' Cholesky factors)``, or None if ``X_P`` has no
         positive definite completion."""
-        from scipy.linalg import LinAlgError, cholesky
-        from scipy.linalg.lapack import dpotri
-
         W = np.zeros(self.length)
         factors = []
         for k0, C in self.cliques(X):
@@ -379,8 +402,8 @@ class _Completion:
     """State and steps of one completion-method solve (see the module docstring)."""
 
     path_length = 8
-    #: The start multiplies the layer-by-layer point by this: strictly feasible, and well inside.
-    #: (1.1 and 4 took the same iterations on 16-32x32-4; ``X = I``, ``z = 1`` as in the ipm.)
+    #: The start multiplies the layer-by-layer point by this: strictly feasible, and well inside
+    #: (the iteration count is insensitive to it; ``X = I``, ``z = 1`` as in the ipm).
     inflate = 2.0
 
     def __init__(self, lmi, chain, tol, time_limit, t0, verbose, max_iters, step_fraction):
@@ -496,7 +519,7 @@ class _Completion:
             if not np.isfinite(mu):
                 return "solver_error", "non-finite iterate"
 
-            H = _term_schur(GX, GS, self.iu, self.iw, self.KT)
+            H = term_schur(GX, GS, self.iu, self.iw, self.KT)
             del GX
             H[N, N] += z / yN
             schur_solve = factor_schur(H)
@@ -547,9 +570,9 @@ class _Completion:
                 return -ch.pattern_product(UK, SR), -(self.KT @ (cuw + cwu))
 
             def steps(dy, D, dX, dz, limit):
-                aP = min([_IPM.max_step(L, C) for L, (_, C) in zip(xcliques, ch.cliques(dX))]
-                         + [_IPM.max_step_vec(z, dz), limit])
-                aD = min(_IPM.max_step_vec(yN, dy[N]), limit)
+                aP = min([InteriorPoint.max_step(L, C) for L, (_, C) in zip(xcliques, ch.cliques(dX))]
+                         + [InteriorPoint.max_step_vec(z, dz), limit])
+                aD = min(InteriorPoint.max_step_vec(yN, dy[N]), limit)
                 aD = self.max_step_S(S, D, aD)
                 return aP, aD
 

@@ -14,11 +14,16 @@ import warnings
 
 import numpy as np
 
-from lipsdp.solvers.base import Backend, SolveResult
+from lipsdp.solvers.base import Backend, SolveResult, register
+from lipsdp.solvers.deadline import solve_in_child
 
 
 class CvxpyBackend(Backend):
-    """A solver reached through cvxpy; subclasses name it and set its options."""
+    """A solver reached through cvxpy; subclasses name it and set its options.
+
+    Conventions: cvxpy's (it dualises the LMI for the primal standard form these codes want).
+    Memory: the general interior-point estimate of :meth:`Backend.memory_estimate`.
+    """
 
     cvxpy_name = ""
     status_map = {
@@ -36,8 +41,6 @@ class CvxpyBackend(Backend):
 
     def solve(self, lmi, *, time_limit=None, tol=None, verbose=False):
         if time_limit and not self.native_time_limit:
-            from lipsdp.solvers.deadline import solve_in_child
-
             return solve_in_child(self, lmi, time_limit, tol=tol, verbose=verbose)
         import cvxpy as cp
 
@@ -66,16 +69,26 @@ class CvxpyBackend(Backend):
                            getattr(stats, "num_iters", None), str(prob.status))
 
 
+@register
 class MOSEK(CvxpyBackend):
-    """MOSEK interior-point solver (commercial; free academic licences)."""
+    """MOSEK interior-point solver (commercial; free academic licences).
+
+    Preference: above every other backend for every LMI, where licensed (``auto`` considers
+    usable backends only).
+    """
 
     name = "mosek"
+    listing = 0
     cvxpy_name = "MOSEK"
     modules = ("mosek", "cvxpy")
     install = "pip install 'lipsdp[mosek]' and a licence file (https://www.mosek.com/license/request)"
     needs_license = True
     default_tol = 1e-9
     _licence: tuple[bool, str] | None = None
+
+    @classmethod
+    def preference(cls, lmi) -> float | None:
+        return 100.0
 
     @classmethod
     def license_status(cls):
@@ -101,10 +114,18 @@ class MOSEK(CvxpyBackend):
         return {"mosek_params": params}
 
 
+@register
 class SDPA(CvxpyBackend):
-    """SDPA primal-dual interior-point solver (sdpa-python)."""
+    """SDPA primal-dual interior-point solver (sdpa-python).
+
+    Preference: first where multipliers are free (GroupSort, Householder: their optimal set is
+    unbounded, and the other interior-point codes stop on a singular system there); otherwise
+    often faster than CVXOPT but less accurate on badly scaled nets, so second.
+    """
 
     name = "sdpa"
+    listing = 5
+    auto_rank = (4, 2, 3)
     cvxpy_name = "SDPA"
     modules = ("sdpap", "cvxpy")
     install = "pip install sdpa-python"
@@ -114,10 +135,17 @@ class SDPA(CvxpyBackend):
         return {"epsilonStar": tol, "epsilonDash": tol}
 
 
+@register
 class CVXOPT(CvxpyBackend):
-    """CVXOPT primal-dual interior-point solver."""
+    """CVXOPT primal-dual interior-point solver.
+
+    Preference: first of the general backends up to ``LARGE_LMI`` (accurate on small and medium
+    LMIs), after SCS above it, last where multipliers are free (its KKT system turns singular).
+    """
 
     name = "cvxopt"
+    listing = 6
+    auto_rank = (1, 3, 4)
     cvxpy_name = "CVXOPT"
     modules = ("cvxopt", "cvxpy")
     install = "pip install cvxopt"

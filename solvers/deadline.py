@@ -16,7 +16,7 @@ copy locks held by the parent's threads (torch's pool, the progress spinner).
 
 Workers are kept between solves (an l_inf certificate solves once per output):
 the first solve with a limit pays for starting Python and importing cvxpy
-(about 1.5 s here), later ones only for pickling the LMI.  The limit counts
+later ones only for pickling the LMI.  The limit counts
 from the moment the worker starts the solve, as a native limit does.  Without
 a limit, backends solve in-process and none of this runs.
 """
@@ -24,7 +24,10 @@ a limit, backends solve in-process and none of this runs.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
+import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -50,23 +53,19 @@ _BOOT = ("import sys, pickle; sys.path[:] = pickle.load(sys.stdin.buffer); "
 
 def _worker_main() -> None:
     """Worker side: announce readiness, then solve requests until the parent closes the pipe."""
-    import signal
-
     # Ctrl-C belongs to the parent, which kills this process; a worker traceback would be noise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):  # die with the parent even if it is killed outright
         try:
-            import ctypes
-
             ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
         except (OSError, AttributeError):
             pass
     requests = Connection(os.dup(0), writable=False)
     replies = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)  # native solver output goes to stderr, never into the reply pipe or ``--json``
-    import cvxpy  # noqa: F401  (warm: the first request should not pay for it)
-
-    import lipsdp.solvers.cvxpy_  # noqa: F401
+    # Warm: the first request should not pay for cvxpy (the backend's own module is imported when
+    # the request is unpickled, before the worker reports "started", so outside the limit).
+    import cvxpy  # noqa: F401
 
     replies.send(("ready", None))
     while True:
@@ -93,8 +92,6 @@ class _Worker:
         self.proc = subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, close_fds=True)
         ACTIVE.add(self)
-        import pickle
-
         self.proc.stdin.write(pickle.dumps(list(sys.path)))
         self.proc.stdin.flush()
         self.requests = Connection(os.dup(self.proc.stdin.fileno()), readable=False)

@@ -1,4 +1,4 @@
-"""Quasi-Newton descent on the exact ``rho(T)`` of LipSDP (MATH.md sections 1.4 and 8.4).
+"""Quasi-Newton descent on the exact ``rho(T)`` of LipSDP (docs/math.md §1.4 and §8.4).
 
 For fixed multipliers ``T`` the best ``rho`` is an eigenvalue problem.  For a
 feed-forward net the LMI is block-tridiagonal and the backward block
@@ -47,27 +47,44 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import scipy.sparse as sp
+from scipy.linalg import eigh, solve_triangular
+from scipy.linalg.lapack import dpotrf
 
-from lipsdp.solvers.base import Backend, SolveResult
+from lipsdp.accel import as_tensor, device_for
+from lipsdp.chain import BlockChain
+from lipsdp.solvers.base import Backend, LMIShape, SolveResult, first_order_bytes, register
+from lipsdp.solvers.ipm_ import LowRankIPM
 
 
+@register
 class FirstOrder(Backend):
-    """L-BFGS on the smoothed exact ``rho(T)`` (numpy; torch on CUDA when present; l2 only)."""
+    """L-BFGS on the smoothed exact ``rho(T)`` (numpy; torch on CUDA when present; l2 only).
+
+    Conventions: reads the band blocks of the chain (:class:`lipsdp.chain.BlockChain`) and the
+    rank-two factors of the LMI directly; its answer is approximate (``optimal_inaccurate``) and
+    verified as always.  Memory: a few dense ``n x n`` matrices, as a first-order method.
+    Preference: for l2 LMIs without free multipliers beyond the interior-point methods' reach
+    (``n > LowRankIPM.max_auto_size``), the lowest of lipsdp's methods; specialised.
+    """
 
     name = "fo"
+    listing = 8
+    specialised = True
+    #: ``auto``'s rank when it prefers this method (below every other lipsdp method).
+    specialised_rank = 10.0
     modules = ("scipy",)
     install = "built in (numpy and scipy; torch for CUDA)"
     family = "first_order"
     supports_time_limit = True
     default_tol = 1e-6
     #: Function evaluations in all (each one block elimination and one eigenvalue problem), and per
-    #: smoothing level: the late levels gain little (784-256-256-10: 655 evaluations for 3.6e-5).
+    #: smoothing level: the late levels gain little.
     max_evals, level_evals = 3000, 300
     #: Smoothing levels ``b`` (``beta = b / rho``): stop once a level gains less than ``tol``.
     levels = (1e2, 1e3, 1e4, 1e5, 1e6, 1e7)
     #: The smoothing level converged tightly (gradient ~1e-8; at most ``dual_evals`` evaluations),
-    #: whose end point gives the dual bound
-    #: (:meth:`_Descent.dual_bound`; on 20-50-50-10 the bound came 1.7e-4 below the optimum in rho).
+    #: whose end point gives the dual bound (:meth:`_Descent.dual_bound`).
     dual_level, dual_evals = 1e2, 150
     #: Eliminate wide diagonal blocks first (:func:`_early_blocks`); False keeps the plain backward
     #: recursion (the same ``rho(T)``; ``benchmarks/bench_cnn.py`` compares the two).
@@ -77,6 +94,20 @@ class FirstOrder(Backend):
     def applies(lmi) -> bool:
         """Whether ``lmi`` is an l2 LMI (one input variable, ``rho``)."""
         return lmi.n_in == 1
+
+    @classmethod
+    def memory_estimate(cls, lmi) -> int:
+        return first_order_bytes(lmi)
+
+    @classmethod
+    def preference(cls, lmi) -> float | None:
+        # Beyond the interior-point methods' reach (an iteration of minutes; SCS an n x n
+        # eigendecomposition per iteration): descent on the exact rho(T), still verified.
+        shape = LMIShape.of(lmi)
+        if (shape.single_input and not shape.free_multipliers and shape.n is not None
+                and shape.n > LowRankIPM.max_auto_size):
+            return cls.specialised_rank
+        return None
 
     def solve(self, lmi, *, time_limit=None, tol=None, verbose=False):
         t0 = time.perf_counter()
@@ -130,17 +161,12 @@ class _Descent:
     """
 
     #: Eigenvalues more than ``WINDOW / beta`` below the largest are left out of ``f_beta`` (:meth:`spectrum`),
-    #: on input blocks of ``SUBSET_MIN`` or more.  Below, the whole spectrum costs at most 0.25 s, and the
-    #: path L-BFGS takes is kept: the last bits of ``f`` change its path, and on 784-1024x4-10 the subset
-    #: path took 777 evaluations instead of 421 (its level 1e6 crept on for its whole budget, to a bound
-    #: 4e-6 lower), 362 s instead of 241 s.
+    #: on input blocks of ``SUBSET_MIN`` or more.  Below, the whole spectrum is cheap, and the path L-BFGS
+    #: takes is kept: the last bits of ``f`` change its path, and a subset path can take markedly more
+    #: evaluations.
     WINDOW, SUBSET_MIN = 30.0, 1024
 
     def __init__(self, lmi, time_limit, t0, verbose, early=True):
-        import scipy.sparse as sp
-
-        from lipsdp.accel import device_for
-
         self.time_limit, self.t0, self.verbose = time_limit, t0, verbose
         self.timed_out = False
         self.groups = _chain_groups(lmi)
@@ -171,8 +197,7 @@ class _Descent:
                           const.data[csel])
                 self.pieces[g, h] = (pos, vals[sel], var[sel], base, (int(size[g]), int(size[h])))
         #: Dense templates ``(values, variables)`` of the pieces that are mostly filled, one entry per
-        #: position (a dense layer's coupling): a gather replaces the scatter-add (784-1024x4-10: 2-3 ms
-        #: instead of 13-17 ms per 1024 x 1024 coupling, 10% of an evaluation).
+        #: position (a dense layer's coupling): a gather is several times cheaper than the scatter-add.
         self.templates = {}
         for key, (pos, pvals, pvar, base, _) in self.pieces.items():
             if len(pos) >= base.size // 4 and len(np.unique(pos)) == len(pos):
@@ -327,14 +352,12 @@ class _Descent:
         ``exp(-WINDOW) = 9e-14`` in ``f_beta``, below the ``1e-12`` the gradient keeps), or the largest
         alone when ``beta`` is None.  In numpy, on blocks of :attr:`SUBSET_MIN` or more, they come
         from LAPACK's subset driver, asked for a few more than the window held at the last
-        evaluation (a tridiagonalisation and a few eigenvectors: at 3072 inputs 3.3 s instead of
-        7.0 s); when the window holds more, or a quarter of the spectrum, all of them.
+        evaluation (a tridiagonalisation and a few eigenvectors, about half the cost of the whole
+        spectrum on large input blocks); when the window holds more, or a quarter of the spectrum, all of them.
         """
         la, n = self.la, S.shape[0]
         k = 1 if beta is None else min(n, 2 * self.window + 16)
         if la.device == "numpy" and k <= n // 4 and n >= self.SUBSET_MIN:
-            from scipy.linalg import eigh
-
             lam, V = eigh((S + S.T) / 2, subset_by_index=(n - k, n - 1), driver="evr", check_finite=False)
             if beta is None:
                 return lam, V
@@ -370,7 +393,7 @@ class _Descent:
         LP).  Feasibility is re-checked in floating point; only slope-type constraints (no
         free multipliers) qualify.  The bound is as tight as the point is stationary.
         """
-        from scipy.optimize import linprog
+        from scipy.optimize import linprog  # HiGHS, a solver package: loaded only when fo runs
 
         V = self.midslope_directions()
         if V is None or np.any(self.free):
@@ -397,7 +420,7 @@ class _Descent:
             if len(bad):
                 rows = np.hstack([g[bad, None], H[bad]])
                 rows /= np.abs(rows).max(axis=1, keepdims=True)  # HiGHS's tolerances are absolute
-                # HiGHS's interior point: on 784-1024x4-10 (2,347 x 785) 3.3 s, its dual simplex 115 s.
+                # HiGHS's interior point: far faster than its dual simplex on these dense LPs.
                 res = linprog(-np.concatenate([[A0], a_v]), A_ub=-rows, b_ub=np.zeros(len(bad)),
                               A_eq=np.concatenate([[trX], b_v])[None, :], b_eq=[1.0],
                               bounds=[(0, None)] * (1 + V.shape[1]), method="highs-ipm")
@@ -430,8 +453,6 @@ class _Descent:
         """
         if self.R is None or not self.blocks:
             return None
-        import scipy.sparse as sp
-
         mult = np.asarray(self.fvar) > 0  # the multipliers' terms (not rho's)
         Dm = (self.R[np.asarray(self.iu)[mult]] - self.R[np.asarray(self.iw)[mult]]).tocsr()
         Dm.eliminate_zeros()
@@ -517,7 +538,7 @@ class _Descent:
         per-layer scale of the multipliers, which deep nets need first and plain L-BFGS finds slowly).
         ``tight``: converge the smoothed objective itself (gradient ~1e-8), as the dual bound needs.
         """
-        from scipy.optimize import minimize
+        from scipy.optimize import minimize  # L-BFGS-B, a solver package: loaded only when fo runs
 
         base = self.best_theta.copy()
         P = subspace
@@ -576,8 +597,6 @@ class _LinearAlgebra:
             self.torch = torch
 
     def array(self, A):
-        from lipsdp.accel import as_tensor
-
         if self.device == "numpy" or not isinstance(A, np.ndarray):
             return A
         return as_tensor(A, self.device)
@@ -588,8 +607,6 @@ class _LinearAlgebra:
     def cholesky(self, A):
         """Lower Cholesky factor, or None if ``A`` is not positive definite."""
         if self.device == "numpy":
-            from scipy.linalg.lapack import dpotrf
-
             L, info = dpotrf(A, lower=1, clean=1)
             return L if info == 0 else None
         L, info = self.torch.linalg.cholesky_ex(A)
@@ -597,24 +614,18 @@ class _LinearAlgebra:
 
     def solve_lower(self, L, B):
         if self.device == "numpy":
-            from scipy.linalg import solve_triangular
-
             return solve_triangular(L, B, lower=True, check_finite=False)
         return self.torch.linalg.solve_triangular(L, B, upper=False)
 
     def solve_upper(self, L, B):
         """``L^{-T} B``."""
         if self.device == "numpy":
-            from scipy.linalg import solve_triangular
-
             return solve_triangular(L, B, lower=True, trans="T", check_finite=False)
         return self.torch.linalg.solve_triangular(L.T, B, upper=True)
 
     def eigh(self, S):
         """Ascending eigenvalues and eigenvectors as numpy arrays."""
         if self.device == "numpy":
-            from scipy.linalg import eigh
-
             return eigh((S + S.T) / 2, check_finite=False)
         lam, V = self.torch.linalg.eigh((S + S.T) / 2)
         return lam.cpu().numpy(), V
@@ -688,8 +699,6 @@ class _SparsePiece:
         self.indices = self.pattern % shape[1]
 
     def matrix(self, y):
-        import scipy.sparse as sp
-
         weights = np.concatenate([self.vals * y[self.var], self.base])
         data = np.bincount(self.slot, weights=weights, minlength=len(self.pattern))
         return sp.csr_matrix((data, self.indices, self.indptr), shape=self.shape)
@@ -697,8 +706,6 @@ class _SparsePiece:
 
 def _product(A, d, B):
     """``A diag(d) B`` as a dense array (``A``, ``B`` dense or sparse)."""
-    import scipy.sparse as sp
-
     if sp.issparse(A):
         out = (A @ sp.diags(d)) @ B
         return out.toarray() if sp.issparse(out) else np.asarray(out)
@@ -709,13 +716,11 @@ def _chain_groups(lmi) -> list[tuple[int, int]]:
     """Index ranges of the blocks of a block-tridiagonal LMI (input block first).
 
     The blocks of the lifting when only neighbouring blocks are coupled (a
-    feed-forward net); otherwise ``[input, everything else]``.
+    feed-forward net: :class:`lipsdp.chain.BlockChain`); otherwise ``[input, everything else]``.
     """
     blocks = [(b.start, b.stop) for b in lmi.blocks] if lmi.blocks else [(0, lmi.n)]
     if len(blocks) <= 2:
         return blocks if len(blocks) == 2 else [(0, lmi.input_dim), (lmi.input_dim, lmi.n)]
-    which = lmi.block_of
-    const = lmi.const.tocoo()
-    far = np.any(np.abs(which(np.asarray(lmi.rows)) - which(np.asarray(lmi.cols))) > 1) or \
-        np.any(np.abs(which(const.row) - which(const.col)) > 1)
-    return [blocks[0], (blocks[1][0], blocks[-1][1])] if far else blocks
+    chain = BlockChain(lmi)
+    banded = chain.entries_banded and chain.const_banded
+    return blocks if banded else [blocks[0], (blocks[1][0], blocks[-1][1])]

@@ -19,11 +19,22 @@ import time
 
 import numpy as np
 
-from lipsdp.solvers.base import Backend, SolveResult
+from lipsdp.solvers.base import Backend, SolveResult, first_order_bytes, register
 
 
+@register
 class SCS(Backend):
+    """SCS, called in its native form.
+
+    Conventions: ``b - A x`` in (nonnegative cone) x (PSD cone), lower triangle, column-major,
+    off-diagonal entries times ``sqrt(2)``.  Memory: a few dense ``n x n`` matrices for the
+    projection (:func:`~lipsdp.solvers.base.first_order_bytes`).  Preference: the general backend
+    that scales furthest, first for LMIs above ``LARGE_LMI``, third otherwise.
+    """
+
     name = "scs"
+    listing = 4
+    auto_rank = (2, 4, 2)
     modules = ("scs",)
     install = "pip install scs"
     family = "first_order"
@@ -35,6 +46,10 @@ class SCS(Backend):
         "interrupted": "time_limit",
     }
     default_tol = 1e-6
+
+    @classmethod
+    def memory_estimate(cls, lmi) -> int:
+        return first_order_bytes(lmi)
 
     def solve(self, lmi, *, time_limit=None, tol=None, verbose=False):
         import scs

@@ -12,6 +12,7 @@ import pytest
 from scipy.io import loadmat
 
 import lipsdp
+from lipsdp.chain import BlockChain
 from lipsdp.lifting import lift
 from lipsdp.lmi import build_lmi
 from lipsdp.network import Network
@@ -30,7 +31,8 @@ def _net(sizes, function="relu", params=None, seed=0):
 def _chain(sizes=(3, 5, 4, 6, 2), function="relu", params=None, norm="l2"):
     omap = np.array([[1.0, -1.0]]) if norm == "linf" else None
     lmi = build_lmi(lift(_net(sizes, function, params)), output_map=omap, norm=norm)
-    return lmi, _CliqueChain(lmi, *_CliqueChain.layout(lmi))
+    chain = BlockChain(lmi)
+    return lmi, _CliqueChain(chain, _CliqueChain.layout(chain))
 
 
 def _embed(lmi, blocks):

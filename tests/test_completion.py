@@ -15,13 +15,14 @@ import pytest
 from scipy.io import loadmat
 
 import lipsdp
+from lipsdp.chain import BlockChain
 from lipsdp.lifting import lift
 from lipsdp.lmi import build_lmi
 from lipsdp.network import Network
 from lipsdp.pipeline import _scales
 from lipsdp.solvers import get_backend
 from lipsdp.solvers.chordal_ import estimate_cost as chordal_estimate
-from lipsdp.solvers.completion_ import CompletionIPM, _BlockChain, _Completion, estimate_cost
+from lipsdp.solvers.completion_ import CompletionIPM, PatternChain, _Completion, estimate_cost
 
 from conftest import assert_sandwich, torch_lower_bound
 
@@ -73,7 +74,7 @@ def _flat(chain, A):
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_pattern_algebra_matches_dense(norm):
     lmi = _solved_lmi((4, 6, 5, 7, 3), norm=norm)
-    chain = _BlockChain(lmi)
+    chain = PatternChain(BlockChain(lmi))
     assert chain.nb == len(lmi.blocks) >= 4
     state = _Completion(lmi, chain, 1e-7, None, 0.0, False, 10, 0.95)
     y, fac = state.start()
@@ -190,7 +191,7 @@ def test_auto_uses_it_on_chains_with_a_start():
     assert get_backend("auto", n=shallow.n, factored=True, lmi=shallow, single_input=True).name == "ipm"
     # 50 layers of width 32: its r x r Gram matrices outgrow chordal's linear-in-depth iteration.
     deep = _solved_lmi((16,) + (32,) * 50 + (4,))
-    assert not CompletionIPM.preferred(deep, chordal_estimate(deep)[0])
+    assert CompletionIPM.preference(deep) is None and chordal_estimate(deep)[0] < 2.5 * estimate_cost(deep)
     assert get_backend("auto", n=deep.n, factored=True, lmi=deep, single_input=True).name == "chordal"
     cert = lipsdp.certify(_net((4, 8, 8, 8, 2)), lower_bound_samples=0)
     assert cert.verified and cert.solver == "completion", cert.message

@@ -97,11 +97,9 @@ def test_cli_split_and_verify_refusal(tmp_path):
 def test_memory_refusal_names_the_backends_that_fit(monkeypatch):
     """Refused for memory, the message lists the usable backends that apply and fit (fo is l2-only)."""
     from lipsdp.errors import ResourceError
-    from lipsdp.lmi import LMIProblem
+    from lipsdp.solvers import LowRankIPM
 
-    real = LMIProblem.memory_estimate
-    monkeypatch.setattr(LMIProblem, "memory_estimate",
-                        lambda self, kind="first_order": 2**40 if kind == "interior_point_lowrank" else real(self, kind))
+    monkeypatch.setattr(LowRankIPM, "memory_estimate", classmethod(lambda cls, lmi: 2**40))
     net = _net(sizes=(4, 6, 6, 2), seed=1)
     with pytest.raises(ResourceError) as err:  # l_inf: no splitting fallback
         lipsdp.certify_network(net, norm="linf", solver="ipm", lower_bound_samples=0, memory_limit=2**30)
