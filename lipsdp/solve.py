@@ -1,8 +1,9 @@
 """The solve stage: which backend, whether it fits in memory, running it, and what to do when it stops.
 
-Everything the certification needs to know about backends goes through the
-four small functions at the top (:func:`_choose`, :func:`_need`,
-:func:`_fallback`, :func:`_fitting`); the rest of lipsdp never names a backend.
+Everything the certification needs to know about backends goes through
+:mod:`lipsdp.solvers` (:func:`~lipsdp.solvers.choose`, :func:`~lipsdp.solvers.fallback`,
+:func:`~lipsdp.solvers.fitting` and each backend's ``memory_estimate``); the rest of lipsdp
+never names a backend.
 A backend's answer is never trusted as a bound: the verify stage
 (:mod:`lipsdp.verification`) proves one from its point or reports that it could not.
 """
@@ -17,47 +18,13 @@ import numpy as np
 from lipsdp.errors import LipSDPError, ResourceError
 from lipsdp.progress import spinner
 from lipsdp.resources import available_memory
-from lipsdp.solvers import BACKENDS, get_backend, usable
+from lipsdp.solvers import choose, fallback, fitting
 from lipsdp.solvers.base import SolveResult, native_output_to_stderr
 
 #: A solve that ended otherwise gets a second backend under ``auto``: it neither converged nor ran out of time.
 _SETTLED = ("optimal", "optimal_inaccurate", "time_limit")
 #: Share of the available memory a solve may plan for; the rest is the process's own and the verifier's.
 MEMORY_SHARE = 0.8
-
-
-def _choose(name: str, lmi):
-    """The backend called ``name`` (``"auto"``: the preferred one for ``lmi``)."""
-    return get_backend(name, n=lmi.n, free_multipliers=not bool(lmi.nonneg.all()),
-                       factored=lmi.factors is not None, single_input=lmi.n_in == 1, lmi=lmi)
-
-
-def _need(backend, lmi) -> int:
-    """Bytes ``backend`` needs to solve ``lmi``."""
-    return lmi.memory_estimate(backend.family)
-
-
-def _fallback(lmi, failed):
-    """The backend ``auto`` tries after ``failed`` stopped short on ``lmi``, or None.
-
-    lipsdp's own methods can stall on badly conditioned LMIs (very deep nets, whose
-    composed norm bounds overshoot by orders of magnitude) or find no feasible
-    start (fo); the general-purpose solver ``auto`` would otherwise pick gets a go.
-    """
-    if failed.name not in ("ipm", "chordal", "completion", "fo"):
-        return None
-    return get_backend("auto", n=lmi.n, free_multipliers=not bool(lmi.nonneg.all()))
-
-
-def _fitting(lmi, budget: int) -> list[tuple[int, str]]:
-    """``(bytes, name)`` of the usable backends that apply to ``lmi`` and fit in ``budget``, smallest first."""
-    fits = []
-    for name in usable():
-        cls = BACKENDS[name]
-        need = lmi.memory_estimate(cls.family)
-        if cls.applies(lmi) and need <= budget:
-            fits.append((need, name))
-    return sorted(fits)
 
 
 @dataclass
@@ -131,7 +98,7 @@ class Solve:
     def __call__(self, query) -> Solution:
         lmi = query.solve
         if self.backend is None:
-            self.backend = _choose(self.solver, lmi)
+            self.backend = choose(self.solver, lmi)
             self._check_memory(lmi)
         result, seconds = run_backend(self.backend, lmi, self.time_limit, self.tol, self.progress, query.label)
         self.seconds += seconds
@@ -143,10 +110,10 @@ class Solve:
                         result.iterations, extras.get("path"), name)
 
     def _check_memory(self, lmi) -> None:
-        need = _need(self.backend, lmi)
+        need = self.backend.memory_estimate(lmi)
         budget = self.memory_limit or int(MEMORY_SHARE * available_memory())
         if need > budget:
-            fits = _fitting(lmi, budget)
+            fits = fitting(lmi, budget)
             advice = "these fit: " + ", ".join(f"--solver {name} (about {n / 2**30:.2g} GiB)" for n, name in fits) \
                 if fits else "no installed backend fits: try --split K or a smaller network"
             raise ResourceError(f"solving this {lmi.n}x{lmi.n} LMI with {self.backend.name} needs about "
@@ -154,7 +121,7 @@ class Solve:
 
     def _retry(self, lmi, result, seconds, label):
         """``(result, backend name)``: the fallback's result where it converged, else the first one."""
-        alt = _fallback(lmi, self.backend)
+        alt = fallback(lmi, self.backend)
         if alt is None:
             return result, self.backend.name
         left = None if not self.time_limit else self.time_limit - seconds
