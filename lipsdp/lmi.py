@@ -228,16 +228,6 @@ class LMIProblem:
         np.add.at(b, idx, C.data[keep] * s)
         return A, b
 
-    def memory_estimate(self, kind: str = "first_order") -> int:
-        """Deprecated: each backend states its own, :meth:`lipsdp.solvers.base.Backend.memory_estimate`.
-
-        Kept only until the solve stage calls the backends' estimates; ``kind`` is a backend family.
-        """
-        from lipsdp.solvers import BACKENDS, Backend  # transitional: removed with this method
-
-        owner = next((cls for cls in BACKENDS.values() if cls.family == kind), Backend)
-        return owner.memory_estimate(self)
-
 
 @dataclass
 class _Parts:
