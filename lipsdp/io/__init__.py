@@ -31,7 +31,15 @@ from __future__ import annotations
 import os
 
 from lipsdp.errors import LipSDPError, ModelLoadError
+from lipsdp.io.checkpoint import find_in_checkpoint, mlp_from_state_dict
+from lipsdp.io.export import load_exported
 from lipsdp.io.formats import FORMATS, detect_format
+from lipsdp.io.matfile import load_mat
+from lipsdp.io.onnx_ import load_onnx
+from lipsdp.io.records import check_zip_records
+from lipsdp.io.safe_pickle import load_torch_file
+from lipsdp.io.torch_module import network_from_module as _from_module
+from lipsdp.io.torchscript import load_torchscript
 
 __all__ = ["load_network", "network_from_module", "detect_format", "FORMATS"]
 
@@ -92,33 +100,19 @@ def load_network(path, *, activation: str | None = None, activation_params: dict
 def _load_network(path, activation, activation_params, input_shape, trust_pickle):
     fmt = detect_format(path)
     if fmt in ("torchscript", "export", "pickle"):
-        from lipsdp.io.records import check_zip_records
-
         with open(path, "rb") as fh:
             is_zip = fh.read(2) == b"PK"
         if is_zip:
             check_zip_records(path)
     shape = None if input_shape is None else tuple(int(s) for s in input_shape)
     if fmt == "mat":
-        from lipsdp.io.matfile import load_mat
-
         return load_mat(path, activation, activation_params)
     if fmt == "onnx":
-        from lipsdp.io.onnx_ import load_onnx
-
         return load_onnx(path, input_shape=shape)
     if fmt == "torchscript":
-        from lipsdp.io.torchscript import load_torchscript
-
         return load_torchscript(path, input_shape=shape)
     if fmt == "export":
-        from lipsdp.io.export import load_exported
-
         return load_exported(path, input_shape=shape)
-    from lipsdp.io.checkpoint import find_in_checkpoint, mlp_from_state_dict
-    from lipsdp.io.safe_pickle import load_torch_file
-    from lipsdp.io.torch_module import network_from_module as _from_module
-
     obj = load_torch_file(path, trust_pickle=trust_pickle)
     kind, content, key = find_in_checkpoint(obj, path)
     if kind == "module":
@@ -145,8 +139,6 @@ def network_from_module(module, input_shape=None):
     ModelLoadError
         The model cannot be traced, or its input shape cannot be inferred.
     """
-    from lipsdp.io.torch_module import network_from_module as _from_module
-
     if input_shape is not None:
         input_shape = tuple(int(s) for s in input_shape)
     return _from_module(module, input_shape=input_shape)
