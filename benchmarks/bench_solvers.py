@@ -7,7 +7,7 @@ runaway solves), and reports medians of ``--repeats`` runs and speed-ups.
 Configurations
 --------------
 ``naive-<solver>``
-    LipSDP-Neuron written straight from the paper (MATH.md (1.1)): ``rho`` a
+    LipSDP-Neuron written straight from the paper (docs/math.md (1.1)): ``rho`` a
     ``cp.Variable``, ``T = cp.diag(t)``, ``Q`` assembled with ``cp.bmat``,
     ``M = [A; B]^T Q [A; B] - rho E0^T E0 + El^T Wl^T Wl El`` and ``M << 0``,
     solved by cvxpy with its default options for SCS, CVXOPT and SDPA.  Its bound
@@ -157,7 +157,7 @@ def lmi_sizes(weights) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- the child
 def naive_lipsdp_neuron(weights, solver: str):
-    """LipSDP-Neuron as written from the paper, (1.1) of MATH.md, solved by cvxpy.
+    """LipSDP-Neuron as written from the paper, (1.1) of docs/math.md, solved by cvxpy.
 
     Returns ``(sqrt(rho), cvxpy status, extras)``; the bound is the solver's, unverified; ``extras``
     splits the time into cvxpy's compilation and the solver's own time.

@@ -12,7 +12,7 @@ incremental inequality that holds for *every* pair of inputs,
 
 with :math:`\\Psi` affine in the constraint's multipliers ``y`` (some of them
 sign-constrained, ``y_j >= 0``, the others free).  Lifted to ``z`` it adds
-``sum_j y_j F_j`` to the LMI of (3.1) in ../shared/design/MATH.md, where each
+``sum_j y_j F_j`` to the LMI of (3.1) in docs/math.md, where each
 ``F_j = [P; Q]^T Psi_j [P; Q]`` is symmetric.  A constraint returns the ``F_j``
 as one COO triple list (:class:`QCTerms`) so that thousands of neurons are
 assembled with array operations, never a Python loop per neuron.

@@ -3,7 +3,7 @@ r"""GroupSort (and FullSort): the quadratic constraint of Pauli et al. (ICLR 202
 GroupSort splits its input into disjoint groups :math:`G_j` of ``g``
 consecutive coordinates and sorts each group in ascending order (deel-torchlip's
 ``GroupSort``, ``GroupSort2`` and ``FullSort``).  For any two inputs, on every
-group (MATH.md section 4.1):
+group (docs/math.md §4.1):
 
 - **(P1) sum preservation** :math:`\\mathbf 1^T \\Delta w_j = \\mathbf 1^T \\Delta v_j`;
 - **(P2) incremental 1-Lipschitz** :math:`\\|\\Delta w_j\\|_2 \\le \\|\\Delta v_j\\|_2`
@@ -90,7 +90,7 @@ class PreservedDirections(QuadraticConstraint):
     A direction row ``d`` promises :math:`d^T \\Delta w = d^T \\Delta v` for every
     pair of inputs; each group promises :math:`\\|\\Delta w_j\\| \\le \\|\\Delta v_j\\|`.
     Rows of one group should be orthonormal (then :math:`s_j, p_j` are the diagonals
-    of the :math:`r \\times r` matrices of MATH.md; off-diagonal entries are not offered).
+    of the :math:`r \\times r` matrices of docs/math.md §4.2; off-diagonal entries are not offered).
     """
 
     def groups(self, op) -> tuple[np.ndarray, int]:

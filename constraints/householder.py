@@ -13,7 +13,7 @@ deel-torchlip's ``HouseHolder`` (Singla et al.) pairs coordinate ``k`` with
         \\sin\\theta & -\\cos\\theta\\end{bmatrix} z & u^T z > 0 \\end{cases}
     \\;=\\; (I - uu^T) z - |u^T z|\\, u .
 
-So on each pair (MATH.md section 4.1):
+So on each pair (docs/math.md §4.1):
 
 - **(H1)** :math:`U^T \\Delta w = U^T \\Delta v` for :math:`U = (\\cos(\\theta/2), \\sin(\\theta/2))`,
   the unit vector spanning :math:`u^\\perp` (the map is the identity there);

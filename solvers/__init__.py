@@ -120,17 +120,6 @@ def get_backend(name: str = "auto", *, n: int | None = None, free_multipliers: b
     return choose(name, LMIShape(n, free_multipliers, factored, single_input, lmi))
 
 
-def _open_source_order(n: int | None, free_multipliers: bool = False) -> list[str]:
-    """The general backends in ``auto``'s order for an LMI of size ``n`` (read off their preferences).
-
-    Transitional: docs/solvers.md still calls it until that page describes :func:`choose`.
-    """
-    shape = LMIShape(n=n, free_multipliers=free_multipliers)
-    ranked = sorted(((cls.preference(shape), name) for name, cls in BACKENDS.items()
-                     if not cls.specialised and cls.auto_rank is not None), key=lambda pair: -pair[0])
-    return [name for _, name in ranked]
-
-
 def _best(shape: LMIShape, general_only: bool = False) -> Backend:
     best, best_pref = None, None
     for name in usable():

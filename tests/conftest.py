@@ -50,7 +50,7 @@ def torch_lower_bound(model, input_dim: int, samples: int = 256, seed: int = 0, 
 
 
 def assert_sandwich(cert, lower: float, rel: float = 1e-7):
-    """``lower <= bound <= trivial`` (the sanity chain of MATH.md section 1.5)."""
+    """``lower <= bound <= trivial`` (the sanity chain of docs/math.md §1.5)."""
     assert cert.verified, cert.message
     assert lower <= cert.bound * (1 + rel), f"UNSOUND: sampled {lower} > certified {cert.bound}"
     assert cert.bound <= cert.trivial_bound * (1 + rel), f"bound {cert.bound} above trivial {cert.trivial_bound}"

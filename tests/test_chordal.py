@@ -1,4 +1,4 @@
-"""lipsdp's interior-point method on the clique chain (``--solver chordal``, MATH.md section 8.1).
+"""lipsdp's interior-point method on the clique chain (``--solver chordal``, docs/math.md §8.1).
 
 The clique form must be the same LMI (the ``Y_k`` cancel), its Schur complement
 and block solve must be the dense ones, and its bounds must match the dense

@@ -76,7 +76,7 @@ def test_gradient_matches_finite_differences(sizes, activation):
 
 
 def test_block_elimination_matches_the_dense_schur_complement():
-    """rho(T) by the backward recursion of MATH.md 1.4 equals lambda_max(P - Q R^-1 Q^T)."""
+    """rho(T) by the backward recursion of docs/math.md §1.4 equals lambda_max(P - Q R^-1 Q^T)."""
     _, net = _net((5, 8, 8, 8, 3), seed=1)
     lmi = _prepared_lmi(net)
     assert len(_chain_groups(lmi)) == 4  # input + 3 hidden blocks: a chain
