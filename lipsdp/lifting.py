@@ -12,7 +12,7 @@ is a linear map of ``z`` (biases dropped: they cancel in increments):
 - Equilibrium ``k`` (implicit layer ``z = phi(F z + u)``): ``P_k = L_parent + F Q_k``,
   rows that read the block's own outputs (``C_vw`` not triangular, docs/math.md §5.2).
 
-The network output is ``C z``.  This is the LFT form of docs/math.md §3.1:
+The network output is ``C z``.  This is the LFT form of docs/math.md §3, (3.1):
 ``[P; Q] = [[C_vx, C_vw], [0, I]]`` and ``C = [D_yx, D_yw]``.  For a feed-forward
 net ``P_k`` has nonzeros only in block ``k-1``, so the LMI is block-tridiagonal;
 :meth:`Lifting.block_graph` exposes the coupling pattern for chordal methods.
