@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
 EXPECTED_PAGES = {"formulations.md", "layers.md", "solvers.md", "certificates.md", "extending.md", "math.md",
-                  "performance.md"}
+                  "performance.md", "architecture.md"}
 PAGE_TIMEOUT = 600  # seconds for all blocks of one page
 
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.S | re.M)
