@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = {
     "leaky_relu": [{"negative_slope": 0.2}, {"negative_slope": -0.5}, {"negative_slope": 3.0}],
     "elu": [{"alpha": 0.5}, {"alpha": 1.5}, {"alpha": -0.3}],
-    "softplus": [{"beta": 2.0, "threshold": 5.0}, {"beta": 0.5, "threshold": 20.0}, {"beta": -1.5}],
+    "softplus": [{"beta": 2.0, "threshold": 14.0}, {"beta": 0.5, "threshold": 20.0}, {"beta": -1.5}],
     "hardtanh": [{"min_val": -0.5, "max_val": 2.0}, {"min_val": 0.0, "max_val": 6.0}],
     "gelu": [{"approximate": "tanh"}],
 }
@@ -166,7 +166,9 @@ def test_module_params_read_the_instance():
     get = activations.get
     assert get("leaky_relu").module_params(torch.nn.LeakyReLU(0.3)) == {"negative_slope": 0.3}
     assert get("leaky_relu").module_params(torch.nn.PReLU(init=0.1)) == {"negative_slope": pytest.approx(0.1)}
-    assert get("softplus").module_params(torch.nn.Softplus(2.0, 5.0)) == {"beta": 2.0, "threshold": 5.0}
+    assert get("softplus").module_params(torch.nn.Softplus(2.0, 30.0)) == {"beta": 2.0, "threshold": 30.0}
+    with pytest.raises(NotExpressible, match="jumps by"):  # issue 18: a jump of 3.4e-3 at x = 2.5
+        get("softplus").module_params(torch.nn.Softplus(2.0, 5.0))
     assert get("hardtanh").module_params(torch.nn.ReLU6()) == {"min_val": 0.0, "max_val": 6.0}
     assert get("gelu").module_params(torch.nn.GELU("tanh")) == {"approximate": "tanh"}
     with pytest.raises(NotExpressible, match="one slope per channel"):

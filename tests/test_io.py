@@ -210,14 +210,18 @@ def test_activations(activation, fmt, tmp_path):
 
 
 def test_more_activation_parameters():
-    model = nn.Sequential(nn.Linear(3, 4), nn.ELU(0.5), nn.Linear(4, 4), nn.Softplus(beta=2.0, threshold=5.0),
+    model = nn.Sequential(nn.Linear(3, 4), nn.ELU(0.5), nn.Linear(4, 4), nn.Softplus(beta=2.0, threshold=30.0),
                           nn.Linear(4, 4), nn.GELU(approximate="tanh"), nn.Linear(4, 4), nn.ReLU6(),
                           nn.Linear(4, 2)).eval()
     net = network_from_module(model)
     assert_same(net, model, (3,))
     acts = [op.params for op in net.ops() if isinstance(op, Activation)]
-    assert acts == [{"alpha": 0.5}, {"beta": 2.0, "threshold": 5.0}, {"approximate": "tanh"},
+    assert acts == [{"alpha": 0.5}, {"beta": 2.0, "threshold": 30.0}, {"approximate": "tanh"},
                     {"min_val": 0.0, "max_val": 6.0}]
+    # issue 18: threshold 5 makes torch's Softplus jump by 3.4e-3 at x = 2.5 (no Lipschitz constant)
+    model[3] = nn.Softplus(beta=2.0, threshold=5.0)
+    with pytest.raises(UnsupportedLayerError, match="jumps by 0.00336"):
+        network_from_module(model)
 
 
 @pytest.fixture(scope="module")

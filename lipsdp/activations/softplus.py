@@ -1,28 +1,66 @@
-"""Softplus with ``beta`` and torch's linear ``threshold``: slope sector [0, 1].
+"""Softplus with ``beta`` and torch's linear ``threshold``: slope sector [0, 1], or refused.
 
-:math:`\\phi'(x) = \\sigma(\\beta x)` ranges over (0, 1) for every real
-:math:`\\beta \\ne 0`.  Torch returns ``x`` itself where :math:`\\beta x` exceeds
-``threshold`` ``t``; there its function jumps down by :math:`\\log(1 + e^{-t}) / |\\beta|`
-(:meth:`Softplus.discontinuity`; about 2e-9 for the default ``t = 20``, below
-the accuracy of float32 models).  The sector, hence the certified bound, is
-that of the smooth function :math:`\\log(1 + e^{\\beta x}) / \\beta`; with a small
-threshold the torch function differs from it by that jump.
+:math:`\\phi(x) = \\log(1 + e^{\\beta x}) / \\beta` has
+:math:`\\phi'(x) = \\sigma(\\beta x)`, which ranges over (0, 1) for every real
+:math:`\\beta \\ne 0`, negative ones included (then :math:`\\phi` rises from
+:math:`x` at :math:`-\\infty` to 0 at :math:`+\\infty`): the sector [0, 1] is exact.
+
+Torch returns ``x`` itself where :math:`\\beta x` exceeds ``threshold`` ``t``;
+there its function jumps by :math:`\\log(1 + e^{-t}) / |\\beta|` at
+:math:`x = t / \\beta` (:meth:`Softplus.discontinuity`).  A discontinuous
+function has no finite Lipschitz constant, so a Softplus whose jump is at least
+:data:`MAX_JUMP` is refused (every loader: the ATen mapping raises
+:class:`~lipsdp.activations.base.NotExpressible`, :meth:`Softplus.sector` a
+``ValueError``), with the jump and the threshold that avoids it.  Below
+:data:`MAX_JUMP` the loaders accept torch's Softplus as the smooth softplus and
+certify that function (torch's default ``t = 20`` with ``beta = 1`` jumps by
+2.06e-9, below the accuracy of float32 models); the torch function then differs
+from the certified one by at most that jump.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from lipsdp.activations.base import SlopeActivation, TorchModule, sigmoid
+from lipsdp.activations.base import NotExpressible, SlopeActivation, TorchModule, sigmoid
+
+#: The largest jump of torch's threshold switch that is accepted as the smooth softplus.
+MAX_JUMP = 1e-6
+
+
+def jump(beta: float, threshold: float) -> float:
+    """The jump ``log(1 + e^{-threshold}) / |beta|`` of torch's Softplus at ``x = threshold / beta``."""
+    return float(np.logaddexp(0.0, -threshold) / abs(beta))
+
+
+def smallest_threshold(beta: float) -> float:
+    """The smallest threshold (rounded up to an integer) whose jump is below :data:`MAX_JUMP`."""
+    # log(1 + e^{-t}) < MAX_JUMP |beta|  <=>  t > -log(expm1(MAX_JUMP |beta|))
+    return float(math.ceil(-math.log(math.expm1(MAX_JUMP * abs(beta)))))
+
+
+def _refusal(beta: float, threshold: float) -> str:
+    return (f"with threshold={threshold:g} (beta={beta:g}): torch's Softplus jumps by "
+            f"{jump(beta, threshold):.3g} at x = {threshold / beta:g}, and a discontinuous function has no "
+            f"Lipschitz constant; use threshold >= {smallest_threshold(beta):g} (jump below {MAX_JUMP:g})")
+
+
+def _params(beta=1.0, threshold=20.0) -> dict:
+    beta, threshold = float(beta), float(threshold)
+    if beta != 0.0 and math.isfinite(beta) and math.isfinite(threshold) and jump(beta, threshold) >= MAX_JUMP:
+        raise NotExpressible(_refusal(beta, threshold))
+    return {"beta": beta, "threshold": threshold}
 
 
 class Softplus(SlopeActivation):
-    """:math:`\\phi(x) = \\log(1 + e^{\\beta x}) / \\beta` (``x`` above the threshold)."""
+    """:math:`\\phi(x) = \\log(1 + e^{\\beta x}) / \\beta` (``x`` where :math:`\\beta x` > ``threshold``)."""
 
     name = "softplus"
     defaults = {"beta": 1.0, "threshold": 20.0}
     torch_modules = (TorchModule("torch.nn.modules.activation.Softplus", "softplus", ("beta", "threshold")),)
-    aten = {"softplus": lambda beta=1.0, threshold=20.0: {"beta": float(beta), "threshold": float(threshold)}}
+    aten = {"softplus": _params}
     # ONNX Softplus is log(1 + e^x) exactly; torch's threshold 20 differs from it by < 3e-9.
     onnx = {"Softplus": lambda attrs: {"beta": 1.0, "threshold": 20.0}}
     implicit = True
@@ -37,14 +75,16 @@ class Softplus(SlopeActivation):
         return np.where(b * x > thr, 1.0, sigmoid(b * x))
 
     def sector(self, params):
-        if self.real(params, "beta") == 0.0:
+        b, thr = self.real(params, "beta"), self.real(params, "threshold")
+        if b == 0.0:
             raise ValueError("softplus: beta = 0 does not define a function")
-        self.real(params, "threshold")
+        if jump(b, thr) >= MAX_JUMP:
+            raise ValueError(f"softplus {_refusal(b, thr)}")
         return 0.0, 1.0
 
     def discontinuity(self, params):
         b, thr = self.real(params, "beta"), self.real(params, "threshold")
-        return float(np.logaddexp(0.0, -thr) / abs(b)) if b else 0.0
+        return jump(b, thr) if b else 0.0
 
     def breakpoints(self, params):
         b, thr = self.real(params, "beta"), self.real(params, "threshold")

@@ -63,6 +63,11 @@ def mlp_network(layers: list[tuple[str, np.ndarray, np.ndarray | None]], activat
                              f"{sizes}); pass --activation relu (API: activation='relu') to certify it as an "
                              "MLP, or save the whole model (torch.save(model), TorchScript, torch.export or ONNX)")
     activation = normalize_activation(activation)
+    if activation in activations.names():
+        try:  # parameters without an exact sector (a Softplus threshold that jumps) are refused here
+            activations.get(activation).sector(dict(params or {}))
+        except ValueError as exc:
+            raise ModelLoadError(f"{source}: activation {activation} {dict(params or {})}: {exc}") from None
     net = Network(source=source)
     node = net.add(Input("input", "Input", (layers[0][1].shape[1],)))
     for k, (name, w, b) in enumerate(layers):
@@ -108,32 +113,93 @@ def mlp_from_state_dict(state: Mapping, activation: str | None, params: dict | N
                         key: str | None = None) -> Network:
     """An MLP from the 2-D ``*weight`` tensors of a state_dict, in order, with their ``*bias``.
 
+    Every entry must be consumed: a 2-D ``weight``, the ``bias`` next to it, or
+    the stored state of a spectrally normalised weight (:func:`spectral_weight`).
+    Anything else (running statistics of a BatchNorm, a custom ``scale``
+    parameter, a further parametrization) changes what the model computes in a
+    way an MLP reading would drop, so it is refused, all such keys named at once.
+
     Raises
     ------
     ModelLoadError
-        Without ``activation``; when the state_dict holds parameters an MLP
+        Without ``activation``; when the state_dict holds entries an MLP
         cannot use (convolutions, normalisation, deel-torchlip parametrizations);
         or when the shapes do not chain.
     """
     what = "a state_dict" if key is None else f"a checkpoint whose {key!r} is a state_dict"
-    parametrized = [k for k in state if ".parametrizations." in k]
-    if parametrized:
-        raise ModelLoadError(f"{source}: a state_dict of parametrized layers ({parametrized[0]}, e.g. deel-torchlip "
-                             "SpectralLinear); its effective weights are not stored. Save model.vanilla_export() "
-                             "with torch.save, or the model itself with TorchScript, torch.export or ONNX")
-    layers, other = [], []
+    layers, used = [], set()
     for name, value in state.items():
-        if name == "weight" or name.endswith(".weight"):
-            if value.dim() == 2:
-                prefix = name[: -len("weight")]
-                bias = state.get(prefix + "bias")
-                layers.append((prefix.rstrip(".") or name, _np(value), None if bias is None else _np(bias)))
-            else:
-                other.append(f"{name} {tuple(value.shape)}")
-    if other:
-        raise ModelLoadError(f"{source}: {what} with parameters an MLP cannot use ({', '.join(other[:3])}); "
+        found = _layer_weight(state, name, value, source)
+        if found is None:
+            continue
+        prefix, weight, consumed = found
+        bias = state.get(prefix + "bias")
+        if bias is not None:
+            consumed = consumed + (prefix + "bias",)
+        layers.append((prefix.rstrip(".") or "weight", weight, None if bias is None else _np(bias)))
+        used.update(consumed)
+    left = [f"{k} {tuple(v.shape)}" for k, v in state.items() if k not in used]
+    if left:
+        hint = ("; the stored parametrizations other than torch's spectral_norm (e.g. deel-torchlip Bjorck) are "
+                "not weights: save model.vanilla_export() with torch.save"
+                if any(k.startswith("parametrizations.") or ".parametrizations." in k for k in left) else "")
+        raise ModelLoadError(f"{source}: {what} with parameters an MLP cannot use ({', '.join(left)}){hint}; "
                              "save the whole model (torch.save(model), TorchScript, torch.export or ONNX)")
     return mlp_network(layers, activation, params, source, what)
+
+
+_SPECTRAL = ("parametrizations.weight.original", "parametrizations.weight.0._u", "parametrizations.weight.0._v")
+_SPECTRAL_HOOK = ("weight_orig", "weight_u", "weight_v")
+
+
+def _layer_weight(state: Mapping, name: str, value, source: str):
+    """``(prefix, effective weight, keys consumed)`` when ``name`` is the weight of a dense layer, else None.
+
+    A plain 2-D ``weight``, or the ``original`` / ``weight_orig`` of
+    torch's spectral normalisation (parametrization or the older hook) with its
+    ``u`` and ``v`` next to it.
+    """
+    if value.dim() != 2:
+        return None
+    for keys in (("weight",), _SPECTRAL, _SPECTRAL_HOOK):
+        if name == keys[0] or name.endswith("." + keys[0]):
+            prefix = name[: -len(keys[0])]
+            if len(keys) == 1:
+                return prefix, _np(value), (name,)
+            full = tuple(prefix + k for k in keys)
+            if not all(k in state for k in full[1:]):
+                return None  # left over, and named as such
+            return prefix, spectral_weight(*(state[k] for k in full), f"{source}: {name}"), full
+    return None
+
+
+def spectral_weight(original, u, v, where: str) -> np.ndarray:
+    """The eval-mode weight of torch's spectral normalisation: ``original / (u^T original v)``.
+
+    Both ``torch.nn.utils.parametrizations.spectral_norm`` and the older
+    ``torch.nn.utils.spectral_norm`` hook compute, outside training, exactly this
+    (no power iteration runs in eval mode) for a 2-D weight normalised along
+    ``dim=0`` (the default for ``Linear``).  ``u`` and ``v`` must be the unit
+    vectors torch's power method keeps (that is what identifies them, beyond
+    their names), and ``u^T W v`` positive.
+
+    Raises
+    ------
+    ModelLoadError
+        Shapes of another ``dim`` than 0, vectors that are not unit vectors, or a
+        non-positive or non-finite ``u^T W v``.
+    """
+    w, u, v = _np(original), _np(u), _np(v)
+    if u.shape != (w.shape[0],) or v.shape != (w.shape[1],):
+        raise ModelLoadError(f"{where}: spectral normalisation with u {u.shape} and v {v.shape} for a weight "
+                             f"{w.shape}; only dim=0 (u of length {w.shape[0]}, v of {w.shape[1]}) is read")
+    if not (abs(np.linalg.norm(u) - 1.0) < 1e-4 and abs(np.linalg.norm(v) - 1.0) < 1e-4):
+        raise ModelLoadError(f"{where}: its u and v are not the unit vectors of torch's spectral normalisation "
+                             f"(norms {np.linalg.norm(u):.6g}, {np.linalg.norm(v):.6g})")
+    sigma = float(u @ w @ v)
+    if not (np.isfinite(sigma) and sigma > 0.0):
+        raise ModelLoadError(f"{where}: spectral normalisation divides by u^T W v = {sigma:g}, not a positive number")
+    return w / sigma
 
 
 def _np(tensor) -> np.ndarray:

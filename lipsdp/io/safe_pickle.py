@@ -5,6 +5,12 @@ classes it is told are safe.  :func:`allowed_globals` lists them: the layers of
 ``torch.nn``, of deel-torchlip (when installed) and of :mod:`lipsdp.nn`.  Rebuilding one of these
 only restores its attribute dictionary; no ``__reduce__`` or ``__init__`` runs.
 
+Checkpoints often carry numpy arrays and scalars in their metadata; numpy's
+array reconstruction is allowed the way torch documents it
+(:func:`numpy_globals`: ``_reconstruct``, ``ndarray``, ``dtype``, the numeric
+dtype classes and ``scalar``).  They rebuild plain arrays only: any object an
+object array holds is unpickled under the same allow-list.
+
 A pickle that names anything else (a user's ``__main__.MyNet``,
 ``os.system``) is refused with :class:`~lipsdp.errors.UnsafeModelError` before
 anything in it is executed, unless the caller trusts the file
@@ -61,6 +67,31 @@ def _lipsdp_classes() -> list:
             if isinstance(getattr(lnn, name), type) and issubclass(getattr(lnn, name), torch.nn.Module)]
 
 
+@functools.lru_cache(maxsize=1)
+def numpy_globals() -> tuple:
+    """``(object, pickled name)`` pairs that rebuild numpy arrays, dtypes and scalars, nothing else.
+
+    Pickles written under numpy 1 name ``numpy.core.multiarray``, under numpy 2
+    ``numpy._core.multiarray``; both names are allowed for the same functions.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
+    pairs = []
+    for name in ("_reconstruct", "scalar"):
+        fn = getattr(multiarray, name)
+        pairs += [(fn, f"numpy.core.multiarray.{name}"), (fn, f"numpy._core.multiarray.{name}")]
+    pairs += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    for code in "?bBhHiIlLqQefdgFDG":  # bool, integers, floats, complex: no object or void dtypes
+        cls = type(np.dtype(code))
+        if cls is not np.dtype:
+            pairs.append((cls, _qualified(cls)))
+    return tuple(dict.fromkeys(pairs))
+
+
 def _qualified(obj) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
@@ -87,8 +118,8 @@ def load_torch_file(path: str, trust_pickle: bool = False):
                                  "with TorchScript, torch.export or ONNX") from exc
         except Exception as exc:
             raise ModelLoadError(f"{path}: cannot read the file ({first_line(exc)})") from exc
-    allowed = allowed_globals()
-    names = {_qualified(obj) for obj in allowed}
+    allowed = list(allowed_globals()) + list(numpy_globals())
+    names = {_qualified(obj) for obj in allowed_globals()} | {name for _, name in numpy_globals()}
     try:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # legacy (non-zip) format: the loader below reports what it refuses
@@ -97,7 +128,7 @@ def load_torch_file(path: str, trust_pickle: bool = False):
     if refused:
         raise _unsafe(path, refused)
     try:
-        with torch.serialization.safe_globals(list(allowed)):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         refused = _GLOBAL.findall(str(exc))
