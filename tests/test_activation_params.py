@@ -131,3 +131,12 @@ def test_softplus_with_any_beta_certifies_soundly(beta):
     lower = max(torch_lower_bound(model, 3, scale=s) for s in (0.1, 1.0, 10.0, 50.0))
     assert_sandwich(cert, lower, rel=1e-6)
     assert math.isfinite(cert.bound)
+
+
+def test_gelu_with_an_unknown_approximation_is_refused_when_loading():
+    """Refused by the loaders' mapping (one unsupported-layer line), not later by the sector."""
+    with pytest.raises(NotExpressible, match="approximate='sigmoid'"):
+        activations.get("gelu").aten["gelu"]("sigmoid")
+    with pytest.raises(NotExpressible, match="approximate='erf'"):
+        activations.get("gelu").onnx["Gelu"]({"approximate": "erf"})
+    assert activations.get("gelu").onnx["Gelu"]({}) == {"approximate": "none"}

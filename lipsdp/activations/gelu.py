@@ -18,7 +18,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import erf
 
-from lipsdp.activations.base import MARGIN, SlopeActivation, TorchModule
+from lipsdp.activations.base import MARGIN, NotExpressible, SlopeActivation, TorchModule
 
 _C = math.sqrt(2.0 / math.pi)
 
@@ -45,14 +45,21 @@ def _sector(approximate: str) -> tuple[float, float]:
     return lo - MARGIN, 1.0 - lo + MARGIN
 
 
+def _params(approximate="none") -> dict:
+    """``Activation.params`` of torch's ``gelu`` / ONNX ``Gelu``; other forms are refused when loading."""
+    if str(approximate) not in ("none", "tanh"):
+        raise NotExpressible(f"with approximate={approximate!r} (the exact sector is known for 'none' and 'tanh')")
+    return {"approximate": str(approximate)}
+
+
 class GELU(SlopeActivation):
     """:math:`\\phi(x) = x \\Phi(x)`, or ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``."""
 
     name = "gelu"
     defaults = {"approximate": "none"}
     torch_modules = (TorchModule("torch.nn.modules.activation.GELU", "gelu", ("approximate",)),)
-    aten = {"gelu": lambda approximate="none": {"approximate": str(approximate)}}
-    onnx = {"Gelu": lambda attrs: {"approximate": str(attrs.get("approximate", "none"))}}
+    aten = {"gelu": _params}
+    onnx = {"Gelu": lambda attrs: _params(attrs.get("approximate", "none"))}
     implicit = True
 
     def evaluate(self, x, params):
