@@ -179,7 +179,10 @@ def spectral_weight(original, u, v, where: str) -> np.ndarray:
     Both ``torch.nn.utils.parametrizations.spectral_norm`` and the older
     ``torch.nn.utils.spectral_norm`` hook compute, outside training, exactly this
     (no power iteration runs in eval mode) for a 2-D weight normalised along
-    ``dim=0`` (the default for ``Linear``).  ``u`` and ``v`` must be the unit
+    ``dim=0`` (the default for ``Linear``; a square weight normalised along
+    ``dim=1`` stores the same shapes and cannot be told apart, nor can a
+    parametrization without stored state registered after it: a state_dict
+    records neither).  ``u`` and ``v`` must be the unit
     vectors torch's power method keeps (that is what identifies them, beyond
     their names), and ``u^T W v`` positive.
 
