@@ -14,11 +14,16 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 
+from lipsdp import __version__
 from lipsdp.errors import LipSDPError
 
 #: ``status`` values: verified bound / solver returned something that failed verification / solver gave nothing.
 VERIFIED, UNVERIFIED, SOLVER_FAILED = "verified", "unverified", "solver_failed"
+
+#: Version of the certificate's JSON layout; files written before it was recorded read as 0.
+SCHEMA_VERSION = 1
 
 #: Temporary files :meth:`Certificate.save` is writing now; a hard exit on Ctrl-C (``lipsdp.cli``) removes them.
 WRITING: set = set()
@@ -76,6 +81,12 @@ class Certificate:
         Seconds for ``load``, ``build``, ``solve``, ``verify``, ``total``.
     network : dict
         Summary: source, input and output size, layers, LMI size.
+    lipsdp_version : str or None
+        The lipsdp that wrote the certificate (None in files written before it was recorded).
+    schema_version : int
+        Version of the JSON layout (:data:`SCHEMA_VERSION`; 0 for files written before it was recorded).
+    created : str or None
+        When the certificate was made: UTC, ISO 8601 (None in files written before it was recorded).
     """
 
     bound: float | None
@@ -97,6 +108,9 @@ class Certificate:
     verification: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     network: dict = field(default_factory=dict)
+    lipsdp_version: str | None = __version__
+    schema_version: int = SCHEMA_VERSION
+    created: str | None = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
     def verified(self) -> bool:
@@ -125,8 +139,11 @@ class Certificate:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Certificate":
+        """The certificate a JSON object describes; one written before versions were recorded reads as
+        schema 0 with no version or date (rather than today's)."""
         names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        old = {"lipsdp_version": None, "schema_version": 0, "created": None}
+        return cls(**{**old, **{k: v for k, v in d.items() if k in names}})
 
     def save(self, path) -> None:
         """Write the certificate as JSON, atomically (no half-written file on Ctrl-C)."""

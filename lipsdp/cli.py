@@ -1,10 +1,11 @@
 """The ``lipsdp`` command line.
 
 ``lipsdp certify model.pt`` prints a table (or one JSON object with ``--json``)
-and exits 0 when a bound was verified, 1 when no verified bound came out of the
-solver, and 2 for bad input (missing or unreadable file, unsupported layers,
-NaN weights, unknown or unlicensed solver...).  Errors are one line on stderr;
-``--debug`` shows the traceback.
+and exits 0 when a bound was verified (also from the unfinished point of a
+``--time-limit`` hit), 1 when no verified bound came out of the solver, and 2
+for bad input (missing or unreadable file, unsupported layers, NaN weights,
+unknown or unlicensed solver...).  Errors are one line on stderr; ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -163,13 +164,19 @@ def _what_was_certified(cert) -> str:
 
 
 def _cmd_verify(args) -> int:
-    cert = check_certificate(Certificate.load(args.certificate), args.model, activation=args.activation,
-                             input_shape=args.input_shape, trust_pickle=args.trust_pickle)
+    try:
+        cert = check_certificate(Certificate.load(args.certificate), args.model, activation=args.activation,
+                                 input_shape=args.input_shape, trust_pickle=args.trust_pickle)
+    except LipSDPError as exc:
+        if args.json:  # scripts read one object on stdout either way; the error line still goes to stderr
+            with _OUTPUT:
+                print(json.dumps({"verified": False, "error": str(exc), "model": args.model}), flush=True)
+        raise
     seconds = cert.verification["recheck_seconds"]
     if args.json:
         per_output = cert.network.get("per_output") if cert.norm == "linf" else None
-        text = json.dumps({"bound": cert.bound, "status": "verified", "norm": cert.norm, "model": args.model,
-                           "output_map": cert.output_map,
+        text = json.dumps({"verified": True, "bound": cert.bound, "status": "verified", "norm": cert.norm,
+                           "model": args.model, "output_map": cert.output_map,
                            "per_output": None if per_output is None else [p.get("bound") for p in per_output],
                            "seconds": seconds})
     else:

@@ -17,6 +17,7 @@ from fractions import Fraction
 import numpy as np
 
 from lipsdp.bounds import node_lipschitz
+from lipsdp.certificate import SCHEMA_VERSION
 from lipsdp.errors import LipSDPError
 from lipsdp.exact import exact_negative_definite
 from lipsdp.lifting import lift
@@ -120,6 +121,9 @@ def _is_number(value) -> bool:
 
 def check_claims(cert) -> None:
     """Refuse, before loading anything, a certificate that cannot be re-checked or is malformed."""
+    if not _is_number(cert.schema_version) or cert.schema_version != int(cert.schema_version) or not 0 <= cert.schema_version <= SCHEMA_VERSION:
+        raise LipSDPError(f"the certificate's schema_version {cert.schema_version!r} is not one this lipsdp "
+                          f"reads (0 to {SCHEMA_VERSION}): written by a newer lipsdp, or edited")
     if cert.norm not in NORMS or cert.formulation not in FORMULATIONS:
         raise LipSDPError(f"the certificate names an unknown norm {cert.norm!r} or formulation "
                           f"{cert.formulation!r} (edited or corrupt)")
