@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from lipsdp import __version__
 from lipsdp.certificate import WRITING, Certificate
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strict", action="store_true",
                    help="also prove the certificate exactly in rational arithmetic (slope-restricted activations)")
     c.add_argument("--save", metavar="CERT.json", help="write the certificate (multipliers, weights hash) to a file")
-    c.add_argument("--debug", action="store_true", help="show tracebacks")
+    c.add_argument("--debug", action="store_true",
+                   help="show tracebacks, and what solvers print (kept off the terminal otherwise)")
 
     v = sub.add_parser("verify", help="re-check a saved certificate against a model, without solving")
     v.add_argument("certificate", help="file written by `lipsdp certify --save`")
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--input-shape", type=_shape)
     v.add_argument("--trust-pickle", action="store_true")
     v.add_argument("--json", action="store_true")
-    v.add_argument("--debug", action="store_true")
+    v.add_argument("--debug", action="store_true",
+                   help="show tracebacks, and what numerical libraries print (kept off the terminal otherwise)")
 
     s = sub.add_parser("solvers", help="list solver backends: installed, licensed, how to add the rest")
     s.add_argument("--json", action="store_true")
@@ -205,6 +208,47 @@ def _cmd_solvers(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _solver_noise_dropped(debug: bool):
+    """Keep what solvers and numerical libraries print off the terminal, unless ``--debug``.
+
+    SDPA's C++ code writes "Strange behavior : primal < dual" and the like to the
+    process's file descriptors, and ARPACK, cvxpy and the backends raise Python
+    warnings; none of it changes a verified bound, and users read it as an error.
+    So file descriptor 2 (where :func:`~lipsdp.solvers.base.native_output_to_stderr`
+    also sends descriptor 1 during a solve) goes to ``os.devnull`` while the command
+    runs, ``sys.stderr`` (lipsdp's own lines: the spinner, errors, Ctrl-C) is
+    re-pointed at the terminal, and Python warnings are ignored.  Only where
+    ``sys.stderr`` is the process's own (not a caller's capture, e.g. pytest's).
+    """
+    if debug or sys.stderr is not sys.__stderr__:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr
+        yield
+        return
+    original = sys.stderr
+    terminal = open(saved, "w", buffering=1, encoding=getattr(original, "encoding", None) or "utf-8",
+                    errors="backslashreplace", closefd=False)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = terminal
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        terminal.flush()
+        sys.stderr = original
+        os.dup2(saved, 2)
+        os.close(saved)
+        terminal.close()
+
+
 _INTERRUPTED = "lipsdp: interrupted"
 _announced = threading.Lock()
 #: Held while results are written (``--save``, stdout): Ctrl-C waits for it, so output is whole or absent.
@@ -293,7 +337,7 @@ def main(argv=None, *, own_process: bool | None = None) -> int:
     debug = getattr(args, "debug", False)
     guard = _interrupts() if (argv is None if own_process is None else own_process) else contextlib.nullcontext()
     try:
-        with guard:
+        with guard, _solver_noise_dropped(debug):
             if args.command == "certify":
                 return _cmd_certify(args)
             if args.command == "verify":
