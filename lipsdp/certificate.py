@@ -13,12 +13,17 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 
+from lipsdp import __version__
 from lipsdp.errors import LipSDPError
 
 #: ``status`` values: verified bound / solver returned something that failed verification / solver gave nothing.
 VERIFIED, UNVERIFIED, SOLVER_FAILED = "verified", "unverified", "solver_failed"
+
+#: Version of the certificate's JSON layout; files written before it was recorded read as 0.
+SCHEMA_VERSION = 1
 
 #: Temporary files :meth:`Certificate.save` is writing now; a hard exit on Ctrl-C (``lipsdp.cli``) removes them.
 WRITING: set = set()
@@ -46,7 +51,8 @@ class Certificate:
     message : str
         One readable sentence about the outcome.
     trivial_bound : float
-        Product of spectral norms times slope bounds.
+        Product of spectral norms times slope bounds; rounded up to a bound proven in floating point
+        where the SDP's bound came out above the float product (:func:`trivial_certificate`).
     lower_bound : float or None
         Largest sampled Jacobian norm (the true constant is at least this).
     solver_objective : float or None
@@ -71,11 +77,19 @@ class Certificate:
         (``--output I`` stores the row ``e_I``); None for the whole output.
         ``lipsdp verify`` rebuilds the LMI with it.
     verification : dict
-        ``method`` (``float-cholesky``), ``inflation``, ``margin``, ``message``.
+        ``method`` (``float-cholesky``; ``exact`` with ``--strict``; ``structural`` for a constant net;
+        ``trivial`` when the bound is the proven trivial bound, the SDP's being worse), ``inflation``,
+        ``margin``, ``message``.
     timings : dict
         Seconds for ``load``, ``build``, ``solve``, ``verify``, ``total``.
     network : dict
         Summary: source, input and output size, layers, LMI size.
+    lipsdp_version : str or None
+        The lipsdp that wrote the certificate (None in files written before it was recorded).
+    schema_version : int
+        Version of the JSON layout (:data:`SCHEMA_VERSION`; 0 for files written before it was recorded).
+    created : str or None
+        When the certificate was made: UTC, ISO 8601 (None in files written before it was recorded).
     """
 
     bound: float | None
@@ -97,6 +111,9 @@ class Certificate:
     verification: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     network: dict = field(default_factory=dict)
+    lipsdp_version: str | None = __version__
+    schema_version: int = SCHEMA_VERSION
+    created: str | None = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
     def verified(self) -> bool:
@@ -125,8 +142,11 @@ class Certificate:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Certificate":
+        """The certificate a JSON object describes; one written before versions were recorded reads as
+        schema 0 with no version or date (rather than today's)."""
         names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        old = {"lipsdp_version": None, "schema_version": 0, "created": None}
+        return cls(**{**old, **{k: v for k, v in d.items() if k in names}})
 
     def save(self, path) -> None:
         """Write the certificate as JSON, atomically (no half-written file on Ctrl-C)."""
@@ -267,3 +287,20 @@ def split_certificate(parts, bound, common: dict) -> Certificate:
                        message=f"verified by splitting into {len(parts)} pieces: the product of their LipSDP bounds "
                        f"({' x '.join(f'{c.bound:.6g}' for c in parts)}); sound but looser than the SDP on the "
                        "whole network", **common)
+
+
+def trivial_certificate(sdp: Certificate, proven: float) -> Certificate:
+    """The certificate whose bound is the proven trivial bound ``proven``, which lies below ``sdp``'s
+    verified SDP bound (a solver that stopped short of the optimum on a net whose constant is the
+    product of its norms, e.g. orthogonal GroupSort nets).  The multipliers go: the bound rests on the
+    norms alone, and ``lipsdp verify`` proves them again (``verification.method = "trivial"``)."""
+    network = dict(sdp.network)
+    if network.get("per_output"):  # every output's constant is at most the trivial bound
+        network["per_output"] = [dict(p, bound=proven) for p in network["per_output"]]
+    message = (f"verified: the trivial bound (product of norms, proven in floating point) {proven:.9g} is below "
+               f"the SDP's verified bound {sdp.bound:.9g} ({sdp.solver}, {sdp.solver_status}), so it is the "
+               "certificate")
+    return replace(sdp, bound=proven, trivial_bound=proven, rho=None, multipliers=[], multiplier_labels=[],
+                   message=message, network=network,
+                   verification={"method": "trivial", "sdp_bound": sdp.bound, "sdp_verification": sdp.verification,
+                                 "message": "every layer's norm proven by a floating-point Cholesky test"})

@@ -1,10 +1,11 @@
 """The ``lipsdp`` command line.
 
 ``lipsdp certify model.pt`` prints a table (or one JSON object with ``--json``)
-and exits 0 when a bound was verified, 1 when no verified bound came out of the
-solver, and 2 for bad input (missing or unreadable file, unsupported layers,
-NaN weights, unknown or unlicensed solver...).  Errors are one line on stderr;
-``--debug`` shows the traceback.
+and exits 0 when a bound was verified (also from the unfinished point of a
+``--time-limit`` hit), 1 when no verified bound came out of the solver, and 2
+for bad input (missing or unreadable file, unsupported layers, NaN weights,
+unknown or unlicensed solver...).  Errors are one line on stderr; ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from lipsdp import __version__
 from lipsdp.certificate import WRITING, Certificate
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strict", action="store_true",
                    help="also prove the certificate exactly in rational arithmetic (slope-restricted activations)")
     c.add_argument("--save", metavar="CERT.json", help="write the certificate (multipliers, weights hash) to a file")
-    c.add_argument("--debug", action="store_true", help="show tracebacks")
+    c.add_argument("--debug", action="store_true",
+                   help="show tracebacks, and what solvers print (kept off the terminal otherwise)")
 
     v = sub.add_parser("verify", help="re-check a saved certificate against a model, without solving")
     v.add_argument("certificate", help="file written by `lipsdp certify --save`")
@@ -103,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--input-shape", type=_shape)
     v.add_argument("--trust-pickle", action="store_true")
     v.add_argument("--json", action="store_true")
-    v.add_argument("--debug", action="store_true")
+    v.add_argument("--debug", action="store_true",
+                   help="show tracebacks, and what numerical libraries print (kept off the terminal otherwise)")
 
     s = sub.add_parser("solvers", help="list solver backends: installed, licensed, how to add the rest")
     s.add_argument("--json", action="store_true")
@@ -163,13 +167,19 @@ def _what_was_certified(cert) -> str:
 
 
 def _cmd_verify(args) -> int:
-    cert = check_certificate(Certificate.load(args.certificate), args.model, activation=args.activation,
-                             input_shape=args.input_shape, trust_pickle=args.trust_pickle)
+    try:
+        cert = check_certificate(Certificate.load(args.certificate), args.model, activation=args.activation,
+                                 input_shape=args.input_shape, trust_pickle=args.trust_pickle)
+    except LipSDPError as exc:
+        if args.json:  # scripts read one object on stdout either way; the error line still goes to stderr
+            with _OUTPUT:
+                print(json.dumps({"verified": False, "error": str(exc), "model": args.model}), flush=True)
+        raise
     seconds = cert.verification["recheck_seconds"]
     if args.json:
         per_output = cert.network.get("per_output") if cert.norm == "linf" else None
-        text = json.dumps({"bound": cert.bound, "status": "verified", "norm": cert.norm, "model": args.model,
-                           "output_map": cert.output_map,
+        text = json.dumps({"verified": True, "bound": cert.bound, "status": "verified", "norm": cert.norm,
+                           "model": args.model, "output_map": cert.output_map,
                            "per_output": None if per_output is None else [p.get("bound") for p in per_output],
                            "seconds": seconds})
     else:
@@ -196,6 +206,47 @@ def _cmd_solvers(args) -> int:
                       escape(r["status"]), r["family"], escape(r["install"]))
     _console().print(table)
     return 0
+
+
+@contextlib.contextmanager
+def _solver_noise_dropped(debug: bool):
+    """Keep what solvers and numerical libraries print off the terminal, unless ``--debug``.
+
+    SDPA's C++ code writes "Strange behavior : primal < dual" and the like to the
+    process's file descriptors, and ARPACK, cvxpy and the backends raise Python
+    warnings; none of it changes a verified bound, and users read it as an error.
+    So file descriptor 2 (where :func:`~lipsdp.solvers.base.native_output_to_stderr`
+    also sends descriptor 1 during a solve) goes to ``os.devnull`` while the command
+    runs, ``sys.stderr`` (lipsdp's own lines: the spinner, errors, Ctrl-C) is
+    re-pointed at the terminal, and Python warnings are ignored.  Only where
+    ``sys.stderr`` is the process's own (not a caller's capture, e.g. pytest's).
+    """
+    if debug or sys.stderr is not sys.__stderr__:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr
+        yield
+        return
+    original = sys.stderr
+    terminal = open(saved, "w", buffering=1, encoding=getattr(original, "encoding", None) or "utf-8",
+                    errors="backslashreplace", closefd=False)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = terminal
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        terminal.flush()
+        sys.stderr = original
+        os.dup2(saved, 2)
+        os.close(saved)
+        terminal.close()
 
 
 _INTERRUPTED = "lipsdp: interrupted"
@@ -286,7 +337,7 @@ def main(argv=None, *, own_process: bool | None = None) -> int:
     debug = getattr(args, "debug", False)
     guard = _interrupts() if (argv is None if own_process is None else own_process) else contextlib.nullcontext()
     try:
-        with guard:
+        with guard, _solver_noise_dropped(debug):
             if args.command == "certify":
                 return _cmd_certify(args)
             if args.command == "verify":

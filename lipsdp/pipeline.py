@@ -28,7 +28,7 @@ import numpy as np
 
 from lipsdp.bounds import node_lipschitz, sampled_lower_bound
 from lipsdp.certificate import (Certificate, certificate_from_outcomes, constant_certificate, network_summary,
-                                split_certificate)
+                                split_certificate, trivial_certificate)
 from lipsdp.constraints import registered
 from lipsdp.wellposed import attach_well_posedness, check_provable, implicit_nodes
 from lipsdp.errors import LipSDPError, ResourceError, UnsupportedLayerError
@@ -40,7 +40,7 @@ from lipsdp.reductions import (Chain, MaxMinAsReLU, Precondition, Query, ReduceI
 from lipsdp.resources import available_memory  # noqa: F401  (public here for scripts and benchmarks)
 from lipsdp.solve import ClosedForm, Solve
 from lipsdp.split import is_chain
-from lipsdp.verification import FORMULATIONS, NORMS, check_claims, recheck, verify_solution
+from lipsdp.verification import FORMULATIONS, NORMS, check_claims, proven_trivial_bound, recheck, verify_solution
 
 #: How the preconditioning scales are chosen; one name here so tests and experiments can substitute it.
 _scales = preconditioning_scales
@@ -128,7 +128,26 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
         t0 = time.perf_counter()
         outcomes.append(verify_solution(query, solution, strict=strict))
         t_verify += time.perf_counter() - t0
-    return certificate_from_outcomes(outcomes, common, timings(solve.seconds))
+    cert = certificate_from_outcomes(outcomes, common, timings(solve.seconds))
+    return cert if strict else _at_most_trivial(cert, network, norm, output_map)
+
+
+def _at_most_trivial(cert, network, norm: str, output_map) -> Certificate:
+    """Never certify above the trivial bound: where the SDP's verified bound exceeds the float product of
+    norms (a solver stopped short of an optimum that equals it), prove the product
+    (:func:`lipsdp.verification.proven_trivial_bound`) and keep the better of the two, with the proven
+    product as the trivial bound reported.  Not with ``strict`` (the proof of norms is in floating point)."""
+    if not cert.verified or cert.trivial_bound is None or cert.bound <= cert.trivial_bound:
+        return cert
+    t0 = time.perf_counter()
+    proven = proven_trivial_bound(network, norm, output_map)
+    cert.timings["verify"] = cert.timings.get("verify", 0.0) + time.perf_counter() - t0
+    if proven is None:
+        return cert
+    if cert.bound <= proven:
+        cert.trivial_bound = proven
+        return cert
+    return trivial_certificate(cert, proven)
 
 
 def _certify_pieces(network, layers, output_map, options) -> list[Certificate]:
