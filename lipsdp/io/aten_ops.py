@@ -118,6 +118,8 @@ def _sort(t, x, *args):
 def _extreme(t, x, dim=None, keepdim=False):
     if dim is None:
         raise Unsupported("over the whole tensor")
+    if not isinstance(dim, int) or isinstance(dim, bool):  # max.other / min.other: torch.max(a, b)
+        raise Unsupported("of two tensors (an elementwise maximum or minimum)")
     kind = t.op_name
     return Extreme(kind, x, t.axis(x, dim), bool(keepdim)), Poison(t.entry(f"{kind} indices"))
 

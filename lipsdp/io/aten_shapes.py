@@ -11,19 +11,59 @@ from lipsdp.io.translator import Poison, is_sym, register_aten, to_numpy, torch_
 
 
 # -- identity-like ------------------------------------------------------------
-@register_aten("contiguous", "clone", "detach", "alias", "lift_fresh_copy", "_to_copy", "to", "type_as",
-               "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "_assert_tensor_metadata")
+@register_aten("contiguous", "clone", "detach", "alias", "lift_fresh_copy", "_assert_tensor_metadata")
 def _identity(t, x, *rest):
     if not is_sym(x):
         raise Unsupported("passes an input-dependent value to a constant")
     return x
 
 
+#: Casts read as the identity: between floating types the rounding is of the order of the unit roundoff,
+#: whereas a cast to an integer, bool or complex type is a step function (or drops a part), which a
+#: Lipschitz bound cannot cover.
+FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def cast_target(value) -> str:
+    """The name of the dtype a cast argument stands for: a ``torch.dtype``, TorchScript's ScalarType
+    code (an int), a constant tensor (``type_as``/``to.other``) or an input-dependent value (floating)."""
+    torch = torch_lib()
+    if is_sym(value):
+        return "float32"
+    if isinstance(value, torch.Tensor):
+        value = value.dtype
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = torch.ops.aten.to.dtype(torch.empty(0), value).dtype
+    return str(value).replace("torch.", "")
+
+
+@register_aten("_to_copy", "to", "type_as")
+def _cast(t, x, *rest):
+    """``x.to(dtype)``, ``x.type_as(other)``, ``_to_copy(x, dtype=...)``: the identity between floating
+    types, refused otherwise (every overload names its target ``dtype`` or ``other``)."""
+    if not is_sym(x):
+        raise Unsupported("passes an input-dependent value to a constant")
+    for arg, value in zip(t.op._schema.arguments[1:], rest):
+        if arg.name in ("dtype", "other") and value is not None:
+            target = cast_target(value)
+            if target not in FLOATING_DTYPES:
+                raise Unsupported(f"casts to {target} (a step function; only casts between floating types "
+                                  "are the identity)")
+    return x
+
+
+@register_aten("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")
+def _dropout(t, x, p, train):
+    if train:
+        raise Unsupported("in training mode (random masks; save the model after model.eval())")
+    return _identity(t, x)
+
+
 @register_aten("native_dropout")
 def _native_dropout(t, x, p, train):
-    if train:
-        raise Unsupported("in training mode")
-    return x, Poison(t.entry("dropout mask"))
+    if train is None or train:
+        raise Unsupported("in training mode (random masks; save the model after model.eval())")
+    return _identity(t, x), Poison(t.entry("dropout mask"))
 
 
 # -- shape queries ------------------------------------------------------------

@@ -56,29 +56,26 @@ def network_from_script(module, input_shape=None, source: str = ""):
     Parameters
     ----------
     module : torch.jit.ScriptModule
-        Put in eval mode for the translation (and restored afterwards).
+        Translated in the mode it was saved in: a scripted model's ``self.training`` is read like
+        any attribute, so BatchNorm and Dropout in training mode are refused, as in its traced
+        and exported copies (save it after ``model.eval()``).
     input_shape : tuple of int, optional
         Sample shape without batch axis; default ``(in_features,)`` of the first weight.
     source : str
         Name used in messages.
     """
-    was_training = module.training
-    module.eval()
-    try:
-        graph = module.inlined_graph
-        inputs = list(graph.inputs())
-        if len(inputs) != 2:
-            raise ModelLoadError(f"{source}: forward takes {len(inputs) - 1} inputs; lipsdp certifies models "
-                                 "with exactly one")
-        shape = tuple(int(s) for s in input_shape) if input_shape is not None else infer_input_shape(module, source)
-        builder = GraphBuilder(source)
-        walker = _Walker(Translator(builder, batch=1), module, source, shape)
-        walker.env[inputs[0].unique()] = module
-        walker.env[inputs[1].unique()] = builder.input(shape, name=inputs[1].debugName().split(".")[0])
-        walker.walk(list(graph.nodes()))
-        outputs = [walker.env[v.unique()] for v in graph.outputs()]
-    finally:
-        module.train(was_training)
+    graph = module.inlined_graph
+    inputs = list(graph.inputs())
+    if len(inputs) != 2:
+        raise ModelLoadError(f"{source}: forward takes {len(inputs) - 1} inputs; lipsdp certifies models "
+                             "with exactly one")
+    shape = tuple(int(s) for s in input_shape) if input_shape is not None else infer_input_shape(module, source)
+    builder = GraphBuilder(source)
+    walker = _Walker(Translator(builder, batch=1), module, source, shape)
+    walker.env[inputs[0].unique()] = module
+    walker.env[inputs[1].unique()] = builder.input(shape, name=inputs[1].debugName().split(".")[0])
+    walker.walk(list(graph.nodes()))
+    outputs = [walker.env[v.unique()] for v in graph.outputs()]
     walker.t.raise_errors()
     result = outputs[0] if len(outputs) == 1 else outputs
     if isinstance(result, (list, tuple)):

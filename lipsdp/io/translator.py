@@ -98,6 +98,7 @@ class Translator:
         self._reported: set = set()
         self.label = Label("", "")
         self.position = 0
+        self.op = None  # the OpOverload being translated (handlers read its schema)
         self.op_name = ""
 
     # -- errors ---------------------------------------------------------
@@ -126,7 +127,7 @@ class Translator:
         """Translate one call of the ATen ``OpOverload`` ``op`` with ``args`` in schema order."""
         self.label, self.position = label, position
         name = op._schema.name.split("::", 1)[-1]
-        self.op_name = name
+        self.op, self.op_name = op, name
         flat = list(leaves(args))
         poisoned = [v for v in flat if isinstance(v, Poison)]
         if poisoned:
