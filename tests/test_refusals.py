@@ -22,6 +22,7 @@ from conftest import assert_sandwich, torch_lower_bound  # noqa: E402
 from lipsdp import certify  # noqa: E402
 from lipsdp.errors import ModelLoadError, UnsupportedLayerError  # noqa: E402
 from lipsdp.io import load_network  # noqa: E402
+from lipsdp.network import Activation  # noqa: E402
 
 GRAPH_FORMATS = ("script", "trace", "export", "onnx")
 
@@ -248,3 +249,35 @@ def test_onnx_without_the_extra(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ModelLoadError, match=r"ONNX files need the onnx extra: pip install 'lipsdp\[onnx\]'"):
         load_network(path)
+
+
+# ---------------------------------------------------------------------------
+# a module is identified by where it is defined, not by its class name
+# ---------------------------------------------------------------------------
+class HouseHolder(nn.Module):
+    """Not deel-torchlip's HouseHolder (a norm-preserving reflection): this one scales by 10."""
+
+    def __init__(self, n: int = 6):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(n // 2))
+
+    def forward(self, x):
+        return 10.0 * x
+
+
+class Impostor(_Net):
+    def __init__(self):
+        super().__init__()
+        self.act = HouseHolder()
+
+    def middle(self, x):
+        return self.act(x)
+
+
+@pytest.mark.parametrize("fmt", ("script", "trace", "export"))
+def test_module_identified_by_its_origin(fmt, tmp_path):
+    model = Impostor().eval()
+    net = load_network(save(model, tmp_path, fmt))
+    assert not any(isinstance(op, Activation) for op in net.ops())  # no reflection was read into it
+    cert = certify(net, solver="ipm")
+    assert_sandwich(cert, torch_lower_bound(model, 4), rel=1e-6)

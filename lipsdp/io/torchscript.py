@@ -15,7 +15,7 @@ import operator
 import re
 
 from lipsdp.errors import ModelLoadError
-from lipsdp.io.aten_ops import MODULE_HANDLERS, Poison, Translator, leaves
+from lipsdp.io.aten_ops import MODULE_HANDLERS, Poison, Translator, leaves, module_handler
 from lipsdp.io.builder import GraphBuilder, Label, Sym, Unsupported, layer_kind
 from lipsdp.io.formats import first_line
 
@@ -211,6 +211,8 @@ class _Walker:
         for depth, (_, cls) in enumerate(scopes):
             if layer_kind(cls) in MODULE_HANDLERS:
                 path = ".".join(n for n, _ in scopes[:depth + 1])
+                if module_handler(self._qualified_name(path)) is None:
+                    continue  # a class of the same name defined elsewhere: translated operator by operator
                 members = []
                 for k in range(start, len(nodes)):
                     _, other = self._label(nodes[k])
@@ -221,6 +223,16 @@ class _Walker:
                         break
                 return set(members), path, layer_kind(cls)
         return None
+
+    def _qualified_name(self, path: str) -> str:
+        """The TorchScript class name (``__torch__.deel.torchlip...HouseHolder``) of the submodule at ``path``."""
+        module = self.root
+        try:
+            for part in path.split("."):
+                module = getattr(module, part)
+            return module._c._type().qualified_name()
+        except (AttributeError, RuntimeError):
+            return ""
 
     def _translate_module(self, nodes: list, group, position: int) -> None:
         members, path, cls = group
