@@ -30,8 +30,8 @@ GRAPH_FORMATS = ("script", "trace", "export", "onnx")
 def save(model: nn.Module, tmp_path, fmt: str, shape=(4,)):
     """Write ``model`` (as it is, train or eval mode) in ``fmt``; return the path."""
     example = torch.randn((2,) + tuple(shape), generator=torch.Generator().manual_seed(0))
-    path = tmp_path / f"model.{fmt}"
-    with warnings.catch_warnings():
+    path = tmp_path / f"model_{fmt}{dict(export='.pt2', onnx='.onnx').get(fmt, '.pt')}"
+    with warnings.catch_warnings(), torch.no_grad():  # no_grad: autograd refuses integer intermediates
         warnings.simplefilter("ignore")
         if fmt == "script":
             torch.jit.save(torch.jit.script(model), str(path))
@@ -91,6 +91,11 @@ class TypeAsInt(_Net):
         return x.type_as(self.index).float()
 
 
+class IntegerSum(_Net):
+    def middle(self, x):
+        return torch.sum(x.unsqueeze(2), dim=[2], dtype=torch.int64).float()  # truncates each entry
+
+
 class Rounding(_Net):
     def middle(self, x):
         return torch.round(x) + torch.floor(x) + torch.ceil(x) + torch.sign(x)
@@ -105,7 +110,7 @@ class FloatCasts(_Net):
 # 1. discontinuous casts
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", GRAPH_FORMATS)
-@pytest.mark.parametrize("cls", [LongCast, Int32Cast, BoolCast, TypeAsInt, Rounding])
+@pytest.mark.parametrize("cls", [LongCast, Int32Cast, BoolCast, TypeAsInt, IntegerSum, Rounding])
 def test_integer_casts_refused(cls, fmt, tmp_path):
     model = cls().eval()
     assert_refused(save(model, tmp_path, fmt))

@@ -7,7 +7,7 @@ import numpy as np
 
 from lipsdp.io import linmaps
 from lipsdp.io.builder import Sym, Unsupported
-from lipsdp.io.translator import Poison, is_sym, register_aten, to_numpy, torch_lib
+from lipsdp.io.translator import Poison, is_sym, register_aten, require_floating, to_numpy, torch_lib
 
 
 # -- identity-like ------------------------------------------------------------
@@ -18,25 +18,6 @@ def _identity(t, x, *rest):
     return x
 
 
-#: Casts read as the identity: between floating types the rounding is of the order of the unit roundoff,
-#: whereas a cast to an integer, bool or complex type is a step function (or drops a part), which a
-#: Lipschitz bound cannot cover.
-FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
-def cast_target(value) -> str:
-    """The name of the dtype a cast argument stands for: a ``torch.dtype``, TorchScript's ScalarType
-    code (an int), a constant tensor (``type_as``/``to.other``) or an input-dependent value (floating)."""
-    torch = torch_lib()
-    if is_sym(value):
-        return "float32"
-    if isinstance(value, torch.Tensor):
-        value = value.dtype
-    elif isinstance(value, int) and not isinstance(value, bool):
-        value = torch.ops.aten.to.dtype(torch.empty(0), value).dtype
-    return str(value).replace("torch.", "")
-
-
 @register_aten("_to_copy", "to", "type_as")
 def _cast(t, x, *rest):
     """``x.to(dtype)``, ``x.type_as(other)``, ``_to_copy(x, dtype=...)``: the identity between floating
@@ -44,11 +25,8 @@ def _cast(t, x, *rest):
     if not is_sym(x):
         raise Unsupported("passes an input-dependent value to a constant")
     for arg, value in zip(t.op._schema.arguments[1:], rest):
-        if arg.name in ("dtype", "other") and value is not None:
-            target = cast_target(value)
-            if target not in FLOATING_DTYPES:
-                raise Unsupported(f"casts to {target} (a step function; only casts between floating types "
-                                  "are the identity)")
+        if arg.name in ("dtype", "other"):
+            require_floating(value)
     return x
 
 

@@ -71,6 +71,32 @@ def to_numpy(value) -> np.ndarray:
     return np.array(value, dtype=np.float64, copy=True)
 
 
+#: Casts read as the identity: between floating types the rounding is of the order of the unit roundoff,
+#: whereas a cast to an integer, bool or complex type is a step function (or drops a part), which a
+#: Lipschitz bound cannot cover.
+FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def dtype_name(value) -> str:
+    """The dtype a cast argument stands for: a ``torch.dtype``, TorchScript's ScalarType code (an
+    int), a constant tensor (``type_as``, ``to.other``) or an input-dependent value (floating)."""
+    torch = torch_lib()
+    if is_sym(value):
+        return "float32"
+    if isinstance(value, torch.Tensor):
+        value = value.dtype
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = torch.ops.aten.to.dtype(torch.empty(0), value).dtype
+    return str(value).replace("torch.", "")
+
+
+def require_floating(value) -> None:
+    """Raise :class:`Unsupported` unless the cast target ``value`` (None: no cast) is a floating type."""
+    if value is not None and dtype_name(value) not in FLOATING_DTYPES:
+        raise Unsupported(f"casts to {dtype_name(value)} (a step function; only casts between floating types "
+                          "are the identity)")
+
+
 def torch_lib():
     """torch, imported on first use (``import lipsdp`` stays free of it)."""
     import torch
