@@ -286,3 +286,16 @@ def test_module_identified_by_its_origin(fmt, tmp_path):
     assert not any(isinstance(op, Activation) for op in net.ops())  # no reflection was read into it
     cert = certify(net, solver="ipm")
     assert_sandwich(cert, torch_lower_bound(model, 4), rel=1e-6)
+
+
+def test_aten_arguments_beyond_the_handler_refused():
+    """A handler's parameters declare the arguments it models: an overload passing more is refused."""
+    from lipsdp.io.aten_ops import Translator
+    from lipsdp.io.builder import GraphBuilder, Label
+
+    builder = GraphBuilder("t")
+    t = Translator(builder)
+    x = builder.input((4,), name="x")
+    t.call(torch.ops.aten.dropout.default, [x, 0.1, False, 1.0], Label("drop", "Dropout"), 0)
+    with pytest.raises(UnsupportedLayerError, match="drop.*4 arguments"):
+        t.raise_errors()

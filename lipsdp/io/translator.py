@@ -18,6 +18,7 @@ layer at once.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import numpy as np
@@ -172,6 +173,12 @@ class Translator:
             return self.shadow(op, args)
         if name not in ("cat", "concat", "concatenate") and any(isinstance(v, Extreme) for v in flat):
             self.report(self.entry(f"{name} of a max/min over an axis (only GroupSort's pattern is supported)"))
+            return self.shadow(op, args)
+        try:  # a handler's parameters declare the arguments it models; an overload with more is refused
+            inspect.signature(handler).bind(self, *args)
+        except TypeError:
+            self.report(self.entry(f"{name} with {len(args)} arguments (overload "
+                                   f"{op._overloadname!r}), which lipsdp does not model"))
             return self.shadow(op, args)
         try:
             return handler(self, *args)
