@@ -8,7 +8,7 @@ import scipy.sparse as sp
 
 from lipsdp.io import linmaps
 from lipsdp.io.builder import Sym, Unsupported
-from lipsdp.io.translator import is_sym, register_aten, to_numpy
+from lipsdp.io.translator import is_sym, register_aten, require_floating, to_numpy
 
 
 # -- linear layers -------------------------------------------------------------
@@ -161,11 +161,13 @@ def reduce(t, x, dims, keepdim, mean: bool):
 
 @register_aten("mean")
 def _mean(t, x, dim=None, keepdim=False, dtype=None):
+    require_floating(dtype)
     return reduce(t, x, dim, keepdim, mean=True)
 
 
 @register_aten("sum")
 def _sum(t, x, dim=None, keepdim=False, dtype=None):
+    require_floating(dtype)  # an integer dtype truncates the summands first
     return reduce(t, x, dim, keepdim, mean=False)
 
 

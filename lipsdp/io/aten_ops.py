@@ -8,7 +8,8 @@ GroupSort's min/max pattern, concatenation, and implicit layers.
 
 Whole modules that no operator-level rule can recover (deel-torchlip
 ``HouseHolder``) are translated from their parameters by
-:data:`MODULE_HANDLERS`, keyed by class name.
+:data:`MODULE_HANDLERS`, found by :func:`module_handler` from the class's
+defining package and name.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def _sort(t, x, *args):
 def _extreme(t, x, dim=None, keepdim=False):
     if dim is None:
         raise Unsupported("over the whole tensor")
+    if not isinstance(dim, int) or isinstance(dim, bool):  # max.other / min.other: torch.max(a, b)
+        raise Unsupported("of two tensors (an elementwise maximum or minimum)")
     kind = t.op_name
     return Extreme(kind, x, t.axis(x, dim), bool(keepdim)), Poison(t.entry(f"{kind} indices"))
 
@@ -185,8 +188,27 @@ def _householder(t, x: Sym, params: dict) -> Sym:
 #: Modules translated as a whole, by class name: handler(translator, input Sym, parameters) -> Sym.
 MODULE_HANDLERS: dict[str, Callable[..., Sym]] = {"HouseHolder": _householder}
 
+#: The packages whose classes :data:`MODULE_HANDLERS` describes: a class of the same name defined
+#: anywhere else may compute something else, so it is translated operator by operator instead.
+MODULE_ORIGINS = ("deel.torchlip.", "lipsdp.nn.")
+
+
+def module_handler(qualified_name: str):
+    """The handler for the class ``qualified_name`` (``deel.torchlip.modules.activation.HouseHolder``,
+    TorchScript's ``__torch__.`` prefix and name mangling allowed), or None.
+
+    A module is identified by where it is defined, never by its class name alone.
+    """
+    parts = [p for p in str(qualified_name).split(".") if not p.startswith("___torch_mangle")]
+    if parts and parts[0] == "__torch__":
+        parts = parts[1:]
+    if len(parts) < 2 or parts[-1] not in MODULE_HANDLERS:
+        return None
+    origin = ".".join(parts[:-1]) + "."
+    return MODULE_HANDLERS[parts[-1]] if origin.startswith(MODULE_ORIGINS) else None
+
 
 __all__ = ["ATEN_OPS", "MODULE_HANDLERS", "Extreme", "Poison", "Translator", "activation_handler", "apply_last",
            "avg_pool", "batch_norm", "cat", "clamp", "conv", "expand_tuple", "group_sort", "handler_for", "is_sym",
-           "leaves", "matmul", "permute", "product", "reduce", "register_aten", "scale_by", "sum_terms", "take",
+           "leaves", "matmul", "module_handler", "permute", "product", "reduce", "register_aten", "scale_by", "sum_terms", "take",
            "to_numpy", "unsqueeze"]

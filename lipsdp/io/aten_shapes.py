@@ -7,23 +7,41 @@ import numpy as np
 
 from lipsdp.io import linmaps
 from lipsdp.io.builder import Sym, Unsupported
-from lipsdp.io.translator import Poison, is_sym, register_aten, to_numpy, torch_lib
+from lipsdp.io.translator import Poison, is_sym, register_aten, require_floating, to_numpy, torch_lib
 
 
 # -- identity-like ------------------------------------------------------------
-@register_aten("contiguous", "clone", "detach", "alias", "lift_fresh_copy", "_to_copy", "to", "type_as",
-               "dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "_assert_tensor_metadata")
+@register_aten("contiguous", "clone", "detach", "alias", "lift_fresh_copy", "_assert_tensor_metadata")
 def _identity(t, x, *rest):
     if not is_sym(x):
         raise Unsupported("passes an input-dependent value to a constant")
     return x
 
 
+@register_aten("_to_copy", "to", "type_as")
+def _cast(t, x, *rest):
+    """``x.to(dtype)``, ``x.type_as(other)``, ``_to_copy(x, dtype=...)``: the identity between floating
+    types, refused otherwise (every overload names its target ``dtype`` or ``other``)."""
+    if not is_sym(x):
+        raise Unsupported("passes an input-dependent value to a constant")
+    for arg, value in zip(t.op._schema.arguments[1:], rest):
+        if arg.name in ("dtype", "other"):
+            require_floating(value)
+    return x
+
+
+@register_aten("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")
+def _dropout(t, x, p, train):
+    if train:
+        raise Unsupported("in training mode (random masks; save the model after model.eval())")
+    return _identity(t, x)
+
+
 @register_aten("native_dropout")
 def _native_dropout(t, x, p, train):
-    if train:
-        raise Unsupported("in training mode")
-    return x, Poison(t.entry("dropout mask"))
+    if train is None or train:
+        raise Unsupported("in training mode (random masks; save the model after model.eval())")
+    return _identity(t, x), Poison(t.entry("dropout mask"))
 
 
 # -- shape queries ------------------------------------------------------------

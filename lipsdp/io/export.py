@@ -12,7 +12,7 @@ from __future__ import annotations
 import operator
 
 from lipsdp.errors import ModelLoadError
-from lipsdp.io.aten_ops import MODULE_HANDLERS, Poison, Translator, leaves
+from lipsdp.io.aten_ops import MODULE_HANDLERS, Poison, Translator, leaves, module_handler
 from lipsdp.io.formats import first_line
 from lipsdp.io.builder import GraphBuilder, Label, Sym, Unsupported, layer_kind
 
@@ -191,7 +191,8 @@ def _module_group(nodes: list, start: int):
     stack = node.meta.get("nn_module_stack") or {}
     for key, (path, kind) in stack.items():
         cls = _class_name(kind)
-        if cls in MODULE_HANDLERS:
+        qualified = kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
+        if module_handler(qualified) is not None:
             group = []
             for other in nodes[start:]:
                 if other.op == "call_function" and key in (other.meta.get("nn_module_stack") or {}):

@@ -55,10 +55,13 @@ def detect_format(path: str) -> str:
         return "pickle"
     if _looks_like_onnx(path):
         return "onnx"
+    if path.lower().endswith(".onnx") and not _onnx_installed():
+        raise ModelLoadError(f"{path}: ONNX files need the onnx extra: pip install 'lipsdp[onnx]'")
     if path.lower().endswith(".onnx"):
         raise ModelLoadError(f"{path}: not a valid ONNX model (the protobuf does not parse or has no graph)")
+    hint = "" if _onnx_installed() else " (ONNX files need the onnx extra: pip install 'lipsdp[onnx]')"
     raise ModelLoadError(f"{path}: not a model file lipsdp can read (expected a PyTorch file from torch.save, "
-                         "torch.jit.save or torch.export.save, an ONNX model, or a LipSDP .mat file)")
+                         f"torch.jit.save or torch.export.save, an ONNX model, or a LipSDP .mat file){hint}")
 
 
 def _zip_format(path: str) -> str:
@@ -79,11 +82,19 @@ def _zip_format(path: str) -> str:
                          "torch.export.save")
 
 
-def _looks_like_onnx(path: str) -> bool:
+def _onnx_installed() -> bool:
     try:
-        import onnx
+        import onnx  # noqa: F401
     except ImportError:
         return False
+    return True
+
+
+def _looks_like_onnx(path: str) -> bool:
+    if not _onnx_installed():
+        return False
+    import onnx
+
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception:

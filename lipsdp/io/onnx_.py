@@ -2,7 +2,8 @@
 
 The graph is walked in order; nodes whose inputs are all constants are
 evaluated (with numpy, or ``onnx.reference`` for the rest), the others are
-translated by :data:`~lipsdp.io.onnx_ops.ONNX_OPS` on top of the same helpers
+translated by :data:`~lipsdp.io.onnx_registry.ONNX_OPS` (each handler declares the
+attributes and inputs it models; any other is refused) on top of the same helpers
 as the ATen table (:mod:`lipsdp.io.aten_ops`): Gemm, MatMul(+Add), Conv,
 BatchNormalization, the activations of the catalogue :mod:`lipsdp.activations`
 (Relu, LeakyRelu, PRelu, Tanh, Sigmoid, Elu, Softplus, Gelu, ...), Clip,
@@ -26,15 +27,21 @@ from lipsdp.io import aten_ops as A
 from lipsdp.io.aten_ops import Poison, Translator, leaves
 from lipsdp.io.builder import GraphBuilder, Label, Sym, Unsupported
 from lipsdp.io.formats import first_line
-from lipsdp.io.onnx_ops import ONNX_OPS, register_onnx
+from lipsdp.io import onnx_ops  # noqa: F401  (registers the handlers)
+from lipsdp.io.onnx_registry import ONNX_OPS, register_onnx, undeclared
 
 #: Largest tensor (elements) a model file may declare.
 MAX_ELEMENTS = 10**8
 
 
+#: Opsets of the default ONNX domain whose operators the handlers model (older opsets
+#: carry legacy attributes such as ``broadcast`` and ``consumed_inputs``).
+MIN_OPSET = 7
+
+
 def read_onnx(path: str):
     """``onnx.load`` with external data confined to the model's folder and declared sizes checked."""
-    import onnx
+    onnx = import_onnx()
     from onnx import external_data_helper
 
     try:
@@ -62,6 +69,18 @@ def read_onnx(path: str):
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot read the external data ({first_line(exc)})") from exc
     return model
+
+
+def import_onnx():
+    """The ``onnx`` package, or a :class:`ModelLoadError` that says how to install it."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ModelLoadError(NEED_ONNX) from exc
+    return onnx
+
+
+NEED_ONNX = "ONNX files need the onnx extra: pip install 'lipsdp[onnx]'"
 
 
 def _all_tensors(model):
@@ -93,6 +112,7 @@ def network_from_onnx(model, input_shape=None, source: str = ""):
     """
     from onnx import numpy_helper
 
+    _check_opset(model, source)
     graph = model.graph
     consts: dict[str, Any] = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     inputs = [i for i in graph.input if i.name not in consts]
@@ -120,6 +140,17 @@ def network_from_onnx(model, input_shape=None, source: str = ""):
     return builder.finish(result)
 
 
+def _check_opset(model, source: str) -> None:
+    """Refuse default-domain opsets outside ``MIN_OPSET`` .. the installed onnx's newest."""
+    from onnx import defs
+
+    newest = defs.onnx_opset_version()
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and not MIN_OPSET <= entry.version <= newest:
+            raise ModelLoadError(f"{source}: ONNX opset {entry.version} is not supported (lipsdp reads opsets "
+                                 f"{MIN_OPSET} to {newest}); convert it with onnx.version_converter")
+
+
 def _input_shape(graph_input, input_shape, source: str) -> tuple[int, tuple]:
     """``(batch, sample shape)`` of the graph's input, checked against ``input_shape``."""
     dims = [d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim]
@@ -144,18 +175,20 @@ def _input_shape(graph_input, input_shape, source: str) -> tuple[int, tuple]:
 def _translate(t: Translator, node, ins: list) -> list:
     """The outputs of one node: folded, translated by its handler, or :class:`Poison` (recorded)."""
     attrs = _attributes(node)
-    if any(isinstance(v, Poison) for v in leaves(ins)):
+    if node.domain not in ("", "ai.onnx"):
+        # Another domain's operator may share a name with a standard one but not its meaning.
+        t.report(t.entry(f"{node.op_type} of domain {node.domain!r} (only the default ONNX domain is read)"))
+        results = _shadow(t, node, ins)
+    elif any(isinstance(v, Poison) for v in leaves(ins)):
         for v in leaves(ins):
             if isinstance(v, Poison) and v.error is not None:
                 t.report(v.error)
                 v.error = None
-        if node.op_type not in ONNX_OPS:
-            t.report(t.entry(node.op_type))
+        _report_undeclared(t, node, attrs)
         results = _shadow(t, node, ins)
     elif not any(isinstance(v, (Sym, A.Extreme)) for v in leaves(ins)):
         results = _fold(t, node, ins, attrs)
-    elif node.op_type not in ONNX_OPS:
-        t.report(t.entry(node.op_type))
+    elif _report_undeclared(t, node, attrs):
         results = _shadow(t, node, ins)
     else:
         try:
@@ -167,6 +200,17 @@ def _translate(t: Translator, node, ins: list) -> list:
             t.report(t.entry(f"{node.op_type} {exc}"))
             results = _shadow(t, node, ins)
     return results
+
+
+def _report_undeclared(t: Translator, node, attrs: dict) -> bool:
+    """Report a node without a handler, or using what its handler does not declare; whether it did."""
+    if node.op_type not in ONNX_OPS:
+        t.report(t.entry(node.op_type))
+        return True
+    problems = undeclared(node.op_type, attrs, len(node.input))
+    if problems:
+        t.report(t.entry(f"{node.op_type} with {', '.join(problems)}, which lipsdp does not model"))
+    return bool(problems)
 
 
 def _label(node) -> Label:
@@ -233,4 +277,5 @@ def _shadow(t: Translator, node, ins: list) -> list:
     return [Poison(shape=tuple(np.shape(o))) for o in outs]
 
 
-__all__ = ["MAX_ELEMENTS", "ONNX_OPS", "load_onnx", "network_from_onnx", "read_onnx", "register_onnx"]
+__all__ = ["MAX_ELEMENTS", "MIN_OPSET", "NEED_ONNX", "ONNX_OPS", "import_onnx", "load_onnx", "network_from_onnx",
+           "read_onnx", "register_onnx"]

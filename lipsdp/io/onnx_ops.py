@@ -8,7 +8,7 @@ generated from the catalogue :mod:`lipsdp.activations`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -18,24 +18,22 @@ from lipsdp.io import aten_ops as A
 from lipsdp.io import linmaps
 from lipsdp.io.aten_ops import Poison
 from lipsdp.io.builder import Sym, Unsupported
+from lipsdp.io.onnx_registry import ANY, ONNX_OPS, register_onnx
 
 
 # ---------------------------------------------------------------------------
 # handlers: (translator, inputs, attributes) -> value or list of values
 # ---------------------------------------------------------------------------
 
-ONNX_OPS: dict[str, Callable[..., Any]] = {}
+#: ONNX ``TensorProto`` codes of the floating types (FLOAT, FLOAT16, DOUBLE, BFLOAT16): casts between
+#: them are the identity up to rounding; a cast to any other type is a step function.
+FLOATING_TYPES = (1, 10, 11, 16)
+
+AUTO_PAD = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
 
 
-def register_onnx(*names: str):
-    """Register a handler for ONNX operator types ``names`` (``handler(t, inputs, attributes)``)."""
-
-    def deco(fn):
-        for n in names:
-            ONNX_OPS[n] = fn
-        return fn
-
-    return deco
+def _ones(value) -> bool:
+    return all(int(v) == 1 for v in value)
 
 
 def _sym(x) -> Sym:
@@ -44,17 +42,34 @@ def _sym(x) -> Sym:
     return x
 
 
-@register_onnx("Identity", "Cast", "CastLike")
+@register_onnx("Identity")
 def _identity(t, ins, attrs):
     return _sym(ins[0])
 
 
-@register_onnx("Dropout")
+@register_onnx("Cast", attributes={"to": FLOATING_TYPES, "saturate": ANY})
+def _cast(t, ins, attrs):
+    return _sym(ins[0])
+
+
+@register_onnx("CastLike", attributes={"saturate": ANY}, inputs=2)
+def _cast_like(t, ins, attrs):
+    like = ins[1]
+    if not isinstance(like, Sym) and np.asarray(like).dtype.kind != "f":
+        raise Unsupported(f"casts to {np.asarray(like).dtype} (a step function; only casts between floating "
+                          "types are the identity)")
+    return _sym(ins[0])
+
+
+@register_onnx("Dropout", attributes={"ratio": ANY, "seed": ANY}, inputs=3)
 def _dropout(t, ins, attrs):
+    training = ins[2] if len(ins) > 2 else None
+    if isinstance(training, Sym) or (training is not None and bool(np.asarray(training).ravel()[0])):
+        raise Unsupported("in training mode (random masks)")
     return [_sym(ins[0]), Poison(t.entry("Dropout mask"))]
 
 
-@register_onnx("Gemm")
+@register_onnx("Gemm", attributes={"alpha": ANY, "beta": ANY, "transA": (0,), "transB": ANY}, inputs=3)
 def _gemm(t, ins, attrs):
     a, b = ins[0], ins[1]
     c = ins[2] if len(ins) > 2 else None
@@ -69,27 +84,27 @@ def _gemm(t, ins, attrs):
     return y
 
 
-@register_onnx("MatMul")
+@register_onnx("MatMul", inputs=2)
 def _matmul(t, ins, attrs):
     return A.matmul(t, ins[0], ins[1])
 
 
-@register_onnx("Add")
+@register_onnx("Add", inputs=2)
 def _add(t, ins, attrs):
     return A.sum_terms(t, ins[0], ins[1])
 
 
-@register_onnx("Sub")
+@register_onnx("Sub", inputs=2)
 def _sub(t, ins, attrs):
     return A.sum_terms(t, ins[0], ins[1], -1.0)
 
 
-@register_onnx("Mul")
+@register_onnx("Mul", inputs=2)
 def _mul(t, ins, attrs):
     return A.product(t, ins[0], ins[1])
 
 
-@register_onnx("Div")
+@register_onnx("Div", inputs=2)
 def _div(t, ins, attrs):
     if isinstance(ins[1], Sym):
         raise Unsupported("divides by an input-dependent tensor")
@@ -117,11 +132,16 @@ def activation_handler(function: str, mapping: Callable[..., dict]):
     return handler
 
 
+#: The attributes the catalogue's ONNX mappings read (an activation not listed reads none).
+ACTIVATION_ATTRIBUTES = {"Elu": {"alpha": ANY}, "Gelu": {"approximate": ("none", "tanh")},
+                         "LeakyRelu": {"alpha": ANY}}
+
 for _op, (_entry, _mapping) in activations.onnx_table().items():
-    register_onnx(_op)(activation_handler(_entry.name, _mapping))
+    register_onnx(_op, attributes=ACTIVATION_ATTRIBUTES.get(_op), inputs=2 if _op == "PRelu" else 1)(
+        activation_handler(_entry.name, _mapping))
 
 
-@register_onnx("Clip")
+@register_onnx("Clip", attributes={"min": ANY, "max": ANY}, inputs=3)
 def _clip(t, ins, attrs):
     lo = ins[1] if len(ins) > 1 else attrs.get("min")
     hi = ins[2] if len(ins) > 2 else attrs.get("max")
@@ -132,7 +152,7 @@ def _clip(t, ins, attrs):
     return A.clamp(t, _sym(ins[0]), lo, hi)
 
 
-@register_onnx("Flatten")
+@register_onnx("Flatten", attributes={"axis": ANY})
 def _flatten(t, ins, attrs):
     x = _sym(ins[0])
     full = t.full_shape(x)
@@ -141,7 +161,7 @@ def _flatten(t, ins, attrs):
     return t.reshape(x, [int(np.prod(full[:axis])), int(np.prod(full[axis:]))])
 
 
-@register_onnx("Reshape")
+@register_onnx("Reshape", attributes={"allowzero": ANY}, inputs=2)
 def _reshape(t, ins, attrs):
     x = _sym(ins[0])
     if isinstance(ins[1], Sym):
@@ -153,7 +173,7 @@ def _reshape(t, ins, attrs):
     return t.reshape(x, shape)
 
 
-@register_onnx("Transpose")
+@register_onnx("Transpose", attributes={"perm": ANY})
 def _transpose(t, ins, attrs):
     x = _sym(ins[0])
     ndim = len(x.shape) + 1
@@ -171,7 +191,7 @@ def _axes(ins, attrs, position: int = 1):
     return None
 
 
-@register_onnx("Unsqueeze")
+@register_onnx("Unsqueeze", attributes={"axes": ANY}, inputs=2)
 def _unsqueeze(t, ins, attrs):
     x = _sym(ins[0])
     axes = _axes(ins, attrs)
@@ -181,17 +201,17 @@ def _unsqueeze(t, ins, attrs):
     return x
 
 
-@register_onnx("Squeeze")
+@register_onnx("Squeeze", attributes={"axes": ANY}, inputs=2)
 def _squeeze(t, ins, attrs):
     return A.ATEN_OPS["squeeze"](t, _sym(ins[0]), _axes(ins, attrs))
 
 
-@register_onnx("Concat")
+@register_onnx("Concat", attributes={"axis": ANY}, inputs=None)
 def _concat(t, ins, attrs):
     return A.cat(t, ins, int(attrs.get("axis", 0)))
 
 
-@register_onnx("Slice")
+@register_onnx("Slice", attributes={"starts": ANY, "ends": ANY, "axes": ANY}, inputs=5)
 def _slice(t, ins, attrs):
     x = _sym(ins[0])
     if any(isinstance(v, Sym) for v in ins[1:]):
@@ -208,7 +228,7 @@ def _slice(t, ins, attrs):
     return x
 
 
-@register_onnx("Split")
+@register_onnx("Split", attributes={"axis": ANY, "split": ANY, "num_outputs": ANY}, inputs=2)
 def _split(t, ins, attrs):
     x = _sym(ins[0])
     axis = t.axis(x, int(attrs.get("axis", 0)))
@@ -226,7 +246,7 @@ def _split(t, ins, attrs):
     return [A.take(t, x, axis, slice(int(a), int(b))) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-@register_onnx("Gather")
+@register_onnx("Gather", attributes={"axis": ANY}, inputs=2)
 def _gather(t, ins, attrs):
     x = _sym(ins[0])
     if isinstance(ins[1], Sym):
@@ -239,7 +259,8 @@ def _gather(t, ins, attrs):
     return t.b.select(x, sel, t.label)
 
 
-@register_onnx("BatchNormalization")
+@register_onnx("BatchNormalization", attributes={"epsilon": ANY, "momentum": ANY, "training_mode": (0,),
+                                              "spatial": (1,)}, inputs=5)
 def _batch_norm(t, ins, attrs):
     if attrs.get("training_mode", 0):
         raise Unsupported("in training mode")
@@ -263,7 +284,8 @@ def _pads(x: Sym, attrs: dict, kernel, stride, dilation) -> tuple[list[int], lis
     return pads[:nd], pads[nd:]
 
 
-@register_onnx("Conv")
+@register_onnx("Conv", attributes={"kernel_shape": ANY, "strides": ANY, "dilations": ANY, "pads": ANY,
+                                "auto_pad": AUTO_PAD, "group": ANY}, inputs=3)
 def _conv(t, ins, attrs):
     x = _sym(ins[0])
     w = np.asarray(ins[1], dtype=np.float64)
@@ -276,14 +298,13 @@ def _conv(t, ins, attrs):
     return A.conv(t, x, w, bias, stride, begin, end, dilation, int(attrs.get("group", 1)))
 
 
-@register_onnx("AveragePool")
+@register_onnx("AveragePool", attributes={"kernel_shape": ANY, "strides": ANY, "pads": ANY, "auto_pad": AUTO_PAD,
+                                       "ceil_mode": (0,), "count_include_pad": ANY, "dilations": _ones})
 def _average_pool(t, ins, attrs):
     x = _sym(ins[0])
     kernel = [int(k) for k in attrs["kernel_shape"]]
     nd = len(kernel)
     stride = [int(s) for s in attrs.get("strides", [1] * nd)]
-    if attrs.get("ceil_mode", 0):
-        raise Unsupported("with ceil_mode")
     begin, end = _pads(x, attrs, kernel, stride, [1] * nd)
     return A.avg_pool(t, x, kernel, stride, begin, end, bool(attrs.get("count_include_pad", 0)))
 
@@ -294,7 +315,8 @@ def _global_average_pool(t, ins, attrs):
     return A.reduce(t, x, list(range(2, len(x.shape) + 1)), True, mean=True)
 
 
-@register_onnx("ReduceMean", "ReduceSum")
+@register_onnx("ReduceMean", "ReduceSum", attributes={"axes": ANY, "keepdims": ANY, "noop_with_empty_axes": ANY},
+               inputs=2)
 def _reduce(t, ins, attrs):
     x = _sym(ins[0])
     axes = _axes(ins, attrs)
@@ -303,7 +325,7 @@ def _reduce(t, ins, attrs):
     return A.reduce(t, x, axes, bool(attrs.get("keepdims", 1)), mean=t.label.kind == "ReduceMean")
 
 
-@register_onnx("Pad")
+@register_onnx("Pad", attributes={"mode": ("constant",), "pads": ANY, "value": ANY}, inputs=4)
 def _pad(t, ins, attrs):
     x = _sym(ins[0])
     mode = attrs.get("mode", "constant")
@@ -323,7 +345,7 @@ def _pad(t, ins, attrs):
     return A.ATEN_OPS["pad"](t, x, torch_pads, mode, value)
 
 
-@register_onnx("Shape")
+@register_onnx("Shape", attributes={"start": ANY, "end": ANY})
 def _shape(t, ins, attrs):
     full = t.full_shape(_sym(ins[0]))
     start, end = int(attrs.get("start", 0)), attrs.get("end")
@@ -335,7 +357,7 @@ def _size(t, ins, attrs):
     return np.asarray(t.batch * _sym(ins[0]).size, dtype=np.int64)
 
 
-@register_onnx("TopK")
+@register_onnx("TopK", attributes={"axis": ANY, "largest": ANY, "sorted": (1,)}, inputs=2)
 def _top_k(t, ins, attrs):
     x = _sym(ins[0])
     axis = t.axis(x, int(attrs.get("axis", -1)))
@@ -346,7 +368,8 @@ def _top_k(t, ins, attrs):
     return [values, Poison(t.entry("TopK indices"))]
 
 
-@register_onnx("ReduceMin", "ReduceMax")
+@register_onnx("ReduceMin", "ReduceMax", attributes={"axes": ANY, "keepdims": ANY, "noop_with_empty_axes": ANY},
+               inputs=2)
 def _reduce_extreme(t, ins, attrs):
     x = _sym(ins[0])
     axes = _axes(ins, attrs)

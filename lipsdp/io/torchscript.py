@@ -15,7 +15,7 @@ import operator
 import re
 
 from lipsdp.errors import ModelLoadError
-from lipsdp.io.aten_ops import MODULE_HANDLERS, Poison, Translator, leaves
+from lipsdp.io.aten_ops import MODULE_HANDLERS, Poison, Translator, leaves, module_handler
 from lipsdp.io.builder import GraphBuilder, Label, Sym, Unsupported, layer_kind
 from lipsdp.io.formats import first_line
 
@@ -56,29 +56,26 @@ def network_from_script(module, input_shape=None, source: str = ""):
     Parameters
     ----------
     module : torch.jit.ScriptModule
-        Put in eval mode for the translation (and restored afterwards).
+        Translated in the mode it was saved in: a scripted model's ``self.training`` is read like
+        any attribute, so BatchNorm and Dropout in training mode are refused, as in its traced
+        and exported copies (save it after ``model.eval()``).
     input_shape : tuple of int, optional
         Sample shape without batch axis; default ``(in_features,)`` of the first weight.
     source : str
         Name used in messages.
     """
-    was_training = module.training
-    module.eval()
-    try:
-        graph = module.inlined_graph
-        inputs = list(graph.inputs())
-        if len(inputs) != 2:
-            raise ModelLoadError(f"{source}: forward takes {len(inputs) - 1} inputs; lipsdp certifies models "
-                                 "with exactly one")
-        shape = tuple(int(s) for s in input_shape) if input_shape is not None else infer_input_shape(module, source)
-        builder = GraphBuilder(source)
-        walker = _Walker(Translator(builder, batch=1), module, source, shape)
-        walker.env[inputs[0].unique()] = module
-        walker.env[inputs[1].unique()] = builder.input(shape, name=inputs[1].debugName().split(".")[0])
-        walker.walk(list(graph.nodes()))
-        outputs = [walker.env[v.unique()] for v in graph.outputs()]
-    finally:
-        module.train(was_training)
+    graph = module.inlined_graph
+    inputs = list(graph.inputs())
+    if len(inputs) != 2:
+        raise ModelLoadError(f"{source}: forward takes {len(inputs) - 1} inputs; lipsdp certifies models "
+                             "with exactly one")
+    shape = tuple(int(s) for s in input_shape) if input_shape is not None else infer_input_shape(module, source)
+    builder = GraphBuilder(source)
+    walker = _Walker(Translator(builder, batch=1), module, source, shape)
+    walker.env[inputs[0].unique()] = module
+    walker.env[inputs[1].unique()] = builder.input(shape, name=inputs[1].debugName().split(".")[0])
+    walker.walk(list(graph.nodes()))
+    outputs = [walker.env[v.unique()] for v in graph.outputs()]
     walker.t.raise_errors()
     result = outputs[0] if len(outputs) == 1 else outputs
     if isinstance(result, (list, tuple)):
@@ -214,6 +211,8 @@ class _Walker:
         for depth, (_, cls) in enumerate(scopes):
             if layer_kind(cls) in MODULE_HANDLERS:
                 path = ".".join(n for n, _ in scopes[:depth + 1])
+                if module_handler(self._qualified_name(path)) is None:
+                    continue  # a class of the same name defined elsewhere: translated operator by operator
                 members = []
                 for k in range(start, len(nodes)):
                     _, other = self._label(nodes[k])
@@ -224,6 +223,16 @@ class _Walker:
                         break
                 return set(members), path, layer_kind(cls)
         return None
+
+    def _qualified_name(self, path: str) -> str:
+        """The TorchScript class name (``__torch__.deel.torchlip...HouseHolder``) of the submodule at ``path``."""
+        module = self.root
+        try:
+            for part in path.split("."):
+                module = getattr(module, part)
+            return module._c._type().qualified_name()
+        except (AttributeError, RuntimeError):
+            return ""
 
     def _translate_module(self, nodes: list, group, position: int) -> None:
         members, path, cls = group

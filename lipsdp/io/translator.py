@@ -18,6 +18,7 @@ layer at once.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import numpy as np
@@ -71,6 +72,32 @@ def to_numpy(value) -> np.ndarray:
     return np.array(value, dtype=np.float64, copy=True)
 
 
+#: Casts read as the identity: between floating types the rounding is of the order of the unit roundoff,
+#: whereas a cast to an integer, bool or complex type is a step function (or drops a part), which a
+#: Lipschitz bound cannot cover.
+FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def dtype_name(value) -> str:
+    """The dtype a cast argument stands for: a ``torch.dtype``, TorchScript's ScalarType code (an
+    int), a constant tensor (``type_as``, ``to.other``) or an input-dependent value (floating)."""
+    torch = torch_lib()
+    if is_sym(value):
+        return "float32"
+    if isinstance(value, torch.Tensor):
+        value = value.dtype
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = torch.ops.aten.to.dtype(torch.empty(0), value).dtype
+    return str(value).replace("torch.", "")
+
+
+def require_floating(value) -> None:
+    """Raise :class:`Unsupported` unless the cast target ``value`` (None: no cast) is a floating type."""
+    if value is not None and dtype_name(value) not in FLOATING_DTYPES:
+        raise Unsupported(f"casts to {dtype_name(value)} (a step function; only casts between floating types "
+                          "are the identity)")
+
+
 def torch_lib():
     """torch, imported on first use (``import lipsdp`` stays free of it)."""
     import torch
@@ -98,6 +125,7 @@ class Translator:
         self._reported: set = set()
         self.label = Label("", "")
         self.position = 0
+        self.op = None  # the OpOverload being translated (handlers read its schema)
         self.op_name = ""
 
     # -- errors ---------------------------------------------------------
@@ -126,7 +154,7 @@ class Translator:
         """Translate one call of the ATen ``OpOverload`` ``op`` with ``args`` in schema order."""
         self.label, self.position = label, position
         name = op._schema.name.split("::", 1)[-1]
-        self.op_name = name
+        self.op, self.op_name = op, name
         flat = list(leaves(args))
         poisoned = [v for v in flat if isinstance(v, Poison)]
         if poisoned:
@@ -145,6 +173,12 @@ class Translator:
             return self.shadow(op, args)
         if name not in ("cat", "concat", "concatenate") and any(isinstance(v, Extreme) for v in flat):
             self.report(self.entry(f"{name} of a max/min over an axis (only GroupSort's pattern is supported)"))
+            return self.shadow(op, args)
+        try:  # a handler's parameters declare the arguments it models; an overload with more is refused
+            inspect.signature(handler).bind(self, *args)
+        except TypeError:
+            self.report(self.entry(f"{name} with {len(args)} arguments (overload "
+                                   f"{op._overloadname!r}), which lipsdp does not model"))
             return self.shadow(op, args)
         try:
             return handler(self, *args)
