@@ -15,8 +15,6 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import erf
 
 from lipsdp.activations.base import MARGIN, NotExpressible, SlopeActivation, TorchModule
 
@@ -34,6 +32,8 @@ def _tanh_derivative(x):
 
 @lru_cache(maxsize=None)
 def _sector(approximate: str) -> tuple[float, float]:
+    from scipy.optimize import minimize_scalar  # heavy (about 1 s): only when a sector is first asked for
+
     if approximate == "none":
         r2 = math.sqrt(2.0)
         lo = 0.5 * (1.0 + math.erf(-1.0)) - r2 * math.exp(-1.0) / math.sqrt(2.0 * math.pi)
@@ -65,11 +65,15 @@ class GELU(SlopeActivation):
     def evaluate(self, x, params):
         if self.param(params, "approximate") == "tanh":
             return _tanh_form(x)
+        from scipy.special import erf  # heavy to import: only for nets that use the erf GELU
+
         return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
     def derivative(self, x, params):
         if self.param(params, "approximate") == "tanh":
             return _tanh_derivative(x)
+        from scipy.special import erf
+
         return 0.5 * (1.0 + erf(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
 
     def sector(self, params):

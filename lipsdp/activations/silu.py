@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from scipy.optimize import minimize_scalar
 
 from lipsdp.activations.base import MARGIN, SlopeActivation, TorchModule, sigmoid
 
@@ -21,6 +20,8 @@ def _derivative(x):
 
 @lru_cache(maxsize=None)
 def _sector() -> tuple[float, float]:
+    from scipy.optimize import minimize_scalar  # heavy (about 1 s): only when a sector is first asked for
+
     lo = float(minimize_scalar(_derivative, bounds=(-4.0, -0.5), method="bounded", options={"xatol": 1e-12}).fun)
     return lo - MARGIN, 1.0 - lo + MARGIN
 
