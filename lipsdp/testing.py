@@ -185,16 +185,20 @@ def breakpoint_probes(net, base: np.ndarray, neurons: int = 3, seed: int = 0,
         if op.function not in entries or not net.parents(node):
             continue    # GroupSort / Householder: no scalar breakpoints; random inputs cover them
         parent = net.parents(node)[0]
-        points = entries[op.function].breakpoints({**entries[op.function].defaults, **op.params})
+        entry, params = entries[op.function], {**entries[op.function].defaults, **op.params}
+        points = entry.breakpoints(params)
         if not points:
             continue
+        # At a jump (torch's Softplus threshold) an input within rounding of it may fall on either side in
+        # either evaluation: such ties are no mismatch, so only offsets far above rounding are probed.
+        near = [off for off in offsets if not entry.discontinuity(params) or abs(off) >= 1e-6]
         jac = _jacobian(net, parent, base)
         for i in rng.permutation(jac.shape[0])[:neurons]:
             g = jac[i]
             if not np.any(g):
                 continue    # a neuron the input does not move (a dead channel): nothing to place
             for b in points:
-                for off in offsets:
+                for off in near:
                     x = base.copy()
                     for _ in range(4):     # pre-activations are piecewise smooth: a few Newton steps
                         z = net.node_values(x[None])[parent][0, i]
