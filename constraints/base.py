@@ -30,6 +30,9 @@ from typing import ClassVar
 import numpy as np
 import scipy.sparse as sp
 
+from lipsdp.errors import ResourceError
+from lipsdp.resources import available_memory
+
 
 @dataclass
 class QCTerms:
@@ -67,6 +70,24 @@ class QCTerms:
     factors: list = field(default_factory=list)
 
 
+#: Bytes :func:`outer_terms` holds per product ``a_ij b_ik`` at its peak: indices, values and
+#: multipliers of both triangles, and the temporaries that compute them.
+BYTES_PER_TERM = 96
+#: Share of the available memory one call of :func:`outer_terms` may take.
+MEMORY_SHARE = 0.5
+
+
+def _check_memory(terms: int) -> None:
+    """Refuse, with a clear error, an assembly that would exhaust memory (the kernel would kill the
+    process instead of Python raising): rows made dense, e.g. by the input reduction's rotation of a
+    wide input, give ``nnz(a_i) nnz(b_i)`` terms per neuron."""
+    need, budget = BYTES_PER_TERM * terms, int(MEMORY_SHARE * available_memory())
+    if need > budget:
+        raise ResourceError(f"building the LMI needs about {need / 2**30:.1f} GiB for {2 * terms:,} terms of one "
+                            f"layer's quadratic constraint, but {budget / 2**30:.1f} GiB are available; "
+                            "try --split K or a smaller network")
+
+
 def outer_terms(A: sp.csr_matrix, B: sp.csr_matrix, coef: np.ndarray, mult: np.ndarray):
     """COO of ``coef_i (a_i b_i^T + b_i a_i^T)`` for every row ``i`` of ``A`` and ``B``.
 
@@ -86,6 +107,7 @@ def outer_terms(A: sp.csr_matrix, B: sp.csr_matrix, coef: np.ndarray, mult: np.n
     keep = (coef != 0) & (ka > 0) & (kb > 0)
     cnt = np.where(keep, ka * kb, 0)
     total = int(cnt.sum())
+    _check_memory(total)
     if total == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0), empty
