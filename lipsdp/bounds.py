@@ -11,15 +11,18 @@ Together they form the sanity chain of docs/math.md §1.5:
 ``sampled <= true L <= certified <= trivial``.
 
 Each node type registers here, once, its composed norm bound
-(:func:`node_gain`) and its local Jacobian, forward (:func:`node_jacobian`) and
-reverse (:func:`node_pullback`).
+(:func:`node_gain`, in float (:class:`Estimate`) or upward-rounded, proven
+(:class:`Proven`) arithmetic) and its local Jacobian, forward
+(:func:`node_jacobian`) and reverse (:func:`node_pullback`).
 """
 
 from __future__ import annotations
 
+import math
 from functools import singledispatch
 
 import numpy as np
+import scipy.linalg as sla
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
@@ -60,61 +63,200 @@ def trivial_bound(network: Network) -> float:
     return node_lipschitz(network)[network.output]
 
 
-# -- composed norm bounds -----------------------------------------------------
+# -- proven norms ---------------------------------------------------------------
+#: Affine layers with more rows plus columns than this get no proven norm (a dense Cholesky of that size).
+PROVEN_NORM_SIZE = 4000
+_U = 2.0 ** -53  # unit roundoff of float64
+
+
+class Unprovable(ArithmeticError):
+    """A composed bound that :class:`Proven` arithmetic cannot prove (a huge layer, an implicit one)."""
+
+
+def _up(value: float) -> float:
+    """The next float above ``value``: an upper bound on the exact result of the one rounded operation
+    (to nearest) that produced ``value``."""
+    return float(np.nextafter(value, np.inf))
+
+
+def _proven_positive_definite(H: np.ndarray) -> bool:
+    """Whether the symmetric float matrix ``H``, taken as exact, is provably positive definite.
+
+    The test of :func:`lipsdp.verify.rigorous_negative_definite` with no construction error
+    (docs/math.md §10): a float Cholesky ``R^T R = fl(H - c I) + E`` with
+    ``|E| <= gamma_{n+1} |R^T||R|`` (Higham, Thm 10.3) proves ``lambda_min(H) > 0`` when
+    ``c > gamma_{n+1} ||R||_F^2 + u (max |H_ii| + c)`` (the last term: rounding of the shift);
+    the error terms are doubled, as there.
+    """
+    n = len(H)
+    g = (n + 1) * _U / (1.0 - (n + 1) * _U)
+    diag = float(np.abs(np.diag(H)).max())
+    c = 4.0 * g * float(np.abs(np.diag(H)).sum()) + np.finfo(float).tiny
+    Hs = H.copy()
+    Hs[np.diag_indices(n)] -= c
+    try:
+        R = sla.cholesky(Hs, lower=False, check_finite=False)
+    except sla.LinAlgError:
+        return False
+    return bool(c > 2.0 * (g * float(np.sum(R * R)) + _U * (diag + c)))
+
+
+def proven_spectral_norm(W) -> float | None:
+    """A float ``s`` proven to satisfy ``||W||_2 <= s``; None for a matrix too large to prove.
+
+    ``||W||_2 < s`` exactly when ``[[s I, W], [W^T, s I]]`` is positive definite (its Schur
+    complement is ``s I - W^T W / s``).  That matrix holds ``s`` and ``W``'s own floats, so it is
+    built without error, and :func:`_proven_positive_definite` proves it.  ``s`` starts at the
+    float SVD's ``sigma_max`` raised by the Cholesky test's shift (relative ``~4 (m+n)^2 u``) and
+    doubles its margin until the proof goes through.
+    """
+    m, n = W.shape
+    if m + n > PROVEN_NORM_SIZE or not np.all(np.isfinite(W.data if sp.issparse(W) else W)):
+        return None
+    W = W.toarray() if sp.issparse(W) else np.asarray(W, dtype=np.float64)
+    if not np.any(W):
+        return 0.0
+    sigma = float(np.linalg.norm(W, 2))
+    margin = 8.0 * (m + n + 1) ** 2 * _U
+    for _ in range(40):
+        s = _up(sigma * (1.0 + margin))
+        H = np.block([[s * np.eye(m), W], [W.T, s * np.eye(n)]])
+        if _proven_positive_definite(H):
+            return s
+        margin *= 2.0
+    return None
+
+
+def proven_row_sum(W) -> float:
+    """``max_i sum_j |W_ij|`` rounded up: a float sum of ``k`` terms is within ``gamma_k`` of the truth."""
+    W = abs(W)
+    k = W.shape[1]
+    total = float(np.asarray(W.sum(axis=1)).max(initial=0.0))
+    return _up(total * (1.0 + 2.0 * k * _U / (1.0 - k * _U)))
+
+
+# -- composed norm bounds: one dispatch, two arithmetics ---------------------------
+class Estimate:
+    """Float arithmetic for :func:`node_gain`, in ``norm`` "l2" (spectral norms) or "linf" (row sums)."""
+
+    def __init__(self, norm: str = "l2"):
+        self.norm = norm
+
+    def matrix(self, W) -> float:
+        return spectral_norm(W) if self.norm == "l2" else float(abs(W).sum(axis=1).max(initial=0.0))
+
+    def mul(self, a: float, b: float) -> float:
+        return a * b
+
+    def total(self, values: list[float]) -> float:
+        return sum(values)
+
+    def hypot(self, values: list[float]) -> float:
+        return float(np.sqrt(sum(p ** 2 for p in values))) if self.norm == "l2" else max(values)
+
+    def implicit(self, op: Equilibrium, slope: float) -> float:
+        return implicit_gain(op, slope)
+
+
+class Proven(Estimate):
+    """Upward-rounded arithmetic for :func:`node_gain`: every value is a proven upper bound.
+
+    Norms by :func:`proven_spectral_norm` or :func:`proven_row_sum`; each product and sum is one rounding
+    to nearest, so the next float above it bounds the exact result; :class:`Unprovable` otherwise.
+    """
+
+    def matrix(self, W) -> float:
+        w = proven_spectral_norm(W) if self.norm == "l2" else proven_row_sum(W)
+        if w is None:
+            raise Unprovable(f"no proven norm for a {W.shape[0]}x{W.shape[1]} matrix")
+        return w
+
+    def mul(self, a: float, b: float) -> float:
+        return _up(a * b)
+
+    def total(self, values: list[float]) -> float:
+        out = 0.0
+        for p in values:
+            out = _up(out + p)
+        return out
+
+    def hypot(self, values: list[float]) -> float:
+        if self.norm != "l2":
+            return max(values)
+        return _up(math.sqrt(self.total([_up(p * p) for p in values])))
+
+    def implicit(self, op: Equilibrium, slope: float) -> float:
+        raise Unprovable("an implicit layer's gain needs a proven ||F||")
+
+
 @singledispatch
-def node_gain(op: Op, parents: list[float], norm: str) -> float:
-    """The norm bound of node ``op`` given its parents' bounds ``parents`` (``norm``: "l2" or "linf")."""
+def node_gain(op: Op, parents: list[float], arith: Estimate) -> float:
+    """The norm bound of node ``op`` given its parents' bounds, composed in ``arith``'s arithmetic."""
     raise TypeError(f"unknown node kind {type(op).__name__}")
 
 
 @node_gain.register(Input)
-def _(op, parents, norm):
+def _(op, parents, arith):
     return 1.0
 
 
 @node_gain.register(Affine)
-def _(op, parents, norm):
-    w = op.weight
-    op_norm = spectral_norm(w) if norm == "l2" else float(abs(w).sum(axis=1).max(initial=0.0))
-    return op_norm * parents[0]
+def _(op, parents, arith):
+    return arith.mul(arith.matrix(op.weight), parents[0])
 
 
 @node_gain.register(Reshape)
-def _(op, parents, norm):
+def _(op, parents, arith):
     return parents[0]
 
 
 @node_gain.register(Add)
-def _(op, parents, norm):
-    return sum(parents)
+def _(op, parents, arith):
+    return arith.total(parents)
 
 
 @node_gain.register(Concat)
-def _(op, parents, norm):
-    return float(np.sqrt(sum(p ** 2 for p in parents))) if norm == "l2" else max(parents)
+def _(op, parents, arith):
+    return arith.hypot(parents)
 
 
 @node_gain.register(Activation)
-def _(op, parents, norm):
-    return get_constraint(op.function).lipschitz(op) * parents[0]
+def _(op, parents, arith):
+    return arith.mul(get_constraint(op.function).lipschitz(op), parents[0])
 
 
 @node_gain.register(Equilibrium)
-def _(op, parents, norm):
-    return implicit_gain(op, get_constraint(op.function).lipschitz(op)) * parents[0]
+def _(op, parents, arith):
+    return arith.mul(arith.implicit(op, get_constraint(op.function).lipschitz(op)), parents[0])
 
 
-def node_lipschitz(network: Network, norm: str = "l2") -> dict[int, float]:
+def node_lipschitz(network: Network, norm: str = "l2", arith: Estimate | None = None) -> dict[int, float]:
     """The composed norm bound of :func:`trivial_bound` for every node (node id -> bound).
 
     ``norm="linf"`` composes induced infinity norms (max absolute row sum)
     instead: a bound on the l_inf -> l_inf gain, hence on every output's
-    l_inf -> |.| constant.
+    l_inf -> |.| constant.  ``arith`` (default ``Estimate(norm)``) picks the arithmetic.
     """
+    arith = Estimate(norm) if arith is None else arith
     lip: dict[int, float] = {}
     for n in network.graph.nodes:
-        lip[n] = node_gain(network.op(n), [lip[p] for p in network.parents(n)], norm)
+        lip[n] = node_gain(network.op(n), [lip[p] for p in network.parents(n)], arith)
     return lip
+
+
+def proven_trivial_bound(network: Network, norm: str = "l2", output_map=None) -> float | None:
+    """The trivial bound (products of norms and slopes, composed over the graph) proven in floating
+    point: :func:`node_lipschitz` in :class:`Proven` arithmetic, then the read-out's proven norm;
+    None where a part cannot be proven (implicit layers, huge layers).
+    The slopes are the catalogue's (:meth:`~lipsdp.constraints.QuadraticConstraint.lipschitz`)."""
+    arith = Proven(norm)
+    try:
+        out = node_lipschitz(network, norm, arith)[network.output]
+        if output_map is not None:
+            out = arith.mul(arith.matrix(np.atleast_2d(np.asarray(output_map, dtype=np.float64))), out)
+    except Unprovable:
+        return None
+    return out if math.isfinite(out) else None
 
 
 # -- Jacobians ----------------------------------------------------------------

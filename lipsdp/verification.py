@@ -15,16 +15,12 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import numpy as np
-import scipy.linalg as sla
-import scipy.sparse as sp
 
-from lipsdp.bounds import node_lipschitz
+from lipsdp.bounds import node_lipschitz, proven_spectral_norm, proven_trivial_bound  # noqa: F401 (re-exported)
 from lipsdp.certificate import SCHEMA_VERSION
-from lipsdp.constraints import get_constraint
 from lipsdp.errors import LipSDPError
 from lipsdp.exact import exact_negative_definite
 from lipsdp.lifting import lift
-from lipsdp.network import Activation, Add, Affine, Concat, Input, Reshape
 from lipsdp.reductions import Precondition, Query, composed_norm_scales, queries, readouts
 from lipsdp.verify import (Verification, balanced_scales, rigorous_negative_definite, round_up_sqrt, verify,
                            verify_balanced)
@@ -117,119 +113,6 @@ def verify_solution(query: Query, solution, *, strict: bool = False) -> Outcome:
 
 # ---------------------------------------------------------------------------------------------------
 # The trivial bound, proven: what a certificate falls back to when the SDP's verified bound is worse.
-
-#: Affine layers with more rows plus columns than this get no proven norm (a dense Cholesky of that size).
-PROVEN_NORM_SIZE = 4000
-_U = 2.0 ** -53  # unit roundoff of float64
-
-
-def _up(value: float) -> float:
-    """The next float above ``value``: an upper bound on the exact result of the one rounded operation
-    (to nearest) that produced ``value``."""
-    return float(np.nextafter(value, np.inf))
-
-
-def _proven_positive_definite(H: np.ndarray) -> bool:
-    """Whether the symmetric float matrix ``H``, taken as exact, is provably positive definite.
-
-    The test of :func:`lipsdp.verify.rigorous_negative_definite` with no construction error
-    (docs/math.md §10): a float Cholesky ``R^T R = fl(H - c I) + E`` with
-    ``|E| <= gamma_{n+1} |R^T||R|`` (Higham, Thm 10.3) proves ``lambda_min(H) > 0`` when
-    ``c > gamma_{n+1} ||R||_F^2 + u (max |H_ii| + c)`` (the last term: rounding of the shift);
-    the error terms are doubled, as there.
-    """
-    n = len(H)
-    g = (n + 1) * _U / (1.0 - (n + 1) * _U)
-    diag = float(np.abs(np.diag(H)).max())
-    c = 4.0 * g * float(np.abs(np.diag(H)).sum()) + np.finfo(float).tiny
-    Hs = H.copy()
-    Hs[np.diag_indices(n)] -= c
-    try:
-        R = sla.cholesky(Hs, lower=False, check_finite=False)
-    except sla.LinAlgError:
-        return False
-    return bool(c > 2.0 * (g * float(np.sum(R * R)) + _U * (diag + c)))
-
-
-def proven_spectral_norm(W) -> float | None:
-    """A float ``s`` proven to satisfy ``||W||_2 <= s``; None for a matrix too large to prove.
-
-    ``||W||_2 < s`` exactly when ``[[s I, W], [W^T, s I]]`` is positive definite (its Schur
-    complement is ``s I - W^T W / s``).  That matrix holds ``s`` and ``W``'s own floats, so it is
-    built without error, and :func:`_proven_positive_definite` proves it.  ``s`` starts at the
-    float SVD's ``sigma_max`` raised by the Cholesky test's shift (relative ``~4 (m+n)^2 u``) and
-    doubles its margin until the proof goes through.
-    """
-    m, n = W.shape
-    if m + n > PROVEN_NORM_SIZE or not np.all(np.isfinite(W.data if sp.issparse(W) else W)):
-        return None
-    W = W.toarray() if sp.issparse(W) else np.asarray(W, dtype=np.float64)
-    if not np.any(W):
-        return 0.0
-    sigma = float(np.linalg.norm(W, 2))
-    margin = 8.0 * (m + n + 1) ** 2 * _U
-    for _ in range(40):
-        s = _up(sigma * (1.0 + margin))
-        H = np.block([[s * np.eye(m), W], [W.T, s * np.eye(n)]])
-        if _proven_positive_definite(H):
-            return s
-        margin *= 2.0
-    return None
-
-
-def _proven_row_sum(W) -> float:
-    """``max_i sum_j |W_ij|`` rounded up: a float sum of ``k`` terms is within ``gamma_k`` of the truth."""
-    W = abs(W)
-    k = W.shape[1]
-    total = float(np.asarray(W.sum(axis=1)).max(initial=0.0))
-    return _up(total * (1.0 + 2.0 * k * _U / (1.0 - k * _U)))
-
-
-def _proven_gain(op, parents: list[float], norm: str) -> float | None:
-    """A node's composed norm bound as :func:`lipsdp.bounds.node_gain`, every rounding upward."""
-    if isinstance(op, Input):
-        return 1.0
-    if isinstance(op, Reshape):
-        return parents[0]
-    if isinstance(op, Affine):
-        w = proven_spectral_norm(op.weight) if norm == "l2" else _proven_row_sum(op.weight)
-        return None if w is None else _up(w * parents[0])
-    if isinstance(op, Activation):
-        return _up(get_constraint(op.function).lipschitz(op) * parents[0])
-    if isinstance(op, Add):
-        total = 0.0
-        for p in parents:
-            total = _up(total + p)
-        return total
-    if isinstance(op, Concat):
-        if norm != "l2":
-            return max(parents)
-        total = 0.0
-        for p in parents:
-            total = _up(total + _up(p * p))
-        return _up(math.sqrt(total))
-    return None  # implicit layers: their gain needs a proven ||F||, not done here
-
-
-def proven_trivial_bound(network, norm: str = "l2", output_map=None) -> float | None:
-    """The trivial bound (products of norms and slopes, composed over the graph) proven in floating
-    point: every norm by :func:`proven_spectral_norm` (l2) or a rounded-up row sum (l_inf), every
-    product and sum rounded up; None where a part cannot be proven (implicit layers, huge layers).
-    The slopes are the catalogue's (:meth:`~lipsdp.constraints.QuadraticConstraint.lipschitz`)."""
-    gains: dict[int, float] = {}
-    for n in network.graph.nodes:
-        parents = [gains[p] for p in network.parents(n)]
-        gain = _proven_gain(network.op(n), parents, norm)
-        if gain is None or not math.isfinite(gain):
-            return None
-        gains[n] = gain
-    out = gains[network.output]
-    if output_map is None:
-        return out
-    omap = np.atleast_2d(np.asarray(output_map, dtype=np.float64))
-    c = proven_spectral_norm(omap) if norm == "l2" else _proven_row_sum(omap)
-    return None if c is None else _up(c * out)
-
 
 # ---------------------------------------------------------------------------------------------------
 # Re-checking a saved certificate: the stored multipliers, as they are, on the same queries.

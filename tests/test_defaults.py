@@ -166,3 +166,22 @@ def test_proven_spectral_norm_is_an_upper_bound():
                      (np.zeros((3, 4)), 0.0), (np.array([[1e-300, 0.0]]), 1e-300)]:
         s = proven_spectral_norm(W)
         assert exact <= s <= exact * (1 + 1e-10) + 1e-300, (exact, s)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("build", ["mlp", "residual"])
+def test_proven_trivial_bound_is_the_composed_bound_rounded_up(norm, build):
+    """One dispatch, two arithmetics: the proven composition bounds the float one from above, and by
+    no more than rounding (a mismatch means the two paths compose differently)."""
+    from lipsdp.bounds import node_lipschitz
+    from lipsdp.io import network_from_module
+    from lipsdp.verification import proven_trivial_bound
+    from models import residual_mlp
+
+    model = mlp([6, 9, 7, 3], activation="tanh", seed=2) if build == "mlp" else residual_mlp(seed=3)
+    net = network_from_module(model, input_shape=(6,) if build == "mlp" else (4,))
+    estimate = node_lipschitz(net, norm)[net.output]
+    proven = proven_trivial_bound(net, norm)
+    assert estimate <= proven <= estimate * (1 + 1e-9), (estimate, proven)
+    omap = np.array([[1.0, -1.0, 0.0]])
+    assert proven_trivial_bound(net, norm, omap) >= estimate
