@@ -63,6 +63,7 @@ def test_notebook_is_stripped(path):
                 f"{path.name} cell {i} has stored outputs: clear them before committing"
 
 
+@pytest.mark.slow  # about 1.5 min for all four: CI runs them in its `-m slow` step on every landing
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_notebook_runs(path, kernel_env):
     nbformat = pytest.importorskip("nbformat")
