@@ -86,11 +86,18 @@ def test_verify_json_has_a_verified_key(tmp_path, small):
 def test_time_limit_hit_that_verified_exits_0(tmp_path):
     model = tmp_path / "wide.pt"
     torch.save(mlp([40, 120, 120, 5], seed=1), model)
-    code, out, err = run_cli("certify", model, "--solver", "ipm", "--time-limit", "0.02", "--samples", "0",
-                             "--json")
-    d = json.loads(out)
-    assert d["solver_status"] == "time_limit", d["message"]
-    assert d["status"] == "verified" and d["bound"] is not None
+    # The limit that stops the solve late enough to verify depends on the machine's load: try a few.
+    seen = []
+    for limit in ("0.02", "0.05", "0.1", "0.2", "0.4", "0.8"):
+        code, out, err = run_cli("certify", model, "--solver", "ipm", "--time-limit", limit, "--samples", "0",
+                                 "--json")
+        d = json.loads(out)
+        seen.append((limit, d["solver_status"], d["status"], code))
+        assert (code == 0) == (d["status"] == "verified" and d["bound"] is not None), (d, err)
+        if d["solver_status"] == "time_limit" and d["status"] == "verified":
+            break
+    else:
+        pytest.fail(f"no time-limit hit verified a bound: {seen}")
     assert code == 0, err
 
 
