@@ -143,7 +143,7 @@ class Estimate:
         self.norm = norm
 
     def matrix(self, W) -> float:
-        return spectral_norm(W) if self.norm == "l2" else float(abs(W).sum(axis=1).max(initial=0.0))
+        return spectral_norm(W) if self.norm == "l2" else float(np.asarray(abs(W).sum(axis=1)).max(initial=0.0))
 
     def mul(self, a: float, b: float) -> float:
         return a * b

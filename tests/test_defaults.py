@@ -192,3 +192,15 @@ def test_proven_trivial_bound_is_the_composed_bound_rounded_up(norm, build):
     assert estimate <= proven <= estimate * (1 + 1e-9), (estimate, proven)
     omap = np.array([[1.0, -1.0, 0.0]])
     assert proven_trivial_bound(net, norm, omap) >= estimate
+
+
+def test_composed_linf_bound_of_sparse_weights():
+    """Convolutions are sparse Affine weights: the l_inf composition takes their row sums too."""
+    import scipy.sparse as sp
+
+    from lipsdp.bounds import Estimate, Proven
+
+    W = sp.random(5, 7, density=0.5, format="csr", random_state=0)
+    exact = float(np.abs(W.toarray()).sum(axis=1).max())
+    assert Estimate("linf").matrix(W) == pytest.approx(exact, rel=1e-15)
+    assert exact <= Proven("linf").matrix(W) <= exact * (1 + 1e-12)
