@@ -165,7 +165,7 @@ class DaskExecutor:
         for task in tasks:
             futures[self.client.submit(dask_task, self.network, task, pure=False, key=f"lipsdp-{task['id']}-"
                                        f"{os.urandom(4).hex()}")] = task
-        for fut, record in self.distributed.as_completed(list(futures), with_results=True):
+        for fut, record in self.distributed.as_completed(list(futures), with_results=True, loop=self.client.loop):
             yield futures[fut], record
 
     def close(self) -> None:
