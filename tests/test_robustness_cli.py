@@ -21,6 +21,7 @@ import pytest
 import torch
 from digits_classifier import digits_classifier, save_model_and_data
 
+from lipsdp.certificate import UNVERIFIED, Certificate
 from lipsdp.cli import main
 from lipsdp.dataset import check_data
 from lipsdp.errors import LipSDPError
@@ -196,3 +197,26 @@ def test_interrupted_run_resumes_without_recomputing(setup, tmp_path, method):
         evaluate_dataset(network, x, y, **{**options, "norm": "linf"})
     with pytest.raises(LipSDPError, match="data differ"):
         evaluate_dataset(network, x[:-1], y[:-1], **options)
+
+
+def test_unverified_pair_certifies_nothing_and_exits_1(setup, files, monkeypatch, capsys):
+    """A pair whose SDP does not verify counts as an infinite bound: its samples get radius 0, exit code 1."""
+    import lipsdp.parallel
+
+    real = lipsdp.parallel.pair_certificate
+
+    def flaky(network, y, j, **kw):
+        return Certificate(None, UNVERIFIED, message="fake failure") if (y, j) == (0, 1) else real(network, y, j, **kw)
+
+    monkeypatch.setattr(lipsdp.parallel, "pair_certificate", flaky)
+    model_path, data_path = files
+    assert main(["robustness", str(model_path), "--data", str(data_path), "--trust-pickle", "--json",
+                 "--chunk", str(CHUNK)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["verified"] and report["bounds"][0] == {"id": "pair 0 1", "pair": [0, 1], "bound": None,
+                                                              "verified": False, "status": UNVERIFIED,
+                                                              "solver": ""}
+    radii, ref = np.array(report["radii"]), setup["results"][("pairwise", "l2")].radii
+    pred = np.array(report["predictions"])
+    assert np.all(radii[(pred == 0) | (pred == 1)] == 0) and np.all(radii <= ref)
+    assert np.array_equal(radii[pred > 1], ref[pred > 1])
