@@ -102,3 +102,34 @@ def test_scheduler_errors(serial, monkeypatch):
     with pytest.raises(LipSDPError, match=r"pip install 'lipsdp\[distributed\]'"):
         make_executor(serial["network"], scheduler="tcp://127.0.0.1:9")
 
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_workers_then_resume(tmp_path):
+    """A real SIGINT to ``lipsdp robustness --workers 2``: exit 130, no worker left, and the rerun resumes."""
+    import signal
+
+    out = tmp_path / "units.jsonl"
+    cmd = [sys.executable, "-m", "lipsdp", "robustness", str(REPO / "examples" / "digits_mlp.pt"), "--data",
+           str(tmp_path / "test.npz"), "--workers", "2", "--out", str(out), "--json"]
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    np.savez(tmp_path / "test.npz", x=x[-100:] / 16.0, y=y[-100:])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.exists() and len(out.read_text().splitlines()) >= 4):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    children = subprocess.run(["ps", "--ppid", str(proc.pid), "-o", "pid="], capture_output=True,
+                              text=True).stdout.split()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().endswith("lipsdp: interrupted"), err
+    time.sleep(2)
+    assert not [c for c in children if Path(f"/proc/{c}").exists()], "worker processes outlived the command"
+    done = out.read_text().count("\n") - 1  # whole lines: a line torn by the exit is dropped on resume
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    units = json.loads(rerun.stdout)["units"]
+    assert rerun.returncode == 0 and units == {"computed": 46 - done, "reused": done}
