@@ -156,8 +156,12 @@ class DaskExecutor:
             self.client = distributed.Client(address, timeout=timeout, set_as_default=False)
         except (OSError, TimeoutError, ValueError) as exc:
             raise LipSDPError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
-        if not self.client.scheduler_info().get("workers"):
+        try:
             self.client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError:
+            self.client.close()
+            raise LipSDPError(f"no Dask worker joined the scheduler at {address} within {timeout:g} s "
+                              f"(start one: dask worker {address} --nthreads 1)") from None
         self.network = self.client.scatter(network, broadcast=True)
 
     def run(self, tasks):

@@ -133,3 +133,10 @@ def test_ctrl_c_with_workers_then_resume(tmp_path):
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     units = json.loads(rerun.stdout)["units"]
     assert rerun.returncode == 0 and units == {"computed": 46 - done, "reused": done}
+
+
+def test_scheduler_without_workers(serial, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        with pytest.raises(LipSDPError, match="no Dask worker joined"):
+            DaskExecutor(serial["network"], cluster.scheduler_address, timeout=1)
