@@ -202,18 +202,22 @@ class ResultLog:
         self.header, self.path, self.done = header, path, {}
         if path is None:
             return
-        with open(path, "a+b") as fh:  # creates it; a file whose header line was cut off starts afresh
-            fh.seek(0)
-            complete = b"\n" in fh.read()
-        if complete:
-            self._resume(path)
-        else:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(header) + "\n")
+        first = (json.dumps(header) + "\n").encode()
+        try:
+            with open(path, "a+b") as fh:  # creates it
+                fh.seek(0)
+                raw = fh.read()
+            if b"\n" in raw:
+                self._resume(path, raw)
+            elif first.startswith(raw):  # empty, or only a header cut off by a kill: start afresh
+                with open(path, "wb") as fh:
+                    fh.write(first)
+            else:
+                raise LipSDPError(f"{path} is not a lipsdp robustness results file; use another --out")
+        except OSError as exc:
+            raise LipSDPError(f"cannot use --out {path}: {exc.strerror or exc}") from None
 
-    def _resume(self, path: str) -> None:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+    def _resume(self, path: str, raw: bytes) -> None:
         good = raw.rfind(b"\n") + 1  # a last line without its newline was cut off by a kill: it goes
         lines = raw[:good].split(b"\n")[:-1]
         try:
@@ -226,10 +230,13 @@ class ResultLog:
         if differs:
             raise LipSDPError(f"{path} holds results of another run ({', '.join(differs)} differ); use another "
                               f"--out or delete the file")
-        for line in lines[1:]:
-            if line.strip():
+        for number, line in enumerate(lines[1:], start=2):
+            try:
                 record = json.loads(line)
                 self.done[record["id"]] = record
+            except (ValueError, TypeError, KeyError):
+                raise LipSDPError(f"{path}, line {number}: not a unit record; use another --out or delete "
+                                  f"the file") from None
         if good < len(raw):
             with open(path, "r+b") as fh:
                 fh.truncate(good)

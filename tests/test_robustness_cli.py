@@ -220,3 +220,20 @@ def test_unverified_pair_certifies_nothing_and_exits_1(setup, files, monkeypatch
     pred = np.array(report["predictions"])
     assert np.all(radii[(pred == 0) | (pred == 1)] == 0) and np.all(radii <= ref)
     assert np.array_equal(radii[pred > 1], ref[pred > 1])
+
+
+def test_results_file_that_is_not_ours_is_refused(setup, tmp_path):
+    network, x, y = setup["network"], setup["x"], setup["y"]
+    for name, content in {"text": b"hello", "binary": b"\x80\x02model\nweights", "json": b'{"a": 1}\n'}.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(LipSDPError, match="not a lipsdp robustness results file"):
+            evaluate_dataset(network, x, y, method="global", out=str(path))
+        assert path.read_bytes() == content, "a file that is not ours must be left alone"
+    with pytest.raises(LipSDPError, match="cannot use --out"):
+        evaluate_dataset(network, x, y, method="global", out=str(tmp_path / "no" / "such" / "dir.jsonl"))
+    good = tmp_path / "good.jsonl"
+    evaluate_dataset(network, x, y, method="global", out=str(good))
+    good.write_text(good.read_text().replace('"id": "samples 0"', '"di": "samples 0"'))
+    with pytest.raises(LipSDPError, match="line 3: not a unit record"):
+        evaluate_dataset(network, x, y, method="global", out=str(good))
