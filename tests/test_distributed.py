@@ -77,7 +77,12 @@ def dask_cluster(tmp_path):
         procs.append(subprocess.Popen([str(DASK), "worker", "--scheduler-file", str(file), "--nworkers", "2",
                                        "--nthreads", "1", "--no-dashboard", "--local-directory", str(tmp_path)],
                                       **common))
-        yield json.loads(file.read_text())["address"]
+        address = json.loads(file.read_text())["address"]
+        import distributed
+
+        with distributed.Client(address, timeout=60, set_as_default=False) as client:  # a loaded machine is slow
+            client.wait_for_workers(2, timeout=120)                                   # to start them
+        yield address
     finally:
         for proc in reversed(procs):  # only the processes this fixture started, by their handles
             proc.terminate()
