@@ -19,7 +19,7 @@ import sys
 import threading
 import warnings
 
-from lipsdp import __version__
+from lipsdp import __version__, robustness_cli
 from lipsdp.certificate import WRITING, Certificate
 from lipsdp.errors import LipSDPError
 from lipsdp.pipeline import certify, check_certificate
@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.add_argument("--debug", action="store_true",
                    help="show tracebacks, and what numerical libraries print (kept off the terminal otherwise)")
+
+    robustness_cli.add_parser(sub)
 
     s = sub.add_parser("solvers", help="list solver backends: installed, licensed, how to add the rest")
     s.add_argument("--json", action="store_true")
@@ -342,6 +344,8 @@ def main(argv=None, *, own_process: bool | None = None) -> int:
                 return _cmd_certify(args)
             if args.command == "verify":
                 return _cmd_verify(args)
+            if args.command == "robustness":
+                return robustness_cli.run(args)
             return _cmd_solvers(args)
     except LipSDPError as exc:
         if debug:

@@ -38,7 +38,8 @@ from lipsdp import pipeline
 from lipsdp.certificate import Certificate
 from lipsdp.errors import LipSDPError
 
-__all__ = ["RadiusResult", "pairwise_lipschitz", "global_lipschitz", "certified_radii"]
+__all__ = ["RadiusResult", "pair_certificate", "global_certificate", "pairwise_lipschitz", "global_lipschitz",
+           "certified_radii"]
 
 NORMS = ("l2", "linf")
 #: Global-to-pairwise factor :math:`\\|e_y-e_j\\|`: sqrt(2) for l2, 2 for l_inf (see the module docstring).
@@ -54,6 +55,30 @@ def _as_network(model_or_network, **load_options):
 def _check_norm(norm: str) -> None:
     if norm not in NORMS:
         raise LipSDPError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
+
+
+def pair_certificate(network, y: int, j: int, *, norm: str = "l2", solver: str = "auto",
+                     formulation: str = "neuron", time_limit: float | None = None) -> Certificate:
+    """The LipSDP certificate of one logit difference :math:`f_y-f_j` (read-out :math:`c=e_y-e_j`).
+
+    One unit of :func:`pairwise_lipschitz`, independent of every other pair, so that
+    :mod:`lipsdp.parallel` can run pairs on separate processes or machines (docs/math.md §9).
+    ``network`` is a validated :class:`~lipsdp.network.Network`. The certificate may be unverified;
+    the caller decides what that means.
+    """
+    _check_norm(norm)
+    c = np.zeros((1, network.output_dim))
+    c[0, y], c[0, j] = 1.0, -1.0
+    return pipeline.certify_network(network, solver=solver, formulation=formulation, norm=norm, output_map=c,
+                                    time_limit=time_limit, lower_bound_samples=0, compare=False)
+
+
+def global_certificate(network, *, norm: str = "l2", solver: str = "auto", formulation: str = "neuron",
+                       time_limit: float | None = None) -> Certificate:
+    """The LipSDP certificate of the whole logit map (see :func:`global_lipschitz`); may be unverified."""
+    _check_norm(norm)
+    return pipeline.certify_network(network, solver=solver, formulation=formulation, norm=norm,
+                                    time_limit=time_limit, lower_bound_samples=0, compare=False)
 
 
 def pairwise_lipschitz(model_or_network, norm: str = "l2", solver: str = "auto", pairs=None, *,
@@ -122,10 +147,8 @@ def pairwise_lipschitz(model_or_network, norm: str = "l2", solver: str = "auto",
     L = np.full((k, k), np.inf)
     np.fill_diagonal(L, 0.0)
     for y, j in todo:
-        c = np.zeros((1, k))
-        c[0, y], c[0, j] = 1.0, -1.0
-        cert = pipeline.certify_network(network, solver=solver, formulation=formulation, norm=norm, output_map=c,
-                               time_limit=time_limit, lower_bound_samples=0, compare=False)
+        cert = pair_certificate(network, y, j, norm=norm, solver=solver, formulation=formulation,
+                                time_limit=time_limit)
         if not cert.verified:
             raise LipSDPError(f"the Lipschitz bound of f_{y} - f_{j} ({norm}) did not verify: "
                               f"{cert.status}: {cert.message}")
@@ -148,8 +171,7 @@ def global_lipschitz(model_or_network, norm: str = "l2", solver: str = "auto", *
     """
     _check_norm(norm)
     network = _as_network(model_or_network, **load_options)
-    cert = pipeline.certify_network(network, solver=solver, formulation=formulation, norm=norm, lower_bound_samples=0,
-                           compare=False)
+    cert = global_certificate(network, norm=norm, solver=solver, formulation=formulation)
     if not cert.verified:
         raise LipSDPError(f"the global Lipschitz bound ({norm}) did not verify: {cert.status}: {cert.message}")
     return float(cert.bound)
