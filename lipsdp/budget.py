@@ -165,7 +165,11 @@ class Budget:
         """One line: which limit, in which phase, what was done, the best verified bound if any."""
         limit = f"time limit of {self.time_limit:g} s" if which == "time" else \
             f"memory limit of {self.memory_limit / 2**30:.3g} GiB"
-        done = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.done if name != "start")
+        spent = {}
+        for name, seconds in self.done + [(self.phase, time.monotonic() - self.phase_start)]:
+            if name != "start":
+                spent[name] = spent.get(name, 0.0) + seconds
+        done = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in spent.items())
         best = f"; best verified bound so far {self.best[0]:.6g} ({self.best[1]})" if self.best else \
             "; no bound verified"
         return f"{limit} reached during {self.phase} after {time.monotonic() - self.start:.1f} s" \

@@ -68,11 +68,11 @@ class Pools:
         """Limit every pool loaded now (libraries load lazily: call again after loading torch) to
         ``requested`` threads, or to :func:`choose` for ``rows``."""
         count = self.requested or choose(rows)
-        self._limiters.append(ThreadpoolController().limit(limits=count))
         torch = sys.modules.get("torch")
+        if torch is not None and self._torch is None:  # before threadpoolctl: torch reads OpenMP's count
+            self._torch = torch.get_num_threads()
+        self._limiters.append(ThreadpoolController().limit(limits=count))
         if torch is not None:
-            if self._torch is None:
-                self._torch = torch.get_num_threads()
             torch.set_num_threads(count)
         for name in ENVIRONMENT:
             self._environ.setdefault(name, os.environ.get(name))
