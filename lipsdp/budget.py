@@ -11,16 +11,15 @@ exit 0). Planning reads the memory left (:meth:`Budget.memory_left`, through
 starts.
 
 In-process callers get this cooperative enforcement only: Python cannot stop a thread inside a native call.
-The command line adds a watchdog thread (:meth:`Budget.watch`) that ends the process, with one line and exit
-code 1, when the run goes :data:`GRACE` seconds past its deadline or its resident memory (with the solver
-worker processes) passes the cap, so the limits hold there whatever the code in between does.
+The command line adds a watchdog process (:mod:`lipsdp.watchdog`) that ends the process, with one line and
+exit code 1, when the run goes its grace (:data:`GRACE` or less) past its deadline or its resident memory (with the
+solver worker processes) passes the cap, so the limits hold there whatever the code in between does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import threading
 import time
 
 from lipsdp.errors import LipSDPError
@@ -35,8 +34,8 @@ except ImportError:  # pragma: no cover
 GRACE = 1.0
 #: Share of the seconds left that the solver gets; the rest is kept for verifying its point.
 SOLVER_SHARE = 0.75
-#: Seconds between two looks of the command line's watchdog at the clock and the resident memory; a
-#: dense allocation grows at a few GB/s, so this keeps the overshoot well below the 10% allowed.
+#: Seconds between two looks of the command line's watchdog at the clock and the resident memory: a dense
+#: allocation grows by a few GB/s, so this keeps the overshoot of a memory limit to a few percent.
 POLL = 0.01
 
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("lipsdp_budget", default=None)
@@ -87,9 +86,12 @@ class Budget:
     start : float, optional
         ``time.monotonic()`` value the limit counts from (default: now; the command line passes the
         process's start).
+    grace : float
+        Seconds past the deadline before the run is stopped (:data:`GRACE`; the command line takes less).
     """
 
-    def __init__(self, time_limit=None, memory_limit=None, *, start=None, absolute=False):
+    def __init__(self, time_limit=None, memory_limit=None, *, start=None, absolute=False, grace=GRACE):
+        self.grace = grace
         self.start = time.monotonic() if start is None else start
         self.time_limit = time_limit or None
         self.deadline = None if not time_limit else self.start + time_limit
@@ -100,6 +102,8 @@ class Budget:
         self.best = None
         self.peak = 0
         self.detail = ""
+        #: Called with the budget when the phase changes or a bound is verified (the watchdog's news).
+        self.on_change = None
         self._children, self._children_at = [], -1.0
 
     def resident(self) -> int:
@@ -146,16 +150,20 @@ class Budget:
         now = time.monotonic()
         self.done.append((self.phase, now - self.phase_start))
         self.phase, self.phase_start, self.detail = phase, now, ""
+        if self.on_change is not None:
+            self.on_change(self)
         self.check()
 
     def verified(self, bound: float, what: str = "") -> None:
         """Record a bound verified during the run (reported if a limit stops it later)."""
         if bound is not None and (self.best is None or bound < self.best[0]):
             self.best = (float(bound), what)
+            if self.on_change is not None:
+                self.on_change(self)
 
     def reached(self) -> str | None:
         """Which limit is spent (``"time"``, ``"memory"``) or None."""
-        if self.deadline is not None and time.monotonic() > self.deadline + GRACE:
+        if self.deadline is not None and time.monotonic() > self.deadline + self.grace:
             return "time"
         if self.memory_cap is not None and self.memory_left() < 0:
             return "memory"
@@ -190,30 +198,6 @@ class Budget:
             yield self
         finally:
             _CURRENT.reset(token)
-
-    @contextlib.contextmanager
-    def watch(self, stop):
-        """Call ``stop(message)`` from a watchdog thread when a limit is spent (the command line ends the
-        process there; ``stop`` must not return)."""
-        if self.deadline is None and self.memory_cap is None:
-            yield
-            return
-        done = threading.Event()
-
-        def run():
-            while not done.wait(POLL):
-                which = self.reached()
-                if which and not done.is_set():
-                    stop(self.describe(which))
-                    return
-
-        thread = threading.Thread(target=run, name="lipsdp-limits", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join(timeout=1.0)
 
 
 def current() -> Budget | None:

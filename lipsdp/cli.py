@@ -32,6 +32,7 @@ from lipsdp.pipeline import certify, check_certificate
 from lipsdp.quiet import dropped
 from lipsdp.session import run
 from lipsdp.solvers import describe
+from lipsdp.watchdog import guard
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -165,6 +166,10 @@ def _print_table(rows, title=None, file=None):
     _console(file).print(table)
 
 
+#: Seconds past ``--time-limit`` before the command stops (the API allows :data:`lipsdp.budget.GRACE`).
+CLI_GRACE = 0.5
+
+
 def _process_start() -> float:
     """``time.monotonic()`` at this process's start: limits count the interpreter's start and imports too.
 
@@ -186,32 +191,22 @@ def _limit_reached(args, message: str, budget) -> int:
     with _OUTPUT:
         if args.json:
             best = budget.best[0] if budget is not None and budget.best else None
-            print(json.dumps({"verified": False, "bound": None, "status": "limit_reached",
-                              "best_verified_bound": best, "message": message, "model": args.model}), flush=True)
+            print(json.dumps({"verified": False, "bound": None, "status": "limit_reached", "model": args.model,
+                              "message": message, "best_verified_bound": best}), flush=True)
         print(f"lipsdp: {message}", file=sys.stderr, flush=True)
     return 1
 
 
-def _stop_process(args, budget):
-    """The watchdog's action (:meth:`lipsdp.budget.Budget.watch`): report, stop the workers, exit 1 now."""
-    def stop(message):
-        if not _announced.acquire(blocking=False):  # Ctrl-C got there first
-            return
-        _limit_reached(args, message, budget)
-        deadline = sys.modules.get("lipsdp.solvers.deadline")
-        if deadline is not None:
-            deadline.stop_all()
-        os._exit(1)
-    return stop
-
-
 def _cmd_certify(args, own_process: bool) -> int:
-    budget = Budget(args.time_limit, args.memory_limit, absolute=True,
+    budget = Budget(args.time_limit, args.memory_limit, absolute=True, grace=CLI_GRACE,
                     start=_process_start() if own_process else None)
-    stop = _stop_process(args, budget) if own_process else None
+    template = {"verified": False, "bound": None, "status": "limit_reached", "model": args.model} \
+        if args.json else None
+    # The process's own command: a watchdog process enforces the limits, also inside native calls.
+    watch = guard(budget, template, stderr=sys.stderr) if own_process else contextlib.nullcontext()
     try:
-        with run(budget=budget, stop=stop, threads=args.threads, verbose=args.debug,
-                 progress="always" if args.progress else not args.json):
+        with watch, run(budget=budget, threads=args.threads, verbose=args.debug,
+                        progress="always" if args.progress else not args.json):
             cert = certify(args.model, solver=args.solver, formulation=args.formulation, norm=args.norm,
                            output_index=args.output, activation=args.activation, input_shape=args.input_shape,
                            time_limit=args.time_limit, tol=args.tol, trust_pickle=args.trust_pickle,

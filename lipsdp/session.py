@@ -15,21 +15,18 @@ from lipsdp.quiet import dropped
 
 
 @contextlib.contextmanager
-def run(time_limit=None, memory_limit=None, *, threads=None, progress=False, verbose=False, budget=None,
-        stop=None):
+def run(time_limit=None, memory_limit=None, *, threads=None, progress=False, verbose=False, budget=None):
     """The context of one certification: its :class:`~lipsdp.budget.Budget` (deadline and memory cap
     over every phase), its thread pools (:mod:`lipsdp.threads`), solver output kept off the terminal
     unless ``verbose`` (:mod:`lipsdp.quiet`) and the progress display.  Within a run already
     in progress (``certify`` calling ``certify_network``, or the command line) it adds nothing.
 
-    ``budget``: one made by the caller (the command line's counts from the process's start and caps
-    its whole memory); ``stop``: called from a watchdog thread with a one-line message when a limit
-    is spent (:meth:`~lipsdp.budget.Budget.watch`; the command line ends the process there).
+    ``budget``: one made by the caller (the command line's counts from the process's start, caps its
+    whole memory and is enforced by :mod:`lipsdp.watchdog` too).
     """
     if current() is not None:
         yield current()
         return
     budget = budget or Budget(time_limit, memory_limit)
-    watch = budget.watch(stop) if stop is not None else contextlib.nullcontext()
-    with dropped(not verbose), thread_pools.limited(threads), budget.active(), display(budget, progress), watch:
+    with dropped(not verbose), thread_pools.limited(threads), budget.active(), display(budget, progress):
         yield budget

@@ -35,7 +35,7 @@ import time
 from multiprocessing.connection import Connection
 
 from lipsdp import threads as thread_pools
-from lipsdp.budget import GRACE, current
+from lipsdp.budget import current
 from lipsdp.solvers.base import SolveResult
 
 #: Seconds a new worker may take to start (interpreter and imports).
@@ -130,7 +130,7 @@ def _not_started(backend, t0: float, what: str) -> SolveResult:
     first (it was killed), ``solver_error`` otherwise."""
     seconds = time.perf_counter() - t0
     budget = current()
-    if budget is not None and budget.seconds_left() is not None and budget.seconds_left() <= GRACE / 2:
+    if budget is not None and budget.seconds_left() is not None and budget.seconds_left() <= budget.grace / 2:
         return SolveResult("time_limit", None, None, seconds,
                            message=f"stopped at the {budget.time_limit:g} s time limit (the {backend.name} worker "
                                    f"process {what} in time and was killed)")
@@ -162,7 +162,7 @@ def _startup_wait() -> float:
     run's time limit (:mod:`lipsdp.budget`) ends sooner."""
     budget = current()
     left = None if budget is None else budget.seconds_left()
-    return STARTUP_LIMIT if left is None else max(min(STARTUP_LIMIT, left + GRACE / 2), 0.0)
+    return STARTUP_LIMIT if left is None else max(min(STARTUP_LIMIT, left + budget.grace / 2), 0.0)
 
 
 def solve_in_child(backend, lmi, time_limit: float, *, tol=None, verbose=False) -> SolveResult:

@@ -8,7 +8,6 @@ killed by the kernel for memory.  Subprocess runs here measure wall time and pea
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,33 +19,51 @@ import torch
 import lipsdp
 import lipsdp.pipeline as pipeline
 from lipsdp.budget import GRACE, Budget, LimitReached, checkpoint, current, parse_size
+from lipsdp.cli import CLI_GRACE
 from lipsdp.network import Network
 from lipsdp.solvers import BACKENDS
 from lipsdp.solvers.base import Backend
+from conftest import EXAMPLES
 from models import mlp
 
 #: Seconds a process takes to end after the watchdog's decision, on a loaded 2-core machine.
 EXIT_SLACK = 1.5
 
-# A command whose solve allocates memory in 50 MB steps without ever looking at a limit: only the
-# watchdog can stop it.  The peak resident memory of the whole command is read by a parent process.
-_HOG = """
-import resource, subprocess, sys
+# A command whose solve never looks at a limit: it allocates memory in 50 MB steps, or holds the GIL in
+# LAPACK (scipy's eigh does not release it), so only a watchdog outside the interpreter can stop it.  A
+# parent process reads the peak resident memory of the whole command.
+_HOG = r"""
+import resource, subprocess, sys, time
 code = '''
-import sys, numpy as np
+import sys, numpy as np, scipy.linalg
 from lipsdp.solvers.completion_ import CompletionIPM
 def solve(self, lmi, **kw):
-    keep = [np.ones(50 * 2**20 // 8) for _ in range(60)]
+    if sys.argv[1] == "memory":
+        keep = [np.ones(50 * 2**20 // 8) for _ in range(60)]
+    else:
+        a = np.random.default_rng(0).random((2500, 2500))
+        for _ in range(100):
+            scipy.linalg.eigh(a + a.T)
     raise AssertionError("not stopped")
 CompletionIPM.solve = solve
 from lipsdp.cli import main
-raise SystemExit(main(sys.argv[1:], own_process=True))
+raise SystemExit(main(sys.argv[2:], own_process=True))
 '''
+t0 = time.monotonic()
 proc = subprocess.run([sys.executable, "-c", code, *sys.argv[1:]], capture_output=True, text=True)
-print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.monotonic() - t0)
 print(proc.stdout.strip())
 print(proc.stderr.strip())
 """
+
+
+def _hog(mode, *args):
+    """``(exit code, peak resident bytes, wall seconds, stderr's last line)`` of a command whose solve hogs."""
+    proc = subprocess.run([sys.executable, "-c", _HOG, mode, "certify", str(EXAMPLES / "digits_mlp.pt"),
+                           "--solver", "completion", "--samples", "0", *args], capture_output=True, text=True,
+                          timeout=180)
+    first = proc.stdout.splitlines()[0].split()
+    return int(first[0]), int(first[1]), float(first[2]), proc.stdout.splitlines()[-1]
 
 
 def _deep_mlp(path):
@@ -71,7 +88,7 @@ def test_cli_time_limit_covers_the_whole_run(tmp_path):
     model = _deep_mlp(tmp_path / "deep.pt")
     limit = 6.0
     proc, wall = _cli("certify", model, "--time-limit", limit, "--json")
-    assert wall < limit + GRACE + EXIT_SLACK, (wall, proc.stderr)
+    assert wall < limit + CLI_GRACE + EXIT_SLACK, (wall, proc.stderr)
     assert proc.returncode == 1, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"lipsdp: time limit of {limit:g} s reached during "), lines
@@ -80,29 +97,29 @@ def test_cli_time_limit_covers_the_whole_run(tmp_path):
     assert d["verified"] is False and d["bound"] is None and d["status"] == "limit_reached"
 
 
-def test_cli_memory_limit_is_never_exceeded(tmp_path):
+def test_cli_memory_limit_is_never_exceeded():
     """Before: no ``--memory-limit`` on the command line (exit 2), and the kernel's OOM killer as the limit."""
-    cap = parse_size("700M")
-    proc = subprocess.run([sys.executable, "-c", _HOG, "certify", str(lipsdp_example()), "--solver", "completion",
-                           "--samples", "0", "--memory-limit", "700M"], capture_output=True, text=True, timeout=180)
-    code, peak = map(int, proc.stdout.splitlines()[0].split())
-    err = proc.stdout.splitlines()[-1]
-    assert code == 1, proc.stdout
+    code, peak, _, err = _hog("memory", "--memory-limit", "700M")
+    assert code == 1, err
     assert err.startswith("lipsdp: memory limit of 0.684 GiB reached during solve"), err
-    assert peak <= 1.1 * cap, f"peak resident memory {peak / 2**20:.0f} MiB for a 700 MiB limit"
+    assert peak <= 1.1 * parse_size("700M"), f"peak resident memory {peak / 2**20:.0f} MiB for a 700 MiB limit"
 
 
-def lipsdp_example():
-    from conftest import EXAMPLES
-
-    return EXAMPLES / "digits_mlp.pt"
+@pytest.mark.slow
+def test_cli_time_limit_holds_inside_native_calls():
+    """A solver that ignores its limit and holds the GIL in LAPACK is still stopped on time (exit 1)."""
+    code, _, wall, err = _hog("gil", "--time-limit", "5")
+    assert code == 1, err
+    assert err.startswith("lipsdp: time limit of 5 s reached during solve"), err
+    assert wall < 5 + CLI_GRACE + EXIT_SLACK, wall
 
 
 def test_cli_bad_memory_limit_is_exit_2(tmp_path):
-    proc, _ = _cli("certify", lipsdp_example(), "--memory-limit", "lots")
+    proc, _ = _cli("certify", EXAMPLES / "digits_mlp.pt", "--memory-limit", "lots")
     assert proc.returncode == 2 and "not a memory size" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_memory_limit_refuses_what_would_not_fit(tmp_path):
     """A build that would pass the limit is refused before it starts (exit 2), far below the limit."""
     model = _deep_mlp(tmp_path / "deep.pt")
@@ -195,4 +212,3 @@ def test_budget_units():
     assert "during verify" in str(err.value) and "best verified bound so far 2.5 (l2)" in str(err.value)
     big = Budget(None, 2**40, absolute=True)
     assert big.memory_left() > 2**39
-    assert os.environ.get("LIPSDP_NEVER_SET") is None
