@@ -98,7 +98,8 @@ class Budget:
         self.memory_limit = memory_limit
         self.memory_cap = None if memory_limit is None else \
             int(memory_limit) + (0 if absolute else resident_memory())
-        self.phase, self.phase_start, self.done = "start", time.monotonic(), []
+        # "startup": from ``start`` (the command line: the process's start, so the interpreter and imports)
+        self.phase, self.phase_start, self.done = "startup", self.start, []
         self.best = None
         self.peak = 0
         self.detail = ""
@@ -161,6 +162,15 @@ class Budget:
             if self.on_change is not None:
                 self.on_change(self)
 
+    def spent(self, current: bool = True) -> dict:
+        """Seconds per phase so far, in the order first entered (with ``current``, the phase in progress too)."""
+        spent = {}
+        now = [(self.phase, time.monotonic() - self.phase_start)] if current else []
+        for name, seconds in self.done + now:
+            if name != "startup" or seconds >= 0.05:
+                spent[name] = spent.get(name, 0.0) + seconds
+        return spent
+
     def reached(self) -> str | None:
         """Which limit is spent (``"time"``, ``"memory"``) or None."""
         if self.deadline is not None and time.monotonic() > self.deadline + self.grace:
@@ -173,11 +183,7 @@ class Budget:
         """One line: which limit, in which phase, what was done, the best verified bound if any."""
         limit = f"time limit of {self.time_limit:g} s" if which == "time" else \
             f"memory limit of {self.memory_limit / 2**30:.3g} GiB"
-        spent = {}
-        for name, seconds in self.done + [(self.phase, time.monotonic() - self.phase_start)]:
-            if name != "start":
-                spent[name] = spent.get(name, 0.0) + seconds
-        done = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in spent.items())
+        done = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.spent().items())
         best = f"; best verified bound so far {self.best[0]:.6g} ({self.best[1]})" if self.best else \
             "; no bound verified"
         return f"{limit} reached during {self.phase} after {time.monotonic() - self.start:.1f} s" \

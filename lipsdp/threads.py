@@ -4,7 +4,7 @@ NumPy's, SciPy's and torch's thread pools start one thread per core.  On small p
 most nets are a few hundred to a few thousand rows) the threads spend more time waiting for each other
 than computing, and on a machine whose cores are busy with other work they spin against it: the README's
 first command took tens of times longer in the solve with the default pools than with one thread on a
-shared 2-core machine (figures in docs/performance.md).  So a run limits the pools with ``threadpoolctl``
+shared 2-core machine (figures in docs/solvers.md).  So a run limits the pools with ``threadpoolctl``
 (every BLAS and OpenMP library loaded in the process) and ``torch.set_num_threads``, sets
 ``OMP_NUM_THREADS`` and its siblings for the solver worker processes it starts, and puts everything back
 afterwards.  :func:`choose` picks the count; ``--threads N`` / ``threads=N`` overrides it.

@@ -81,8 +81,13 @@ while True:
             which = "memory"
     if which is None:
         continue
-    message = (f"{state[which]} reached during {state.get('phase', 'start')} after "
-               f"{now - state['start']:.1f} s{state.get('done', '')}{state.get('best', '; no bound verified')}")
+    spent = dict(state.get("spent", {}))
+    phase = state.get("phase", "startup")
+    if phase != "startup":
+        spent[phase] = spent.get(phase, 0.0) + now - state.get("phase_start", now)
+    done = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in spent.items())
+    message = (f"{state[which]} reached during {phase} after {now - state['start']:.1f} s"
+               f"{f' (done: {done})' if done else ''}{state.get('best', '; no bound verified')}")
     if template is not None:
         os.write(1, (json.dumps({**template, "message": message,
                                  "best_verified_bound": state.get("best_bound")}) + "\n").encode())
@@ -93,13 +98,8 @@ while True:
 
 
 def _state(budget) -> dict:
-    """What the watchdog needs to report ``budget``'s run: the phase, what was done, the best bound."""
-    spent = {}
-    for name, seconds in budget.done:
-        if name != "start":
-            spent[name] = spent.get(name, 0.0) + seconds
-    done = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in spent.items())
-    state = {"phase": budget.phase, "done": f" (done: {done})" if done else ""}
+    """What the watchdog needs to report ``budget``'s run: the phases' seconds, the best bound."""
+    state = {"phase": budget.phase, "phase_start": budget.phase_start, "spent": budget.spent(current=False)}
     if budget.best:
         state.update(best=f"; best verified bound so far {budget.best[0]:.6g} ({budget.best[1]})",
                      best_bound=budget.best[0])
