@@ -92,7 +92,7 @@ def test_cli_time_limit_covers_the_whole_run(tmp_path):
     assert proc.returncode == 1, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"lipsdp: time limit of {limit:g} s reached during "), lines
-    assert "done: load" in lines[0] and "Traceback" not in proc.stderr
+    assert "done: startup" in lines[0] and "load " in lines[0] and "Traceback" not in proc.stderr
     d = json.loads(proc.stdout)
     assert d["verified"] is False and d["bound"] is None and d["status"] == "limit_reached"
 
