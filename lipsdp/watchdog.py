@@ -8,8 +8,8 @@ of lipsdp and its solver workers from ``/proc`` every :data:`~lipsdp.budget.POLL
 goes its grace (``Budget.grace``) past its deadline or its memory passes the cap, the watchdog prints
 lipsdp's one-line report (and, with ``--json``, its JSON object) and sends ``SIGHUP``, for which lipsdp has
 installed the C library's ``_exit`` as a native handler: the process ends at once with exit code 1 (SIGHUP
-is signal 1), whatever it is doing, and the solver workers die with it
-(``PR_SET_PDEATHSIG``).  lipsdp keeps the watchdog informed of the phase, what was done and the best
+is signal 1), whatever it is doing, and the solver workers die with it (``PR_SET_PDEATHSIG``).  Under
+``nohup`` (SIGHUP ignored: a hangup must not end the run) the watchdog sends SIGKILL instead.  lipsdp keeps the watchdog informed of the phase, what was done and the best
 verified bound through a pipe (:meth:`~lipsdp.budget.Budget.enter` and ``verified``), and closes the pipe
 when the run ends: the watchdog then exits without a word.
 """
@@ -27,7 +27,8 @@ import sys
 from lipsdp.budget import POLL
 
 # The watchdog process.  argv: parent pid, deadline (time.monotonic(), the same clock in every process;
-# -1 for none), memory cap in bytes (-1 for none), poll seconds, the JSON template or "" (no --json).
+# -1 for none), memory cap in bytes (-1 for none), poll seconds, the JSON template or "" (no --json), and
+# how to end lipsdp: "HUP" (its native handler exits 1) or "KILL".
 _WATCHDOG = r"""
 import json, os, select, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: lipsdp handles it
@@ -92,7 +93,7 @@ while True:
         os.write(1, (json.dumps({**template, "message": message,
                                  "best_verified_bound": state.get("best_bound")}) + "\n").encode())
     os.write(2, f"lipsdp: {message}\n".encode())
-    os.kill(ppid, signal.SIGHUP)
+    os.kill(ppid, signal.SIGHUP if sys.argv[6] == "HUP" else signal.SIGKILL)
     sys.exit(0)
 """
 
@@ -108,13 +109,21 @@ def _state(budget) -> dict:
 
 @contextlib.contextmanager
 def _exit_on_sighup():
-    """Make SIGHUP end the process at once with exit code 1: the C library's ``_exit`` as native handler."""
+    """Make SIGHUP end the process at once with exit code 1: the C library's ``_exit`` as native handler.
+
+    Yields whether it did: not where SIGHUP is ignored or handled already (``nohup``: a hangup must not
+    end the run), and then the watchdog ends lipsdp with SIGKILL instead (after its one line).
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.signal.restype = ctypes.c_void_p
     libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
     previous = libc.signal(signal.SIGHUP, ctypes.cast(libc._exit, ctypes.c_void_p).value)
+    if previous:  # not SIG_DFL (0): SIG_IGN (1) or a handler of its own; leave it
+        libc.signal(signal.SIGHUP, previous)
+        yield False
+        return
     try:
-        yield
+        yield True
     finally:
         libc.signal(signal.SIGHUP, previous)
 
@@ -138,19 +147,21 @@ def guard(budget, json_template: dict | None = None, stderr=None, stdout=None):
         limits["time"] = f"time limit of {budget.time_limit:g} s"
     if budget.memory_limit is not None:
         limits["memory"] = f"memory limit of {budget.memory_limit / 2**30:.3g} GiB"
-    proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHDOG, str(os.getpid()), repr(deadline),
-                             str(cap), repr(POLL), json.dumps(json_template) if json_template is not None else ""],
-                            stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, close_fds=True)
+    # The handler stays also around the end: a watchdog that already decided still ends the process.
+    with _exit_on_sighup() as hup:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHDOG, str(os.getpid()), repr(deadline),
+                                 str(cap), repr(POLL), "" if json_template is None else json.dumps(json_template),
+                                 "HUP" if hup else "KILL"],
+                                stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, close_fds=True)
 
-    def tell(state):
-        with contextlib.suppress(OSError, ValueError):
-            proc.stdin.write((json.dumps(state) + "\n").encode())
-            proc.stdin.flush()
+        def tell(state):
+            with contextlib.suppress(OSError, ValueError):
+                proc.stdin.write((json.dumps(state) + "\n").encode())
+                proc.stdin.flush()
 
-    tell({**limits, **_state(budget)})
-    previous = budget.on_change
-    budget.on_change = lambda b: tell(_state(b))
-    with _exit_on_sighup():  # also around the end: a watchdog that already decided still ends the process
+        tell({**limits, **_state(budget)})
+        previous = budget.on_change
+        budget.on_change = lambda b: tell(_state(b))
         try:
             yield
         finally:
