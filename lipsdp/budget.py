@@ -103,6 +103,7 @@ class Budget:
         self.best = None
         self.peak = 0
         self.detail = ""
+        self.eta, self._steps_start = None, None
         #: Called with the budget when the phase changes or a bound is verified (the watchdog's news).
         self.on_change = None
         self._children, self._children_at = [], -1.0
@@ -216,6 +217,19 @@ def note(detail: str) -> None:
     budget = _CURRENT.get()
     if budget is not None:
         budget.detail = detail
+
+
+def step(done: int, total: int) -> None:
+    """Say that ``done`` of ``total`` like steps (an l_inf certificate's outputs) are done: the progress
+    display then shows an estimate of the time left; no-op outside a run."""
+    budget = _CURRENT.get()
+    if budget is None:
+        return
+    now = time.monotonic()
+    if done == 0 or budget._steps_start is None:
+        budget._steps_start, budget.eta = now, None
+    if 0 < done < total:
+        budget.eta = now + (now - budget._steps_start) / done * (total - done)
 
 
 def checkpoint(phase: str | None = None) -> None:

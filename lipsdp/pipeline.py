@@ -28,7 +28,7 @@ import numpy as np
 
 from lipsdp import threads as thread_pools
 from lipsdp.bounds import node_lipschitz, sampled_lower_bound
-from lipsdp.budget import checkpoint, current
+from lipsdp.budget import checkpoint, current, step
 from lipsdp.certificate import (Certificate, certificate_from_outcomes, constant_certificate, network_summary,
                                 split_certificate, trivial_certificate)
 from lipsdp.constraints import registered
@@ -125,8 +125,9 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
                                                t_start + SWEEP_SHARE * time_limit)])
     solve = ClosedForm() if len(lifting.blocks) == 1 else \
         Solve(solver, time_limit=time_limit, tol=tol, memory_limit=memory_limit, progress=progress)
-    outcomes = []
-    for omap, label in readouts(network.output_dim, norm, output_map):
+    outcomes, todo = [], list(readouts(network.output_dim, norm, output_map))
+    for omap, label in todo:
+        step(len(outcomes), len(todo))  # an ETA for the progress display once one query is done
         checkpoint("build")
         t0 = time.perf_counter()
         query, inverse = chain.apply(Query.build(lifting, formulation, norm, omap, label))

@@ -18,11 +18,13 @@ from contextlib import contextmanager
 
 
 def line(budget) -> str:
-    """One status line for ``budget``'s run: ``solve: a 300x300 LMI with sdpa (4 s; at most 6 s left)``."""
+    """One status line for ``budget``'s run: ``solve: a 300x300 LMI (output 2) with sdpa (4 s; about 9 s to go;
+    at most 16 s left)``: the estimate once a first l_inf output is done, the limit's seconds left."""
     now = time.monotonic()
     text = budget.phase + (f": {budget.detail}" if budget.detail else "")
     left = budget.seconds_left()
-    eta = f"; at most {max(left, 0.0):.0f} s left" if left is not None else ""
+    eta = "" if budget.eta is None else f"; about {max(budget.eta - now, 0.0):.0f} s to go"
+    eta += f"; at most {max(left, 0.0):.0f} s left" if left is not None else ""
     return f"{text} ({now - budget.start:.0f} s{eta}; Ctrl-C stops)"
 
 
@@ -38,7 +40,7 @@ def display(budget, enabled, delay: float = 1.0):
         return
     from rich.console import Console
 
-    console = Console(file=sys.stderr)
+    console = Console(file=sys.stderr, soft_wrap=True)  # a log line is never cut
     done = threading.Event()
 
     def show():
