@@ -5,7 +5,10 @@ and exits 0 when a bound was verified (also from the unfinished point of a
 ``--time-limit`` hit), 1 when no verified bound came out of the solver, and 2
 for bad input (missing or unreadable file, unsupported layers, NaN weights,
 unknown or unlicensed solver...).  Errors are one line on stderr; ``--debug``
-shows the traceback.
+shows the traceback.  ``--time-limit`` and ``--memory-limit`` cover the whole
+command, counted from the process's start: when one is reached before a
+verified bound, the command stops with one line saying what was done (and the
+best bound verified so far, if any) and exit code 1 (:mod:`lipsdp.budget`).
 """
 
 from __future__ import annotations
@@ -17,13 +20,19 @@ import os
 import signal
 import sys
 import threading
-import warnings
+import time
+
+import psutil
 
 from lipsdp import __version__, robustness_cli
+from lipsdp.budget import Budget, LimitReached, parse_size
 from lipsdp.certificate import WRITING, Certificate
 from lipsdp.errors import LipSDPError
 from lipsdp.pipeline import certify, check_certificate
+from lipsdp.quiet import dropped
+from lipsdp.session import run
 from lipsdp.solvers import describe
+from lipsdp.watchdog import guard
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -44,6 +53,13 @@ def _positive(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (use e.g. 2G, 500M)") from None
 
 
 def _count(text: str) -> int:
@@ -84,7 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     c.add_argument("--input-shape", type=_shape, help="input shape without batch axis, e.g. 1,28,28")
     c.add_argument("--activation", help="activation between layers, for weights-only files (relu, tanh, ...)")
-    c.add_argument("--time-limit", type=_positive, help="seconds for the solver")
+    c.add_argument("--time-limit", type=_positive, metavar="SECONDS",
+                   help="seconds for the whole command (load, build, solve, verify), from its start; the solver "
+                        "gets most of what is left and its unfinished point is still verified")
+    c.add_argument("--memory-limit", type=_size, metavar="SIZE",
+                   help="peak resident memory of the whole command, solver processes included (e.g. 2G, 500M); "
+                        "what would not fit is refused before it starts, and the command stops (exit 1) if "
+                        "it is reached anyway")
+    c.add_argument("--threads", type=_count, metavar="N",
+                   help="threads for BLAS, OpenMP and torch (default: chosen for the problem size and the idle "
+                        "cores; environment variables such as OMP_NUM_THREADS are not needed)")
+    c.add_argument("--progress", action="store_true",
+                   help="show progress on stderr also with --json or when stderr is not a terminal")
     c.add_argument("--tol", type=_positive, help="solver tolerance")
     c.add_argument("--trust-pickle", action="store_true",
                    help="allow arbitrary classes in pickled models (runs code from the file: only for files you trust)")
@@ -141,12 +168,60 @@ def _print_table(rows, title=None, file=None):
     _console(file).print(table)
 
 
-def _cmd_certify(args) -> int:
-    cert = certify(args.model, solver=args.solver, formulation=args.formulation, norm=args.norm,
-                   output_index=args.output,
-                   activation=args.activation, input_shape=args.input_shape, time_limit=args.time_limit,
-                   tol=args.tol, trust_pickle=args.trust_pickle, lower_bound_samples=max(args.samples, 0),
-                   progress=not args.json, strict=args.strict, split=args.split)
+#: Seconds past ``--time-limit`` before the command stops (the API allows :data:`lipsdp.budget.GRACE`).
+CLI_GRACE = 0.5
+
+
+def _process_start() -> float:
+    """``time.monotonic()`` at this process's start: limits count the interpreter's start and imports too.
+
+    From ``/proc`` (the start in clock ticks after boot, and the seconds since boot: 10 ms resolution;
+    psutil's ``create_time`` goes through the boot time in whole seconds, up to a second off).
+    """
+    try:
+        with open("/proc/self/stat") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return time.monotonic() - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):  # not Linux
+        return time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
+
+
+def _limit_reached(args, message: str, budget) -> int:
+    """Report a spent limit: one line on stderr and, with ``--json``, one object on stdout; exit code 1."""
+    with _OUTPUT:
+        if args.json:
+            best = budget.best[0] if budget is not None and budget.best else None
+            print(json.dumps({"verified": False, "bound": None, "status": "limit_reached", "model": args.model,
+                              "message": message, "best_verified_bound": best}), flush=True)
+        print(f"lipsdp: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _cmd_certify(args, own_process: bool) -> int:
+    budget = Budget(args.time_limit, args.memory_limit, absolute=True, grace=CLI_GRACE,
+                    start=_process_start() if own_process else None)
+    template = {"verified": False, "bound": None, "status": "limit_reached", "model": args.model} \
+        if args.json else None
+    # The process's own command: a watchdog process enforces the limits, also inside native calls.
+    watch = guard(budget, template, stderr=sys.stderr) if own_process else contextlib.nullcontext()
+    try:
+        with watch, run(budget=budget, threads=args.threads, verbose=args.debug,
+                        progress="always" if args.progress else not args.json):
+            cert = certify(args.model, solver=args.solver, formulation=args.formulation, norm=args.norm,
+                           output_index=args.output, activation=args.activation, input_shape=args.input_shape,
+                           time_limit=args.time_limit, tol=args.tol, trust_pickle=args.trust_pickle,
+                           lower_bound_samples=max(args.samples, 0), strict=args.strict, split=args.split)
+    except LimitReached as exc:
+        if args.debug:
+            raise
+        return _limit_reached(args, str(exc), budget)
+    except MemoryError:
+        if args.debug:
+            raise
+        return _limit_reached(args, f"out of memory during {budget.phase} (try --memory-limit, --split K "
+                                    "or a smaller network)", budget)
     with _OUTPUT:
         if args.save:
             cert.save(args.save)
@@ -208,47 +283,6 @@ def _cmd_solvers(args) -> int:
                       escape(r["status"]), r["family"], escape(r["install"]))
     _console().print(table)
     return 0
-
-
-@contextlib.contextmanager
-def _solver_noise_dropped(debug: bool):
-    """Keep what solvers and numerical libraries print off the terminal, unless ``--debug``.
-
-    SDPA's C++ code writes "Strange behavior : primal < dual" and the like to the
-    process's file descriptors, and ARPACK, cvxpy and the backends raise Python
-    warnings; none of it changes a verified bound, and users read it as an error.
-    So file descriptor 2 (where :func:`~lipsdp.solvers.base.native_output_to_stderr`
-    also sends descriptor 1 during a solve) goes to ``os.devnull`` while the command
-    runs, ``sys.stderr`` (lipsdp's own lines: the spinner, errors, Ctrl-C) is
-    re-pointed at the terminal, and Python warnings are ignored.  Only where
-    ``sys.stderr`` is the process's own (not a caller's capture, e.g. pytest's).
-    """
-    if debug or sys.stderr is not sys.__stderr__:
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no real stderr
-        yield
-        return
-    original = sys.stderr
-    terminal = open(saved, "w", buffering=1, encoding=getattr(original, "encoding", None) or "utf-8",
-                    errors="backslashreplace", closefd=False)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    sys.stderr = terminal
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        terminal.flush()
-        sys.stderr = original
-        os.dup2(saved, 2)
-        os.close(saved)
-        terminal.close()
 
 
 _INTERRUPTED = "lipsdp: interrupted"
@@ -337,11 +371,12 @@ def main(argv=None, *, own_process: bool | None = None) -> int:
     _announced = threading.Lock()  # one "interrupted" line per command, also when called in-process
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
-    guard = _interrupts() if (argv is None if own_process is None else own_process) else contextlib.nullcontext()
+    own = argv is None if own_process is None else own_process
+    guard = _interrupts() if own else contextlib.nullcontext()
     try:
-        with guard, _solver_noise_dropped(debug):
+        with guard, dropped(not debug):  # solvers' own output off the terminal (lipsdp.quiet)
             if args.command == "certify":
-                return _cmd_certify(args)
+                return _cmd_certify(args, own)
             if args.command == "verify":
                 return _cmd_verify(args)
             if args.command == "robustness":

@@ -26,7 +26,9 @@ import time
 
 import numpy as np
 
+from lipsdp import threads as thread_pools
 from lipsdp.bounds import node_lipschitz, sampled_lower_bound
+from lipsdp.budget import checkpoint, current, step
 from lipsdp.certificate import (Certificate, certificate_from_outcomes, constant_certificate, network_summary,
                                 split_certificate, trivial_certificate)
 from lipsdp.constraints import registered
@@ -38,6 +40,7 @@ from lipsdp.network import Network
 from lipsdp.reductions import (Chain, MaxMinAsReLU, Precondition, Query, ReduceInput, Split,
                                preconditioning_scales, readouts)
 from lipsdp.resources import available_memory  # noqa: F401  (public here for scripts and benchmarks)
+from lipsdp.session import run
 from lipsdp.solve import ClosedForm, Solve
 from lipsdp.split import is_chain
 from lipsdp.verification import FORMULATIONS, NORMS, check_claims, proven_trivial_bound, recheck, verify_solution
@@ -94,11 +97,15 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
                      memory_limit, progress, source="", load_seconds=0.0, strict=False) -> Certificate:
     """One certificate from the whole network: the stages, once per query."""
     t_start = time.perf_counter()
+    checkpoint("build")
     output_map = _check_network(network, formulation, norm, output_map)
     lips = node_lipschitz(network)
     trivial = _trivial_bound(network, lips, norm, output_map)
+    checkpoint("lower bound")
     lower = sampled_lower_bound(network, samples=lower_bound_samples, norm=norm, output_map=output_map) \
         if lower_bound_samples else None
+    checkpoint("build")
+    thread_pools.fit()  # the lower bound may have loaded torch: its pool too
     t0 = time.perf_counter()
     lifting = lift(network)
     summary = network_summary(network, lifting, source or network.source)
@@ -118,18 +125,33 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
                                                t_start + SWEEP_SHARE * time_limit)])
     solve = ClosedForm() if len(lifting.blocks) == 1 else \
         Solve(solver, time_limit=time_limit, tol=tol, memory_limit=memory_limit, progress=progress)
-    outcomes = []
-    for omap, label in readouts(network.output_dim, norm, output_map):
+    outcomes, todo = [], list(readouts(network.output_dim, norm, output_map))
+    for omap, label in todo:
+        step(len(outcomes), len(todo))  # an ETA for the progress display once one query is done
+        checkpoint("build")
         t0 = time.perf_counter()
         query, inverse = chain.apply(Query.build(lifting, formulation, norm, omap, label))
         summary["solved_lmi_size"] = query.solve.n
+        thread_pools.fit(query.solve.n)
         t_build += time.perf_counter() - t0
+        checkpoint("solve")
         solution = chain.invert(solve(query), inverse)
+        checkpoint("verify")
         t0 = time.perf_counter()
         outcomes.append(verify_solution(query, solution, strict=strict))
         t_verify += time.perf_counter() - t0
+        _record(outcomes[-1], norm, label)
     cert = certificate_from_outcomes(outcomes, common, timings(solve.seconds))
     return cert if strict else _at_most_trivial(cert, network, norm, output_map)
+
+
+def _record(outcome, norm: str, label: str) -> None:
+    """Tell the run's budget about a bound verified for the whole certificate (l2: its one query), so a
+    limit reached afterwards still reports it."""
+    budget = current()
+    ver = outcome.verification
+    if budget is not None and norm == "l2" and ver is not None and ver.verified:
+        budget.verified(ver.bound, f"l2{label}")
 
 
 def _at_most_trivial(cert, network, norm: str, output_map) -> Certificate:
@@ -226,8 +248,9 @@ def _compare_maxmin(network, cert, options) -> None:
 def certify_network(network, *, solver: str = "auto", formulation: str = "neuron", norm: str = "l2",
                     output_map=None, time_limit: float | None = None, tol: float | None = None,
                     lower_bound_samples: int = 128, memory_limit: int | None = None,
-                    progress: bool = False, source: str = "", load_seconds: float = 0.0,
-                    compare: bool = True, strict: bool = False, split: int | None = None) -> Certificate:
+                    progress: bool | str = False, source: str = "", load_seconds: float = 0.0,
+                    compare: bool = True, strict: bool = False, split: int | None = None,
+                    threads: int | None = None, verbose: bool = False) -> Certificate:
     """Certify a :class:`~lipsdp.network.Network` (see :func:`certify` for the parameters).
 
     With ``compare`` (default), nets with MaxMin / GroupSort-2 activations are
@@ -237,11 +260,23 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
 
     With ``strict``, every verified point is also checked exactly, in rational
     arithmetic (:mod:`lipsdp.exact`), on the LMI of the network as given.
+
+    ``memory_limit`` here is what the build and the solve plan against; :func:`certify` also enforces
+    it over the run.  ``time_limit`` covers the whole call (:mod:`lipsdp.budget`).
     """
+    with run(time_limit, None, threads=threads, progress=progress, verbose=verbose):
+        return _certify_network_run(network, solver=solver, formulation=formulation, norm=norm,
+                                    output_map=output_map, time_limit=time_limit, tol=tol,
+                                    lower_bound_samples=lower_bound_samples, memory_limit=memory_limit,
+                                    progress=progress, source=source, load_seconds=load_seconds,
+                                    compare=compare, strict=strict, split=split)
+
+
+def _certify_network_run(network, *, compare, split, **options) -> Certificate:
+    """:func:`certify_network` within its run (limits, thread pools, quiet, progress)."""
     check_provable(network.validate())  # implicit layers: refuse what cannot be proved well-posed
-    options = dict(solver=solver, formulation=formulation, norm=norm, output_map=output_map, time_limit=time_limit,
-                   tol=tol, lower_bound_samples=lower_bound_samples, memory_limit=memory_limit, progress=progress,
-                   source=source, load_seconds=load_seconds, strict=strict)
+    solver, formulation, norm = options["solver"], options["formulation"], options["norm"]
+    options = dict(options)
     cert = _certify_whole_or_split(network, split, options)
     attach_well_posedness(network, cert, formulation, norm)
     if compare and MaxMinAsReLU.applies(network) and norm == "l2" and cert.verified and not split:
@@ -292,7 +327,8 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
             activation: str | None = None, activation_params: dict | None = None,
             input_shape: tuple | None = None, time_limit: float | None = None, tol: float | None = None,
             trust_pickle: bool = False, lower_bound_samples: int = 128, memory_limit: int | None = None,
-            progress: bool = False, strict: bool = False, split: int | None = None) -> Certificate:
+            progress: bool | str = False, strict: bool = False, split: int | None = None,
+            threads: int | None = None, verbose: bool = False) -> Certificate:
     """Certify an upper bound on the l2 Lipschitz constant of a network.
 
     Parameters
@@ -319,7 +355,11 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
     input_shape : tuple of int, optional
         Input shape without batch axis, where the loader cannot infer it.
     time_limit : float, optional
-        Seconds for the solver; an unfinished solve is still verified.
+        Seconds for the whole call: load, build, solve and verify.  The solver gets most of what is
+        left when it starts, and its unfinished point is still verified (then ``solver_status`` is
+        ``time_limit``); :class:`~lipsdp.budget.LimitReached` is raised when the call runs past the
+        limit otherwise (checked between phases and steps: in-process, a native call in progress
+        finishes first; the command line ends the process).
     tol : float, optional
         Solver tolerance (backend default otherwise).
     trust_pickle : bool
@@ -327,9 +367,19 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
     lower_bound_samples : int
         Random inputs for the sampled lower bound (0 to skip).
     memory_limit : int, optional
-        Bytes the solve may use; default 80% of available memory.
-    progress : bool
-        Spinner on stderr for solves longer than a second.
+        Bytes of resident memory the call may add to what the process holds when it starts (solver
+        worker processes included).  Builds and solves that would not fit are refused before they start
+        (:class:`~lipsdp.errors.ResourceError`); :class:`~lipsdp.budget.LimitReached` is raised when
+        the limit is passed anyway.  Default: plans use 80% of the available memory.
+    progress : bool or "always"
+        The phase, its work and the time left on stderr, for calls longer than a second, when stderr
+        is a terminal (``"always"``: also into a file or pipe).
+    threads : int, optional
+        Threads for BLAS, OpenMP and torch during the call; default: chosen for the problem size and
+        the idle cores (:func:`lipsdp.threads.choose`).
+    verbose : bool
+        Let solvers' own output (SDPA's C++ messages, ARPACK and cvxpy warnings) through to stderr;
+        by default it is dropped (:mod:`lipsdp.quiet`).
     strict : bool
         Also prove the certificate exactly in rational arithmetic (slope-restricted activations).
     split : int, optional
@@ -350,15 +400,19 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
     >>> cert.verified and cert.lower_bound <= cert.bound <= cert.trivial_bound
     True
     """
-    t0 = time.perf_counter()
-    network, source = load_model(model, activation, activation_params, input_shape, trust_pickle)
-    if output_index is not None:
-        m = network.output_dim
-        if not 0 <= output_index < m:
-            raise LipSDPError(f"output {output_index} does not exist: the network has {m} outputs (0..{m - 1})")
-        output_map = np.eye(m)[output_index:output_index + 1]
-    return certify_network(network, solver=solver, formulation=formulation, norm=norm, output_map=output_map,
-                           time_limit=time_limit,
-                           tol=tol, lower_bound_samples=lower_bound_samples, memory_limit=memory_limit,
-                           progress=progress, source=source, load_seconds=time.perf_counter() - t0, strict=strict,
-                           split=split)
+    with run(time_limit, memory_limit, threads=threads, progress=progress, verbose=verbose) as budget:
+        budget.enter("load")
+        t0 = time.perf_counter()
+        network, source = load_model(model, activation, activation_params, input_shape, trust_pickle)
+        thread_pools.fit()  # loading may have imported torch: limit its pool too
+        if output_index is not None:
+            m = network.output_dim
+            if not 0 <= output_index < m:
+                raise LipSDPError(f"output {output_index} does not exist: the network has {m} outputs "
+                                  f"(0..{m - 1})")
+            output_map = np.eye(m)[output_index:output_index + 1]
+        return certify_network(network, solver=solver, formulation=formulation, norm=norm,
+                               output_map=output_map, time_limit=time_limit, tol=tol,
+                               lower_bound_samples=lower_bound_samples, memory_limit=memory_limit,
+                               progress=progress, source=source, load_seconds=time.perf_counter() - t0,
+                               strict=strict, split=split, threads=threads, verbose=verbose)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lipsdp.budget import current, note
 from lipsdp.errors import LipSDPError, ResourceError
-from lipsdp.progress import spinner
 from lipsdp.resources import available_memory
 from lipsdp.solvers import choose, fallback, fitting
 from lipsdp.solvers.base import SolveResult, native_output_to_stderr
@@ -65,10 +65,19 @@ class ClosedForm:
         return Solution(x, "optimal", solver="closed-form")
 
 
-def run_backend(backend, lmi, time_limit, tol, progress: bool, label: str = "") -> tuple[SolveResult, float]:
-    """``(result, seconds)`` of ``backend`` on ``lmi``; a crash is a ``solver_error`` result, not an exception."""
+def run_backend(backend, lmi, time_limit, tol, progress: bool = False, label: str = "") -> tuple[SolveResult, float]:
+    """``(result, seconds)`` of ``backend`` on ``lmi``; a crash is a ``solver_error`` result, not an exception.
+
+    Within a run with a time limit (:mod:`lipsdp.budget`) the backend gets at most its share of the
+    seconds left.  ``progress`` is kept for callers; the run's display shows what is being solved.
+    """
     t0 = time.perf_counter()
-    with spinner(f"solving a {lmi.n}x{lmi.n} LMI{label} with {backend.name}", progress), native_output_to_stderr():
+    budget = current()
+    if budget is not None:
+        time_limit = budget.solver_seconds(time_limit)
+    note(f"a {lmi.n}x{lmi.n} LMI{label} with {backend.name}"
+         + (f", at most {time_limit:.3g} s" if time_limit else ""))
+    with native_output_to_stderr():
         try:
             result = backend.solve(lmi, time_limit=time_limit, tol=tol)
         except LipSDPError:
@@ -111,7 +120,8 @@ class Solve:
 
     def _check_memory(self, lmi) -> None:
         need = self.backend.memory_estimate(lmi)
-        budget = self.memory_limit or int(MEMORY_SHARE * available_memory())
+        budget = int(MEMORY_SHARE * available_memory())  # within a run: what its memory limit leaves
+        budget = min(budget, self.memory_limit) if self.memory_limit else budget
         if need > budget:
             fits = fitting(lmi, budget)
             advice = "these fit: " + ", ".join(f"--solver {name} (about {n / 2**30:.2g} GiB)" for n, name in fits) \
@@ -125,6 +135,9 @@ class Solve:
         if alt is None:
             return result, self.backend.name
         left = None if not self.time_limit else self.time_limit - seconds
+        budget = current()
+        if budget is not None and budget.seconds_left() is not None:
+            left = budget.seconds_left()  # the run's deadline; run_backend takes the solver's share of it
         alt_result, seconds = run_backend(alt, lmi, left, self.tol, self.progress, label) \
             if left is None or left > 0 else (result, 0.0)
         self.seconds += seconds

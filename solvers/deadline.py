@@ -34,6 +34,8 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
+from lipsdp import threads as thread_pools
+from lipsdp.budget import current
 from lipsdp.solvers.base import SolveResult
 
 #: Seconds a new worker may take to start (interpreter and imports).
@@ -66,16 +68,18 @@ def _worker_main() -> None:
     # Warm: the first request should not pay for cvxpy (the backend's own module is imported when
     # the request is unpickled, before the worker reports "started", so outside the limit).
     import cvxpy  # noqa: F401
+    from threadpoolctl import threadpool_limits
 
     replies.send(("ready", None))
     while True:
         try:
-            backend, lmi, tol, verbose = requests.recv()
+            backend, lmi, tol, verbose, threads = requests.recv()
         except EOFError:
             return
         replies.send(("started", None))
         try:
-            result = backend.solve(lmi, time_limit=None, tol=tol, verbose=verbose)
+            with threadpool_limits(limits=threads):  # the parent's choice (lipsdp.threads); None: as started
+                result = backend.solve(lmi, time_limit=None, tol=tol, verbose=verbose)
         except Exception as exc:  # the parent decides what a backend failure means
             try:
                 replies.send(("error", exc))
@@ -121,6 +125,19 @@ class _Worker:
         self.kill()
 
 
+def _not_started(backend, t0: float, what: str) -> SolveResult:
+    """The result of a worker that did not get to solving: ``time_limit`` where the run's time ran out
+    first (it was killed), ``solver_error`` otherwise."""
+    seconds = time.perf_counter() - t0
+    budget = current()
+    if budget is not None and budget.seconds_left() is not None and budget.seconds_left() <= budget.grace / 2:
+        return SolveResult("time_limit", None, None, seconds,
+                           message=f"stopped at the {budget.time_limit:g} s time limit (the {backend.name} worker "
+                                   f"process {what} in time and was killed)")
+    return SolveResult("solver_error", None, None, seconds,
+                       message=f"the {backend.name} worker process {what} within {STARTUP_LIMIT:g} s")
+
+
 def stop_all() -> None:
     """Kill every worker (a hard exit on Ctrl-C; also at interpreter exit)."""
     for worker in list(ACTIVE):
@@ -138,6 +155,14 @@ def _receive(worker: _Worker, timeout: float):
     if not worker.replies.poll(timeout):
         return None
     return worker.replies.recv()
+
+
+def _startup_wait() -> float:
+    """Seconds to wait for a worker to start or take the LMI: :data:`STARTUP_LIMIT`, or less when the
+    run's time limit (:mod:`lipsdp.budget`) ends sooner."""
+    budget = current()
+    left = None if budget is None else budget.seconds_left()
+    return STARTUP_LIMIT if left is None else max(min(STARTUP_LIMIT, left + budget.grace / 2), 0.0)
 
 
 def solve_in_child(backend, lmi, time_limit: float, *, tol=None, verbose=False) -> SolveResult:
@@ -174,14 +199,11 @@ def solve_in_child(backend, lmi, time_limit: float, *, tol=None, verbose=False) 
     try:
         if worker is None or worker.proc.poll() is not None:
             worker = _Worker()
-            if _receive(worker, STARTUP_LIMIT) is None:
-                return SolveResult("solver_error", None, None, time.perf_counter() - t0,
-                                   message=f"the {backend.name} worker process did not start "
-                                           f"within {STARTUP_LIMIT:g} s")
-        worker.requests.send((backend, lmi, tol, verbose))
-        if _receive(worker, STARTUP_LIMIT) is None:  # "started": the LMI arrived
-            return SolveResult("solver_error", None, None, time.perf_counter() - t0,
-                               message=f"the {backend.name} worker did not receive the LMI")
+            if _receive(worker, _startup_wait()) is None:
+                return _not_started(backend, t0, "did not start")
+        worker.requests.send((backend, lmi, tol, verbose, thread_pools.count()))
+        if _receive(worker, _startup_wait()) is None:  # "started": the LMI arrived
+            return _not_started(backend, t0, "did not receive the LMI")
         t_start = time.perf_counter()
         reply = _receive(worker, time_limit)
         if reply is None:

@@ -1,0 +1,120 @@
+"""How many threads BLAS, OpenMP and torch use during a run, chosen by lipsdp for the problem and the machine.
+
+NumPy's, SciPy's and torch's thread pools start one thread per core.  On small problems (the LMIs of
+most nets are a few hundred to a few thousand rows) the threads spend more time waiting for each other
+than computing, and on a machine whose cores are busy with other work they spin against it: the README's
+first command took tens of times longer in the solve with the default pools than with one thread on a
+shared 2-core machine (figures in docs/solvers.md).  So a run limits the pools with ``threadpoolctl``
+(every BLAS and OpenMP library loaded in the process) and ``torch.set_num_threads``, sets
+``OMP_NUM_THREADS`` and its siblings for the solver worker processes it starts, and puts everything back
+afterwards.  :func:`choose` picks the count; ``--threads N`` / ``threads=N`` overrides it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import sys
+
+from threadpoolctl import ThreadpoolController
+
+#: LMI rows per thread: below this a second thread costs more than it brings.
+ROWS_PER_THREAD = 2000
+#: What the pools of the process's solver workers read when they start.
+ENVIRONMENT = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+               "NUMEXPR_NUM_THREADS")
+
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar("lipsdp_threads", default=None)
+
+
+def cores() -> int:
+    """CPUs this process may run on (its affinity mask and, in a container, its cgroup's CPU quota)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as fh:
+            quota, period = fh.read().split()
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def choose(rows: int | None = None) -> int:
+    """Threads for a problem of ``rows`` LMI rows (None: not known yet, e.g. while loading).
+
+    One per :data:`ROWS_PER_THREAD` rows, at most the cores that are idle: the cores of :func:`cores`
+    less the load average beyond this process's own one.
+    """
+    if not rows or rows < 2 * ROWS_PER_THREAD:
+        return 1
+    try:
+        busy = max(0.0, os.getloadavg()[0] - 1.0)
+    except OSError:
+        busy = 0.0
+    return max(1, min(rows // ROWS_PER_THREAD, int(cores() - busy + 0.5)))
+
+
+class Pools:
+    """The thread limits of one run; :meth:`fit` re-limits them, :meth:`restore` puts the originals back."""
+
+    def __init__(self, requested: int | None = None):
+        self.requested = requested
+        self.count = None
+        self._limiters, self._torch, self._environ = [], None, {}
+
+    def fit(self, rows: int | None = None) -> int:
+        """Limit every pool loaded now (libraries load lazily: call again after loading torch) to
+        ``requested`` threads, or to :func:`choose` for ``rows``."""
+        count = self.requested or choose(rows)
+        torch = sys.modules.get("torch")
+        if torch is not None and self._torch is None:  # before threadpoolctl: torch reads OpenMP's count
+            self._torch = torch.get_num_threads()
+        self._limiters.append(ThreadpoolController().limit(limits=count))
+        if torch is not None:
+            torch.set_num_threads(count)
+        for name in ENVIRONMENT:
+            self._environ.setdefault(name, os.environ.get(name))
+            os.environ[name] = str(count)
+        self.count = count
+        return count
+
+    def restore(self) -> None:
+        for limiter in reversed(self._limiters):
+            limiter.restore_original_limits()
+        self._limiters.clear()
+        torch = sys.modules.get("torch")
+        if torch is not None and self._torch is not None:
+            torch.set_num_threads(self._torch)
+        for name, value in self._environ.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._environ.clear()
+
+
+@contextlib.contextmanager
+def limited(requested: int | None = None):
+    """Limit the thread pools for the block (``requested`` threads, or chosen by :func:`fit`)."""
+    pools = Pools(requested)
+    token = _CURRENT.set(pools)
+    pools.fit()
+    try:
+        yield pools
+    finally:
+        _CURRENT.reset(token)
+        pools.restore()
+
+
+def fit(rows: int | None = None) -> int | None:
+    """Re-limit the current run's pools for a problem of ``rows`` LMI rows; None outside a run."""
+    pools = _CURRENT.get()
+    return None if pools is None else pools.fit(rows)
+
+
+def count() -> int | None:
+    """Threads of the current run (what a solver worker process should use), None outside one."""
+    pools = _CURRENT.get()
+    return None if pools is None else pools.count
