@@ -299,3 +299,74 @@ def test_aten_arguments_beyond_the_handler_refused():
     t.call(torch.ops.aten.dropout.default, [x, 0.1, False, 1.0], Label("drop", "Dropout"), 0)
     with pytest.raises(UnsupportedLayerError, match="drop.*4 arguments"):
         t.raise_errors()
+
+
+# ---------------------------------------------------------------------------
+# 6. whole-module pickles keep their mode, as the graph formats do
+# ---------------------------------------------------------------------------
+def _pickle(model, tmp_path, name="model.pt"):
+    path = tmp_path / name
+    torch.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("layer", [nn.Dropout(0.3), nn.AlphaDropout(0.3), nn.BatchNorm1d(6)],
+                         ids=["dropout", "alpha-dropout", "batchnorm"])
+def test_pickle_in_training_mode_refused(layer, tmp_path):
+    """Was read in eval semantics (the loader switched the copy to eval) while script/trace/export refuse it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), layer, nn.ReLU(), nn.Linear(6, 3)).train()
+    message = assert_refused(_pickle(model, tmp_path), "training mode", "model.eval()", "1 (#2")
+    assert message.count("training mode") == 1, message    # only the mode-dependent layer is named
+    assert load_network(_pickle(model.eval(), tmp_path, "eval.pt")).output_dim == 3
+
+
+def test_pickle_in_a_checkpoint_in_training_mode_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 3)).train()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model, "epoch": 3}, path)
+    with pytest.raises(UnsupportedLayerError, match="Dropout in training mode"):
+        load_network(path, trust_pickle=True)
+
+
+def test_pickle_in_training_mode_without_mode_dependent_layers_accepted(tmp_path):
+    """Linear and ReLU compute the same in either mode: the flag is irrelevant, the bound is the model's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().train()
+    net = load_network(_pickle(model, tmp_path))
+    cert = certify(net, solver="ipm")
+    assert_sandwich(cert, torch_lower_bound(model, 4), rel=1e-6)
+
+
+class NoisyInTraining(nn.Module):
+    """User code whose forward reads ``self.training`` (no torch dropout module inside)."""
+
+    def forward(self, x):
+        return x + torch.randn_like(x) if self.training else x
+
+
+def test_pickle_with_user_code_reading_training_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 6), NoisyInTraining(), nn.Linear(6, 3)).train()
+    with pytest.raises(UnsupportedLayerError, match="NoisyInTraining in training mode"):
+        load_network(_pickle(model, tmp_path), trust_pickle=True)
+
+
+def test_spectral_norm_parametrization_depends_on_the_mode():
+    """torch's spectral-norm parametrization runs a power iteration on every forward in training mode
+    (such modules cannot be pickled whole; the check itself is what a pickle of one would meet)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from lipsdp.io.torch_module import training_mode_layers
+
+    model = nn.Sequential(spectral_norm(nn.Linear(4, 6)), nn.ReLU(), nn.Linear(6, 3))
+    assert [kind.split()[0] for _, _, kind in training_mode_layers(model.train())] == ["_SpectralNorm"]
+    assert training_mode_layers(model.eval()) == []
+
+
+def test_conformance_suite_reports_training_mode_pickle_refused():
+    from lipsdp.testing import check_translation
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.3), nn.Linear(6, 3)).train()
+    report = check_translation(model, torch.randn(2, 4), formats=("pickle", "export"), allow_refusal=True)
+    assert set(report.refused) == {"pickle", "export"} and not report.errors, report
+    assert "model.eval()" in report.refused["pickle"]
