@@ -1,7 +1,4 @@
-"""The absolute value: slope sector [-1, 1].  ``torch.abs`` (ATen ``abs``) and ONNX ``Abs``; rewrites build it too.
-
-:math:`(|a| - |b|) / (a - b)` is 1 for ``a, b`` of one sign and reaches -1 for the other, so [-1, 1] is exact.
-"""
+"""The absolute value: slope sector [-1, 1].  No model format names it; rewrites and tests build it."""
 
 from __future__ import annotations
 
@@ -14,8 +11,6 @@ class Abs(SlopeActivation):
     """:math:`\\phi(x) = |x|`."""
 
     name = "abs"
-    aten = {"abs": lambda: {}}
-    onnx = {"Abs": lambda attrs: {}}
 
     def evaluate(self, x, params):
         return np.abs(x)
