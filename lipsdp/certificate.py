@@ -90,6 +90,11 @@ class Certificate:
         Version of the JSON layout (:data:`SCHEMA_VERSION`; 0 for files written before it was recorded).
     created : str or None
         When the certificate was made: UTC, ISO 8601 (None in files written before it was recorded).
+    caveats : list of str
+        Where the bound is for a function slightly other than the model's, one line each: torch's Softplus
+        switches to the identity above its threshold with a tiny jump, so the bound ``L`` holds for the smooth
+        softplus and torch's function satisfies ``|f(x) - f(y)| <= L |x - y| + 2 J``
+        (:func:`lipsdp.activations.caveats`).  Empty when the bound is the model's own.
     """
 
     bound: float | None
@@ -114,6 +119,7 @@ class Certificate:
     lipsdp_version: str | None = __version__
     schema_version: int = SCHEMA_VERSION
     created: str | None = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    caveats: list = field(default_factory=list)
 
     @property
     def verified(self) -> bool:
@@ -195,7 +201,8 @@ class Certificate:
                 ("LMI size", str(self.network.get("lmi_size", "-"))),
                 ("time", f"{self.seconds:.2f} s (load {self.timings.get('load', 0):.2f}, "
                          f"build {self.timings.get('build', 0):.2f}, solve {self.timings.get('solve', 0):.2f}, "
-                         f"verify {self.timings.get('verify', 0):.2f})")]
+                         f"verify {self.timings.get('verify', 0):.2f})"),
+                *[("caveat", line) for line in self.caveats]]
         return rows
 
     def _dual_text(self) -> str:

@@ -270,7 +270,10 @@ def check_translation(model, example_input, *, formats=TRANSLATION_FORMATS, samp
     Parameters
     ----------
     model : torch.nn.Module
-        In eval mode; its classes must be importable (module level) for the pickle format.
+        In eval mode; its classes must be importable (module level) for the pickle format.  A model in
+        training mode whose output depends on the mode (dropout, batch norm, a ``forward`` reading
+        ``self.training``) is refused by every format, the whole-module pickle included: with
+        ``allow_refusal=True`` the report lists the refusals.
     example_input : torch.Tensor
         A batch ``(batch, *input_shape)``; the per-sample shape is what the loaders are told.
     formats : iterable of str

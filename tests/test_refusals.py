@@ -152,14 +152,80 @@ def _onnx_model(tmp_path, nodes, shape=(3,), out_shape=None, opset: int = 19, do
     return path
 
 
-def test_onnx_average_pool_dilations_refused(tmp_path):
-    """opset 19 AveragePool with dilations 2 was read as dilations 1 (bound 0.50 where the operator gives 0.85)."""
-    pool = helper.make_node("AveragePool", ["h"], ["p"], kernel_shape=[2, 2], dilations=[2, 2])
-    path = _onnx_model(tmp_path, [pool, helper.make_node("Flatten", ["p"], ["y"])], shape=(1, 4, 4))
-    assert_refused(path, "AveragePool", "dilations")
-    plain = helper.make_node("AveragePool", ["h"], ["p"], kernel_shape=[2, 2], dilations=[1, 1])
-    assert load_network(_onnx_model(tmp_path, [plain, helper.make_node("Flatten", ["p"], ["y"])],
-                                    shape=(1, 4, 4))).output_dim == 9
+def _reference_map(path, n_in: int = 3):
+    """The ONNX file's function through onnx's reference evaluator: ``f(x)`` for a batch, and its matrix."""
+    from onnx.reference import ReferenceEvaluator
+
+    ref = ReferenceEvaluator(str(path))
+
+    def f(x):
+        return np.asarray(ref.run(None, {"x": np.asarray(x, np.float32)})[0], np.float64).reshape(len(x), -1)
+
+    return f, (f(np.eye(n_in)) - f(np.zeros((1, n_in)))).T
+
+
+POOLS = [  # (id, attributes, sample shape): dilated, padded, count_include_pad both ways, 1-D and 2-D
+    ("issue-2x2-d2", dict(kernel_shape=[2, 2], dilations=[2, 2]), (1, 4, 4)),
+    ("d2-pads-exclude", dict(kernel_shape=[3, 2], dilations=[2, 3], pads=[1, 2, 2, 1], strides=[1, 2]), (2, 5, 6)),
+    ("d2-pads-include", dict(kernel_shape=[3, 2], dilations=[2, 3], pads=[1, 2, 2, 1], strides=[1, 2],
+                             count_include_pad=1), (2, 5, 6)),
+    ("1d-d3-stride2", dict(kernel_shape=[2], dilations=[3], strides=[2], pads=[2, 1]), (3, 9)),
+    ("ceil-no-partial", dict(kernel_shape=[2, 2], dilations=[2, 1], strides=[2, 2], ceil_mode=1), (1, 7, 6)),
+]
+
+
+@pytest.mark.parametrize("attrs, shape", [p[1:] for p in POOLS], ids=[p[0] for p in POOLS])
+def test_onnx_average_pool_dilations_modelled(attrs, shape, tmp_path):
+    """opset 19 AveragePool with dilations was read as dilations 1 (bound 0.50 where the operator gives 0.85),
+    then refused; it is a linear map (a dilated average), translated exactly: same function as onnx's
+    reference evaluator, and the certified bound is the map's norm (the file is linear, so its Jacobian is
+    its matrix and the sampled lower bound is exact)."""
+    pool = helper.make_node("AveragePool", ["h"], ["p"], **attrs)
+    path = _onnx_model(tmp_path, [pool, helper.make_node("Flatten", ["p"], ["y"])], shape=shape)
+    net = load_network(path)
+    f, jac = _reference_map(path)
+    x = np.random.default_rng(1).standard_normal((16, 3))
+    np.testing.assert_allclose(net.numpy_forward(x), f(x), rtol=1e-5, atol=1e-5)
+    exact = float(np.linalg.norm(jac, 2))
+    cert = certify(net, solver="ipm")
+    assert_sandwich(cert, exact * (1 - 1e-5), rel=1e-6)
+    assert cert.bound == pytest.approx(exact, rel=1e-4)
+
+
+def test_onnx_average_pool_with_relu_sandwich(tmp_path):
+    """Dilated pooling between nonlinear layers: sampled Jacobians of onnx's own evaluation <= bound."""
+    nodes = [helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("AveragePool", ["r"], ["p"], kernel_shape=[2, 2], dilations=[2, 2], pads=[1, 1, 0, 0]),
+             helper.make_node("Flatten", ["p"], ["y"])]
+    path = _onnx_model(tmp_path, nodes, shape=(1, 4, 4))
+    f, _ = _reference_map(path)
+    rng = np.random.default_rng(2)
+    lower, step = 0.0, 1e-2
+    for x0 in rng.standard_normal((64, 3)):
+        jac = (f(x0 + step * np.eye(3)) - f(x0 - step * np.eye(3))).T / (2 * step)
+        lower = max(lower, float(np.linalg.norm(jac, 2)))
+    cert = certify(load_network(path), solver="ipm")
+    assert_sandwich(cert, lower * (1 - 1e-3), rel=1e-6)
+
+
+@pytest.mark.parametrize("attrs, words", [
+    (dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1), "ceil_mode"),            # partial last window
+    (dict(kernel_shape=[2, 2], dilations=[2, 2], auto_pad="SAME_UPPER"), "auto_pad"),  # readings differ
+    (dict(kernel_shape=[2, 2], dilations=[2, 2], auto_pad="VALID"), "auto_pad"),
+    (dict(kernel_shape=[2, 2], dilations=[0, 1]), "dilations"),
+    (dict(kernel_shape=[2, 2], pads=[-1, 0, 0, 0]), "pads"),
+    (dict(kernel_shape=[2, 2], count_include_pad=2), "count_include_pad"),
+])
+def test_onnx_average_pool_options_refused(attrs, words, tmp_path):
+    pool = helper.make_node("AveragePool", ["h"], ["p"], **attrs)
+    assert_refused(_onnx_model(tmp_path, [pool, helper.make_node("Flatten", ["p"], ["y"])], shape=(1, 5, 5)),
+                   "AveragePool", words)
+
+
+def test_onnx_max_pool_refused(tmp_path):
+    pool = helper.make_node("MaxPool", ["h"], ["p"], kernel_shape=[2, 2])
+    assert_refused(_onnx_model(tmp_path, [pool, helper.make_node("Flatten", ["p"], ["y"])], shape=(1, 4, 4)),
+                   "MaxPool")
 
 
 @pytest.mark.parametrize("node, words", [
@@ -174,10 +240,10 @@ def test_onnx_unknown_attributes_refused(node, words, tmp_path):
 
 
 def test_onnx_every_unsupported_node_listed_at_once(tmp_path):
-    nodes = [helper.make_node("AveragePool", ["h"], ["p"], kernel_shape=[2, 2], ceil_mode=1),
-             helper.make_node("AveragePool", ["p"], ["q"], kernel_shape=[1, 1], dilations=[3, 3]),
+    nodes = [helper.make_node("AveragePool", ["h"], ["p"], kernel_shape=[2, 2], count_include_pad=2),
+             helper.make_node("AveragePool", ["p"], ["q"], kernel_shape=[1, 1], dilations=[0, 3]),
              helper.make_node("Flatten", ["q"], ["y"])]
-    message = assert_refused(_onnx_model(tmp_path, nodes, shape=(1, 4, 4)), "ceil_mode", "dilations")
+    message = assert_refused(_onnx_model(tmp_path, nodes, shape=(1, 4, 4)), "count_include_pad", "dilations")
     assert message.count("AveragePool") >= 2, message
 
 
@@ -299,3 +365,74 @@ def test_aten_arguments_beyond_the_handler_refused():
     t.call(torch.ops.aten.dropout.default, [x, 0.1, False, 1.0], Label("drop", "Dropout"), 0)
     with pytest.raises(UnsupportedLayerError, match="drop.*4 arguments"):
         t.raise_errors()
+
+
+# ---------------------------------------------------------------------------
+# 6. whole-module pickles keep their mode, as the graph formats do
+# ---------------------------------------------------------------------------
+def _pickle(model, tmp_path, name="model.pt"):
+    path = tmp_path / name
+    torch.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("layer", [nn.Dropout(0.3), nn.AlphaDropout(0.3), nn.BatchNorm1d(6)],
+                         ids=["dropout", "alpha-dropout", "batchnorm"])
+def test_pickle_in_training_mode_refused(layer, tmp_path):
+    """Was read in eval semantics (the loader switched the copy to eval) while script/trace/export refuse it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), layer, nn.ReLU(), nn.Linear(6, 3)).train()
+    message = assert_refused(_pickle(model, tmp_path), "training mode", "model.eval()", "1 (#2")
+    assert message.count("training mode") == 1, message    # only the mode-dependent layer is named
+    assert load_network(_pickle(model.eval(), tmp_path, "eval.pt")).output_dim == 3
+
+
+def test_pickle_in_a_checkpoint_in_training_mode_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 3)).train()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model, "epoch": 3}, path)
+    with pytest.raises(UnsupportedLayerError, match="Dropout in training mode"):
+        load_network(path, trust_pickle=True)
+
+
+def test_pickle_in_training_mode_without_mode_dependent_layers_accepted(tmp_path):
+    """Linear and ReLU compute the same in either mode: the flag is irrelevant, the bound is the model's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().train()
+    net = load_network(_pickle(model, tmp_path))
+    cert = certify(net, solver="ipm")
+    assert_sandwich(cert, torch_lower_bound(model, 4), rel=1e-6)
+
+
+class NoisyInTraining(nn.Module):
+    """User code whose forward reads ``self.training`` (no torch dropout module inside)."""
+
+    def forward(self, x):
+        return x + torch.randn_like(x) if self.training else x
+
+
+def test_pickle_with_user_code_reading_training_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 6), NoisyInTraining(), nn.Linear(6, 3)).train()
+    with pytest.raises(UnsupportedLayerError, match="NoisyInTraining in training mode"):
+        load_network(_pickle(model, tmp_path), trust_pickle=True)
+
+
+def test_spectral_norm_parametrization_depends_on_the_mode():
+    """torch's spectral-norm parametrization runs a power iteration on every forward in training mode
+    (such modules cannot be pickled whole; the check itself is what a pickle of one would meet)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from lipsdp.io.torch_module import training_mode_layers
+
+    model = nn.Sequential(spectral_norm(nn.Linear(4, 6)), nn.ReLU(), nn.Linear(6, 3))
+    assert [kind.split()[0] for _, _, kind in training_mode_layers(model.train())] == ["_SpectralNorm"]
+    assert training_mode_layers(model.eval()) == []
+
+
+def test_conformance_suite_reports_training_mode_pickle_refused():
+    from lipsdp.testing import check_translation
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.3), nn.Linear(6, 3)).train()
+    report = check_translation(model, torch.randn(2, 4), formats=("pickle", "export"), allow_refusal=True)
+    assert set(report.refused) == {"pickle", "export"} and not report.errors, report
+    assert "model.eval()" in report.refused["pickle"]

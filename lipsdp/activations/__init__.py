@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from lipsdp.activations.base import MARGIN, NotExpressible, SlopeActivation, TorchModule, catalogue
+from lipsdp.activations.base import JUMP_TOTAL, MARGIN, NotExpressible, SlopeActivation, TorchModule, catalogue
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
@@ -64,6 +64,27 @@ def torch_modules() -> dict[str, TorchModule]:
     return {m.class_name: m for act in catalogue().values() for m in act.torch_modules}
 
 
+def caveats(network) -> list[str]:
+    """``Certificate.caveats`` of a network: one line per distinct activation whose framework function is not
+    the one certified (torch's Softplus switches to the identity above its threshold, a tiny jump).
+
+    ``network`` is a :class:`lipsdp.network.Network` (read through ``activations()`` and ``op()``, so that the
+    catalogue needs no graph import).
+    """
+    entries, neurons = catalogue(), {}
+    for node in network.activations():
+        op = network.op(node)
+        if op.function in entries:
+            key = (op.function, tuple(sorted(op.params.items())))
+            neurons[key] = neurons.get(key, 0) + op.size
+    lines = []
+    for (function, params), count in neurons.items():
+        line = entries[function].caveat(dict(params), count)
+        if line:
+            lines.append(line)
+    return lines
+
+
 #: Activations of :class:`lipsdp.nn.ImplicitLayer`: name -> the key of its one scalar parameter (or None).
 IMPLICIT_PARAMS: dict[str, str | None] = {act.name: act.implicit_param
                                           for _, act in sorted(catalogue().items()) if act.implicit}
@@ -82,5 +103,5 @@ def implicit_params(function: str, param: float) -> dict:
     return {} if key is None else {key: float(param)}
 
 
-__all__ = ["IMPLICIT_DEFAULTS", "IMPLICIT_PARAMS", "MARGIN", "NotExpressible", "SlopeActivation", "TorchModule",
-           "aten_table", "catalogue", "get", "implicit_params", "names", "onnx_table", "torch_modules"]
+__all__ = ["IMPLICIT_DEFAULTS", "IMPLICIT_PARAMS", "JUMP_TOTAL", "MARGIN", "NotExpressible", "SlopeActivation", "TorchModule",
+           "aten_table", "catalogue", "caveats", "get", "implicit_params", "names", "onnx_table", "torch_modules"]

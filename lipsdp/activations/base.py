@@ -24,6 +24,10 @@ MARGIN = 1e-10
 
 _CATALOGUE: dict[str, "SlopeActivation"] = {}
 
+#: How the additive term of a caveat (:meth:`SlopeActivation.caveat`) follows from the per-neuron jumps.
+JUMP_TOTAL = ("J = sup |f_framework - f_certified| <= the sum over such layers of (jump x sqrt(neurons) x the "
+              "Lipschitz constant of the layers after it)")
+
 
 class NotExpressible(ValueError):
     """Raised by an entry's name mapping for arguments the activation cannot express exactly.
@@ -157,6 +161,20 @@ class SlopeActivation:
         to an approximation (torch's Softplus above its threshold) may jump by this much.
         """
         return 0.0
+
+    def caveat(self, params: Mapping, neurons: int) -> str | None:
+        """One line for the certificate where the framework's function is not the certified one (None if it is).
+
+        The certified sector is that of the mathematical function; where :meth:`discontinuity` is positive
+        the framework's function jumps by up to that much, and its Lipschitz inequality holds only up to
+        an additive term (docs/math.md §0).
+        """
+        jump = self.discontinuity(params)
+        if not jump > 0:
+            return None
+        return (f"{self.name}({', '.join(f'{k}={v:g}' for k, v in sorted(params.items()))}), {neurons} neurons: the "
+                f"framework's function jumps by up to {jump:.2g} per neuron; the bound L holds for the continuous "
+                f"function; for the framework's, |f(x) - f(y)| <= L |x - y| + 2 J, {JUMP_TOTAL}")
 
     # -- names in the model formats ----------------------------------------
     def module_params(self, module) -> dict:

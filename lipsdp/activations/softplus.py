@@ -15,7 +15,8 @@ function has no finite Lipschitz constant, so a Softplus whose jump is at least
 :data:`MAX_JUMP` the loaders accept torch's Softplus as the smooth softplus and
 certify that function (torch's default ``t = 20`` with ``beta = 1`` jumps by
 2.06e-9, below the accuracy of float32 models); the torch function then differs
-from the certified one by at most that jump.
+from the certified one by at most that jump per neuron, which the certificate states
+(:meth:`Softplus.caveat`, ``Certificate.caveats``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 
 import numpy as np
 
-from lipsdp.activations.base import NotExpressible, SlopeActivation, TorchModule, sigmoid
+from lipsdp.activations.base import JUMP_TOTAL, NotExpressible, SlopeActivation, TorchModule, sigmoid
 
 #: The largest jump of torch's threshold switch that is accepted as the smooth softplus.
 MAX_JUMP = 1e-6
@@ -85,6 +86,15 @@ class Softplus(SlopeActivation):
     def discontinuity(self, params):
         b, thr = self.real(params, "beta"), self.real(params, "threshold")
         return jump(b, thr) if b else 0.0
+
+    def caveat(self, params, neurons):
+        b, thr = self.real(params, "beta"), self.real(params, "threshold")
+        if not b or not jump(b, thr) > 0:
+            return None
+        side = ">" if b > 0 else "<"
+        return (f"Softplus(beta={b:g}, threshold={thr:g}), {neurons} neurons: torch switches to the identity at "
+                f"x {side} {thr / b:g} with a jump of {jump(b, thr):.2g} per neuron; the bound L holds for the smooth "
+                f"softplus; for torch's function |f(x) - f(y)| <= L |x - y| + 2 J, {JUMP_TOTAL}")
 
     def breakpoints(self, params):
         b, thr = self.real(params, "beta"), self.real(params, "threshold")

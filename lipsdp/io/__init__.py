@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 
-from lipsdp.errors import LipSDPError, ModelLoadError
+from lipsdp.errors import LipSDPError, ModelLoadError, UnsupportedLayerError
 from lipsdp.io.checkpoint import find_in_checkpoint, mlp_from_state_dict
 from lipsdp.io.export import load_exported
 from lipsdp.io.formats import FORMATS, detect_format
@@ -38,7 +38,7 @@ from lipsdp.io.matfile import load_mat
 from lipsdp.io.onnx_ import load_onnx
 from lipsdp.io.records import check_zip_records
 from lipsdp.io.safe_pickle import load_torch_file
-from lipsdp.io.torch_module import network_from_module as _from_module
+from lipsdp.io.torch_module import network_from_module as _from_module, training_mode_layers
 from lipsdp.io.torchscript import load_torchscript
 
 __all__ = ["load_network", "network_from_module", "detect_format", "FORMATS"]
@@ -116,6 +116,11 @@ def _load_network(path, activation, activation_params, input_shape, trust_pickle
     obj = load_torch_file(path, trust_pickle=trust_pickle)
     kind, content, key = find_in_checkpoint(obj, path)
     if kind == "module":
+        # As the graph formats do: a pickle keeps the mode it was saved in, and a model whose dropout or
+        # batch norm would run in training mode is refused rather than read in eval semantics.
+        training = training_mode_layers(content) if hasattr(content, "named_modules") else []
+        if training:
+            raise UnsupportedLayerError(training)
         return _from_module(content, input_shape=shape, source=path)
     return mlp_from_state_dict(content, activation, activation_params, path, key)
 

@@ -104,10 +104,10 @@ def _convolution(t, x, weight, bias, stride, padding, dilation, transposed, outp
     return _conv(t, x, weight, bias, stride, padding, dilation, groups, transposed)
 
 
-def avg_pool(t, x, kernel, stride, pad_begin, pad_end, count_include_pad=True, divisor=None) -> Sym:
+def avg_pool(t, x, kernel, stride, pad_begin, pad_end, count_include_pad=True, divisor=None, dilation=None) -> Sym:
     """Average pooling of ``x`` (``(C, *spatial)``), unrolled exactly into a sparse matrix."""
     M, shape = linmaps.avg_pool_matrix(x.shape, kernel, stride, pad_begin, pad_end, bool(count_include_pad),
-                                       None if divisor is None else int(divisor))
+                                       None if divisor is None else int(divisor), dilation)
     return t.b.linear(x, M, None, shape, t.label)
 
 

@@ -151,15 +151,19 @@ def conv_matrix(in_shape: Sequence[int], weight: np.ndarray, stride: Sequence[in
 
 def avg_pool_matrix(in_shape: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
                     pad_begin: Sequence[int], pad_end: Sequence[int],
-                    count_include_pad: bool = True, divisor: int | None = None) -> tuple:
+                    count_include_pad: bool = True, divisor: int | None = None,
+                    dilation: Sequence[int] | None = None) -> tuple:
     """Unroll an average pooling window (per channel) into a sparse matrix.
 
     With ``count_include_pad=False`` each output divides by the number of input
-    positions its window really covers, as torch and ONNX do.
+    positions its window really covers, as torch and ONNX do.  A ``dilation``
+    (ONNX ``AveragePool`` from opset 19) spaces the window's taps as in a
+    convolution: the average of ``prod(kernel)`` taps, still one linear map.
     """
     channels = in_shape[0]
     ones = np.ones((channels, 1, *kernel))
-    m, out_shape = conv_matrix(in_shape, ones, stride, pad_begin, pad_end, [1] * len(kernel), groups=channels)
+    dilation = [1] * len(kernel) if dilation is None else [int(d) for d in dilation]
+    m, out_shape = conv_matrix(in_shape, ones, stride, pad_begin, pad_end, dilation, groups=channels)
     if divisor is not None:
         m = m * (1.0 / divisor)
     elif count_include_pad:

@@ -36,6 +36,10 @@ def _ones(value) -> bool:
     return all(int(v) == 1 for v in value)
 
 
+def _positive(value) -> bool:
+    return all(int(v) >= 1 for v in value)
+
+
 def _sym(x) -> Sym:
     if not isinstance(x, Sym):
         raise Unsupported("needs its first input to depend on the network input")
@@ -281,6 +285,8 @@ def _pads(x: Sym, attrs: dict, kernel, stride, dilation) -> tuple[list[int], lis
     if mode == "VALID":
         return [0] * nd, [0] * nd
     pads = [int(p) for p in attrs.get("pads", [0] * (2 * nd))]
+    if len(pads) != 2 * nd or min(pads, default=0) < 0:
+        raise Unsupported(f"with pads {pads} ({2 * nd} non-negative values expected)")
     return pads[:nd], pads[nd:]
 
 
@@ -299,14 +305,28 @@ def _conv(t, ins, attrs):
 
 
 @register_onnx("AveragePool", attributes={"kernel_shape": ANY, "strides": ANY, "pads": ANY, "auto_pad": AUTO_PAD,
-                                       "ceil_mode": (0,), "count_include_pad": ANY, "dilations": _ones})
+                                       "ceil_mode": (0, 1), "count_include_pad": (0, 1), "dilations": _positive})
 def _average_pool(t, ins, attrs):
     x = _sym(ins[0])
     kernel = [int(k) for k in attrs["kernel_shape"]]
     nd = len(kernel)
     stride = [int(s) for s in attrs.get("strides", [1] * nd)]
-    begin, end = _pads(x, attrs, kernel, stride, [1] * nd)
-    return A.avg_pool(t, x, kernel, stride, begin, end, bool(attrs.get("count_include_pad", 0)))
+    dilation = [int(d) for d in attrs.get("dilations", [1] * nd)]
+    if min(dilation + stride + kernel, default=1) < 1:
+        raise Unsupported(f"with kernel {kernel}, strides {stride}, dilations {dilation} (must be positive)")
+    if attrs.get("auto_pad", "NOTSET") != "NOTSET" and not _ones(dilation):
+        # The spec's automatic padding and output size count the dilated window; onnx's reference
+        # evaluator does not: refused rather than picking one reading of the file.
+        raise Unsupported(f"with auto_pad={attrs['auto_pad']} and dilations {dilation} (implementations differ)")
+    begin, end = _pads(x, attrs, kernel, stride, dilation)
+    if attrs.get("ceil_mode", 0):
+        # ceil_mode only adds a partial last window; where none exists it changes nothing.
+        span = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+        floor = linmaps.conv_output_shape(x.shape[1:], kernel, stride, begin, end, dilation)
+        ceil = tuple(-(-(n + b + e - w) // s) + 1 for n, b, e, w, s in zip(x.shape[1:], begin, end, span, stride))
+        if floor != ceil:
+            raise Unsupported("with ceil_mode=1 and a partial last window")
+    return A.avg_pool(t, x, kernel, stride, begin, end, bool(attrs.get("count_include_pad", 0)), None, dilation)
 
 
 @register_onnx("GlobalAveragePool")

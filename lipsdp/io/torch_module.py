@@ -65,6 +65,28 @@ def unsupported_layers(module) -> list[tuple[str, int, str]]:
     return found
 
 
+def training_mode_layers(module) -> list[tuple[str, int, str]]:
+    """``(path, position, what)`` of every module in training mode whose output depends on that mode.
+
+    A module depends on the mode when it is one of torch's dropout or batch-norm classes (identified by
+    class, not name), or when its class's ``forward`` reads ``training`` itself (user code such as
+    ``F.dropout(x, p, self.training)``, torch's spectral-norm parametrization, deel-torchlip's batch
+    centering).  A model of other layers computes the same in either mode, so its flag is irrelevant.
+    """
+    import torch
+
+    dependent = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
+    found = []
+    for position, (name, m) in enumerate(module.named_modules()):
+        if not m.training:
+            continue
+        forward = getattr(type(m).forward, "__code__", None)
+        if isinstance(m, dependent) or (forward is not None and "training" in forward.co_names):
+            found.append((name or type(m).__name__, position,
+                          f"{type(m).__name__} in training mode; call model.eval() before saving"))
+    return found
+
+
 def infer_input_shape(module, source: str = "") -> tuple[int, ...]:
     """Sample shape read from the first layer with parameters (``Linear.in_features``, ``BatchNorm1d``)."""
     import torch
