@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from lipsdp import threads as thread_pools
+from lipsdp.activations import caveats as activation_caveats
 from lipsdp.bounds import node_lipschitz, sampled_lower_bound
 from lipsdp.budget import checkpoint, current, step
 from lipsdp.certificate import (Certificate, certificate_from_outcomes, constant_certificate, network_summary,
@@ -279,6 +280,7 @@ def _certify_network_run(network, *, compare, split, **options) -> Certificate:
     options = dict(options)
     cert = _certify_whole_or_split(network, split, options)
     attach_well_posedness(network, cert, formulation, norm)
+    cert.caveats = activation_caveats(network)  # where torch's function is not the one certified
     if compare and MaxMinAsReLU.applies(network) and norm == "l2" and cert.verified and not split:
         _compare_maxmin(network, cert, options)
     return cert

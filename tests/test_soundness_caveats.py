@@ -92,9 +92,6 @@ def test_certify_and_cli_state_the_softplus_caveat(tmp_path):
     path = tmp_path / "m.pt"
     torch.save(model, path)
     cert = lipsdp.certify(model, lower_bound_samples=0)
-    if not cert.caveats:
-        pytest.xfail("needs the pipeline hook `cert.caveats = activations.caveats(network)` in "
-                     "lipsdp.pipeline.certify_network")
     assert cert.verified and len(cert.caveats) == 1 and "2.1e-09" in cert.caveats[0]
     out = io.StringIO()
     with redirect_stdout(out):
@@ -102,3 +99,23 @@ def test_certify_and_cli_state_the_softplus_caveat(tmp_path):
     assert "2.1e-09" in json.loads(out.getvalue())["caveats"][0]
     relu = lipsdp.certify(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), lower_bound_samples=0)
     assert relu.caveats == []
+
+
+def test_onnx_softplus_is_the_smooth_function_and_has_no_caveat(tmp_path):
+    """ONNX's Softplus is ``log(1 + e^x)`` with no switch: read exactly (threshold 1000, where float64's
+    ``log(1 + e^x)`` is ``x``), so no jump and no caveat; a torch file of the same model keeps its caveat."""
+    pytest.importorskip("onnx")
+    import warnings
+
+    model = _softplus_net().float()
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3),), str(path), dynamo=False, input_names=["x"])
+    net = load_network(path)
+    assert all(net.op(n).params["threshold"] == 1000.0 for n in net.activations())
+    assert activations.caveats(net) == []
+    x = np.array([[30.0, -2.0, 1.0], [0.5, 25.0, -40.0]])
+    assert np.allclose(net.numpy_forward(x), model.double()(torch.from_numpy(x)).detach().numpy(), rtol=1e-6)
+    cert = lipsdp.certify(path, lower_bound_samples=0)
+    assert cert.verified and cert.caveats == []

@@ -62,8 +62,9 @@ class Softplus(SlopeActivation):
     defaults = {"beta": 1.0, "threshold": 20.0}
     torch_modules = (TorchModule("torch.nn.modules.activation.Softplus", "softplus", ("beta", "threshold")),)
     aten = {"softplus": _params}
-    # ONNX Softplus is log(1 + e^x) exactly; torch's threshold 20 differs from it by < 3e-9.
-    onnx = {"Softplus": lambda attrs: {"beta": 1.0, "threshold": 20.0}}
+    # ONNX Softplus is log(1 + e^x), no switch: above x = 1000, log(1 + e^x) = x in float64 (e^-1000
+    # underflows), so threshold 1000 is that function exactly, with no jump and no caveat.
+    onnx = {"Softplus": lambda attrs: {"beta": 1.0, "threshold": 1000.0}}
     implicit = True
     implicit_param = "beta"
 
