@@ -28,6 +28,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
+import scipy.linalg as sla
 import scipy.sparse as sp
 
 if TYPE_CHECKING:  # only read, never built here; importing lmi would pull the lifting into ``lipsdp solvers``
@@ -167,3 +168,106 @@ class BlockChain:
             return None, None, R
         top = r < n1
         return symmetric(dense(top & (c < n1), (n1, n1), 0, 0)), dense(top & (c >= n1), (n1, n2), 0, n1), R
+
+    # -- the band: the only blocks a layer chain fills ------------------------------------------
+    @cached_property
+    def band_offsets(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """``(diag, off, total)``: where the diagonal block ``(k, k)`` (``n_k x n_k``) and the block
+        ``(k-1, k)`` (``n_{k-1} x n_k``, ``k >= 1``) start in one flat buffer of ``total`` entries.
+
+        The buffer holds ``sum_k n_k^2 + n_{k-1} n_k`` entries: linear in the depth, where the
+        dense matrix is quadratic."""
+        s = self.sizes.astype(np.int64)
+        lengths = np.empty(2 * self.nb - 1, dtype=np.int64)
+        lengths[0::2] = s * s
+        lengths[1::2] = s[:-1] * s[1:]
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        off = np.zeros(self.nb, dtype=np.int64)
+        off[1:] = starts[1:-1:2]
+        return starts[0:-1:2], off, int(starts[-1])
+
+    def band_index(self, rows, cols) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(upper, index)``: the entries with ``cols >= rows`` and their places in the band buffer
+        (:attr:`band_offsets`), or None when some entry lies outside the band (no chain)."""
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        upper = np.flatnonzero(cols >= rows)
+        r, c = rows[upper], cols[upper]
+        kr, kc = self.block_of(r), self.block_of(c)
+        if np.any(kc - kr > 1):
+            return None
+        diag, off, _ = self.band_offsets
+        lr, lc = r - self.starts[kr], c - self.starts[kc]
+        same = kc == kr
+        index = np.where(same, diag[kc] + lr * self.sizes[kc], off[kc] + lr * self.sizes[kc]) + lc
+        return upper, index
+
+    def band_sum(self, where: tuple[np.ndarray, np.ndarray], weights: np.ndarray) -> np.ndarray:
+        """The band buffer of the upper-triangle entries ``where`` (from :meth:`band_index`) weighted by
+        ``weights`` (one per entry, both triangles): each place the sum of its terms in entry order, as
+        :meth:`~lipsdp.lmi.LMIProblem.matrix` sums them (so the rounding bounds of docs/math.md §10 hold)."""
+        upper, index = where
+        return np.bincount(index, weights=np.asarray(weights)[upper], minlength=self.band_offsets[2])
+
+    def band_blocks(self, buffer: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """``(diagonal, off)`` blocks of a band buffer: ``diagonal[k]`` symmetric (from its upper
+        triangle), ``off[k]`` the block ``(k-1, k)`` (``off[0]`` is None)."""
+        diag, off, _ = self.band_offsets
+        s = self.sizes
+        blocks, offs = [], [None]
+        for k in range(self.nb):
+            A = buffer[diag[k]:diag[k] + s[k] * s[k]].reshape(s[k], s[k])
+            A = np.triu(A)
+            blocks.append(A + A.T - np.diag(np.diag(A)))
+            if k:
+                offs.append(buffer[off[k]:off[k] + s[k - 1] * s[k]].reshape(s[k - 1], s[k]))
+        return blocks, offs
+
+
+def band_cholesky(diagonal: list, off: list, shift: float) -> float | None:
+    """``||L||_F^2`` of the float Cholesky factor ``L`` of the block-tridiagonal ``H - shift I``, or None
+    where the factorisation breaks down.
+
+    Block by block along the chain (docs/math.md §10): ``L_kk = chol(H_kk - shift I - L_k,k-1 L_k,k-1^T)``,
+    ``L_k+1,k = H_k+1,k L_kk^{-T}``.  ``L`` is block-bidiagonal (the dense factor's other blocks are
+    exact zeros), and every computed entry is the usual Cholesky recurrence with its inner product
+    summed in another order, so Higham's bound ``|E| <= gamma_{n+1} |L||L^T|`` holds as for the dense
+    factorisation.  Cost: ``sum_k n_k^3``, linear in the depth.
+    """
+    total, X = 0.0, None
+    for k, D in enumerate(diagonal):
+        S = D.copy()
+        S[np.diag_indices_from(S)] -= shift
+        if X is not None:
+            S -= X @ X.T
+        try:
+            L = sla.cholesky(S, lower=True, check_finite=False)
+        except sla.LinAlgError:
+            return None
+        if not np.all(np.isfinite(L)):
+            return None
+        total += float(np.sum(L * L))
+        if k + 1 < len(diagonal):
+            X = sla.solve_triangular(L, off[k + 1], lower=True, check_finite=False).T
+            total += float(np.sum(X * X))
+    return total
+
+
+def band_first_schur(diagonal: list, off: list) -> np.ndarray | None:
+    """``Z`` with ``Z^T Z = H_01 H_hid^{-1} H_10`` for a block-tridiagonal ``H`` whose hidden part
+    (blocks ``1..``) is positive definite, or None when it is not (a Cholesky factor breaks down).
+
+    Eliminates the blocks from the last one backwards, ``T_L = H_LL``,
+    ``T_k = H_kk - H_k,k+1 T_k+1^{-1} H_k+1,k``; only block 1 meets block 0, so
+    ``H_01 H_hid^{-1} H_10 = H_01 T_1^{-1} H_10`` (docs/math.md §1.4).  Linear in the depth.
+    """
+    T = diagonal[-1]
+    for k in range(len(diagonal) - 1, 0, -1):
+        try:
+            L = sla.cholesky(T, lower=True, check_finite=False)
+        except sla.LinAlgError:
+            return None
+        Z = sla.solve_triangular(L, off[k].T, lower=True, check_finite=False)
+        if k == 1:
+            return Z
+        T = diagonal[k - 1] - Z.T @ Z
+    return None

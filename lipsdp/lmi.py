@@ -174,6 +174,17 @@ class LMIProblem:
         x = np.asarray(x, dtype=np.float64)
         return self._coo_matrix(self.vals, x) + self.const.toarray()
 
+    @cached_property
+    def _diagonal_entries(self) -> np.ndarray:
+        return np.flatnonzero(self.rows == self.cols)
+
+    def diagonal(self, x: np.ndarray) -> np.ndarray:
+        """The diagonal of ``M(x)`` without forming the matrix (linear in the number of terms)."""
+        d = self._diagonal_entries
+        x = np.asarray(x, dtype=np.float64)
+        return np.bincount(self.rows[d], weights=self.vals[d] * x[self.var[d]], minlength=self.n) + \
+            self.const.diagonal()
+
     def abs_matrix(self, x: np.ndarray) -> np.ndarray:
         """Entrywise ``sum |x_j| |M_j| + |C|^T |C|``: what rounding errors scale with."""
         x = np.abs(np.asarray(x, dtype=np.float64))

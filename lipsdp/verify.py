@@ -26,7 +26,9 @@ from fractions import Fraction
 
 import numpy as np
 import scipy.linalg as sla
+import scipy.sparse as sp
 
+from lipsdp.chain import BlockChain, band_cholesky, band_first_schur
 from lipsdp.lmi import LMIProblem
 
 _U = 2.0 ** -53
@@ -83,15 +85,22 @@ def round_up_sqrt(rho) -> float:
     return L
 
 
-def input_schur(lmi: LMIProblem, y: np.ndarray) -> np.ndarray | None:
+def input_schur(lmi: LMIProblem, y: np.ndarray, band=None) -> np.ndarray | None:
     """``S = P - Q R^{-1} Q^T`` of ``M(0, y)`` on the input block, or None unless ``R < 0``.
 
     ``M(in, y) <= 0`` iff ``R < 0`` and the input-block term dominates ``S``:
-    ``rho I >= S`` (l2) or ``diag(lambda_in) >= S`` (l_inf).
+    ``rho I >= S`` (l2) or ``diag(lambda_in) >= S`` (l_inf).  On a layer chain (``band``, or
+    :func:`band_of` when omitted) ``R`` is eliminated block by block from the last one
+    (:func:`lipsdp.chain.band_first_schur`): linear in the depth, no dense ``n x n`` matrix.
     """
     x = np.concatenate([np.zeros(lmi.n_in), y])
-    M0 = lmi.matrix(x)
     n0 = lmi.input_dim
+    band = band_of(lmi) if band is None else band
+    if band:
+        diagonal, off = band.chain.band_blocks(-band.matrix(lmi, x))  # blocks of -M(0, y)
+        Z = band_first_schur(diagonal, off)
+        return None if Z is None else -diagonal[0] + Z.T @ Z
+    M0 = lmi.matrix(x)
     P = M0[:n0, :n0]
     if lmi.n == n0:
         return P
@@ -103,29 +112,101 @@ def input_schur(lmi: LMIProblem, y: np.ndarray) -> np.ndarray | None:
     return P + Z.T @ Z
 
 
-def best_rho(lmi: LMIProblem, y: np.ndarray) -> float | None:
+def best_rho(lmi: LMIProblem, y: np.ndarray, band=None) -> float | None:
     """Smallest ``rho`` with ``M(rho, y) <= 0`` (in floating point), or None if no ``rho`` works.
 
     ``y`` holds the multipliers (variables ``1:``); ``rho`` is variable 0.
     """
-    S = input_schur(lmi, y)
+    S = input_schur(lmi, y, band)
     if S is None:
         return None
     n0 = S.shape[0]
     return max(float(sla.eigvalsh(S, subset_by_index=[n0 - 1, n0 - 1])[0]), 0.0)
 
 
-def _repair_input(lmi: LMIProblem, lam: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+def _repair_input(lmi: LMIProblem, lam: np.ndarray, y: np.ndarray, band=None) -> np.ndarray | None:
     """Smallest input variables (``[rho]`` or ``lambda_in``, starting from ``lam``) that make ``M <= 0``."""
     if lmi.n_in == 1:
-        rho = best_rho(lmi, y)
+        rho = best_rho(lmi, y, band)
         return None if rho is None else np.array([rho])
-    S = input_schur(lmi, y)
+    S = input_schur(lmi, y, band)
     if S is None:
         return None
     lam = np.maximum(lam, 0.0)
     shift = max(float(sla.eigvalsh(S - np.diag(lam))[-1]), 0.0)
     return lam + shift
+
+
+class Band:
+    """The band view of an LMI whose ``M(x)`` is block-tridiagonal for every ``x`` (a layer chain):
+    where each COO entry, constant and lifting-error entry lands in the band buffer of
+    :class:`~lipsdp.chain.BlockChain` (computed once per LMI, reused by every test).
+
+    Attributes
+    ----------
+    chain : BlockChain
+    entries, const, const_abs : tuple
+        :meth:`~lipsdp.chain.BlockChain.band_index` of the COO terms, of ``M_c`` and of ``|C|^T |C|``.
+    lift : tuple or None
+        The same for the lifting's error bound, ``(entries, const)``.
+    terms : int
+        The most terms that add up into one entry (``max_entry_terms``, counted on the band).
+    """
+
+    def __init__(self, lmi: LMIProblem, chain: BlockChain, entries: tuple):
+        self.chain, self.entries = chain, entries
+        self.const, self.const_abs = (sp.coo_matrix(lmi.const), sp.coo_matrix(lmi.const_abs))
+        self.const_at = chain.band_index(self.const.row, self.const.col)
+        self.const_abs_at = chain.band_index(self.const_abs.row, self.const_abs.col)
+        self.lift = None
+        if lmi.lift_err is not None:
+            rows, cols, _, _, cerr = lmi.lift_err
+            cerr = sp.coo_matrix(cerr)
+            self.lift = (chain.band_index(rows, cols), cerr, chain.band_index(cerr.row, cerr.col))
+        total = chain.band_offsets[2]
+        self.terms = int(np.bincount(entries[1], minlength=total).max(initial=0))
+        diag, _, _ = chain.band_offsets
+        self.diagonal = np.concatenate([diag[k] + np.arange(s) * (s + 1) for k, s in enumerate(chain.sizes)])
+        # Frobenius weights: an off-diagonal place stands for two entries of the symmetric matrix.
+        self.weight = np.full(total, 2.0)
+        self.weight[self.diagonal] = 1.0
+
+    @property
+    def complete(self) -> bool:
+        """Whether every part of ``M`` and its error bound lies on the band."""
+        lift_ok = self.lift is None or (self.lift[0] is not None and self.lift[2] is not None)
+        return self.const_at is not None and self.const_abs_at is not None and lift_ok
+
+    def matrix(self, lmi: LMIProblem, x: np.ndarray) -> np.ndarray:
+        """The band buffer of ``M(x)``: the upper triangle of :meth:`~lipsdp.lmi.LMIProblem.matrix`, entry
+        for entry the same sums."""
+        ch = self.chain
+        return ch.band_sum(self.entries, lmi.vals * x[lmi.var]) + ch.band_sum(self.const_at, self.const.data)
+
+    def error(self, lmi: LMIProblem, x: np.ndarray, K: int) -> np.ndarray:
+        """The band buffer of ``2 gamma_K |M|_abs(x)`` plus the lifting's error bound."""
+        ch, ax = self.chain, np.abs(x)
+        absM = ch.band_sum(self.entries, np.abs(lmi.vals) * ax[lmi.var]) + \
+            ch.band_sum(self.const_abs_at, self.const_abs.data)
+        delta = 2.0 * _gamma(K) * absM
+        if self.lift is not None:
+            at, cerr, cat = self.lift
+            _, _, vals, var, _ = lmi.lift_err
+            delta = delta + ch.band_sum(at, vals * ax[var]) + ch.band_sum(cat, cerr.data)
+        return delta
+
+
+def band_of(lmi: LMIProblem) -> Band | None:
+    """The :class:`Band` of ``lmi`` when ``M(x)`` is block-tridiagonal for every ``x`` with at least two
+    blocks, else None (the dense test then runs)."""
+    if len(lmi.blocks) < 2:
+        return None
+    chain = BlockChain(lmi)
+    entries = chain.band_index(lmi.rows, lmi.cols)
+    if entries is None:
+        return None
+    band = Band(lmi, chain, entries)
+    return band if band.complete else None
 
 
 def _error_terms(lmi: LMIProblem, x: np.ndarray, H: np.ndarray) -> tuple[float, float]:
@@ -141,7 +222,23 @@ def _error_terms(lmi: LMIProblem, x: np.ndarray, H: np.ndarray) -> tuple[float, 
     return delta_f, c
 
 
-def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray) -> tuple[bool, float]:
+def _band_terms(lmi: LMIProblem, band: Band, x: np.ndarray, H: np.ndarray) -> tuple[float, float]:
+    """:func:`_error_terms` on the band buffer ``H`` of ``-M(x)``: the same ``K``, norms and shift."""
+    delta = band.error(lmi, x, band.terms + lmi.const_terms + 8)
+    delta_f = float(np.sqrt(np.dot(band.weight, delta * delta))) * _SAFETY
+    tr = float(np.abs(H[band.diagonal]).sum())
+    return delta_f, 2.0 * (_gamma(lmi.n + 1) * tr + delta_f) * _SAFETY + np.finfo(float).tiny
+
+
+def shift_needed(lmi: LMIProblem, x: np.ndarray, band: Band | None | bool = None) -> float:
+    """The shift ``c`` the rigorous test of ``M(x)`` uses (what the input block needs as margin)."""
+    band = band_of(lmi) if band is None else band
+    if band:
+        return _band_terms(lmi, band, x, -band.matrix(lmi, x))[1]
+    return _error_terms(lmi, x, -lmi.matrix(x))[1]
+
+
+def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray, band: Band | None | bool = None) -> tuple[bool, float]:
     """Prove that the exact ``M(x)`` is negative definite, or fail.
 
     ``H = -M(x)`` is built in float64; its construction error is bounded
@@ -151,6 +248,11 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray) -> tuple[bool, fl
     whenever ``c > gamma_{n+1} ||R||_F^2 + ||Delta||_F + 4u(max H_ii + c)``.
     The error terms are doubled for safety (docs/math.md §10).
 
+    On a layer chain the same test runs block by block along the chain
+    (:func:`lipsdp.chain.band_cholesky`; docs/math.md §10): the same ``H``, shift and bound, in time
+    and memory linear in the depth.  ``band``: the chain's :class:`Band` (found when None; False
+    forces the dense factorisation).
+
     Returns
     -------
     ok : bool
@@ -158,22 +260,34 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray) -> tuple[bool, fl
         The proven shift (0 when not proven).
     """
     n = lmi.n
-    H = -lmi.matrix(x)
-    if not np.all(np.isfinite(H)):
-        return False, 0.0
-    delta_f, c = _error_terms(lmi, x, H)
-    g = _gamma(n + 1)
-    Hs = H.copy()
-    Hs[np.diag_indices(n)] -= c
-    try:
-        Rf = sla.cholesky(Hs, lower=False, check_finite=False)
-    except sla.LinAlgError:
-        return False, 0.0
-    rhs = (g * float(np.sum(Rf * Rf)) + delta_f + 4.0 * _U * (float(np.abs(np.diag(H)).max()) + c)) * _SAFETY
+    x = np.asarray(x, dtype=np.float64)
+    band = band_of(lmi) if band is None else (band or None)
+    if band is not None:
+        Hb = -band.matrix(lmi, x)
+        if not np.all(np.isfinite(Hb)):
+            return False, 0.0
+        delta_f, c = _band_terms(lmi, band, x, Hb)
+        fro2 = band_cholesky(*band.chain.band_blocks(Hb), c)
+        if fro2 is None:
+            return False, 0.0
+        max_diag = float(np.abs(Hb[band.diagonal]).max())
+    else:
+        H = -lmi.matrix(x)
+        if not np.all(np.isfinite(H)):
+            return False, 0.0
+        delta_f, c = _error_terms(lmi, x, H)
+        Hs = H.copy()
+        Hs[np.diag_indices(n)] -= c
+        try:
+            Rf = sla.cholesky(Hs, lower=False, check_finite=False)
+        except sla.LinAlgError:
+            return False, 0.0
+        fro2, max_diag = float(np.sum(Rf * Rf)), float(np.abs(np.diag(H)).max())
+    rhs = (_gamma(n + 1) * fro2 + delta_f + 4.0 * _U * (max_diag + c)) * _SAFETY
     return bool(c > rhs), (c if c > rhs else 0.0)
 
 
-def _lowest_passing(lmi, prepared, etas, max_inflation, v, k, t0, fast=False):
+def _lowest_passing(lmi, prepared, etas, max_inflation, v, k, t0, fast=False, band=None):
     """The lowest bound among the candidates, each at the smallest inflation in ``etas`` where it
     passes, or None.
 
@@ -189,7 +303,7 @@ def _lowest_passing(lmi, prepared, etas, max_inflation, v, k, t0, fast=False):
     def attempt(lam, yc, c_needed, eta):
         lam_hat = lam * (1.0 + eta) + 4.0 * c_needed
         xc = np.concatenate([lam_hat, yc])
-        ok, c = rigorous_negative_definite(lmi, xc)
+        ok, c = rigorous_negative_definite(lmi, xc, band)
         if not ok:
             return None
         return sum((Fraction(a) * Fraction(b) for a, b in zip(lam_hat, v[:k])), Fraction(0)), xc, c, eta
@@ -248,6 +362,7 @@ def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
     if x.shape != (lmi.n_var,) or not np.all(np.isfinite(x)):
         return Verification(False, None, None, None, "float-cholesky", 0.0, 0.0,
                             "solver returned no finite multipliers", time.perf_counter() - t0)
+    band = band_of(lmi) or False  # the chain's blocks, found once for every test below
     k = lmi.n_in
     lam0 = x[:k]
     y = x[k:].copy()
@@ -268,23 +383,23 @@ def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
     for floor, s, graded in trials[:candidates]:
         yc = y * s * (1.0 + graded) ** (depth - blocks)
         yc[nn] += floor * scale
-        lam = _repair_input(lmi, lam0 * s, yc)
+        lam = _repair_input(lmi, lam0 * s, yc, band)
         if lam is None:
             continue
         # The input block needs a margin above the test's shift c; when rho(T) is tiny
         # (a nearly constant network) that absolute margin matters more than eta.
         x0 = np.concatenate([lam, yc])
-        prepared.append((lam, yc, _error_terms(lmi, x0, -lmi.matrix(x0))[1]))
+        prepared.append((lam, yc, shift_needed(lmi, x0, band)))
         if len(prepared) == 1:
             message = "the rigorous test failed at every inflation"
             # Most points pass with the first candidate at a tiny inflation: try that before the rest.
             found = _lowest_passing(lmi, prepared, [e for e in etas if e <= 1e-4], max_inflation, v, k, t0,
-                                    fast=True)
+                                    fast=True, band=band)
             if found is not None:
                 return found
     # Otherwise the lowest bound any candidate gives (ill-conditioned nets, e.g. deep ones, need
     # 1e-4..1e-3 with some candidates and less with others).
-    found = _lowest_passing(lmi, prepared, etas, max_inflation, v, k, t0)
+    found = _lowest_passing(lmi, prepared, etas, max_inflation, v, k, t0, band=band)
     if found is not None:
         return found
     return Verification(False, None, None, None, "float-cholesky", 0.0, 0.0, message, time.perf_counter() - t0)
@@ -316,7 +431,7 @@ def verify_balanced(lmi: LMIProblem, x: np.ndarray, *, scale: np.ndarray | None 
 def balanced_scales(lmi: LMIProblem, x: np.ndarray) -> tuple[np.ndarray, float]:
     """``(block_scale, total)`` for :meth:`~lipsdp.lmi.LMIProblem.preconditioned` that bring the
     median diagonal entry of every block of ``M(x)`` to about that of the input block."""
-    diag = np.abs(np.diag(lmi.matrix(x)))
+    diag = np.abs(lmi.diagonal(x))
     mags = []
     for b in lmi.blocks:
         d = diag[b.start:b.start + b.size]
