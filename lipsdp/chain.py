@@ -24,6 +24,7 @@ are computed here once.
 
 from __future__ import annotations
 
+import weakref
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -186,13 +187,18 @@ class BlockChain:
         off[1:] = starts[1:-1:2]
         return starts[0:-1:2], off, int(starts[-1])
 
+    @cached_property
+    def block_table(self) -> np.ndarray:
+        """The block of every row/column index (a lookup table, faster than :meth:`block_of` on many)."""
+        return np.repeat(np.arange(self.nb), self.sizes)
+
     def band_index(self, rows, cols) -> tuple[np.ndarray, np.ndarray] | None:
         """``(upper, index)``: the entries with ``cols >= rows`` and their places in the band buffer
         (:attr:`band_offsets`), or None when some entry lies outside the band (no chain)."""
         rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
         upper = np.flatnonzero(cols >= rows)
         r, c = rows[upper], cols[upper]
-        kr, kc = self.block_of(r), self.block_of(c)
+        kr, kc = self.block_table[r], self.block_table[c]
         if np.any(kc - kr > 1):
             return None
         diag, off, _ = self.band_offsets
@@ -271,3 +277,128 @@ def band_first_schur(diagonal: list, off: list) -> np.ndarray | None:
             return Z
         T = diagonal[k - 1] - Z.T @ Z
     return None
+
+
+_MAPS: dict = {}
+
+
+def band_map(chain: BlockChain, rows, cols, var, n_var: int) -> "BandMap":
+    """:class:`BandMap` of the terms ``(rows, cols, var)``, shared by LMIs that share those arrays (an
+    LMI and its congruent copies, :meth:`~lipsdp.lmi.LMIProblem.preconditioned`): the index work is
+    done once."""
+    key = (id(rows), id(cols), id(var), tuple(chain.starts), n_var)
+    found = _MAPS.get(key)
+    if found is not None and found[0]() is rows and found[1]() is cols and found[2]() is var:
+        return found[3]
+    made = BandMap(chain, rows, cols, var, n_var)
+    try:
+        _MAPS[key] = (weakref.ref(rows), weakref.ref(cols), weakref.ref(var), made)
+    except TypeError:  # not weak-referenceable (a list): no sharing
+        return made
+    weakref.finalize(rows, _MAPS.pop, key, None)  # the map goes with the LMI's arrays
+    return made
+
+
+class BandMap:
+    """``x -> `` the band buffer of ``sum_j x_j M_j`` (upper triangle) as one sparse matrix, band places by
+    variables, for COO terms ``(rows, cols, var)`` on the band of ``chain``.
+
+    Built once per LMI (its index work is linear in the number of terms); each evaluation is then one
+    sparse product.  The terms of one variable at one place are summed first (in entry order), then the
+    variables: every place is still a sum of its ``K`` terms in some order, within ``gamma_{K+1}`` of the
+    exact sum (docs/math.md §10).
+
+    Attributes
+    ----------
+    ok : bool
+        False when some term lies outside the band (then nothing else is set).
+    counts : ndarray of int
+        Terms per band place (both triangles' terms at a place are the same, so this is the
+        ``K`` of :attr:`~lipsdp.lmi.LMIProblem.max_entry_terms`).
+    """
+
+    def __init__(self, chain: BlockChain, rows, cols, var, n_var: int):
+        found = chain.band_index(rows, cols)
+        self.ok = found is not None
+        if not self.ok:
+            return
+        self.upper, index = found
+        total = chain.band_offsets[2]
+        self.counts = np.bincount(index, minlength=total)
+        v = np.asarray(var, dtype=np.int64)[self.upper]
+        key = index * np.int64(n_var) + v  # sorted by place, then variable; stable keeps entry order
+        self.order = np.argsort(key, kind="stable")
+        key = key[self.order]
+        first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, dtype=np.int64)
+        self.starts = first
+        self.indices = (key[first] % n_var).astype(np.int64)
+        self.indptr = np.searchsorted(key[first] // n_var, np.arange(total + 1)).astype(np.int64)
+        self.shape = (total, n_var)
+
+    def matrix(self, vals: np.ndarray) -> sp.csr_matrix:
+        """The map for term values ``vals`` (one per COO entry, both triangles)."""
+        data = np.add.reduceat(np.asarray(vals, dtype=np.float64)[self.upper][self.order], self.starts) \
+            if len(self.starts) else np.zeros(0)
+        return sp.csr_matrix((data, self.indices, self.indptr), shape=self.shape)
+
+
+class Band:
+    """The band view of an LMI whose ``M(x)`` is block-tridiagonal for every ``x`` (a layer chain):
+    ``M(x)``, ``|M|_abs(x)`` and the lifting's error bound as sparse maps into the band buffer of
+    :class:`~lipsdp.chain.BlockChain` (:class:`~lipsdp.chain.BandMap`), built once per LMI and reused by
+    every test, so a test costs one sparse product and a block factorisation, not a dense ``n x n``
+    matrix.
+
+    Attributes
+    ----------
+    chain : BlockChain
+    terms : int
+        The most terms that add up into one entry (``max_entry_terms``, counted on the band).
+    ok : bool
+        Whether every part of ``M`` and its error bound lies on the band.
+    """
+
+    def __init__(self, lmi: LMIProblem):
+        self.chain = chain = BlockChain(lmi)
+        self.ok = False
+        entries = band_map(chain, lmi.rows, lmi.cols, lmi.var, lmi.n_var)
+        if not entries.ok:
+            return
+        self.G, self.G_abs = entries.matrix(lmi.vals), entries.matrix(np.abs(lmi.vals))
+        self.terms = int(entries.counts.max(initial=0))
+        self.const, self.const_abs = self._constant(lmi.const), self._constant(lmi.const_abs)
+        self.lift = self.lift_const = None
+        if lmi.lift_err is not None:
+            rows, cols, vals, var, cerr = lmi.lift_err
+            lift = band_map(chain, rows, cols, var, lmi.n_var)
+            self.lift_const = self._constant(cerr)
+            if not lift.ok or self.lift_const is None:
+                return
+            self.lift = lift.matrix(vals)
+        if self.const is None or self.const_abs is None:
+            return
+        diag, _, total = chain.band_offsets
+        self.diagonal = np.concatenate([diag[k] + np.arange(s) * (s + 1) for k, s in enumerate(chain.sizes)])
+        # Frobenius weights: an off-diagonal place stands for two entries of the symmetric matrix.
+        self.weight = np.full(total, 2.0)
+        self.weight[self.diagonal] = 1.0
+        self.ok = True
+
+    def _constant(self, A) -> np.ndarray | None:
+        """The band buffer of a constant sparse matrix (None when it leaves the band)."""
+        A = sp.coo_matrix(A)
+        at = self.chain.band_index(A.row, A.col)
+        return None if at is None else self.chain.band_sum(at, A.data)
+
+    def matrix(self, x: np.ndarray) -> np.ndarray:
+        """The band buffer of ``M(x)`` (upper triangle)."""
+        return self.G @ x + self.const
+
+    def error(self, x: np.ndarray, factor: float) -> np.ndarray:
+        """The band buffer of ``factor |M|_abs(x)`` plus the lifting's error bound (``factor``:
+        ``2 gamma_K`` in :func:`lipsdp.verify.rigorous_negative_definite`)."""
+        ax = np.abs(x)
+        delta = factor * (self.G_abs @ ax + self.const_abs)
+        if self.lift is not None:
+            delta = delta + (self.lift @ ax + self.lift_const)
+        return delta

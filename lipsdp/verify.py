@@ -28,7 +28,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from lipsdp.chain import BlockChain, band_cholesky, band_first_schur
+from lipsdp.chain import Band, band_cholesky, band_first_schur
 from lipsdp.lmi import LMIProblem
 
 _U = 2.0 ** -53
@@ -97,7 +97,7 @@ def input_schur(lmi: LMIProblem, y: np.ndarray, band=None) -> np.ndarray | None:
     n0 = lmi.input_dim
     band = band_of(lmi) if band is None else band
     if band:
-        diagonal, off = band.chain.band_blocks(-band.matrix(lmi, x))  # blocks of -M(0, y)
+        diagonal, off = band.chain.band_blocks(-band.matrix(x))  # blocks of -M(0, y)
         Z = band_first_schur(diagonal, off)
         return None if Z is None else -diagonal[0] + Z.T @ Z
     M0 = lmi.matrix(x)
@@ -137,76 +137,16 @@ def _repair_input(lmi: LMIProblem, lam: np.ndarray, y: np.ndarray, band=None) ->
     return lam + shift
 
 
-class Band:
-    """The band view of an LMI whose ``M(x)`` is block-tridiagonal for every ``x`` (a layer chain):
-    where each COO entry, constant and lifting-error entry lands in the band buffer of
-    :class:`~lipsdp.chain.BlockChain` (computed once per LMI, reused by every test).
-
-    Attributes
-    ----------
-    chain : BlockChain
-    entries, const, const_abs : tuple
-        :meth:`~lipsdp.chain.BlockChain.band_index` of the COO terms, of ``M_c`` and of ``|C|^T |C|``.
-    lift : tuple or None
-        The same for the lifting's error bound, ``(entries, const)``.
-    terms : int
-        The most terms that add up into one entry (``max_entry_terms``, counted on the band).
-    """
-
-    def __init__(self, lmi: LMIProblem, chain: BlockChain, entries: tuple):
-        self.chain, self.entries = chain, entries
-        self.const, self.const_abs = (sp.coo_matrix(lmi.const), sp.coo_matrix(lmi.const_abs))
-        self.const_at = chain.band_index(self.const.row, self.const.col)
-        self.const_abs_at = chain.band_index(self.const_abs.row, self.const_abs.col)
-        self.lift = None
-        if lmi.lift_err is not None:
-            rows, cols, _, _, cerr = lmi.lift_err
-            cerr = sp.coo_matrix(cerr)
-            self.lift = (chain.band_index(rows, cols), cerr, chain.band_index(cerr.row, cerr.col))
-        total = chain.band_offsets[2]
-        self.terms = int(np.bincount(entries[1], minlength=total).max(initial=0))
-        diag, _, _ = chain.band_offsets
-        self.diagonal = np.concatenate([diag[k] + np.arange(s) * (s + 1) for k, s in enumerate(chain.sizes)])
-        # Frobenius weights: an off-diagonal place stands for two entries of the symmetric matrix.
-        self.weight = np.full(total, 2.0)
-        self.weight[self.diagonal] = 1.0
-
-    @property
-    def complete(self) -> bool:
-        """Whether every part of ``M`` and its error bound lies on the band."""
-        lift_ok = self.lift is None or (self.lift[0] is not None and self.lift[2] is not None)
-        return self.const_at is not None and self.const_abs_at is not None and lift_ok
-
-    def matrix(self, lmi: LMIProblem, x: np.ndarray) -> np.ndarray:
-        """The band buffer of ``M(x)``: the upper triangle of :meth:`~lipsdp.lmi.LMIProblem.matrix`, entry
-        for entry the same sums."""
-        ch = self.chain
-        return ch.band_sum(self.entries, lmi.vals * x[lmi.var]) + ch.band_sum(self.const_at, self.const.data)
-
-    def error(self, lmi: LMIProblem, x: np.ndarray, K: int) -> np.ndarray:
-        """The band buffer of ``2 gamma_K |M|_abs(x)`` plus the lifting's error bound."""
-        ch, ax = self.chain, np.abs(x)
-        absM = ch.band_sum(self.entries, np.abs(lmi.vals) * ax[lmi.var]) + \
-            ch.band_sum(self.const_abs_at, self.const_abs.data)
-        delta = 2.0 * _gamma(K) * absM
-        if self.lift is not None:
-            at, cerr, cat = self.lift
-            _, _, vals, var, _ = lmi.lift_err
-            delta = delta + ch.band_sum(at, vals * ax[var]) + ch.band_sum(cat, cerr.data)
-        return delta
-
-
 def band_of(lmi: LMIProblem) -> Band | None:
     """The :class:`Band` of ``lmi`` when ``M(x)`` is block-tridiagonal for every ``x`` with at least two
-    blocks, else None (the dense test then runs)."""
+    blocks, else None (the dense test then runs).  Kept on the LMI: later tests reuse it."""
     if len(lmi.blocks) < 2:
         return None
-    chain = BlockChain(lmi)
-    entries = chain.band_index(lmi.rows, lmi.cols)
-    if entries is None:
-        return None
-    band = Band(lmi, chain, entries)
-    return band if band.complete else None
+    cached = lmi.__dict__.get("_band")
+    if cached is None or cached[0] is not lmi.vals:
+        cached = (lmi.vals, Band(lmi))
+        lmi.__dict__["_band"] = cached
+    return cached[1] if cached[1].ok else None
 
 
 def _error_terms(lmi: LMIProblem, x: np.ndarray, H: np.ndarray) -> tuple[float, float]:
@@ -223,8 +163,9 @@ def _error_terms(lmi: LMIProblem, x: np.ndarray, H: np.ndarray) -> tuple[float, 
 
 
 def _band_terms(lmi: LMIProblem, band: Band, x: np.ndarray, H: np.ndarray) -> tuple[float, float]:
-    """:func:`_error_terms` on the band buffer ``H`` of ``-M(x)``: the same ``K``, norms and shift."""
-    delta = band.error(lmi, x, band.terms + lmi.const_terms + 8)
+    """:func:`_error_terms` on the band buffer ``H`` of ``-M(x)``: the same norms and shift, ``K`` one
+    larger (a place's terms are summed per variable first, :class:`~lipsdp.chain.BandMap`)."""
+    delta = band.error(x, 2.0 * _gamma(band.terms + 1 + lmi.const_terms + 8))
     delta_f = float(np.sqrt(np.dot(band.weight, delta * delta))) * _SAFETY
     tr = float(np.abs(H[band.diagonal]).sum())
     return delta_f, 2.0 * (_gamma(lmi.n + 1) * tr + delta_f) * _SAFETY + np.finfo(float).tiny
@@ -234,7 +175,7 @@ def shift_needed(lmi: LMIProblem, x: np.ndarray, band: Band | None | bool = None
     """The shift ``c`` the rigorous test of ``M(x)`` uses (what the input block needs as margin)."""
     band = band_of(lmi) if band is None else band
     if band:
-        return _band_terms(lmi, band, x, -band.matrix(lmi, x))[1]
+        return _band_terms(lmi, band, x, -band.matrix(x))[1]
     return _error_terms(lmi, x, -lmi.matrix(x))[1]
 
 
@@ -263,7 +204,7 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray, band: Band | None
     x = np.asarray(x, dtype=np.float64)
     band = band_of(lmi) if band is None else (band or None)
     if band is not None:
-        Hb = -band.matrix(lmi, x)
+        Hb = -band.matrix(x)
         if not np.all(np.isfinite(Hb)):
             return False, 0.0
         delta_f, c = _band_terms(lmi, band, x, Hb)
