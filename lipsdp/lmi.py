@@ -358,8 +358,8 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
     objective[:n_in] = 1.0
     return LMIProblem(
         n=n, input_dim=n0, const=(C.T @ C).tocsr(), const_abs=(abs(C).T @ abs(C)).tocsr(),
-        rows=np.concatenate(parts.rows).astype(np.int64), cols=np.concatenate(parts.cols).astype(np.int64),
-        vals=np.concatenate(parts.vals), var=np.concatenate(parts.var).astype(np.int64),
+        rows=np.concatenate(parts.rows, dtype=np.int64), cols=np.concatenate(parts.cols, dtype=np.int64),
+        vals=np.concatenate(parts.vals), var=np.concatenate(parts.var, dtype=np.int64),
         objective=objective, nonneg=np.array(parts.nonneg, dtype=bool), labels=parts.labels,
         formulation=formulation, blocks=list(lifting.blocks), const_terms=max(C.shape[0], 1),
         lift_err=None if lift_exact else _lift_error(C, C_err, parts.err),
