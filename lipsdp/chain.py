@@ -303,10 +303,10 @@ class BandMap:
     """``x -> `` the band buffer of ``sum_j x_j M_j`` (upper triangle) as one sparse matrix, band places by
     variables, for COO terms ``(rows, cols, var)`` on the band of ``chain``.
 
-    Built once per LMI (its index work is linear in the number of terms); each evaluation is then one
-    sparse product.  The terms of one variable at one place are summed first (in entry order), then the
-    variables: every place is still a sum of its ``K`` terms in some order, within ``gamma_{K+1}`` of the
-    exact sum (docs/math.md §10).
+    Built once per LMI (a counting sort of the terms into places, linear in their number); each
+    evaluation is then one sparse product in which every place adds its terms one after another in
+    entry order, exactly as :meth:`~lipsdp.lmi.LMIProblem.matrix` does (so the same ``K`` of
+    docs/math.md §10 holds; duplicates are kept, never merged).
 
     Attributes
     ----------
@@ -325,20 +325,16 @@ class BandMap:
         self.upper, index = found
         total = chain.band_offsets[2]
         self.counts = np.bincount(index, minlength=total)
-        v = np.asarray(var, dtype=np.int64)[self.upper]
-        key = index * np.int64(n_var) + v  # sorted by place, then variable; stable keeps entry order
-        self.order = np.argsort(key, kind="stable")
-        key = key[self.order]
-        first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, dtype=np.int64)
-        self.starts = first
-        self.indices = (key[first] % n_var).astype(np.int64)
-        self.indptr = np.searchsorted(key[first] // n_var, np.arange(total + 1)).astype(np.int64)
+        # The CSR of places by variables, each place's entries in their original order (a stable sort;
+        # scipy's own conversion would merge duplicates and change the sums).
+        self.perm = np.argsort(index, kind="stable")
+        self.indices = np.asarray(var, dtype=np.int64)[self.upper][self.perm]
+        self.indptr = np.concatenate([[0], np.cumsum(self.counts)])
         self.shape = (total, n_var)
 
     def matrix(self, vals: np.ndarray) -> sp.csr_matrix:
         """The map for term values ``vals`` (one per COO entry, both triangles)."""
-        data = np.add.reduceat(np.asarray(vals, dtype=np.float64)[self.upper][self.order], self.starts) \
-            if len(self.starts) else np.zeros(0)
+        data = np.asarray(vals, dtype=np.float64)[self.upper][self.perm]
         return sp.csr_matrix((data, self.indices, self.indptr), shape=self.shape)
 
 

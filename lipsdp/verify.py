@@ -163,9 +163,8 @@ def _error_terms(lmi: LMIProblem, x: np.ndarray, H: np.ndarray) -> tuple[float, 
 
 
 def _band_terms(lmi: LMIProblem, band: Band, x: np.ndarray, H: np.ndarray) -> tuple[float, float]:
-    """:func:`_error_terms` on the band buffer ``H`` of ``-M(x)``: the same norms and shift, ``K`` one
-    larger (a place's terms are summed per variable first, :class:`~lipsdp.chain.BandMap`)."""
-    delta = band.error(x, 2.0 * _gamma(band.terms + 1 + lmi.const_terms + 8))
+    """:func:`_error_terms` on the band buffer ``H`` of ``-M(x)``: the same ``K``, norms and shift."""
+    delta = band.error(x, 2.0 * _gamma(band.terms + lmi.const_terms + 8))
     delta_f = float(np.sqrt(np.dot(band.weight, delta * delta))) * _SAFETY
     tr = float(np.abs(H[band.diagonal]).sum())
     return delta_f, 2.0 * (_gamma(lmi.n + 1) * tr + delta_f) * _SAFETY + np.finfo(float).tiny

@@ -175,3 +175,20 @@ def test_verify_takes_the_blocked_path_on_chains(monkeypatch):
     ver = verify(lmi, x)
     assert ver.verified and calls
     assert np.sqrt(x[0]) <= ver.bound <= np.sqrt(x[0]) * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_band_blocks_are_the_dense_matrix_entry_for_entry(seed):
+    """The band buffer sums every entry's terms in the dense matrix's order: the same floats."""
+    lmi = chain_lmi(4, width=5, seed=seed)
+    x = feasible(lmi)
+    band = band_of(lmi)
+    blocks, off = band.chain.band_blocks(band.matrix(x))
+    M = lmi.matrix(x)
+    s = band.chain.starts
+    for k in range(band.chain.nb):
+        D = M[s[k]:s[k + 1], s[k]:s[k + 1]]
+        np.testing.assert_array_equal(blocks[k], np.triu(D) + np.triu(D, 1).T)
+        if k:
+            np.testing.assert_array_equal(off[k], M[s[k - 1]:s[k], s[k]:s[k + 1]])
+    assert band.terms == lmi.max_entry_terms
