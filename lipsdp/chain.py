@@ -199,13 +199,23 @@ class BlockChain:
         upper = np.flatnonzero(cols >= rows)
         r, c = rows[upper], cols[upper]
         kr, kc = self.block_table[r], self.block_table[c]
-        if np.any(kc - kr > 1):
+        step = kc - kr
+        if np.any(step > 1):
             return None
+        same, ahead = self.band_rows
+        return upper, np.where(step == 0, same[r], ahead[r]) + c
+
+    @cached_property
+    def band_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per row index ``r`` in block ``k``: where ``(r, c)`` lands in the band buffer, minus ``c``, for a
+        column ``c`` in block ``k`` (first array) or in block ``k + 1`` (second)."""
         diag, off, _ = self.band_offsets
-        lr, lc = r - self.starts[kr], c - self.starts[kc]
-        same = kc == kr
-        index = np.where(same, diag[kc] + lr * self.sizes[kc], off[kc] + lr * self.sizes[kc]) + lc
-        return upper, index
+        k = self.block_table
+        local = np.arange(self.lmi.n) - self.starts[k]
+        same = diag[k] + local * self.sizes[k] - self.starts[k]
+        nxt = np.minimum(k + 1, self.nb - 1)  # the last block has no block after it (never used there)
+        ahead = off[nxt] + local * self.sizes[nxt] - self.starts[nxt]
+        return same, ahead
 
     def band_sum(self, where: tuple[np.ndarray, np.ndarray], weights: np.ndarray) -> np.ndarray:
         """The band buffer of the upper-triangle entries ``where`` (from :meth:`band_index`) weighted by
