@@ -139,17 +139,10 @@ class Lifting:
         """
         n0 = self.input_dim
         G = sp.vstack([P[:, :n0] for P in self.pre] + [self.output[:, :n0]]).tocsr()
-        G = G[np.flatnonzero(np.diff(G.indptr))]  # only rows that see the input (a chain: the first layer's)
-        if G.shape[0] < n0:
-            # Fewer rows than inputs: the row space from the small Gram G G^T (rows x rows), never the
-            # n0 x n0 input block: G G^T = V S V^T gives the orthonormal U = G^T V S^{-1/2}.
-            evals, evecs = accel.eigh((G @ G.T).toarray())
-            keep = evals > rtol * max(evals[-1], 1e-300) if len(evals) else evals > 0
-            U = np.asarray(G.T @ (evecs[:, keep] / np.sqrt(evals[keep])))[:, ::-1]
-        else:
-            evals, evecs = accel.eigh((G.T @ G).toarray())  # on the GPU when one is there (lipsdp.accel)
-            keep = evals > rtol * max(evals[-1], 1e-300)
-            U = evecs[:, keep][:, ::-1]
+        gram = (G.T @ G).toarray()
+        evals, evecs = accel.eigh(gram)  # on the GPU when one is there (lipsdp.accel)
+        keep = evals > rtol * max(evals[-1], 1e-300)
+        U = evecs[:, keep][:, ::-1]
         r = U.shape[1]
         if r >= n0:
             return self
