@@ -11,7 +11,9 @@ infeasible points and its objective can lie *below* the true optimum.  So:
 4. a **rigorous floating-point test** proves ``-M(rho_hat, y) > 0``: a shifted
    Cholesky factorisation with Higham's backward-error bound (Thm 10.3 of
    *Accuracy and Stability of Numerical Algorithms*) plus a bound on the error
-   of building ``M`` in floating point.
+   of building ``M`` in floating point.  On a layer chain both the repair and the
+   test run block by block along the chain (:class:`lipsdp.chain.Band`): time and
+   memory linear in the depth, never a dense ``n x n`` matrix.
 5. **Report** ``L = sqrt(rho_hat)`` rounded *up* to a float.
 
 If no candidate passes, there is no certificate and no number.
