@@ -26,7 +26,8 @@ Usage::
 
     python benchmarks/bench_trained.py --only mlp --sizes 16x2 16x8 64x3 --repeats 1
     python benchmarks/bench_trained.py --only cnn --net-limit 120
-    python benchmarks/bench_trained.py --profile 64x3      # cProfile of one certify call (top 25)
+    python benchmarks/bench_trained.py --profile 64x3      # cProfile of one certify call (top 30)
+    python benchmarks/bench_trained.py --compare results/trained/trained-before.json results/trained/trained-after.json
 
 Writes ``benchmarks/results/trained/trained.{md,json}`` (``--tag`` adds a suffix, e.g. ``before``).
 """
@@ -189,9 +190,28 @@ def row(name: str, runs: list[dict]) -> str:
     solve = t["solve"] or float("nan")
     bound = median(ok, "bound")
     frac = (t["build"] + t["verify"]) / t["total"] if t["total"] else float("nan")
-    return (f"| {name} | {ok[0]['lmi']} | {'%.6f' % bound if bound else 'not verified'} | {t['load']:.2f} "
+    return (f"| {name} | {ok[0]['lmi']} | {'%.9g' % bound if bound is not None else 'not verified'} | {t['load']:.2f} "
             f"| {t['build']:.2f} ({t['build'] / solve:.2f}) | {t['solve']:.2f} | {t['verify']:.2f} "
             f"({t['verify'] / solve:.2f}) | {t['total']:.2f} | {frac:.0%} | {median(ok, 'peak_gib'):.2f} |")
+
+
+def compare(before: Path, after: Path) -> str:
+    """A side-by-side markdown table of two result files (bounds, build + verify, totals)."""
+    a, b = (json.loads(Path(f).read_text())["results"] for f in (before, after))
+    lines = ["| net | bound before | bound after | same | build+verify before s | after s | total before s "
+             "| after s |", "|" + "---|" * 8]
+    for name in [n for n in a if n in b]:
+        ra, rb = ([r for r in x[name]["runs"] if "timings" in r] for x in (a, b))
+        if not ra or not rb:
+            lines.append(f"| {name} | {'ok' if ra else a[name]['runs'][0]['status']} "
+                         f"| {'ok' if rb else b[name]['runs'][0]['status']} | | | | | |")
+            continue
+        ba, bb = median(ra, "bound"), median(rb, "bound")
+        bv = [median(r, "timings", "build") + median(r, "timings", "verify") for r in (ra, rb)]
+        same = "yes" if ba == bb else ("tighter" if bb is not None and ba is not None and bb < ba else "NO")
+        lines.append(f"| {name} | {ba!r} | {bb!r} | {same} | {bv[0]:.2f} | {bv[1]:.2f} "
+                     f"| {median(ra, 'timings', 'total'):.2f} | {median(rb, 'timings', 'total'):.2f} |")
+    return "\n".join(lines)
 
 
 def profile(name: str, model_dir: Path, solver: str) -> None:
@@ -223,10 +243,15 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=HERE / "results" / "trained")
     p.add_argument("--tag", default="")
     p.add_argument("--profile", metavar="SIZE", help="cProfile one MLP certify call, e.g. 64x3")
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
+                   help="side-by-side table of two result JSON files (bounds must be the same or tighter)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args.worker, args.time_limit, args.solver)
+        return 0
+    if args.compare:
+        print(compare(*args.compare))
         return 0
     if args.profile:
         profile(f"mlp-{args.profile}", args.model_dir, args.solver)

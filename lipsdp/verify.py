@@ -35,6 +35,9 @@ from lipsdp.lmi import LMIProblem
 
 _U = 2.0 ** -53
 _SAFETY = 2.0
+#: Largest LMI (rows) tested densely when it is a chain: below it the dense factorisation is cheap
+#: (a few hundred Mflop) and the band's one-off index work over every term would not pay for itself.
+DENSE_MAX = 1024
 
 
 def _gamma(k: int) -> float:
@@ -97,7 +100,7 @@ def input_schur(lmi: LMIProblem, y: np.ndarray, band=None) -> np.ndarray | None:
     """
     x = np.concatenate([np.zeros(lmi.n_in), y])
     n0 = lmi.input_dim
-    band = band_of(lmi) if band is None else band
+    band = chosen_band(lmi) if band is None else band
     if band:
         diagonal, off = band.chain.band_blocks(-band.matrix(x))  # blocks of -M(0, y)
         Z = band_first_schur(diagonal, off)
@@ -139,6 +142,11 @@ def _repair_input(lmi: LMIProblem, lam: np.ndarray, y: np.ndarray, band=None) ->
     return lam + shift
 
 
+def chosen_band(lmi: LMIProblem) -> Band | None:
+    """The :class:`Band` the tests use by default: :func:`band_of` above :data:`DENSE_MAX` rows, else None."""
+    return band_of(lmi) if lmi.n > DENSE_MAX else None
+
+
 def band_of(lmi: LMIProblem) -> Band | None:
     """The :class:`Band` of ``lmi`` when ``M(x)`` is block-tridiagonal for every ``x`` with at least two
     blocks, else None (the dense test then runs).  Kept on the LMI: later tests reuse it."""
@@ -174,7 +182,7 @@ def _band_terms(lmi: LMIProblem, band: Band, x: np.ndarray, H: np.ndarray) -> tu
 
 def shift_needed(lmi: LMIProblem, x: np.ndarray, band: Band | None | bool = None) -> float:
     """The shift ``c`` the rigorous test of ``M(x)`` uses (what the input block needs as margin)."""
-    band = band_of(lmi) if band is None else band
+    band = chosen_band(lmi) if band is None else band
     if band:
         return _band_terms(lmi, band, x, -band.matrix(x))[1]
     return _error_terms(lmi, x, -lmi.matrix(x))[1]
@@ -192,8 +200,8 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray, band: Band | None
 
     On a layer chain the same test runs block by block along the chain
     (:func:`lipsdp.chain.band_cholesky`; docs/math.md §10): the same ``H``, shift and bound, in time
-    and memory linear in the depth.  ``band``: the chain's :class:`Band` (found when None; False
-    forces the dense factorisation).
+    and memory linear in the depth.  ``band``: the chain's :class:`Band` (None: :func:`chosen_band`;
+    False forces the dense factorisation).
 
     Returns
     -------
@@ -203,7 +211,7 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray, band: Band | None
     """
     n = lmi.n
     x = np.asarray(x, dtype=np.float64)
-    band = band_of(lmi) if band is None else (band or None)
+    band = chosen_band(lmi) if band is None else (band or None)
     if band is not None:
         Hb = -band.matrix(x)
         if not np.all(np.isfinite(Hb)):
@@ -304,7 +312,7 @@ def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
     if x.shape != (lmi.n_var,) or not np.all(np.isfinite(x)):
         return Verification(False, None, None, None, "float-cholesky", 0.0, 0.0,
                             "solver returned no finite multipliers", time.perf_counter() - t0)
-    band = band_of(lmi) or False  # the chain's blocks, found once for every test below
+    band = chosen_band(lmi) or False  # the chain's blocks, found once for every test below
     k = lmi.n_in
     lam0 = x[:k]
     y = x[k:].copy()

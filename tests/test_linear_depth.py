@@ -50,17 +50,18 @@ def largest_eig(lmi, x) -> float:
 @pytest.mark.parametrize("depth", [1, 3, 8])
 def test_blocked_test_rejects_a_chain_barely_not_negative_definite_at_the_input(depth):
     lmi = chain_lmi(depth, seed=depth)
-    assert band_of(lmi) is not None
+    band = band_of(lmi)
+    assert band is not None
     x = feasible(lmi)
     for rel in (1e-6, 1e-9):
         below = x.copy()
         below[0] *= 1 - rel  # rho under the repaired value: M has a positive eigenvalue
         assert largest_eig(lmi, below) > 0
-        assert not rigorous_negative_definite(lmi, below)[0]
+        assert not rigorous_negative_definite(lmi, below, band)[0]
         assert not rigorous_negative_definite(lmi, below, band=False)[0]
     above = x.copy()
     above[0] *= 1 + 1e-6
-    assert rigorous_negative_definite(lmi, above)[0] and rigorous_negative_definite(lmi, above, band=False)[0]
+    assert rigorous_negative_definite(lmi, above, band)[0] and rigorous_negative_definite(lmi, above, False)[0]
 
 
 @pytest.mark.parametrize("where", ["last", "middle"])
@@ -83,10 +84,13 @@ def test_blocked_test_rejects_a_defect_deep_in_the_chain(where):
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if largest_eig(lmi, at(mid)) >= 0 else (mid, hi)
+    band = band_of(lmi)
     bad = at(lo * (1 - 1e-9))
     assert largest_eig(lmi, bad) > 0
-    assert not rigorous_negative_definite(lmi, bad)[0]
-    assert input_schur(lmi, at(lo * 0.5)[1:]) is None or largest_eig(lmi, at(lo * 0.5)) > 0
+    assert not rigorous_negative_definite(lmi, bad, band)[0]
+    assert rigorous_negative_definite(lmi, at(1.0), band)[0]
+    worse = at(lo * 0.5)
+    assert largest_eig(lmi, worse) > 0 and not rigorous_negative_definite(lmi, worse, band)[0]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -96,10 +100,11 @@ def test_blocked_and_dense_verifiers_agree_on_random_chains(seed):
     activation = ["relu", "leaky_relu", "tanh"][seed % 3]
     norm = "linf" if seed == 5 else "l2"
     lmi = chain_lmi(depth, width, n0=int(rng.integers(2, 7)), seed=seed, activation=activation, norm=norm)
-    assert band_of(lmi) is not None
+    band = band_of(lmi)
+    assert band is not None
     found = chain_scales(lmi)
     y = found.x[lmi.n_in:] * rng.uniform(0.7, 1.3, size=lmi.n_var - lmi.n_in)
-    S_band, S_dense = input_schur(lmi, y), input_schur(lmi, y, band=False)
+    S_band, S_dense = input_schur(lmi, y, band), input_schur(lmi, y, band=False)
     assert (S_band is None) == (S_dense is None)
     if S_dense is None:
         return
@@ -107,7 +112,7 @@ def test_blocked_and_dense_verifiers_agree_on_random_chains(seed):
     top = float(np.linalg.eigvalsh(S_dense)[-1])
     for factor in (0.9, 1.0 - 1e-7, 1.0 + 1e-7, 1.1, 2.0):
         x = np.concatenate([np.full(lmi.n_in, max(top, 1e-12) * factor), y])
-        ok_b, c_b = rigorous_negative_definite(lmi, x)
+        ok_b, c_b = rigorous_negative_definite(lmi, x, band)
         ok_d, c_d = rigorous_negative_definite(lmi, x, band=False)
         assert ok_b == ok_d
         if ok_b:
@@ -116,11 +121,11 @@ def test_blocked_and_dense_verifiers_agree_on_random_chains(seed):
 
 
 def _peak_bytes(lmi, x) -> int:
-    band_of(lmi)  # the once-per-LMI index work is not what grows per test
+    band = band_of(lmi)  # the once-per-LMI index work is not what grows per test
     tracemalloc.start()
     try:
-        assert rigorous_negative_definite(lmi, x)[0]
-        best_rho(lmi, x[1:])
+        assert rigorous_negative_definite(lmi, x, band)[0]
+        best_rho(lmi, x[1:], band)
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -154,7 +159,10 @@ def spectral_mlp(widths, seed=0) -> nn.Sequential:
     return nn.Sequential(*layers[:-1]).double().eval()
 
 
-def test_certified_deep_leaky_mlp_keeps_the_sandwich():
+def test_certified_deep_leaky_mlp_keeps_the_sandwich(monkeypatch):
+    import lipsdp.verify as V
+
+    monkeypatch.setattr(V, "DENSE_MAX", 0)  # the blocked test, as on large chains
     model = spectral_mlp([20] + [8] * 12 + [4], seed=1)
     cert = lipsdp.certify(model, lower_bound_samples=64)
     assert cert.verified
@@ -167,6 +175,7 @@ def test_certified_deep_leaky_mlp_keeps_the_sandwich():
 def test_verify_takes_the_blocked_path_on_chains(monkeypatch):
     import lipsdp.verify as V
 
+    monkeypatch.setattr(V, "DENSE_MAX", 0)  # small chains are tested densely by default
     calls = []
     real = V.band_cholesky
     monkeypatch.setattr(V, "band_cholesky", lambda *a: calls.append(1) or real(*a))
