@@ -360,6 +360,8 @@ class Band:
     chain : BlockChain
     terms : int
         The most terms that add up into one entry (``max_entry_terms``, counted on the band).
+    inner : int
+        The most terms of one inner product of the block Cholesky factorisation (``n`` for the dense one).
     ok : bool
         Whether every part of ``M`` and its error bound lies on the band.
     """
@@ -383,6 +385,10 @@ class Band:
             self.lift = lift.matrix(vals)
         if self.const is None or self.const_abs is None:
             return
+        s = chain.sizes
+        #: The longest inner product of the block Cholesky recurrence (docs/math.md §10): an entry of block
+        #: row ``k`` sums over blocks ``k-1`` and ``k`` only, whatever the depth.
+        self.inner = int(max(s[0], (s[:-1] + s[1:]).max(initial=0)))
         diag, _, total = chain.band_offsets
         self.diagonal = np.concatenate([diag[k] + np.arange(s) * (s + 1) for k, s in enumerate(chain.sizes)])
         # Frobenius weights: an off-diagonal place stands for two entries of the symmetric matrix.

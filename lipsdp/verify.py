@@ -173,11 +173,12 @@ def _error_terms(lmi: LMIProblem, x: np.ndarray, H: np.ndarray) -> tuple[float, 
 
 
 def _band_terms(lmi: LMIProblem, band: Band, x: np.ndarray, H: np.ndarray) -> tuple[float, float]:
-    """:func:`_error_terms` on the band buffer ``H`` of ``-M(x)``: the same ``K``, norms and shift."""
+    """:func:`_error_terms` on the band buffer ``H`` of ``-M(x)``: the same ``K`` and norms; the shift with
+    ``gamma`` of the block factorisation's longest inner product (``Band.inner``) instead of ``n``."""
     delta = band.error(x, 2.0 * _gamma(band.terms + lmi.const_terms + 8))
     delta_f = float(np.sqrt(np.dot(band.weight, delta * delta))) * _SAFETY
     tr = float(np.abs(H[band.diagonal]).sum())
-    return delta_f, 2.0 * (_gamma(lmi.n + 1) * tr + delta_f) * _SAFETY + np.finfo(float).tiny
+    return delta_f, 2.0 * (_gamma(band.inner + 1) * tr + delta_f) * _SAFETY + np.finfo(float).tiny
 
 
 def shift_needed(lmi: LMIProblem, x: np.ndarray, band: Band | None | bool = None) -> float:
@@ -199,8 +200,9 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray, band: Band | None
     The error terms are doubled for safety (docs/math.md §10).
 
     On a layer chain the same test runs block by block along the chain
-    (:func:`lipsdp.chain.band_cholesky`; docs/math.md §10): the same ``H``, shift and bound, in time
-    and memory linear in the depth.  ``band``: the chain's :class:`Band` (None: :func:`chosen_band`;
+    (:func:`lipsdp.chain.band_cholesky`; docs/math.md §10): the same ``H`` and bound, with
+    ``gamma_{m+1}`` for ``m`` the longest inner product of the block factorisation (two neighbouring
+    blocks) in place of ``gamma_{n+1}``, in time and memory linear in the depth.  ``band``: the chain's :class:`Band` (None: :func:`chosen_band`;
     False forces the dense factorisation).
 
     Returns
@@ -221,6 +223,7 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray, band: Band | None
         if fro2 is None:
             return False, 0.0
         max_diag = float(np.abs(Hb[band.diagonal]).max())
+        inner = band.inner  # Higham's gamma needs the longest inner product: two blocks, not n
     else:
         H = -lmi.matrix(x)
         if not np.all(np.isfinite(H)):
@@ -232,8 +235,8 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray, band: Band | None
             Rf = sla.cholesky(Hs, lower=False, check_finite=False)
         except sla.LinAlgError:
             return False, 0.0
-        fro2, max_diag = float(np.sum(Rf * Rf)), float(np.abs(np.diag(H)).max())
-    rhs = (_gamma(n + 1) * fro2 + delta_f + 4.0 * _U * (max_diag + c)) * _SAFETY
+        fro2, max_diag, inner = float(np.sum(Rf * Rf)), float(np.abs(np.diag(H)).max()), n
+    rhs = (_gamma(inner + 1) * fro2 + delta_f + 4.0 * _U * (max_diag + c)) * _SAFETY
     return bool(c > rhs), (c if c > rhs else 0.0)
 
 

@@ -114,10 +114,12 @@ def test_blocked_and_dense_verifiers_agree_on_random_chains(seed):
         x = np.concatenate([np.full(lmi.n_in, max(top, 1e-12) * factor), y])
         ok_b, c_b = rigorous_negative_definite(lmi, x, band)
         ok_d, c_d = rigorous_negative_definite(lmi, x, band=False)
-        assert ok_b == ok_d
+        assert ok_b or not ok_d  # the blocked test proves at least what the dense one proves
+        if factor < 1:
+            assert not ok_b  # rho below the Schur complement's top eigenvalue: M is not negative definite
         if ok_b:
-            assert c_b == pytest.approx(c_d, rel=1e-6)
             assert largest_eig(lmi, x) < 0
+            assert c_b <= c_d * (1 + 1e-12) or not ok_d  # its shift: gamma of two blocks, not of n
 
 
 def _peak_bytes(lmi, x) -> int:
