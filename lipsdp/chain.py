@@ -332,19 +332,22 @@ class BandMap:
         self.ok = found is not None
         if not self.ok:
             return
-        self.upper, index = found
+        upper, index = found
         total = chain.band_offsets[2]
         self.counts = np.bincount(index, minlength=total)
         # The CSR of places by variables, each place's entries in their original order (a stable sort;
-        # scipy's own conversion would merge duplicates and change the sums).
-        self.perm = np.argsort(index, kind="stable")
-        self.indices = np.asarray(var, dtype=np.int64)[self.upper][self.perm]
-        self.indptr = np.concatenate([[0], np.cumsum(self.counts)])
+        # scipy's own conversion would merge duplicates and change the sums).  ``sel``: the COO entry
+        # behind each CSR entry.
+        self.sel = upper[np.argsort(index, kind="stable")]
+        del upper, index
+        itype = np.int32 if max(n_var, len(self.sel)) < 2**31 - 1 else np.int64
+        self.indices = np.asarray(var)[self.sel].astype(itype)
+        self.indptr = np.concatenate([[0], np.cumsum(self.counts)]).astype(itype)
         self.shape = (total, n_var)
 
     def matrix(self, vals: np.ndarray) -> sp.csr_matrix:
         """The map for term values ``vals`` (one per COO entry, both triangles)."""
-        data = np.asarray(vals, dtype=np.float64)[self.upper][self.perm]
+        data = np.asarray(vals, dtype=np.float64)[self.sel]
         return sp.csr_matrix((data, self.indices, self.indptr), shape=self.shape)
 
 
@@ -372,7 +375,8 @@ class Band:
         entries = band_map(chain, lmi.rows, lmi.cols, lmi.var, lmi.n_var)
         if not entries.ok:
             return
-        self.G, self.G_abs = entries.matrix(lmi.vals), entries.matrix(np.abs(lmi.vals))
+        self.G = entries.matrix(lmi.vals)
+        self.G_abs = sp.csr_matrix((np.abs(self.G.data), self.G.indices, self.G.indptr), shape=self.G.shape)
         self.terms = int(entries.counts.max(initial=0))
         self.const, self.const_abs = self._constant(lmi.const), self._constant(lmi.const_abs)
         self.lift = self.lift_const = None
