@@ -36,6 +36,10 @@ if TYPE_CHECKING:  # only read, never built here; importing lmi would pull the l
     from lipsdp.lmi import LMIProblem
 
 
+#: Terms handled at once by :meth:`BlockChain.band_index`.
+_CHUNK = 1 << 22
+
+
 class BlockChain:
     """The blocks of an :class:`~lipsdp.lmi.LMIProblem` and how its terms sit on them.
 
@@ -197,13 +201,16 @@ class BlockChain:
         (:attr:`band_offsets`), or None when some entry lies outside the band (no chain)."""
         rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
         upper = np.flatnonzero(cols >= rows)
-        r, c = rows[upper], cols[upper]
-        kr, kc = self.block_table[r], self.block_table[c]
-        step = kc - kr
-        if np.any(step > 1):
-            return None
+        index = np.empty(len(upper), dtype=np.int64)
         same, ahead = self.band_rows
-        return upper, np.where(step == 0, same[r], ahead[r]) + c
+        for a in range(0, len(upper), _CHUNK):  # in chunks: the temporaries stay small
+            u = upper[a:a + _CHUNK]
+            r, c = rows[u], cols[u]
+            step = self.block_table[c] - self.block_table[r]
+            if np.any(step > 1):
+                return None
+            index[a:a + len(u)] = np.where(step == 0, same[r], ahead[r]) + c
+        return upper, index
 
     @cached_property
     def band_rows(self) -> tuple[np.ndarray, np.ndarray]:
