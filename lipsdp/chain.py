@@ -320,18 +320,11 @@ class BandMap:
     """``x -> `` the band buffer of ``sum_j x_j M_j`` (upper triangle) as one sparse matrix, band places by
     variables, for COO terms ``(rows, cols, var)`` on the band of ``chain``.
 
-    Built once per LMI (a counting sort of the terms into places, linear in their number); each
-    evaluation is then one sparse product in which every place adds its terms one after another in
-    entry order, exactly as :meth:`~lipsdp.lmi.LMIProblem.matrix` does (so the same ``K`` of
-    docs/math.md §10 holds; duplicates are kept, never merged).
-
-    Attributes
-    ----------
-    ok : bool
-        False when some term lies outside the band (then nothing else is set).
-    counts : ndarray of int
-        Terms per band place (both triangles' terms at a place are the same, so this is the
-        ``K`` of :attr:`~lipsdp.lmi.LMIProblem.max_entry_terms`).
+    Built once per LMI (a stable sort of the terms into places); each evaluation is one sparse product
+    in which every place adds its terms one after another in entry order, as
+    :meth:`~lipsdp.lmi.LMIProblem.matrix` does (the same floats and ``K``, docs/math.md §10).
+    ``ok`` is False when some term lies outside the band; ``counts`` holds the terms per place (the
+    ``K`` of :attr:`~lipsdp.lmi.LMIProblem.max_entry_terms`: both triangles' terms at a place agree).
     """
 
     def __init__(self, chain: BlockChain, rows, cols, var, n_var: int):

@@ -189,7 +189,8 @@ def shift_needed(lmi: LMIProblem, x: np.ndarray, band: Band | None | bool = None
     return _error_terms(lmi, x, -lmi.matrix(x))[1]
 
 
-def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray, band: Band | None | bool = None) -> tuple[bool, float]:
+def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray,
+                               band: Band | None | bool = None) -> tuple[bool, float]:
     """Prove that the exact ``M(x)`` is negative definite, or fail.
 
     ``H = -M(x)`` is built in float64; its construction error is bounded
@@ -202,8 +203,8 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray, band: Band | None
     On a layer chain the same test runs block by block along the chain
     (:func:`lipsdp.chain.band_cholesky`; docs/math.md §10): the same ``H`` and bound, with
     ``gamma_{m+1}`` for ``m`` the longest inner product of the block factorisation (two neighbouring
-    blocks) in place of ``gamma_{n+1}``, in time and memory linear in the depth.  ``band``: the chain's :class:`Band` (None: :func:`chosen_band`;
-    False forces the dense factorisation).
+    blocks) in place of ``gamma_{n+1}``, in time and memory linear in the depth.  ``band``: the
+    chain's :class:`Band` (None: :func:`chosen_band`; False forces the dense factorisation).
 
     Returns
     -------
