@@ -152,9 +152,12 @@ def band_of(lmi: LMIProblem) -> Band | None:
     blocks, else None (the dense test then runs).  Kept on the LMI: later tests reuse it."""
     if len(lmi.blocks) < 2:
         return None
+    # Like LMIProblem's cached properties, valid while its arrays are not replaced (nothing edits them
+    # in place); a replaced array means a new Band.
+    parts = (lmi.rows, lmi.cols, lmi.var, lmi.vals, lmi.const, lmi.const_abs, lmi.lift_err)
     cached = lmi.__dict__.get("_band")
-    if cached is None or cached[0] is not lmi.vals:
-        cached = (lmi.vals, Band(lmi))
+    if cached is None or any(a is not b for a, b in zip(cached[0], parts)):
+        cached = (parts, Band(lmi))
         lmi.__dict__["_band"] = cached
     return cached[1] if cached[1].ok else None
 
