@@ -150,7 +150,7 @@ def chosen_band(lmi: LMIProblem) -> Band | None:
 def band_of(lmi: LMIProblem) -> Band | None:
     """The :class:`Band` of ``lmi`` when ``M(x)`` is block-tridiagonal for every ``x`` with at least two
     blocks, else None (the dense test then runs).  Kept on the LMI: later tests reuse it."""
-    if len(lmi.blocks) < 2:
+    if len(lmi.blocks) < 2 or any(b.size == 0 for b in lmi.blocks):
         return None
     # Like LMIProblem's cached properties, valid while its arrays are not replaced (nothing edits them
     # in place); a replaced array means a new Band.
