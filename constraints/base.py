@@ -111,16 +111,28 @@ def outer_terms(A: sp.csr_matrix, B: sp.csr_matrix, coef: np.ndarray, mult: np.n
     if total == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0), empty
-    row = np.repeat(np.arange(A.shape[0]), cnt)
-    local = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    kb_r = kb[row]
-    ia = A.indptr[row] + local // kb_r
-    ib = B.indptr[row] + local % kb_r
-    r, c = A.indices[ia], B.indices[ib]
-    v = coef[row] * A.data[ia] * B.data[ib]
-    m = np.asarray(mult)[row]
-    return (np.concatenate([r, c]).astype(np.int64), np.concatenate([c, r]).astype(np.int64),
-            np.concatenate([v, v]), np.concatenate([m, m]).astype(np.int64))
+    if np.all(ka == ka[0]) and np.all(kb == kb[0]):
+        # Every row with the same number of entries (a dense layer's rows): the products by broadcasting,
+        # in the order (and with the roundings) of the general path below, without its index arrays.
+        rows = np.flatnonzero(keep)
+        ai, ad = A.indices.reshape(-1, ka[0])[rows], A.data.reshape(-1, ka[0])[rows]
+        bi, bd = B.indices.reshape(-1, kb[0])[rows], B.data.reshape(-1, kb[0])[rows]
+        shape = (len(rows), ka[0], kb[0])
+        r = np.broadcast_to(ai[:, :, None], shape).ravel()
+        c = np.broadcast_to(bi[:, None, :], shape).ravel()
+        v = ((coef[rows][:, None] * ad)[:, :, None] * bd[:, None, :]).ravel()
+        m = np.repeat(np.asarray(mult)[rows], ka[0] * kb[0])
+    else:
+        row = np.repeat(np.arange(A.shape[0]), cnt)
+        local = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        kb_r = kb[row]
+        ia = A.indptr[row] + local // kb_r
+        ib = B.indptr[row] + local % kb_r
+        r, c = A.indices[ia], B.indices[ib]
+        v = coef[row] * A.data[ia] * B.data[ib]
+        m = np.asarray(mult)[row]
+    return (np.concatenate([r, c], dtype=np.int64), np.concatenate([c, r], dtype=np.int64),
+            np.concatenate([v, v]), np.concatenate([m, m], dtype=np.int64))
 
 
 class QuadraticConstraint:

@@ -174,6 +174,17 @@ class LMIProblem:
         x = np.asarray(x, dtype=np.float64)
         return self._coo_matrix(self.vals, x) + self.const.toarray()
 
+    @cached_property
+    def _diagonal_entries(self) -> np.ndarray:
+        return np.flatnonzero(self.rows == self.cols)
+
+    def diagonal(self, x: np.ndarray) -> np.ndarray:
+        """The diagonal of ``M(x)`` without forming the matrix (linear in the number of terms)."""
+        d = self._diagonal_entries
+        x = np.asarray(x, dtype=np.float64)
+        return np.bincount(self.rows[d], weights=self.vals[d] * x[self.var[d]], minlength=self.n) + \
+            self.const.diagonal()
+
     def abs_matrix(self, x: np.ndarray) -> np.ndarray:
         """Entrywise ``sum |x_j| |M_j| + |C|^T |C|``: what rounding errors scale with."""
         x = np.abs(np.asarray(x, dtype=np.float64))
@@ -345,16 +356,29 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
             parts.err.append(_constraint_error(qc, op, P, lifting.pre_err[k - 1], Q, formulation, offset))
     objective = np.zeros(len(parts.labels))
     objective[:n_in] = 1.0
+    coo = [_joined(parts.rows, np.int64), _joined(parts.cols, np.int64), _joined(parts.vals, np.float64),
+           _joined(parts.var, np.int64)]
     return LMIProblem(
         n=n, input_dim=n0, const=(C.T @ C).tocsr(), const_abs=(abs(C).T @ abs(C)).tocsr(),
-        rows=np.concatenate(parts.rows).astype(np.int64), cols=np.concatenate(parts.cols).astype(np.int64),
-        vals=np.concatenate(parts.vals), var=np.concatenate(parts.var).astype(np.int64),
+        rows=coo[0], cols=coo[1], vals=coo[2], var=coo[3],
         objective=objective, nonneg=np.array(parts.nonneg, dtype=bool), labels=parts.labels,
         formulation=formulation, blocks=list(lifting.blocks), const_terms=max(C.shape[0], 1),
         lift_err=None if lift_exact else _lift_error(C, C_err, parts.err),
         var_block=np.array(parts.var_block, dtype=np.int64), norm=norm, n_in=n_in,
         factors=None if parts.factors is None else _stack_factors(parts.factors, n),
     )
+
+
+def _joined(pieces: list, dtype) -> np.ndarray:
+    """The pieces concatenated, each released as soon as it is copied (a wide first layer's terms are
+    gigabytes: holding the pieces and the whole at once would double the build's peak)."""
+    out = np.empty(sum(len(p) for p in pieces), dtype=dtype)
+    at = 0
+    while pieces:
+        p = pieces.pop(0)
+        out[at:at + len(p)] = p
+        at += len(p)
+    return out
 
 
 def _stack_factors(factors, n):

@@ -11,7 +11,9 @@ infeasible points and its objective can lie *below* the true optimum.  So:
 4. a **rigorous floating-point test** proves ``-M(rho_hat, y) > 0``: a shifted
    Cholesky factorisation with Higham's backward-error bound (Thm 10.3 of
    *Accuracy and Stability of Numerical Algorithms*) plus a bound on the error
-   of building ``M`` in floating point.
+   of building ``M`` in floating point.  On a layer chain both the repair and the
+   test run block by block along the chain (:class:`lipsdp.chain.Band`): time and
+   memory linear in the depth, never a dense ``n x n`` matrix.
 5. **Report** ``L = sqrt(rho_hat)`` rounded *up* to a float.
 
 If no candidate passes, there is no certificate and no number.
@@ -26,11 +28,16 @@ from fractions import Fraction
 
 import numpy as np
 import scipy.linalg as sla
+import scipy.sparse as sp
 
+from lipsdp.chain import Band, band_cholesky, band_first_schur
 from lipsdp.lmi import LMIProblem
 
 _U = 2.0 ** -53
 _SAFETY = 2.0
+#: Largest LMI (rows) tested densely when it is a chain: below it the dense factorisation is cheap
+#: (a few hundred Mflop) and the band's one-off index work over every term would not pay for itself.
+DENSE_MAX = 1024
 
 
 def _gamma(k: int) -> float:
@@ -83,15 +90,22 @@ def round_up_sqrt(rho) -> float:
     return L
 
 
-def input_schur(lmi: LMIProblem, y: np.ndarray) -> np.ndarray | None:
+def input_schur(lmi: LMIProblem, y: np.ndarray, band=None) -> np.ndarray | None:
     """``S = P - Q R^{-1} Q^T`` of ``M(0, y)`` on the input block, or None unless ``R < 0``.
 
     ``M(in, y) <= 0`` iff ``R < 0`` and the input-block term dominates ``S``:
-    ``rho I >= S`` (l2) or ``diag(lambda_in) >= S`` (l_inf).
+    ``rho I >= S`` (l2) or ``diag(lambda_in) >= S`` (l_inf).  On a layer chain (``band``, or
+    :func:`band_of` when omitted) ``R`` is eliminated block by block from the last one
+    (:func:`lipsdp.chain.band_first_schur`): linear in the depth, no dense ``n x n`` matrix.
     """
     x = np.concatenate([np.zeros(lmi.n_in), y])
-    M0 = lmi.matrix(x)
     n0 = lmi.input_dim
+    band = chosen_band(lmi) if band is None else band
+    if band:
+        diagonal, off = band.chain.band_blocks(-band.matrix(x))  # blocks of -M(0, y)
+        Z = band_first_schur(diagonal, off)
+        return None if Z is None else -diagonal[0] + Z.T @ Z
+    M0 = lmi.matrix(x)
     P = M0[:n0, :n0]
     if lmi.n == n0:
         return P
@@ -103,29 +117,49 @@ def input_schur(lmi: LMIProblem, y: np.ndarray) -> np.ndarray | None:
     return P + Z.T @ Z
 
 
-def best_rho(lmi: LMIProblem, y: np.ndarray) -> float | None:
+def best_rho(lmi: LMIProblem, y: np.ndarray, band=None) -> float | None:
     """Smallest ``rho`` with ``M(rho, y) <= 0`` (in floating point), or None if no ``rho`` works.
 
     ``y`` holds the multipliers (variables ``1:``); ``rho`` is variable 0.
     """
-    S = input_schur(lmi, y)
+    S = input_schur(lmi, y, band)
     if S is None:
         return None
     n0 = S.shape[0]
     return max(float(sla.eigvalsh(S, subset_by_index=[n0 - 1, n0 - 1])[0]), 0.0)
 
 
-def _repair_input(lmi: LMIProblem, lam: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+def _repair_input(lmi: LMIProblem, lam: np.ndarray, y: np.ndarray, band=None) -> np.ndarray | None:
     """Smallest input variables (``[rho]`` or ``lambda_in``, starting from ``lam``) that make ``M <= 0``."""
     if lmi.n_in == 1:
-        rho = best_rho(lmi, y)
+        rho = best_rho(lmi, y, band)
         return None if rho is None else np.array([rho])
-    S = input_schur(lmi, y)
+    S = input_schur(lmi, y, band)
     if S is None:
         return None
     lam = np.maximum(lam, 0.0)
     shift = max(float(sla.eigvalsh(S - np.diag(lam))[-1]), 0.0)
     return lam + shift
+
+
+def chosen_band(lmi: LMIProblem) -> Band | None:
+    """The :class:`Band` the tests use by default: :func:`band_of` above :data:`DENSE_MAX` rows, else None."""
+    return band_of(lmi) if lmi.n > DENSE_MAX else None
+
+
+def band_of(lmi: LMIProblem) -> Band | None:
+    """The :class:`Band` of ``lmi`` when ``M(x)`` is block-tridiagonal for every ``x`` with at least two
+    blocks, else None (the dense test then runs).  Kept on the LMI: later tests reuse it."""
+    if len(lmi.blocks) < 2 or any(b.size == 0 for b in lmi.blocks):
+        return None
+    # Like LMIProblem's cached properties, valid while its arrays are not replaced (nothing edits them
+    # in place); a replaced array means a new Band.
+    parts = (lmi.rows, lmi.cols, lmi.var, lmi.vals, lmi.const, lmi.const_abs, lmi.lift_err)
+    cached = lmi.__dict__.get("_band")
+    if cached is None or any(a is not b for a, b in zip(cached[0], parts)):
+        cached = (parts, Band(lmi))
+        lmi.__dict__["_band"] = cached
+    return cached[1] if cached[1].ok else None
 
 
 def _error_terms(lmi: LMIProblem, x: np.ndarray, H: np.ndarray) -> tuple[float, float]:
@@ -141,7 +175,25 @@ def _error_terms(lmi: LMIProblem, x: np.ndarray, H: np.ndarray) -> tuple[float, 
     return delta_f, c
 
 
-def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray) -> tuple[bool, float]:
+def _band_terms(lmi: LMIProblem, band: Band, x: np.ndarray, H: np.ndarray) -> tuple[float, float]:
+    """:func:`_error_terms` on the band buffer ``H`` of ``-M(x)``: the same ``K`` and norms; the shift with
+    ``gamma`` of the block factorisation's longest inner product (``Band.inner``) instead of ``n``."""
+    delta = band.error(x, 2.0 * _gamma(band.terms + lmi.const_terms + 8))
+    delta_f = float(np.sqrt(np.dot(band.weight, delta * delta))) * _SAFETY
+    tr = float(np.abs(H[band.diagonal]).sum())
+    return delta_f, 2.0 * (_gamma(band.inner + 1) * tr + delta_f) * _SAFETY + np.finfo(float).tiny
+
+
+def shift_needed(lmi: LMIProblem, x: np.ndarray, band: Band | None | bool = None) -> float:
+    """The shift ``c`` the rigorous test of ``M(x)`` uses (what the input block needs as margin)."""
+    band = chosen_band(lmi) if band is None else band
+    if band:
+        return _band_terms(lmi, band, x, -band.matrix(x))[1]
+    return _error_terms(lmi, x, -lmi.matrix(x))[1]
+
+
+def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray,
+                               band: Band | None | bool = None) -> tuple[bool, float]:
     """Prove that the exact ``M(x)`` is negative definite, or fail.
 
     ``H = -M(x)`` is built in float64; its construction error is bounded
@@ -151,6 +203,12 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray) -> tuple[bool, fl
     whenever ``c > gamma_{n+1} ||R||_F^2 + ||Delta||_F + 4u(max H_ii + c)``.
     The error terms are doubled for safety (docs/math.md §10).
 
+    On a layer chain the same test runs block by block along the chain
+    (:func:`lipsdp.chain.band_cholesky`; docs/math.md §10): the same ``H`` and bound, with
+    ``gamma_{m+1}`` for ``m`` the longest inner product of the block factorisation (two neighbouring
+    blocks) in place of ``gamma_{n+1}``, in time and memory linear in the depth.  ``band``: the
+    chain's :class:`Band` (None: :func:`chosen_band`; False forces the dense factorisation).
+
     Returns
     -------
     ok : bool
@@ -158,22 +216,35 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray) -> tuple[bool, fl
         The proven shift (0 when not proven).
     """
     n = lmi.n
-    H = -lmi.matrix(x)
-    if not np.all(np.isfinite(H)):
-        return False, 0.0
-    delta_f, c = _error_terms(lmi, x, H)
-    g = _gamma(n + 1)
-    Hs = H.copy()
-    Hs[np.diag_indices(n)] -= c
-    try:
-        Rf = sla.cholesky(Hs, lower=False, check_finite=False)
-    except sla.LinAlgError:
-        return False, 0.0
-    rhs = (g * float(np.sum(Rf * Rf)) + delta_f + 4.0 * _U * (float(np.abs(np.diag(H)).max()) + c)) * _SAFETY
+    x = np.asarray(x, dtype=np.float64)
+    band = chosen_band(lmi) if band is None else (band or None)
+    if band is not None:
+        Hb = -band.matrix(x)
+        if not np.all(np.isfinite(Hb)):
+            return False, 0.0
+        delta_f, c = _band_terms(lmi, band, x, Hb)
+        fro2 = band_cholesky(*band.chain.band_blocks(Hb), c)
+        if fro2 is None:
+            return False, 0.0
+        max_diag = float(np.abs(Hb[band.diagonal]).max())
+        inner = band.inner  # Higham's gamma needs the longest inner product: two blocks, not n
+    else:
+        H = -lmi.matrix(x)
+        if not np.all(np.isfinite(H)):
+            return False, 0.0
+        delta_f, c = _error_terms(lmi, x, H)
+        Hs = H.copy()
+        Hs[np.diag_indices(n)] -= c
+        try:
+            Rf = sla.cholesky(Hs, lower=False, check_finite=False)
+        except sla.LinAlgError:
+            return False, 0.0
+        fro2, max_diag, inner = float(np.sum(Rf * Rf)), float(np.abs(np.diag(H)).max()), n
+    rhs = (_gamma(inner + 1) * fro2 + delta_f + 4.0 * _U * (max_diag + c)) * _SAFETY
     return bool(c > rhs), (c if c > rhs else 0.0)
 
 
-def _lowest_passing(lmi, prepared, etas, max_inflation, v, k, t0, fast=False):
+def _lowest_passing(lmi, prepared, etas, max_inflation, v, k, t0, fast=False, band=None):
     """The lowest bound among the candidates, each at the smallest inflation in ``etas`` where it
     passes, or None.
 
@@ -189,7 +260,7 @@ def _lowest_passing(lmi, prepared, etas, max_inflation, v, k, t0, fast=False):
     def attempt(lam, yc, c_needed, eta):
         lam_hat = lam * (1.0 + eta) + 4.0 * c_needed
         xc = np.concatenate([lam_hat, yc])
-        ok, c = rigorous_negative_definite(lmi, xc)
+        ok, c = rigorous_negative_definite(lmi, xc, band)
         if not ok:
             return None
         return sum((Fraction(a) * Fraction(b) for a, b in zip(lam_hat, v[:k])), Fraction(0)), xc, c, eta
@@ -248,6 +319,7 @@ def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
     if x.shape != (lmi.n_var,) or not np.all(np.isfinite(x)):
         return Verification(False, None, None, None, "float-cholesky", 0.0, 0.0,
                             "solver returned no finite multipliers", time.perf_counter() - t0)
+    band = chosen_band(lmi) or False  # the chain's blocks, found once for every test below
     k = lmi.n_in
     lam0 = x[:k]
     y = x[k:].copy()
@@ -268,23 +340,23 @@ def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
     for floor, s, graded in trials[:candidates]:
         yc = y * s * (1.0 + graded) ** (depth - blocks)
         yc[nn] += floor * scale
-        lam = _repair_input(lmi, lam0 * s, yc)
+        lam = _repair_input(lmi, lam0 * s, yc, band)
         if lam is None:
             continue
         # The input block needs a margin above the test's shift c; when rho(T) is tiny
         # (a nearly constant network) that absolute margin matters more than eta.
         x0 = np.concatenate([lam, yc])
-        prepared.append((lam, yc, _error_terms(lmi, x0, -lmi.matrix(x0))[1]))
+        prepared.append((lam, yc, shift_needed(lmi, x0, band)))
         if len(prepared) == 1:
             message = "the rigorous test failed at every inflation"
             # Most points pass with the first candidate at a tiny inflation: try that before the rest.
             found = _lowest_passing(lmi, prepared, [e for e in etas if e <= 1e-4], max_inflation, v, k, t0,
-                                    fast=True)
+                                    fast=True, band=band)
             if found is not None:
                 return found
     # Otherwise the lowest bound any candidate gives (ill-conditioned nets, e.g. deep ones, need
     # 1e-4..1e-3 with some candidates and less with others).
-    found = _lowest_passing(lmi, prepared, etas, max_inflation, v, k, t0)
+    found = _lowest_passing(lmi, prepared, etas, max_inflation, v, k, t0, band=band)
     if found is not None:
         return found
     return Verification(False, None, None, None, "float-cholesky", 0.0, 0.0, message, time.perf_counter() - t0)
@@ -316,7 +388,7 @@ def verify_balanced(lmi: LMIProblem, x: np.ndarray, *, scale: np.ndarray | None 
 def balanced_scales(lmi: LMIProblem, x: np.ndarray) -> tuple[np.ndarray, float]:
     """``(block_scale, total)`` for :meth:`~lipsdp.lmi.LMIProblem.preconditioned` that bring the
     median diagonal entry of every block of ``M(x)`` to about that of the input block."""
-    diag = np.abs(np.diag(lmi.matrix(x)))
+    diag = np.abs(lmi.diagonal(x))
     mags = []
     for b in lmi.blocks:
         d = diag[b.start:b.start + b.size]
