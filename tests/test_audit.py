@@ -16,7 +16,7 @@ plain MLPs), loaded with :func:`lipsdp.io.load_network` and certified.  Then eit
   torch model (autograd Jacobians in float64, and difference quotients of close pairs, which see jumps)
   <= the certified bound <= the trivial bound; a run that verifies nothing returns no bound.
 
-The default run draws ``LIPSDP_AUDIT_EXAMPLES`` models (default 150); ``-m slow`` draws 2,000 (derandomized,
+The default run draws ``LIPSDP_AUDIT_EXAMPLES`` models (default 100); ``-m slow`` draws 2,000 (derandomized,
 so the same models every run).  ``LIPSDP_AUDIT_REPORT=path.json`` writes the tallies (models tried,
 refused, certified, the smallest ratio bound / lower bound, time).
 """
@@ -44,7 +44,7 @@ import lipsdp  # noqa: E402
 from lipsdp.errors import UnsupportedLayerError  # noqa: E402
 from lipsdp.io import load_network  # noqa: E402
 
-EXAMPLES = int(os.environ.get("LIPSDP_AUDIT_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("LIPSDP_AUDIT_EXAMPLES", "100"))
 TIME_LIMIT = float(os.environ.get("LIPSDP_AUDIT_TIME_LIMIT", "3"))     # seconds per certification
 SLOW_EXAMPLES = int(os.environ.get("LIPSDP_AUDIT_SLOW_EXAMPLES", "2000"))
 # No shrinking: one audit step costs up to a second, and the failing model's draw is printed as it is.

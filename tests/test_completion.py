@@ -176,6 +176,7 @@ def test_without_a_start_the_dense_ipm_solves():
     assert cert.bound == pytest.approx(ipm.bound, rel=1e-6)
 
 
+@pytest.mark.slow  # about 11 s
 def test_auto_uses_it_on_chains_with_a_start():
     if get_backend("auto").name == "mosek":
         pytest.skip("a licensed MOSEK comes first")

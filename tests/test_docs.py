@@ -147,7 +147,12 @@ def test_readme_links_every_page():
         assert f"docs/{page.name}" in readme, f"README does not link docs/{page.name}"
 
 
-@pytest.mark.parametrize("path", PAGES, ids=_ids(PAGES))
+#: Pages whose runnable blocks take over ~10 s: CI's ``-m slow`` step runs them on every landing.
+SLOW_PAGES = {"robustness.md", "certificates.md"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_PAGES else p
+                                  for p in PAGES], ids=_ids(PAGES))
 def test_page_runs(path, tmp_path):
     blocks = [{"lang": b["lang"], "code": b["code"], "line": b["line"]}
               for b in code_blocks(path) if b["marker"] == "run"]

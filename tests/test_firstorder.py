@@ -106,7 +106,7 @@ def _small_cnn(seed=0):
     ((16, 120, 24, 120, 24, 3), {1: False, 3: False}),  # two wide blocks, eliminated side by side
     ((16, 16, 16, 16, 4), {}),                       # equal widths: the plain recursion is cheaper
     ((6, 40, 10, 3), {}),                            # too few flops saved to pay for the extra calls
-    ((20, 400, 50, 5, "leaky_relu"), {}),            # alpha > 0: M_kk is not diagonal
+    pytest.param((20, 400, 50, 5, "leaky_relu"), {}, marks=pytest.mark.slow),  # alpha > 0: M_kk not diagonal
 ])
 def test_early_blocks_give_the_same_rho_and_gradient(case, early):
     """Eliminating the wide diagonal blocks first (:meth:`_Descent.eliminate`) computes the same

@@ -101,7 +101,7 @@ def test_deep_net_greedy_decades_off_swept_within_a_few(any_depth):
     assert chordal.bound == pytest.approx(opt, rel=1e-6)
 
 
-@pytest.mark.parametrize("solver", ["completion", "chordal"])
+@pytest.mark.parametrize("solver", [pytest.param("completion", marks=pytest.mark.slow), "chordal"])
 def test_start_saves_iterations(solver):
     """The same solve from the greedy and from the swept point (four decades apart in rho on this
     48-layer net): same optimum, and 10 fewer iterations when measured (36 -> 26, 32 -> 22)."""
