@@ -25,6 +25,7 @@ import time
 import psutil
 
 from lipsdp import __version__, robustness_cli
+from lipsdp.robustness_cli import positive_int
 from lipsdp.budget import Budget, LimitReached, parse_size
 from lipsdp.certificate import WRITING, Certificate
 from lipsdp.errors import LipSDPError
@@ -62,16 +63,6 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (use e.g. 2G, 500M)") from None
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # exit 2 with one line, as for every other bad input
         self.print_usage(sys.stderr)
@@ -107,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak resident memory of the whole command, solver processes included (e.g. 2G, 500M); "
                         "what would not fit is refused before it starts, and the command stops (exit 1) if "
                         "it is reached anyway")
-    c.add_argument("--threads", type=_count, metavar="N",
+    c.add_argument("--threads", type=positive_int, metavar="N",
                    help="threads for BLAS, OpenMP and torch (default: chosen for the problem size and the idle "
                         "cores; environment variables such as OMP_NUM_THREADS are not needed)")
     c.add_argument("--progress", action="store_true",
@@ -116,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-pickle", action="store_true",
                    help="allow arbitrary classes in pickled models (runs code from the file: only for files you trust)")
     c.add_argument("--samples", type=int, default=128, help="random inputs for the sampled lower bound (0: skip)")
-    c.add_argument("--split", type=_count, metavar="K", default=None,
+    c.add_argument("--split", type=positive_int, metavar="K", default=None,
                    help="certify a chain network in pieces of K activation layers and multiply their bounds "
                         "(sound, looser; for nets too big for one SDP; l2 only). Without it lipsdp splits only "
                         "when the whole LMI does not fit in memory")

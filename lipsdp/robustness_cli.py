@@ -52,7 +52,8 @@ def _range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _whole(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--workers``, ``--chunk``; the CLI's ``--threads``, ``--split``)."""
     try:
         value = int(text)
     except ValueError:
@@ -87,12 +88,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the input range the model was trained on; warns when the data lies elsewhere")
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     r.add_argument("--plot", metavar="FILE.png", help="draw certified accuracy against radius")
-    r.add_argument("--workers", type=_whole, metavar="N", help="run the units on N local processes")
+    r.add_argument("--workers", type=positive_int, metavar="N", help="run the units on N local processes")
     r.add_argument("--scheduler", metavar="ADDRESS",
                    help="run the units on a Dask cluster, e.g. tcp://host:8786 (pip install 'lipsdp[distributed]')")
     r.add_argument("--out", metavar="RESULTS.jsonl",
                    help="stream unit results to this file; rerunning with it resumes without redoing them")
-    r.add_argument("--chunk", type=_whole, default=CHUNK, help=f"samples per unit (default {CHUNK})")
+    r.add_argument("--chunk", type=positive_int, default=CHUNK, help=f"samples per unit (default {CHUNK})")
     r.add_argument("--solver", default="auto", help="solver backend, as for `lipsdp certify`")
     r.add_argument("--formulation", default="neuron", choices=["neuron", "layer"])
     r.add_argument("--time-limit", type=float, help="solver seconds per SDP")

@@ -26,6 +26,17 @@ ACTIVATIONS = {
 }
 
 
+class Residual(nn.Module):
+    """``x + block(x)`` (module level, so that a whole-module pickle can name it)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
 def mlp(sizes, activation: str = "relu", seed: int = 0) -> nn.Sequential:
     """``Linear(sizes[0], sizes[1]) -> act -> ... -> Linear(sizes[-2], sizes[-1])`` with seeded weights."""
     torch.manual_seed(seed)

@@ -43,6 +43,7 @@ from torch import nn  # noqa: E402
 import lipsdp  # noqa: E402
 from lipsdp.errors import UnsupportedLayerError  # noqa: E402
 from lipsdp.io import load_network  # noqa: E402
+from models import Residual  # noqa: E402
 
 EXAMPLES = int(os.environ.get("LIPSDP_AUDIT_EXAMPLES", "100"))
 TIME_LIMIT = float(os.environ.get("LIPSDP_AUDIT_TIME_LIMIT", "3"))     # seconds per certification
@@ -53,17 +54,6 @@ AUDIT = dict(deadline=None, derandomize=True, database=None, suppress_health_che
 
 
 # -- module-level layers (the whole-module pickle names them) --------------------------
-class Residual(nn.Module):
-    """``x + block(x)``."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x):
-        return x + self.block(x)
-
-
 class Clamp(nn.Module):
     """``torch.clamp(x, low, high)``, one bound possibly absent."""
 

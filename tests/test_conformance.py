@@ -19,17 +19,7 @@ import lipsdp.io  # noqa: E402
 import lipsdp.nn as lnn  # noqa: E402
 from lipsdp.network import Activation, Affine  # noqa: E402
 from lipsdp.testing import TRANSLATION_FORMATS, breakpoint_probes, check_translation  # noqa: E402
-
-
-class Residual(nn.Module):
-    """``x + block(x)`` (module level, so that the whole-module pickle can name it)."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x):
-        return x + self.block(x)
+from models import Residual  # noqa: E402
 
 
 class Concat(nn.Module):
