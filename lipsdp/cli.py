@@ -33,7 +33,7 @@ from lipsdp.pipeline import certify, check_certificate
 from lipsdp.quiet import dropped
 from lipsdp.session import run
 from lipsdp.solvers import describe
-from lipsdp.watchdog import guard
+from lipsdp.watchdog import guard, supervise
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -363,6 +363,8 @@ def main(argv=None, *, own_process: bool | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     own = argv is None if own_process is None else own_process
+    if own and args.command == "certify":  # before any thread: nohup'd runs with limits go on in a child
+        supervise(bool(args.time_limit or args.memory_limit))
     guard = _interrupts() if own else contextlib.nullcontext()
     try:
         with guard, dropped(not debug):  # solvers' own output off the terminal (lipsdp.quiet)

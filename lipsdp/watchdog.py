@@ -9,7 +9,8 @@ goes its grace (``Budget.grace``) past its deadline or its memory passes the cap
 lipsdp's one-line report (and, with ``--json``, its JSON object) and sends ``SIGHUP``, for which lipsdp has
 installed the C library's ``_exit`` as a native handler: the process ends at once with exit code 1 (SIGHUP
 is signal 1), whatever it is doing, and the solver workers die with it (``PR_SET_PDEATHSIG``).  Under
-``nohup`` (SIGHUP ignored: a hangup must not end the run) the watchdog sends SIGKILL instead.  lipsdp keeps the watchdog informed of the phase, what was done and the best
+``nohup`` (SIGHUP ignored: a hangup must not end the run) lipsdp runs on in a forked child that the
+watchdog ends with SIGKILL, and the parent, which only waits, exits 1.  lipsdp keeps the watchdog informed of the phase, what was done and the best
 verified bound through a pipe (:meth:`~lipsdp.budget.Budget.enter` and ``verified``), and closes the pipe
 when the run ends: the watchdog then exits without a word.
 """
@@ -112,7 +113,8 @@ def _exit_on_sighup():
     """Make SIGHUP end the process at once with exit code 1: the C library's ``_exit`` as native handler.
 
     Yields whether it did: not where SIGHUP is ignored or handled already (``nohup``: a hangup must not
-    end the run), and then the watchdog ends lipsdp with SIGKILL instead (after its one line).
+    end the run); lipsdp then runs on in a forked child (:func:`supervise`), which the watchdog ends with
+    SIGKILL instead (after its one line), and the parent exits 1.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.signal.restype = ctypes.c_void_p
@@ -126,6 +128,37 @@ def _exit_on_sighup():
         yield True
     finally:
         libc.signal(signal.SIGHUP, previous)
+
+
+def supervise(limited: bool) -> None:
+    """Where SIGHUP cannot be lipsdp's (``nohup``), run on in a forked child and end this process as it ends.
+
+    For the command line's own process, before it starts any thread (``limited``: a time or memory limit
+    was asked for; otherwise nothing happens).  The watchdog then ends the *child* with SIGKILL (after its
+    one line), and this parent, which does nothing but wait, turns that into exit code 1, the code of a
+    limit reached.  Returns in the child; never returns in the parent.  Ctrl-C reaches both (one process
+    group): the parent ignores it and passes on the child's exit code; a SIGTERM sent to the parent alone
+    is forwarded.
+    """
+    if not limited or not sys.platform.startswith("linux") or signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGTERM))
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:  # pragma: no cover (PEP 475 retries; kept for clarity)
+            continue
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        os._exit(1)
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(code if code >= 0 else 128 - code)  # no flush: the child wrote this process's buffers already
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ killed by the kernel for memory.  Subprocess runs here measure wall time and pea
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -57,11 +58,16 @@ print(proc.stderr.strip())
 """
 
 
-def _hog(mode, *args):
-    """``(exit code, peak resident bytes, wall seconds, stderr's last line)`` of a command whose solve hogs."""
+def _ignore_sighup():
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup does; kept across exec
+
+
+def _hog(mode, *args, nohup=False):
+    """``(exit code, peak resident bytes, wall seconds, stderr's last line)`` of a command whose solve hogs
+    (``nohup``: started with SIGHUP ignored, as under ``nohup`` or some CI runners)."""
     proc = subprocess.run([sys.executable, "-c", _HOG, mode, "certify", str(EXAMPLES / "digits_mlp.pt"),
                            "--solver", "completion", "--samples", "0", *args], capture_output=True, text=True,
-                          timeout=180)
+                          timeout=180, preexec_fn=_ignore_sighup if nohup else None)
     first = proc.stdout.splitlines()[0].split()
     return int(first[0]), int(first[1]), float(first[2]), proc.stdout.splitlines()[-1]
 
@@ -97,9 +103,11 @@ def test_cli_time_limit_covers_the_whole_run(tmp_path):
     assert d["verified"] is False and d["bound"] is None and d["status"] == "limit_reached"
 
 
-def test_cli_memory_limit_is_never_exceeded():
-    """Before: no ``--memory-limit`` on the command line (exit 2), and the kernel's OOM killer as the limit."""
-    code, peak, _, err = _hog("memory", "--memory-limit", "700M")
+@pytest.mark.parametrize("nohup", [False, True], ids=["plain", "nohup"])
+def test_cli_memory_limit_is_never_exceeded(nohup):
+    """Before: no ``--memory-limit`` on the command line (exit 2), and the kernel's OOM killer as the limit.
+    With SIGHUP ignored (nohup) the run goes on in a forked child that the watchdog kills: still exit 1."""
+    code, peak, _, err = _hog("memory", "--memory-limit", "700M", nohup=nohup)
     assert code == 1, err
     assert err.startswith("lipsdp: memory limit of 0.684 GiB reached during solve"), err
     assert peak <= 1.1 * parse_size("700M"), f"peak resident memory {peak / 2**20:.0f} MiB for a 700 MiB limit"
