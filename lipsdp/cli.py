@@ -192,7 +192,7 @@ def _limit_reached(args, message: str, budget) -> int:
 
 def _cmd_certify(args, own_process: bool) -> int:
     budget = Budget(args.time_limit, args.memory_limit, absolute=True, grace=CLI_GRACE,
-                    start=_process_start() if own_process else None)
+                    start=getattr(args, "process_start", None) if own_process else None)
     template = {"verified": False, "bound": None, "status": "limit_reached", "model": args.model} \
         if args.json else None
     # The process's own command: a watchdog process enforces the limits, also inside native calls.
@@ -363,8 +363,9 @@ def main(argv=None, *, own_process: bool | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     own = argv is None if own_process is None else own_process
-    if own and args.command == "certify":  # before any thread: nohup'd runs with limits go on in a child
-        supervise(bool(args.time_limit or args.memory_limit))
+    if own and args.command == "certify":
+        args.process_start = _process_start()  # the command's start, also for a child forked next
+        supervise(bool(args.time_limit or args.memory_limit))  # before any thread: nohup'd limited runs
     guard = _interrupts() if own else contextlib.nullcontext()
     try:
         with guard, dropped(not debug):  # solvers' own output off the terminal (lipsdp.quiet)

@@ -136,9 +136,9 @@ def supervise(limited: bool) -> None:
     For the command line's own process, before it starts any thread (``limited``: a time or memory limit
     was asked for; otherwise nothing happens).  The watchdog then ends the *child* with SIGKILL (after its
     one line), and this parent, which does nothing but wait, turns that into exit code 1, the code of a
-    limit reached.  Returns in the child; never returns in the parent.  Ctrl-C reaches both (one process
-    group): the parent ignores it and passes on the child's exit code; a SIGTERM sent to the parent alone
-    is forwarded.
+    limit reached.  Returns in the child; never returns in the parent, which passes SIGINT and SIGTERM on
+    to the child (Ctrl-C reaches both, one process group: the child ends once, at the first) and exits
+    with the child's exit code.
     """
     if not limited or not sys.platform.startswith("linux") or signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
         return
@@ -147,8 +147,8 @@ def supervise(limited: bool) -> None:
     child = os.fork()
     if child == 0:
         return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGTERM))
+    for sig in (signal.SIGINT, signal.SIGTERM):  # one sent to this process alone reaches the child too
+        signal.signal(sig, lambda number, _frame: os.kill(child, number))
     while True:
         try:
             _, status = os.waitpid(child, 0)
