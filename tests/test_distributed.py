@@ -116,11 +116,12 @@ def test_ctrl_c_with_workers_then_resume(tmp_path):
 
     out = tmp_path / "units.jsonl"
     cmd = [sys.executable, "-m", "lipsdp", "robustness", str(REPO / "examples" / "digits_mlp.pt"), "--data",
-           str(tmp_path / "test.npz"), "--workers", "2", "--out", str(out), "--json"]
+           str(tmp_path / "test.npz"), "--workers", "2", "--out", str(out), "--json", "--chunk", "10"]
     from sklearn.datasets import load_digits
 
-    x, y = load_digits(return_X_y=True)
-    np.savez(tmp_path / "test.npz", x=x[-100:] / 16.0, y=y[-100:])
+    x, y = load_digits(return_X_y=True)  # 45 pair SDPs and 180 chunks of 10: still running at the interrupt
+    np.savez(tmp_path / "test.npz", x=x / 16.0, y=y)
+    total = 45 + -(-len(y) // 10)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -129,6 +130,7 @@ def test_ctrl_c_with_workers_then_resume(tmp_path):
         time.sleep(0.1)
     children = subprocess.run(["ps", "--ppid", str(proc.pid), "-o", "pid="], capture_output=True,
                               text=True).stdout.split()
+    assert proc.poll() is None, "the run ended before the interrupt"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().endswith("lipsdp: interrupted"), err
@@ -137,7 +139,7 @@ def test_ctrl_c_with_workers_then_resume(tmp_path):
     done = out.read_text().count("\n") - 1  # whole lines: a line torn by the exit is dropped on resume
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     units = json.loads(rerun.stdout)["units"]
-    assert rerun.returncode == 0 and units == {"computed": 46 - done, "reused": done}
+    assert rerun.returncode == 0 and units == {"computed": total - done, "reused": done}
 
 
 def test_scheduler_without_workers(serial, tmp_path):
