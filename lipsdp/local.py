@@ -145,6 +145,25 @@ def certify_region(certify_network, network: Network, *, center, radius, region_
     return cert
 
 
+def read_region(center_path, radius, region_norm=None) -> dict:
+    """The command line's ``--center X.npy --radius R [--region-norm]`` as :func:`lipsdp.certify` keywords
+    (empty without them); one clear error for a missing half, an unreadable file or a bad radius."""
+    if center_path is None and radius is None:
+        if region_norm is not None:
+            raise LipSDPError("--region-norm needs --center and --radius")
+        return {}
+    if center_path is None or radius is None:
+        raise LipSDPError("a local bound needs both --center X.npy and --radius R")
+    try:
+        center = np.load(center_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise LipSDPError(f"{center_path}: not a readable .npy array ({exc})") from None
+    if not np.issubdtype(center.dtype, np.number) or np.iscomplexobj(center):
+        raise LipSDPError(f"{center_path}: the center must be a real numeric array, got {center.dtype}")
+    return {"center": center.astype(np.float64), "radius": radius,
+            "region_norm": None if region_norm is None else region_norm_name(region_norm)}
+
+
 def regional(certify_network, center=None, radius=None, region_norm=None):
     """``certify_network`` itself without a region; with one, the function certifying on it.
 
