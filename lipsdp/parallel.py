@@ -263,7 +263,8 @@ class DatasetResult:
     ``radii[i]`` is 0 for a misclassified sample; sample ``i`` is certified at radius ``r`` when
     ``radii[i] > r``. ``bounds`` holds one record per SDP (``bound`` is None where it did not verify:
     that pair then counts as an infinite bound, so no sample is certified through it). ``computed`` and
-    ``reused`` count units run now and units read back from the results file.
+    ``reused`` count units run now and units read back from the results file. ``local_bounds`` (method
+    ``local``): each sample's verified local bound, None where none was needed or verified.
     """
 
     radii: np.ndarray
@@ -276,6 +277,7 @@ class DatasetResult:
     computed: int = 0
     reused: int = 0
     header: dict = field(default_factory=dict)
+    local_bounds: list | None = None
 
     @property
     def clean_accuracy(self) -> float:
@@ -373,4 +375,5 @@ def evaluate_dataset(network, x, y, *, method: str = "pairwise", norm: str = "l2
     cat = {key: np.concatenate([np.asarray(p[key]) for p in parts]) for key in ("radii", "predictions", "binding")}
     return DatasetResult(radii=cat["radii"].astype(np.float64), predictions=cat["predictions"].astype(np.int64),
                          labels=y, binding=cat["binding"].astype(np.int64), bounds=bounds, method=method,
-                         norm=norm, computed=counter[0], reused=reused, header=header)
+                         norm=norm, computed=counter[0], reused=reused, header=header,
+                         local_bounds=[b for p in parts for b in p["local_bounds"]] if method == "local" else None)
