@@ -19,12 +19,13 @@ import hashlib
 from dataclasses import replace
 
 import numpy as np
+import scipy.sparse as sp
 
 from lipsdp import activations
 from lipsdp.bounds import jacobians
 from lipsdp.errors import LipSDPError
-from lipsdp.network import Activation, Network
-from lipsdp.preact import BALL_NORMS, preactivation_bounds_ball
+from lipsdp.network import Activation, Add, Affine, Network
+from lipsdp.preact import preactivation_bounds_ball
 
 #: Region norms accepted from users: the Lipschitz norm's names and their aliases.
 REGION_NORMS = {"l2": "l2", "2": "l2", "linf": "linf", "inf": "linf"}
@@ -38,34 +39,65 @@ def region_norm_name(norm: str) -> str:
         raise LipSDPError(f"unknown region norm {norm!r}; choose l2 or linf") from None
 
 
-def localize(network: Network, center, radius: float, norm: str = "l2", method: str = "crown"):
-    """A copy of ``network`` whose activations carry per-neuron sectors valid on the region.
+def localize(network: Network, center, radius: float, norm: str = "l2", method: str = "crown",
+             eliminate: bool = True):
+    """A network for the SDP whose activations carry per-neuron sectors valid on the region.
+
+    With ``eliminate`` (default), a stable neuron (one slope ``d_i`` on the region: ``alpha_i == beta_i``)
+    leaves the activation: its increment is exactly ``d_i`` times its pre-activation's, so it becomes a
+    linear map (an Affine node, added to the unstable neurons' part), and only unstable neurons keep a
+    quadratic constraint (docs/math.md §6.2).  Biases are kept; the SDP ignores them.
 
     Returns
     -------
     (Network, dict)
-        The network (its fingerprint differs: the sectors are part of what is certified) and statistics:
-        ``neurons``, ``stable`` (neurons with one exact slope), ``method``.
+        The network (its fingerprint differs from the model's: the region is part of what is certified)
+        and statistics: ``neurons``, ``stable`` (neurons with one exact slope), ``method``.
     """
     norm = region_norm_name(norm)
-    assert norm in BALL_NORMS
     bounds = preactivation_bounds_ball(network, center, radius, norm, method=method)
     local = Network(source=network.source)
+    new: dict[int, int] = {}
     neurons = stable = 0
     for n in network.graph.nodes:
-        op = network.op(n)
-        if isinstance(op, Activation):
-            entry = activations.get(op.function)
-            alpha, beta = entry.derivative_range(*bounds[network.parents(n)[0]], op.params)
-            glo, ghi = entry.sector(op.params)
-            alpha, beta = np.maximum(alpha, glo), np.minimum(beta, ghi)  # never wider than the global sector
-            neurons += op.size
-            stable += int(np.count_nonzero(alpha == beta))
-            # Tuples, not arrays: params are hashed and compared by value (fingerprints, caveats).
-            op = replace(op, params={**op.params, "sector": (tuple(alpha.tolist()), tuple(beta.tolist()))})
-        local.add(op, network.parents(n))
-    local.output = network.output
-    return local, {"neurons": neurons, "stable": stable, "method": method}
+        op, parents = network.op(n), [new[p] for p in network.parents(n)]
+        if not isinstance(op, Activation):
+            new[n] = local.add(op, parents)
+            continue
+        entry = activations.get(op.function)
+        alpha, beta = entry.derivative_range(*bounds[network.parents(n)[0]], op.params)
+        glo, ghi = entry.sector(op.params)
+        alpha, beta = np.maximum(alpha, glo), np.minimum(beta, ghi)  # never wider than the global sector
+        fixed = alpha == beta
+        neurons += op.size
+        stable += int(np.count_nonzero(fixed))
+        if eliminate and fixed.any():
+            new[n] = _split_stable(local, op, parents[0], alpha, beta, fixed)
+        else:
+            new[n] = local.add(_with_sector(op, alpha, beta), parents)
+    local.output = new[network.output]
+    return local, {"neurons": neurons, "stable": stable, "method": method, "eliminated": bool(eliminate)}
+
+
+def _with_sector(op: Activation, alpha: np.ndarray, beta: np.ndarray, **changes) -> Activation:
+    # Tuples, not arrays: params are hashed and compared by value (fingerprints, caveats).
+    return replace(op, params={**op.params, "sector": (tuple(alpha.tolist()), tuple(beta.tolist()))}, **changes)
+
+
+def _split_stable(local: Network, op: Activation, parent: int, alpha, beta, fixed) -> int:
+    """Add ``op`` to ``local`` as ``diag(d) v`` on its stable neurons plus the activation of the unstable
+    ones, embedded back in place; return the node holding the result."""
+    n = op.size
+    linear = local.add(Affine(f"{op.name}.stable", "StableSlopes", op.shape,
+                              weight=sp.diags(np.where(fixed, alpha, 0.0)).tocsr()), [parent])
+    if fixed.all():
+        return linear
+    free = np.flatnonzero(~fixed)
+    select = sp.csr_matrix((np.ones(free.size), (np.arange(free.size), free)), shape=(free.size, n))
+    picked = local.add(Affine(f"{op.name}.unstable_in", "Select", (free.size,), weight=select), [parent])
+    act = local.add(_with_sector(op, alpha[free], beta[free], shape=(free.size,)), [picked])
+    back = local.add(Affine(f"{op.name}.unstable_out", "Embed", op.shape, weight=select.T.tocsr()), [act])
+    return local.add(Add(f"{op.name}.local", "Add", op.shape), [linear, back])
 
 
 def region_record(center, radius: float, norm: str) -> dict:

@@ -102,6 +102,30 @@ def test_small_radius_reaches_jacobian_norm():
     assert cert.global_bound > 1.05 * cert.bound
 
 
+def test_stable_neurons_eliminated_exactly():
+    """The rewritten graph computes the model's values on the region, and the bound is at most the one with
+    the stable neurons' equality QCs kept (which solvers reach only as the multiplier grows without end)."""
+    model = mlp([4, 12, 12, 3], activation="leaky_relu", seed=6)
+    network = network_from_module(model).validate()
+    rng = np.random.default_rng(6)
+    center, radius = rng.normal(size=4), 0.2
+    split, stats = localize(network, center, radius)
+    kept, _ = localize(network, center, radius, eliminate=False)
+    assert 0 < stats["stable"] < stats["neurons"]
+    X = _ball_points(rng, center, radius, 500)
+    assert np.allclose(split.numpy_forward(X), network.numpy_forward(X), rtol=1e-12, atol=1e-12)
+    a = lipsdp.certify(split, lower_bound_samples=0, solver="ipm")
+    b = lipsdp.certify(kept, lower_bound_samples=0, solver="ipm")
+    assert a.verified and b.verified and a.bound <= b.bound * (1 + 1e-6)
+    assert _autograd_lower(model, center, radius, "l2", "l2") <= a.bound
+
+
+def _ball_points(rng, center, radius, n):
+    u = rng.normal(size=(n, center.size))
+    return center + u * (radius * rng.uniform(0, 1, (n, 1)) ** (1 / center.size)
+                         / np.linalg.norm(u, axis=1, keepdims=True))
+
+
 def test_certificate_json_table_and_cli(tmp_path, capsys):
     model = mlp([4, 8, 3], activation="relu", seed=5)
     torch.save(model, tmp_path / "m.pt")
