@@ -167,6 +167,9 @@ def certify_region(certify_network, network: Network, *, center, radius, region_
                    "local_verified": loc.verified, "local_bound": loc.bound if loc.verified else None,
                    "bound_from": "local" if use_local else "global"}
     cert.global_bound = glob.bound if glob.verified else None
+    # Both products of norms bound the local constant; the rewritten graph's is often the looser one.
+    trivial = [t for t in (loc.trivial_bound, glob.trivial_bound) if t is not None]
+    cert.trivial_bound = min(trivial) if trivial else None
     cert.caveats = glob.caveats
     cert.lower_bound = local_lower_bound(network, center, radius, region_norm, norm, samples,
                                          output_map=options.get("output_map")) if samples else None
