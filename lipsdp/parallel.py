@@ -74,7 +74,7 @@ def compute(network, task: dict) -> dict:
             record["pair"] = list(task["pair"])
     elif opts["method"] == "local":
         record = {"id": task["id"], "start": task["start"], **{k: (v.tolist() if hasattr(v, "tolist") else v)
-                  for k, v in local_radii(network, task["x"], task["y"], task["L"], opts["region_radius"],
+                  for k, v in local_radii(network, task["x"], task["y"], task["L"], opts["region_radii"],
                                           opts["norm"], solver=opts["solver"], formulation=opts["formulation"],
                                           time_limit=opts["time_limit"]).items()}}
     else:
@@ -320,7 +320,7 @@ def _run(executor, tasks, log: ResultLog, counter: list, stop_after, advance) ->
 def evaluate_dataset(network, x, y, *, method: str = "pairwise", norm: str = "l2", solver: str = "auto",
                      formulation: str = "neuron", time_limit: float | None = None, executor=None,
                      out: str | None = None, chunk: int = CHUNK, progress=None,
-                     stop_after: int | None = None, region_radius: float | None = None) -> DatasetResult:
+                     stop_after: int | None = None, region_radii=None) -> DatasetResult:
     """Certified radii of every sample of a checked data set, unit by unit (module docstring).
 
     Parameters
@@ -331,8 +331,8 @@ def evaluate_dataset(network, x, y, *, method: str = "pairwise", norm: str = "l2
         Inputs ``(N, input_dim)`` float64 and labels ``(N,)`` int64, as :func:`lipsdp.dataset.check_data`
         returns them.
     method : {"global", "pairwise", "local"}
-        ``local``: each sample's local bound on its ball of radius ``region_radius``
-        (:func:`lipsdp.robustness.local_radii`), its radius capped there.
+        ``local``: each sample's local bounds on its balls of the radii ``region_radii`` (the radii
+        reported; :func:`lipsdp.robustness.local_radii`), a radius capped at its ball.
     norm : {"l2", "linf"}
     solver, formulation, time_limit
         As for :func:`lipsdp.certify`; ``time_limit`` is per SDP.
@@ -350,11 +350,11 @@ def evaluate_dataset(network, x, y, *, method: str = "pairwise", norm: str = "l2
     """
     if method not in METHODS:
         raise LipSDPError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if method == "local" and (region_radius is None or not region_radius >= 0):
-        raise LipSDPError("method 'local' needs region_radius >= 0 (the radius of each sample's ball)")
+    if method == "local" and (region_radii is None or not np.all(np.asarray(region_radii, dtype=float) >= 0)):
+        raise LipSDPError("method 'local' needs region_radii >= 0 (the radii of each sample's balls)")
     k = network.output_dim
     options = {"method": method, "norm": norm, "solver": solver, "formulation": formulation,
-               "time_limit": time_limit, **({"region_radius": float(region_radius)} if method == "local" else {})}
+               "time_limit": time_limit, **({"region_radii": sorted(float(r) for r in np.atleast_1d(region_radii))} if method == "local" else {})}
     header = {"format": FORMAT, "model": network.fingerprint(), "data": data_digest(x, y), "chunk": chunk,
               **options}
     log = ResultLog(header, out)

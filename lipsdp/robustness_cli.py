@@ -84,8 +84,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--norm", default="l2", type=str.lower, choices=sorted(NORMS), help="2 / l2 (default) or linf")
     r.add_argument("--method", default="pairwise", choices=["pairwise", "global", "local"],
                    help="pairwise (default: one SDP per pair of classes, tightest among global bounds), global "
-                        "(one SDP) or local (one SDP per sample on its ball of the largest --radii; radii capped "
-                        "there)")
+                        "(one SDP) or local (per sample, SDPs on its balls of the --radii in turn; radii capped at "
+                        "the ball)")
     r.add_argument("--input-range", type=_range, metavar="LO,HI",
                    help="the input range the model was trained on; warns when the data lies elsewhere")
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -212,7 +212,7 @@ def run(args) -> int:
         result = evaluate_dataset(network, x, y, method=args.method, norm=norm, solver=args.solver,
                                   formulation=args.formulation, time_limit=args.time_limit, executor=executor,
                                   out=args.out, chunk=args.chunk, progress=start,
-                                  region_radius=max(args.radii) if args.method == "local" else None)
+                                  region_radii=args.radii if args.method == "local" else None)
     finally:
         if bar is not None:
             bar.stop()
