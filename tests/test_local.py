@@ -27,6 +27,7 @@ from lipsdp.cli import main
 from lipsdp.dataset import check_data
 from lipsdp.io import network_from_module
 from lipsdp.local import localize
+from lipsdp.network import Network
 from lipsdp.parallel import evaluate_dataset
 
 torch.set_num_threads(1)
@@ -187,3 +188,50 @@ def test_robustness_cli_local(tmp_path, capsys):
     assert report["method"] == "local" and len(report["local_bounds"]) == 6
     assert any(b is not None for b in report["local_bounds"])  # some sample needed its local bound
     assert all(b is None or b >= 0 for b in report["local_bounds"])
+
+
+def _exact_local_constant(ws, bs, center, radius, lip_norm):
+    """The exact local constant of a 2-hidden-layer ReLU net on the l_inf ball: the largest Jacobian norm
+    over the activation patterns whose region meets the ball's interior (an LP per pattern)."""
+    from itertools import product
+
+    from scipy.optimize import linprog
+
+    (W1, W2, W3), (b1, b2, _) = ws, bs
+    d, h1, h2 = W1.shape[1], W1.shape[0], W2.shape[0]
+    best = 0.0
+    for p1 in product((0.0, 1.0), repeat=h1):
+        s1 = 2 * np.array(p1) - 1
+        A2, c2 = W2 @ np.diag(p1) @ W1, W2 @ np.diag(p1) @ b1 + b2
+        for p2 in product((0.0, 1.0), repeat=h2):
+            s2 = 2 * np.array(p2) - 1
+            # maximise t with sign * pre-activation >= t for every neuron, x in the ball
+            A = np.vstack([-s1[:, None] * W1, -s2[:, None] * A2])
+            rhs = np.concatenate([s1 * b1, s2 * c2])
+            res = linprog(np.r_[np.zeros(d), -1.0], A_ub=np.hstack([A, np.ones((len(A), 1))]), b_ub=rhs,
+                          bounds=[(c - radius, c + radius) for c in center] + [(None, 1.0)], method="highs")
+            if res.status != 0 or -res.fun <= 1e-9:
+                continue
+            J = W3 @ np.diag(p2) @ W2 @ np.diag(p1) @ W1
+            best = max(best, np.linalg.norm(J, 2) if lip_norm == "l2" else np.abs(J).sum(axis=1).max())
+    return best
+
+
+@pytest.mark.parametrize("lip_norm", ["l2", "linf"])
+def test_tiny_relu_nets_against_the_exact_local_constant(lip_norm):
+    rng = np.random.default_rng(7)
+    ratios = []
+    for trial in range(3):
+        d, h1, h2 = 2 + trial, 4, 4
+        ws = [rng.normal(size=(h1, d)), rng.normal(size=(h2, h1)), rng.normal(size=(2, h2))]
+        bs = [rng.normal(size=h1), rng.normal(size=h2), np.zeros(2)]
+        net = Network.sequential(ws, activation="relu", biases=bs)
+        center = rng.normal(size=d)
+        for radius in (0.1, 0.5):
+            exact = _exact_local_constant(ws, bs, center, radius, lip_norm)
+            cert = lipsdp.certify(net, center=center, radius=radius, region_norm="linf", norm=lip_norm,
+                                  lower_bound_samples=0)
+            assert cert.verified and cert.bound >= exact * (1 - 1e-9), (trial, radius, cert.bound, exact)
+            ratios.append(cert.bound / exact if exact > 0 else 1.0)
+    print(f"local bound / exact local constant ({lip_norm}): min {min(ratios):.4f}, max {max(ratios):.4f}")
+    assert min(ratios) >= 1 - 1e-9
