@@ -158,7 +158,7 @@ def certify_region(certify_network, network: Network, *, center, radius, region_
     norm = options.get("norm", "l2")
     region_norm = region_norm_name(region_norm or norm)
     samples = options.get("lower_bound_samples", 128)
-    glob = certify_network(network, **options)
+    glob = certify_network(network, **{**options, "lower_bound_samples": 0})  # sampled in the region below
     local_net, stats = localize(network, center, radius, region_norm, method=bound_method)
     loc = certify_network(local_net, **{**options, "lower_bound_samples": 0, "compare": False})
     use_local = loc.verified and (not glob.verified or loc.bound <= glob.bound)
