@@ -175,7 +175,7 @@ def _crown_node(network: Network, node: int, region: Region, bounds: Bounds, lin
     coef: dict[int, np.ndarray] = {node: np.vstack([np.eye(size), -np.eye(size)])}  # upper, then -lower
     const = np.zeros(2 * size)
     magnitude = np.zeros(2 * size)  # sum of |terms|, for the rounding slack
-    for n in sorted(nx_ancestors(network, node) | {node}, reverse=True):
+    for n in sorted(ancestors(network, node) | {node}, reverse=True):
         if n not in coef:
             continue
         A, op, parents = coef.pop(n), network.op(n), network.parents(n)
@@ -216,7 +216,7 @@ def _crown_node(network: Network, node: int, region: Region, bounds: Bounds, lin
     return -top[size:], top[:size]
 
 
-def nx_ancestors(network: Network, node: int) -> set[int]:
+def ancestors(network: Network, node: int) -> set[int]:
     """The nodes ``node`` depends on."""
     seen, todo = set(), list(network.parents(node))
     while todo:

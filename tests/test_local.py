@@ -217,7 +217,7 @@ def _exact_local_constant(ws, bs, center, radius, lip_norm):
     return best
 
 
-@pytest.mark.parametrize("lip_norm", ["l2", "linf"])
+@pytest.mark.parametrize("lip_norm", [pytest.param("l2", marks=pytest.mark.slow), "linf"])
 def test_tiny_relu_nets_against_the_exact_local_constant(lip_norm):
     rng = np.random.default_rng(7)
     ratios = []
