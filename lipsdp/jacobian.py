@@ -1,0 +1,338 @@
+"""Sound bounds on the Clarke Jacobian of a network over an input box, and the l_inf local bound.
+
+Over a box ``X = [lower, upper]`` every element of the Clarke generalized Jacobian of the network
+is a product of the layers' linear maps and diagonal matrices of activation slopes; each slope lies
+in the range of ``phi'`` (the Clarke derivative at kinks) over the neuron's pre-activation interval.
+Propagating intervals of matrices through the graph gives elementwise bounds ``Jlo <= J <= Jhi``
+valid for every Jacobian in the box (Shi et al., NeurIPS 2022, treat the Jacobian as a network in
+the same way; docs/monotone.md, docs/math.md §6.1).  From them:
+
+* ``linf``: ``L_inf(X) <= max_i sum_j max(|Jlo_ij|, |Jhi_ij|)`` (Lebourg's mean value theorem);
+* ``l2``: ``L_2(X) <= ||A||_2`` with ``A = max(|Jlo|, |Jhi|)`` entrywise, since ``|J| <= A``.
+
+Every operation rounds outward (matrix products with Higham's ``gamma_n`` bound, sums and
+products one ulp outward, activation values and slopes with the catalogue's ``MARGIN``), so the
+bounds hold for the real numbers, not only for float64 evaluation.  Branch and bound splits the
+box along its widest input under a time budget and keeps the worst sub-box bound.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+from lipsdp import activations
+from lipsdp.activations import MARGIN
+from lipsdp.bounds import jacobians, proven_spectral_norm
+from lipsdp.errors import LipSDPError, UnsupportedLayerError
+from lipsdp.network import Activation, Add, Affine, Concat, Input, Network, Reshape, concat_permutation
+
+__all__ = ["jacobian_bounds", "interval_values", "local_lipschitz_jacobian", "norm_of_bounds",
+           "slope_ranges", "supported"]
+
+_U = 2.0 ** -53        # unit roundoff of float64
+_ETA = 2.0 ** -1074    # smallest subnormal: the absolute error floor of a product under underflow
+#: Activations whose slope range on an interval is computed exactly; the rest use their sector.
+_EVEN_BELL = ("tanh", "sigmoid")  # phi' even and decreasing in |x|
+
+
+def _down(x):
+    return np.nextafter(x, -np.inf)
+
+
+def _up(x):
+    return np.nextafter(x, np.inf)
+
+
+def _split_signs(W):
+    if sp.issparse(W):
+        W = sp.csr_matrix(W)
+        return W.maximum(0), W.minimum(0), abs(W)
+    W = np.asarray(W, dtype=np.float64)
+    return np.maximum(W, 0.0), np.minimum(W, 0.0), np.abs(W)
+
+
+def _matmul_interval(W, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sound ``[W lo', W hi']`` hull of ``{W X : lo <= X <= hi}`` for an exact float64 matrix ``W``.
+
+    ``W+ lo + W- hi`` is the exact lower end; float64 evaluation of these dot products of length
+    ``2n`` errs by at most ``gamma_2n |W| max(|lo|, |hi|) + 2n eta`` (Higham, Accuracy and Stability,
+    §3.1 and 3.5); the bound is doubled to cover the rounding of the error term itself.
+    """
+    Wp, Wn, Wa = _split_signs(W)
+    n = W.shape[1]
+    low = np.asarray(Wp @ lo + Wn @ hi)
+    high = np.asarray(Wp @ hi + Wn @ lo)
+    k = 2 * n + 2
+    gamma = 2.0 * k * _U / (1.0 - k * _U)
+    err = gamma * np.asarray(Wa @ np.maximum(np.abs(lo), np.abs(hi))) + 2.0 * k * _ETA
+    return _down(low - err), _up(high + err)
+
+
+def _add_interval(pairs) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = pairs[0]
+    for a, b in pairs[1:]:
+        lo, hi = _down(lo + a), _up(hi + b)
+    return lo, hi
+
+
+def _mul_interval(slo, shi, lo, hi) -> tuple[np.ndarray, np.ndarray]:
+    """Hull of ``{s x}`` for ``s`` in ``[slo, shi]`` (a column per row) and ``x`` in ``[lo, hi]``, outward."""
+    products = np.stack([slo * lo, slo * hi, shi * lo, shi * hi])
+    return _down(products.min(axis=0)), _up(products.max(axis=0))
+
+
+def _widen(lo, hi):
+    """Outward by the catalogue's margin: activation values and slopes are computed by libm."""
+    return lo - MARGIN * (1.0 + np.abs(lo)), hi + MARGIN * (1.0 + np.abs(hi))
+
+
+def supported(network: Network) -> list[tuple[str, int, str]]:
+    """The nodes the Jacobian bounds cannot handle, as ``(name, node, kind)`` (empty when none)."""
+    known = set(activations.names())
+    out = []
+    for n in network.graph.nodes:
+        op = network.op(n)
+        if op.implicit:
+            out.append((op.name, n, f"{op.kind} (implicit layer: no Jacobian bounds)"))
+        elif isinstance(op, Activation) and op.function not in known:
+            out.append((op.name, n, f"{op.kind} ({op.function}: not an elementwise activation; "
+                                    "Jacobian bounds need one slope per neuron)"))
+        elif not isinstance(op, (Input, Affine, Reshape, Add, Concat, Activation)):
+            out.append((op.name, n, f"{op.kind} (no Jacobian bound rule)"))
+    return out
+
+
+def _activation_values(op: Activation, lo, hi):
+    entry = activations.get(op.function)
+    alpha, beta = entry.sector(op.params)
+    if alpha >= 0.0:  # nondecreasing: the ends map to the ends
+        return _widen(entry.evaluate(lo, op.params), entry.evaluate(hi, op.params))
+    # Not monotone: phi(x) lies within K |x - c| of phi(c), K = max(|alpha|, |beta|).
+    c = 0.5 * lo + 0.5 * hi
+    r = _up(np.maximum(_up(hi - c), _up(c - lo)) * max(abs(alpha), abs(beta)))
+    mid = entry.evaluate(c, op.params)
+    return _widen(_down(mid - r), _up(mid + r))
+
+
+def interval_values(network: Network, lower, upper) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Sound elementwise bounds ``{node: (lo, hi)}`` on every node's value over the box (interval propagation)."""
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for n in network.graph.nodes:
+        op, ps = network.op(n), network.parents(n)
+        if isinstance(op, Input):
+            out[n] = (np.asarray(lower, np.float64).ravel(), np.asarray(upper, np.float64).ravel())
+        elif isinstance(op, Affine):
+            lo, hi = _matmul_interval(op.weight, *out[ps[0]])
+            out[n] = (lo, hi) if op.bias is None else (_down(lo + op.bias), _up(hi + op.bias))
+        elif isinstance(op, Reshape):
+            out[n] = out[ps[0]]
+        elif isinstance(op, Add):
+            out[n] = _add_interval([out[p] for p in ps])
+        elif isinstance(op, Concat):
+            perm = concat_permutation([network.op(p).shape for p in ps], op.axis)
+            out[n] = tuple(np.concatenate([out[p][i] for p in ps])[perm] for i in (0, 1))
+        else:
+            out[n] = _activation_values(op, *out[ps[0]])
+    return out
+
+
+def slope_ranges(op: Activation, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-neuron ``[slo, shi]`` containing every Clarke derivative of ``phi`` on ``[lo_i, hi_i]``.
+
+    Exact for piecewise-linear activations (stable neurons get their one slope) and for tanh and
+    sigmoid (``phi'`` is even and decreasing in ``|x|``); the activation's global sector otherwise
+    (a slope-restricted function's Clarke derivatives lie in its sector).
+    """
+    entry, f, params = activations.get(op.function), op.function, op.params
+    alpha, beta = entry.sector(params)
+    slo, shi = np.full(lo.shape, float(alpha)), np.full(lo.shape, float(beta))
+    if f in ("relu", "leaky_relu"):
+        a = 0.0 if f == "relu" else entry.param(params, "negative_slope")
+        a = np.broadcast_to(np.asarray(a, np.float64), lo.shape)
+        pos, neg = lo > 0, hi < 0
+        slo, shi = np.minimum(a, 1.0), np.maximum(a, 1.0)
+        slo, shi = np.where(pos, 1.0, np.where(neg, a, slo)), np.where(pos, 1.0, np.where(neg, a, shi))
+    elif f == "abs":
+        sign = np.where(lo > 0, 1.0, np.where(hi < 0, -1.0, np.nan))
+        slo, shi = np.where(np.isnan(sign), -1.0, sign), np.where(np.isnan(sign), 1.0, sign)
+    elif f == "hardtanh":
+        a, b = entry.param(params, "min_val"), entry.param(params, "max_val")
+        inside, outside = (lo > a) & (hi < b), (hi < a) | (lo > b)
+        slo, shi = np.where(inside, shi, slo), np.where(outside, slo, shi)
+    elif f in _EVEN_BELL:
+        near = np.clip(0.0, lo, hi)
+        top = entry.derivative(near, params)
+        bottom = np.minimum(entry.derivative(lo, params), entry.derivative(hi, params))
+        bottom, top = _widen(bottom, top)
+        slo, shi = np.clip(bottom, alpha, beta), np.clip(top, alpha, beta)
+    return slo, shi
+
+
+def _values(network: Network, lower, upper, values):
+    own = interval_values(network, lower, upper)
+    if values is None:
+        return own
+    return {n: (np.maximum(own[n][0], values[n][0]), np.minimum(own[n][1], values[n][1])) if n in values
+            else own[n] for n in own}
+
+
+def _forward(network: Network, slopes: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Intervals of ``d node / d x`` from the input forward (columns: the inputs)."""
+    d = network.input_dim
+    J: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for n in network.graph.nodes:
+        op, ps = network.op(n), network.parents(n)
+        if isinstance(op, Input):
+            J[n] = (np.eye(d), np.eye(d))
+        elif isinstance(op, Affine):
+            J[n] = _matmul_interval(op.weight, *J[ps[0]])
+        elif isinstance(op, Reshape):
+            J[n] = J[ps[0]]
+        elif isinstance(op, Add):
+            J[n] = _add_interval([J[p] for p in ps])
+        elif isinstance(op, Concat):
+            perm = concat_permutation([network.op(p).shape for p in ps], op.axis)
+            J[n] = tuple(np.vstack([J[p][i] for p in ps])[perm] for i in (0, 1))
+        else:
+            slo, shi = slopes[n]
+            J[n] = _mul_interval(slo[:, None], shi[:, None], *J[ps[0]])
+    return J[network.output]
+
+
+def _pullback(network: Network, n: int, G, slopes: dict) -> list:
+    """The intervals of ``d out / d parent`` through node ``n``, one per parent, from ``G = d out / d n``."""
+    op, ps = network.op(n), network.parents(n)
+    if isinstance(op, Affine):
+        lo, hi = _matmul_interval(op.weight.T, G[0].T, G[1].T)
+        return [(lo.T, hi.T)]
+    if isinstance(op, Concat):
+        perm = concat_permutation([network.op(p).shape for p in ps], op.axis)
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(len(perm))
+        offsets = np.cumsum([0] + [network.op(p).size for p in ps])
+        return [tuple(g[:, inv][:, offsets[i]:offsets[i + 1]] for g in G) for i in range(len(ps))]
+    if isinstance(op, Activation):
+        slo, shi = slopes[n]
+        return [_mul_interval(slo[None, :], shi[None, :], *G)]
+    return [G for _ in ps]  # Reshape, Add
+
+
+def _backward(network: Network, slopes: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Intervals of ``d out / d node`` from the output back (rows: the outputs), read at the input."""
+    m = network.output_dim
+    adj: dict[int, list] = {network.output: [(np.eye(m), np.eye(m))]}
+    for n in sorted(network.graph.nodes, reverse=True):
+        if n not in adj:
+            continue  # the output does not depend on this node
+        G = _add_interval(adj.pop(n))
+        if n == network.input:
+            return G
+        for p, g in zip(network.parents(n), _pullback(network, n, G, slopes)):
+            adj.setdefault(p, []).append(g)
+    d = network.input_dim
+    return np.zeros((m, d)), np.zeros((m, d))
+
+
+def jacobian_bounds(network: Network, lower, upper, values=None) -> tuple[np.ndarray, np.ndarray]:
+    """Elementwise ``(Jlo, Jhi)``, shape ``(m, n0)``, containing every Clarke Jacobian of the network on the box.
+
+    Interval products lose different correlations when evaluated from the input forward and from
+    the output back; both hulls are sound, so their intersection is returned.  ``values`` are sound
+    bounds ``{node: (lo, hi)}`` on the nodes' values (default :func:`interval_values`; any sound
+    method, e.g. linear bound propagation, may supply tighter ones: they are intersected with those).
+    """
+    bad = supported(network)
+    if bad:
+        raise UnsupportedLayerError(bad)
+    own = _values(network, lower, upper, values)
+    slopes = {n: slope_ranges(network.op(n), *own[network.parents(n)[0]]) for n in network.activations()}
+    flo, fhi = _forward(network, slopes)
+    blo, bhi = _backward(network, slopes)
+    return np.maximum(flo, blo), np.minimum(fhi, bhi)
+
+
+def norm_of_bounds(Jlo: np.ndarray, Jhi: np.ndarray, norm: str = "linf") -> float:
+    """An upper bound, rounded up, on ``||J||`` for every ``J`` with ``Jlo <= J <= Jhi`` (l_inf->l_inf or l2)."""
+    A = np.maximum(np.abs(Jlo), np.abs(Jhi))
+    if not np.all(np.isfinite(A)):
+        return math.inf
+    if norm == "linf":  # fsum rounds each row's sum to nearest: one step up makes it an upper bound
+        return max((float(_up(math.fsum(row))) for row in A), default=0.0)
+    if norm == "l2":
+        value = proven_spectral_norm(A)
+        return math.inf if value is None else float(value)
+    raise LipSDPError(f"unknown norm {norm!r} for Jacobian bounds; choose linf or l2")
+
+
+def _box_norm(network, lo, hi, norm, values):
+    Jlo, Jhi = jacobian_bounds(network, lo, hi, None if values is None else values(network, lo, hi))
+    return norm_of_bounds(Jlo, Jhi, norm), Jlo, Jhi
+
+
+def _point_norm(network: Network, x: np.ndarray, norm: str) -> float:
+    J = jacobians(network, x[None, :])[0]
+    return float(np.abs(J).sum(axis=1).max()) if norm == "linf" else float(np.linalg.norm(J, 2))
+
+
+def local_lipschitz_jacobian(network: Network, lower, upper, norm: str = "linf", time_limit: float | None = None,
+                             *, values: Callable | None = None, max_boxes: int = 100_000,
+                             rtol: float = 1e-6) -> tuple[float, dict]:
+    """A sound bound on the local Lipschitz constant of ``network`` on the box ``[lower, upper]``.
+
+    Parameters
+    ----------
+    network : Network
+    lower, upper : array_like
+        The box, flat ``(input_dim,)``, ``lower <= upper``.
+    norm : {"linf", "l2"}
+        The same norm on inputs and outputs.
+    time_limit : float, optional
+        Seconds for branch and bound (split the worst box along its widest input until the budget,
+        ``max_boxes`` or a gap of ``rtol`` to the sampled lower bound is reached); None: one pass.
+    values : callable, optional
+        ``values(network, lo, hi) -> {node: (lo, hi)}``: sound value bounds tighter than interval ones
+        (e.g. linear bound propagation); intersected with the interval bounds.
+
+    Returns
+    -------
+    bound : float
+        Upper bound on ``sup ||f(x) - f(y)|| / ||x - y||`` over ``x != y`` in the box.
+    details : dict
+        ``method``, ``boxes`` (leaves), ``lower_bound`` (largest Jacobian norm at a box centre),
+        ``Jlo``/``Jhi`` of the unsplit box, ``seconds``, ``complete`` (False when the budget stopped it).
+    """
+    lo, hi = (np.asarray(a, np.float64).ravel() for a in (lower, upper))
+    if lo.shape != (network.input_dim,) or hi.shape != lo.shape or not np.all(lo <= hi):
+        raise LipSDPError(f"the box must be two arrays of {network.input_dim} values with lower <= upper")
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise LipSDPError("the box must be finite")
+    start = time.monotonic()
+    bound, Jlo, Jhi = _box_norm(network, lo, hi, norm, values)
+    found = _point_norm(network, 0.5 * lo + 0.5 * hi, norm)
+    heap, count, complete = [(-bound, 0, lo, hi)], 1, True
+    while time_limit is not None and heap and -heap[0][0] > found * (1.0 + rtol):
+        if time.monotonic() - start > time_limit or count >= max_boxes:
+            complete = False
+            break
+        parent, _, blo, bhi = heapq.heappop(heap)
+        k = int(np.argmax(bhi - blo))
+        mid = 0.5 * blo[k] + 0.5 * bhi[k]
+        for a, b in ((blo[k], mid), (mid, bhi[k])):
+            slo, shi = blo.copy(), bhi.copy()
+            slo[k], shi[k] = a, b
+            value = min(-parent, _box_norm(network, slo, shi, norm, values)[0])  # both hold on the sub-box
+            found = max(found, _point_norm(network, 0.5 * slo + 0.5 * shi, norm))
+            count += 1
+            heapq.heappush(heap, (-value, count, slo, shi))
+    if time_limit is not None:
+        bound = min(bound, -heap[0][0])
+    return bound, {"method": "jacobian-interval" + ("+bab" if time_limit is not None else ""),
+                   "norm": norm, "boxes": len(heap), "lower_bound": found, "Jlo": Jlo, "Jhi": Jhi,
+                   "seconds": time.monotonic() - start, "complete": complete,
+                   "caveats": activations.caveats(network)}
