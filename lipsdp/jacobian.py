@@ -8,7 +8,8 @@ valid for every Jacobian in the box (Shi et al., NeurIPS 2022, treat the Jacobia
 the same way; docs/monotone.md, docs/math.md §6.1).  From them:
 
 * ``linf``: ``L_inf(X) <= max_i sum_j max(|Jlo_ij|, |Jhi_ij|)`` (Lebourg's mean value theorem);
-* ``l2``: ``L_2(X) <= ||A||_2`` with ``A = max(|Jlo|, |Jhi|)`` entrywise, since ``|J| <= A``.
+* ``l2``: ``L_2(X) <= min(||A||_2, ||C||_2 + ||R||_2)`` with ``A = max(|Jlo|, |Jhi|)`` entrywise
+  (``|J| <= A``), ``C`` the midpoint and ``R`` the radius of the interval matrix (``|J - C| <= R``).
 
 Every operation rounds outward (matrix products with Higham's ``gamma_n`` bound, sums and
 products one ulp outward, activation values and slopes with the catalogue's ``MARGIN``), so the
@@ -264,9 +265,12 @@ def norm_of_bounds(Jlo: np.ndarray, Jhi: np.ndarray, norm: str = "linf") -> floa
         return math.inf
     if norm == "linf":  # fsum rounds each row's sum to nearest: one step up makes it an upper bound
         return max((float(_up(math.fsum(row))) for row in A), default=0.0)
-    if norm == "l2":
-        value = proven_spectral_norm(A)
-        return math.inf if value is None else float(value)
+    if norm == "l2":  # |J| <= A, and J = C + E with |E| <= R: both bound ||J||_2; the second tends to ||J||
+        C = 0.5 * Jlo + 0.5 * Jhi
+        R = _up(np.maximum(_up(Jhi - C), _up(C - Jlo)))
+        whole, centre, spread = (proven_spectral_norm(M) for M in (A, C, R))
+        split = math.inf if centre is None or spread is None else float(_up(centre + spread))
+        return min(math.inf if whole is None else float(whole), split)
     raise LipSDPError(f"unknown norm {norm!r} for Jacobian bounds; choose linf or l2")
 
 
