@@ -58,12 +58,22 @@ def _split_signs(W):
     return np.maximum(W, 0.0), np.minimum(W, 0.0), np.abs(W)
 
 
+def _signed(lo, hi, nonneg, nonpos):
+    """Undo the outward step where the exact value's sign is known: a sum of non-negative terms is >= 0.
+
+    Outward rounding moves an exact 0 to -5e-324; without this, a lower bound that is exactly 0
+    (a monotone model's Jacobian) could never prove ``>= 0``.
+    """
+    return np.where(nonneg, np.maximum(lo, 0.0), lo), np.where(nonpos, np.minimum(hi, 0.0), hi)
+
+
 def _matmul_interval(W, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sound ``[W lo', W hi']`` hull of ``{W X : lo <= X <= hi}`` for an exact float64 matrix ``W``.
 
     ``W+ lo + W- hi`` is the exact lower end; float64 evaluation of these dot products of length
     ``2n`` errs by at most ``gamma_2n |W| max(|lo|, |hi|) + 2n eta`` (Higham, Accuracy and Stability,
-    §3.1 and 3.5); the bound is doubled to cover the rounding of the error term itself.
+    §3.1 and 3.5); the bound is doubled to cover the rounding of the error term itself.  Where no
+    term of the lower (upper) end is negative (positive), that end keeps its sign exactly.
     """
     Wp, Wn, Wa = _split_signs(W)
     n = W.shape[1]
@@ -72,20 +82,27 @@ def _matmul_interval(W, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.
     k = 2 * n + 2
     gamma = 2.0 * k * _U / (1.0 - k * _U)
     err = gamma * np.asarray(Wa @ np.maximum(np.abs(lo), np.abs(hi))) + 2.0 * k * _ETA
-    return _down(low - err), _up(high + err)
+    P, N = (Wp != 0).astype(np.float64), (Wn != 0).astype(np.float64)  # counts of terms of each sign
+    nonneg = np.asarray(P @ (lo < 0) + N @ (hi > 0)) == 0
+    nonpos = np.asarray(P @ (hi > 0) + N @ (lo < 0)) == 0
+    return _signed(_down(low - err), _up(high + err), nonneg, nonpos)
 
 
 def _add_interval(pairs) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = pairs[0]
     for a, b in pairs[1:]:
-        lo, hi = _down(lo + a), _up(hi + b)
+        lo, hi = _signed(_down(lo + a), _up(hi + b), (lo >= 0) & (a >= 0), (hi <= 0) & (b <= 0))
     return lo, hi
 
 
 def _mul_interval(slo, shi, lo, hi) -> tuple[np.ndarray, np.ndarray]:
     """Hull of ``{s x}`` for ``s`` in ``[slo, shi]`` (a column per row) and ``x`` in ``[lo, hi]``, outward."""
-    products = np.stack([slo * lo, slo * hi, shi * lo, shi * hi])
-    return _down(products.min(axis=0)), _up(products.max(axis=0))
+    pairs = [(slo, lo), (slo, hi), (shi, lo), (shi, hi)]
+    products = np.stack([a * b for a, b in pairs])
+    # the exact sign of each product from its factors' signs (a rounded product may underflow to 0)
+    pos = np.stack([(a == 0) | (b == 0) | ((a > 0) == (b > 0)) for a, b in pairs]).all(axis=0)
+    neg = np.stack([(a == 0) | (b == 0) | ((a > 0) != (b > 0)) for a, b in pairs]).all(axis=0)
+    return _signed(_down(products.min(axis=0)), _up(products.max(axis=0)), pos, neg)
 
 
 def _widen(lo, hi):
@@ -130,7 +147,7 @@ def interval_values(network: Network, lower, upper) -> dict[int, tuple[np.ndarra
             out[n] = (np.asarray(lower, np.float64).ravel(), np.asarray(upper, np.float64).ravel())
         elif isinstance(op, Affine):
             lo, hi = _matmul_interval(op.weight, *out[ps[0]])
-            out[n] = (lo, hi) if op.bias is None else (_down(lo + op.bias), _up(hi + op.bias))
+            out[n] = (lo, hi) if op.bias is None else _add_interval([(lo, hi), (op.bias, op.bias)])
         elif isinstance(op, Reshape):
             out[n] = out[ps[0]]
         elif isinstance(op, Add):
