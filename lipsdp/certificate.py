@@ -95,6 +95,11 @@ class Certificate:
         switches to the identity above its threshold with a tiny jump, so the bound ``L`` holds for the smooth
         softplus and torch's function satisfies ``|f(x) - f(y)| <= L |x - y| + 2 J``
         (:func:`lipsdp.activations.caveats`).  Empty when the bound is the model's own.
+    region : dict or None
+        For a local bound (:mod:`lipsdp.local`): the input region it holds on, ``center_sha256`` (float64
+        bytes), ``radius``, ``norm``, with how it was obtained; None for a global bound.
+    global_bound : float or None
+        For a local bound: the verified global bound computed alongside (``bound`` is never above it).
     """
 
     bound: float | None
@@ -120,6 +125,8 @@ class Certificate:
     schema_version: int = SCHEMA_VERSION
     created: str | None = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     caveats: list = field(default_factory=list)
+    region: dict | None = None
+    global_bound: float | None = None
 
     @property
     def verified(self) -> bool:
@@ -186,6 +193,9 @@ class Certificate:
         rows = [("Lipschitz bound (l2)" if self.norm == "l2" else f"Lipschitz bound ({self.norm})",
                  fmt(self.bound) if self.verified else "none (not verified)"),
                 ("status", self.status),
+                *([("region", f"{self.region['norm']} ball, radius {self.region['radius']:g}, center sha256 "
+                              f"{self.region['center_sha256'][:12]}"), ("global bound", fmt(self.global_bound))]
+                  if self.region else []),
                 ("trivial bound (prod of norms)", fmt(self.trivial_bound)),
                 ("ratio bound / trivial", fmt(self.ratio)),
                 ("sampled lower bound", fmt(self.lower_bound)),

@@ -30,6 +30,7 @@ from lipsdp.robustness_cli import positive_int
 from lipsdp.budget import Budget, LimitReached, parse_size
 from lipsdp.certificate import WRITING, Certificate
 from lipsdp.errors import LipSDPError
+from lipsdp.local import read_region
 from lipsdp.pipeline import certify, check_certificate
 from lipsdp.quiet import dropped
 from lipsdp.session import run
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the whole LMI does not fit in memory")
     c.add_argument("--strict", action="store_true",
                    help="also prove the certificate exactly in rational arithmetic (slope-restricted activations)")
+    c.add_argument("--center", metavar="X.npy", help="a local bound: on the ball of --radius around this input (.npy)")
+    c.add_argument("--radius", type=float, metavar="R", help="radius of the local bound's ball (with --center)")
+    c.add_argument("--region-norm", choices=["l2", "linf", "2", "inf"],
+                   help="norm of the local bound's ball (default: --norm, the Lipschitz norm)")
     c.add_argument("--save", metavar="CERT.json", help="write the certificate (multipliers, weights hash) to a file")
     c.add_argument("--debug", action="store_true",
                    help="show tracebacks, and what solvers print (kept off the terminal otherwise)")
@@ -205,7 +210,8 @@ def _cmd_certify(args, own_process: bool) -> int:
             cert = certify(args.model, solver=args.solver, formulation=args.formulation, norm=args.norm,
                            output_index=args.output, activation=args.activation, input_shape=args.input_shape,
                            time_limit=args.time_limit, tol=args.tol, trust_pickle=args.trust_pickle,
-                           lower_bound_samples=max(args.samples, 0), strict=args.strict, split=args.split)
+                           lower_bound_samples=max(args.samples, 0), strict=args.strict, split=args.split,
+                           **read_region(args.center, args.radius, args.region_norm))
     except LimitReached as exc:
         if args.debug:
             raise

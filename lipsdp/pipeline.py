@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from lipsdp import threads as thread_pools
+from lipsdp import local, threads as thread_pools
 from lipsdp.activations import caveats as activation_caveats
 from lipsdp.bounds import node_lipschitz, sampled_lower_bound
 from lipsdp.budget import checkpoint, current, step
@@ -330,8 +330,8 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
             input_shape: tuple | None = None, time_limit: float | None = None, tol: float | None = None,
             trust_pickle: bool = False, lower_bound_samples: int = 128, memory_limit: int | None = None,
             progress: bool | str = False, strict: bool = False, split: int | None = None,
-            threads: int | None = None, verbose: bool = False) -> Certificate:
-    """Certify an upper bound on the l2 Lipschitz constant of a network.
+            threads: int | None = None, verbose: bool = False, center=None, radius=None, region_norm=None) -> Certificate:
+    """Certify an upper bound on the l2 Lipschitz constant of a network (on a ball: :func:`lipsdp.local.regional`).
 
     Parameters
     ----------
@@ -413,7 +413,7 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
                 raise LipSDPError(f"output {output_index} does not exist: the network has {m} outputs "
                                   f"(0..{m - 1})")
             output_map = np.eye(m)[output_index:output_index + 1]
-        return certify_network(network, solver=solver, formulation=formulation, norm=norm,
+        return local.regional(certify_network, center, radius, region_norm)(network, solver=solver, formulation=formulation, norm=norm,
                                output_map=output_map, time_limit=time_limit, tol=tol,
                                lower_bound_samples=lower_bound_samples, memory_limit=memory_limit,
                                progress=progress, source=source, load_seconds=time.perf_counter() - t0,

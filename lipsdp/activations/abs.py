@@ -21,5 +21,9 @@ class Abs(SlopeActivation):
     def sector(self, params):
         return -1.0, 1.0
 
+    def derivative_range(self, lo, hi, params):
+        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        return np.where(lo >= 0, 1.0, -1.0), np.where(hi <= 0, -1.0, 1.0)
+
     def breakpoints(self, params):
         return (0.0,)

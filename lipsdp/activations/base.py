@@ -150,6 +150,18 @@ class SlopeActivation:
         """
         raise NotImplementedError
 
+    def derivative_range(self, lo: np.ndarray, hi: np.ndarray, params: Mapping) -> tuple[np.ndarray, np.ndarray]:
+        """The slope sector of :math:`\\phi` restricted to intervals: elementwise ``(alpha, beta)`` with
+        :math:`\\alpha_i \\le (\\phi(a) - \\phi(b)) / (a - b) \\le \\beta_i` for all ``a != b`` in
+        ``[lo_i, hi_i]`` (the range of :math:`\\phi'` there; docs/math.md §6).
+
+        The default is the global :meth:`sector` (sound everywhere, not tightened); entries override it.
+        Overrides round outwards and never leave the global sector.
+        """
+        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        a, b = self.sector(params)
+        return np.full(lo.shape, float(a)), np.full(hi.shape, float(b))
+
     def breakpoints(self, params: Mapping) -> tuple[float, ...]:
         """Where the evaluation switches formula or ``phi'`` jumps (tests probe pairs around them)."""
         return ()
@@ -191,6 +203,15 @@ class SlopeActivation:
 def catalogue() -> dict[str, SlopeActivation]:
     """A copy of the catalogue: ``Activation.function`` key -> entry."""
     return dict(_CATALOGUE)
+
+
+def unimodal_range(derivative, lo, hi, peak: float = 0.0):
+    """``(min, max)`` of a derivative that rises up to ``peak`` and falls after it, over ``[lo, hi]``
+    elementwise, rounded outwards by :data:`MARGIN` (tanh, sigmoid)."""
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    low = np.minimum(derivative(lo), derivative(hi))
+    high = derivative(np.clip(peak, lo, hi))
+    return low - MARGIN, high + MARGIN
 
 
 def sigmoid(x):

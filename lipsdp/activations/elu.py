@@ -40,5 +40,19 @@ class ELU(SlopeActivation):
         a = self.real(params, "alpha")
         return min(0.0, a), max(1.0, a)
 
+    def derivative_range(self, lo, hi, params):
+        # phi' is a e^x (monotone in x) below 0 and 1 above: its range is spanned by the endpoints and,
+        # across 0, by a and 1.
+        a = self.real(params, "alpha")
+        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        d_lo, d_hi = self.derivative(lo, params), self.derivative(hi, params)
+        left = np.minimum(d_lo, d_hi)
+        right = np.maximum(d_lo, d_hi)
+        across = (lo <= 0) & (hi > 0)
+        left = np.where(across, np.minimum(left, min(a, 1.0)), left) - 1e-10
+        right = np.where(across, np.maximum(right, max(a, 1.0)), right) + 1e-10
+        glo, ghi = self.sector(params)
+        return np.maximum(left, glo), np.minimum(right, ghi)
+
     def breakpoints(self, params):
         return (0.0,)

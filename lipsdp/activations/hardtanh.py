@@ -27,5 +27,15 @@ class Hardtanh(SlopeActivation):
         lo, hi = self.real(params, "min_val"), self.real(params, "max_val")
         return 0.0, (1.0 if hi > lo else 0.0)
 
+    def derivative_range(self, lo, hi, params):
+        # 1 where the interval lies inside (min_val, max_val), 0 where it lies outside, [0, 1] across a kink.
+        low, high = self.real(params, "min_val"), self.real(params, "max_val")
+        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        if not high > low:
+            return np.zeros(lo.shape), np.zeros(hi.shape)
+        inside = (lo >= low) & (hi <= high)
+        outside = (hi <= low) | (lo >= high)
+        return inside.astype(np.float64), (~outside).astype(np.float64)
+
     def breakpoints(self, params):
         return (self.real(params, "min_val"), self.real(params, "max_val"))

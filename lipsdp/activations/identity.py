@@ -18,5 +18,8 @@ class Identity(SlopeActivation):
     def derivative(self, x, params):
         return np.ones_like(x)
 
+    def derivative_range(self, lo, hi, params):
+        return np.ones(np.shape(lo)), np.ones(np.shape(hi))
+
     def sector(self, params):
         return 1.0, 1.0

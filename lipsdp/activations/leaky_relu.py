@@ -39,5 +39,12 @@ class LeakyReLU(SlopeActivation):
         a = self.real(params, "negative_slope")
         return min(a, 1.0), max(a, 1.0)
 
+    def derivative_range(self, lo, hi, params):
+        a = self.real(params, "negative_slope")
+        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        left = np.where(hi <= 0, a, np.where(lo >= 0, 1.0, min(a, 1.0)))
+        right = np.where(hi <= 0, a, np.where(lo >= 0, 1.0, max(a, 1.0)))
+        return left, right
+
     def breakpoints(self, params):
         return (0.0,)

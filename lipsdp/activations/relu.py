@@ -25,5 +25,10 @@ class ReLU(SlopeActivation):
     def sector(self, params):
         return 0.0, 1.0
 
+    def derivative_range(self, lo, hi, params):
+        # On an interval that stays on one side of 0 every difference quotient is 0 (or 1).
+        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        return (lo >= 0).astype(np.float64), (hi > 0).astype(np.float64)
+
     def breakpoints(self, params):
         return (0.0,)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lipsdp.activations.base import SlopeActivation, TorchModule, sigmoid
+import numpy as np
+
+from lipsdp.activations.base import SlopeActivation, TorchModule, sigmoid, unimodal_range
 
 
 class Sigmoid(SlopeActivation):
@@ -20,6 +22,10 @@ class Sigmoid(SlopeActivation):
     def derivative(self, x, params):
         s = sigmoid(x)
         return s * (1.0 - s)
+
+    def derivative_range(self, lo, hi, params):
+        low, high = unimodal_range(lambda x: sigmoid(x) * (1.0 - sigmoid(x)), lo, hi)
+        return np.maximum(low, 0.0), np.minimum(high, 0.25)
 
     def sector(self, params):
         return 0.0, 0.25

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lipsdp.activations.base import SlopeActivation, TorchModule
+from lipsdp.activations.base import SlopeActivation, TorchModule, unimodal_range
 
 
 class Tanh(SlopeActivation):
@@ -21,6 +21,10 @@ class Tanh(SlopeActivation):
 
     def derivative(self, x, params):
         return 1.0 - np.tanh(x) ** 2
+
+    def derivative_range(self, lo, hi, params):
+        low, high = unimodal_range(lambda x: 1.0 - np.tanh(x) ** 2, lo, hi)
+        return np.maximum(low, 0.0), np.minimum(high, 1.0)
 
     def sector(self, params):
         return 0.0, 1.0
