@@ -32,6 +32,7 @@ from lipsdp.activations import MARGIN
 from lipsdp.bounds import jacobians, proven_spectral_norm
 from lipsdp.errors import LipSDPError, UnsupportedLayerError
 from lipsdp.network import Activation, Add, Affine, Concat, Input, Network, Reshape, concat_permutation
+from lipsdp.preact import preactivation_bounds
 
 __all__ = ["jacobian_bounds", "interval_values", "local_lipschitz_jacobian", "norm_of_bounds",
            "slope_ranges", "supported"]
@@ -257,17 +258,22 @@ def _backward(network: Network, slopes: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((m, d)), np.zeros((m, d))
 
 
-def jacobian_bounds(network: Network, lower, upper, values=None) -> tuple[np.ndarray, np.ndarray]:
+def jacobian_bounds(network: Network, lower, upper, values=None, method: str = "crown") -> tuple[np.ndarray, np.ndarray]:
     """Elementwise ``(Jlo, Jhi)``, shape ``(m, n0)``, containing every Clarke Jacobian of the network on the box.
 
     Interval products lose different correlations when evaluated from the input forward and from
     the output back; both hulls are sound, so their intersection is returned.  ``values`` are sound
-    bounds ``{node: (lo, hi)}`` on the nodes' values (default :func:`interval_values`; any sound
-    method, e.g. linear bound propagation, may supply tighter ones: they are intersected with those).
+    bounds ``{node: (lo, hi)}`` on the nodes' values, intersected with :func:`interval_values`; when
+    None, ``method`` ``"crown"`` takes them from linear bound propagation
+    (:func:`lipsdp.preact.preactivation_bounds`) and ``"interval"`` uses the interval ones alone.
     """
     bad = supported(network)
     if bad:
         raise UnsupportedLayerError(bad)
+    if values is None and method == "crown":
+        values = preactivation_bounds(network, lower, upper, "crown")
+    elif values is None and method != "interval":
+        raise LipSDPError(f"unknown bounding method {method!r}; choose crown or interval")
     own = _values(network, lower, upper, values)
     slopes = {n: slope_ranges(network.op(n), *own[network.parents(n)[0]]) for n in network.activations()}
     flo, fhi = _forward(network, slopes)
@@ -292,7 +298,10 @@ def norm_of_bounds(Jlo: np.ndarray, Jhi: np.ndarray, norm: str = "linf") -> floa
 
 
 def _box_norm(network, lo, hi, norm, values):
-    Jlo, Jhi = jacobian_bounds(network, lo, hi, None if values is None else values(network, lo, hi))
+    if isinstance(values, str):
+        Jlo, Jhi = jacobian_bounds(network, lo, hi, method=values)
+    else:
+        Jlo, Jhi = jacobian_bounds(network, lo, hi, values(network, lo, hi))
     return norm_of_bounds(Jlo, Jhi, norm), Jlo, Jhi
 
 
@@ -302,7 +311,7 @@ def _point_norm(network: Network, x: np.ndarray, norm: str) -> float:
 
 
 def local_lipschitz_jacobian(network: Network, lower, upper, norm: str = "linf", time_limit: float | None = None,
-                             *, values: Callable | None = None, max_boxes: int = 100_000,
+                             *, values: Callable | str = "crown", max_boxes: int = 100_000,
                              rtol: float = 1e-6) -> tuple[float, dict]:
     """A sound bound on the local Lipschitz constant of ``network`` on the box ``[lower, upper]``.
 
@@ -316,9 +325,9 @@ def local_lipschitz_jacobian(network: Network, lower, upper, norm: str = "linf",
     time_limit : float, optional
         Seconds for branch and bound (split the worst box along its widest input until the budget,
         ``max_boxes`` or a gap of ``rtol`` to the sampled lower bound is reached); None: one pass.
-    values : callable, optional
-        ``values(network, lo, hi) -> {node: (lo, hi)}``: sound value bounds tighter than interval ones
-        (e.g. linear bound propagation); intersected with the interval bounds.
+    values : {"crown", "interval"} or callable
+        How the nodes' value bounds on each box are found: linear bound propagation (default), interval
+        propagation, or ``values(network, lo, hi) -> {node: (lo, hi)}`` (intersected with the interval ones).
 
     Returns
     -------
@@ -353,7 +362,8 @@ def local_lipschitz_jacobian(network: Network, lower, upper, norm: str = "linf",
             heapq.heappush(heap, (-value, count, slo, shi))
     if time_limit is not None:
         bound = min(bound, -heap[0][0])
-    return bound, {"method": "jacobian-interval" + ("+bab" if time_limit is not None else ""),
+    name = values if isinstance(values, str) else "custom"
+    return bound, {"method": f"jacobian-interval({name})" + ("+bab" if time_limit is not None else ""),
                    "norm": norm, "boxes": len(heap), "lower_bound": found, "Jlo": Jlo, "Jhi": Jhi,
                    "seconds": time.monotonic() - start, "complete": complete,
                    "caveats": activations.caveats(network)}
