@@ -5,7 +5,7 @@ is a product of the layers' linear maps and diagonal matrices of activation slop
 in the range of ``phi'`` (the Clarke derivative at kinks) over the neuron's pre-activation interval.
 Propagating intervals of matrices through the graph gives elementwise bounds ``Jlo <= J <= Jhi``
 valid for every Jacobian in the box (Shi et al., NeurIPS 2022, treat the Jacobian as a network in
-the same way; docs/monotone.md, docs/math.md §6.1).  From them:
+the same way; docs/monotone.md, docs/math.md §6.5).  From them:
 
 * ``linf``: ``L_inf(X) <= max_i sum_j max(|Jlo_ij|, |Jhi_ij|)`` (Lebourg's mean value theorem);
 * ``l2``: ``L_2(X) <= min(||A||_2, ||C||_2 + ||R||_2)`` with ``A = max(|Jlo|, |Jhi|)`` entrywise
