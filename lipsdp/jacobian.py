@@ -130,11 +130,13 @@ def supported(network: Network) -> list[tuple[str, int, str]]:
 def _activation_values(op: Activation, lo, hi):
     entry = activations.get(op.function)
     alpha, beta = entry.sector(op.params)
+    jump = entry.discontinuity(op.params)  # a framework's switch of formula (torch's Softplus threshold)
     if alpha >= 0.0:  # nondecreasing: the ends map to the ends
-        return _widen(entry.evaluate(lo, op.params), entry.evaluate(hi, op.params))
+        low, high = _widen(entry.evaluate(lo, op.params), entry.evaluate(hi, op.params))
+        return _down(low - jump), _up(high + jump)
     # Not monotone: phi(x) lies within K |x - c| of phi(c), K = max(|alpha|, |beta|).
     c = 0.5 * lo + 0.5 * hi
-    r = _up(np.maximum(_up(hi - c), _up(c - lo)) * max(abs(alpha), abs(beta)))
+    r = _up(_up(np.maximum(_up(hi - c), _up(c - lo)) * max(abs(alpha), abs(beta))) + jump)
     mid = entry.evaluate(c, op.params)
     return _widen(_down(mid - r), _up(mid + r))
 

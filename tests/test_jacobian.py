@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -41,6 +42,8 @@ MODELS = {
     "leaky_relu": lambda: mlp([3, 6, 6, 2], "leaky_relu", seed=4),
     "hardtanh": lambda: mlp([3, 6, 2], "hardtanh", seed=5),
     "gelu": lambda: mlp([3, 6, 2], "gelu", seed=6),  # not monotone: sector slopes, Lipschitz value bounds
+    "softplus": lambda: mlp([3, 6, 2], "softplus", seed=8),  # torch's threshold switch: a tiny jump
+    "elu": lambda: mlp([3, 6, 2], "elu", seed=9),
     "residual": lambda: residual_mlp(seed=7),
     "concat": Concatenated,
 }
@@ -122,6 +125,20 @@ def test_rounding_is_outward():
     assert value > 3 * (1.0 / 3.0) or value >= 1.0
     lo, hi = jacobian_bounds(Network.sequential([np.full((1, 3), 0.1)], activation="relu"), np.zeros(3), np.ones(3))
     assert np.all(lo < 0.1) and np.all(hi > 0.1)  # the identity input Jacobian times 0.1, widened outward
+
+
+def test_sparse_weights_give_the_dense_bounds():
+    """Unrolled convolutions arrive as scipy.sparse Affine weights: same bounds as the dense matrices."""
+    rng = np.random.default_rng(4)
+    W0, W1 = rng.standard_normal((6, 4)) * (rng.random((6, 4)) < 0.5), rng.standard_normal((2, 6))
+    dense = Network.sequential([W0, W1], biases=[0.1 * np.ones(6), None])
+    sparse = Network.sequential([W0, W1], biases=[0.1 * np.ones(6), None])
+    for n in sparse.graph.nodes:
+        if isinstance(sparse.op(n), Affine):
+            sparse.op(n).weight = sp.csr_matrix(sparse.op(n).weight)
+    a, b = jacobian_bounds(sparse, -0.3 * np.ones(4), 0.3 * np.ones(4))
+    c, d = jacobian_bounds(dense, -0.3 * np.ones(4), 0.3 * np.ones(4))
+    assert np.allclose(a, c, rtol=1e-12, atol=0) and np.allclose(b, d, rtol=1e-12, atol=0)
 
 
 def test_refusals():
