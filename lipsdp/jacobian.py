@@ -7,7 +7,8 @@ Propagating intervals of matrices through the graph gives elementwise bounds ``J
 valid for every Jacobian in the box (Shi et al., NeurIPS 2022, treat the Jacobian as a network in
 the same way; docs/monotone.md, docs/math.md §6.5).  From them:
 
-* ``linf``: ``L_inf(X) <= max_i sum_j max(|Jlo_ij|, |Jhi_ij|)`` (Lebourg's mean value theorem);
+* ``linf``: ``L_inf(X) <= max_i sum_j max(|Jlo_ij|, |Jhi_ij|)`` (Lebourg's mean value theorem), and
+  where few neurons are unstable, the exact maximum over the vertices of the slope box (tighter);
 * ``l2``: ``L_2(X) <= min(||A||_2, ||C||_2 + ||R||_2)`` with ``A = max(|Jlo|, |Jhi|)`` entrywise
   (``|J| <= A``), ``C`` the midpoint and ``R`` the radius of the interval matrix (``|J - C| <= R``).
 
@@ -35,7 +36,7 @@ from lipsdp.network import Activation, Add, Affine, Concat, Input, Network, Resh
 from lipsdp.preact import preactivation_bounds
 
 __all__ = ["jacobian_bounds", "interval_values", "local_lipschitz_jacobian", "norm_of_bounds",
-           "slope_ranges", "supported"]
+           "slope_ranges", "supported", "vertex_jacobians"]
 
 _U = 2.0 ** -53        # unit roundoff of float64
 _ETA = 2.0 ** -1074    # smallest subnormal: the absolute error floor of a product under underflow
@@ -43,7 +44,7 @@ _ETA = 2.0 ** -1074    # smallest subnormal: the absolute error floor of a produ
 _EVEN_BELL = ("tanh", "sigmoid")  # phi' even and decreasing in |x|
 
 
-def _down(x):
+def _down(x):  # the next float below: a lower bound on the exact result of one rounded operation
     return np.nextafter(x, -np.inf)
 
 
@@ -91,7 +92,7 @@ def _matmul_interval(W, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.
 
 def _add_interval(pairs) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = pairs[0]
-    for a, b in pairs[1:]:
+    for a, b in pairs[1:]:  # exact signs kept where every term has one
         lo, hi = _signed(_down(lo + a), _up(hi + b), (lo >= 0) & (a >= 0), (hi <= 0) & (b <= 0))
     return lo, hi
 
@@ -196,21 +197,20 @@ def slope_ranges(op: Activation, lo: np.ndarray, hi: np.ndarray) -> tuple[np.nda
 
 
 def _values(network: Network, lower, upper, values):
-    own = interval_values(network, lower, upper)
-    if values is None:
-        return own
-    return {n: (np.maximum(own[n][0], values[n][0]), np.minimum(own[n][1], values[n][1])) if n in values
-            else own[n] for n in own}
+    own, values = interval_values(network, lower, upper), values or {}
+    return {n: (np.maximum(b[0], values[n][0]), np.minimum(b[1], values[n][1])) if n in values else b
+            for n, b in own.items()}
 
 
-def _forward(network: Network, slopes: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Intervals of ``d node / d x`` from the input forward (columns: the inputs)."""
+def _forward(network: Network, slopes: dict, copies: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Intervals of ``d node / d x`` from the input forward (columns: the inputs, ``copies`` times over;
+    a slope array of shape ``(size, copies * n0)`` gives each copy its own slopes)."""
     d = network.input_dim
     J: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for n in network.graph.nodes:
         op, ps = network.op(n), network.parents(n)
         if isinstance(op, Input):
-            J[n] = (np.eye(d), np.eye(d))
+            J[n] = (np.tile(np.eye(d), (1, copies)),) * 2
         elif isinstance(op, Affine):
             J[n] = _matmul_interval(op.weight, *J[ps[0]])
         elif isinstance(op, Reshape):
@@ -221,8 +221,8 @@ def _forward(network: Network, slopes: dict) -> tuple[np.ndarray, np.ndarray]:
             perm = concat_permutation([network.op(p).shape for p in ps], op.axis)
             J[n] = tuple(np.vstack([J[p][i] for p in ps])[perm] for i in (0, 1))
         else:
-            slo, shi = slopes[n]
-            J[n] = _mul_interval(slo[:, None], shi[:, None], *J[ps[0]])
+            slo, shi = (s if s.ndim == 2 else s[:, None] for s in slopes[n])
+            J[n] = _mul_interval(slo, shi, *J[ps[0]])
     return J[network.output]
 
 
@@ -260,15 +260,7 @@ def _backward(network: Network, slopes: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((m, d)), np.zeros((m, d))
 
 
-def jacobian_bounds(network: Network, lower, upper, values=None, method: str = "crown") -> tuple[np.ndarray, np.ndarray]:
-    """Elementwise ``(Jlo, Jhi)``, shape ``(m, n0)``, containing every Clarke Jacobian of the network on the box.
-
-    Interval products lose different correlations when evaluated from the input forward and from
-    the output back; both hulls are sound, so their intersection is returned.  ``values`` are sound
-    bounds ``{node: (lo, hi)}`` on the nodes' values, intersected with :func:`interval_values`; when
-    None, ``method`` ``"crown"`` takes them from linear bound propagation
-    (:func:`lipsdp.preact.preactivation_bounds`) and ``"interval"`` uses the interval ones alone.
-    """
+def _slopes(network: Network, lower, upper, values, method: str) -> dict:
     bad = supported(network)
     if bad:
         raise UnsupportedLayerError(bad)
@@ -277,10 +269,61 @@ def jacobian_bounds(network: Network, lower, upper, values=None, method: str = "
     elif values is None and method != "interval":
         raise LipSDPError(f"unknown bounding method {method!r}; choose crown or interval")
     own = _values(network, lower, upper, values)
-    slopes = {n: slope_ranges(network.op(n), *own[network.parents(n)[0]]) for n in network.activations()}
+    return {n: slope_ranges(network.op(n), *own[network.parents(n)[0]]) for n in network.activations()}
+
+
+def jacobian_bounds(network: Network, lower, upper, values=None, method: str = "crown",
+                    vertex_budget: int = 2 ** 16) -> tuple[np.ndarray, np.ndarray]:
+    """Elementwise ``(Jlo, Jhi)``, shape ``(m, n0)``, containing every Clarke Jacobian of the network on the box.
+
+    Interval products lose different correlations when evaluated from the input forward and from
+    the output back; both hulls are sound, so their intersection is returned, intersected again with
+    the hull of the Jacobians at the slope box's vertices where those are few enough
+    (:func:`vertex_jacobians`).  ``values`` are sound bounds ``{node: (lo, hi)}`` on the nodes' values,
+    intersected with :func:`interval_values`; when None, ``method`` ``"crown"`` takes them from linear
+    bound propagation (:func:`lipsdp.preact.preactivation_bounds`), ``"interval"`` uses those alone.
+    """
+    return _box(network, _slopes(network, lower, upper, values, method), vertex_budget)[:2]
+
+
+def _box(network: Network, slopes: dict, budget: int):
     flo, fhi = _forward(network, slopes)
     blo, bhi = _backward(network, slopes)
-    return np.maximum(flo, blo), np.minimum(fhi, bhi)
+    Jlo, Jhi = np.maximum(flo, blo), np.minimum(fhi, bhi)
+    vertices = vertex_jacobians(network, slopes, budget)
+    if vertices is not None:
+        Jlo, Jhi = np.maximum(Jlo, vertices[0].min(axis=1)), np.minimum(Jhi, vertices[1].max(axis=1))
+    return Jlo, Jhi, vertices
+
+
+def vertex_jacobians(network: Network, slopes: dict, budget: int = 2 ** 16):
+    """Enclosures ``(lo, hi)``, shape ``(m, vertices, n0)``, of the Jacobian at each vertex of the slope box.
+
+    ``J`` is affine in each activation's slope matrix ``D_k`` with the others fixed (every path passes
+    a node once): each entry's extremes, and the maximum of any norm (convex in each ``D_k``), over the
+    product of slope boxes are at its vertices (docs/math.md §6.5).  Only neurons whose slope range is
+    not one point double the count; None when the vertices times the inputs exceed ``budget`` (the
+    batch is that many columns).
+    """
+    free = [(n, i) for n, (lo, hi) in slopes.items() for i in np.flatnonzero(lo < hi)]
+    d, count = network.input_dim, 2 ** len(free)
+    if count * d > budget:
+        return None
+    bits = (np.arange(count)[:, None] >> np.arange(len(free))) & 1 == 1  # (vertex, free neuron)
+    batch = {n: np.repeat(lo[:, None], count, axis=1) for n, (lo, _) in slopes.items()}
+    for k, (n, i) in enumerate(free):
+        batch[n][i, bits[:, k]] = slopes[n][1][i]
+    batch = {n: (np.repeat(S, d, axis=1),) * 2 for n, S in batch.items()}  # column b * d + j: vertex b, input j
+    Jlo, Jhi = _forward(network, batch, copies=count)
+    return Jlo.reshape(len(Jlo), count, d), Jhi.reshape(len(Jhi), count, d)
+
+
+def _vertex_norm(vertices) -> float:
+    """``max`` over the vertices of the largest row sum of ``max(|lo|, |hi|)``, rounded up."""
+    d = vertices[0].shape[2]
+    total = float(np.maximum(np.abs(vertices[0]), np.abs(vertices[1])).sum(axis=2).max(initial=0.0))
+    # a float sum of d non-negative terms is within gamma_d of the exact one
+    return float(_up(total * (1.0 + 2.0 * d * _U / (1.0 - d * _U)))) if math.isfinite(total) else math.inf
 
 
 def norm_of_bounds(Jlo: np.ndarray, Jhi: np.ndarray, norm: str = "linf") -> float:
@@ -299,12 +342,14 @@ def norm_of_bounds(Jlo: np.ndarray, Jhi: np.ndarray, norm: str = "linf") -> floa
     raise LipSDPError(f"unknown norm {norm!r} for Jacobian bounds; choose linf or l2")
 
 
-def _box_norm(network, lo, hi, norm, values):
-    if isinstance(values, str):
-        Jlo, Jhi = jacobian_bounds(network, lo, hi, method=values)
-    else:
-        Jlo, Jhi = jacobian_bounds(network, lo, hi, values(network, lo, hi))
-    return norm_of_bounds(Jlo, Jhi, norm), Jlo, Jhi
+def _box_norm(network, lo, hi, norm, values, budget):
+    slopes = _slopes(network, lo, hi, None, values) if isinstance(values, str) else \
+        _slopes(network, lo, hi, values(network, lo, hi), "interval")
+    Jlo, Jhi, vertices = _box(network, slopes, budget)
+    bound = norm_of_bounds(Jlo, Jhi, norm)
+    if norm == "linf" and vertices is not None:
+        bound = min(bound, _vertex_norm(vertices))
+    return bound, Jlo, Jhi
 
 
 def _point_norm(network: Network, x: np.ndarray, norm: str) -> float:
@@ -314,7 +359,7 @@ def _point_norm(network: Network, x: np.ndarray, norm: str) -> float:
 
 def local_lipschitz_jacobian(network: Network, lower, upper, norm: str = "linf", time_limit: float | None = None,
                              *, values: Callable | str = "crown", max_boxes: int = 100_000,
-                             rtol: float = 1e-6) -> tuple[float, dict]:
+                             rtol: float = 1e-6, vertex_budget: int = 2 ** 16) -> tuple[float, dict]:
     """A sound bound on the local Lipschitz constant of ``network`` on the box ``[lower, upper]``.
 
     Parameters
@@ -330,6 +375,9 @@ def local_lipschitz_jacobian(network: Network, lower, upper, norm: str = "linf",
     values : {"crown", "interval"} or callable
         How the nodes' value bounds on each box are found: linear bound propagation (default), interval
         propagation, or ``values(network, lo, hi) -> {node: (lo, hi)}`` (intersected with the interval ones).
+    vertex_budget : int
+        ``linf``: where (slope vertices) x (inputs) is at most this, the bound is also taken as the
+        maximum over the vertices (:func:`vertex_jacobians`), and the smaller of the two is kept.
 
     Returns
     -------
@@ -345,7 +393,7 @@ def local_lipschitz_jacobian(network: Network, lower, upper, norm: str = "linf",
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
         raise LipSDPError("the box must be finite")
     start = time.monotonic()
-    bound, Jlo, Jhi = _box_norm(network, lo, hi, norm, values)
+    bound, Jlo, Jhi = _box_norm(network, lo, hi, norm, values, vertex_budget)
     found = _point_norm(network, 0.5 * lo + 0.5 * hi, norm)
     heap, count, complete = [(-bound, 0, lo, hi)], 1, True
     while time_limit is not None and heap and -heap[0][0] > found * (1.0 + rtol):
@@ -358,7 +406,7 @@ def local_lipschitz_jacobian(network: Network, lower, upper, norm: str = "linf",
         for a, b in ((blo[k], mid), (mid, bhi[k])):
             slo, shi = blo.copy(), bhi.copy()
             slo[k], shi[k] = a, b
-            value = min(-parent, _box_norm(network, slo, shi, norm, values)[0])  # both hold on the sub-box
+            value = min(-parent, _box_norm(network, slo, shi, norm, values, vertex_budget)[0])  # both hold on the sub-box
             found = max(found, _point_norm(network, 0.5 * slo + 0.5 * shi, norm))
             count += 1
             heapq.heappush(heap, (-value, count, slo, shi))
