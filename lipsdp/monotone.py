@@ -90,10 +90,12 @@ def region_box(network: Network, center=None, radius=None, lower=None, upper=Non
 
 
 def _indices(values, size: int, what: str) -> list[int]:
-    out = sorted({int(v) for v in np.atleast_1d(values)})
-    bad = [v for v in out if not 0 <= v < size]
-    if not out or bad:
-        raise LipSDPError(f"{what} indices must lie in 0..{size - 1}, got {list(np.atleast_1d(values))}")
+    given = np.atleast_1d(np.asarray(values))
+    if given.size == 0 or not np.issubdtype(given.dtype, np.integer):
+        raise LipSDPError(f"{what} indices must be whole numbers, got {values!r}")
+    out = sorted({int(v) for v in given})
+    if any(not 0 <= v < size for v in out):
+        raise LipSDPError(f"{what} indices must lie in 0..{size - 1}, got {out}")
     return out
 
 
@@ -200,8 +202,8 @@ def monotone(model, inputs, outputs, *, center=None, radius=None, lower=None, up
     -------
     MonotoneResult
     """
-    start = time.monotonic()
     network, _ = load_model(model, **load_options)
+    start = time.monotonic()  # the budget is for the search and the proof, not for loading
     network.validate()
     bad = supported(network)
     if bad:

@@ -94,6 +94,10 @@ class _returns:
         return False
 
 
-def test_region_size_is_checked():
+def test_region_and_indices_are_checked():
     with pytest.raises(lipsdp.LipSDPError, match="takes 3 inputs"):
         lipsdp.monotone(monotone_model(), 0, 0, center=np.zeros(4), radius=0.1)
+    with pytest.raises(lipsdp.LipSDPError, match="whole numbers"):
+        lipsdp.monotone(monotone_model(), [1.5], 0, center=np.zeros(3), radius=0.1)
+    with pytest.raises(lipsdp.LipSDPError, match="one of the two"):
+        lipsdp.monotone(monotone_model(), 0, 0, center=np.zeros(3), radius=0.1, lower=np.zeros(3), upper=np.ones(3))
