@@ -33,13 +33,13 @@ from threadpoolctl import threadpool_limits
 
 from lipsdp.dataset import data_digest
 from lipsdp.errors import LipSDPError
-from lipsdp.robustness import certified_radii, global_certificate, pair_certificate
+from lipsdp.robustness import certified_radii, global_certificate, local_radii, pair_certificate
 
 __all__ = ["DatasetResult", "ResultLog", "SerialExecutor", "ProcessExecutor", "DaskExecutor", "StoppedEarly",
            "bound_units", "compute", "evaluate_dataset", "make_executor"]
 
 FORMAT = "lipsdp-robustness/1"
-METHODS = ("global", "pairwise")
+METHODS = ("global", "pairwise", "local")
 #: Samples per sample unit: large enough that a unit is worth sending, small enough to stream.
 CHUNK = 256
 
@@ -50,7 +50,7 @@ class StoppedEarly(Exception):
 
 def bound_units(num_classes: int, method: str) -> list[dict]:
     """The SDP units of a method: ``[{"id": "global"}]`` or one ``{"id": "pair y j", "pair": [y, j]}`` per pair."""
-    if method == "global":
+    if method in ("global", "local"):  # local: each sample's own bound, never above the global one
         return [{"kind": "bound", "id": "global"}]
     return [{"kind": "bound", "id": f"pair {y} {j}", "pair": [y, j]}
             for y in range(num_classes) for j in range(y + 1, num_classes)]
@@ -72,6 +72,11 @@ def compute(network, task: dict) -> dict:
                   "verified": bool(cert.verified), "status": cert.status, "solver": cert.solver}
         if "pair" in task:
             record["pair"] = list(task["pair"])
+    elif opts["method"] == "local":
+        record = {"id": task["id"], "start": task["start"], **{k: (v.tolist() if hasattr(v, "tolist") else v)
+                  for k, v in local_radii(network, task["x"], task["y"], task["L"], opts["region_radius"],
+                                          opts["norm"], solver=opts["solver"], formulation=opts["formulation"],
+                                          time_limit=opts["time_limit"]).items()}}
     else:
         res = certified_radii(network, task["x"], task["y"], L=task["L"], norm=opts["norm"])
         record = {"id": task["id"], "start": task["start"], "radii": res.radii.tolist(),
@@ -258,7 +263,8 @@ class DatasetResult:
     ``radii[i]`` is 0 for a misclassified sample; sample ``i`` is certified at radius ``r`` when
     ``radii[i] > r``. ``bounds`` holds one record per SDP (``bound`` is None where it did not verify:
     that pair then counts as an infinite bound, so no sample is certified through it). ``computed`` and
-    ``reused`` count units run now and units read back from the results file.
+    ``reused`` count units run now and units read back from the results file. ``local_bounds`` (method
+    ``local``): each sample's verified local bound, None where none was needed or verified.
     """
 
     radii: np.ndarray
@@ -271,6 +277,7 @@ class DatasetResult:
     computed: int = 0
     reused: int = 0
     header: dict = field(default_factory=dict)
+    local_bounds: list | None = None
 
     @property
     def clean_accuracy(self) -> float:
@@ -287,7 +294,7 @@ class DatasetResult:
 
 def _bound_matrix(records: list[dict], method: str, num_classes: int):
     """What :func:`certified_radii` takes as ``L``: the global bound, or the pairwise matrix (inf: not verified)."""
-    if method == "global":
+    if method in ("global", "local"):
         rec = records[0]
         if rec["verified"]:
             return float(rec["bound"])
@@ -313,7 +320,7 @@ def _run(executor, tasks, log: ResultLog, counter: list, stop_after, advance) ->
 def evaluate_dataset(network, x, y, *, method: str = "pairwise", norm: str = "l2", solver: str = "auto",
                      formulation: str = "neuron", time_limit: float | None = None, executor=None,
                      out: str | None = None, chunk: int = CHUNK, progress=None,
-                     stop_after: int | None = None) -> DatasetResult:
+                     stop_after: int | None = None, region_radius: float | None = None) -> DatasetResult:
     """Certified radii of every sample of a checked data set, unit by unit (module docstring).
 
     Parameters
@@ -323,7 +330,9 @@ def evaluate_dataset(network, x, y, *, method: str = "pairwise", norm: str = "l2
     x, y : ndarray
         Inputs ``(N, input_dim)`` float64 and labels ``(N,)`` int64, as :func:`lipsdp.dataset.check_data`
         returns them.
-    method : {"global", "pairwise"}
+    method : {"global", "pairwise", "local"}
+        ``local``: each sample's local bound on its ball of radius ``region_radius``
+        (:func:`lipsdp.robustness.local_radii`), its radius capped there.
     norm : {"l2", "linf"}
     solver, formulation, time_limit
         As for :func:`lipsdp.certify`; ``time_limit`` is per SDP.
@@ -341,9 +350,11 @@ def evaluate_dataset(network, x, y, *, method: str = "pairwise", norm: str = "l2
     """
     if method not in METHODS:
         raise LipSDPError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "local" and (region_radius is None or not region_radius >= 0):
+        raise LipSDPError("method 'local' needs region_radius >= 0 (the radius of each sample's ball)")
     k = network.output_dim
     options = {"method": method, "norm": norm, "solver": solver, "formulation": formulation,
-               "time_limit": time_limit}
+               "time_limit": time_limit, **({"region_radius": float(region_radius)} if method == "local" else {})}
     header = {"format": FORMAT, "model": network.fingerprint(), "data": data_digest(x, y), "chunk": chunk,
               **options}
     log = ResultLog(header, out)
@@ -364,4 +375,5 @@ def evaluate_dataset(network, x, y, *, method: str = "pairwise", norm: str = "l2
     cat = {key: np.concatenate([np.asarray(p[key]) for p in parts]) for key in ("radii", "predictions", "binding")}
     return DatasetResult(radii=cat["radii"].astype(np.float64), predictions=cat["predictions"].astype(np.int64),
                          labels=y, binding=cat["binding"].astype(np.int64), bounds=bounds, method=method,
-                         norm=norm, computed=counter[0], reused=reused, header=header)
+                         norm=norm, computed=counter[0], reused=reused, header=header,
+                         local_bounds=[b for p in parts for b in p["local_bounds"]] if method == "local" else None)

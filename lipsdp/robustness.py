@@ -21,8 +21,8 @@ Two ways to get the :math:`L_{yj}`:
   :math:`\\ell_\\infty` it gives :math:`L_{yj}\\le2L`, where :math:`L=\\max_i\\sup_x\\|\\nabla f_i(x)\\|_1`
   is what ``certify(norm="linf")`` returns, and the triangle inequality gives the factor 2.
 
-Only global Lipschitz bounds are used here. Local bounds on a box around :math:`x` (docs/math.md §6)
-would give larger radii, but lipsdp does not have them yet. Margins come from a float64 forward pass
+:func:`local_radii` adds local bounds (docs/math.md §6, :mod:`lipsdp.local`): each sample's bound on
+the ball of a radius :math:`R` around it, whose radius is capped at :math:`R`. Margins come from a float64 forward pass
 (:meth:`lipsdp.network.Network.numpy_forward`). As docs/math.md §9 says, the guarantee is for the
 real-arithmetic function with the given weights. Inference rounding error is not subtracted.
 """
@@ -35,15 +35,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from lipsdp import pipeline
+from lipsdp.local import localize
 from lipsdp.certificate import Certificate
 from lipsdp.errors import LipSDPError
 
 __all__ = ["RadiusResult", "pair_certificate", "global_certificate", "pairwise_lipschitz", "global_lipschitz",
-           "certified_radii"]
+           "certified_radii", "local_radii", "REGION_WIDENING"]
 
 NORMS = ("l2", "linf")
 #: Global-to-pairwise factor :math:`\\|e_y-e_j\\|`: sqrt(2) for l2, 2 for l_inf (see the module docstring).
 GLOBAL_FACTOR = {"l2": math.sqrt(2.0), "linf": 2.0}
+#: :func:`local_radii` certifies on a ball this much wider than the largest radius asked for, so that a
+#: sample can count as certified at that radius itself (radii certify strictly smaller perturbations).
+REGION_WIDENING = 1.0 + 1e-6
 
 
 def _as_network(model_or_network, **load_options):
@@ -360,3 +364,40 @@ def certified_radii(model_or_network, X, labels=None, L=None, norm: str = "l2", 
     binding = np.where(correct & (radii > 0), binding, -1)
     return RadiusResult(predictions=pred, labels=labels, correct=correct, logits=logits, margins=margins,
                         radii=radii, binding=binding, L=Lmat, norm=norm, method=method)
+
+
+def local_radii(network, X, labels, L_global, radius: float, norm: str = "l2", *, solver: str = "auto",
+                formulation: str = "neuron", time_limit: float | None = None) -> dict:
+    """Certified radii from each sample's local bound on its own ball, at least the global radii.
+
+    For a correctly classified sample ``x`` whose global radius (from ``L_global``, a float, a matrix or
+    ``inf`` where nothing verified) is below ``R = radius * REGION_WIDENING``, LipSDP certifies ``f`` on
+    the ball ``||x' - x|| <= R`` in ``norm`` with per-neuron sectors (:func:`lipsdp.local.localize`); with
+    that bound ``L_x`` (never above the global one), ``r(x) = min(margin / (sqrt2 L_x), R)`` (l2; ``2 L_x``
+    in l_inf): a perturbation smaller than it keeps ``x + delta`` inside the ball, where ``L_x`` holds
+    (docs/math.md §6 and §9).  The radius is the larger of that and the global radius.
+
+    Returns
+    -------
+    dict
+        ``radii``, ``predictions``, ``binding`` (as :func:`certified_radii`) and ``local_bounds``: the
+        verified local bound per sample, None where none was computed or verified.
+    """
+    res = certified_radii(network, X, labels, L=L_global, norm=norm)
+    X = _to_numpy(X).reshape(len(res.radii), -1)
+    labels = None if labels is None else _to_numpy(labels).astype(np.int64).reshape(-1)
+    region = float(radius) * REGION_WIDENING
+    radii, binding, local = res.radii.copy(), res.binding.copy(), [None] * len(res.radii)
+    for i in np.flatnonzero(res.correct & (res.radii < region)):
+        local_net, _ = localize(network, X[i], region, norm)
+        cert = pipeline.certify_network(local_net, solver=solver, formulation=formulation, norm=norm,
+                                        time_limit=time_limit, lower_bound_samples=0, compare=False)
+        if not cert.verified:
+            continue
+        local[i] = float(cert.bound)
+        one = certified_radii(network, X[i:i + 1], None if labels is None else labels[i:i + 1],
+                              L=float(cert.bound), norm=norm)
+        capped = min(float(one.radii[0]), region)  # L_x holds only inside the ball
+        if capped > radii[i]:
+            radii[i], binding[i] = capped, int(one.binding[0])
+    return {"radii": radii, "predictions": res.predictions, "binding": binding, "local_bounds": local}

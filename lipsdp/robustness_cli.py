@@ -83,7 +83,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--radii", type=_radii, default=[0.1, 0.2, 0.5], help="radii to report (default 0.1,0.2,0.5)")
     r.add_argument("--norm", default="l2", type=str.lower, choices=sorted(NORMS), help="2 / l2 (default) or linf")
     r.add_argument("--method", default="pairwise", choices=["pairwise", "global", "local"],
-                   help="pairwise (default: one SDP per pair of classes, tightest) or global (one SDP)")
+                   help="pairwise (default: one SDP per pair of classes, tightest among global bounds), global "
+                        "(one SDP) or local (one SDP per sample on its ball of the largest --radii; radii capped "
+                        "there)")
     r.add_argument("--input-range", type=_range, metavar="LO,HI",
                    help="the input range the model was trained on; warns when the data lies elsewhere")
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -132,7 +134,8 @@ def summary(result, radii, warnings=()) -> dict:
             "certified_accuracy": {repr(float(r)): result.certified_accuracy(r) for r in radii},
             "radius_quantiles": {repr(q): (float(v) if math.isfinite(v) else None) for q, v in zip(QUANTILES, quant)},
             "verified": result.verified, "bounds": bounds,
-            "bound": bounds[0]["bound"] if result.method == "global" else None,
+            "bound": bounds[0]["bound"] if result.method in ("global", "local") else None,
+            **({"local_bounds": result.local_bounds} if result.local_bounds is not None else {}),
             "radii": finite, "predictions": result.predictions.tolist(), "labels": result.labels.tolist(),
             "units": {"computed": result.computed, "reused": result.reused},
             "model_digest": result.header.get("model"), "data_digest": result.header.get("data"),
@@ -192,9 +195,6 @@ def _plot(path: str, result, radii) -> None:
 
 def run(args) -> int:
     """Run ``lipsdp robustness``; returns the exit code (bad input raises :class:`LipSDPError`, exit 2)."""
-    if args.method == "local":
-        raise LipSDPError("--method local is not available yet (lipsdp has no local Lipschitz bounds); "
-                          "use --method pairwise or global")
     norm = NORMS[args.norm]
     network, _ = load_model(args.model, activation=args.activation, input_shape=args.input_shape,
                             trust_pickle=args.trust_pickle)
@@ -211,7 +211,8 @@ def run(args) -> int:
             bar.start()
         result = evaluate_dataset(network, x, y, method=args.method, norm=norm, solver=args.solver,
                                   formulation=args.formulation, time_limit=args.time_limit, executor=executor,
-                                  out=args.out, chunk=args.chunk, progress=start)
+                                  out=args.out, chunk=args.chunk, progress=start,
+                                  region_radius=max(args.radii) if args.method == "local" else None)
     finally:
         if bar is not None:
             bar.stop()

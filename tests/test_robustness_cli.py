@@ -6,8 +6,8 @@ On a small digits classifier trained here (tests/digits_classifier.py):
   and the attack does flip labels at larger radii, so it has teeth;
 * certified accuracy <= clean accuracy, decreasing in r; pairwise certifies at least as many samples as
   global at every radius;
-* the command line reports what the library computes (table, --json, --plot), refuses bad data and
-  ``--method local`` with one line and exit code 2, and warns about data outside ``--input-range``;
+* the command line reports what the library computes (table, --json, --plot), refuses bad data with one
+  line and exit code 2 (``--method local`` is tested in test_local.py), and warns about data outside ``--input-range``;
 * an interrupted run resumed from its ``--out`` file gives the same results without recomputing the
   units it had finished (counted), and a file from another run is refused.
 """
@@ -149,8 +149,6 @@ def test_bad_data_is_refused_with_one_line(tmp_path, capsys):
     assert "no such data file" in _bad(tmp_path, capsys, ["--data", str(tmp_path / "none.npz")])
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     assert "not a readable" in _bad(tmp_path, capsys, ["--data", str(tmp_path / "junk.npz")])
-    np.savez(tmp_path / "ok.npz", x=x, y=y)
-    assert "--method local" in _bad(tmp_path, capsys, ["--data", str(tmp_path / "ok.npz")], ["--method", "local"])
 
 
 def test_other_formats_and_range_warning(setup, files, tmp_path, capsys):
