@@ -25,6 +25,7 @@ import time
 import psutil
 
 from lipsdp import __version__, robustness_cli
+from lipsdp import monotone_cli
 from lipsdp.robustness_cli import positive_int
 from lipsdp.budget import Budget, LimitReached, parse_size
 from lipsdp.certificate import WRITING, Certificate
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show tracebacks, and what numerical libraries print (kept off the terminal otherwise)")
 
     robustness_cli.add_parser(sub)
+    monotone_cli.add_parser(sub)
 
     s = sub.add_parser("solvers", help="list solver backends: installed, licensed, how to add the rest")
     s.add_argument("--json", action="store_true")
@@ -381,6 +383,8 @@ def main(argv=None, *, own_process: bool | None = None) -> int:
                 return _cmd_verify(args)
             if args.command == "robustness":
                 return robustness_cli.run(args)
+            if args.command == "monotone":
+                return monotone_cli.run(args)
             return _cmd_solvers(args)
     except LipSDPError as exc:
         if debug:
