@@ -17,7 +17,7 @@ import numpy as np
 from lipsdp.io import linmaps
 from lipsdp.io.aten_shapes import permute
 from lipsdp.io.builder import Sym, Unsupported
-from lipsdp.io.translator import Poison, register_aten
+from lipsdp.io.translator import EXTREME_VALUE, Poison, register_aten
 
 
 def top_values(t, x: Sym, axes, k: int, largest: bool = True, keepdim: bool = True) -> Sym:
@@ -91,4 +91,12 @@ def _norm(t, x, p=2, dim=None, keepdim=False, dtype=None):
     return _inf_norm(t, x, 2 if p is None else p, dim, keepdim, dtype)
 
 
-__all__ = ["top_values"]
+def extreme_value(t, e) -> Sym:
+    """The values of a max/min over one axis (:class:`~lipsdp.io.translator.Extreme`) that no
+    GroupSort pattern consumed."""
+    return top_values(t, e.x, [e.axis], 1, e.kind == "max", e.keepdim)
+
+
+EXTREME_VALUE[:] = [extreme_value]
+
+__all__ = ["extreme_value", "top_values"]

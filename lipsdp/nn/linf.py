@@ -34,7 +34,18 @@ def geometric_weights(q: float, k: int) -> torch.Tensor:
         raise ValueError(f"q must lie in (0, 1], got {q}")
     j = torch.arange(k, dtype=torch.float64)
     a = q * (1.0 - q) ** j
-    return (a / a.sum()).to(torch.get_default_dtype())
+    return at_most_one(a / a.sum())
+
+
+def at_most_one(a: torch.Tensor) -> torch.Tensor:
+    """``a`` in the default dtype, scaled down where ``sum |a| > 1``, with ``sum |a| <= 1`` exactly for the
+    stored values (rounding to the dtype may add an ulp: the largest weight is lowered until it holds)."""
+    a = a.to(torch.float64)
+    a = (a / max(1.0, float(a.abs().sum()))).to(torch.get_default_dtype())
+    while float(a.to(torch.float64).abs().sum()) > 1.0:
+        i = int(a.abs().argmax())
+        a[i] = torch.nextafter(a[i], torch.zeros_like(a[i]))
+    return a
 
 
 class LinfDistance(nn.Module):
@@ -95,7 +106,7 @@ class SortNet(nn.Module):
             a = torch.as_tensor(order_weights, dtype=torch.get_default_dtype()).flatten()
             if not 0 < len(a) <= self.in_features or not bool(torch.isfinite(a).all()):
                 raise ValueError(f"order_weights must be 1 to {self.in_features} finite numbers, got {len(a)}")
-            a = a / max(1.0, float(a.abs().sum()))
+            a = at_most_one(a)
         self.k = len(a)
         self.register_buffer("order_weights", a)
         self.weight = nn.Parameter(torch.randn(self.out_features, self.in_features))
@@ -108,11 +119,11 @@ class SortNet(nn.Module):
 
     def lipschitz(self) -> float:
         """The l_inf -> l_inf constant promised by construction: ``sum |a_k|`` (at most 1)."""
-        return float(self.order_weights.abs().sum())
+        return float(self.order_weights.to(torch.float64).abs().sum())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
                 f"bias={self.bias is not None}")
 
 
-__all__ = ["LinfDistance", "SortNet", "geometric_weights"]
+__all__ = ["LinfDistance", "SortNet", "at_most_one", "geometric_weights"]
