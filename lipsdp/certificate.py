@@ -311,3 +311,17 @@ def trivial_certificate(sdp: Certificate, proven: float) -> Certificate:
                    message=message, network=network,
                    verification={"method": "trivial", "sdp_bound": sdp.bound, "sdp_verification": sdp.verification,
                                  "message": "every layer's norm proven by a floating-point Cholesky test"})
+
+
+def composition_certificate(common: dict, proven: float, outputs: int, timings: dict) -> Certificate:
+    """The proven trivial bound ``proven`` as the certificate, with no SDP solved: the sampled lower bound
+    already reaches it, so no SDP could be tighter (l_inf-distance and SortNet layers, docs/math.md §2.5).
+    ``lipsdp verify`` proves the norms again (``verification.method = "trivial"``)."""
+    network = dict(common["network"])
+    if common["norm"] == "linf":  # every output's constant is at most the composed bound
+        network["per_output"] = [{"output": i, "bound": proven, "solver_status": "not solved"} for i in range(outputs)]
+    message = (f"verified: the composition of the layers' norms and gains, proven in floating point, is {proven:.9g}, "
+               "and the sampled lower bound reaches it: no SDP can be tighter, none was solved")
+    return Certificate(proven, VERIFIED, solver="closed-form", solver_status="optimal", message=message,
+                       timings=timings, **dict(common, network=network, trivial_bound=proven),
+                       verification={"method": "trivial", "message": "every layer's norm proven in floating point"})

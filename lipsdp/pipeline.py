@@ -30,8 +30,8 @@ from lipsdp import threads as thread_pools
 from lipsdp.activations import caveats as activation_caveats
 from lipsdp.bounds import node_lipschitz, sampled_lower_bound
 from lipsdp.budget import checkpoint, current, step
-from lipsdp.certificate import (Certificate, certificate_from_outcomes, constant_certificate, network_summary,
-                                split_certificate, trivial_certificate)
+from lipsdp.certificate import (Certificate, certificate_from_outcomes, network_summary, split_certificate,
+                                trivial_certificate)
 from lipsdp.constraints import registered
 from lipsdp.wellposed import attach_well_posedness, check_provable, implicit_nodes
 from lipsdp.errors import LipSDPError, ResourceError, UnsupportedLayerError
@@ -44,7 +44,7 @@ from lipsdp.resources import available_memory  # noqa: F401  (public here for sc
 from lipsdp.session import run
 from lipsdp.solve import ClosedForm, Solve
 from lipsdp.split import is_chain
-from lipsdp.verification import FORMULATIONS, NORMS, check_claims, proven_trivial_bound, recheck, verify_solution
+from lipsdp.verification import FORMULATIONS, NORMS, check_claims, closed_form, proven_trivial_bound, recheck, verify_solution
 
 #: How the preconditioning scales are chosen; one name here so tests and experiments can substitute it.
 _scales = preconditioning_scales
@@ -118,8 +118,8 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
         return {"load": load_seconds, "build": t_build, "solve": t_solve, "verify": t_verify,
                 "total": load_seconds + time.perf_counter() - t_start}
 
-    if network.is_constant():
-        return constant_certificate(common, timings())
+    if (quick := closed_form(network, common, lower, output_map, strict, timings())) is not None:
+        return quick  # constant, or the proven composition reached by the lower bound (docs/math.md §2.5)
     block_scale = np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]])
     chain = Chain([ReduceInput(), Precondition(block_scale, trivial, scales=_scales,
                                                deadline=None if not time_limit else
