@@ -194,3 +194,15 @@ def test_householder_linf_gain_is_not_one():
     cert = lipsdp.certify(net, norm="linf", lower_bound_samples=64)
     assert cert.lower_bound == pytest.approx(np.sqrt(2))
     assert_sandwich(cert, cert.lower_bound)
+
+
+def test_an_unverified_linf_sdp_falls_back_to_the_proven_composition():
+    """An l_inf certificate of a net with order statistics whose SDP does not verify (here: ``fo``, which
+    solves l2 only) is the proven product of gains, and ``lipsdp verify`` proves it again."""
+    from lipsdp.pipeline import check_certificate
+
+    model = mixed()
+    cert = lipsdp.certify(model, solver="fo", norm="linf", lower_bound_samples=16)
+    assert cert.verification["method"] == "trivial" and cert.verification["sdp_bound"] is None
+    assert_sandwich(cert, linf_lower_bound(model, 5))
+    assert check_certificate(cert.to_dict(), model).verified
