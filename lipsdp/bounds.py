@@ -44,12 +44,13 @@ def spectral_norm(W) -> float:
     return accel.spectral_norm(W)
 
 
-def implicit_gain(op: Equilibrium, slope: float) -> float:
+def implicit_gain(op: Equilibrium, slope: float, feedback_norm: float | None = None) -> float:
     """``slope / (1 - slope ||F||)`` (inf when ``slope ||F|| >= 1``): an implicit layer's gain from ``u`` to ``z``.
 
-    From :math:`\\|\\Delta z\\| \\le s (\\|F\\| \\|\\Delta z\\| + \\|\\Delta u\\|)`.
+    From :math:`\\|\\Delta z\\| \\le s (\\|F\\| \\|\\Delta z\\| + \\|\\Delta u\\|)`, in any norm whose induced
+    norm of ``F`` is ``feedback_norm`` (default: the spectral norm, l2).
     """
-    k = slope * spectral_norm(op.feedback) * (1 + 1e-12)
+    k = slope * (spectral_norm(op.feedback) if feedback_norm is None else feedback_norm) * (1 + 1e-12)
     return slope / (1.0 - k) if k < 1.0 else float("inf")
 
 
@@ -153,7 +154,7 @@ class Estimate:
         return float(np.sqrt(sum(p ** 2 for p in values))) if self.norm == "l2" else max(values)
 
     def implicit(self, op: Equilibrium, slope: float) -> float:
-        return implicit_gain(op, slope)
+        return implicit_gain(op, slope, None if self.norm == "l2" else self.matrix(op.feedback))  # linf: row sums
 
 
 class Proven(Estimate):

@@ -206,3 +206,17 @@ def test_an_unverified_linf_sdp_falls_back_to_the_proven_composition():
     assert cert.verification["method"] == "trivial" and cert.verification["sdp_bound"] is None
     assert_sandwich(cert, linf_lower_bound(model, 5))
     assert check_certificate(cert.to_dict(), model).verified
+
+
+def test_implicit_layer_linf_trivial_bound_uses_row_sums():
+    """Regression: the l_inf trivial bound of an implicit layer ``z = relu(F z + u)`` used ``||F||_2``; in l_inf
+    the contraction argument needs ``||F||_inf`` (here 0.9 against 0.45), or the bound falls below the sampled one."""
+    from lipsdp.bounds import sampled_lower_bound
+    from lipsdp.network import Equilibrium
+
+    H = np.array([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]) / 2.0   # orthogonal, row sums 2
+    net = Network()
+    x = net.add(Input("in", "Input", (4,)))
+    u = net.add(Affine("u", "Linear", (4,), weight=np.eye(4)), [x])
+    net.add(Equilibrium("z", "ImplicitLayer", (4,), function="relu", feedback=0.45 * H), [u])
+    assert node_lipschitz(net, "linf")[net.output] >= sampled_lower_bound(net, norm="linf", samples=64) > 2.0
