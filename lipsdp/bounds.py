@@ -29,6 +29,7 @@ from scipy.sparse.linalg import svds
 from lipsdp import accel
 from lipsdp.constraints import QuadraticConstraint, get_constraint
 from lipsdp.equilibrium import equilibrium, jacobian
+from lipsdp.gains import activation_gain, up_product, up_row_sum, up_sum
 from lipsdp.network import (Activation, Add, Affine, Concat, Equilibrium, Input, Network, Op, Reshape,
                             activation_function, concat_permutation)
 
@@ -43,12 +44,13 @@ def spectral_norm(W) -> float:
     return accel.spectral_norm(W)
 
 
-def implicit_gain(op: Equilibrium, slope: float) -> float:
+def implicit_gain(op: Equilibrium, slope: float, feedback_norm: float | None = None) -> float:
     """``slope / (1 - slope ||F||)`` (inf when ``slope ||F|| >= 1``): an implicit layer's gain from ``u`` to ``z``.
 
-    From :math:`\\|\\Delta z\\| \\le s (\\|F\\| \\|\\Delta z\\| + \\|\\Delta u\\|)`.
+    From :math:`\\|\\Delta z\\| \\le s (\\|F\\| \\|\\Delta z\\| + \\|\\Delta u\\|)`, in any norm whose induced
+    norm of ``F`` is ``feedback_norm`` (default: the spectral norm, l2).
     """
-    k = slope * spectral_norm(op.feedback) * (1 + 1e-12)
+    k = slope * (spectral_norm(op.feedback) if feedback_norm is None else feedback_norm) * (1 + 1e-12)
     return slope / (1.0 - k) if k < 1.0 else float("inf")
 
 
@@ -128,11 +130,8 @@ def proven_spectral_norm(W) -> float | None:
 
 
 def proven_row_sum(W) -> float:
-    """``max_i sum_j |W_ij|`` rounded up: a float sum of ``k`` terms is within ``gamma_k`` of the truth."""
-    W = abs(W)
-    k = W.shape[1]
-    total = float(np.asarray(W.sum(axis=1)).max(initial=0.0))
-    return _up(total * (1.0 + 2.0 * k * _U / (1.0 - k * _U)))
+    """``max_i sum_j |W_ij|`` rounded up (exact where the float sum is: :func:`lipsdp.gains.up_row_sum`)."""
+    return up_row_sum(W)
 
 
 # -- composed norm bounds: one dispatch, two arithmetics ---------------------------
@@ -155,14 +154,14 @@ class Estimate:
         return float(np.sqrt(sum(p ** 2 for p in values))) if self.norm == "l2" else max(values)
 
     def implicit(self, op: Equilibrium, slope: float) -> float:
-        return implicit_gain(op, slope)
+        return implicit_gain(op, slope, None if self.norm == "l2" else self.matrix(op.feedback))  # linf: row sums
 
 
 class Proven(Estimate):
     """Upward-rounded arithmetic for :func:`node_gain`: every value is a proven upper bound.
 
-    Norms by :func:`proven_spectral_norm` or :func:`proven_row_sum`; each product and sum is one rounding
-    to nearest, so the next float above it bounds the exact result; :class:`Unprovable` otherwise.
+    Norms by :func:`proven_spectral_norm` or :func:`proven_row_sum`; products and sums rounded up, exact
+    results kept as they are (:mod:`lipsdp.gains`); :class:`Unprovable` otherwise.
     """
 
     def matrix(self, W) -> float:
@@ -172,13 +171,10 @@ class Proven(Estimate):
         return w
 
     def mul(self, a: float, b: float) -> float:
-        return _up(a * b)
+        return up_product(a, b)
 
     def total(self, values: list[float]) -> float:
-        out = 0.0
-        for p in values:
-            out = _up(out + p)
-        return out
+        return up_sum(values)
 
     def hypot(self, values: list[float]) -> float:
         if self.norm != "l2":
@@ -222,7 +218,7 @@ def _(op, parents, arith):
 
 @node_gain.register(Activation)
 def _(op, parents, arith):
-    return arith.mul(get_constraint(op.function).lipschitz(op), parents[0])
+    return arith.mul(activation_gain(op, arith.norm), parents[0])  # l_inf: Householder is not 1 (gains)
 
 
 @node_gain.register(Equilibrium)

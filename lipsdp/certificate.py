@@ -309,15 +309,41 @@ def split_certificate(parts, bound, common: dict) -> Certificate:
 def trivial_certificate(sdp: Certificate, proven: float) -> Certificate:
     """The certificate whose bound is the proven trivial bound ``proven``, which lies below ``sdp``'s
     verified SDP bound (a solver that stopped short of the optimum on a net whose constant is the
-    product of its norms, e.g. orthogonal GroupSort nets).  The multipliers go: the bound rests on the
-    norms alone, and ``lipsdp verify`` proves them again (``verification.method = "trivial"``)."""
+    product of its norms, e.g. orthogonal GroupSort nets), or where ``sdp`` did not verify and
+    :func:`falls_back`.  The multipliers go: the bound rests on the norms alone, and ``lipsdp verify`` proves them again (``verification.method = "trivial"``)."""
     network = dict(sdp.network)
     if network.get("per_output"):  # every output's constant is at most the trivial bound
         network["per_output"] = [dict(p, bound=proven) for p in network["per_output"]]
     message = (f"verified: the trivial bound (product of norms, proven in floating point) {proven:.9g} is below "
                f"the SDP's verified bound {sdp.bound:.9g} ({sdp.solver}, {sdp.solver_status}), so it is the "
-               "certificate")
+               "certificate") if sdp.bound is not None else (
+        f"verified: the trivial bound (product of norms and gains, proven in floating point) {proven:.9g} is the "
+        f"certificate; the SDP's point did not verify ({sdp.solver}, {sdp.solver_status}), and an l_inf SDP cannot beat "
+        "the composed gains of order statistics (docs/math.md §2.5)")
     return replace(sdp, bound=proven, trivial_bound=proven, rho=None, multipliers=[], multiplier_labels=[],
-                   message=message, network=network,
+                   message=message, network=network, status=VERIFIED,
                    verification={"method": "trivial", "sdp_bound": sdp.bound, "sdp_verification": sdp.verification,
                                  "message": "every layer's norm proven by a floating-point Cholesky test"})
+
+
+def composition_certificate(common: dict, proven: float, outputs: int, timings: dict) -> Certificate:
+    """The proven trivial bound ``proven`` as the certificate, with no SDP solved: the sampled lower bound
+    already reaches it, so no SDP could be tighter (l_inf-distance and SortNet layers, docs/math.md §2.5).
+    ``lipsdp verify`` proves the norms again (``verification.method = "trivial"``)."""
+    network = dict(common["network"])
+    if common["norm"] == "linf":  # every output's constant is at most the composed bound
+        network["per_output"] = [{"output": i, "bound": proven, "solver_status": "not solved"} for i in range(outputs)]
+    message = (f"verified: the composition of the layers' norms and gains, proven in floating point, is {proven:.9g}, "
+               "and the sampled lower bound reaches it: no SDP can be tighter, none was solved")
+    return Certificate(proven, VERIFIED, solver="closed-form", solver_status="optimal", message=message,
+                       timings=timings, **dict(common, network=network, trivial_bound=proven),
+                       verification={"method": "trivial", "message": "every layer's norm proven in floating point"})
+
+
+def falls_back(network, norm: str) -> bool:
+    """Whether a certificate whose SDP did not verify takes the proven trivial bound instead: l_inf
+    certificates of nets with order statistics (``groupsort`` activations: l_inf-distance, SortNet), whose
+    l_inf SDP cannot beat the composed gains at those units (docs/math.md §2.5), so the product of norms is
+    their natural certificate.  ``network`` is read through ``activations()`` and ``op()`` only."""
+    return norm == "linf" and any(network.op(n).function == "groupsort" for n in network.activations())
+

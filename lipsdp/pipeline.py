@@ -30,8 +30,8 @@ from lipsdp import local, threads as thread_pools
 from lipsdp.activations import caveats as activation_caveats
 from lipsdp.bounds import node_lipschitz, sampled_lower_bound
 from lipsdp.budget import checkpoint, current, step
-from lipsdp.certificate import (Certificate, certificate_from_outcomes, constant_certificate, network_summary,
-                                split_certificate, trivial_certificate)
+from lipsdp.certificate import (Certificate, certificate_from_outcomes, network_summary, split_certificate,
+                                trivial_certificate, falls_back)
 from lipsdp.constraints import registered
 from lipsdp.wellposed import attach_well_posedness, check_provable, implicit_nodes
 from lipsdp.errors import LipSDPError, ResourceError, UnsupportedLayerError
@@ -44,7 +44,7 @@ from lipsdp.resources import available_memory  # noqa: F401  (public here for sc
 from lipsdp.session import run
 from lipsdp.solve import ClosedForm, Solve
 from lipsdp.split import is_chain
-from lipsdp.verification import FORMULATIONS, NORMS, check_claims, proven_trivial_bound, recheck, verify_solution
+from lipsdp.verification import FORMULATIONS, NORMS, check_claims, closed_form, proven_trivial_bound, recheck, verify_solution
 
 #: How the preconditioning scales are chosen; one name here so tests and experiments can substitute it.
 _scales = preconditioning_scales
@@ -118,8 +118,8 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
         return {"load": load_seconds, "build": t_build, "solve": t_solve, "verify": t_verify,
                 "total": load_seconds + time.perf_counter() - t_start}
 
-    if network.is_constant():
-        return constant_certificate(common, timings())
+    if (quick := closed_form(network, common, lower, output_map, strict, timings())) is not None:
+        return quick  # constant, or the proven composition reached by the lower bound (docs/math.md §2.5)
     block_scale = np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]])
     chain = Chain([ReduceInput(), Precondition(block_scale, trivial, scales=_scales,
                                                deadline=None if not time_limit else
@@ -156,18 +156,18 @@ def _record(outcome, norm: str, label: str) -> None:
 
 
 def _at_most_trivial(cert, network, norm: str, output_map) -> Certificate:
-    """Never certify above the trivial bound: where the SDP's verified bound exceeds the float product of
-    norms (a solver stopped short of an optimum that equals it), prove the product
-    (:func:`lipsdp.verification.proven_trivial_bound`) and keep the better of the two, with the proven
-    product as the trivial bound reported.  Not with ``strict`` (the proof of norms is in floating point)."""
-    if not cert.verified or cert.trivial_bound is None or cert.bound <= cert.trivial_bound:
+    """Never certify above the trivial bound: where the SDP's verified bound exceeds the float product of norms,
+    prove the product (:func:`lipsdp.verification.proven_trivial_bound`) and keep the better of the two, with the
+    proven product as the trivial bound reported (also where an l_inf SDP of order statistics did not verify:
+    :func:`~lipsdp.certificate.falls_back`).  Not with ``strict`` (the proof of norms is in floating point)."""
+    if cert.trivial_bound is None or (cert.bound <= cert.trivial_bound if cert.verified else not falls_back(network, norm)):
         return cert
     t0 = time.perf_counter()
     proven = proven_trivial_bound(network, norm, output_map)
     cert.timings["verify"] = cert.timings.get("verify", 0.0) + time.perf_counter() - t0
     if proven is None:
         return cert
-    if cert.bound <= proven:
+    if cert.verified and cert.bound <= proven:
         cert.trivial_bound = proven
         return cert
     return trivial_certificate(cert, proven)

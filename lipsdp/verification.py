@@ -17,7 +17,7 @@ from fractions import Fraction
 import numpy as np
 
 from lipsdp.bounds import node_lipschitz, proven_spectral_norm, proven_trivial_bound  # noqa: F401 (re-exported)
-from lipsdp.certificate import SCHEMA_VERSION
+from lipsdp.certificate import SCHEMA_VERSION, composition_certificate, constant_certificate
 from lipsdp.errors import LipSDPError
 from lipsdp.exact import exact_negative_definite
 from lipsdp.lifting import lift
@@ -251,3 +251,20 @@ def recheck(cert, network) -> list[float] | None:
         _check_claims_covered(x, query.given.n_in, claims, where)
         margins.append(_prove_stored(query, x, block_scale, lips[network.output], where))
     return margins
+
+
+def closed_form(network, common: dict, lower, output_map, strict: bool, timings: dict):
+    """The certificate when no SDP is needed, else None: ``L = 0`` for a constant network; the proven
+    trivial bound (the layers' norms and gains composed, :func:`proven_trivial_bound`) where the sampled
+    lower bound reaches it to 1e-9, so no SDP could be tighter (l_inf-distance and SortNet nets in
+    l_inf, docs/math.md §2.5).  Not with ``strict`` (the norms are proven in floating point)."""
+    if network.is_constant():
+        return constant_certificate(common, timings)
+    if strict or not lower:
+        return None
+    norm = common["norm"]
+    proven = proven_trivial_bound(network, norm, output_map)
+    if proven is None or proven > lower * (1 + 1e-9):
+        return None
+    return composition_certificate(common, proven, len(readouts(network.output_dim, norm, output_map)), timings)
+

@@ -1,4 +1,9 @@
-"""The absolute value: slope sector [-1, 1].  No model format names it; rewrites and tests build it."""
+"""The absolute value: slope sector [-1, 1].  ``torch.abs`` (ATen ``abs``) and ONNX ``Abs``; rewrites build it too.
+
+:math:`(|a| - |b|) / (a - b)` is 1 for ``a, b`` of one sign and reaches -1 for opposite signs, so [-1, 1]
+is the exact sector; torch's derivative at 0 is 0, as :meth:`Abs.derivative` (``sign``).  The
+l_inf-distance and SortNet layers of :mod:`lipsdp.nn` apply it to ``x - w_i``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ class Abs(SlopeActivation):
     """:math:`\\phi(x) = |x|`."""
 
     name = "abs"
+    aten = {"abs": lambda: {}}
+    onnx = {"Abs": lambda attrs: {}}
 
     def evaluate(self, x, params):
         return np.abs(x)

@@ -209,13 +209,28 @@ def _native_bn(t, x, weight, bias, running_mean, running_var, training, momentum
 
 
 # -- sums and products --------------------------------------------------------
+def widen(t, x: Sym, value) -> Sym:
+    """``x`` copied along the axes where the constant ``value`` is longer (``x[:, None, :] - w``: one copy of
+    ``x`` per row of ``w``), so that ``x + value`` broadcasts ``value`` only; ``x`` itself where it needs none."""
+    full = t.full_shape(x)
+    try:
+        shape = np.broadcast_shapes(np.shape(to_numpy(value)), full)
+    except ValueError:
+        return x  # broadcast_const refuses it with the shapes
+    if shape == full or len(shape) != len(full) or shape[0] != full[0]:
+        return x
+    return t.b.select(x, np.broadcast_to(linmaps.grid(x.shape), shape[1:]), t.label)
+
+
 def sum_terms(t, a, b, alpha=1.0):
-    """``a + alpha * b`` with either side constant."""
+    """``a + alpha * b`` with either side constant (the input-dependent side copied where the constant is wider)."""
     alpha = float(alpha)
     if is_sym(a) and is_sym(b):
         return t.b.add([a, t.b.scale(b, alpha, t.label)], t.label)
     if is_sym(a):
+        a = widen(t, a, b)
         return t.b.linear(a, bias=alpha * t.broadcast_const(b, a), label=t.label)
+    b = widen(t, b, a)
     return t.b.linear(t.b.scale(b, alpha, t.label), bias=t.broadcast_const(a, b), label=t.label)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from lipsdp import activations
 from lipsdp.activations import NotExpressible
+from lipsdp.io import aten_order  # noqa: F401  (registers amax, amin, topk and l_inf norms)
 from lipsdp.io import linmaps
 from lipsdp.io.aten_linear import (apply_last, avg_pool, batch_norm, conv, expand_tuple, matmul, product,
                                    reduce, scale_by, sum_terms)
@@ -134,7 +135,7 @@ def cat(t, tensors, dim=0):
                 and parts[0].x.shape[parts[0].axis] == 2 and t.axis(parts[0].x, dim) == parts[0].axis
                 and {parts[0].kind, parts[1].kind} == {"min", "max"}):
             return group_sort(t, parts[0].x, parts[0].axis, descending=parts[0].kind == "max")
-        raise Unsupported("of max/min values that is not GroupSort-2")
+        parts = t.resolve(parts)  # not GroupSort-2: the values of each max/min (aten_order)
     if not all(is_sym(p) for p in parts):
         raise Unsupported("concatenates constants with input-dependent tensors")
     ref = parts[0]

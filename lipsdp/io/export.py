@@ -129,7 +129,7 @@ def _finish(t: Translator, builder: GraphBuilder, output, signature, source: str
     t.raise_errors()
     if len(outputs) != 1:
         raise ModelLoadError(f"{source}: the model returns {len(outputs)} values; lipsdp certifies one output tensor")
-    result = outputs[0]
+    result = t.resolve(outputs[0])  # torch.max(x, dim).values as the output: its values
     if not isinstance(result, Sym):
         raise ModelLoadError(f"{source}: the output does not depend on the input")
     return builder.finish(result)

@@ -134,7 +134,7 @@ def network_from_onnx(model, input_shape=None, source: str = ""):
     t.raise_errors()
     if len(graph.output) != 1:
         raise ModelLoadError(f"{source}: the graph has {len(graph.output)} outputs; lipsdp certifies one output tensor")
-    result = env.get(graph.output[0].name)
+    result = t.resolve(env.get(graph.output[0].name))
     if not isinstance(result, Sym):
         raise ModelLoadError(f"{source}: the output does not depend on the input")
     return builder.finish(result)
@@ -193,7 +193,7 @@ def _translate(t: Translator, node, ins: list) -> list:
     else:
         try:
             if node.op_type != "Concat" and any(isinstance(v, A.Extreme) for v in ins):
-                raise Unsupported("of a max/min over an axis (only GroupSort's pattern is supported)")
+                ins = t.resolve(ins)  # a max/min that is not GroupSort's pattern: its values
             out = ONNX_OPS[node.op_type](t, ins, attrs)
             results = out if isinstance(out, list) else [out]
         except Unsupported as exc:

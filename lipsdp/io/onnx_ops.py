@@ -17,6 +17,7 @@ from lipsdp.activations import NotExpressible
 from lipsdp.io import aten_ops as A
 from lipsdp.io import linmaps
 from lipsdp.io.aten_ops import Poison
+from lipsdp.io.aten_order import top_values
 from lipsdp.io.builder import Sym, Unsupported
 from lipsdp.io.onnx_registry import ANY, ONNX_OPS, register_onnx
 
@@ -382,8 +383,8 @@ def _top_k(t, ins, attrs):
     x = _sym(ins[0])
     axis = t.axis(x, int(attrs.get("axis", -1)))
     k = int(np.asarray(ins[1]).ravel()[0])
-    if k != x.shape[axis]:
-        raise Unsupported(f"keeps {k} of {x.shape[axis]} values (only a full sort is supported)")
+    if k != x.shape[axis]:  # the k largest (smallest): SortNet's order statistics
+        return [top_values(t, x, [axis], k, bool(attrs.get("largest", 1))), Poison(t.entry("TopK indices"))]
     values = A.group_sort(t, x, axis, descending=bool(attrs.get("largest", 1)))
     return [values, Poison(t.entry("TopK indices"))]
 
@@ -393,7 +394,9 @@ def _top_k(t, ins, attrs):
 def _reduce_extreme(t, ins, attrs):
     x = _sym(ins[0])
     axes = _axes(ins, attrs)
-    if axes is None or len(axes) != 1 or not attrs.get("keepdims", 1):
-        raise Unsupported("over several axes (only GroupSort's pattern is supported)")
+    if axes is None:
+        raise Unsupported("over the whole tensor (the batch axis too)")
     kind = "min" if t.label.kind == "ReduceMin" else "max"
+    if len(axes) != 1 or not attrs.get("keepdims", 1):  # amax / an l_inf norm: the extreme itself
+        return top_values(t, x, [t.axis(x, a) for a in axes], 1, kind == "max", bool(attrs.get("keepdims", 1)))
     return A.Extreme(kind, x, t.axis(x, axes[0]), True)

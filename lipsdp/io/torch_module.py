@@ -98,6 +98,8 @@ def infer_input_shape(module, source: str = "") -> tuple[int, ...]:
             return (int(m.in_features),)
         if isinstance(m, torch.nn.BatchNorm1d):
             return (int(m.num_features),)
+        if type(m).__module__.startswith("lipsdp.nn.") and isinstance(getattr(m, "in_features", None), int):
+            return (m.in_features,)  # LinfDistance, SortNet
         raise ModelLoadError(f"{source}: cannot infer the input shape (the first layer, {name!r}, is a "
                              f"{type(m).__name__}); pass input_shape=(C, H, W) (command line: --input-shape)")
     raise ModelLoadError(f"{source}: cannot infer the input shape (no layer with weights); pass input_shape")

@@ -77,7 +77,7 @@ def network_from_script(module, input_shape=None, source: str = ""):
     walker.walk(list(graph.nodes()))
     outputs = [walker.env[v.unique()] for v in graph.outputs()]
     walker.t.raise_errors()
-    result = outputs[0] if len(outputs) == 1 else outputs
+    result = walker.t.resolve(outputs[0]) if len(outputs) == 1 else outputs
     if isinstance(result, (list, tuple)):
         raise ModelLoadError(f"{source}: the model returns {len(result)} values; lipsdp certifies one output tensor")
     if not isinstance(result, Sym):

@@ -172,8 +172,11 @@ class Translator:
             self.report(self.entry(name))
             return self.shadow(op, args)
         if name not in ("cat", "concat", "concatenate") and any(isinstance(v, Extreme) for v in flat):
-            self.report(self.entry(f"{name} of a max/min over an axis (only GroupSort's pattern is supported)"))
-            return self.shadow(op, args)
+            try:  # a max/min that is not GroupSort's pattern: its values (docs/math.md §2.5)
+                args = self.resolve(args)
+            except Unsupported as exc:
+                self.report(self.entry(f"{name} of a max/min over an axis {exc}"))
+                return self.shadow(op, args)
         try:  # a handler's parameters declare the arguments it models; an overload with more is refused
             inspect.signature(handler).bind(self, *args)
         except TypeError:
@@ -185,6 +188,16 @@ class Translator:
         except Unsupported as exc:
             self.report(self.entry(f"{name} {exc}"))
             return self.shadow(op, args)
+
+    def resolve(self, value):
+        """``value`` with every :class:`Extreme` in it replaced by its values (:data:`EXTREME_VALUE`)."""
+        if isinstance(value, Extreme):
+            if not EXTREME_VALUE:
+                raise Unsupported("(only GroupSort's pattern is supported)")
+            return EXTREME_VALUE[0](self, value)
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.resolve(v) for v in value)
+        return value
 
     def shadow(self, op, args: list):
         """Result of ``op`` when it cannot be translated: :class:`Poison` values of the right shapes.
@@ -289,6 +302,10 @@ def _split_arguments(op, args: list) -> tuple[list, dict]:
 # ---------------------------------------------------------------------------
 # the registry of handlers: (translator, *args in schema order) -> value
 # ---------------------------------------------------------------------------
+
+#: ``(translator, Extreme) -> Sym``: a max/min over an axis as a GroupSort and a selection, set by
+#: :mod:`lipsdp.io.aten_order` (which can sort; this module cannot import it).
+EXTREME_VALUE: list[Callable[..., Any]] = []
 
 #: ATen operator name -> handler; filled by :mod:`lipsdp.io.aten_ops` and the modules it imports.
 ATEN_OPS: dict[str, Callable[..., Any]] = {}

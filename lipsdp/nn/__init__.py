@@ -11,6 +11,8 @@ module              what it computes
 ``MaxMin``          ``[relu(x), relu(-x)]`` (deel-torchlip's MaxMin, not GroupSort-2)
 ``HouseHolder(C)``  reflection of each channel pair ``(c, c + C/2)`` on one side of a line
 ``ImplicitLayer``   equilibrium layer ``z = phi(W z + U x + b)``, ``y = C z + D x``
+``LinfDistance``    l_inf-distance neurons ``y_i = ||x - w_i||_inf + b_i`` (1-Lipschitz in l_inf)
+``SortNet``         SortNet neurons: weighted order statistics of ``|x - w_i|``
 =================== =============================================================
 
 The activations have deel-torchlip's semantics and parameter layout (a model
@@ -21,5 +23,7 @@ that lipsdp reads keeps working (whole-module pickle, TorchScript,
 
 from lipsdp.nn.activations import FullSort, GroupSort, GroupSort2, HouseHolder, MaxMin
 from lipsdp.nn.implicit import ImplicitLayer
+from lipsdp.nn.linf import LinfDistance, SortNet
 
-__all__ = ["FullSort", "GroupSort", "GroupSort2", "HouseHolder", "ImplicitLayer", "MaxMin"]
+__all__ = ["FullSort", "GroupSort", "GroupSort2", "HouseHolder", "ImplicitLayer", "LinfDistance", "MaxMin",
+           "SortNet"]
