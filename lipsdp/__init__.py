@@ -38,6 +38,7 @@ _LAZY = {
     "certified_radii": "lipsdp.robustness",
     "pairwise_lipschitz": "lipsdp.robustness",
     "load_network": "lipsdp.io",
+    "compose": "lipsdp.compose",
 }
 
 
@@ -51,7 +52,7 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["certify", "certify_network", "certified_radii", "pairwise_lipschitz", "Certificate", "Network",
+__all__ = ["certify", "certify_network", "compose", "certified_radii", "pairwise_lipschitz", "Certificate", "Network",
            "load_network", "LipSDPError", "ModelLoadError", "UnsafeModelError", "UnsupportedLayerError",
            "InvalidNetworkError", "SolverNotFound", "SolverLicenseError", "SolverError", "ResourceError",
            "WellPosednessError", "__version__"]

@@ -21,5 +21,6 @@ that lipsdp reads keeps working (whole-module pickle, TorchScript,
 
 from lipsdp.nn.activations import FullSort, GroupSort, GroupSort2, HouseHolder, MaxMin
 from lipsdp.nn.implicit import ImplicitLayer
+from lipsdp.nn.attention import DotMultiheadSelfAttention, L2MultiheadSelfAttention, Residual  # noqa: F401
 
 __all__ = ["FullSort", "GroupSort", "GroupSort2", "HouseHolder", "ImplicitLayer", "MaxMin"]
