@@ -78,7 +78,7 @@ def sampled_module_lower_bound(fn, shape, samples: int = 32, scales=(0.1, 1.0, 3
         if box is None:
             x = scales[k % len(scales)] * torch.randn(shape, generator=gen, dtype=torch.float64)
         else:
-            lo, hi = (torch.as_tensor(np.broadcast_to(b, shape), dtype=torch.float64) for b in box)
+            lo, hi = (torch.tensor(np.broadcast_to(b, shape), dtype=torch.float64) for b in box)
             x = lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)
         J = torch.autograd.functional.jacobian(lambda z: fn(z.reshape(shape)).reshape(-1), x.reshape(-1))
         best = max(best, float(torch.linalg.matrix_norm(J.reshape(-1, size), 2)))
