@@ -109,3 +109,21 @@ def test_bad_arguments():
         smoothed_radii(model, x[:2], sigma=0.1, alpha=1.5, L=1.0)
     with pytest.raises(LipSDPError, match="features"):
         smoothed_radii(model, x[:2, :10], sigma=0.1, L=1.0)
+
+
+def test_cli_smoothing(tmp_path, capsys):
+    import json
+
+    from lipsdp.cli import main
+
+    model, x, y, _ = digits_classifier()
+    torch.save(model, tmp_path / "model.pt")
+    np.savez(tmp_path / "d.npz", x=x[:10], y=y[:10])
+    common = ["robustness", str(tmp_path / "model.pt"), "--data", str(tmp_path / "d.npz"), "--trust-pickle",
+              "--method", "global"]
+    assert main([*common, "--smoothing", "0.25", "--samples", "200", "--alpha", "0.01", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 10 and report["alpha"] == 0.01 and "0.99" in report["confidence"]
+    assert all(r >= 0 for r in report["radii"]) and 0.0 <= report["clean_accuracy"] <= 1.0
+    assert main([*common, "--smoothing", "-1"]) == 2
+    assert "sigma" in capsys.readouterr().err
