@@ -5,7 +5,7 @@ For ``f = f_k o ... o f_1`` with ``||f_i(x) - f_i(y)|| <= L_i ||x - y||`` (all i
 
 * a model lipsdp loads (module, file, :class:`~lipsdp.network.Network`) by the SDP and its verification
   (:func:`lipsdp.pipeline.certify`);
-* a block with a ``lipsdp_certificate(certify, **options)`` hook by that hook: the attention blocks and
+* a block with a ``lipsdp_bound(certify, **options)`` hook by that hook: the attention blocks and
   :class:`~lipsdp.nn.attention.Residual` of :mod:`lipsdp.nn.attention` (docs/math.md §11).
 
 The product is rounded upwards, and the certificate lists every block's bound.  A composition is looser
@@ -50,19 +50,41 @@ def _blocks(model, split_at) -> list:
     return blocks
 
 
-def _certify_block(block, index: int, options: dict, hook_options: dict) -> Certificate:
-    """One block's certificate: its own hook (attention, residual) or the SDP."""
+def _record(cert: Certificate) -> dict:
+    """The hook record (:mod:`lipsdp.nn.attention`) of an SDP certificate."""
+    return {"bound": cert.bound, "trivial_bound": cert.trivial_bound, "verified": cert.verified,
+            "method": cert.verification.get("method"), "message": cert.message, "network": cert.network}
+
+
+def _certificate(record: dict) -> Certificate:
+    """A block's certificate from its hook's record."""
+    status = VERIFIED if record["verified"] and record["bound"] is not None else UNVERIFIED
+    return Certificate(record["bound"] if status == VERIFIED else None, status, norm="l2", solver="closed-form",
+                       solver_status="optimal", message=record["message"], trivial_bound=record["trivial_bound"],
+                       verification={"method": record["method"], **({"heads": record["heads"]} if "heads" in record
+                                                                    else {})},
+                       network=record["network"])
+
+
+def _block_record(block, index: int, options: dict, hook_options: dict) -> dict:
+    """One block's bound record: its own hook (attention, residual) or the SDP's certificate."""
     def inner(b, **kw):
         kw.pop("index", None)
-        return _certify_block(b, index, options, {**hook_options, **kw})
+        return _block_record(b, index, options, {**hook_options, **kw})
 
-    if hasattr(block, "lipsdp_certificate"):
+    if hasattr(block, "lipsdp_bound"):
         if index > 0 and hook_options.get("box") is not None and type(block).__name__.startswith("Dot"):
             raise UnsupportedLayerError([(type(block).__name__, index, "a local (box) bound applies to the first "
                                           "block only: the inputs of later blocks are not known to lie in the box")])
-        return block.lipsdp_certificate(inner, index=index, **hook_options)
-    cert = certify(block, lower_bound_samples=0, **options)
-    return cert
+        return block.lipsdp_bound(inner, index=index, **hook_options)
+    return _record(certify(block, lower_bound_samples=0, **options))
+
+
+def _certify_block(block, index: int, options: dict, hook_options: dict) -> Certificate:
+    """One block's certificate: the SDP's own, or one built from the block's hook."""
+    if hasattr(block, "lipsdp_bound"):
+        return _certificate(_block_record(block, index, options, hook_options))
+    return certify(block, lower_bound_samples=0, **options)
 
 
 def sampled_module_lower_bound(fn, shape, samples: int = 32, scales=(0.1, 1.0, 3.0), seed: int = 0,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lipsdp.errors import UnsupportedLayerError
-from lipsdp.nn.attention import (DotMultiheadSelfAttention, L2MultiheadSelfAttention, attention_certificate,
+from lipsdp.nn.attention import (DotMultiheadSelfAttention, L2MultiheadSelfAttention, attention_bound,
                                  dot_attention_local_bound, l2_attention_bound, softmax_entropy_bound)
 from lipsdp.compose import sampled_module_lower_bound
 
@@ -26,30 +26,30 @@ def _module(cls, dim, heads, scale, seed):
 @pytest.mark.parametrize("heads,n,scale", [(1, 2, 1.0), (1, 5, 3.0), (2, 6, 1.0), (3, 4, 0.3)])
 def test_l2_attention_global_sandwich(heads, n, scale):
     m = _module(L2MultiheadSelfAttention, 6, heads, scale, seed=n)
-    cert = attention_certificate(m, seq_len=n)
+    cert = attention_bound(m, seq_len=n)
     lower = sampled_module_lower_bound(m, (n, 6), samples=24, scales=(0.1, 0.5, 1.0, 3.0, 10.0))
-    assert cert.verified and 0 < lower <= cert.bound
+    assert cert["verified"] and 0 < lower <= cert["bound"]
     bound, per_head = l2_attention_bound(m, n)
-    assert bound == cert.bound and len(per_head) == heads
+    assert bound == cert["bound"] and len(per_head) == heads
 
 
 def test_dot_attention_local_sandwich():
     m = _module(DotMultiheadSelfAttention, 5, 1, 1.0, seed=0)
     n = 4
     lo, hi = -np.ones((n, 5)), np.ones((n, 5))
-    cert = attention_certificate(m, box=(lo, hi))
-    assert cert.verified and cert.network["domain"] != "global"
+    cert = attention_bound(m, box=(lo, hi))
+    assert cert["verified"] and cert["network"]["domain"] != "global"
     lower = sampled_module_lower_bound(m, (n, 5), samples=24, box=(lo, hi))
-    assert 0 < lower <= cert.bound
+    assert 0 < lower <= cert["bound"]
     # a scalar box needs the sequence length, and gives the same bound
     same, _ = dot_attention_local_bound(m, (-1.0, 1.0), seq_len=n)
-    assert same == cert.bound
+    assert same == cert["bound"]
 
 
 def test_dot_attention_global_refused():
     m = _module(DotMultiheadSelfAttention, 4, 2, 1.0, seed=1)
     with pytest.raises(UnsupportedLayerError, match="not globally Lipschitz"):
-        attention_certificate(m)
+        attention_bound(m)
     wide, _ = dot_attention_local_bound(m, (-10.0, 10.0), seq_len=3)
     narrow, _ = dot_attention_local_bound(m, (-1.0, 1.0), seq_len=3)
     assert wide > 50 * narrow  # the local bound grows with the box (R^2 in docs/math.md §11.2)

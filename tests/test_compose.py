@@ -72,8 +72,9 @@ def test_unsound_block_is_caught():
         def forward(self, x):
             return 10.0 * x
 
-        def lipsdp_certificate(self, certify, **_):
-            return lipsdp.Certificate(1.0, "verified", trivial_bound=1.0)
+        def lipsdp_bound(self, certify, **_):
+            return {"bound": 1.0, "trivial_bound": 1.0, "verified": True, "method": "lie", "message": "",
+                    "network": {}}
 
     with pytest.raises(LipSDPError, match="below the sampled lower bound"):
         lipsdp.compose([_mlp([3, 3], seed=0), Liar()], lower_bound_samples=4)

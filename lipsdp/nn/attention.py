@@ -15,8 +15,10 @@ of the whole sequence (Frobenius), so a token-wise MLP keeps its own l2 constant
 :func:`lipsdp.compose` multiplies the blocks' bounds.  Every bound is computed from spectral norms
 proven in floating point (:func:`lipsdp.bounds.proven_spectral_norm`) and rounded upwards.
 
-Blocks certify themselves through ``lipsdp_certificate(certify)``, the hook :func:`lipsdp.compose` calls
-(``certify`` certifies an inner block, for :class:`Residual`).
+Blocks certify themselves through ``lipsdp_bound(certify, **options)``, the hook :func:`lipsdp.compose` calls:
+it returns a record (``bound``, ``trivial_bound``, ``verified``, ``method``, ``message``, ``network``) that
+:mod:`lipsdp.compose` turns into a certificate (``certify`` gives an inner block's record, for :class:`Residual`).
+This module builds no certificate itself: it is loaded with :mod:`lipsdp.nn`, below the certificate stage.
 """
 
 from __future__ import annotations
@@ -29,11 +31,10 @@ from scipy.special import lambertw
 from torch import Tensor, nn
 
 from lipsdp.bounds import proven_spectral_norm
-from lipsdp.certificate import VERIFIED, Certificate
 from lipsdp.errors import LipSDPError, UnsupportedLayerError
 
-__all__ = ["DotMultiheadSelfAttention", "L2MultiheadSelfAttention", "Residual", "attention_certificate",
-           "dot_attention_local_bound", "l2_attention_bound", "softmax_entropy_bound"]
+__all__ = ["DotMultiheadSelfAttention", "L2MultiheadSelfAttention", "Residual", "attention_bound", "dot_attention_local_bound", "l2_attention_bound",
+           "softmax_entropy_bound"]
 
 _EPS = np.finfo(float).eps
 
@@ -94,11 +95,11 @@ class L2MultiheadSelfAttention(nn.Module):
         heads = p @ (q @ value_map)                                          # P X s W_h W_h^T V_h
         return self.out(torch.cat(heads.unbind(-3), dim=-1))
 
-    def lipsdp_certificate(self, certify=None, seq_len: int | None = None, index: int = 0, **_) -> Certificate:
-        """The global certificate of this block for sequences of ``seq_len`` tokens (see :func:`l2_attention_bound`)."""
+    def lipsdp_bound(self, certify=None, seq_len: int | None = None, index: int = 0, **_) -> dict:
+        """The global bound record of this block for sequences of ``seq_len`` tokens (see :func:`l2_attention_bound`)."""
         if seq_len is None:
             raise LipSDPError("the L2-attention bound grows with the sequence length: give seq_len")
-        return attention_certificate(self, seq_len=seq_len, index=index)
+        return attention_bound(self, seq_len=seq_len, index=index)
 
 
 class DotMultiheadSelfAttention(nn.Module):
@@ -127,10 +128,9 @@ class DotMultiheadSelfAttention(nn.Module):
         p = torch.softmax(s * q @ k.transpose(-1, -2), dim=-1)
         return self.out(torch.cat((p @ v).unbind(-3), dim=-1))
 
-    def lipsdp_certificate(self, certify=None, box=None, seq_len: int | None = None, index: int = 0, **_
-                           ) -> Certificate:
-        """A local certificate over ``box = (lo, hi)``; without a box, refused (not globally Lipschitz)."""
-        return attention_certificate(self, box=box, seq_len=seq_len, index=index)
+    def lipsdp_bound(self, certify=None, box=None, seq_len: int | None = None, index: int = 0, **_) -> dict:
+        """A local bound record over ``box = (lo, hi)``; without a box, refused (not globally Lipschitz)."""
+        return attention_bound(self, box=box, seq_len=seq_len, index=index)
 
 
 class Residual(nn.Module):
@@ -143,17 +143,14 @@ class Residual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self.block(x)
 
-    def lipsdp_certificate(self, certify, **options) -> Certificate:
+    def lipsdp_bound(self, certify, **options) -> dict:
         inner = certify(self.block, **options)
-        if not inner.verified:
-            return Certificate(None, inner.status, message=f"residual block: the inner block failed: {inner.message}",
-                               norm="l2", solver=inner.solver)
-        bound = float(np.nextafter(1.0 + inner.bound, np.inf))
-        trivial = None if inner.trivial_bound is None else float(np.nextafter(1.0 + inner.trivial_bound, np.inf))
-        return Certificate(bound, VERIFIED, norm="l2", solver=inner.solver, solver_status=inner.solver_status,
-                           message=f"verified: x + f(x) with f certified at {inner.bound:.6g} ({inner.message})",
-                           trivial_bound=trivial, verification={"method": "residual", "inner": inner.verification},
-                           network={"block": "Residual", "inner": inner.network})
+        if not inner["verified"]:
+            return dict(inner, message=f"residual block: the inner block failed: {inner['message']}")
+        up = lambda v: None if v is None else float(np.nextafter(1.0 + v, np.inf))  # noqa: E731
+        return {"bound": up(inner["bound"]), "trivial_bound": up(inner["trivial_bound"]), "verified": True,
+                "method": "residual", "message": f"verified: x + f(x) with f certified at {inner['bound']:.6g} "
+                f"({inner['message']})", "network": {"block": "Residual", "inner": inner["network"]}}
 
 
 def _weights(module) -> dict:
@@ -218,8 +215,8 @@ def dot_attention_local_bound(module: DotMultiheadSelfAttention, box, seq_len: i
     return total, heads
 
 
-def attention_certificate(module, *, seq_len: int | None = None, box=None, index: int = 0) -> Certificate:
-    """The certificate of an attention block: global (L2 attention) or over ``box`` (dot-product attention).
+def attention_bound(module, *, seq_len: int | None = None, box=None, index: int = 0) -> dict:
+    """The bound record of an attention block: global (L2 attention) or over ``box`` (dot-product attention).
 
     Raises :class:`~lipsdp.errors.UnsupportedLayerError` for a global request on dot-product attention
     (``index``: the block's position, for the message).
@@ -237,8 +234,7 @@ def attention_certificate(module, *, seq_len: int | None = None, box=None, index
         domain, method = "global", "closed-form global (docs/math.md §11.1)"
     else:
         raise UnsupportedLayerError([(type(module).__name__, index, "not an attention block lipsdp certifies")])
-    return Certificate(bound, VERIFIED, norm="l2", solver="closed-form", solver_status="optimal",
-                       message=f"verified: {type(module).__name__}, {method}", trivial_bound=bound,
-                       verification={"method": method, "heads": heads},
-                       network={"block": type(module).__name__, "heads": module.heads, "dim": module.dim,
-                                "seq_len": seq_len, "domain": domain})
+    return {"bound": bound, "trivial_bound": bound, "verified": True, "method": method, "heads": heads,
+            "message": f"verified: {type(module).__name__}, {method}",
+            "network": {"block": type(module).__name__, "heads": module.heads, "dim": module.dim,
+                        "seq_len": seq_len, "domain": domain}}
