@@ -20,6 +20,12 @@ from lipsdp.smoothing import bernstein_lower, clopper_pearson_lower, combined_ra
 ALPHA = 1e-3
 
 
+@pytest.fixture(scope="module")
+def global_L():
+    """The digits classifier's verified global l2 bound (one SDP for the whole file)."""
+    return global_lipschitz(digits_classifier()[0])
+
+
 def test_confidence_bounds():
     assert clopper_pearson_lower(100, 100, 0.01) == pytest.approx(0.01 ** (1 / 100))
     assert clopper_pearson_lower(0, 100, 0.01) == 0.0
@@ -78,26 +84,26 @@ def _violations(result, x, sigma, n=2000):
     return bad
 
 
-def test_digits_certified_radii_survive_pgd():
+def test_digits_certified_radii_survive_pgd(global_L):
     model, x, y, _ = digits_classifier()
     x, y = x[:16], y[:16]
     sigma = 0.05  # small noise: the Lipschitz-margin radius beats Cohen's on a share of the samples
-    result = smoothed_radii(model, x, y, sigma=sigma, samples=1000, alpha=ALPHA, L="global")
+    result = smoothed_radii(model, x, y, sigma=sigma, samples=1000, alpha=ALPHA, L=global_L)
     assert result.clean_accuracy > 0.8 and np.sum(result.radii > 0) >= 12
     assert result.lipschitz_wins.any() and result.certified_accuracy(0.05) > 0.5
     assert _violations(result, x, sigma) == []
 
 
-def test_understated_lipschitz_bound_is_caught():
+def test_understated_lipschitz_bound_is_caught(global_L):
     """The attack has teeth: with L understated 1000 times, the Lipschitz-margin radii are unsound, and PGD finds it."""
     model, x, y, _ = digits_classifier()
     x, y = x[:8], y[:8]
     sigma, tau = 0.05, 10.0
-    fake = global_lipschitz(model) / 1000
+    fake = global_L / 1000
     result = smoothed_radii(model, x, y, sigma=sigma, samples=500, alpha=ALPHA, L=fake, tau=tau)
     assert result.lipschitz_wins.sum() >= 4
     assert len(_violations(result, x, sigma)) >= 4
-    honest = smoothed_radii(model, x, y, sigma=sigma, samples=500, alpha=ALPHA, L="global", tau=tau)
+    honest = smoothed_radii(model, x, y, sigma=sigma, samples=500, alpha=ALPHA, L=global_L, tau=tau)
     assert honest.radii.max() < result.radii.max() / 2
 
 
