@@ -78,3 +78,14 @@ def test_unsound_block_is_caught():
 
     with pytest.raises(LipSDPError, match="below the sampled lower bound"):
         lipsdp.compose([_mlp([3, 3], seed=0), Liar()], lower_bound_samples=4)
+
+
+def test_local_dot_attention_stack_sandwich():
+    """Dot-product attention first, over a box, then a token-wise MLP: a local bound, sampled inside the box."""
+    torch.manual_seed(7)
+    dim, n = 4, 3
+    stack = [Residual(DotMultiheadSelfAttention(dim, heads=2)).double(), Residual(_mlp([dim, 8, dim], seed=8))]
+    box = (-0.5 * np.ones((n, dim)), 0.5 * np.ones((n, dim)))
+    cert = lipsdp.compose(stack, box=box, lower_bound_samples=12)
+    assert cert.verified and cert.network["domain"] != "global"
+    assert 0 < cert.lower_bound <= cert.bound <= cert.trivial_bound * (1 + 1e-9)

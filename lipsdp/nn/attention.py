@@ -228,6 +228,7 @@ def attention_bound(module, *, seq_len: int | None = None, box=None, index: int 
                 "input: Kim et al. 2021, Theorem 3.1); give an input box (box=(lo, hi)) for a local bound, or use "
                 "L2MultiheadSelfAttention"))])
         bound, heads = dot_attention_local_bound(module, box, seq_len)
+        seq_len = _box_radius(box, seq_len, module.dim)[1]
         domain, method = {"box": [np.asarray(b).tolist() for b in box]}, "closed-form local (docs/math.md §11.2)"
     elif isinstance(module, L2MultiheadSelfAttention):
         bound, heads = l2_attention_bound(module, seq_len)
