@@ -239,6 +239,11 @@ def run_smoothing(network, x, y, args, warnings) -> int:
     """``lipsdp robustness --smoothing SIGMA``: certified radii of the smoothed classifier (lipsdp.smoothing)."""
     if args.norm not in ("2", "l2") or args.method == "local":
         raise LipSDPError("--smoothing certifies l2 radii with --method global or pairwise")
+    unused = [flag for flag, value in (("--out", args.out), ("--plot", args.plot), ("--workers", args.workers),
+                                       ("--scheduler", args.scheduler), ("--time-limit", args.time_limit),
+                                       ("--formulation layer", args.formulation == "layer")) if value]
+    if unused:
+        raise LipSDPError(f"--smoothing does not support {', '.join(unused)} yet")
     result = smoothed_radii(network, x, y, sigma=args.smoothing, samples=args.samples, alpha=args.alpha,
                             L=args.method, solver=args.solver)
     report = dict(smoothing_report(result, args.radii), warnings=list(warnings))

@@ -85,6 +85,7 @@ class SmoothingResult:
     n0: int
     alpha: float
     tau: float
+    seed: int
     L: np.ndarray = field(repr=False)
     method: str = "global"
 
@@ -176,7 +177,7 @@ def smoothed_radii(model_or_network, X, labels=None, *, sigma: float, samples: i
     if labels is not None and labels.shape != (len(X),):
         raise LipSDPError(f"labels must have shape ({len(X)},), got {labels.shape}")
     return SmoothingResult(predictions=pred, labels=labels, lipschitz_wins=wins, sigma=sigma, samples=samples,
-                           n0=n0, alpha=alpha, tau=tau, L=base.L, method=base.method, **out)
+                           n0=n0, alpha=alpha, tau=tau, seed=seed, L=base.L, method=base.method, **out)
 
 
 def smoothing_report(result: SmoothingResult, radii) -> dict:
@@ -184,6 +185,7 @@ def smoothing_report(result: SmoothingResult, radii) -> dict:
     finite = result.L[np.isfinite(result.L) & (result.L > 0)]
     return {"method": f"smoothing ({result.method} L)", "norm": "l2", "n": int(len(result.radii)),
             "sigma": result.sigma, "samples": result.samples, "n0": result.n0, "alpha": result.alpha, "tau": result.tau,
+            "seed": result.seed,
             "confidence": f"each radius holds with probability >= {1 - result.alpha:g} over the Monte-Carlo noise",
             "clean_accuracy": result.clean_accuracy, "abstained": int(np.sum(result.predictions == ABSTAIN)),
             "certified_accuracy": {repr(float(r)): result.certified_accuracy(r) for r in radii},

@@ -133,3 +133,5 @@ def test_cli_smoothing(tmp_path, capsys):
     assert all(r >= 0 for r in report["radii"]) and 0.0 <= report["clean_accuracy"] <= 1.0
     assert main([*common, "--smoothing", "-1"]) == 2
     assert "sigma" in capsys.readouterr().err
+    assert main([*common, "--smoothing", "0.25", "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "does not support --out" in capsys.readouterr().err
