@@ -16,6 +16,7 @@ checked against the product: a violation raises, never passes silently.
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 import types
@@ -102,7 +103,7 @@ def sampled_module_lower_bound(fn, shape, samples: int = 32, scales=(0.1, 1.0, 3
         else:
             lo, hi = (torch.tensor(np.broadcast_to(b, shape), dtype=torch.float64) for b in box)
             x = lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)
-        J = torch.autograd.functional.jacobian(lambda z: fn(z.reshape(shape)).reshape(-1), x.reshape(-1))
+        J = torch.autograd.functional.jacobian(lambda z: fn(z.reshape((1, *shape))).reshape(-1), x.reshape(-1))
         best = max(best, float(torch.linalg.matrix_norm(J.reshape(-1, size), 2)))
     return best
 
@@ -111,12 +112,26 @@ def _lower_bound(blocks, shape, samples, box) -> float | None:
     """The composed modules' sampled lower bound (None when a block is not a torch module or no shape is known)."""
     if not samples or shape is None or not all(callable(b) and hasattr(b, "parameters") for b in blocks):
         return None
-    import copy
-
     import torch
 
     chain = torch.nn.Sequential(*[copy.deepcopy(b) for b in blocks]).double().eval()
     return sampled_module_lower_bound(chain, tuple(shape), samples=samples, box=box)
+
+
+def _block_shapes(blocks, input_shape) -> list:
+    """Each block's input shape (no batch axis), by one forward pass of the torch blocks on zeros; the given
+    shape for the first block and None for the others where a block is not a torch module."""
+    shapes = [None if input_shape is None else tuple(input_shape)] + [None] * (len(blocks) - 1)
+    if input_shape is None or not all(callable(b) and hasattr(b, "parameters") for b in blocks):
+        return shapes
+    import torch
+
+    x = torch.zeros((1, *input_shape), dtype=torch.float64)
+    with torch.no_grad():
+        for k, b in enumerate(blocks[:-1]):
+            x = copy.deepcopy(b).double()(x)  # a copy: the caller's module keeps its dtype
+            shapes[k + 1] = tuple(x.shape[1:])
+    return shapes
 
 
 def _input_shape(summary: dict):
@@ -141,8 +156,10 @@ def compose(model, *, split_at=None, input_shape=None, seq_len: int | None = Non
     split_at : list of int, optional
         Indices of the ``nn.Sequential`` where a new block starts.
     input_shape : tuple of int, optional
-        The model's input shape without batch axis, for the sampled lower bound (default: the first
-        block's input, e.g. ``(seq_len, dim)`` for attention).
+        The model's input shape without batch axis: each SDP block is loaded with the shape a forward pass of
+        the torch blocks gives it (a block that starts with a convolution needs it), and the sampled lower
+        bound draws inputs of this shape (default: the first block's input, e.g. ``(seq_len, dim)`` for
+        attention).
     seq_len : int, optional
         Tokens per sequence, for attention blocks (their bound grows with it).
     box : (lo, hi), optional
@@ -163,7 +180,9 @@ def compose(model, *, split_at=None, input_shape=None, seq_len: int | None = Non
     t0 = time.perf_counter()
     blocks = _blocks(model, split_at)
     hook = {"seq_len": seq_len, "box": box}
-    parts = [_certify_block(b, k, certify_options, hook) for k, b in enumerate(blocks)]
+    shapes = _block_shapes(blocks, input_shape)  # so a block that starts with a convolution loads
+    parts = [_certify_block(b, k, {**certify_options, **({"input_shape": shape} if shape else {})}, hook)
+             for k, (b, shape) in enumerate(zip(blocks, shapes))]
     records = [{"index": k, "block": type(b).__name__, "bound": c.bound, "status": c.status, "solver": c.solver,
                 "trivial_bound": c.trivial_bound, "method": c.verification.get("method"), "message": c.message}
                for k, (b, c) in enumerate(zip(blocks, parts))]

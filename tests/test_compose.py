@@ -89,3 +89,14 @@ def test_local_dot_attention_stack_sandwich():
     cert = lipsdp.compose(stack, box=box, lower_bound_samples=12)
     assert cert.verified and cert.network["domain"] != "global"
     assert 0 < cert.lower_bound <= cert.bound <= cert.trivial_bound * (1 + 1e-9)
+
+
+def test_split_convolutional_net():
+    """A block that starts with a convolution gets its input shape from a forward pass."""
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8, 3)).double()
+    cert = lipsdp.compose(net, split_at=[2], input_shape=(1, 6, 6), lower_bound_samples=8)
+    whole = lipsdp.certify(net, input_shape=(1, 6, 6))
+    assert cert.verified and cert.lower_bound <= whole.bound <= cert.bound <= cert.trivial_bound * (1 + 1e-9)
+    assert net[0].weight.dtype == torch.float64
