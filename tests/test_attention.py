@@ -11,7 +11,8 @@ import torch
 
 from lipsdp.errors import UnsupportedLayerError
 from lipsdp.nn.attention import (DotMultiheadSelfAttention, L2MultiheadSelfAttention, attention_bound,
-                                 dot_attention_local_bound, l2_attention_bound, softmax_entropy_bound)
+                                 dot_attention_local_bound, l2_attention_bound, softmax_entropy_bound,
+                                 softmax_norm_bound)
 from lipsdp.compose import sampled_module_lower_bound
 
 
@@ -44,6 +45,20 @@ def test_dot_attention_local_sandwich():
     # a scalar box needs the sequence length, and gives the same bound
     same, _ = dot_attention_local_bound(m, (-1.0, 1.0), seq_len=n)
     assert same == cert["bound"]
+
+
+def test_dot_attention_small_box_sandwich():
+    """Around one input, the interval bounds on the logits bound ||P||_2 well below sqrt(N)."""
+    m = _module(DotMultiheadSelfAttention, 4, 2, 1.0, seed=3)
+    n = 6
+    x0 = np.random.default_rng(0).uniform(-1, 1, (n, 4))
+    box = (x0 - 0.02, x0 + 0.02)
+    bound, _ = dot_attention_local_bound(m, box)
+    wide, _ = dot_attention_local_bound(m, (-np.abs(x0) - 0.02, np.abs(x0) + 0.02))
+    lower = sampled_module_lower_bound(m, (n, 4), samples=16, box=box)
+    assert 0 < lower <= bound < wide
+    w = m.query.detach().numpy()[0] @ m.key.detach().numpy()[0].T
+    assert softmax_norm_bound(x0 - 0.02, x0 + 0.02, w, 0.5) < 1.2 < math.sqrt(n)
 
 
 def test_dot_attention_global_refused():

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from lipsdp.bounds import proven_spectral_norm
 from lipsdp.errors import LipSDPError, UnsupportedLayerError
 
-__all__ = ["DotMultiheadSelfAttention", "L2MultiheadSelfAttention", "Residual", "attention_bound", "dot_attention_local_bound", "l2_attention_bound",
-           "softmax_entropy_bound"]
+__all__ = ["DotMultiheadSelfAttention", "L2MultiheadSelfAttention", "Residual", "attention_bound",
+           "dot_attention_local_bound", "l2_attention_bound", "softmax_entropy_bound", "softmax_norm_bound"]
 
 _EPS = np.finfo(float).eps
 
@@ -179,8 +179,8 @@ def l2_attention_bound(module: L2MultiheadSelfAttention, seq_len: int) -> tuple[
     return total, heads
 
 
-def _box_radius(box, seq_len: int | None, dim: int) -> tuple[float, int]:
-    """``(R, N)``: ``R >= ||X||_F >= ||X||_2`` for every ``X`` in the box, and its number of tokens."""
+def _box(box, seq_len: int | None, dim: int):
+    """``(lo, hi, R)`` of the box, broadcast to ``(N, D)``; ``R >= ||X||_F >= ||X||_2`` for every ``X`` in it."""
     lo, hi = (np.asarray(b, dtype=np.float64) for b in box)
     if max(lo.ndim, hi.ndim) < 2:  # a scalar or per-feature box: the sequence length must be stated
         if seq_len is None:
@@ -194,23 +194,48 @@ def _box_radius(box, seq_len: int | None, dim: int) -> tuple[float, int]:
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(lo <= hi)):
         raise LipSDPError("the box needs finite lo <= hi")
     corner = np.maximum(lo * lo, hi * hi)
-    return _up(math.sqrt(_up(float(corner.sum()), corner.size))), shape[0]
+    return lo, hi, _up(math.sqrt(_up(float(corner.sum()), corner.size)))
+
+
+def softmax_norm_bound(lo, hi, M, s: float) -> float:
+    r"""An upper bound on ``||P||_2`` over the box, ``P = softmax(s X M X^T)`` by rows (docs/math.md §11.2).
+
+    Rows of ``P`` sum to 1; interval bounds on the logits bound every ``P_ij`` and so the column sums, and
+    ``||P||_2 <= sqrt(||P||_1 ||P||_inf)``.  Never above ``sqrt(N)``.
+    """
+    n = lo.shape[0]
+    c, r = (lo + hi) / 2, (hi - lo) / 2
+    cm, rm = c @ M, r @ np.abs(M)
+    center = s * (cm @ c.T)
+    radius = s * (np.abs(cm) @ r.T + rm @ np.abs(c).T + rm @ r.T)
+    magnitude = s * ((np.abs(c) + r) @ np.abs(M) @ (np.abs(c) + r).T)
+    radius = radius + 1e-10 * magnitude + 1e-300  # the float products' rounding, generously
+    s_lo, s_hi = center - radius, center + radius
+    top = s_hi.max(axis=1, keepdims=True)  # a common shift per row keeps exp in range
+    e_hi, e_lo = np.exp(s_hi - top), np.exp(s_lo - top)
+    # sum over k != j of e_lo, rounded down (the subtraction cancels when one term dominates)
+    rest = np.maximum(0.0, e_lo.sum(axis=1, keepdims=True) - e_lo - 4 * n * _EPS * e_lo.sum(axis=1, keepdims=True))
+    upper = np.minimum(1.0, e_hi / (e_hi + rest) * (1.0 + 1e-12))
+    column = _up(float(upper.sum(axis=0).max()), n)
+    return _up(math.sqrt(min(float(n), column)))
 
 
 def dot_attention_local_bound(module: DotMultiheadSelfAttention, box, seq_len: int | None = None
                               ) -> tuple[float, list[float]]:
     r"""l2 bound of a dot-product attention block over the box ``lo <= X <= hi`` (entrywise, ``(N, D)``).
 
-    ``||W_O|| sqrt(sum_h L_h^2)`` with ``L_h = ||V_h|| (sqrt(N) + s R^2 ||Q_h K_h^T||)`` and ``R`` the largest
-    Frobenius norm in the box (docs/math.md §11.2).  Valid for pairs of inputs both in the box.
+    ``||W_O|| sqrt(sum_h L_h^2)`` with ``L_h = ||V_h|| (p_h + s R^2 ||Q_h K_h^T||)``, ``R`` the largest Frobenius
+    norm in the box and ``p_h <= sqrt(N)`` the bound of :func:`softmax_norm_bound` on ``||P_h||_2``
+    (docs/math.md §11.2).  Valid for pairs of inputs both in the box.
     """
-    radius, n = _box_radius(box, seq_len, module.dim)
+    lo, hi, radius = _box(box, seq_len, module.dim)
     p = _weights(module)
     s = 1.0 / math.sqrt(module.head_dim)
     heads = []
     for Wq, Wk, Wv in zip(p["query"], p["key"], p["value"]):
-        quad = _up(_up(s) * radius * radius * _up(_norm(Wq @ Wk.T), 4 * module.dim))
-        heads.append(_up(_norm(Wv) * _up(math.sqrt(n) + quad)))
+        M = Wq @ Wk.T
+        quad = _up(_up(s) * radius * radius * _up(_norm(M), 4 * module.dim))
+        heads.append(_up(_norm(Wv) * _up(softmax_norm_bound(lo, hi, M, s) + quad)))
     total = _up(_norm(p["out.weight"]) * math.sqrt(_up(sum(h * h for h in heads))))
     return total, heads
 
@@ -228,7 +253,7 @@ def attention_bound(module, *, seq_len: int | None = None, box=None, index: int 
                 "input: Kim et al. 2021, Theorem 3.1); give an input box (box=(lo, hi)) for a local bound, or use "
                 "L2MultiheadSelfAttention"))])
         bound, heads = dot_attention_local_bound(module, box, seq_len)
-        seq_len = _box_radius(box, seq_len, module.dim)[1]
+        seq_len = _box(box, seq_len, module.dim)[0].shape[0]
         domain, method = {"box": [np.asarray(b).tolist() for b in box]}, "closed-form local (docs/math.md §11.2)"
     elif isinstance(module, L2MultiheadSelfAttention):
         bound, heads = l2_attention_bound(module, seq_len)
