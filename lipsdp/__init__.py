@@ -39,6 +39,7 @@ _LAZY = {
     "pairwise_lipschitz": "lipsdp.robustness",
     "load_network": "lipsdp.io",
     "monotone": "lipsdp.monotone",
+    "compose": "lipsdp.compose",
 }
 
 
@@ -52,7 +53,8 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["certify", "certify_network", "certified_radii", "pairwise_lipschitz", "monotone", "Certificate", "Network",
+__all__ = ["certify", "certify_network", "compose", "certified_radii", "pairwise_lipschitz", "monotone",
+           "Certificate", "Network",
            "load_network", "LipSDPError", "ModelLoadError", "UnsafeModelError", "UnsupportedLayerError",
            "InvalidNetworkError", "SolverNotFound", "SolverLicenseError", "SolverError", "ResourceError",
            "WellPosednessError", "__version__"]

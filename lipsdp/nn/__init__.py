@@ -24,6 +24,7 @@ that lipsdp reads keeps working (whole-module pickle, TorchScript,
 from lipsdp.nn.activations import FullSort, GroupSort, GroupSort2, HouseHolder, MaxMin
 from lipsdp.nn.implicit import ImplicitLayer
 from lipsdp.nn.linf import LinfDistance, SortNet
+from lipsdp.nn.attention import DotMultiheadSelfAttention, L2MultiheadSelfAttention, Residual
 
-__all__ = ["FullSort", "GroupSort", "GroupSort2", "HouseHolder", "ImplicitLayer", "LinfDistance", "MaxMin",
-           "SortNet"]
+__all__ = ["DotMultiheadSelfAttention", "FullSort", "GroupSort", "GroupSort2", "HouseHolder", "ImplicitLayer",
+           "L2MultiheadSelfAttention", "LinfDistance", "MaxMin", "Residual", "SortNet"]
