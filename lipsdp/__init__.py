@@ -38,8 +38,8 @@ _LAZY = {
     "certified_radii": "lipsdp.robustness",
     "pairwise_lipschitz": "lipsdp.robustness",
     "load_network": "lipsdp.io",
-    "monotone": "lipsdp.monotone",
-    "compose": "lipsdp.compose",
+    "monotone": "lipsdp.monotonicity",
+    "compose": "lipsdp.composition",
 }
 
 

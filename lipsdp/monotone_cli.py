@@ -1,7 +1,7 @@
 """``lipsdp monotone``: prove or refute that outputs are nondecreasing in inputs over a region (docs/monotone.md).
 
 ``lipsdp monotone model.pt --inputs 0,3 --outputs 1 --center x.npy --radius 0.1`` (or ``--box lo.npy
-hi.npy``) prints one JSON object (:meth:`lipsdp.monotone.MonotoneResult.to_dict`) and exits 0 when
+hi.npy``) prints one JSON object (:meth:`lipsdp.monotonicity.MonotoneResult.to_dict`) and exits 0 when
 every pair ``d f_j / d x_i >= 0`` is proved, 1 when one is refuted (with a witness) or unknown (the
 JSON's ``status`` says which), 2 for bad input.
 """
@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from lipsdp.errors import LipSDPError
-from lipsdp.monotone import monotone
+from lipsdp.monotonicity import monotone
 
 __all__ = ["add_parser", "run"]
 

@@ -13,7 +13,7 @@ from lipsdp.errors import UnsupportedLayerError
 from lipsdp.nn.attention import (DotMultiheadSelfAttention, L2MultiheadSelfAttention, attention_bound,
                                  dot_attention_local_bound, l2_attention_bound, softmax_entropy_bound,
                                  softmax_norm_bound)
-from lipsdp.compose import sampled_module_lower_bound
+from lipsdp.composition import sampled_module_lower_bound
 
 
 def _module(cls, dim, heads, scale, seed):

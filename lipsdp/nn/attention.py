@@ -17,7 +17,7 @@ proven in floating point (:func:`lipsdp.bounds.proven_spectral_norm`) and rounde
 
 Blocks certify themselves through ``lipsdp_bound(certify, **options)``, the hook :func:`lipsdp.compose` calls:
 it returns a record (``bound``, ``trivial_bound``, ``verified``, ``method``, ``message``, ``network``) that
-:mod:`lipsdp.compose` turns into a certificate (``certify`` gives an inner block's record, for :class:`Residual`).
+:mod:`lipsdp.composition` turns into a certificate (``certify`` gives an inner block's record, for :class:`Residual`).
 This module builds no certificate itself: it is loaded with :mod:`lipsdp.nn`, below the certificate stage.
 """
 

@@ -1,4 +1,4 @@
-r"""``lipsdp.compose``: certify a model as the composition of separately certified blocks.
+r"""``lipsdp.compose`` (module :mod:`lipsdp.composition`): a model certified as a composition of blocks.
 
 For ``f = f_k o ... o f_1`` with ``||f_i(x) - f_i(y)|| <= L_i ||x - y||`` (all in l2),
 ``L(f) <= L_1 L_2 ... L_k`` (submultiplicativity; docs/math.md §8.2).  Each block is certified on its own:
@@ -17,9 +17,7 @@ checked against the product: a violation raises, never passes silently.
 from __future__ import annotations
 
 import copy
-import sys
 import time
-import types
 
 import numpy as np
 
@@ -209,14 +207,3 @@ def compose(model, *, split_at=None, input_shape=None, seq_len: int | None = Non
                        verification={"method": "composition", "blocks": len(parts)},
                        timings={"total": time.perf_counter() - t0}, **common)
 
-
-class _CallableModule(types.ModuleType):
-    """``lipsdp.compose`` names both this module and its function: importing the module binds the package
-    attribute to the module, so the module itself calls :func:`compose` and ``lipsdp.compose(...)`` works
-    whichever of the two the attribute holds."""
-
-    def __call__(self, *args, **kwargs):
-        return compose(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

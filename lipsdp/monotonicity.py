@@ -18,9 +18,7 @@ docs/monotone.md has the method and the command line (:mod:`lipsdp.monotone_cli`
 
 from __future__ import annotations
 
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -232,12 +230,3 @@ def monotone(model, inputs, outputs, *, center=None, radius=None, lower=None, up
     return MonotoneResult(status, rows, lo, hi, boxes, time.monotonic() - start,
                           not (unresolved - set(found)))
 
-
-class _CallableModule(types.ModuleType):
-    """``lipsdp.monotone(...)`` calls :func:`monotone` also once this module is imported as ``lipsdp.monotone``."""
-
-    def __call__(self, *args, **kwargs):
-        return monotone(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
