@@ -31,7 +31,8 @@ from lipsdp.budget import Budget, LimitReached, parse_size
 from lipsdp.certificate import WRITING, Certificate
 from lipsdp.errors import LipSDPError
 from lipsdp.local import read_region
-from lipsdp.pipeline import certify, check_certificate
+from lipsdp.checking import check_certificate
+from lipsdp.pipeline import certify
 from lipsdp.quiet import dropped
 from lipsdp.session import run
 from lipsdp.solvers import describe

@@ -15,7 +15,7 @@ The driver of the stages, in the order data flows::
   network as given, so nothing the solver or a reduction did can make a bound unsound;
 * **certificate**: :func:`lipsdp.certificate.certificate_from_outcomes`.
 
-``lipsdp verify`` (:func:`check_certificate`) runs load -> lift -> verify on the
+``lipsdp verify`` (:func:`lipsdp.checking.check_certificate`) runs load -> lift -> verify on the
 same queries and congruences (:func:`lipsdp.verification.recheck`).
 """
 
@@ -33,7 +33,7 @@ from lipsdp.budget import checkpoint, current, step
 from lipsdp.certificate import (Certificate, certificate_from_outcomes, network_summary, split_certificate,
                                 trivial_certificate, falls_back)
 from lipsdp.constraints import registered
-from lipsdp.wellposed import attach_well_posedness, check_provable, implicit_nodes
+from lipsdp.wellposed import attach_well_posedness, check_provable
 from lipsdp.errors import LipSDPError, ResourceError, UnsupportedLayerError
 from lipsdp.io import load_network, network_from_module
 from lipsdp.lifting import lift
@@ -44,7 +44,7 @@ from lipsdp.resources import available_memory  # noqa: F401  (public here for sc
 from lipsdp.session import run
 from lipsdp.solve import ClosedForm, Solve
 from lipsdp.split import is_chain
-from lipsdp.verification import FORMULATIONS, NORMS, check_claims, closed_form, proven_trivial_bound, recheck, verify_solution
+from lipsdp.verification import FORMULATIONS, NORMS, closed_form, proven_trivial_bound, verify_solution
 
 #: How the preconditioning scales are chosen; one name here so tests and experiments can substitute it.
 _scales = preconditioning_scales
@@ -283,44 +283,6 @@ def _certify_network_run(network, *, compare, split, **options) -> Certificate:
     cert.caveats = activation_caveats(network)  # where torch's function is not the one certified
     if compare and MaxMinAsReLU.applies(network) and norm == "l2" and cert.verified and not split:
         _compare_maxmin(network, cert, options)
-    return cert
-
-
-def check_certificate(cert, model, **load_options) -> Certificate:
-    """Re-check a saved certificate against a model without solving anything.
-
-    The model must be the one certified (same architecture and weights: SHA-256
-    of the graph).  Every LMI the certificate stands for is rebuilt from the
-    model and the stored ``formulation``, ``norm`` and ``output_map``: one for
-    l2, one per certified output for l_inf (docs/math.md §2.1).  The stored
-    multipliers must then pass the rigorous test of :mod:`lipsdp.verify` as
-    they are (nothing is repaired or re-derived), and the stated bounds must
-    cover them exactly: ``bound >= sqrt(rho)`` (l2) or
-    ``bound >= sqrt(sum lambda_in)`` for every output (l_inf, also each entry
-    of ``network["per_output"]``).  So an edit that makes the certificate claim
-    more than it proves (a lowered bound, a changed multiplier, another output)
-    fails; an edit that keeps the claim true (a larger bound) is still a valid
-    certificate and passes.  The checks are those of certification
-    (:func:`lipsdp.verification.recheck`).
-
-    Returns the certificate with refreshed verification details; raises
-    :class:`~lipsdp.errors.LipSDPError` (exit 2) otherwise.
-    """
-    if isinstance(cert, dict):
-        cert = Certificate.from_dict(cert)
-    check_claims(cert)
-    t0 = time.perf_counter()
-    network, _ = load_model(model, **load_options)
-    network.validate()
-    margins = recheck(cert, network)
-    # Implicit layers: the bound means something only if the equilibrium is proved unique.
-    if margins is not None and implicit_nodes(network):
-        attach_well_posedness(network, cert, cert.formulation, cert.norm)
-        if not cert.network["well_posedness"].get("proved"):
-            raise LipSDPError("the certificate does not verify: " + cert.network["well_posedness"]["message"])
-    cert.verification = {**cert.verification, "rechecked": True,
-                         "recheck_margin": min(margins) if margins else None,
-                         "recheck_seconds": time.perf_counter() - t0}
     return cert
 
 

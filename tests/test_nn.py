@@ -358,7 +358,7 @@ def test_feedback_is_part_of_the_fingerprint_and_lifting():
 def test_implicit_certificate_rechecks_well_posedness():
     """``lipsdp verify`` re-proves the equilibrium's uniqueness from the stored multipliers, not just the LMI."""
     from lipsdp.certificate import Certificate
-    from lipsdp.pipeline import check_certificate
+    from lipsdp.checking import check_certificate
 
     model = implicit_model(activation="relu", w_norm=0.9, seed=4)
     cert = lipsdp.certify(model, input_shape=(3,), lower_bound_samples=0)

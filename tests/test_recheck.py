@@ -1,4 +1,4 @@
-"""``lipsdp verify`` / :func:`lipsdp.pipeline.check_certificate`: every kind of certificate re-checks, edits fail.
+"""``lipsdp verify`` / :func:`lipsdp.checking.check_certificate`: every kind of certificate re-checks, edits fail.
 
 For l2, l_inf (all outputs, one output) and l2 of one output, a saved
 certificate must re-check against its model without solving, and each edit
@@ -21,7 +21,7 @@ import torch
 import lipsdp
 from lipsdp.certificate import Certificate
 from lipsdp.errors import LipSDPError
-from lipsdp.pipeline import check_certificate
+from lipsdp.checking import check_certificate
 from models import mlp
 
 KINDS = {
