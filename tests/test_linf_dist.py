@@ -199,7 +199,7 @@ def test_householder_linf_gain_is_not_one():
 def test_an_unverified_linf_sdp_falls_back_to_the_proven_composition():
     """An l_inf certificate of a net with order statistics whose SDP does not verify (here: ``fo``, which
     solves l2 only) is the proven product of gains, and ``lipsdp verify`` proves it again."""
-    from lipsdp.pipeline import check_certificate
+    from lipsdp.checking import check_certificate
 
     model = mixed()
     cert = lipsdp.certify(model, solver="fo", norm="linf", lower_bound_samples=16)
