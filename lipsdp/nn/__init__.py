@@ -11,6 +11,10 @@ module              what it computes
 ``MaxMin``          ``[relu(x), relu(-x)]`` (deel-torchlip's MaxMin, not GroupSort-2)
 ``HouseHolder(C)``  reflection of each channel pair ``(c, c + C/2)`` on one side of a line
 ``ImplicitLayer``   equilibrium layer ``z = phi(W z + U x + b)``, ``y = C z + D x``
+``SLL``             SDP-based Lipschitz residual layer (Araujo et al. 2023)
+``LDLTResidual``    L-Lipschitz layer from an LDL^T factorisation of its LipSDP matrix
+``AOL``             almost-orthogonal linear layer (Prach & Lampert 2022)
+``CayleyLinear``    orthogonal linear layer: Cayley transform or matrix exponential
 =================== =============================================================
 
 The activations have deel-torchlip's semantics and parameter layout (a model
@@ -21,5 +25,10 @@ that lipsdp reads keeps working (whole-module pickle, TorchScript,
 
 from lipsdp.nn.activations import FullSort, GroupSort, GroupSort2, HouseHolder, MaxMin
 from lipsdp.nn.implicit import ImplicitLayer
+from lipsdp.nn.sll import SLL
+from lipsdp.nn.ldlt import LDLTResidual
+from lipsdp.nn.aol import AOL
+from lipsdp.nn.cayley import CayleyLinear
 
 __all__ = ["FullSort", "GroupSort", "GroupSort2", "HouseHolder", "ImplicitLayer", "MaxMin"]
+__all__ += ["AOL", "CayleyLinear", "LDLTResidual", "SLL"]
