@@ -22,7 +22,8 @@ FIGURE_SUFFIXES = {".png", ".svg", ".pdf"}
 EXPECTED_FIGURES = {"01_quickstart.ipynb": ["bounds_per_model.png"],
                     "02_lipschitz_activations.ipynb": ["groupsort2_vs_relu_rewrite.png"],
                     "03_scaling.ipynb": ["benchmark_time_vs_size.png", "scaling_sweep.png"],
-                    "04_robustness.ipynb": ["certified_accuracy.png"]}
+                    "04_robustness.ipynb": ["certified_accuracy.png"],
+                    "06_lipschitz_architectures.ipynb": ["lipschitz_architectures.png"]}
 CELL_TIMEOUT = 600  # seconds per cell
 
 
