@@ -98,6 +98,26 @@ def test_onnx_parameter_subgraph_is_folded_in_float64(tmp_path):
     assert np.abs(net.numpy_forward(x) - want).max() <= 1e-12
 
 
+def test_onnx_cast_of_a_folded_constant_keeps_float64():
+    """``Sqrt`` of a float32 initializer, then ``Cast`` to float: the weight is sqrt in float64 (a cast
+    between floats is the identity), not rounded back to float32."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    a = np.random.default_rng(0).uniform(0.5, 2.0, (3, 2)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Sqrt", ["A"], ["r"]), helper.make_node("Cast", ["r"], ["w"], to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [numpy_helper.from_array(a, "A")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    from lipsdp.io.onnx_ import network_from_onnx
+
+    net = network_from_onnx(model)
+    got = net.numpy_forward(np.eye(3))
+    assert np.abs(got - np.sqrt(a.astype(np.float64))).max() <= 1e-15
+
+
 @pytest.mark.parametrize("family,kwargs", [("sll", {}), ("ldlt", {}), ("aol", {}), ("cayley", {})])
 @pytest.mark.parametrize("scale", [1.0, 2.5])
 def test_stacks_certify_at_their_constant(family, kwargs, scale):
