@@ -23,7 +23,8 @@ EXPECTED_FIGURES = {"01_quickstart.ipynb": ["bounds_per_model.png"],
                     "02_lipschitz_activations.ipynb": ["groupsort2_vs_relu_rewrite.png"],
                     "03_scaling.ipynb": ["benchmark_time_vs_size.png", "scaling_sweep.png"],
                     "04_robustness.ipynb": ["certified_accuracy.png"],
-                    "05_local_and_monotone.ipynb": ["local_bound_vs_radius.png"]}
+                    "05_local_and_monotone.ipynb": ["local_bound_vs_radius.png"],
+                    "06_lipschitz_architectures.ipynb": ["lipschitz_architectures.png"]}
 CELL_TIMEOUT = 600  # seconds per cell
 
 

@@ -13,6 +13,7 @@ import operator
 
 from lipsdp.errors import ModelLoadError
 from lipsdp.io.aten_ops import MODULE_HANDLERS, Poison, Translator, leaves, module_handler
+from lipsdp.io.folding import Float64Translator
 from lipsdp.io.formats import first_line
 from lipsdp.io.builder import GraphBuilder, Label, Sym, Unsupported, layer_kind
 
@@ -62,7 +63,7 @@ def network_from_exported(program, source: str = "", input_shape=None):
                              f"not {tuple(input_shape)}; export it again with that shape")
 
     builder = GraphBuilder(source)
-    t = Translator(builder, batch)
+    t = Float64Translator(builder, batch)  # parameter-only subgraphs folded in float64
     env: dict = {}
     nodes = list(program.graph_module.graph.nodes)
     skip: set = set()

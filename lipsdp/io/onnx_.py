@@ -26,6 +26,7 @@ from lipsdp.errors import ModelLoadError
 from lipsdp.io import aten_ops as A
 from lipsdp.io.aten_ops import Poison, Translator, leaves
 from lipsdp.io.builder import GraphBuilder, Label, Sym, Unsupported
+from lipsdp.io.folding import float_cast, promote_onnx_inputs
 from lipsdp.io.formats import first_line
 from lipsdp.io import onnx_ops  # noqa: F401  (registers the handlers)
 from lipsdp.io.onnx_registry import ONNX_OPS, register_onnx, undeclared
@@ -239,6 +240,9 @@ def _fold(t: Translator, node, ins: list, attrs: dict) -> list:
         return [t.report(t.entry("Constant of an unsupported kind"))]
     if op in ("Identity", "Dropout"):
         return [ins[0], None][:len(node.output)]
+    ins = promote_onnx_inputs(ins)  # parameter-only subgraphs in float64 (lipsdp.io.folding)
+    if float_cast(node, ins, attrs):
+        return [ins[0]]
     try:
         from onnx.reference import ReferenceEvaluator
 

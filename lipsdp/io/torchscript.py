@@ -17,6 +17,7 @@ import re
 from lipsdp.errors import ModelLoadError
 from lipsdp.io.aten_ops import MODULE_HANDLERS, Poison, Translator, leaves, module_handler
 from lipsdp.io.builder import GraphBuilder, Label, Sym, Unsupported, layer_kind
+from lipsdp.io.folding import Float64Translator
 from lipsdp.io.formats import first_line
 
 _SCOPE = re.compile(r"([^.()]+)\(([^()]*)\)")
@@ -71,7 +72,7 @@ def network_from_script(module, input_shape=None, source: str = ""):
                              "with exactly one")
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else infer_input_shape(module, source)
     builder = GraphBuilder(source)
-    walker = _Walker(Translator(builder, batch=1), module, source, shape)
+    walker = _Walker(Float64Translator(builder, batch=1), module, source, shape)
     walker.env[inputs[0].unique()] = module
     walker.env[inputs[1].unique()] = builder.input(shape, name=inputs[1].debugName().split(".")[0])
     walker.walk(list(graph.nodes()))
