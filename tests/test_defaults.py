@@ -16,7 +16,7 @@ import torch
 import lipsdp
 from lipsdp.certificate import SCHEMA_VERSION, Certificate
 from lipsdp.errors import LipSDPError
-from lipsdp.pipeline import check_certificate
+from lipsdp.checking import check_certificate
 from models import mlp
 
 
