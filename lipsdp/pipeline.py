@@ -38,6 +38,7 @@ from lipsdp.errors import LipSDPError, ResourceError, UnsupportedLayerError
 from lipsdp.io import load_network, network_from_module
 from lipsdp.lifting import lift
 from lipsdp.network import Network
+from lipsdp.recurrent import certify_all_horizons, horizon_shape
 from lipsdp.reductions import (Chain, MaxMinAsReLU, Precondition, Query, ReduceInput, Split,
                                preconditioning_scales, readouts)
 from lipsdp.resources import available_memory  # noqa: F401  (public here for scripts and benchmarks)
@@ -330,7 +331,7 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
             input_shape: tuple | None = None, time_limit: float | None = None, tol: float | None = None,
             trust_pickle: bool = False, lower_bound_samples: int = 128, memory_limit: int | None = None,
             progress: bool | str = False, strict: bool = False, split: int | None = None,
-            threads: int | None = None, verbose: bool = False) -> Certificate:
+            threads: int | None = None, verbose: bool = False, horizon: int | str | None = None) -> Certificate:
     """Certify an upper bound on the l2 Lipschitz constant of a network.
 
     Parameters
@@ -379,6 +380,8 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
     threads : int, optional
         Threads for BLAS, OpenMP and torch during the call; default: chosen for the problem size and
         the idle cores (:func:`lipsdp.threads.choose`).
+    horizon : int or "all", optional
+        ``nn.RNN`` models: unroll over ``T`` input steps, or ``"all"``: one bound for every ``T`` (docs/math.md §11).
     verbose : bool
         Let solvers' own output (SDPA's C++ messages, ARPACK and cvxpy warnings) through to stderr;
         by default it is dropped (:mod:`lipsdp.quiet`).
@@ -405,6 +408,9 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
     with run(time_limit, memory_limit, threads=threads, progress=progress, verbose=verbose) as budget:
         budget.enter("load")
         t0 = time.perf_counter()
+        if horizon == "all":
+            return certify_all_horizons(model, input_shape, trust_pickle, lower_bound_samples)
+        input_shape = horizon_shape(model, horizon, input_shape, trust_pickle)
         network, source = load_model(model, activation, activation_params, input_shape, trust_pickle)
         thread_pools.fit()  # loading may have imported torch: limit its pool too
         if output_index is not None:

@@ -25,12 +25,19 @@ values for a unidirectional RNN).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from lipsdp.errors import LipSDPError, ModelLoadError
 from lipsdp.io.builder import Label, Sym, Unsupported
+from lipsdp.io.checkpoint import find_in_checkpoint
+from lipsdp.io.formats import detect_format
+from lipsdp.io.safe_pickle import load_torch_file
 from lipsdp.io.translator import Poison, is_sym, register_aten, to_numpy
+from lipsdp.network import Network
 
-__all__ = ["unroll_rnn"]
+__all__ = ["check_horizon", "horizon_shape", "rnn_input_size", "unroll_rnn"]
 
 #: ATen operator -> lipsdp activation.
 _FUNCTIONS = {"rnn_tanh": "tanh", "rnn_relu": "relu"}
@@ -113,3 +120,101 @@ def _rnn(t, x, hx, params, has_biases, num_layers, dropout, train, bidirectional
 
 
 register_aten(*_FUNCTIONS)(_rnn)
+
+
+def rnn_input_size(module) -> int | None:
+    """``input_size`` of the first ``nn.RNN`` in ``module`` (an ``nn.Module`` or a TorchScript module),
+    None when it has none."""
+    for _, m in module.named_modules():
+        cls = getattr(m, "original_name", None) or type(m).__name__
+        if cls == "RNN" and hasattr(m, "input_size"):
+            return int(m.input_size)
+    return None
+
+
+def _horizon(horizon) -> int:
+    if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon < 1:
+        raise LipSDPError(f"horizon must be a whole number >= 1 or 'all', not {horizon!r}")
+    return int(horizon)
+
+
+def _exported_sample(path: str) -> tuple | None:
+    """The traced sample shape of a ``torch.export`` file that calls an RNN, else None."""
+    import torch
+    from torch.export.graph_signature import InputKind
+
+    program = torch.export.load(path)
+    graph = program.graph_module.graph
+    if not any(n.op == "call_function" and str(n.target).split(".")[1] in ("rnn_tanh", "rnn_relu")
+               for n in graph.nodes if "." in str(n.target)):
+        return None
+    user = {s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+    node = next(n for n in graph.nodes if n.op == "placeholder" and n.name in user)
+    return tuple(int(d) for d in node.meta["val"].shape[1:])
+
+
+def _rnn_sample(model, trust_pickle: bool) -> tuple | None:
+    """``(input_size,)``-ending sample shape of ``model``'s RNN (a path or a module), None without one."""
+    if not isinstance(model, (str, os.PathLike)):
+        size = rnn_input_size(model) if hasattr(model, "named_modules") else None
+        return None if size is None else (0, size)
+    path = os.fspath(model)
+    fmt = detect_format(path)
+    if fmt == "export":
+        return _exported_sample(path)
+    if fmt == "onnx":
+        raise ModelLoadError(f"{path}: lipsdp does not translate ONNX's RNN operator; save the model with "
+                             "torch.save, TorchScript or torch.export")
+    if fmt == "torchscript":
+        import torch
+
+        return _rnn_sample(torch.jit.load(path, map_location="cpu"), trust_pickle)
+    if fmt != "pickle":
+        raise ModelLoadError(f"{path}: a {fmt} file holds MLP weights, not a recurrent model")
+    kind, content, _ = find_in_checkpoint(load_torch_file(path, trust_pickle=trust_pickle), path)
+    if kind != "module":
+        raise ModelLoadError(f"{path}: holds weights only; a recurrent model needs its architecture "
+                             "(save the whole module, TorchScript or torch.export)")
+    return _rnn_sample(content, trust_pickle)
+
+
+def horizon_shape(model, horizon, input_shape=None, trust_pickle: bool = False) -> tuple | None:
+    """The sample shape ``(T, input_size)`` that unrolls ``model``'s RNN over ``horizon`` steps.
+
+    ``horizon=None`` returns ``input_shape`` unchanged.  A ``torch.export`` file fixes its
+    horizon: a different ``T`` is refused by the loader.  A :class:`~lipsdp.network.Network`
+    must already be an RNN unrolled over ``T`` steps (``input_shape`` is returned).
+
+    Raises
+    ------
+    LipSDPError
+        ``horizon`` is not a whole number >= 1, disagrees with ``input_shape``, or the model has
+        no ``nn.RNN``.
+    """
+    if horizon is None:
+        return input_shape
+    T = _horizon(horizon)
+    if isinstance(model, Network):
+        check_horizon(model, T)
+        return input_shape
+    if input_shape is not None:
+        shape = tuple(int(s) for s in input_shape)
+        if not shape or shape[0] != T:
+            raise LipSDPError(f"the input shape {shape} does not start with the horizon {T}")
+        return shape
+    sample = _rnn_sample(model, trust_pickle)
+    if sample is None:
+        name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+        raise LipSDPError(f"{name}: no nn.RNN in the model; a horizon applies to recurrent models only")
+    return (T,) + tuple(sample[1:])
+
+
+def check_horizon(network: Network, horizon) -> None:
+    """Refuse a network that is not an RNN unrolled over ``horizon`` steps."""
+    T = _horizon(horizon)
+    if not network.meta.get("recurrent"):
+        raise LipSDPError(f"{network.source or 'network'}: no nn.RNN in the model; a horizon applies to "
+                          "recurrent models only")
+    steps = network.op(network.input).shape[0]
+    if steps != T:
+        raise LipSDPError(f"{network.source or 'network'}: unrolled over {steps} steps, not {T}")
