@@ -257,22 +257,37 @@ def _cvx_matrix(cp, lmi: LMIProblem, x):
     return (M + M.T) / 2
 
 
-def solve_dissipation(lmi: LMIProblem, storage: LMIProblem) -> tuple[np.ndarray | None, str, str]:
-    """``min rho`` subject to ``M(x) <= -eps I``, ``storage(x) <= -eps I``, ``rho, t >= 0`` (cvxpy):
-    ``(x, status, solver)``; ``x`` is None without a solution.  Never trusted: see :func:`verify`."""
+def solve_dissipation(lmi: LMIProblem, storage: LMIProblem, solver: str) -> tuple[np.ndarray | None, str]:
+    """``min rho`` subject to ``M(x) <= -eps I``, ``storage(x) <= -eps I``, ``rho, t >= 0`` with the cvxpy
+    ``solver``: ``(x, status)``; ``x`` is None without a solution.  Never trusted: see :func:`verify`."""
     import cvxpy as cp
 
     x = cp.Variable(lmi.n_var)
     cons = [_cvx_matrix(cp, lmi, x) << -MARGIN * np.eye(lmi.n),
             _cvx_matrix(cp, storage, x) << -MARGIN * np.eye(storage.n), x[np.flatnonzero(lmi.nonneg)] >= 0]
     problem = cp.Problem(cp.Minimize(x[0]), cons)
-    solver = "CLARABEL" if "CLARABEL" in cp.installed_solvers() else "SCS"
     try:
         problem.solve(solver=solver)
     except cp.error.SolverError as exc:
-        return None, f"solver_error ({exc})", solver.lower()
+        return None, f"solver_error ({exc})"
     value = None if x.value is None or problem.status not in ("optimal", "optimal_inaccurate") else x.value
-    return value, problem.status, solver.lower()
+    return value, problem.status
+
+
+def _solve_and_verify(ss: StateSpace, lmi: LMIProblem, storage: LMIProblem):
+    """Clarabel (an interior-point method: accurate), else SCS; the first point that verifies."""
+    import cvxpy as cp
+
+    status = "no solver"
+    for solver in [s for s in ("CLARABEL", "SCS") if s in cp.installed_solvers()]:
+        x, status = solve_dissipation(lmi, storage, solver)
+        if x is None:
+            continue
+        ver = verify(lmi, x)
+        if ver.verified:
+            return ver, status, solver.lower()
+        status = f"{status}, not verified: {ver.message}"
+    raise _no_gain(ss, status)
 
 
 def all_horizon_trivial_bound(ss: StateSpace) -> float | None:
@@ -361,13 +376,8 @@ def certify_all_horizons(model, input_shape=None, trust_pickle: bool = False,
     t1 = time.perf_counter()
     lmi = dissipation_lmi(ss)
     storage = storage_lmi(ss, lmi)
-    x, status, solver = solve_dissipation(lmi, storage)
+    ver, status, solver = _solve_and_verify(ss, lmi, storage)
     t2 = time.perf_counter()
-    if x is None:
-        raise _no_gain(ss, status)
-    ver = verify(lmi, x)
-    if not ver.verified:
-        raise _no_gain(ss, f"{status}, not verified: {ver.message}")
     stability = _stability(ss, storage, ver)
     t3 = time.perf_counter()
     lower = sampled_lower_bound(network, lower_bound_samples) if lower_bound_samples else None

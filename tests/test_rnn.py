@@ -153,8 +153,9 @@ def test_unsupported_read_outs(read, what):
 def test_refusals():
     with pytest.raises(UnsupportedLayerError, match="batch_first=False"):
         network_from_module(RNNModel(batch_first=False), input_shape=(3, N_IN))
-    with pytest.raises(ModelLoadError, match="give the horizon"):
-        lipsdp.certify(RNNModel())
+    for model in (RNNModel(), torch.jit.script(RNNModel())):
+        with pytest.raises(ModelLoadError, match="give the horizon"):
+            lipsdp.certify(model)
     with pytest.raises(LipSDPError, match="no nn.RNN"):
         lipsdp.certify(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), horizon=3)
     with pytest.raises(LipSDPError, match="horizon must be"):
