@@ -184,6 +184,9 @@ def test_cli_horizon(tmp_path, capsys):
         assert out["verified"], out
         bounds[horizon] = out["bound"]
     assert bounds["6"] <= bounds["all"] * (1 + 1e-6)
+    (tmp_path / "all.json").write_text(json.dumps(out))
+    assert main(["verify", str(tmp_path / "all.json"), str(path)]) == 2
+    assert "not supported yet" in capsys.readouterr().err
     assert main(["certify", str(path), "--horizon", "5"]) == 2
     assert "exported for inputs of shape (6, 2), not (5, 2)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
