@@ -85,8 +85,11 @@ def test_every_torch_format_loads_at_its_horizon(tmp_path):
     for name, path in paths.items():
         net = load_network(path, input_shape=(4, N_IN), trust_pickle=True)
         assert np.allclose(net.numpy_forward(x.reshape(3, -1)), _torch_out(model, x), atol=1e-5), name
-    with pytest.raises(ModelLoadError, match="saved for|exported for"):
+    with pytest.raises(ModelLoadError, match="exported for inputs of shape"):
         lipsdp.certify(paths["export"], horizon=6)
+    program = torch.export.load(str(paths["export"]))
+    cert = certify_all_horizons(program, lower_bound_samples=8)  # at the program's own horizon, 4
+    assert cert.verified and cert.network["lower_bound_horizon"] == 4
 
 
 def torch_lower_bound(model, T: int, samples: int = 32, seed: int = 0) -> float:

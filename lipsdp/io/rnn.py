@@ -37,7 +37,7 @@ from lipsdp.io.safe_pickle import load_torch_file
 from lipsdp.io.translator import Poison, is_sym, register_aten, to_numpy
 from lipsdp.network import Network
 
-__all__ = ["check_horizon", "horizon_shape", "rnn_input_size", "unroll_rnn"]
+__all__ = ["check_horizon", "horizon_shape", "is_program", "rnn_input_size", "unroll_rnn"]
 
 #: ATen operator -> lipsdp activation.
 _FUNCTIONS = {"rnn_tanh": "tanh", "rnn_relu": "relu"}
@@ -138,12 +138,17 @@ def _horizon(horizon) -> int:
     return int(horizon)
 
 
-def _exported_sample(path: str) -> tuple | None:
-    """The traced sample shape of a ``torch.export`` file that calls an RNN, else None."""
-    import torch
+def is_program(model) -> bool:
+    """Whether ``model`` is a ``torch.export`` program, or a file holding one: its traced shape is fixed."""
+    if isinstance(model, (str, os.PathLike)):
+        return detect_format(os.fspath(model)) == "export"
+    return hasattr(model, "graph_signature") and hasattr(model, "graph_module")
+
+
+def _exported_sample(program) -> tuple | None:
+    """The traced sample shape of a ``torch.export`` program that calls an RNN, else None."""
     from torch.export.graph_signature import InputKind
 
-    program = torch.export.load(path)
     graph = program.graph_module.graph
     if not any(n.op == "call_function" and str(n.target).split(".")[1] in ("rnn_tanh", "rnn_relu")
                for n in graph.nodes if "." in str(n.target)):
@@ -155,13 +160,17 @@ def _exported_sample(path: str) -> tuple | None:
 
 def _rnn_sample(model, trust_pickle: bool) -> tuple | None:
     """``(input_size,)``-ending sample shape of ``model``'s RNN (a path or a module), None without one."""
+    if is_program(model) and not isinstance(model, (str, os.PathLike)):
+        return _exported_sample(model)
     if not isinstance(model, (str, os.PathLike)):
         size = rnn_input_size(model) if hasattr(model, "named_modules") else None
         return None if size is None else (0, size)
     path = os.fspath(model)
     fmt = detect_format(path)
     if fmt == "export":
-        return _exported_sample(path)
+        import torch
+
+        return _exported_sample(torch.export.load(path))
     if fmt == "onnx":
         raise ModelLoadError(f"{path}: lipsdp does not translate ONNX's RNN operator; save the model with "
                              "torch.save, TorchScript or torch.export")
