@@ -409,7 +409,9 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
         budget.enter("load")
         t0 = time.perf_counter()
         if horizon == "all":
-            return certify_all_horizons(model, input_shape, trust_pickle, lower_bound_samples)
+            return certify_all_horizons(model, input_shape, trust_pickle, lower_bound_samples, norm=norm,
+                                        strict=strict, split=split, solver=solver, formulation=formulation,
+                                        output=(output_map, output_index))
         input_shape = horizon_shape(model, horizon, input_shape, trust_pickle)
         network, source = load_model(model, activation, activation_params, input_shape, trust_pickle)
         thread_pools.fit()  # loading may have imported torch: limit its pool too

@@ -342,8 +342,13 @@ def _no_gain(ss: StateSpace, status: str) -> WellPosednessError:
         "certify a horizon (horizon=T, --horizon T) instead")
 
 
-def certify_all_horizons(model, input_shape=None, trust_pickle: bool = False,
-                         lower_bound_samples: int = 128) -> Certificate:
+#: Options of :func:`lipsdp.certify` the all-horizon bound does not offer, with their defaults.
+_DEFAULTS = {"norm": "l2", "strict": False, "split": None, "solver": "auto", "formulation": "neuron",
+             "output": (None, None)}
+
+
+def certify_all_horizons(model, input_shape=None, trust_pickle: bool = False, lower_bound_samples: int = 128,
+                         **options) -> Certificate:
     """Certify one bound on the l2 Lipschitz constant of an RNN model valid for every horizon ``T``.
 
     Parameters
@@ -357,6 +362,10 @@ def certify_all_horizons(model, input_shape=None, trust_pickle: bool = False,
         ``(T, input_size)`` to unroll at when reading the model (default ``T = 12``).
     lower_bound_samples : int
         Random sequences (of the probe horizon) for the sampled lower bound.
+    **options
+        :func:`lipsdp.certify`'s ``norm``, ``strict``, ``split``, ``solver``, ``formulation`` and
+        ``output`` (``(output_map, output_index)``): only their defaults; others are refused, never
+        ignored (the bound is the l2 gain of the whole output, from Clarabel or SCS, float-verified).
 
     Returns
     -------
@@ -371,6 +380,10 @@ def certify_all_horizons(model, input_shape=None, trust_pickle: bool = False,
     WellPosednessError
         No verified solution: no finite all-horizon bound is proved.
     """
+    for name, value in options.items():
+        if name not in _DEFAULTS or value != _DEFAULTS[name]:
+            raise LipSDPError(f"horizon='all' does not support {name}={value!r}: it certifies the l2 gain of the "
+                              "whole output with its own LMI (docs/math.md §11.2)")
     t0 = time.perf_counter()
     network = _probe(model, input_shape, trust_pickle)
     ss = state_space(network)

@@ -163,6 +163,9 @@ def test_refusals():
         lipsdp.certify(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), horizon=3)
     with pytest.raises(LipSDPError, match="horizon must be"):
         lipsdp.certify(RNNModel(), horizon=0)
+    for option in ({"norm": "linf"}, {"strict": True}, {"output_index": 0}, {"solver": "scs"}):
+        with pytest.raises(LipSDPError, match="horizon='all' does not support"):
+            lipsdp.certify(RNNModel(), horizon="all", **option)
     with pytest.raises(LipSDPError, match="does not start with the horizon"):
         lipsdp.certify(RNNModel(), horizon=3, input_shape=(4, N_IN))
 
