@@ -49,6 +49,19 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _horizon(text: str) -> int | str:
+    """``--horizon``: a whole number >= 1, or ``all``."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'all', not {text!r}")
+    return value
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -93,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", type=int, metavar="I", help="certify only output I (e.g. one logit)")
     c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     c.add_argument("--input-shape", type=_shape, help="input shape without batch axis, e.g. 1,28,28")
+    c.add_argument("--horizon", type=_horizon, metavar="T|all",
+                   help="nn.RNN models: certify sequences of T steps, or 'all' for one bound valid for every T")
     c.add_argument("--activation", help="activation between layers, for weights-only files (relu, tanh, ...)")
     c.add_argument("--time-limit", type=_positive, metavar="SECONDS",
                    help="seconds for the whole command (load, build, solve, verify), from its start; the solver "
@@ -212,7 +227,7 @@ def _cmd_certify(args, own_process: bool) -> int:
                            output_index=args.output, activation=args.activation, input_shape=args.input_shape,
                            time_limit=args.time_limit, tol=args.tol, trust_pickle=args.trust_pickle,
                            lower_bound_samples=max(args.samples, 0), strict=args.strict, split=args.split,
-                           **read_region(args.center, args.radius, args.region_norm))
+                           horizon=args.horizon, **read_region(args.center, args.radius, args.region_norm))
     except LimitReached as exc:
         if args.debug:
             raise

@@ -282,6 +282,8 @@ class Network:
         self.graph = nx.DiGraph()
         self.source = source
         self.output: int | None = None
+        #: What a loader recorded about the model's structure (``"recurrent"``: :mod:`lipsdp.io.rnn`).
+        self.meta: dict = {}
 
     # -- building -------------------------------------------------------
     def add(self, op: Op, parents: Iterable[int] = ()) -> int:

@@ -38,6 +38,7 @@ from lipsdp.errors import LipSDPError, ResourceError, UnsupportedLayerError
 from lipsdp.io import load_network, network_from_module
 from lipsdp.lifting import lift
 from lipsdp.network import Network
+from lipsdp.recurrent import certify_all_horizons, horizon_shape
 from lipsdp.reductions import (Chain, MaxMinAsReLU, Precondition, Query, ReduceInput, Split,
                                preconditioning_scales, readouts)
 from lipsdp.resources import available_memory  # noqa: F401  (public here for scripts and benchmarks)
@@ -292,8 +293,9 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
             input_shape: tuple | None = None, time_limit: float | None = None, tol: float | None = None,
             trust_pickle: bool = False, lower_bound_samples: int = 128, memory_limit: int | None = None,
             progress: bool | str = False, strict: bool = False, split: int | None = None,
-            threads: int | None = None, verbose: bool = False, center=None, radius=None, region_norm=None) -> Certificate:
-    """Certify an upper bound on the l2 Lipschitz constant of a network (on a ball: :func:`lipsdp.local.regional`).
+            threads: int | None = None, verbose: bool = False, center=None, radius=None, region_norm=None,
+            horizon: int | str | None = None) -> Certificate:
+    """Certify an upper bound on the l2 Lipschitz constant of a network, globally or on a region.
 
     Parameters
     ----------
@@ -341,6 +343,13 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
     threads : int, optional
         Threads for BLAS, OpenMP and torch during the call; default: chosen for the problem size and
         the idle cores (:func:`lipsdp.threads.choose`).
+    center, radius, region_norm : optional
+        A local bound, valid for pairs of inputs in the ball ``||x - center|| <= radius`` in
+        ``region_norm`` (default: ``norm``): per-neuron slope sectors from pre-activation bounds
+        (docs/math.md §6; :func:`lipsdp.local.regional`).  ``bound`` is the better verified one of the
+        local and the global bound; ``global_bound`` and ``region`` are reported too.
+    horizon : int or "all", optional
+        ``nn.RNN`` models: unroll over ``T`` input steps, or ``"all"``: one bound for every ``T`` (docs/math.md §11).
     verbose : bool
         Let solvers' own output (SDPA's C++ messages, ARPACK and cvxpy warnings) through to stderr;
         by default it is dropped (:mod:`lipsdp.quiet`).
@@ -367,6 +376,11 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
     with run(time_limit, memory_limit, threads=threads, progress=progress, verbose=verbose) as budget:
         budget.enter("load")
         t0 = time.perf_counter()
+        if horizon == "all":
+            return certify_all_horizons(model, input_shape, trust_pickle, lower_bound_samples, norm=norm,
+                                        strict=strict, split=split, solver=solver, formulation=formulation,
+                                        output=(output_map, output_index), center=center)
+        input_shape = horizon_shape(model, horizon, input_shape, trust_pickle)
         network, source = load_model(model, activation, activation_params, input_shape, trust_pickle)
         thread_pools.fit()  # loading may have imported torch: limit its pool too
         if output_index is not None:
@@ -375,8 +389,9 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
                 raise LipSDPError(f"output {output_index} does not exist: the network has {m} outputs "
                                   f"(0..{m - 1})")
             output_map = np.eye(m)[output_index:output_index + 1]
-        return local.regional(certify_network, center, radius, region_norm)(network, solver=solver, formulation=formulation, norm=norm,
-                               output_map=output_map, time_limit=time_limit, tol=tol,
-                               lower_bound_samples=lower_bound_samples, memory_limit=memory_limit,
-                               progress=progress, source=source, load_seconds=time.perf_counter() - t0,
-                               strict=strict, split=split, threads=threads, verbose=verbose)
+        run_network = local.regional(certify_network, center, radius, region_norm)
+        return run_network(network, solver=solver, formulation=formulation, norm=norm, output_map=output_map,
+                           time_limit=time_limit, tol=tol, lower_bound_samples=lower_bound_samples,
+                           memory_limit=memory_limit, progress=progress, source=source,
+                           load_seconds=time.perf_counter() - t0, strict=strict, split=split, threads=threads,
+                           verbose=verbose)

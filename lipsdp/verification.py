@@ -128,6 +128,9 @@ def check_claims(cert) -> None:
     if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= SCHEMA_VERSION:
         raise LipSDPError(f"the certificate's schema_version {version!r} is not one this lipsdp "
                           f"reads (0 to {SCHEMA_VERSION}): written by a newer lipsdp, or edited")
+    if cert.formulation == "dissipation":  # lipsdp.recurrent: another LMI, not rebuilt from the network
+        raise LipSDPError("re-checking all-horizon RNN certificates (--horizon all) is not supported yet: "
+                          "certify the model again")
     if cert.norm not in NORMS or cert.formulation not in FORMULATIONS:
         raise LipSDPError(f"the certificate names an unknown norm {cert.norm!r} or formulation "
                           f"{cert.formulation!r} (edited or corrupt)")

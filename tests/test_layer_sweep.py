@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import lipsdp
-from lipsdp import checking, layer_sweep, pipeline
+from lipsdp import checking, layer_sweep
 from lipsdp.lifting import lift
 from lipsdp.lmi import build_lmi
 from lipsdp.network import Network

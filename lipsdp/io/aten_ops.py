@@ -25,6 +25,7 @@ from lipsdp.io import linmaps
 from lipsdp.io.aten_linear import (apply_last, avg_pool, batch_norm, conv, expand_tuple, matmul, product,
                                    reduce, scale_by, sum_terms)
 from lipsdp.io.aten_shapes import permute, take, unsqueeze
+from lipsdp.io import rnn  # noqa: F401  (registers nn.RNN's rnn_tanh / rnn_relu)
 from lipsdp.io.builder import Sym, Unsupported
 from lipsdp.io.translator import (ATEN_OPS, Extreme, Poison, Translator, handler_for, is_sym, leaves,
                                   register_aten, to_numpy)

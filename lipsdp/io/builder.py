@@ -92,6 +92,7 @@ class GraphBuilder:
         self.source = source
         self._ops: list = []
         self._parents: list[list[int]] = []
+        self.meta: dict = {}  # what handlers record for later stages (lipsdp.io.rnn), copied to Network.meta
 
     # -- nodes ----------------------------------------------------------
     def _emit(self, op, parents) -> int:
@@ -286,6 +287,7 @@ class GraphBuilder:
         remap = {}
         for node in sorted(live):
             remap[node] = net.add(self._ops[node], [remap[p] for p in self._parents[node]])
+        net.meta.update(self.meta)
         return net.validate() if validate else net
 
 

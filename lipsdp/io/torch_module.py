@@ -36,6 +36,7 @@ SUPPORTED_TORCH_LAYERS = frozenset({
     "AlphaDropout", "FeatureAlphaDropout", "AvgPool1d", "AvgPool2d", "AvgPool3d",
     "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d",
     "ConstantPad1d", "ConstantPad2d", "ConstantPad3d", "Sequential", "ModuleList", "ModuleDict",
+    "RNN",  # unrolled over the horizon by lipsdp.io.rnn
 }) | frozenset(activations.torch_modules())
 
 #: deel-torchlip leaf modules known to be nonlinear in a way lipsdp has no constraint for.
@@ -100,6 +101,9 @@ def infer_input_shape(module, source: str = "") -> tuple[int, ...]:
             return (int(m.num_features),)
         if type(m).__module__.startswith("lipsdp.nn.") and isinstance(getattr(m, "in_features", None), int):
             return (m.in_features,)  # LinfDistance, SortNet
+        if isinstance(m, torch.nn.RNN):
+            raise ModelLoadError(f"{source}: a recurrent model maps sequences: give the horizon T (horizon=T, "
+                                 f"command line --horizon T) or input_shape=(T, {m.input_size})")
         raise ModelLoadError(f"{source}: cannot infer the input shape (the first layer, {name!r}, is a "
                              f"{type(m).__name__}); pass input_shape=(C, H, W) (command line: --input-shape)")
     raise ModelLoadError(f"{source}: cannot infer the input shape (no layer with weights); pass input_shape")

@@ -43,6 +43,9 @@ def infer_input_shape(module, source: str) -> tuple[int, ...]:
     Parametrized weights (``0.parametrizations.weight.original``) count as weights.
     """
     for name, p in module.named_parameters():
+        if name.split(".")[-1] == "weight_ih_l0":  # nn.RNN: a sequence model (lipsdp.io.rnn)
+            raise ModelLoadError(f"{source}: a recurrent model maps sequences: give the horizon T (horizon=T, "
+                                 f"command line --horizon T) or input_shape=(T, {int(p.shape[1])})")
         if "weight" in name.split("."):
             if p.dim() == 2:
                 return (int(p.shape[1]),)
