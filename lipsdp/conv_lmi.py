@@ -1,0 +1,303 @@
+"""The structured LMIs of a conv chain: build, solve and rigorous verification (docs/math.md §7.3).
+
+One small LMI per convolution, of size ``kh C_out + kw C_in`` (independent of the image), coupled
+only through channel-wise supplies ``X_l = diag(x_l)``; the flatten + linear read-out enters through
+``q x q`` Gram matrices.  The solver's point is never trusted: :func:`verify_chain` re-derives the
+supplies backwards from the read-out to the input (each one a Schur complement of a small block) and
+proves every block negative definite in floating point with the error bounds of docs/math.md §10.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+import scipy.linalg as sla
+
+from lipsdp.convnet import ConvChain, ConvLayer
+from lipsdp.errors import SolverError
+from lipsdp.roesser import causal_kernel, realise
+
+_U = 2.0 ** -53
+_SAFETY = 2.0
+#: Relative margin the SDP asks of every block, so that the verified point is strictly feasible.
+MARGIN = 1e-7
+
+
+def _gamma(k: int) -> float:
+    return k * _U / (1.0 - k * _U)
+
+
+@dataclass
+class LayerBlocks:
+    """The constant matrices of one layer's LMI in ``z = (x_h, x_v, u, w)`` (docs/math.md §7.3)."""
+
+    Fh: np.ndarray  # next horizontal state
+    Fv: np.ndarray  # next vertical state
+    Sh: np.ndarray  # current horizontal state
+    Sv: np.ndarray
+    Eu: np.ndarray
+    Ew: np.ndarray
+    L: np.ndarray  # QC: (L z)^T diag(lam) (R z) >= 0, L = Ew - a V, R = b V - Ew
+    R: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return self.Eu.shape[1]
+
+
+def layer_blocks(layer: ConvLayer) -> LayerBlocks:
+    """The matrices of ``layer``'s dissipation inequality, with the sector widened to contain 0."""
+    sys = realise(causal_kernel(layer.weight))
+    n1, n2, ci, co = sys.n1, sys.n2, sys.inputs, sys.outputs
+    n = n1 + n2 + ci + co
+    F = np.hstack([sys.state_map(), np.zeros((n1 + n2, co))])
+    V = np.hstack([sys.output_map(), np.zeros((co, co))])
+    eye = np.eye(n)
+    a, b = min(layer.sector[0], 0.0), max(layer.sector[1], 0.0)  # masked positions: docs/math.md §7.3
+    Ew = eye[n1 + n2 + ci:]
+    return LayerBlocks(F[:n1], F[n1:], eye[:n1], eye[n1:n1 + n2], eye[n1 + n2:n1 + n2 + ci], Ew,
+                       Ew - a * V, b * V - Ew)
+
+
+def layer_matrix(B: LayerBlocks, P1, P2, x_in, x_out, lam) -> np.ndarray:
+    """``M_l`` in float64 (symmetric by construction)."""
+    QC = B.L.T @ (lam[:, None] * B.R)
+    return (B.Fh.T @ P1 @ B.Fh + B.Fv.T @ P2 @ B.Fv - B.Sh.T @ P1 @ B.Sh - B.Sv.T @ P2 @ B.Sv
+            - B.Eu.T @ (x_in[:, None] * B.Eu) + B.Ew.T @ (x_out[:, None] * B.Ew) + 0.5 * (QC + QC.T))
+
+
+def _abs_matrix(B: LayerBlocks, P1, P2, x_in, x_out, lam) -> np.ndarray:
+    a = np.abs
+    QC = a(B.L.T) @ (a(lam)[:, None] * a(B.R))
+    return (a(B.Fh.T) @ a(P1) @ a(B.Fh) + a(B.Fv.T) @ a(P2) @ a(B.Fv) + B.Sh.T @ a(P1) @ B.Sh
+            + B.Sv.T @ a(P2) @ B.Sv + B.Eu.T @ (a(x_in)[:, None] * B.Eu) + B.Ew.T @ (a(x_out)[:, None] * B.Ew)
+            + 0.5 * (QC + QC.T))
+
+
+def prove_negative_definite(M: np.ndarray, abs_M: np.ndarray, terms: int) -> bool:
+    """Prove the exact matrix ``M`` (computed as the float ``M`` within ``2 gamma_terms abs_M`` entrywise)
+    negative definite: the shifted Cholesky test of docs/math.md §10 (Higham, Thm 10.3), as
+    :func:`lipsdp.verify.rigorous_negative_definite` does on the unrolled LMI."""
+    H = -M
+    n = H.shape[0]
+    if not np.all(np.isfinite(H)):
+        return False
+    delta_f = float(np.linalg.norm(2.0 * _gamma(terms) * abs_M)) * _SAFETY
+    c = 2.0 * (_gamma(n + 1) * float(np.abs(np.diag(H)).sum()) + delta_f) * _SAFETY + np.finfo(float).tiny
+    Hs = H.copy()
+    Hs[np.diag_indices(n)] -= c
+    try:
+        Rf = sla.cholesky(Hs, lower=False, check_finite=False)
+    except sla.LinAlgError:
+        return False
+    rhs = (_gamma(n + 1) * float(np.sum(Rf * Rf)) + delta_f + 4.0 * _U * (float(np.abs(np.diag(H)).max()) + c))
+    return bool(c > rhs * _SAFETY)
+
+
+def _terms(B: LayerBlocks) -> int:
+    """Longest chain of roundings in one entry of ``M_l``: two products of ``n``-sums plus the sums."""
+    return 2 * B.n + 16
+
+
+@dataclass
+class StructuredResult:
+    """Outcome of the structured path.
+
+    Attributes
+    ----------
+    verified : bool
+    bound : float or None
+        ``sqrt(rho * t)`` rounded up, proven; None when nothing verified.
+    rho : float or None
+        Input supply (``X_0 = rho I``) verified with the read-out normalised to ``t``.
+    tail_gain : float or None
+        ``t``: proven ``W^T W <= t diag(x_L) (x) I`` for the read-out ``W``.
+    message : str
+    timings : dict
+    details : dict
+        LMI sizes, solver and the verified supplies.
+    """
+
+    verified: bool
+    bound: float | None
+    rho: float | None
+    tail_gain: float | None
+    message: str
+    timings: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+
+
+def channel_grams(chain: ConvChain) -> np.ndarray:
+    """``G_c = W_c W_c^T`` for the read-out's columns of channel ``c`` (shape ``(C_L, q, q)``)."""
+    C = chain.layers[-1].out_shape[0]
+    Wc = chain.tail.reshape(chain.tail.shape[0], C, -1)
+    return np.einsum("icn,jcn->cij", Wc, Wc)
+
+
+def tail_gain(chain: ConvChain, x_last: np.ndarray) -> tuple[float, np.ndarray] | None:
+    """A proven ``t`` and a float supply ``x`` (close to ``x_last``) with ``W^T W <= t diag(x) (x) I``.
+
+    ``s = fl(1/x)`` and ``x`` rounded up so that ``x_c s_c >= 1`` exactly; then ``t I - W diag(s) W^T``
+    is proven positive definite (docs/math.md §7.3).
+    """
+    x = np.maximum(np.asarray(x_last, dtype=np.float64), 1e-12 * max(float(np.max(x_last)), 1e-300))
+    s = 1.0 / x
+    for c in range(len(x)):
+        while Fraction(x[c]) * Fraction(s[c]) < 1:
+            x[c] = math.nextafter(x[c], math.inf)
+    C, q = len(x), chain.tail.shape[0]
+    cols = np.repeat(s, chain.tail.shape[1] // C)
+    A = (chain.tail * cols) @ chain.tail.T
+    abs_A = (np.abs(chain.tail) * cols) @ np.abs(chain.tail).T
+    t = float(np.linalg.eigvalsh(A)[-1])
+    for eta in (1e-12, 1e-10, 1e-8, 1e-6, 1e-4):
+        t_try = t * (1.0 + eta) + np.finfo(float).tiny
+        if prove_negative_definite(A - t_try * np.eye(q), abs_A + t_try * np.eye(q), chain.tail.shape[1] + 8):
+            return t_try, x
+    return None
+
+
+def repair_layer(B: LayerBlocks, P1, P2, lam, x_out, x_in_guess, scalar: bool) -> np.ndarray | None:
+    """The input supply that makes the layer's block provably negative definite, given the rest.
+
+    ``X_in`` enters only the ``u`` block, so the least admissible one is the Schur complement ``S`` of the
+    other rows; the guess's shape is kept and shifted up by ``lambda_max(S - diag(guess))``, then inflated
+    until :func:`prove_negative_definite` passes (``scalar``: ``X_in = rho I``).
+    """
+    ci = B.Eu.shape[0]
+    M0 = layer_matrix(B, P1, P2, np.zeros(ci), x_out, lam)
+    u = np.flatnonzero(B.Eu.sum(axis=0))
+    rest = np.setdiff1d(np.arange(B.n), u)
+    try:
+        Lc = sla.cho_factor(-M0[np.ix_(rest, rest)], check_finite=False)
+    except sla.LinAlgError:
+        return None
+    S = M0[np.ix_(u, u)] + M0[np.ix_(u, rest)] @ sla.cho_solve(Lc, M0[np.ix_(rest, u)], check_finite=False)
+    guess = np.zeros(ci) if scalar else np.maximum(np.asarray(x_in_guess, dtype=np.float64), 0.0)
+    x = guess + max(float(np.linalg.eigvalsh(S - np.diag(guess))[-1]), 0.0)
+    scale = float(np.max(np.abs(x))) + np.finfo(float).tiny
+    for eta in (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+        x_try = x + eta * scale
+        M = layer_matrix(B, P1, P2, x_try, x_out, lam)
+        if prove_negative_definite(M, _abs_matrix(B, P1, P2, x_try, x_out, lam), _terms(B)):
+            return x_try
+    return None
+
+
+def _layer_constraint(cp, B: LayerBlocks, P1, P2, x_in, x_out, lam, margin: float):
+    """``M_l(P1, P2, x_in, x_out, lam) <= -margin I`` as a cvxpy constraint."""
+    M = (B.Fh.T @ P1 @ B.Fh + B.Fv.T @ P2 @ B.Fv - B.Sh.T @ P1 @ B.Sh - B.Sv.T @ P2 @ B.Sv
+         - B.Eu.T @ cp.diag(x_in) @ B.Eu + B.Ew.T @ cp.diag(x_out) @ B.Ew)
+    QC = B.L.T @ cp.diag(lam) @ B.R
+    M = M + 0.5 * (QC + QC.T)
+    return 0.5 * (M + M.T) + margin * np.eye(B.n) << 0
+
+
+def _zero_or_sym(cp, n: int):
+    return cp.Variable((n, n), symmetric=True) if n else np.zeros((0, 0))
+
+
+def solve_chain(chain: ConvChain, blocks: list[LayerBlocks], solver: str = "auto",
+                time_limit: float | None = None) -> dict:
+    """Solve the structured SDP: minimise ``rho`` (docs/math.md §7.3).  Returns float multipliers
+    ``{"P1": [...], "P2": [...], "lam": [...], "x": [x_1, ..., x_L], "rho": float, "solver": name}``."""
+    import cvxpy as cp  # the optional solver stack loads only when the structured path runs
+
+    L = len(chain.layers)
+    grams = channel_grams(chain)
+    scale = float(np.linalg.norm(chain.tail, 2)) ** 2 or 1.0
+    rho = cp.Variable()
+    xs = [cp.Variable(layer.out_shape[0]) for layer in chain.layers]
+    y = cp.Variable(len(grams), nonneg=True)
+    P1s = [_zero_or_sym(cp, B.Sh.shape[0]) for B in blocks]
+    P2s = [_zero_or_sym(cp, B.Sv.shape[0]) for B in blocks]
+    lams = [cp.Variable(B.Ew.shape[0], nonneg=True) for B in blocks]
+    q = chain.tail.shape[0]
+    cons = [sum(y[c] * grams[c] for c in range(len(grams))) << np.eye(q),
+            cp.SOC(xs[-1] + y, cp.vstack([2.0 * np.ones(len(grams)), xs[-1] - y]), axis=0)]
+    for k, B in enumerate(blocks):
+        x_in = rho * np.ones(B.Eu.shape[0]) if k == 0 else xs[k - 1]
+        cons.append(_layer_constraint(cp, B, P1s[k], P2s[k], x_in, xs[k], lams[k], MARGIN * scale))
+    prob = cp.Problem(cp.Minimize(rho), cons)
+    name = _pick_solver(blocks) if solver == "auto" else solver
+    opts = {"clarabel": {}, "scs": {"eps_abs": 1e-7, "eps_rel": 1e-7, "max_iters": 50000}}.get(name, {})
+    if time_limit is not None and name == "scs":
+        opts["time_limit_secs"] = float(time_limit)
+    try:
+        prob.solve(solver=name.upper(), **opts)
+    except cp.error.SolverError as exc:
+        raise SolverError(f"the structured SDP failed in {name}: {exc}") from None
+    if rho.value is None:
+        raise SolverError(f"the structured SDP returned no point ({name}: {prob.status})")
+    val = (lambda v: np.zeros((0, 0)) if isinstance(v, np.ndarray) else np.asarray(v.value, dtype=np.float64))
+    return {"P1": [val(P) for P in P1s], "P2": [val(P) for P in P2s],
+            "lam": [np.asarray(v.value, dtype=np.float64) for v in lams],
+            "x": [np.asarray(v.value, dtype=np.float64) for v in xs], "rho": float(rho.value),
+            "solver": name, "status": prob.status, "iterations": prob.solver_stats.num_iters}
+
+
+def _pick_solver(blocks: list[LayerBlocks]) -> str:
+    """Clarabel (interior point, accurate) while its dense cone blocks stay small, SCS beyond."""
+    svec = sum((B.n * (B.n + 1) // 2) ** 2 for B in blocks)
+    return "clarabel" if svec <= 4e7 else "scs"
+
+
+def verify_chain(chain: ConvChain, blocks: list[LayerBlocks], sol: dict) -> StructuredResult:
+    """Re-derive and prove the bound from the solver's multipliers, backwards along the chain.
+
+    The read-out fixes ``t`` and ``x_L`` (:func:`tail_gain`); each layer then gets the least input supply
+    its block allows (:func:`repair_layer`) and is proven negative definite; the first layer's input supply
+    is ``rho I``.  The bound is ``sqrt(rho t)`` rounded up (docs/math.md §7.3).
+    """
+    got = tail_gain(chain, sol["x"][-1])
+    if got is None:
+        return StructuredResult(False, None, None, None, "the read-out's Gram bound was not proven")
+    t, x_out = got
+    supplies = [x_out]
+    for k in range(len(blocks) - 1, -1, -1):
+        P1, P2 = _sym(sol["P1"][k]), _sym(sol["P2"][k])
+        lam = np.maximum(sol["lam"][k], 0.0)
+        guess = sol["x"][k - 1] if k else None
+        x_in = repair_layer(blocks[k], P1, P2, lam, x_out, guess, scalar=k == 0)
+        if x_in is None:
+            return StructuredResult(False, None, None, t, f"layer {chain.layers[k].name}: the block was not "
+                                    "proven negative definite")
+        supplies.append(x_in)
+        x_out = x_in
+    rho = float(np.max(x_out))
+    bound = _round_up_sqrt(Fraction(rho) * Fraction(t))
+    return StructuredResult(True, bound, rho, t, "verified", details={
+        "supplies": [s.tolist() for s in reversed(supplies)]})
+
+
+def _sym(P: np.ndarray) -> np.ndarray:
+    return 0.5 * (P + P.T)
+
+
+def _round_up_sqrt(target: Fraction) -> float:
+    """Smallest float ``L`` with ``L * L >= target`` exactly."""
+    L = math.sqrt(float(target))
+    while Fraction(L) ** 2 < target:
+        L = math.nextafter(L, math.inf)
+    return L
+
+
+def certify_chain(chain: ConvChain, solver: str = "auto", time_limit: float | None = None) -> StructuredResult:
+    """Build, solve and verify the structured LMIs of ``chain``."""
+    t0 = time.perf_counter()
+    blocks = [layer_blocks(layer) for layer in chain.layers]
+    t1 = time.perf_counter()
+    sol = solve_chain(chain, blocks, solver, time_limit)
+    t2 = time.perf_counter()
+    res = verify_chain(chain, blocks, sol)
+    t3 = time.perf_counter()
+    res.timings = {"build": t1 - t0, "solve": t2 - t1, "verify": t3 - t2}
+    res.details.update({"solver": sol["solver"], "solver_status": sol["status"],
+                        "solver_objective": math.sqrt(max(sol["rho"], 0.0)),
+                        "solver_iterations": sol["iterations"], "lmi_sizes": [B.n for B in blocks],
+                        "read_out": "W^T W <= t diag(x_L) (x) I_space via q x q channel Gram matrices"})
+    return res
