@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from lipsdp.constraints import SlopeRestricted, get_constraint
-from lipsdp.errors import UnsupportedLayerError
+from lipsdp.errors import LipSDPError, UnsupportedLayerError
 from lipsdp.io.linmaps import conv_matrix
 from lipsdp.network import Activation, Affine, Input, Network, Reshape
 
@@ -67,8 +67,16 @@ class ConvChain:
     tail_name: str
 
 
+class NotAConvChain(UnsupportedLayerError):
+    """The network is not what the structured path certifies; the message says why (one line)."""
+
+    def __init__(self, reason: str):
+        self.layers = []
+        LipSDPError.__init__(self, f"the structured (state-space) path does not handle this network: {reason}")
+
+
 def _refuse(reason: str):
-    raise UnsupportedLayerError(f"the structured (state-space) path does not handle this network: {reason}")
+    raise NotAConvChain(reason)
 
 
 def recover_conv(S, in_shape: tuple, out_shape: tuple) -> tuple[np.ndarray, tuple[int, int, int, int]]:

@@ -17,8 +17,8 @@ from lipsdp.bounds import node_lipschitz, sampled_lower_bound
 from lipsdp.budget import checkpoint
 from lipsdp.certificate import UNVERIFIED, VERIFIED, Certificate, trivial_certificate
 from lipsdp.conv_lmi import certify_chain
-from lipsdp.convnet import ConvChain, conv_chain
-from lipsdp.errors import UnsupportedLayerError
+from lipsdp.convnet import ConvChain, NotAConvChain, conv_chain
+from lipsdp.errors import LipSDPError, UnsupportedLayerError
 from lipsdp.verification import proven_trivial_bound
 
 STRUCTURES = ("auto", "unrolled", "state-space", "both")
@@ -32,7 +32,7 @@ def structured_chain(network, structure: str, norm: str, split) -> ConvChain | N
     Raises :class:`UnsupportedLayerError` for ``state-space`` / ``both`` on what the path does not handle.
     """
     if structure not in STRUCTURES:
-        raise UnsupportedLayerError(f"unknown structure {structure!r}: one of {', '.join(STRUCTURES)}")
+        raise LipSDPError(f"unknown structure {structure!r}: one of {', '.join(STRUCTURES)}")
     if structure == "unrolled":
         return None
     reason = None
@@ -43,7 +43,7 @@ def structured_chain(network, structure: str, norm: str, split) -> ConvChain | N
     if reason:
         if structure == "auto":
             return None
-        raise UnsupportedLayerError(reason)
+        raise NotAConvChain(reason)
     try:
         chain = conv_chain(network)
     except UnsupportedLayerError:
@@ -120,13 +120,13 @@ def _norm2(A) -> float:
 
 
 def record_both(structured: Certificate, unrolled: Certificate) -> Certificate:
-    """``structure="both"``: the smaller verified bound, with both and the structured one's looseness."""
+    """``structure="both"``: the smaller verified bound, with both and the structured LMIs' looseness."""
     a = structured.bound if structured.verified else None
-    a = structured.verification.get("sdp_bound", a)  # the structured LMIs' own bound, also above the trivial one
     b = unrolled.bound if unrolled.verified else None
     best = unrolled if a is None or (b is not None and b <= a) else structured
-    best.network["structures"] = {"state-space": a, "unrolled": b,
-                                  "state_space_looser_by": None if a is None or b is None else a / b - 1.0}
-    if a is not None and b is not None and a > b:
-        best.message += f"; the structured bound {a:.6g} is {100 * (a / b - 1):.3g}% looser than the unrolled one"
+    lmi = structured.verification.get("sdp_bound", a)  # the structured LMIs' own bound (may exceed the trivial)
+    best.network["structures"] = {"state-space": lmi, "unrolled": b,
+                                  "state_space_looser_by": None if lmi is None or not b else lmi / b - 1.0}
+    if lmi is not None and b is not None and lmi > b:
+        best.message += f"; the structured bound {lmi:.6g} is {100 * (lmi / b - 1):.3g}% looser than the unrolled one"
     return best
