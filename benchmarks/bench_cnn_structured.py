@@ -1,4 +1,4 @@
-"""Benchmark: CNNs through the structured (2-D state-space / Roesser) path, docs/math.md §7.3.
+"""Benchmark: CNNs through the structured (2-D state-space / Roesser) path, docs/math.md §7.4.
 
 The issue-19 grid: 1x28x28 inputs, {2, 4, 8} convolutions 3x3 with padding 1 of {8, 16} channels, each
 followed by LeakyReLU(0.01), then Flatten and one Linear to 10.  Weights are random (``torch.manual_seed``),

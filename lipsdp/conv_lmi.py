@@ -1,8 +1,8 @@
-"""The structured LMIs of a conv chain: build, solve and rigorous verification (docs/math.md §7.3).
+"""The structured LMIs of a conv chain: build, solve and rigorous verification (docs/math.md §7.4).
 
 One small LMI per convolution, of size ``kh C_out + kw C_in`` (independent of the image), coupled
-only through channel-wise supplies ``X_l = diag(x_l)``; the flatten + linear read-out enters through
-``q x q`` Gram matrices.  The solver's point is never trusted: :func:`verify_chain` re-derives the
+only through channel supplies ``X_l`` (symmetric ``C_l x C_l``, the same at every position); the flatten +
+linear read-out enters through ``q x q`` Gram matrices.  The solver's point is never trusted: :func:`verify_chain` re-derives the
 supplies backwards from the read-out to the input (each one a Schur complement of a small block) and
 proves every block negative definite in floating point with the error bounds of docs/math.md §10.
 """
@@ -24,7 +24,9 @@ from lipsdp.roesser import causal_kernel, realise
 _U = 2.0 ** -53
 _SAFETY = 2.0
 #: Relative margin the SDP asks of every block, so that the verified point is strictly feasible.
-MARGIN = 1e-7
+MARGIN = 1e-6
+#: Bound on the storage matrices' entries, relative to the read-out's squared norm.
+STORAGE_BOUND = 100.0
 
 
 def _gamma(k: int) -> float:
@@ -33,7 +35,7 @@ def _gamma(k: int) -> float:
 
 @dataclass
 class LayerBlocks:
-    """The constant matrices of one layer's LMI in ``z = (x_h, x_v, u, w)`` (docs/math.md §7.3)."""
+    """The constant matrices of one layer's LMI in ``z = (x_h, x_v, u, w)`` (docs/math.md §7.4)."""
 
     Fh: np.ndarray  # next horizontal state
     Fv: np.ndarray  # next vertical state
@@ -57,25 +59,24 @@ def layer_blocks(layer: ConvLayer) -> LayerBlocks:
     F = np.hstack([sys.state_map(), np.zeros((n1 + n2, co))])
     V = np.hstack([sys.output_map(), np.zeros((co, co))])
     eye = np.eye(n)
-    a, b = min(layer.sector[0], 0.0), max(layer.sector[1], 0.0)  # masked positions: docs/math.md §7.3
+    a, b = min(layer.sector[0], 0.0), max(layer.sector[1], 0.0)  # masked positions: docs/math.md §7.4
     Ew = eye[n1 + n2 + ci:]
     return LayerBlocks(F[:n1], F[n1:], eye[:n1], eye[n1:n1 + n2], eye[n1 + n2:n1 + n2 + ci], Ew,
                        Ew - a * V, b * V - Ew)
 
 
-def layer_matrix(B: LayerBlocks, P1, P2, x_in, x_out, lam) -> np.ndarray:
-    """``M_l`` in float64 (symmetric by construction)."""
+def layer_matrix(B: LayerBlocks, P1, P2, X_in, X_out, lam) -> np.ndarray:
+    """``M_l`` in float64 (symmetric by construction); ``X_in``, ``X_out`` symmetric matrices."""
     QC = B.L.T @ (lam[:, None] * B.R)
     return (B.Fh.T @ P1 @ B.Fh + B.Fv.T @ P2 @ B.Fv - B.Sh.T @ P1 @ B.Sh - B.Sv.T @ P2 @ B.Sv
-            - B.Eu.T @ (x_in[:, None] * B.Eu) + B.Ew.T @ (x_out[:, None] * B.Ew) + 0.5 * (QC + QC.T))
+            - B.Eu.T @ X_in @ B.Eu + B.Ew.T @ X_out @ B.Ew + 0.5 * (QC + QC.T))
 
 
-def _abs_matrix(B: LayerBlocks, P1, P2, x_in, x_out, lam) -> np.ndarray:
+def _abs_matrix(B: LayerBlocks, P1, P2, X_in, X_out, lam) -> np.ndarray:
     a = np.abs
     QC = a(B.L.T) @ (a(lam)[:, None] * a(B.R))
     return (a(B.Fh.T) @ a(P1) @ a(B.Fh) + a(B.Fv.T) @ a(P2) @ a(B.Fv) + B.Sh.T @ a(P1) @ B.Sh
-            + B.Sv.T @ a(P2) @ B.Sv + B.Eu.T @ (a(x_in)[:, None] * B.Eu) + B.Ew.T @ (a(x_out)[:, None] * B.Ew)
-            + 0.5 * (QC + QC.T))
+            + B.Sv.T @ a(P2) @ B.Sv + B.Eu.T @ a(X_in) @ B.Eu + B.Ew.T @ a(X_out) @ B.Ew + 0.5 * (QC + QC.T))
 
 
 def prove_negative_definite(M: np.ndarray, abs_M: np.ndarray, terms: int) -> bool:
@@ -115,7 +116,7 @@ class StructuredResult:
     rho : float or None
         Input supply (``X_0 = rho I``) verified with the read-out normalised to ``t``.
     tail_gain : float or None
-        ``t``: proven ``W^T W <= t diag(x_L) (x) I`` for the read-out ``W``.
+        ``t``: proven ``W^T W <= t X_L (x) I`` for the read-out ``W``.
     message : str
     timings : dict
     details : dict
@@ -131,67 +132,77 @@ class StructuredResult:
     details: dict = field(default_factory=dict)
 
 
-def channel_grams(chain: ConvChain) -> np.ndarray:
-    """``G_c = W_c W_c^T`` for the read-out's columns of channel ``c`` (shape ``(C_L, q, q)``)."""
+def _tail_matrix(chain: ConvChain, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``W (Y (x) I) W^T = sum_cd Y_cd W_c W_d^T`` and the same with absolute values."""
     C = chain.layers[-1].out_shape[0]
     Wc = chain.tail.reshape(chain.tail.shape[0], C, -1)
-    return np.einsum("icn,jcn->cij", Wc, Wc)
+    A = np.einsum("icn,cd,jdn->ij", Wc, Y, Wc, optimize=True)
+    abs_A = np.einsum("icn,cd,jdn->ij", np.abs(Wc), np.abs(Y), np.abs(Wc), optimize=True)
+    return 0.5 * (A + A.T), abs_A
 
 
-def tail_gain(chain: ConvChain, x_last: np.ndarray) -> tuple[float, np.ndarray] | None:
-    """A proven ``t`` and a float supply ``x`` (close to ``x_last``) with ``W^T W <= t diag(x) (x) I``.
+def tail_gain(chain: ConvChain, Y_sol: np.ndarray) -> tuple[float, np.ndarray] | None:
+    """A proven ``t`` and supply ``X_L`` with ``W^T W <= t X_L (x) I_space`` (docs/math.md §7.4).
 
-    ``s = fl(1/x)`` and ``x`` rounded up so that ``x_c s_c >= 1`` exactly; then ``t I - W diag(s) W^T``
-    is proven positive definite (docs/math.md §7.3).
+    ``Y`` (the solver's, symmetrised) with ``t I - W (Y (x) I) W^T > 0`` proven gives ``W^T W <= t Y^{-1} (x) I``;
+    ``X_L`` near ``Y^{-1}`` with ``[[X_L, I], [I, Y]] > 0`` proven gives ``Y^{-1} <= X_L``.
     """
-    x = np.maximum(np.asarray(x_last, dtype=np.float64), 1e-12 * max(float(np.max(x_last)), 1e-300))
-    s = 1.0 / x
-    for c in range(len(x)):
-        while Fraction(x[c]) * Fraction(s[c]) < 1:
-            x[c] = math.nextafter(x[c], math.inf)
-    C, q = len(x), chain.tail.shape[0]
-    cols = np.repeat(s, chain.tail.shape[1] // C)
-    A = (chain.tail * cols) @ chain.tail.T
-    abs_A = (np.abs(chain.tail) * cols) @ np.abs(chain.tail).T
-    t = float(np.linalg.eigvalsh(A)[-1])
+    Y = _sym(np.asarray(Y_sol, dtype=np.float64))
+    C, q = Y.shape[0], chain.tail.shape[0]
+    try:
+        X = _sym(np.linalg.inv(Y))
+    except np.linalg.LinAlgError:
+        return None
+    eye = np.eye(C)
+    X_L = None
+    for eta in (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+        X_try = X + eta * float(np.abs(X).max()) * eye
+        block = np.block([[X_try, eye], [eye, Y]])
+        if prove_negative_definite(-block, np.abs(block), 8):
+            X_L = X_try
+            break
+    if X_L is None:
+        return None
+    A, abs_A = _tail_matrix(chain, Y)
+    t = max(float(np.linalg.eigvalsh(A)[-1]), 0.0)
+    terms = chain.tail.shape[1] + C + 8
     for eta in (1e-12, 1e-10, 1e-8, 1e-6, 1e-4):
         t_try = t * (1.0 + eta) + np.finfo(float).tiny
-        if prove_negative_definite(A - t_try * np.eye(q), abs_A + t_try * np.eye(q), chain.tail.shape[1] + 8):
-            return t_try, x
+        if prove_negative_definite(A - t_try * np.eye(q), abs_A + t_try * np.eye(q), terms):
+            return t_try, X_L
     return None
 
 
-def repair_layer(B: LayerBlocks, P1, P2, lam, x_out, x_in_guess, scalar: bool) -> np.ndarray | None:
+def repair_layer(B: LayerBlocks, P1, P2, lam, X_out, scalar: bool) -> np.ndarray | None:
     """The input supply that makes the layer's block provably negative definite, given the rest.
 
     ``X_in`` enters only the ``u`` block, so the least admissible one is the Schur complement ``S`` of the
-    other rows; the guess's shape is kept and shifted up by ``lambda_max(S - diag(guess))``, then inflated
-    until :func:`prove_negative_definite` passes (``scalar``: ``X_in = rho I``).
+    other rows; it is raised by ``eta I`` until :func:`prove_negative_definite` passes (``scalar``:
+    ``X_in = rho I`` with ``rho >= lambda_max(S)``).
     """
     ci = B.Eu.shape[0]
-    M0 = layer_matrix(B, P1, P2, np.zeros(ci), x_out, lam)
+    M0 = layer_matrix(B, P1, P2, np.zeros((ci, ci)), X_out, lam)
     u = np.flatnonzero(B.Eu.sum(axis=0))
     rest = np.setdiff1d(np.arange(B.n), u)
     try:
         Lc = sla.cho_factor(-M0[np.ix_(rest, rest)], check_finite=False)
     except sla.LinAlgError:
         return None
-    S = M0[np.ix_(u, u)] + M0[np.ix_(u, rest)] @ sla.cho_solve(Lc, M0[np.ix_(rest, u)], check_finite=False)
-    guess = np.zeros(ci) if scalar else np.maximum(np.asarray(x_in_guess, dtype=np.float64), 0.0)
-    x = guess + max(float(np.linalg.eigvalsh(S - np.diag(guess))[-1]), 0.0)
-    scale = float(np.max(np.abs(x))) + np.finfo(float).tiny
+    S = _sym(M0[np.ix_(u, u)] + M0[np.ix_(u, rest)] @ sla.cho_solve(Lc, M0[np.ix_(rest, u)], check_finite=False))
+    X = float(np.linalg.eigvalsh(S)[-1]) * np.eye(ci) if scalar else S
+    scale = float(np.abs(X).max()) + np.finfo(float).tiny
     for eta in (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
-        x_try = x + eta * scale
-        M = layer_matrix(B, P1, P2, x_try, x_out, lam)
-        if prove_negative_definite(M, _abs_matrix(B, P1, P2, x_try, x_out, lam), _terms(B)):
-            return x_try
+        X_try = X + eta * scale * np.eye(ci)
+        M = layer_matrix(B, P1, P2, X_try, X_out, lam)
+        if prove_negative_definite(M, _abs_matrix(B, P1, P2, X_try, X_out, lam), _terms(B)):
+            return X_try
     return None
 
 
-def _layer_constraint(cp, B: LayerBlocks, P1, P2, x_in, x_out, lam, margin: float):
-    """``M_l(P1, P2, x_in, x_out, lam) <= -margin I`` as a cvxpy constraint."""
+def _layer_constraint(cp, B: LayerBlocks, P1, P2, X_in, X_out, lam, margin: float):
+    """``M_l(P1, P2, X_in, X_out, lam) <= -margin I`` as a cvxpy constraint."""
     M = (B.Fh.T @ P1 @ B.Fh + B.Fv.T @ P2 @ B.Fv - B.Sh.T @ P1 @ B.Sh - B.Sv.T @ P2 @ B.Sv
-         - B.Eu.T @ cp.diag(x_in) @ B.Eu + B.Ew.T @ cp.diag(x_out) @ B.Ew)
+         - B.Eu.T @ X_in @ B.Eu + B.Ew.T @ X_out @ B.Ew)
     QC = B.L.T @ cp.diag(lam) @ B.R
     M = M + 0.5 * (QC + QC.T)
     return 0.5 * (M + M.T) + margin * np.eye(B.n) << 0
@@ -203,25 +214,28 @@ def _zero_or_sym(cp, n: int):
 
 def solve_chain(chain: ConvChain, blocks: list[LayerBlocks], solver: str = "auto",
                 time_limit: float | None = None) -> dict:
-    """Solve the structured SDP: minimise ``rho`` (docs/math.md §7.3).  Returns float multipliers
+    """Solve the structured SDP: minimise ``rho`` (docs/math.md §7.4).  Returns float multipliers
     ``{"P1": [...], "P2": [...], "lam": [...], "x": [x_1, ..., x_L], "rho": float, "solver": name}``."""
     import cvxpy as cp  # the optional solver stack loads only when the structured path runs
 
-    L = len(chain.layers)
-    grams = channel_grams(chain)
     scale = float(np.linalg.norm(chain.tail, 2)) ** 2 or 1.0
     rho = cp.Variable()
-    xs = [cp.Variable(layer.out_shape[0]) for layer in chain.layers]
-    y = cp.Variable(len(grams), nonneg=True)
+    xs = [cp.Variable((layer.out_shape[0],) * 2, symmetric=True) for layer in chain.layers]
+    C = chain.layers[-1].out_shape[0]
+    Y = cp.Variable((C, C), symmetric=True)
     P1s = [_zero_or_sym(cp, B.Sh.shape[0]) for B in blocks]
     P2s = [_zero_or_sym(cp, B.Sv.shape[0]) for B in blocks]
     lams = [cp.Variable(B.Ew.shape[0], nonneg=True) for B in blocks]
     q = chain.tail.shape[0]
-    cons = [sum(y[c] * grams[c] for c in range(len(grams))) << np.eye(q),
-            cp.SOC(xs[-1] + y, cp.vstack([2.0 * np.ones(len(grams)), xs[-1] - y]), axis=0)]
+    Wc = chain.tail.reshape(q, C, -1)
+    grams = np.einsum("icn,jdn->cdij", Wc, Wc).reshape(C * C, q * q)  # W_c W_d^T
+    A = cp.reshape(grams.T @ cp.vec(Y, order="C"), (q, q), order="C")
+    cons = [0.5 * (A + A.T) << np.eye(q), cp.bmat([[xs[-1], np.eye(C)], [np.eye(C), Y]]) >> 0]
     for k, B in enumerate(blocks):
-        x_in = rho * np.ones(B.Eu.shape[0]) if k == 0 else xs[k - 1]
+        x_in = rho * np.eye(B.Eu.shape[0]) if k == 0 else xs[k - 1]
         cons.append(_layer_constraint(cp, B, P1s[k], P2s[k], x_in, xs[k], lams[k], MARGIN * scale))
+        # bounded storages: the infimum can send them to infinity, leaving a point the margin cannot protect
+        cons += [cp.abs(P) <= STORAGE_BOUND * scale for P in (P1s[k], P2s[k]) if not isinstance(P, np.ndarray)]
     prob = cp.Problem(cp.Minimize(rho), cons)
     name = _pick_solver(blocks) if solver == "auto" else solver
     opts = {"clarabel": {}, "scs": {"eps_abs": 1e-7, "eps_rel": 1e-7, "max_iters": 50000}}.get(name, {})
@@ -236,7 +250,8 @@ def solve_chain(chain: ConvChain, blocks: list[LayerBlocks], solver: str = "auto
     val = (lambda v: np.zeros((0, 0)) if isinstance(v, np.ndarray) else np.asarray(v.value, dtype=np.float64))
     return {"P1": [val(P) for P in P1s], "P2": [val(P) for P in P2s],
             "lam": [np.asarray(v.value, dtype=np.float64) for v in lams],
-            "x": [np.asarray(v.value, dtype=np.float64) for v in xs], "rho": float(rho.value),
+            "x": [np.asarray(v.value, dtype=np.float64) for v in xs], "Y": np.asarray(Y.value, dtype=np.float64),
+            "rho": float(rho.value),
             "solver": name, "status": prob.status, "iterations": prob.solver_stats.num_iters}
 
 
@@ -251,9 +266,9 @@ def verify_chain(chain: ConvChain, blocks: list[LayerBlocks], sol: dict) -> Stru
 
     The read-out fixes ``t`` and ``x_L`` (:func:`tail_gain`); each layer then gets the least input supply
     its block allows (:func:`repair_layer`) and is proven negative definite; the first layer's input supply
-    is ``rho I``.  The bound is ``sqrt(rho t)`` rounded up (docs/math.md §7.3).
+    is ``rho I``.  The bound is ``sqrt(rho t)`` rounded up (docs/math.md §7.4).
     """
-    got = tail_gain(chain, sol["x"][-1])
+    got = tail_gain(chain, sol["Y"])
     if got is None:
         return StructuredResult(False, None, None, None, "the read-out's Gram bound was not proven")
     t, x_out = got
@@ -261,14 +276,13 @@ def verify_chain(chain: ConvChain, blocks: list[LayerBlocks], sol: dict) -> Stru
     for k in range(len(blocks) - 1, -1, -1):
         P1, P2 = _sym(sol["P1"][k]), _sym(sol["P2"][k])
         lam = np.maximum(sol["lam"][k], 0.0)
-        guess = sol["x"][k - 1] if k else None
-        x_in = repair_layer(blocks[k], P1, P2, lam, x_out, guess, scalar=k == 0)
+        x_in = repair_layer(blocks[k], P1, P2, lam, x_out, scalar=k == 0)
         if x_in is None:
             return StructuredResult(False, None, None, t, f"layer {chain.layers[k].name}: the block was not "
                                     "proven negative definite")
         supplies.append(x_in)
         x_out = x_in
-    rho = float(np.max(x_out))
+    rho = float(x_out[0, 0])
     bound = _round_up_sqrt(Fraction(rho) * Fraction(t))
     return StructuredResult(True, bound, rho, t, "verified", details={
         "supplies": [s.tolist() for s in reversed(supplies)]})
@@ -299,5 +313,5 @@ def certify_chain(chain: ConvChain, solver: str = "auto", time_limit: float | No
     res.details.update({"solver": sol["solver"], "solver_status": sol["status"],
                         "solver_objective": math.sqrt(max(sol["rho"], 0.0)),
                         "solver_iterations": sol["iterations"], "lmi_sizes": [B.n for B in blocks],
-                        "read_out": "W^T W <= t diag(x_L) (x) I_space via q x q channel Gram matrices"})
+                        "read_out": "W^T W <= t X_L (x) I_space: t I >= sum_cd Y_cd W_c W_d^T (q x q), X_L >= Y^-1"})
     return res

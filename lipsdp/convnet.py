@@ -27,8 +27,8 @@ from lipsdp.network import Activation, Affine, Input, Network, Reshape
 
 #: Kernels larger than this (taps per axis) are not realised: the Roesser state grows with the kernel.
 MAX_KERNEL = 15
-#: Rows of the final linear map handled through its Gram matrices (docs/math.md §7.3).
-MAX_OUTPUTS = 512
+#: Rows of the final linear map handled through its Gram matrices (docs/math.md §7.4).
+MAX_OUTPUTS = 128
 
 
 @dataclass

@@ -277,7 +277,7 @@ def _certify_network_run(network, *, compare, split, structure="auto", **options
     """:func:`certify_network` within its run (limits, thread pools, quiet, progress)."""
     check_provable(network.validate())  # implicit layers: refuse what cannot be proved well-posed
     solver, formulation, norm = options["solver"], options["formulation"], options["norm"]
-    cert = certify_by_structure(network, structure, split, options, _certify_whole_or_split)  # docs/math.md §7.3
+    cert = certify_by_structure(network, structure, split, options, _certify_whole_or_split)  # docs/math.md §7.4
     attach_well_posedness(network, cert, formulation, norm)
     cert.caveats = activation_caveats(network)  # where torch's function is not the one certified
     if compare and MaxMinAsReLU.applies(network) and norm == "l2" and cert.verified and not split:
@@ -387,7 +387,7 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
         multiply their bounds (docs/math.md §8.2: sound, looser; l2 only).  Without it,
         lipsdp splits only when the whole LMI does not fit in memory.
     structure : {"auto", "unrolled", "state-space", "both"}
-        CNNs unrolled (docs/math.md §7.1) or as 2-D state-space LMIs (§7.3): see :mod:`lipsdp.structured`.
+        CNNs unrolled (docs/math.md §7.1) or as 2-D state-space LMIs (§7.4): see :mod:`lipsdp.structured`.
 
     Returns
     -------

@@ -1,4 +1,4 @@
-"""2-D state-space (Roesser) realisation of a stride-1 convolution (docs/math.md §7.3).
+"""2-D state-space (Roesser) realisation of a stride-1 convolution (docs/math.md §7.4).
 
 A convolution ``y = K * u`` on the plane, written causally,
 ``y[i, j] = sum_{a < kh, b < kw} Kc[a, b] u[i - a, j - b]`` with ``Kc`` a ``(C_out, C_in, kh, kw)``
@@ -11,7 +11,7 @@ kernel, is the Roesser system
 with the vertical state ``x_v = (u[i, j-1], ..., u[i, j-kw+1])`` (``C_in (kw - 1)`` entries) and the
 horizontal state holding the partial sums of the rows still to come (``C_out (kh - 1)`` entries).  Both
 state matrices are nilpotent, so a finitely supported input gives finitely supported states: the
-storage sums of docs/math.md §7.3 telescope exactly, whatever the sign of the storage matrices.
+storage sums of docs/math.md §7.4 telescope exactly, whatever the sign of the storage matrices.
 
 Torch's ``conv2d`` is a cross-correlation: ``Kc[a, b] = K[kh-1-a, kw-1-b]`` (:func:`causal_kernel`), and
 the causal output at ``(i, j)`` is torch's output with full padding ``(kh-1, kw-1)``; a padding ``p``

@@ -1,7 +1,7 @@
 """``certify(..., structure=...)``: which formulation of a CNN to certify, and its certificate.
 
 ``"unrolled"`` is the LMI of the unrolled network (docs/math.md §7.1); ``"state-space"`` the chain of
-small Roesser LMIs (docs/math.md §7.3, :mod:`lipsdp.conv_lmi`), whose size does not grow with the image
+small Roesser LMIs (docs/math.md §7.4, :mod:`lipsdp.conv_lmi`), whose size does not grow with the image
 but which can be looser; ``"both"`` computes the two and keeps the smaller verified bound, recording both
 and how much looser the structured one is; ``"auto"`` takes the structured path for conv chains whose
 unrolled LMI would be large (:data:`AUTO_MIN_NEURONS`) and unrolls everything else.
@@ -72,7 +72,7 @@ def certify_by_structure(network, structure: str, split, options: dict, unrolled
 
 def at_most_trivial(cert: Certificate, network, output_map) -> Certificate:
     """Never above the proven product of norms (the structured LMIs can be looser than it, docs/math.md
-    §7.3): as :func:`lipsdp.pipeline.certify_network` does for the unrolled SDP."""
+    §7.4): as :func:`lipsdp.pipeline.certify_network` does for the unrolled SDP."""
     if not cert.verified or cert.trivial_bound is None or cert.bound <= cert.trivial_bound:
         return cert
     proven = proven_trivial_bound(network, "l2", output_map)
@@ -84,7 +84,7 @@ def at_most_trivial(cert: Certificate, network, output_map) -> Certificate:
 def certify_structured(network, chain: ConvChain, *, output_map=None, solver: str = "auto",
                        time_limit: float | None = None, lower_bound_samples: int = 128, source: str = "",
                        load_seconds: float = 0.0) -> Certificate:
-    """The certificate of ``chain`` (read from ``network``) by the structured LMIs of docs/math.md §7.3."""
+    """The certificate of ``chain`` (read from ``network``) by the structured LMIs of docs/math.md §7.4."""
     t0 = time.perf_counter()
     if output_map is not None:
         chain = conv_chain(network, output_map)
@@ -100,7 +100,7 @@ def certify_structured(network, chain: ConvChain, *, output_map=None, solver: st
                "layers": [f"{op.kind}{list(op.shape)}" for op in network.ops()],
                "lmi_sizes": details.get("lmi_sizes"), "sha256": network.fingerprint()}
     timings = dict(res.timings, load=load_seconds, total=load_seconds + time.perf_counter() - t0)
-    verification = {"method": "state-space: per-layer float Cholesky (docs/math.md §7.3, §10)",
+    verification = {"method": "state-space: per-layer float Cholesky (docs/math.md §7.4, §10)",
                     "structure": "state-space", "read_out": details.get("read_out"),
                     "tail_gain": res.tail_gain, "sector": "activation sectors widened to contain 0"}
     status, message = (VERIFIED, "verified (structured: 2-D state-space LMIs per convolution)") if res.verified \

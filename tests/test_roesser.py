@@ -1,4 +1,4 @@
-"""The structured (2-D state-space / Roesser) path for CNNs: docs/math.md §7.3."""
+"""The structured (2-D state-space / Roesser) path for CNNs: docs/math.md §7.4."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_recover_conv_refuses_strides():
 
 
 def test_masked_positions_telescope_and_vanish():
-    """docs/math.md §7.3: on the plane, with inputs and outputs zero off the image, the storage sums
+    """docs/math.md §7.4: on the plane, with inputs and outputs zero off the image, the storage sums
     telescope to 0 and the sector-[0, b] constraint vanishes at masked positions, so the plane's sums
     are the image's."""
     rng = np.random.default_rng(3)
@@ -113,11 +113,11 @@ def test_tampered_multipliers_do_not_verify():
     assert res.verified
     blocks = [layer_blocks(layer) for layer in chain.layers]
     n = [b.Ew.shape[0] for b in blocks]
-    zero = {"P1": [np.zeros((b.Sh.shape[0],) * 2) for b in blocks], "P2": [np.zeros((b.Sv.shape[0],) * 2)
-                                                                             for b in blocks],
-            "lam": [np.zeros(k) for k in n], "x": [np.ones(k) for k in n], "rho": 1.0}
+    zero = {"P1": [np.zeros((b.Sh.shape[0],) * 2) for b in blocks],
+            "P2": [np.zeros((b.Sv.shape[0],) * 2) for b in blocks],
+            "lam": [np.zeros(k) for k in n], "x": [np.eye(k) for k in n], "Y": np.eye(n[-1]), "rho": 1.0}
     assert not verify_chain(chain, blocks, zero).verified  # no multiplier: the w block is not negative
-    M = layer_matrix(blocks[0], zero["P1"][0], zero["P2"][0], np.ones(1), np.ones(n[0]), zero["lam"][0])
+    M = layer_matrix(blocks[0], zero["P1"][0], zero["P2"][0], np.eye(1), np.eye(n[0]), zero["lam"][0])
     assert np.linalg.eigvalsh(M)[-1] > 0
 
 
