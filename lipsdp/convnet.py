@@ -173,6 +173,9 @@ def conv_chain(net: Network, output_map=None) -> ConvChain:
     if not layers:
         _refuse("there is no convolution")
     layers.reverse()
+    for prev, layer in zip(layers, layers[1:]):  # the supplies are per channel: the channels must carry over
+        if prev.out_shape != layer.in_shape:
+            _refuse(f"{layer.name} reads the shape {layer.in_shape}, not {prev.out_shape} as written")
     if tail.shape[1] != int(np.prod(layers[-1].out_shape)):
         _refuse("the final linear layer does not read the last activation")
     return ConvChain(layers, tail, tail_op.name)

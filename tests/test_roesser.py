@@ -152,3 +152,36 @@ def test_cli_structure(tmp_path, capsys):
     both = cert["network"]["structures"]
     assert both["state-space"] >= both["unrolled"] * (1 - 1e-6)
     assert cert["lower_bound"] <= cert["bound"] <= min(both["state-space"], both["unrolled"]) * (1 + 1e-12)
+
+
+def test_auto_takes_the_structured_path_for_large_conv_chains():
+    from lipsdp.structured import AUTO_MIN_NEURONS, structured_chain
+
+    small = network_from_module(cnn(2, 2, size=4), input_shape=(1, 4, 4))
+    assert structured_chain(small, "auto", "l2", None) is None
+    assert structured_chain(small, "state-space", "l2", None) is not None
+    side = int(np.ceil(np.sqrt(AUTO_MIN_NEURONS / 4)))
+    large = network_from_module(cnn(2, 2, size=side), input_shape=(1, side, side))
+    assert structured_chain(large, "auto", "l2", None) is not None
+    assert structured_chain(large, "auto", "linf", None) is None
+    with pytest.raises(UnsupportedLayerError, match="l2"):
+        structured_chain(large, "state-space", "linf", None)
+
+
+class _Regrouped(torch.nn.Module):
+    """Two convolutions with a view between them that regroups 2 channels of 4x4 as 4 channels of 2x4."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.out = torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Conv2d(4, 2, 3, padding=1), \
+            torch.nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x)).reshape(-1, 4, 2, 4)
+        return self.out(torch.relu(self.c2(h)).flatten(1))
+
+
+def test_channels_must_carry_over():
+    model = _Regrouped().double().eval()
+    with pytest.raises(UnsupportedLayerError, match="structured"):
+        conv_chain(network_from_module(model, input_shape=(1, 4, 4)))
