@@ -104,7 +104,10 @@ def recover_conv(S, in_shape: tuple, out_shape: tuple) -> tuple[np.ndarray, tupl
                 f"convolution with kernels up to {MAX_KERNEL}x{MAX_KERNEL}")
     weight = np.zeros((co, ci, kh, kw))
     weight[o, c, dh + top, dw + left] = coo.data
-    M, shape = conv_matrix(in_shape, weight, (1, 1), (top, left), (bottom, right), (1, 1), 1)
+    try:
+        M, shape = conv_matrix(in_shape, weight, (1, 1), (top, left), (bottom, right), (1, 1), 1)
+    except ValueError as exc:
+        _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)}: {exc}")
     diff = (M - S).tocsr()
     diff.eliminate_zeros()
     if tuple(shape) != tuple(out_shape) or diff.nnz:

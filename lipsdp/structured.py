@@ -44,15 +44,14 @@ def structured_chain(network, structure: str, norm: str, split) -> ConvChain | N
         if structure == "auto":
             return None
         raise NotAConvChain(reason)
+    if structure == "auto" and sum(network.op(n).size for n in network.activations()) < AUTO_MIN_NEURONS:
+        return None
     try:
-        chain = conv_chain(network)
+        return conv_chain(network)
     except UnsupportedLayerError:
         if structure == "auto":
             return None
         raise
-    if structure == "auto" and sum(network.op(n).size for n in network.activations()) < AUTO_MIN_NEURONS:
-        return None
-    return chain
 
 
 def certify_by_structure(network, structure: str, split, options: dict, unrolled) -> Certificate:
