@@ -215,7 +215,7 @@ def _zero_or_sym(cp, n: int):
 def solve_chain(chain: ConvChain, blocks: list[LayerBlocks], solver: str = "auto",
                 time_limit: float | None = None) -> dict:
     """Solve the structured SDP: minimise ``rho`` (docs/math.md §7.4).  Returns float multipliers
-    ``{"P1": [...], "P2": [...], "lam": [...], "x": [x_1, ..., x_L], "rho": float, "solver": name}``."""
+    ``{"P1": [...], "P2": [...], "lam": [...], "x": [X_1, ..., X_L], "Y": Y, "rho": float, "solver": name}``."""
     import cvxpy as cp  # the optional solver stack loads only when the structured path runs
 
     scale = float(np.linalg.norm(chain.tail, 2)) ** 2 or 1.0
@@ -264,7 +264,7 @@ def _pick_solver(blocks: list[LayerBlocks]) -> str:
 def verify_chain(chain: ConvChain, blocks: list[LayerBlocks], sol: dict) -> StructuredResult:
     """Re-derive and prove the bound from the solver's multipliers, backwards along the chain.
 
-    The read-out fixes ``t`` and ``x_L`` (:func:`tail_gain`); each layer then gets the least input supply
+    The read-out fixes ``t`` and ``X_L`` (:func:`tail_gain`); each layer then gets the least input supply
     its block allows (:func:`repair_layer`) and is proven negative definite; the first layer's input supply
     is ``rho I``.  The bound is ``sqrt(rho t)`` rounded up (docs/math.md §7.4).
     """

@@ -97,7 +97,8 @@ def certify_structured(network, chain: ConvChain, *, output_map=None, solver: st
                "output_dim": network.output_dim, "structure": "state-space",
                "hidden_neurons": int(sum(network.op(n).size for n in network.activations())),
                "layers": [f"{op.kind}{list(op.shape)}" for op in network.ops()],
-               "lmi_sizes": details.get("lmi_sizes"), "sha256": network.fingerprint()}
+               "lmi_size": max(details.get("lmi_sizes") or [0]), "lmi_sizes": details.get("lmi_sizes"),
+               "sha256": network.fingerprint()}
     timings = dict(res.timings, load=load_seconds, total=load_seconds + time.perf_counter() - t0)
     verification = {"method": "state-space: per-layer float Cholesky (docs/math.md §7.4, §10)",
                     "structure": "state-space", "read_out": details.get("read_out"),
@@ -109,7 +110,7 @@ def certify_structured(network, chain: ConvChain, *, output_map=None, solver: st
                        message=message, trivial_bound=trivial, lower_bound=lower,
                        solver_objective=details.get("solver_objective"),
                        solver_iterations=details.get("solver_iterations"), rho=res.rho,
-                       multipliers=details.get("supplies", []), multiplier_labels=["channel supplies x_0..x_L"],
+                       multipliers=details.get("supplies", []), multiplier_labels=["channel supplies X_0 = rho I, X_1, ..., X_L"],
                        output_map=None if output_map is None else [list(map(float, r)) for r in output_map],
                        verification=verification, timings=timings, network=summary)
 
