@@ -239,8 +239,8 @@ def solve_chain(chain: ConvChain, blocks: list[LayerBlocks], solver: str = "auto
     prob = cp.Problem(cp.Minimize(rho), cons)
     name = _pick_solver(blocks) if solver == "auto" else solver
     opts = {"clarabel": {}, "scs": {"eps_abs": 1e-7, "eps_rel": 1e-7, "max_iters": 50000}}.get(name, {})
-    if time_limit is not None and name == "scs":
-        opts["time_limit_secs"] = float(time_limit)
+    if time_limit is not None:  # the run's limit (lipsdp.budget): an unfinished point is still verified
+        opts["time_limit_secs" if name == "scs" else "time_limit"] = float(time_limit)
     try:
         prob.solve(solver=name.upper(), **opts)
     except cp.error.SolverError as exc:

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from lipsdp.bounds import node_lipschitz, sampled_lower_bound
-from lipsdp.budget import checkpoint
+from lipsdp.budget import checkpoint, current
 from lipsdp.certificate import UNVERIFIED, VERIFIED, Certificate, trivial_certificate
 from lipsdp.conv_lmi import certify_chain
 from lipsdp.convnet import ConvChain, NotAConvChain, conv_chain
@@ -91,7 +91,9 @@ def certify_structured(network, chain: ConvChain, *, output_map=None, solver: st
     trivial = lips[network.output] * (1.0 if output_map is None else _norm2(output_map))
     lower = sampled_lower_bound(network, samples=lower_bound_samples, output_map=output_map) \
         if lower_bound_samples else None
-    res = certify_chain(chain, solver="auto" if solver in ("auto", None) else solver, time_limit=time_limit)
+    budget = current()
+    limit = budget.solver_seconds(time_limit) if budget is not None else time_limit
+    res = certify_chain(chain, solver="auto" if solver in ("auto", None) else solver, time_limit=limit)
     details = res.details
     summary = {"source": str(source or network.source), "input_dim": network.input_dim,
                "output_dim": network.output_dim, "structure": "state-space",
