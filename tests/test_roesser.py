@@ -91,9 +91,10 @@ def test_masked_positions_telescope_and_vanish():
     assert ((w - a * v) * (v - w))[~mask].sum() < 0
 
 
-@pytest.mark.parametrize("seed,channels,convs", [(0, 3, 2), (1, 2, 3)])
-def test_structured_sandwich(seed, channels, convs):
-    model = cnn(channels, convs, size=5, seed=seed)
+@pytest.mark.parametrize("seed,channels,convs,slope,kernel,padding", [
+    (0, 3, 2, 0.01, 3, 1), (1, 2, 3, 0.01, 3, 1), (2, 2, 2, 0.5, 2, 0)])
+def test_structured_sandwich(seed, channels, convs, slope, kernel, padding):
+    model = cnn(channels, convs, size=5, seed=seed, slope=slope, kernel=kernel, padding=padding)
     net = network_from_module(model, input_shape=(1, 5, 5))
     res = certify_chain(conv_chain(net))
     assert res.verified
