@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="certify a chain network in pieces of K activation layers and multiply their bounds "
                         "(sound, looser; for nets too big for one SDP; l2 only). Without it lipsdp splits only "
                         "when the whole LMI does not fit in memory")
+    c.add_argument("--structure", choices=("auto", "unrolled", "state-space", "both"), default="auto",
+                   help="convolutions unrolled, or as 2-D state-space LMIs whose size does not grow with the image "
+                        "(stride-1 conv chains, l2; can be looser); both: keep the better, report both")
     c.add_argument("--strict", action="store_true",
                    help="also prove the certificate exactly in rational arithmetic (slope-restricted activations)")
     c.add_argument("--center", metavar="X.npy", help="a local bound: on the ball of --radius around this input (.npy)")
@@ -227,7 +230,8 @@ def _cmd_certify(args, own_process: bool) -> int:
                            output_index=args.output, activation=args.activation, input_shape=args.input_shape,
                            time_limit=args.time_limit, tol=args.tol, trust_pickle=args.trust_pickle,
                            lower_bound_samples=max(args.samples, 0), strict=args.strict, split=args.split,
-                           horizon=args.horizon, **read_region(args.center, args.radius, args.region_norm))
+                           structure=args.structure, horizon=args.horizon,
+                           **read_region(args.center, args.radius, args.region_norm))
     except LimitReached as exc:
         if args.debug:
             raise

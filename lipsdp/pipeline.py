@@ -7,9 +7,8 @@ The driver of the stages, in the order data flows::
 * **load**: :func:`load_model` (a file, a module, or a :class:`~lipsdp.network.Network`);
 * **lift**: :func:`lipsdp.lifting.lift`, one :class:`~lipsdp.reductions.Query` per LMI
   the certificate stands for (:func:`lipsdp.reductions.queries`);
-* **reductions**: :class:`~lipsdp.reductions.ReduceInput` and
-  :class:`~lipsdp.reductions.Precondition` on each query; :class:`~lipsdp.reductions.Split`
-  and :class:`~lipsdp.reductions.MaxMinAsReLU` on the network;
+* **reductions**: :class:`~lipsdp.reductions.ReduceInput`, :class:`~lipsdp.reductions.Precondition` on each
+  query; :class:`~lipsdp.reductions.Split`, :class:`~lipsdp.reductions.MaxMinAsReLU` on the network;
 * **solve**: :class:`lipsdp.solve.Solve` (backend choice, memory, fallback);
 * **verify**: :func:`lipsdp.verification.verify_solution`, always on the LMI of the
   network as given, so nothing the solver or a reduction did can make a bound unsound;
@@ -45,6 +44,7 @@ from lipsdp.resources import available_memory  # noqa: F401  (public here for sc
 from lipsdp.session import run
 from lipsdp.solve import ClosedForm, Solve
 from lipsdp.split import is_chain
+from lipsdp.structured import certify_by_structure
 from lipsdp.verification import FORMULATIONS, NORMS, closed_form, proven_trivial_bound, verify_solution
 
 #: How the preconditioning scales are chosen; one name here so tests and experiments can substitute it.
@@ -252,7 +252,7 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
                     lower_bound_samples: int = 128, memory_limit: int | None = None,
                     progress: bool | str = False, source: str = "", load_seconds: float = 0.0,
                     compare: bool = True, strict: bool = False, split: int | None = None,
-                    threads: int | None = None, verbose: bool = False) -> Certificate:
+                    threads: int | None = None, verbose: bool = False, structure: str = "auto") -> Certificate:
     """Certify a :class:`~lipsdp.network.Network` (see :func:`certify` for the parameters).
 
     With ``compare`` (default), nets with MaxMin / GroupSort-2 activations are
@@ -271,15 +271,14 @@ def certify_network(network, *, solver: str = "auto", formulation: str = "neuron
                                     output_map=output_map, time_limit=time_limit, tol=tol,
                                     lower_bound_samples=lower_bound_samples, memory_limit=memory_limit,
                                     progress=progress, source=source, load_seconds=load_seconds,
-                                    compare=compare, strict=strict, split=split)
+                                    compare=compare, strict=strict, split=split, structure=structure)
 
 
-def _certify_network_run(network, *, compare, split, **options) -> Certificate:
+def _certify_network_run(network, *, compare, split, structure="auto", **options) -> Certificate:
     """:func:`certify_network` within its run (limits, thread pools, quiet, progress)."""
     check_provable(network.validate())  # implicit layers: refuse what cannot be proved well-posed
     solver, formulation, norm = options["solver"], options["formulation"], options["norm"]
-    options = dict(options)
-    cert = _certify_whole_or_split(network, split, options)
+    cert = certify_by_structure(network, structure, split, options, _certify_whole_or_split)  # docs/math.md §7.4
     attach_well_posedness(network, cert, formulation, norm)
     cert.caveats = activation_caveats(network)  # where torch's function is not the one certified
     if compare and MaxMinAsReLU.applies(network) and norm == "l2" and cert.verified and not split:
@@ -288,13 +287,12 @@ def _certify_network_run(network, *, compare, split, **options) -> Certificate:
 
 
 def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: str = "l2", output_map=None,
-            output_index: int | None = None,
-            activation: str | None = None, activation_params: dict | None = None,
+            output_index: int | None = None, activation: str | None = None, activation_params: dict | None = None,
             input_shape: tuple | None = None, time_limit: float | None = None, tol: float | None = None,
             trust_pickle: bool = False, lower_bound_samples: int = 128, memory_limit: int | None = None,
             progress: bool | str = False, strict: bool = False, split: int | None = None,
             threads: int | None = None, verbose: bool = False, center=None, radius=None, region_norm=None,
-            horizon: int | str | None = None) -> Certificate:
+            horizon: int | str | None = None, structure: str = "auto") -> Certificate:
     """Certify an upper bound on the l2 Lipschitz constant of a network, globally or on a region.
 
     Parameters
@@ -359,6 +357,8 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
         Certify chain networks in pieces of at most this many activation layers and
         multiply their bounds (docs/math.md §8.2: sound, looser; l2 only).  Without it,
         lipsdp splits only when the whole LMI does not fit in memory.
+    structure : {"auto", "unrolled", "state-space", "both"}
+        CNNs unrolled (docs/math.md §7.1) or as 2-D state-space LMIs (§7.4): see :mod:`lipsdp.structured`.
 
     Returns
     -------
@@ -394,4 +394,4 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
                            time_limit=time_limit, tol=tol, lower_bound_samples=lower_bound_samples,
                            memory_limit=memory_limit, progress=progress, source=source,
                            load_seconds=time.perf_counter() - t0, strict=strict, split=split, threads=threads,
-                           verbose=verbose)
+                           verbose=verbose, structure=structure)
