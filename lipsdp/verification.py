@@ -122,15 +122,28 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _not_recheckable(cert) -> str | None:
+    """The kinds of certificate whose LMIs are not rebuilt from the network by :func:`recheck`."""
+    if cert.formulation == "dissipation":  # lipsdp.recurrent: one LMI for every horizon
+        return "all-horizon RNN certificates (--horizon all)"
+    if cert.formulation == "state-space":  # lipsdp.structured: per-convolution LMIs
+        return "state-space CNN certificates (--structure state-space)"
+    if getattr(cert, "region", None):  # lipsdp.local: the LMI of the network with the region's sectors
+        return "local certificates (--center/--radius)"
+    if (cert.verification or {}).get("method") == "composition":  # lipsdp.compose: one per block
+        return "composed certificates (lipsdp.compose; each block's own certificate can be)"
+    return None
+
+
 def check_claims(cert) -> None:
     """Refuse, before loading anything, a certificate that cannot be re-checked or is malformed."""
     version = cert.schema_version
     if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= SCHEMA_VERSION:
         raise LipSDPError(f"the certificate's schema_version {version!r} is not one this lipsdp "
                           f"reads (0 to {SCHEMA_VERSION}): written by a newer lipsdp, or edited")
-    if cert.formulation == "dissipation":  # lipsdp.recurrent: another LMI, not rebuilt from the network
-        raise LipSDPError("re-checking all-horizon RNN certificates (--horizon all) is not supported yet: "
-                          "certify the model again")
+    kind = _not_recheckable(cert)
+    if kind:
+        raise LipSDPError(f"re-checking {kind} is not supported yet: certify the model again")
     if cert.norm not in NORMS or cert.formulation not in FORMULATIONS:
         raise LipSDPError(f"the certificate names an unknown norm {cert.norm!r} or formulation "
                           f"{cert.formulation!r} (edited or corrupt)")

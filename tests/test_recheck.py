@@ -217,3 +217,21 @@ def test_cli_verifies_linf_certificates_and_refuses_edits(tmp_path, model):
     assert code == 2 and "Traceback" not in err and out == ""
     assert [line for line in err.splitlines() if line.startswith("lipsdp: error")] == [err.strip()]
     assert "does not verify" in err
+
+
+def test_kinds_not_rebuilt_from_the_network_are_refused_by_name(model, certs, tmp_path):
+    """Local, state-space, all-horizon and composed certificates stand for LMIs ``recheck`` does not rebuild:
+    ``lipsdp verify`` says which kind it cannot re-check, before loading the model."""
+    local = lipsdp.certify(model, center=torch.zeros(5).numpy(), radius=0.1, lower_bound_samples=0)
+    with pytest.raises(LipSDPError, match="local certificates"):
+        check_certificate(Certificate.from_dict(json.loads(local.to_json())), model)
+    for field, value, name in (("formulation", "state-space", "state-space CNN"),
+                               ("formulation", "dissipation", "all-horizon RNN")):
+        d = copy.deepcopy(certs["l2"])
+        d[field] = value
+        with pytest.raises(LipSDPError, match=name):
+            check_certificate(Certificate.from_dict(d), str(tmp_path / "never-read.pt"))
+    d = copy.deepcopy(certs["l2"])
+    d["verification"]["method"] = "composition"
+    with pytest.raises(LipSDPError, match="composed certificates"):
+        check_certificate(Certificate.from_dict(d), model)
