@@ -24,10 +24,9 @@ import time
 
 import psutil
 
-from lipsdp import __version__, robustness_cli
+from lipsdp import __version__, arguments, robustness_cli
 from lipsdp import monotone_cli
-from lipsdp.robustness_cli import positive_int
-from lipsdp.budget import Budget, LimitReached, parse_size
+from lipsdp.budget import Budget, LimitReached
 from lipsdp.certificate import WRITING, Certificate
 from lipsdp.errors import LipSDPError
 from lipsdp.local import read_region
@@ -39,44 +38,8 @@ from lipsdp.solvers import describe
 from lipsdp.watchdog import guard, supervise
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (use e.g. 1,28,28 or 784)") from None
-    if not shape or any(s <= 0 for s in shape):
-        raise argparse.ArgumentTypeError(f"not a shape: {text!r}")
-    return shape
 
 
-def _horizon(text: str) -> int | str:
-    """``--horizon``: a whole number >= 1, or ``all``."""
-    if text.strip().lower() == "all":
-        return "all"
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'all', not {text!r}")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (use e.g. 2G, 500M)") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,27 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="l2 (default) or linf (every output's l_inf -> |.| constant; their maximum)")
     c.add_argument("--output", type=int, metavar="I", help="certify only output I (e.g. one logit)")
     c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    c.add_argument("--input-shape", type=_shape, help="input shape without batch axis, e.g. 1,28,28")
-    c.add_argument("--horizon", type=_horizon, metavar="T|all",
+    c.add_argument("--input-shape", type=arguments.shape, help="input shape without batch axis, e.g. 1,28,28")
+    c.add_argument("--horizon", type=arguments.horizon, metavar="T|all",
                    help="nn.RNN models: certify sequences of T steps, or 'all' for one bound valid for every T")
     c.add_argument("--activation", help="activation between layers, for weights-only files (relu, tanh, ...)")
-    c.add_argument("--time-limit", type=_positive, metavar="SECONDS",
+    c.add_argument("--time-limit", type=arguments.positive, metavar="SECONDS",
                    help="seconds for the whole command (load, build, solve, verify), from its start; the solver "
                         "gets most of what is left and its unfinished point is still verified")
-    c.add_argument("--memory-limit", type=_size, metavar="SIZE",
+    c.add_argument("--memory-limit", type=arguments.memory_size, metavar="SIZE",
                    help="peak resident memory of the whole command, solver processes included (e.g. 2G, 500M); "
                         "what would not fit is refused before it starts, and the command stops (exit 1) if "
                         "it is reached anyway")
-    c.add_argument("--threads", type=positive_int, metavar="N",
+    c.add_argument("--threads", type=arguments.positive_int, metavar="N",
                    help="threads for BLAS, OpenMP and torch (default: chosen for the problem size and the idle "
                         "cores; environment variables such as OMP_NUM_THREADS are not needed)")
     c.add_argument("--progress", action="store_true",
                    help="show progress on stderr also with --json or when stderr is not a terminal")
-    c.add_argument("--tol", type=_positive, help="solver tolerance")
+    c.add_argument("--tol", type=arguments.positive, help="solver tolerance")
     c.add_argument("--trust-pickle", action="store_true",
                    help="allow arbitrary classes in pickled models (runs code from the file: only for files you trust)")
     c.add_argument("--samples", type=int, default=128, help="random inputs for the sampled lower bound (0: skip)")
-    c.add_argument("--split", type=positive_int, metavar="K", default=None,
+    c.add_argument("--split", type=arguments.positive_int, metavar="K", default=None,
                    help="certify a chain network in pieces of K activation layers and multiply their bounds "
                         "(sound, looser; for nets too big for one SDP; l2 only). Without it lipsdp splits only "
                         "when the whole LMI does not fit in memory")
@@ -146,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("certificate", help="file written by `lipsdp certify --save`")
     v.add_argument("model", help="the model file that was certified")
     v.add_argument("--activation", help="for weights-only files, as when certifying")
-    v.add_argument("--input-shape", type=_shape)
+    v.add_argument("--input-shape", type=arguments.shape)
     v.add_argument("--trust-pickle", action="store_true")
     v.add_argument("--json", action="store_true")
     v.add_argument("--debug", action="store_true",

@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 
+from lipsdp.arguments import positive_int
 from lipsdp.dataset import check_data, load_data, range_warning
 from lipsdp.errors import LipSDPError
 from lipsdp.parallel import CHUNK, evaluate_dataset, make_executor
@@ -52,16 +53,6 @@ def _range(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"need finite lo < hi: {text!r}")
     return lo, hi
 
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (``--workers``, ``--chunk``; the CLI's ``--threads``, ``--split``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
 
 
 def _shape(text: str) -> tuple[int, ...]:
