@@ -87,7 +87,10 @@ class Query:
         ``""`` for l2; ``" (output i)"`` for the i-th l_inf query (docs/math.md §2).
     formulation, norm : str
     given : LMIProblem
-        The LMI of the network as given, in the original variables; never changed.
+        The LMI of the network as given, in the original variables; never changed.  For l2 with a
+        first layer narrower than half the input it is the exactly equivalent restriction to that
+        layer's input rows (:meth:`~lipsdp.lifting.Lifting.span_input`, docs/math.md §10.1), whose
+        rounding is part of its error bound; :meth:`full` builds the unrestricted one.
     target : LMIProblem
         The verification target: ``given`` under the reductions' exact congruences, in the
         variables of ``solve``.
@@ -111,8 +114,15 @@ class Query:
     @classmethod
     def build(cls, lifting: Lifting, formulation: str, norm: str, output_map, label: str = "") -> "Query":
         """The query of one read-out, its LMI built (docs/math.md §1, §2 for l_inf) and not yet reduced."""
-        lmi = build_lmi(lifting, formulation, output_map=output_map, norm=norm)
+        span = lifting.span_input() if norm == "l2" else None
+        lmi = build_lmi(lifting, formulation, output_map=output_map, norm=norm, span=span)
         return cls(lifting, output_map, label, formulation, norm, lmi, lmi, lmi, np.ones(lmi.n_var))
+
+    def full(self) -> LMIProblem:
+        """The LMI of the network as given, never restricted to the input span (``--strict``'s exact test)."""
+        if self.given.input_metric is None:
+            return self.given
+        return build_lmi(self.lifting, self.formulation, output_map=self.output_map, norm=self.norm)
 
 
 def readouts(m: int, norm: str, output_map: np.ndarray | None) -> list[tuple[np.ndarray | None, str]]:

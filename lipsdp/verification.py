@@ -85,7 +85,7 @@ def _earlier_iterates(lmi, path, v, ver: Verification) -> Verification:
 def _exact_recheck(query: Query, ver: Verification) -> Verification:
     """``--strict``: confirm a float-verified point in exact rational arithmetic, or drop it."""
     try:
-        ok = exact_negative_definite(query.given, ver.x, query.lifting, output_map=query.output_map)
+        ok = exact_negative_definite(query.full(), ver.x, query.lifting, output_map=query.output_map)
     except NotImplementedError as exc:
         raise LipSDPError(f"--strict: {exc}") from exc
     if not ok:
