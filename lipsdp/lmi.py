@@ -81,9 +81,8 @@ class LMIProblem:
     #: A feasible point known before solving (in this LMI's variables), or None: the layer-by-layer
     #: point of :mod:`lipsdp.scaling`.  A hint for a backend's start, never a result.
     start: np.ndarray | None = None
-    #: ``fl(A A^T)`` when the input block is ``-rho A A^T`` (:meth:`~lipsdp.lifting.Lifting.span_input`,
-    #: docs/math.md §10.1), None for ``-rho I``; and an estimate of its smallest eigenvalue.  Congruences
-    #: keep the input block's scale (``d_0 = 1``), so they leave both as they are.
+    #: ``fl(A A^T)`` of an input block ``-rho A A^T`` (docs/math.md §10.1; None: ``-rho I``) and about its
+    #: smallest eigenvalue; congruences keep the input block's scale (``d_0 = 1``), so these too.
     input_metric: np.ndarray | None = None
     input_floor: float = 1.0
 
@@ -294,9 +293,8 @@ def _input_block(n0: int, n: int, norm: str, metric=None) -> _Parts:
     ``-E0^T G E0`` times ``rho``, ``G = metric`` dense (docs/math.md §10.1; no factored form)."""
     if metric is not None:
         r, c = (i.ravel() for i in np.indices((n0, n0)))
-        return _Parts(rows=[r], cols=[c], vals=[-np.asarray(metric, dtype=np.float64).ravel()],
-                      var=[np.zeros(n0 * n0, dtype=np.int64)], labels=["rho"], nonneg=[True], var_block=[0],
-                      factors=None, err=[])
+        return _Parts([r], [c], [-np.asarray(metric, dtype=np.float64).ravel()], [np.zeros(r.size, np.int64)],
+                      ["rho"], [True], [0], None)
     if norm == "l2":
         var, labels = [np.zeros(n0, dtype=np.int64)], ["rho"]
     else:
@@ -349,15 +347,13 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
         ``-E0^T diag(lambda_in) E0``, objective ``sum(lambda_in)``, and
         ``|g(x) - g(x')| <= sqrt(sum lambda_in) ||x - x'||_inf``.
     span : InputSpan, optional
-        :meth:`~lipsdp.lifting.Lifting.span_input` of the lifting (l2 only): the LMI restricted to the
-        first layer's input rows, ``lifting`` is then ignored (docs/math.md §10.1).
+        ``lifting.span_input()`` (l2): the LMI restricted to the first layer's input rows (docs/math.md §10.1).
     """
     if norm not in ("l2", "linf"):
         raise ValueError(f"unknown norm {norm!r}")
-    if span is not None:
-        if norm != "l2":
-            raise ValueError("the input span is for the l2 LMI (rho I is what it restricts)")
-        lifting = span.lifting
+    if span is not None and norm != "l2":
+        raise ValueError("the input span is for the l2 LMI (rho I is what it restricts)")
+    lifting = lifting if span is None else span.lifting
     n, n0 = lifting.n, lifting.input_dim
     C, C_err, map_exact = _output_rows(lifting, output_map)
     if norm == "linf" and C.shape[0] != 1:
@@ -392,14 +388,11 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
 
 
 def _joined(pieces: list, dtype) -> np.ndarray:
-    """The pieces concatenated, each released as soon as it is copied (a wide first layer's terms are
-    gigabytes: holding the pieces and the whole at once would double the build's peak)."""
-    out = np.empty(sum(len(p) for p in pieces), dtype=dtype)
-    at = 0
+    """The pieces concatenated, each released once copied (holding both would double the build's peak)."""
+    out, at = np.empty(sum(len(p) for p in pieces), dtype=dtype), 0
     while pieces:
         p = pieces.pop(0)
-        out[at:at + len(p)] = p
-        at += len(p)
+        out[at:at + len(p)], at = p, at + len(p)
     return out
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lipsdp import layer_sweep
+from lipsdp import layer_sweep, progress
 from lipsdp.lifting import Lifting
 from lipsdp.lmi import LMIProblem, build_lmi
 from lipsdp.rewrite import maxmin_as_relu
@@ -212,6 +212,7 @@ class Precondition(Reduction):
             solve = replace(target, start=None if start is None else start / v)
         else:
             solve, _ = replace(query.solve, start=start).preconditioned(block_scale, total)
+        progress.objective_scale(v[0])  # the solver's objective times v[0] is rho (the progress display)
         return replace(query, target=target, solve=solve, scale=query.scale * v), v
 
     def invert(self, solution, v):
