@@ -112,17 +112,23 @@ class Query:
     scale: np.ndarray
 
     @classmethod
-    def build(cls, lifting: Lifting, formulation: str, norm: str, output_map, label: str = "") -> "Query":
-        """The query of one read-out, its LMI built (docs/math.md §1, §2 for l_inf) and not yet reduced."""
-        span = lifting.span_input() if norm == "l2" else None
+    def build(cls, lifting: Lifting, formulation: str, norm: str, output_map, label: str = "",
+              restrict: bool = True) -> "Query":
+        """The query of one read-out, its LMI built (docs/math.md §1, §2 for l_inf) and not yet reduced;
+        ``restrict``: on the first layer's input rows where that applies (docs/math.md §10.1)."""
+        span = lifting.span_input() if norm == "l2" and restrict else None
         lmi = build_lmi(lifting, formulation, output_map=output_map, norm=norm, span=span)
         return cls(lifting, output_map, label, formulation, norm, lmi, lmi, lmi, np.ones(lmi.n_var))
 
     def full(self) -> LMIProblem:
         """The LMI of the network as given, never restricted to the input span (``--strict``'s exact test)."""
+        return self.unrestricted().given
+
+    def unrestricted(self) -> "Query":
+        """This query on the unrestricted LMI (itself when it is not restricted), not yet reduced."""
         if self.given.input_metric is None:
-            return self.given
-        return build_lmi(self.lifting, self.formulation, output_map=self.output_map, norm=self.norm)
+            return self
+        return Query.build(self.lifting, self.formulation, self.norm, self.output_map, self.label, restrict=False)
 
 
 def readouts(m: int, norm: str, output_map: np.ndarray | None) -> list[tuple[np.ndarray | None, str]]:

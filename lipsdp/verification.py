@@ -249,5 +249,11 @@ def recheck(cert, network) -> list[float] | None:
         if per_output is not None:
             claims.append((per_output[i] or {}).get("bound") if isinstance(per_output[i], dict) else None)
         _check_claims_covered(x, query.given.n_in, claims, where)
-        margins.append(_prove_stored(query, x, block_scale, lips[network.output], where))
+        try:
+            margins.append(_prove_stored(query, x, block_scale, lips[network.output], where))
+        except LipSDPError:
+            if query.given.input_metric is None:
+                raise
+            # A certificate proven on the unrestricted LMI (before docs/math.md §10.1) keeps its margin there.
+            margins.append(_prove_stored(query.unrestricted(), x, block_scale, lips[network.output], where))
     return margins

@@ -8,6 +8,7 @@ agree with it up to rounding, bound the rounding of ``A A^T``, and never build t
 
 from __future__ import annotations
 
+import copy
 from fractions import Fraction
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch import nn
 import lipsdp
 import lipsdp.reductions as R
 from lipsdp.pipeline import check_certificate
+from lipsdp.errors import LipSDPError
 from lipsdp.lifting import Lifting, lift
 from lipsdp.lmi import build_lmi
 from lipsdp.network import Network
@@ -120,3 +122,17 @@ def test_certify_never_builds_the_full_input_block_and_keeps_the_sandwich(monkey
     monkeypatch.setattr(Lifting, "span_input", lambda self, **k: None)
     old = lipsdp.certify(model, lower_bound_samples=0)  # verified on the full LMI, as before
     assert cert.bound == pytest.approx(old.bound, rel=1e-6)
+
+
+def test_certificates_proven_on_the_full_lmi_still_recheck(monkeypatch):
+    model = spectral_mlp([300, 8, 8, 3], seed=5)
+    with monkeypatch.context() as m:
+        m.setattr(Lifting, "span_input", lambda self, **k: None)
+        old = lipsdp.certify(model, lower_bound_samples=0)  # as certified before the restriction
+    assert old.verified
+    check_certificate(old, model)
+    forged = copy.deepcopy(old)
+    forged.multipliers[0] *= 0.99  # rho below what the multipliers need: neither LMI may accept it
+    forged.bound = float(np.sqrt(forged.multipliers[0])) * (1 + 1e-9)
+    with pytest.raises(LipSDPError, match="does not verify"):
+        check_certificate(forged, model)
