@@ -150,10 +150,15 @@ class Lifting:
         """
         n0 = self.input_dim
         G = sp.vstack([P[:, :n0] for P in self.pre] + [self.output[:, :n0]]).tocsr()
-        gram = (G.T @ G).toarray()
-        evals, evecs = accel.eigh(gram)  # on the GPU when one is there (lipsdp.accel)
-        keep = evals > rtol * max(evals[-1], 1e-300)
-        U = evecs[:, keep][:, ::-1]
+        G = G[np.flatnonzero(np.diff(G.indptr))]  # rows that read no input add nothing to the row space
+        if G.shape[0] < n0:  # through the small Gram G G^T = V diag(e) V^T: U = G^T V diag(e)^(-1/2)
+            evals, evecs = accel.eigh((G @ G.T).toarray())
+            keep = evals > rtol * max(evals[-1], 1e-300) if len(evals) else evals > 0
+            U = np.asarray(G.T @ (evecs[:, keep] / np.sqrt(evals[keep])))[:, ::-1]
+        else:
+            evals, evecs = accel.eigh((G.T @ G).toarray())  # on the GPU when one is there (lipsdp.accel)
+            keep = evals > rtol * max(evals[-1], 1e-300)
+            U = evecs[:, keep][:, ::-1]
         r = U.shape[1]
         if r >= n0:
             return self

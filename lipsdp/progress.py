@@ -45,7 +45,7 @@ class Iterations:
         rate = (g1 - g0) / max(t1 - t0, 1e-9)  # decades per second (negative while converging)
         if not rate < 0:
             return None
-        return max(math.log10(self.tol) - g1, 0.0) / -rate
+        return max(g1 - math.log10(self.tol), 0.0) / -rate  # decades still to go, at that rate
 
 
 _RECORDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
