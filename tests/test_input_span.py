@@ -136,3 +136,9 @@ def test_certificates_proven_on_the_full_lmi_still_recheck(monkeypatch):
     forged.bound = float(np.sqrt(forged.multipliers[0])) * (1 + 1e-9)
     with pytest.raises(LipSDPError, match="does not verify"):
         check_certificate(forged, model)
+
+
+def test_strict_confirms_exactly_on_the_full_lmi():
+    model = spectral_mlp([40, 4, 4, 2], seed=1)
+    cert = lipsdp.certify(model, lower_bound_samples=0, strict=True)
+    assert cert.verified and cert.verification["method"] == "exact"
