@@ -145,8 +145,9 @@ class Lifting:
         ``G``'s row space (``n0 x r``) and ``x0 = U a + U_perp b``, the LMI splits
         into ``-rho I`` on ``b`` and the same LMI with ``G U`` on ``a``: the optimum is
         unchanged and the LMI shrinks from ``n0 + N`` to ``r + N`` (784 -> width for
-        MNIST MLPs).  Meant for *solving* only: bounds are verified on the full LMI,
-        so a rounded ``U`` costs optimality at worst, never soundness.
+        MNIST MLPs).  Meant for *solving* only: bounds are verified on the LMI of the network
+        as given (or its exact restriction, :meth:`span_input`), so a rounded ``U`` costs
+        optimality at worst, never soundness.
         """
         n0 = self.input_dim
         G = sp.vstack([P[:, :n0] for P in self.pre] + [self.output[:, :n0]]).tocsr()
