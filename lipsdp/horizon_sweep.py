@@ -1,7 +1,7 @@
-"""Horizon-T bounds of an RNN model for a range of horizons, made non-decreasing (docs/math.md §11.1).
+"""Horizon-T bounds of an RNN model for a range of horizons, made non-decreasing (docs/math.md §13.1).
 
 The LipSDP value of an unrolled RNN is non-decreasing in the horizon in exact arithmetic
-(docs/math.md §11.1), but each verified bound carries its own small inflation (§10), so once the
+(docs/math.md §13.1), but each verified bound carries its own small inflation (§10), so once the
 bounds level off consecutive ones can differ in the last digits either way (measured: down by
 3e-10 relative).  :func:`certify_horizons` reports, for each ``T``, the verified bound at ``T``
 and the envelope ``max_{T' <= T}`` of the verified bounds, which is also a bound at ``T`` (it is

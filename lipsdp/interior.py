@@ -30,6 +30,8 @@ import scipy.sparse as sp
 from scipy.linalg import LinAlgError, cho_factor, cho_solve, cholesky, eigh
 from scipy.linalg.lapack import dpotri, dsygst
 
+from lipsdp import progress
+
 
 def dense_iteration_cost(lmi) -> float:
     """One iteration of the dense method (:class:`DenseLMI`) in the flop-like units of the chordal and completion
@@ -130,6 +132,9 @@ class InteriorPoint:
         self.c = np.asarray(objective, dtype=np.float64)
         self.N = np.flatnonzero(nonneg)
         self.iterations = 0
+        #: The backend's name when its iterations are reported to the progress display (None: silent,
+        #: as in the layer sweeps' small solves).
+        self.report = None
         #: The last iterates near the optimum (multipliers), newest last: :mod:`lipsdp.verify` may find
         #: one of them, further from the boundary, provable where the final point's margin is lost to rounding.
         self.path = []
@@ -230,6 +235,8 @@ class InteriorPoint:
             self.gap = abs(pobj - dobj) / max(abs(pobj), abs(dobj), 1e-14)
             self.pinf = np.sqrt(dot(Rd, Rd)) / normF0
             self.dinf = np.linalg.norm(r) / normc
+            if self.report:
+                progress.iteration(self.report, it, pobj, self.gap, self.tol)
             if self.pinf < 1e-6 and self.gap < 1e-2:
                 self.path.append(y.copy())
                 del self.path[:-self.path_length]
@@ -307,15 +314,18 @@ class InteriorPoint:
 
 
 def solve_dense(lmi, tol: float, *, time_limit: float | None = None, t0: float | None = None,
-                verbose: bool = False, max_iters: int = 80, step_fraction: float = 0.95) -> tuple:
+                verbose: bool = False, max_iters: int = 80, step_fraction: float = 0.95,
+                report: str | None = None) -> tuple:
     """Run :class:`InteriorPoint` on the whole factored ``lmi`` (one dense block).
 
     Returns ``(state, status, message)``: the final :class:`InteriorPoint` (its ``y`` the
     answer, only a candidate for verification) and the status in the shared vocabulary.
-    ``lmi.factors`` must not be None.
+    ``lmi.factors`` must not be None.  ``report``: the backend's name, to report each iteration
+    to the progress display (:func:`lipsdp.progress.iteration`).
     """
     t0 = time.perf_counter() if t0 is None else t0
     state = InteriorPoint(DenseLMI(lmi), lmi.objective, lmi.nonneg, tol, time_limit, t0, verbose,
                           max_iters, step_fraction)
+    state.report = report
     status, message = state.run()
     return state, status, message

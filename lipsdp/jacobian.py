@@ -5,7 +5,7 @@ is a product of the layers' linear maps and diagonal matrices of activation slop
 in the range of ``phi'`` (the Clarke derivative at kinks) over the neuron's pre-activation interval.
 Propagating intervals of matrices through the graph gives elementwise bounds ``Jlo <= J <= Jhi``
 valid for every Jacobian in the box (Shi et al., NeurIPS 2022, treat the Jacobian as a network in
-the same way; docs/monotone.md, docs/math.md §6.5).  From them:
+the same way; docs/monotone.md, docs/math.md §6.3).  From them:
 
 * ``linf``: ``L_inf(X) <= max_i sum_j max(|Jlo_ij|, |Jhi_ij|)`` (Lebourg's mean value theorem), and
   where few neurons are unstable, the exact maximum over the vertices of the slope box (tighter);
@@ -301,7 +301,7 @@ def vertex_jacobians(network: Network, slopes: dict, budget: int = 2 ** 16):
 
     ``J`` is affine in each activation's slope matrix ``D_k`` with the others fixed (every path passes
     a node once): each entry's extremes, and the maximum of any norm (convex in each ``D_k``), over the
-    product of slope boxes are at its vertices (docs/math.md §6.5).  Only neurons whose slope range is
+    product of slope boxes are at its vertices (docs/math.md §6.3).  Only neurons whose slope range is
     not one point double the count; None when the vertices times the inputs exceed ``budget`` (the
     batch is that many columns).
     """

@@ -65,6 +65,17 @@ class Block:
 
 
 @dataclass
+class InputSpan:
+    """:meth:`Lifting.span_input`: the restricted lifting, ``fl(A A^T)``, its entrywise error bound, and
+    an estimate of its smallest eigenvalue (how much a unit of ``rho`` adds to the input block)."""
+
+    lifting: "Lifting"
+    metric: np.ndarray
+    metric_err: np.ndarray
+    floor: float
+
+
+@dataclass
 class Lifting:
     """All rows of the lifted network.
 
@@ -134,15 +145,21 @@ class Lifting:
         ``G``'s row space (``n0 x r``) and ``x0 = U a + U_perp b``, the LMI splits
         into ``-rho I`` on ``b`` and the same LMI with ``G U`` on ``a``: the optimum is
         unchanged and the LMI shrinks from ``n0 + N`` to ``r + N`` (784 -> width for
-        MNIST MLPs).  Meant for *solving* only: bounds are verified on the full LMI,
-        so a rounded ``U`` costs optimality at worst, never soundness.
+        MNIST MLPs).  Meant for *solving* only: bounds are verified on the LMI of the network
+        as given (or its exact restriction, :meth:`span_input`), so a rounded ``U`` costs
+        optimality at worst, never soundness.
         """
         n0 = self.input_dim
         G = sp.vstack([P[:, :n0] for P in self.pre] + [self.output[:, :n0]]).tocsr()
-        gram = (G.T @ G).toarray()
-        evals, evecs = accel.eigh(gram)  # on the GPU when one is there (lipsdp.accel)
-        keep = evals > rtol * max(evals[-1], 1e-300)
-        U = evecs[:, keep][:, ::-1]
+        G = G[np.flatnonzero(np.diff(G.indptr))]  # rows that read no input add nothing to the row space
+        if G.shape[0] < n0:  # through the small Gram G G^T = V diag(e) V^T: U = G^T V diag(e)^(-1/2)
+            evals, evecs = accel.eigh((G @ G.T).toarray())
+            keep = evals > rtol * max(evals[-1], 1e-300) if len(evals) else evals > 0
+            U = np.asarray(G.T @ (evecs[:, keep] / np.sqrt(evals[keep])))[:, ::-1]
+        else:
+            evals, evecs = accel.eigh((G.T @ G).toarray())  # on the GPU when one is there (lipsdp.accel)
+            keep = evals > rtol * max(evals[-1], 1e-300)
+            U = evecs[:, keep][:, ::-1]
         r = U.shape[1]
         if r >= n0:
             return self
@@ -152,6 +169,50 @@ class Lifting:
         zero = sp.csr_matrix
         return Lifting(self.network, blocks, [(P @ T).tocsr() for P in self.pre], (self.output @ T).tocsr(),
                        [zero((P.shape[0], self.n - shift)) for P in self.pre], zero((self.output.shape[0], self.n - shift)))
+
+    def span_input(self, max_condition: float = 1e8) -> "InputSpan | None":
+        """The lifting restricted to ``x0 = A^T a``, ``A`` the first layer's exact input rows (docs/math.md §10.1).
+
+        When only block 1 reads the input, through exact rows ``A`` (``m x n0``, ``m < n0 / 2``),
+        the input block of the LMI is ``-rho I + A^T (..) A`` and ``M <= 0`` iff ``rho >= 0`` and
+        ``T^T M T <= 0`` with ``T = diag(A^T, I)``: the input block becomes ``-rho A A^T + ...``,
+        ``m x m`` instead of ``n0 x n0``.  Unlike :meth:`reduce_input` this is meant for
+        *verification*: ``T`` is exact data, and the rounding of ``A A^T`` (block 1's new rows and
+        the ``rho`` term) is bounded entrywise by ``gamma_{n0} |A| |A|^T``, carried as ``pre_err``
+        and :attr:`InputSpan.metric_err`.  None when it does not apply or ``A A^T`` is
+        ill-conditioned (the test would need a large inflation of ``rho``).
+        """
+        n0 = self.input_dim
+        if len(self.blocks) < 2 or not self.pre:
+            return None
+        A = sp.csr_matrix(self.pre[0][:, :n0])
+        m = A.shape[0]
+        others = [P[:, :n0] for P in self.pre[1:]] + [self.output[:, :n0]] + \
+            [E[:, :n0] for E in self.pre_err[1:]] + ([self.output_err[:, :n0]] if self.output_err is not None else [])
+        if 2 * m > n0 or self.pre[0][:, n0:].nnz or any(X.nnz for X in others) or \
+                (self.pre_err and self.pre_err[0].nnz):
+            return None
+        gram = np.triu((A @ A.T).toarray())
+        gram = gram + np.triu(gram, 1).T  # exactly symmetric, each entry one rounded inner product
+        evals = np.linalg.eigvalsh(gram)
+        if not evals[0] > evals[-1] / max_condition:
+            return None
+        absA = abs(A)
+        # |fl(A A^T) - A A^T| <= gamma_{n0} |A||A|^T in any summation order; the bound itself is computed
+        # with gamma_{n0} relative error on nonnegative terms, covered by taking gamma_{2 n0 + 2}.
+        err = (absA @ absA.T).toarray() * _gamma(2 * n0 + 2)
+        shift = n0 - m
+
+        def widen(X):  # the columns past the input, behind ``m`` zero input columns
+            return sp.hstack([sp.csr_matrix((X.shape[0], m)), X[:, n0:]]).tocsr()
+
+        pre = [sp.hstack([sp.csr_matrix(gram), self.pre[0][:, n0:]]).tocsr()] + [widen(P) for P in self.pre[1:]]
+        pre_err = [sp.csr_matrix(np.hstack([err, np.zeros((m, self.n - n0))]))] + [widen(E) for E in self.pre_err[1:]]
+        out_err = sp.csr_matrix((self.output.shape[0], self.n - shift)) if self.output_err is None else \
+            widen(self.output_err)
+        blocks = [Block("input", 0, 0, m)] + [Block(b.name, b.node, b.start - shift, b.size) for b in self.blocks[1:]]
+        return InputSpan(Lifting(self.network, blocks, pre, widen(self.output), pre_err, out_err), gram, err,
+                         float(evals[0]))
 
     @property
     def exact(self) -> bool:

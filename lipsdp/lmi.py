@@ -81,6 +81,10 @@ class LMIProblem:
     #: A feasible point known before solving (in this LMI's variables), or None: the layer-by-layer
     #: point of :mod:`lipsdp.scaling`.  A hint for a backend's start, never a result.
     start: np.ndarray | None = None
+    #: ``fl(A A^T)`` of an input block ``-rho A A^T`` (docs/math.md §10.1; None: ``-rho I``) and about its
+    #: smallest eigenvalue; congruences keep the input block's scale (``d_0 = 1``), so these too.
+    input_metric: np.ndarray | None = None
+    input_floor: float = 1.0
 
     def preconditioned(self, block_scale: np.ndarray, total: float) -> tuple["LMIProblem", np.ndarray]:
         r"""A congruent, rescaled copy of the LMI that solvers (and the float test) find well conditioned.
@@ -284,8 +288,13 @@ def _output_rows(lifting: Lifting, output_map) -> tuple[sp.csr_matrix, sp.csr_ma
     return sp.csr_matrix(C), C_err, map_exact
 
 
-def _input_block(n0: int, n: int, norm: str) -> _Parts:
-    """``-E0^T E0`` times ``rho`` (l2) or ``-E0^T diag(lambda_in) E0`` (l_inf)."""
+def _input_block(n0: int, n: int, norm: str, metric=None) -> _Parts:
+    """``-E0^T E0`` times ``rho`` (l2) or ``-E0^T diag(lambda_in) E0`` (l_inf); with ``metric`` (l2 only)
+    ``-E0^T G E0`` times ``rho``, ``G = metric`` dense (docs/math.md §10.1; no factored form)."""
+    if metric is not None:
+        r, c = (i.ravel() for i in np.indices((n0, n0)))
+        return _Parts([r], [c], [-np.asarray(metric, dtype=np.float64).ravel()], [np.zeros(r.size, np.int64)],
+                      ["rho"], [True], [0], None)
     if norm == "l2":
         var, labels = [np.zeros(n0, dtype=np.int64)], ["rho"]
     else:
@@ -321,7 +330,7 @@ def _lift_error(C: sp.csr_matrix, C_err, err_parts: list) -> tuple:
 
 
 def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndarray | None = None,
-              norm: str = "l2") -> LMIProblem:
+              norm: str = "l2", span=None) -> LMIProblem:
     """The LipSDP LMI of a lifted network.
 
     Parameters
@@ -337,22 +346,30 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
         output ``g = c f``: a diagonal input multiplier ``lambda_in >= 0`` on
         ``-E0^T diag(lambda_in) E0``, objective ``sum(lambda_in)``, and
         ``|g(x) - g(x')| <= sqrt(sum lambda_in) ||x - x'||_inf``.
+    span : InputSpan, optional
+        ``lifting.span_input()`` (l2): the LMI restricted to the first layer's input rows (docs/math.md §10.1).
     """
     if norm not in ("l2", "linf"):
         raise ValueError(f"unknown norm {norm!r}")
+    if span is not None and norm != "l2":
+        raise ValueError("the input span is for the l2 LMI (rho I is what it restricts)")
+    lifting = lifting if span is None else span.lifting
     n, n0 = lifting.n, lifting.input_dim
     C, C_err, map_exact = _output_rows(lifting, output_map)
     if norm == "linf" and C.shape[0] != 1:
         raise ValueError("the l_inf LMI certifies one scalar output: pass output_map with one row")
-    parts = _input_block(n0, n, norm)
+    parts = _input_block(n0, n, norm, None if span is None else span.metric)
     n_in = len(parts.labels)
-    lift_exact = lifting.exact and map_exact
+    lift_exact = lifting.exact and map_exact and span is None
+    if span is not None:  # the rounding of fl(A A^T) in the rho term (variable 0)
+        r, c = (i.ravel() for i in np.indices((n0, n0)))
+        parts.err.append((r, c, np.asarray(span.metric_err, dtype=np.float64).ravel(), np.zeros(r.size, np.int64)))
     for k, P in enumerate(lifting.pre, start=1):
         op = lifting.network.op(lifting.blocks[k].node)
         qc = get_constraint(op.function)
         Q = lifting.selector(k)
         offset = parts.add(qc.terms(op, P, Q, formulation), k)
-        if not lift_exact:
+        if not lift_exact and lifting.pre_err[k - 1].nnz:  # exact rows add no error terms
             parts.err.append(_constraint_error(qc, op, P, lifting.pre_err[k - 1], Q, formulation, offset))
     objective = np.zeros(len(parts.labels))
     objective[:n_in] = 1.0
@@ -366,18 +383,16 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
         lift_err=None if lift_exact else _lift_error(C, C_err, parts.err),
         var_block=np.array(parts.var_block, dtype=np.int64), norm=norm, n_in=n_in,
         factors=None if parts.factors is None else _stack_factors(parts.factors, n),
+        input_metric=None if span is None else span.metric, input_floor=1.0 if span is None else span.floor,
     )
 
 
 def _joined(pieces: list, dtype) -> np.ndarray:
-    """The pieces concatenated, each released as soon as it is copied (a wide first layer's terms are
-    gigabytes: holding the pieces and the whole at once would double the build's peak)."""
-    out = np.empty(sum(len(p) for p in pieces), dtype=dtype)
-    at = 0
+    """The pieces concatenated, each released once copied (holding both would double the build's peak)."""
+    out, at = np.empty(sum(len(p) for p in pieces), dtype=dtype), 0
     while pieces:
         p = pieces.pop(0)
-        out[at:at + len(p)] = p
-        at += len(p)
+        out[at:at + len(p)], at = p, at + len(p)
     return out
 
 

@@ -347,7 +347,7 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
         (docs/math.md §6; :func:`lipsdp.local.regional`).  ``bound`` is the better verified one of the
         local and the global bound; ``global_bound`` and ``region`` are reported too.
     horizon : int or "all", optional
-        ``nn.RNN`` models: unroll over ``T`` input steps, or ``"all"``: one bound for every ``T`` (docs/math.md §11).
+        ``nn.RNN`` models: unroll over ``T`` input steps, or ``"all"``: one bound for every ``T`` (docs/math.md §13).
     verbose : bool
         Let solvers' own output (SDPA's C++ messages, ARPACK and cvxpy warnings) through to stderr;
         by default it is dropped (:mod:`lipsdp.quiet`).

@@ -2,14 +2,14 @@ r"""Recurrent (Elman) networks: Lipschitz bounds over a horizon ``T`` and over e
 
 An ``nn.RNN`` model maps an input sequence ``x = (x_1, ..., x_T)`` (shape ``(T, input_size)``,
 flattened) to what the model returns: the read-out of the last state or of every state.  Its
-Lipschitz constant is taken in the l2 norm of the flattened sequences (docs/math.md §11).
+Lipschitz constant is taken in the l2 norm of the flattened sequences (docs/math.md §13).
 
 * **Horizon T** (:func:`lipsdp.io.rnn.horizon_shape`): the loader unrolls the RNN over
   the traced horizon (:mod:`lipsdp.io.rnn`: ``T`` copies of one ``Affine`` + ``Activation`` per
   layer, with shared weights) and the ordinary LipSDP pipeline certifies the unrolled network.
 * **Every horizon** (:func:`certify_all_horizons`): the state-space form
   ``h_t = phi(W h_{t-1} + U x_t + b)`` with an affine read-out ``y = C h`` is certified by one
-  dissipation LMI (:func:`dissipation_lmi`, docs/math.md §11.2) in a storage matrix ``P``, the
+  dissipation LMI (:func:`dissipation_lmi`, docs/math.md §13.2) in a storage matrix ``P``, the
   slope multipliers ``t`` and the gain ``rho``, of size ``input_size + 2 * hidden`` whatever
   ``T``.  It is verified rigorously as every LMI is (:func:`lipsdp.verify.verify`), and so is
   the storage condition (``P - C^T C > 0`` for the last state, ``P > 0`` for every state), which
@@ -52,7 +52,7 @@ MARGIN = 1e-7
 # -- the state-space form ---------------------------------------------------------
 @dataclass
 class StateSpace:
-    r"""An Elman RNN with an affine read-out, as a state-space system (docs/math.md §11.2).
+    r"""An Elman RNN with an affine read-out, as a state-space system (docs/math.md §13.2).
 
     ``h^l_t = phi(W[l] h^l_{t-1} + U[l] h^{l-1}_t + b_l)`` with ``h^0_t = x_t``; the output is
     ``C h^L_T`` (``mode == "last"``) or the sequence ``(C h^L_1, ..., C h^L_T)`` (``"all"``).
@@ -194,7 +194,7 @@ def _output_const(ss: StateSpace, idx: np.ndarray, n: int) -> tuple[sp.csr_matri
 
 
 def dissipation_lmi(ss: StateSpace) -> LMIProblem:
-    r"""The dissipation LMI of docs/math.md §11.2 in ``x = (rho, t, P)`` on ``z = (dx, ds, dh)``:
+    r"""The dissipation LMI of docs/math.md §13.2 in ``x = (rho, t, P)`` on ``z = (dx, ds, dh)``:
 
     .. math:: M = \operatorname{blkdiag}(-\rho I, -P, P) + [\text{read-out}] + \sum_i t_i F_i \preceq 0,
 
@@ -297,7 +297,7 @@ def _solve_and_verify(ss: StateSpace, lmi: LMIProblem, storage: LMIProblem):
 
 
 def all_horizon_trivial_bound(ss: StateSpace) -> float | None:
-    """A bound for every horizon from norms alone (docs/math.md §11.3), or None when some
+    """A bound for every horizon from norms alone (docs/math.md §13.3), or None when some
     ``||W_l|| >= 1`` (no finite bound from norms).
 
     Layer ``l`` maps its input sequence to its state sequence with gain ``||U_l|| / (1 - ||W_l||)``;
@@ -335,7 +335,7 @@ def _stability(ss: StateSpace, storage: LMIProblem, ver) -> dict:
     if not ok:
         raise WellPosednessError(f"no all-horizon bound: the storage condition {what} could not be proved "
                                  "for the verified multipliers")
-    return {"proved": True, "condition": f"M(rho, t, P) < 0 and {what}, both verified (docs/math.md §11.2)",
+    return {"proved": True, "condition": f"M(rho, t, P) < 0 and {what}, both verified (docs/math.md §13.2)",
             "storage_margin": float(margin), "lmi_margin": float(ver.margin),
             "message": "proved: the recurrence is an incremental contraction in the P-norm, so the bound holds "
                        "for every horizon and the state forgets its initial value"}
@@ -364,7 +364,7 @@ def certify_all_horizons(model, input_shape=None, trust_pickle: bool = False, lo
         An ``nn.RNN`` model (whole-module pickle, TorchScript, ``torch.export``), or a network
         already unrolled by the loader over at least two steps.  The model must feed its input
         straight into one ``nn.RNN`` and return an affine read-out of its last state or of every
-        state (docs/math.md §11.2).
+        state (docs/math.md §13.2).
     input_shape : tuple of int, optional
         ``(T, input_size)`` to unroll at when reading the model (default ``T = 12``).
     lower_bound_samples : int
@@ -390,7 +390,7 @@ def certify_all_horizons(model, input_shape=None, trust_pickle: bool = False, lo
     for name, value in options.items():
         if name not in _DEFAULTS or value != _DEFAULTS[name]:
             raise LipSDPError(f"horizon='all' does not support {name}={value!r}: it certifies the l2 gain of the "
-                              "whole output with its own LMI (docs/math.md §11.2)")
+                              "whole output with its own LMI (docs/math.md §13.2)")
     t0 = time.perf_counter()
     network = _probe(model, input_shape, trust_pickle)
     ss = state_space(network)

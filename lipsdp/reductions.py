@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lipsdp import layer_sweep
+from lipsdp import layer_sweep, progress
 from lipsdp.lifting import Lifting
 from lipsdp.lmi import LMIProblem, build_lmi
 from lipsdp.rewrite import maxmin_as_relu
@@ -87,7 +87,10 @@ class Query:
         ``""`` for l2; ``" (output i)"`` for the i-th l_inf query (docs/math.md §2).
     formulation, norm : str
     given : LMIProblem
-        The LMI of the network as given, in the original variables; never changed.
+        The LMI of the network as given, in the original variables; never changed.  For l2 with a
+        first layer narrower than half the input it is the exactly equivalent restriction to that
+        layer's input rows (:meth:`~lipsdp.lifting.Lifting.span_input`, docs/math.md §10.1), whose
+        rounding is part of its error bound; :meth:`full` builds the unrestricted one.
     target : LMIProblem
         The verification target: ``given`` under the reductions' exact congruences, in the
         variables of ``solve``.
@@ -109,10 +112,23 @@ class Query:
     scale: np.ndarray
 
     @classmethod
-    def build(cls, lifting: Lifting, formulation: str, norm: str, output_map, label: str = "") -> "Query":
-        """The query of one read-out, its LMI built (docs/math.md §1, §2 for l_inf) and not yet reduced."""
-        lmi = build_lmi(lifting, formulation, output_map=output_map, norm=norm)
+    def build(cls, lifting: Lifting, formulation: str, norm: str, output_map, label: str = "",
+              restrict: bool = True) -> "Query":
+        """The query of one read-out, its LMI built (docs/math.md §1, §2 for l_inf) and not yet reduced;
+        ``restrict``: on the first layer's input rows where that applies (docs/math.md §10.1)."""
+        span = lifting.span_input() if norm == "l2" and restrict else None
+        lmi = build_lmi(lifting, formulation, output_map=output_map, norm=norm, span=span)
         return cls(lifting, output_map, label, formulation, norm, lmi, lmi, lmi, np.ones(lmi.n_var))
+
+    def full(self) -> LMIProblem:
+        """The LMI of the network as given, never restricted to the input span (``--strict``'s exact test)."""
+        return self.unrestricted().given
+
+    def unrestricted(self) -> "Query":
+        """This query on the unrestricted LMI (itself when it is not restricted), not yet reduced."""
+        if self.given.input_metric is None:
+            return self
+        return Query.build(self.lifting, self.formulation, self.norm, self.output_map, self.label, restrict=False)
 
 
 def readouts(m: int, norm: str, output_map: np.ndarray | None) -> list[tuple[np.ndarray | None, str]]:
@@ -202,6 +218,7 @@ class Precondition(Reduction):
             solve = replace(target, start=None if start is None else start / v)
         else:
             solve, _ = replace(query.solve, start=start).preconditioned(block_scale, total)
+        progress.objective_scale(v[0])  # the solver's objective times v[0] is rho (the progress display)
         return replace(query, target=target, solve=solve, scale=query.scale * v), v
 
     def invert(self, solution, v):

@@ -85,7 +85,7 @@ def _earlier_iterates(lmi, path, v, ver: Verification) -> Verification:
 def _exact_recheck(query: Query, ver: Verification) -> Verification:
     """``--strict``: confirm a float-verified point in exact rational arithmetic, or drop it."""
     try:
-        ok = exact_negative_definite(query.given, ver.x, query.lifting, output_map=query.output_map)
+        ok = exact_negative_definite(query.full(), ver.x, query.lifting, output_map=query.output_map)
     except NotImplementedError as exc:
         raise LipSDPError(f"--strict: {exc}") from exc
     if not ok:
@@ -265,7 +265,13 @@ def recheck(cert, network) -> list[float] | None:
         if per_output is not None:
             claims.append((per_output[i] or {}).get("bound") if isinstance(per_output[i], dict) else None)
         _check_claims_covered(x, query.given.n_in, claims, where)
-        margins.append(_prove_stored(query, x, block_scale, lips[network.output], where))
+        try:
+            margins.append(_prove_stored(query, x, block_scale, lips[network.output], where))
+        except LipSDPError:
+            if query.given.input_metric is None:
+                raise
+            # A certificate proven on the unrestricted LMI (before docs/math.md §10.1) keeps its margin there.
+            margins.append(_prove_stored(query.unrestricted(), x, block_scale, lips[network.output], where))
     return margins
 
 

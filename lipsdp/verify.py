@@ -126,6 +126,12 @@ def best_rho(lmi: LMIProblem, y: np.ndarray, band=None) -> float | None:
     if S is None:
         return None
     n0 = S.shape[0]
+    if lmi.input_metric is not None:  # rho G >= S (docs/math.md §10.1): a generalised eigenvalue
+        try:
+            return max(float(sla.eigh(S, lmi.input_metric, eigvals_only=True,
+                                      subset_by_index=[n0 - 1, n0 - 1])[0]), 0.0)
+        except (sla.LinAlgError, ValueError):
+            return None
     return max(float(sla.eigvalsh(S, subset_by_index=[n0 - 1, n0 - 1])[0]), 0.0)
 
 
@@ -346,7 +352,8 @@ def verify(lmi: LMIProblem, x: np.ndarray, *, max_inflation: float = 1e-3,
         # The input block needs a margin above the test's shift c; when rho(T) is tiny
         # (a nearly constant network) that absolute margin matters more than eta.
         x0 = np.concatenate([lam, yc])
-        prepared.append((lam, yc, shift_needed(lmi, x0, band)))
+        # A unit of rho adds at least input_floor to -M's input block (1 unless docs/math.md §10.1).
+        prepared.append((lam, yc, shift_needed(lmi, x0, band) / lmi.input_floor))
         if len(prepared) == 1:
             message = "the rigorous test failed at every inflation"
             # Most points pass with the first candidate at a tiny inflation: try that before the rest.

@@ -119,6 +119,7 @@ class ChordalIPM(Backend):
         chain = _CliqueChain(blocks, layout)
         state = InteriorPoint(chain, chain.objective, chain.nonneg, tol or self.default_tol, time_limit, t0,
                               verbose, self.max_iters, self.step_fraction)
+        state.report = self.name  # each iteration on the progress display
         status, message = state.run()
         y = state.y[chain.position]  # the multipliers, in the LMI's order; the Y_k are dropped
         return SolveResult(status, y, float(lmi.objective @ y), time.perf_counter() - t0, state.iterations,

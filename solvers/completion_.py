@@ -51,6 +51,7 @@ from scipy.linalg.blas import dtrsm as _dtrsm
 from scipy.linalg.lapack import dpotrf as _dpotrf
 from scipy.linalg.lapack import dpotri
 
+from lipsdp import progress
 from lipsdp.chain import BlockChain
 from lipsdp.interior import InteriorPoint, dense_iteration_cost, factor_schur, term_schur
 from lipsdp.solvers.base import Backend, LMIShape, SolveResult, register, stored_bytes
@@ -506,6 +507,7 @@ class _Completion:
             self.dual_objective = dobj
             self.gap = abs(pobj - dobj) / max(abs(pobj), abs(dobj), 1e-14)
             self.dinf = np.linalg.norm(r) / normc
+            progress.iteration("completion", it, pobj, self.gap, self.tol)
             if self.gap < 1e-2:
                 self.path.append(y.copy())
                 del self.path[:-self.path_length]

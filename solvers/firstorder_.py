@@ -51,6 +51,7 @@ import scipy.sparse as sp
 from scipy.linalg import eigh, solve_triangular
 from scipy.linalg.lapack import dpotrf
 
+from lipsdp import progress
 from lipsdp.accel import as_tensor, device_for
 from lipsdp.chain import BlockChain
 from lipsdp.solvers.base import Backend, LMIShape, SolveResult, first_order_bytes, register
@@ -568,6 +569,7 @@ class _Descent:
                 grad = P.T @ grad
             if rho < self.best_rho:
                 self.best_rho, self.best_theta = rho, theta.copy()
+            progress.iteration("fo", self.evals, self.best_rho)  # rho(T): exact for T, not yet verified
             # Normalised so that values and gradients are of order one whatever the scale of rho.
             return f / scale, grad / scale
 

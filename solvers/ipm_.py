@@ -95,7 +95,7 @@ class LowRankIPM(Backend):
                                message="ipm needs factored constraint terms; a constraint family gave none")
         state, status, message = solve_dense(lmi, tol or self.default_tol, time_limit=time_limit, t0=t0,
                                              verbose=verbose, max_iters=self.max_iters,
-                                             step_fraction=self.step_fraction)
+                                             step_fraction=self.step_fraction, report=self.name)
         return SolveResult(status, state.y.copy(), float(state.c @ state.y), time.perf_counter() - t0,
                            state.iterations, message,
                            # The dual value bounds the optimum from below only where X is (nearly) feasible.

@@ -1,4 +1,4 @@
-"""Elman RNNs (``nn.RNN``): loading, horizon-T bounds and the all-horizon bound (docs/math.md §11)."""
+"""Elman RNNs (``nn.RNN``): loading, horizon-T bounds and the all-horizon bound (docs/math.md §13)."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def _horizon_bounds(model, horizons):
 @pytest.mark.parametrize("read", ["last", "all"])
 def test_horizon_bounds_are_sound_monotone_and_below_the_all_horizon_bound(read):
     model = RNNModel(read=read)
-    # docs/math.md §11.1: the SDP values are non-decreasing in T (up to the verification's inflation).
+    # docs/math.md §13.1: the SDP values are non-decreasing in T (up to the verification's inflation).
     bounds = _horizon_bounds(model, [1, 2, 3, 5, 8])
     cert = certify_all_horizons(model)
     assert cert.verified and cert.network["output"] == read and cert.network["stability"]["proved"]

@@ -10,7 +10,7 @@ for each layer ``l`` and step ``t = 1..T``,
 and return the top layer's states ``(h^L_1, ..., h^L_T)`` and the final states.  With the
 horizon ``T`` fixed by the traced input shape ``(T, input_size)`` this is a feed-forward
 network: ``T`` copies of one ``Affine`` + ``Activation`` per layer, sharing weights
-(docs/math.md §11.1).  The initial state ``h_0`` is a constant of the graph (zeros unless
+(docs/math.md §13.1).  The initial state ``h_0`` is a constant of the graph (zeros unless
 the model passes one) and folds into the biases; every global bound ignores it.
 
 What each call unrolled is recorded in ``network.meta["recurrent"]`` (the weights, the
