@@ -19,7 +19,7 @@ from torch import nn
 
 import lipsdp
 import lipsdp.reductions as R
-from lipsdp.pipeline import check_certificate
+from lipsdp.checking import check_certificate
 from lipsdp.errors import LipSDPError
 from lipsdp.lifting import Lifting, lift
 from lipsdp.lmi import build_lmi
