@@ -35,6 +35,7 @@ from lipsdp.constraints import registered
 from lipsdp.wellposed import attach_well_posedness, check_provable
 from lipsdp.errors import LipSDPError, ResourceError, UnsupportedLayerError
 from lipsdp.io import load_network, network_from_module
+from lipsdp.jacobian import local_lipschitz_jacobian
 from lipsdp.lifting import lift
 from lipsdp.network import Network
 from lipsdp.recurrent import certify_all_horizons, horizon_shape
@@ -286,6 +287,25 @@ def _certify_network_run(network, *, compare, split, structure="auto", **options
     return cert
 
 
+def _with_jacobian_bound(cert, network, center, radius, norm, output_map) -> Certificate:
+    """A local certificate, or the Clarke-Jacobian bound on the region's bounding box (docs/math.md §6.3,
+    rounded outwards: proven like the SDP's) where that is smaller; for the whole output of graphs it bounds."""
+    if output_map is not None or not cert.region:
+        return cert
+    c = np.asarray(center, dtype=np.float64).ravel()
+    try:
+        jac, details = local_lipschitz_jacobian(network, c - radius, c + radius, norm=norm)
+    except UnsupportedLayerError as exc:
+        cert.region["jacobian_bound"] = f"not applicable: {exc}"
+        return cert
+    cert.region["jacobian_bound"] = jac
+    if cert.verified and jac < cert.bound:
+        cert.bound, cert.region["bound_from"] = jac, "clarke-jacobian"
+        cert.verification = {**cert.verification, "method": "clarke-jacobian", "boxes": details["boxes"]}
+        cert.message += f"; the Clarke-Jacobian bound on the region's box is smaller: {jac:.6g}"
+    return cert
+
+
 def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: str = "l2", output_map=None,
             output_index: int | None = None, activation: str | None = None, activation_params: dict | None = None,
             input_shape: tuple | None = None, time_limit: float | None = None, tol: float | None = None,
@@ -390,8 +410,9 @@ def certify(model, *, solver: str = "auto", formulation: str = "neuron", norm: s
                                   f"(0..{m - 1})")
             output_map = np.eye(m)[output_index:output_index + 1]
         run_network = local.regional(certify_network, center, radius, region_norm)
-        return run_network(network, solver=solver, formulation=formulation, norm=norm, output_map=output_map,
+        cert = run_network(network, solver=solver, formulation=formulation, norm=norm, output_map=output_map,
                            time_limit=time_limit, tol=tol, lower_bound_samples=lower_bound_samples,
                            memory_limit=memory_limit, progress=progress, source=source,
                            load_seconds=time.perf_counter() - t0, strict=strict, split=split, threads=threads,
                            verbose=verbose, structure=structure)
+        return _with_jacobian_bound(cert, network, center, radius, norm, output_map)
