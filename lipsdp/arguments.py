@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from lipsdp.budget import parse_size
 
@@ -58,4 +59,26 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def indices(text: str) -> list[int]:
+    """``--inputs``, ``--outputs``: whole numbers >= 0 separated by commas, e.g. ``0,3``."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of indices: {text!r} (use e.g. 0,3)") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"indices must be whole numbers >= 0: {text!r}")
+    return values
+
+
+def radius(text: str) -> float:
+    """``--radius``: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"the radius must be a finite number >= 0: {text!r}")
     return value

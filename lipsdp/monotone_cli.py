@@ -14,40 +14,23 @@ import math
 
 import numpy as np
 
+from lipsdp import arguments
 from lipsdp.errors import LipSDPError
 from lipsdp.monotonicity import monotone
 
 __all__ = ["add_parser", "run"]
 
 
-def _indices(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of indices: {text!r} (use e.g. 0,3)") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"indices must be whole numbers >= 0: {text!r}")
-    return values
-
-
-def _radius(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"the radius must be a finite number >= 0: {text!r}")
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``lipsdp monotone`` on the ``lipsdp`` command's subparsers."""
     p = subparsers.add_parser("monotone", help="prove or refute d f_j / d x_i >= 0 over an input region")
     p.add_argument("model", help="any model file `lipsdp certify` reads")
-    p.add_argument("--inputs", type=_indices, required=True, help="input indices (flattened), e.g. 0,3")
-    p.add_argument("--outputs", type=_indices, required=True, help="output indices, e.g. 1")
+    p.add_argument("--inputs", type=arguments.indices, required=True, help="input indices (flattened), e.g. 0,3")
+    p.add_argument("--outputs", type=arguments.indices, required=True, help="output indices, e.g. 1")
     p.add_argument("--center", metavar="X.npy", help="centre of the l_inf ball (with --radius)")
-    p.add_argument("--radius", type=_radius, help="l_inf radius around --center")
+    p.add_argument("--radius", type=arguments.radius, help="l_inf radius around --center")
     p.add_argument("--box", nargs=2, metavar=("LO.npy", "HI.npy"), help="the region's lower and upper ends")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds for search and proof (default 10)")
     p.add_argument("--samples", type=int, default=512, help="random inputs tried as witnesses (default 512)")
