@@ -20,6 +20,7 @@ import scipy.linalg as sla
 from lipsdp.convnet import ConvChain, ConvLayer
 from lipsdp.errors import SolverError
 from lipsdp.roesser import causal_kernel, realise
+from lipsdp.verify import dense_shifted_cholesky
 
 _U = 2.0 ** -53
 _SAFETY = 2.0
@@ -89,14 +90,7 @@ def prove_negative_definite(M: np.ndarray, abs_M: np.ndarray, terms: int) -> boo
         return False
     delta_f = float(np.linalg.norm(2.0 * _gamma(terms) * abs_M)) * _SAFETY
     c = 2.0 * (_gamma(n + 1) * float(np.abs(np.diag(H)).sum()) + delta_f) * _SAFETY + np.finfo(float).tiny
-    Hs = H.copy()
-    Hs[np.diag_indices(n)] -= c
-    try:
-        Rf = sla.cholesky(Hs, lower=False, check_finite=False)
-    except sla.LinAlgError:
-        return False
-    rhs = (_gamma(n + 1) * float(np.sum(Rf * Rf)) + delta_f + 4.0 * _U * (float(np.abs(np.diag(H)).max()) + c))
-    return bool(c > rhs * _SAFETY)
+    return dense_shifted_cholesky(H, delta_f, c)
 
 
 def _terms(B: LayerBlocks) -> int:
