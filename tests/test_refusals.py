@@ -222,10 +222,16 @@ def test_onnx_average_pool_options_refused(attrs, words, tmp_path):
                    "AveragePool", words)
 
 
-def test_onnx_max_pool_refused(tmp_path):
-    pool = helper.make_node("MaxPool", ["h"], ["p"], kernel_shape=[2, 2])
-    assert_refused(_onnx_model(tmp_path, [pool, helper.make_node("Flatten", ["p"], ["y"])], shape=(1, 4, 4)),
-                   "MaxPool")
+@pytest.mark.parametrize("attrs, words", [
+    (dict(kernel_shape=[2, 2], dilations=[0, 1]), "dilations"),
+    (dict(kernel_shape=[2, 2], storage_order=2), "storage_order"),
+    (dict(kernel_shape=[2, 2], auto_pad="SAME_UPPER", dilations=[2, 2]), "auto_pad"),
+])
+def test_onnx_max_pool_options_refused(attrs, words, tmp_path):
+    """Max pooling is translated (tests/test_maxpool.py); what its handler does not model is refused."""
+    pool = helper.make_node("MaxPool", ["h"], ["p"], **attrs)
+    assert_refused(_onnx_model(tmp_path, [pool, helper.make_node("Flatten", ["p"], ["y"])], shape=(1, 5, 5)),
+                   "MaxPool", words)
 
 
 @pytest.mark.parametrize("node, words", [

@@ -21,6 +21,7 @@ import numpy as np
 from lipsdp import activations
 from lipsdp.activations import NotExpressible
 from lipsdp.io import aten_order  # noqa: F401  (registers amax, amin, topk and l_inf norms)
+from lipsdp.io import aten_pool  # noqa: F401  (registers max pooling)
 from lipsdp.io import linmaps
 from lipsdp.io.aten_linear import (apply_last, avg_pool, batch_norm, conv, expand_tuple, matmul, product,
                                    reduce, scale_by, sum_terms)

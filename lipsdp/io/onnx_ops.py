@@ -18,6 +18,7 @@ from lipsdp.io import aten_ops as A
 from lipsdp.io import linmaps
 from lipsdp.io.aten_ops import Poison
 from lipsdp.io.aten_order import top_values
+from lipsdp.io.aten_pool import max_pool
 from lipsdp.io.builder import Sym, Unsupported
 from lipsdp.io.onnx_registry import ANY, ONNX_OPS, register_onnx
 
@@ -328,6 +329,20 @@ def _average_pool(t, ins, attrs):
         if floor != ceil:
             raise Unsupported("with ceil_mode=1 and a partial last window")
     return A.avg_pool(t, x, kernel, stride, begin, end, bool(attrs.get("count_include_pad", 0)), None, dilation)
+
+
+@register_onnx("MaxPool", attributes={"kernel_shape": ANY, "strides": ANY, "pads": ANY, "auto_pad": AUTO_PAD,
+                                   "ceil_mode": (0, 1), "dilations": _positive, "storage_order": (0, 1)})
+def _max_pool(t, ins, attrs):
+    """Values exactly (:mod:`lipsdp.io.aten_pool`); the Indices output is refused if used."""
+    x, kernel = _sym(ins[0]), [int(k) for k in attrs["kernel_shape"]]
+    stride = [int(s) for s in attrs.get("strides", [1] * len(kernel))]
+    dilation = [int(d) for d in attrs.get("dilations", [1] * len(kernel))]
+    if attrs.get("auto_pad", "NOTSET") != "NOTSET" and not _ones(dilation):
+        raise Unsupported(f"with auto_pad={attrs['auto_pad']} and dilations {dilation} (implementations differ)")
+    begin, end = _pads(x, attrs, kernel, stride, dilation)
+    values = max_pool(t, x, kernel, stride, begin, end, dilation, bool(attrs.get("ceil_mode", 0)), onnx_ceil=True)
+    return [values, Poison(t.entry("MaxPool indices"))]
 
 
 @register_onnx("GlobalAveragePool")
