@@ -31,7 +31,7 @@ from lipsdp.bounds import proven_spectral_norm, sampled_lower_bound
 from lipsdp.certificate import VERIFIED, Certificate
 from lipsdp.errors import LipSDPError, ModelLoadError, WellPosednessError
 from lipsdp.io import load_network, network_from_module
-from lipsdp.io.rnn import horizon_shape, is_program
+from lipsdp.io.rnn import fixed_horizon, horizon_shape
 from lipsdp.lmi import LMIProblem
 from lipsdp.network import Affine, Concat, Network, Reshape
 from lipsdp.verify import rigorous_negative_definite, verify
@@ -320,7 +320,7 @@ def _probe(model, input_shape, trust_pickle: bool) -> Network:
     """The model unrolled over :data:`PROBE_HORIZON` steps (or the steps a file was saved for)."""
     if isinstance(model, Network):
         return model
-    fixed = is_program(model)
+    fixed = fixed_horizon(model)
     shape = input_shape if input_shape is not None or fixed else horizon_shape(model, PROBE_HORIZON,
                                                                                trust_pickle=trust_pickle)
     if isinstance(model, (str, os.PathLike)):

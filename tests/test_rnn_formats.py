@@ -1,0 +1,183 @@
+"""Recurrent models in every layout and format: ``batch_first=False``, ONNX's ``RNN`` operator (docs/math.md §13)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lipsdp
+from lipsdp.errors import UnsupportedLayerError
+from lipsdp.io import load_network, network_from_module
+from tests.conftest import assert_sandwich
+from tests.test_rnn import N_IN, RNNModel
+
+T = 3
+
+onnx = pytest.importorskip("onnx")
+
+
+class TimeFirst(nn.Module):
+    """The twin of an ``RNNModel`` with ``batch_first=batch_first`` (same weights, same read-out)."""
+
+    def __init__(self, src: RNNModel, batch_first: bool = False):
+        super().__init__()
+        r = src.rnn
+        self.rnn = nn.RNN(N_IN, r.hidden_size, num_layers=r.num_layers, nonlinearity=r.nonlinearity,
+                          batch_first=batch_first)
+        self.rnn.load_state_dict(r.state_dict())
+        self.fc, self.read, self.batch_first = src.fc, src.read, batch_first
+        self.eval()
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        if self.read == "all":
+            return self.fc(out)
+        return self.fc(out[:, -1] if self.batch_first else out[-1])
+
+
+def _samples(model, x: np.ndarray) -> np.ndarray:
+    """The model's output for each sequence of ``x`` (``(batch, T, n)``), one row per sample."""
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    time_first = isinstance(model, TimeFirst) and not model.batch_first
+    with torch.no_grad():
+        y = model(xt.transpose(0, 1) if time_first else xt)
+    if time_first and y.dim() == 3:
+        y = y.transpose(0, 1)
+    return y.reshape(len(x), -1).double().numpy()
+
+
+def torch_lower_bound(model, samples: int = 16) -> float:
+    """Largest spectral norm of the autograd Jacobian of the real model (its own layout) at random sequences."""
+    gen = torch.Generator().manual_seed(1)
+    time_first = isinstance(model, TimeFirst) and not model.batch_first
+    m, best = model.double(), 0.0
+    for x in torch.randn(samples, T, N_IN, generator=gen, dtype=torch.float64):
+        shaped = x[:, None] if time_first else x[None]
+        J = torch.autograd.functional.jacobian(lambda v: m(v).reshape(-1), shaped).reshape(-1, T * N_IN)
+        best = max(best, float(torch.linalg.matrix_norm(J, 2)))
+    model.float()
+    return best
+
+
+def _onnx(model, path, batch_first: bool) -> str:
+    example = torch.randn(1, T, N_IN) if batch_first else torch.randn(T, 1, N_IN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), dynamo=False)
+    return str(path)
+
+
+def _formats(tf: TimeFirst, src: RNNModel, tmp_path) -> dict:
+    """The time-first twin in every format lipsdp reads, and the batch-first model as ONNX."""
+    torch.save(tf, tmp_path / "tf.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(tf, (torch.randn(T, 2, N_IN),))
+        program = torch.export.export(tf, (torch.randn(T, 2, N_IN),))
+    return {"module": tf, "pickle": tmp_path / "tf.pt", "script": torch.jit.script(tf), "trace": traced,
+            "export": program, "onnx": _onnx(tf, tmp_path / "tf.onnx", False),
+            "onnx batch_first": _onnx(TimeFirst(src, batch_first=True), tmp_path / "bf.onnx", True)}
+
+
+@pytest.mark.parametrize("layers,read,nonlinearity", [(2, "last", "tanh"), (1, "all", "relu")])
+def test_time_first_and_onnx_translate_exactly_with_the_same_bound(tmp_path, layers, read, nonlinearity):
+    src = RNNModel(layers=layers, read=read, nonlinearity=nonlinearity)
+    tf = TimeFirst(src)
+    ref = lipsdp.certify(src, horizon=T, lower_bound_samples=0)
+    assert_sandwich(ref, torch_lower_bound(tf), rel=1e-6)
+    x = np.random.default_rng(0).standard_normal((4, T, N_IN))
+    for name, model in _formats(tf, src, tmp_path).items():
+        net = load_network(model, input_shape=(T, N_IN), trust_pickle=True) if isinstance(model, (str, type(tmp_path))) else \
+            network_from_module(model, input_shape=(T, N_IN))
+        assert net.op(net.input).shape == (T, N_IN), name
+        assert np.allclose(net.numpy_forward(x.reshape(4, -1)), _samples(tf, x), atol=1e-5), name
+        cert = lipsdp.certify(model, horizon=T, lower_bound_samples=0, trust_pickle=True)
+        assert cert.bound == pytest.approx(ref.bound, rel=1e-9), name
+
+
+def test_all_horizons_agree_across_layouts_and_onnx(tmp_path):
+    src = RNNModel(layers=2, read="last")
+    tf = TimeFirst(src)
+    ref = lipsdp.certify(src, horizon="all", lower_bound_samples=0)
+    assert ref.network["stability"]["proved"]
+    assert_sandwich(ref, torch_lower_bound(tf), rel=1e-6)
+    for model in (tf, _onnx(tf, tmp_path / "tf.onnx", False),
+                  _onnx(TimeFirst(src, batch_first=True), tmp_path / "bf.onnx", True)):
+        cert = lipsdp.certify(model, horizon="all", lower_bound_samples=0)
+        assert cert.bound == pytest.approx(ref.bound, rel=1e-9)
+        assert cert.network["layers"] == ref.network["layers"]
+
+
+def _edited(path, tmp_path, **attrs) -> str:
+    """``path`` with the attributes of its (first) RNN node replaced by ``attrs``."""
+    model = onnx.load(path)
+    node = next(n for n in model.graph.node if n.op_type == "RNN")
+    for name, value in attrs.items():
+        for a in [a for a in node.attribute if a.name == name]:
+            node.attribute.remove(a)
+        node.attribute.append(onnx.helper.make_attribute(name, value))
+    out = tmp_path / f"edited_{'_'.join(attrs)}.onnx"
+    onnx.save(model, str(out))
+    return str(out)
+
+
+class FinalState(nn.Module):
+    def __init__(self, bidirectional=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.RNN(N_IN, 3, bidirectional=bidirectional)
+        self.fc = nn.Linear(3 * (1 + bidirectional), 1)
+
+    def forward(self, x):
+        out, h = self.rnn(x)
+        return self.fc(out[-1]) if self.rnn.bidirectional else self.fc(h[-1])
+
+
+def test_onnx_rnn_refusals(tmp_path):
+    path = _onnx(TimeFirst(RNNModel()), tmp_path / "tf.onnx", False)
+    for attrs, what in [({"direction": "reverse"}, "direction='reverse'"), ({"clip": 2.0}, "attribute clip"),
+                        ({"activations": ["Sigmoid"]}, "activations="),
+                        ({"activation_alpha": [0.5]}, "attribute activation_alpha")]:
+        with pytest.raises(UnsupportedLayerError, match=f"RNN with {what}"):
+            load_network(_edited(path, tmp_path, **attrs))
+    with pytest.raises(UnsupportedLayerError, match="direction='bidirectional'"):
+        load_network(_onnx(FinalState(bidirectional=True).eval(), tmp_path / "bi.onnx", False))
+    with pytest.raises(UnsupportedLayerError, match="Y_h"):
+        load_network(_onnx(FinalState().eval(), tmp_path / "h.onnx", False))
+
+
+class SumOverBatch(nn.Module):
+    """Reads ``(T, batch, n)`` and mixes samples: no per-sample function, refused."""
+
+    def __init__(self, reduce_axis: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.RNN(N_IN, 3)
+        self.axis = reduce_axis
+
+    def forward(self, x):
+        return self.rnn(x)[0].sum(self.axis)
+
+
+def test_time_first_refusals():
+    # out.sum(1) sums over the batch: another sample's sequence would enter the bound.
+    with pytest.raises(UnsupportedLayerError, match="batch axis is not the first"):
+        network_from_module(SumOverBatch(1), input_shape=(T, N_IN))
+    # A batch_first=False RNN given a batch-first tensor: it would run along the batch.
+    model = Stacked().eval()
+    with pytest.raises(UnsupportedLayerError, match="batch_first=False on a tensor whose batch axis is not"):
+        network_from_module(model, input_shape=(T, N_IN))
+
+
+class Stacked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = nn.RNN(N_IN, 3, batch_first=True), nn.RNN(3, 3, batch_first=False)
+
+    def forward(self, x):
+        return self.second(self.first(x)[0])[0][-1]
