@@ -154,14 +154,18 @@ for _name in _FUNCTIONS:
     BATCH_AT_OPS[_name] = _rnn
 
 
+#: Recurrent module classes whose ``input_size`` (or ``weight_ih_l0``) gives the sequences' feature size.
+_RECURRENT = ("RNN", "ICLRNN")
+
+
 def rnn_input_size(module) -> int | None:
-    """``input_size`` of the first ``nn.RNN`` in ``module`` (an ``nn.Module`` or a TorchScript module),
-    None when it has none."""
+    """``input_size`` of the first ``nn.RNN`` or :class:`lipsdp.nn.ICLRNN` in ``module`` (an ``nn.Module`` or a
+    TorchScript module), None when it has none."""
     for _, m in module.named_modules():
         cls = getattr(m, "original_name", None) or type(m).__name__
-        if cls == "RNN" and hasattr(m, "input_size"):
+        if cls in _RECURRENT and hasattr(m, "input_size"):
             return int(m.input_size)
-        if cls == "RNN" and hasattr(m, "weight_ih_l0"):  # a traced module keeps parameters, not attributes
+        if cls in _RECURRENT and hasattr(m, "weight_ih_l0"):  # a traced module keeps parameters, not attributes
             return int(m.weight_ih_l0.shape[1])
     return None
 
@@ -179,13 +183,19 @@ def is_program(model) -> bool:
     return hasattr(model, "graph_signature") and hasattr(model, "graph_module")
 
 
+def _unrolled_recurrent(graph) -> bool:
+    """Whether a ``torch.export`` graph calls a recurrent module whose loop over time it unrolled (ICLRNN)."""
+    return any(str(cls).rsplit(".", 1)[-1] in _RECURRENT for n in graph.nodes
+               for _, cls in (n.meta.get("nn_module_stack") or {}).values())
+
+
 def _exported_sample(program) -> tuple | None:
     """The traced sample shape of a ``torch.export`` program that calls an RNN, else None."""
     from torch.export.graph_signature import InputKind
 
     graph = program.graph_module.graph
     if not any(n.op == "call_function" and str(n.target).split(".")[1] in ("rnn_tanh", "rnn_relu")
-               for n in graph.nodes if "." in str(n.target)):
+               for n in graph.nodes if "." in str(n.target)) and not _unrolled_recurrent(graph):
         return None
     user = {s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
     node = next(n for n in graph.nodes if n.op == "placeholder" and n.name in user)
