@@ -7,8 +7,8 @@ Lipschitz constant is taken in the l2 norm of the flattened sequences (docs/math
 * **Horizon T** (:func:`lipsdp.io.rnn.horizon_shape`): the loader unrolls the RNN over
   the traced horizon (:mod:`lipsdp.io.rnn`: ``T`` copies of one ``Affine`` + ``Activation`` per
   layer, with shared weights) and the ordinary LipSDP pipeline certifies the unrolled network.
-* **Every horizon** (:func:`certify_all_horizons`): the state-space form
-  ``h_t = phi(W h_{t-1} + U x_t + b)`` with an affine read-out ``y = C h`` is certified by one
+* **Every horizon** (:func:`certify_all_horizons`): the state-space form ``h_t = phi(W h_{t-1} + U x_t + b)``
+  (a loop unrolled by the exporter: :mod:`lipsdp.recurrent_cell`) with a read-out ``y = C h`` is certified by one
   dissipation LMI (:func:`dissipation_lmi`, docs/math.md §13.2) in a storage matrix ``P``, the
   slope multipliers ``t`` and the gain ``rho``, of size ``input_size + 2 * hidden`` whatever
   ``T``.  It is verified rigorously as every LMI is (:func:`lipsdp.verify.verify`), and so is
@@ -34,6 +34,7 @@ from lipsdp.io import load_network, network_from_module
 from lipsdp.io.rnn import fixed_horizon, horizon_shape
 from lipsdp.lmi import LMIProblem
 from lipsdp.network import Affine, Concat, Network, Reshape
+from lipsdp.recurrent_cell import recognise
 from lipsdp.verify import rigorous_negative_definite, verify
 
 __all__ = ["StateSpace", "all_horizon_trivial_bound", "certify_all_horizons", "dissipation_lmi", "horizon_shape",
@@ -126,9 +127,11 @@ def state_space(network: Network) -> StateSpace:
     Raises
     ------
     LipSDPError
-        Not exactly one RNN, reading the network input itself, followed by an affine read-out.
-    """
+        Not exactly one RNN (or unrolled loop), reading the network input itself, then an affine read-out."""
     records = network.meta.get("recurrent", [])
+    if not records:  # a loop over time unrolled by the exporter (lipsdp.nn.ICLRNN): the cell read from the graph
+        U, W, activation, C, mode = recognise(network)
+        return StateSpace(U=U, W=W, activation=activation, C=C, mode=mode, name="unrolled")
     if len(records) != 1:
         _refuse(network, f"the model has {len(records)} nn.RNN modules (lipsdp reads exactly one)")
     rec = records[0]
