@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lipsdp
-from lipsdp.errors import UnsupportedLayerError
+from lipsdp.errors import LipSDPError, UnsupportedLayerError
 from lipsdp.io import load_network, network_from_module
 from tests.conftest import assert_sandwich
 from tests.test_rnn import N_IN, RNNModel
@@ -181,3 +181,98 @@ class Stacked(nn.Module):
 
     def forward(self, x):
         return self.second(self.first(x)[0])[0][-1]
+
+
+# -- ICLRNN (lipsdp.nn.ICLRNN): input convex, Lipschitz by construction, a Python loop over time --------------
+def _iclrnn(layers=1, read="last", gamma=0.6, seed=0):
+    from lipsdp.nn import ICLRNN
+
+    torch.manual_seed(seed)
+    return ICLRNN(N_IN, 4, 2, num_layers=layers, gamma=gamma, read=read).eval()
+
+
+def test_iclrnn_is_input_convex_and_lipschitz_by_construction():
+    model = _iclrnn(layers=2, read="all")
+    with torch.no_grad():
+        for layer, (u, w, _) in enumerate(model.weights()):
+            assert torch.linalg.matrix_norm(u.double(), 2) <= 1 + 1e-6
+            assert torch.linalg.matrix_norm(w.double(), 2) <= model.gamma * (1 + 1e-6)
+            assert bool((w >= 0).all()) and (layer == 0 or bool((u >= 0).all()))
+        assert bool((model.readout_weight() >= 0).all())
+        a, b = torch.randn(2, 64, 5, N_IN)
+        assert bool((model((a + b) / 2) <= (model(a) + model(b)) / 2 + 1e-5).all())  # midpoint convexity
+    assert model.lipschitz_constant() == pytest.approx(1 / 0.4 ** 2)
+
+
+def _lower(model, T_: int, samples: int = 16) -> float:
+    gen = torch.Generator().manual_seed(2)
+    m, best = model.double(), 0.0
+    for x in torch.randn(samples, 1, T_, N_IN, generator=gen, dtype=torch.float64):
+        J = torch.autograd.functional.jacobian(lambda v: m(v).reshape(-1), x).reshape(-1, T_ * N_IN)
+        best = max(best, float(torch.linalg.matrix_norm(J, 2)))
+    model.float()
+    return best
+
+
+def test_iclrnn_certified_in_every_format(tmp_path):
+    model, T4 = _iclrnn(layers=2), 4
+    example = torch.randn(2, T4, N_IN)
+    torch.save(model, tmp_path / "icl.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(model, (example,)), str(tmp_path / "icl.ts"))
+        torch.export.save(torch.export.export(model, (example,)), str(tmp_path / "icl.pt2"))
+    x = np.random.default_rng(3).standard_normal((3, T4, N_IN))
+    with torch.no_grad():
+        expected = model(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
+    lower, bounds = _lower(model, T4), []
+    for name in ("icl.pt", "icl.ts", "icl.pt2"):
+        net = load_network(tmp_path / name, input_shape=(T4, N_IN), trust_pickle=True)
+        assert np.allclose(net.numpy_forward(x.reshape(3, -1)), expected, atol=1e-5), name
+        cert = lipsdp.certify(tmp_path / name, horizon=T4, trust_pickle=True, lower_bound_samples=0)
+        assert_sandwich(cert, lower, rel=1e-6)
+        assert cert.bound <= model.lipschitz_constant()
+        bounds.append(cert.bound)
+    assert bounds == pytest.approx([bounds[0]] * 3, rel=1e-9)
+
+
+@pytest.mark.parametrize("layers,read", [(1, "last"), pytest.param(2, "all", marks=pytest.mark.slow)])
+def test_iclrnn_horizons_and_every_horizon(layers, read):
+    from lipsdp.horizon_sweep import certify_horizons
+
+    model = _iclrnn(layers=layers, read=read)
+    rows = certify_horizons(model, [1, 2, 3, 5], lower_bound_samples=0)
+    envelope = [row.envelope for row in rows]
+    assert envelope == sorted(envelope)
+    for row in rows:
+        assert_sandwich(row.certificate, _lower(model, row.horizon), rel=1e-6)
+    every = lipsdp.certify(model, horizon="all", lower_bound_samples=0)
+    assert every.verified and every.network["stability"]["proved"] and every.network["output"] == read
+    assert max(envelope) <= every.bound * (1 + 1e-6)
+    assert every.bound <= every.trivial_bound <= model.lipschitz_constant() * (1 + 1e-6)
+
+
+class LoopRNN(nn.Module):
+    """A Python-loop Elman RNN; ``variant`` breaks the recurrence: ``"skip"`` (the output reads the input),
+    ``"drift"`` (the recurrent matrix changes with the step)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.u, self.w, self.c = nn.Linear(N_IN, 3), nn.Linear(3, 3, bias=False), nn.Linear(3, 1)
+        self.variant = variant
+
+    def forward(self, x):
+        h = torch.tanh(self.u(x[:, 0]))
+        for t in range(1, x.shape[1]):
+            w = self.w(h) * (1.0 + t if self.variant == "drift" else 1.0)
+            h = torch.tanh(self.u(x[:, t]) + w)
+        return self.c(h) + (x[:, -1, :1] if self.variant == "skip" else 0.0)
+
+
+@pytest.mark.parametrize("variant,why", [("skip", "output reads more than the top layer"),
+                                         ("drift", "is not the cell of the other steps")])
+def test_unrolled_loops_that_are_not_one_cell_are_refused(variant, why):
+    net = network_from_module(LoopRNN(variant).eval(), input_shape=(4, N_IN))
+    with pytest.raises(LipSDPError, match=why):
+        lipsdp.certify(net, horizon="all")
