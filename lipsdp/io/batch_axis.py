@@ -196,7 +196,8 @@ def _elementwise(t, x, *rest):
 
 
 for _op in activations.aten_table():
-    BATCH_AT_OPS[_op] = _elementwise
+    if "prelu" not in _op:  # a slope tensor broadcasts against the layout, not against one sample
+        BATCH_AT_OPS[_op] = _elementwise
 
 
 def _trailing_constant(t, x: BatchAt, c) -> np.ndarray:
