@@ -218,8 +218,14 @@ def add_terms(t, x, y, sign: float = 1.0) -> object:
         if x.axis != y.axis or x.sym.shape != y.sym.shape:
             raise Unsupported("adds tensors whose batch axes differ")
         return BatchAt(t.b.add([x.sym, t.b.scale(y.sym, sign, t.label)], t.label), x.axis)
-    if isinstance(y, BatchAt) and not is_sym(x) and sign == 1.0:
+    if isinstance(y, BatchAt) and not isinstance(x, BatchAt) and sign == 1.0:
         return add_terms(t, y, x)
+    if isinstance(x, BatchAt) and is_sym(y):  # a batch-first tensor aligned (from the right) on x's batch axis
+        if len(x.sym.shape) - len(y.shape) != x.axis or x.sym.shape[x.axis:] != y.shape or \
+                any(n != 1 for n in x.sym.shape[:x.axis]):
+            raise Unsupported(f"adds shapes {x.full_shape(t.batch)} and {t.full_shape(y)} across the batch axis")
+        y = t.b.linear(y, shape=x.sym.shape)
+        return BatchAt(t.b.add([x.sym, t.b.scale(y, sign, t.label)], t.label), x.axis)
     if isinstance(x, BatchAt) and not is_sym(y):
         return BatchAt(t.b.linear(x.sym, bias=sign * _trailing_constant(t, x, y)), x.axis)
     raise Unsupported("mixes a time-first tensor with another layout")

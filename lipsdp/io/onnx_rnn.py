@@ -177,6 +177,68 @@ def _gather(t, ins, attrs):
     return BatchAt(aten_shapes.take(t, x.sym, a, np.where(idx < 0, idx + n, idx)), x.axis)
 
 
+@_batch_at("Slice")
+def _slice(t, ins, attrs):
+    x = ins[0]
+    starts, ends = (np.asarray(_constant(v, "bound")).astype(np.int64).ravel() for v in ins[1:3])
+    axes = _axes([None, ins[3]] if len(ins) > 3 else [None], {}) or list(range(len(starts)))
+    steps = np.asarray(_constant(ins[4], "step")).astype(np.int64).ravel() if len(ins) > 4 and \
+        ins[4] is not None else np.ones(len(starts), np.int64)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        full = x.full_shape(t.batch)
+        d = int(axis) % len(full)
+        n = full[d]
+        bounds = slice(max(min(int(start), n), -n - 1), max(min(int(end), n), -n - 1), int(step))
+        if d == x.axis:
+            if range(n)[bounds] != range(n):
+                raise Unsupported("slices the batch axis")
+            continue
+        x = BatchAt(aten_shapes.take(t, x.sym, d if d < x.axis else d - 1, bounds), x.axis)
+    return x
+
+
+@_batch_at("Concat")
+def _concat(t, ins, attrs):
+    """Time-first tensors stacked along another axis (the states of every step: ``(T, batch, H)``)."""
+    if not all(isinstance(v, BatchAt) and v.axis == ins[0].axis for v in ins):
+        raise Unsupported("concatenates tensors whose batch axes differ")
+    x = ins[0]
+    d = int(attrs.get("axis", 0)) % (len(x.sym.shape) + 1)
+    if d == x.axis:
+        raise Unsupported("concatenates along the batch axis")
+    return BatchAt(t.b.concat([v.sym for v in ins], d if d < x.axis else d - 1, t.label), x.axis)
+
+
+def _leading_constant(t, ins, sign: float):
+    """``Sym + c`` with a constant of more axes than the Sym, all of size 1 in front: the batch moves back."""
+    x, c = (ins[0], ins[1]) if isinstance(ins[0], Sym) else (ins[1], ins[0])
+    c = np.asarray(c, dtype=np.float64)
+    extra = c.ndim - len(x.shape) - 1
+    if any(n != 1 for n in c.shape[:extra]):
+        raise Unsupported(f"broadcasts a constant of shape {c.shape} against {t.full_shape(x)}")
+    if x is ins[1]:  # c - x = (-x) + c
+        x, sign = (t.b.scale(x, sign, t.label), 1.0)
+    tail = c.reshape(c.shape[extra:])
+    y = t.b.linear(x, bias=sign * t.broadcast_const(tail, x), label=t.label)
+    return BatchAt(t.b.linear(y, shape=(1,) * extra + x.shape), extra)
+
+
+def _with_leading_constant(name: str, sign: float):
+    plain = ONNX_OPS[name]
+
+    def handler(t, ins, attrs):
+        syms = [v for v in ins if isinstance(v, Sym)]
+        const = [v for v in ins if not isinstance(v, Sym)]
+        if len(syms) == 1 and len(const) == 1 and np.ndim(const[0]) > len(syms[0].shape) + 1:
+            return _leading_constant(t, ins, sign)
+        return plain(t, ins, attrs)
+    return handler
+
+
+for _name, _sign in (("Add", 1.0), ("Sub", -1.0)):
+    register_onnx(_name, inputs=2)(_with_leading_constant(_name, _sign))
+
+
 @_batch_at("MatMul")
 def _matmul(t, ins, attrs):
     if not isinstance(ins[0], BatchAt) or isinstance(ins[1], (Sym, BatchAt)):

@@ -29,6 +29,7 @@ final-state output ``h_n`` (use the output's last step, the same values for a un
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -214,11 +215,14 @@ def _onnx_sample(path: str) -> tuple | None:
         raise ModelLoadError(f"{path}: not a valid ONNX model ({type(exc).__name__})") from exc
     rnns = [n for n in graph.node if n.op_type == "RNN"]
     inputs = [i for i in graph.input if i.name not in {init.name for init in graph.initializer}]
-    if not rnns or len(inputs) != 1:
+    # The dynamo exporter unrolls nn.RNN (and loops): its nodes name the module classes they come from.
+    unrolled = any(p.key == "pkg.torch.onnx.class_hierarchy" and re.search(r"\.(RNN|ICLRNN)'", p.value)
+                   for n in graph.node for p in n.metadata_props)
+    if not (rnns or unrolled) or len(inputs) != 1:
         return None
     dims = [d.dim_value if d.HasField("dim_value") else 0 for d in inputs[0].type.tensor_type.shape.dim]
-    layout = next((a.i for a in rnns[0].attribute if a.name == "layout"), 0)
-    del dims[1 if rnns[0].input[0] == inputs[0].name and layout == 0 else 0]  # the batch axis
+    layout = next((a.i for a in rnns[0].attribute if a.name == "layout"), 0) if rnns else 1
+    del dims[1 if rnns and rnns[0].input[0] == inputs[0].name and layout == 0 else 0]  # the batch axis
     return tuple(dims)
 
 

@@ -43,7 +43,7 @@ __all__ = ["ICLRNN", "schur_normalised"]
 
 def schur_normalised(a: Tensor) -> Tensor:
     r"""``a / sqrt(||a||_1 ||a||_inf)``: spectral norm at most 1 (Schur's bound), computed without iterating."""
-    bound = torch.sqrt(a.abs().sum(dim=0).amax() * a.abs().sum(dim=1).amax())
+    bound = torch.sqrt(a.abs().sum(dim=0).max() * a.abs().sum(dim=1).max())
     return a / torch.clamp(bound, min=1e-12)
 
 
