@@ -150,6 +150,11 @@ def test_onnx_rnn_refusals(tmp_path):
         load_network(_onnx(FinalState().eval(), tmp_path / "h.onnx", False))
 
 
+class Cumsum(nn.Module):
+    def forward(self, rnn_out):
+        return rnn_out[0].cumsum(0)
+
+
 class SumOverBatch(nn.Module):
     """Reads ``(T, batch, n)`` and mixes samples: no per-sample function, refused."""
 
@@ -165,8 +170,10 @@ class SumOverBatch(nn.Module):
 
 def test_time_first_refusals():
     # out.sum(1) sums over the batch: another sample's sequence would enter the bound.
-    with pytest.raises(UnsupportedLayerError, match="batch axis is not the first"):
+    with pytest.raises(UnsupportedLayerError, match="sum reduces over the batch axis"):
         network_from_module(SumOverBatch(1), input_shape=(T, N_IN))
+    with pytest.raises(UnsupportedLayerError, match="batch axis is not the first"):  # no handler: refused
+        network_from_module(nn.Sequential(nn.RNN(N_IN, 3), Cumsum()), input_shape=(T, N_IN))
     # A batch_first=False RNN given a batch-first tensor: it would run along the batch.
     model = Stacked().eval()
     with pytest.raises(UnsupportedLayerError, match="batch_first=False on a tensor whose batch axis is not"):
@@ -313,3 +320,30 @@ def test_dynamo_onnx_iclrnn(tmp_path):
     cert = lipsdp.certify(path, horizon="all", lower_bound_samples=0)
     assert_sandwich(cert, _lower(icl, T), rel=1e-6)
     assert cert.bound <= icl.lipschitz_constant()
+
+
+class Pooled(nn.Module):
+    """Time-first reductions: the mean over time, a sum over time kept as an axis, a sum over features."""
+
+    def __init__(self, kind: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.fc, self.kind = nn.RNN(N_IN, 3), nn.Linear(3, 1), kind
+
+    def forward(self, x):
+        out = self.rnn(x)[0]
+        if self.kind == 0:
+            return self.fc(out.mean(0))
+        if self.kind == 1:
+            return self.fc(out.sum(dim=[0], keepdim=True))[0]
+        return self.fc(out).sum(2).transpose(0, 1)
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2])
+def test_time_first_reductions_translate_exactly(kind):
+    model = Pooled(kind).eval()
+    net = network_from_module(model, input_shape=(4, N_IN))
+    x = np.random.default_rng(5).standard_normal((3, 4, N_IN))
+    with torch.no_grad():
+        y = model(torch.as_tensor(x, dtype=torch.float32).transpose(0, 1)).reshape(3, -1).double().numpy()
+    assert np.allclose(net.numpy_forward(x.reshape(3, -1)), y, atol=1e-5)

@@ -189,6 +189,19 @@ def _last_axis(t, x, *rest):
     return on_sample(x, lambda s: handler_for(t.op_name)(t, s, *rest))
 
 
+@_register("mean", "sum")
+def _reduce(t, x, dim=None, keepdim=False, dtype=None):
+    """A mean or sum over axes other than the batch's (``out.mean(0)``: the average over time)."""
+    if dim is None or isinstance(x, Sym):
+        raise Unsupported("reduces over the batch axis")
+    dims = sorted({_dim(x, d) for d in (dim if isinstance(dim, (list, tuple)) else [dim])})
+    if x.axis in dims:
+        raise Unsupported("reduces over the batch axis")
+    # the batch-first handler reads torch dims with the batch first: sym axis a is its dim a + 1
+    out = handler_for(t.op_name)(t, x.sym, [_sym_axis(x.axis, d) + 1 for d in dims], keepdim, dtype)
+    return wrap(out, x.axis if keepdim else x.axis - sum(1 for d in dims if d < x.axis))
+
+
 def _elementwise(t, x, *rest):
     if not isinstance(x, BatchAt) or any(isinstance(v, (BatchAt, Sym)) for v in rest):
         raise Unsupported("has more than one input-dependent argument")

@@ -17,7 +17,9 @@ constant equal for every sample; ``sequence_lens`` absent or ``T`` for every sam
 ``torch.onnx.export`` writes the sequence time first, so most tensors around an ``RNN`` have their batch
 on the second (or third) axis: they are :class:`~lipsdp.io.translator.BatchAt` values, translated by the
 handlers of :data:`ONNX_BATCH_AT` with the batch where it is (:mod:`lipsdp.io.batch_axis`); any other
-operator on them is refused.
+operator on them is refused.  The dynamo exporter (``torch.onnx.export``'s default) writes no ``RNN``
+node but the unrolled layer, ``MatMul`` / ``Slice`` / ``Squeeze`` / ``Concat`` on time-first tensors (and
+constants with a leading axis, which move the batch back): translated by the same handlers.
 """
 
 from __future__ import annotations
