@@ -307,6 +307,7 @@ def test_dynamo_onnx_unrolled_rnn(tmp_path):
         ref = lipsdp.certify(src, horizon=horizon, lower_bound_samples=0)
         cert = lipsdp.certify(path, horizon=horizon, lower_bound_samples=0)
         assert cert.bound == pytest.approx(ref.bound, rel=1e-6), horizon  # the same weights, other roundings
+        assert_sandwich(cert, torch_lower_bound(TimeFirst(src, batch_first=True)), rel=1e-6)
     # A time-first model unrolled by dynamo does not say which axis is the batch: refused, not guessed.
     path = _dynamo_onnx(TimeFirst(src), tmp_path / "tf.onnx", torch.randn(T, 1, N_IN))
     with pytest.raises(UnsupportedLayerError, match="Slice acts on the batch axis"):
