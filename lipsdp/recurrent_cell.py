@@ -26,10 +26,11 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from lipsdp.bounds import proven_spectral_norm
 from lipsdp.errors import LipSDPError
 from lipsdp.network import Activation, Add, Affine, Concat, Input, Network, Reshape, concat_permutation
 
-__all__ = ["linear_forms", "recognise"]
+__all__ = ["all_horizon_trivial_bound", "linear_forms", "recognise"]
 
 #: Largest number of scalar sources (input plus activation outputs) read with dense maps.
 MAX_SOURCES = 20000
@@ -152,3 +153,24 @@ def _readout(network: Network, forms, top: list[int]) -> tuple[np.ndarray, str]:
     if network.output_dim == m * T and np.array_equal(np.hstack(blocks), np.kron(np.eye(T), C)):
         return C, "all"
     _refuse(network, "the read-out mixes time steps (neither the last state nor the same map at every step)")
+
+
+def all_horizon_trivial_bound(ss) -> float | None:
+    """A bound for every horizon from norms alone (docs/math.md §13.3) for a state-space form ``ss``
+    (:class:`lipsdp.recurrent.StateSpace`), or None when some
+    ``||W_l|| >= 1`` (no finite bound from norms).
+
+    Layer ``l`` maps its input sequence to its state sequence with gain ``||U_l|| / (1 - ||W_l||)``;
+    the last state of the top layer alone has gain ``||U_L|| / sqrt(1 - ||W_L||^2)``.
+    """
+    norms = [(proven_spectral_norm(U), proven_spectral_norm(W)) for U, W in zip(ss.U, ss.W)]
+    c = proven_spectral_norm(ss.C)
+    if c is None or any(u is None or w is None or w >= 1.0 for u, w in norms):
+        return None
+    gain = c
+    for k, (u, w) in enumerate(norms):
+        last = ss.mode == "last" and k == len(norms) - 1
+        # (1 - w) is exact for w >= 1/2 (Sterbenz) and (1 - w)(1 + w) avoids cancelling in 1 - w^2, so
+        # every factor is within a few units of roundoff and the final 1e-12 covers them all.
+        gain *= u / (np.sqrt((1.0 - w) * (1.0 + w)) if last else 1.0 - w)
+    return float(np.nextafter(gain * (1.0 + 1e-12), np.inf))

@@ -125,16 +125,14 @@ def _edited(path, tmp_path, **attrs) -> str:
     return str(out)
 
 
-class FinalState(nn.Module):
-    def __init__(self, bidirectional=False):
+class Bidirectional(nn.Module):
+    def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.rnn = nn.RNN(N_IN, 3, bidirectional=bidirectional)
-        self.fc = nn.Linear(3 * (1 + bidirectional), 1)
+        self.rnn, self.fc = nn.RNN(N_IN, 3, bidirectional=True), nn.Linear(6, 1)
 
     def forward(self, x):
-        out, h = self.rnn(x)
-        return self.fc(out[-1]) if self.rnn.bidirectional else self.fc(h[-1])
+        return self.fc(self.rnn(x)[0][-1])
 
 
 def test_onnx_rnn_refusals(tmp_path):
@@ -145,9 +143,7 @@ def test_onnx_rnn_refusals(tmp_path):
         with pytest.raises(UnsupportedLayerError, match=f"RNN with {what}"):
             load_network(_edited(path, tmp_path, **attrs))
     with pytest.raises(UnsupportedLayerError, match="direction='bidirectional'"):
-        load_network(_onnx(FinalState(bidirectional=True).eval(), tmp_path / "bi.onnx", False))
-    with pytest.raises(UnsupportedLayerError, match="Y_h"):
-        load_network(_onnx(FinalState().eval(), tmp_path / "h.onnx", False))
+        load_network(_onnx(Bidirectional().eval(), tmp_path / "bi.onnx", False))
 
 
 class Cumsum(nn.Module):
@@ -348,3 +344,23 @@ def test_time_first_reductions_translate_exactly(kind):
     with torch.no_grad():
         y = model(torch.as_tensor(x, dtype=torch.float32).transpose(0, 1)).reshape(3, -1).double().numpy()
     assert np.allclose(net.numpy_forward(x.reshape(3, -1)), y, atol=1e-5)
+
+
+def test_final_state_h_n_is_the_last_state_in_every_layout_and_onnx(tmp_path):
+    """``fc(h_n[-1])`` is ``fc(out[:, -1])``: the same bounds, over a horizon and for every horizon."""
+    src = RNNModel(layers=2)
+
+    class FinalState2(nn.Module):
+        def __init__(self, batch_first):
+            super().__init__()
+            self.rnn, self.fc = TimeFirst(src, batch_first).rnn, src.fc
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[1][-1])
+
+    refs = {h: lipsdp.certify(src, horizon=h, lower_bound_samples=0).bound for h in (T, "all")}
+    for batch_first in (True, False):
+        model = FinalState2(batch_first).eval()
+        for m in (model, _onnx(model, tmp_path / f"h{batch_first}.onnx", batch_first)):
+            for h, ref in refs.items():
+                assert lipsdp.certify(m, horizon=h, lower_bound_samples=0).bound == pytest.approx(ref, rel=1e-9)

@@ -12,7 +12,7 @@ That is one Elman layer of ``nn.RNN`` (docs/math.md §13): it is unrolled exactl
 constant equal for every sample; ``sequence_lens`` absent or ``T`` for every sample.  Refused by name:
 ``direction="reverse"`` or ``"bidirectional"``, ``clip`` (a clipped pre-activation is another function),
 ``activation_alpha`` / ``activation_beta`` and any other activation, an input-dependent ``W``, ``R``,
-``B`` or ``initial_h``, and reading ``Y_h`` (use ``Y``'s last step: the same values).
+``B`` or ``initial_h``.  ``Y_h`` is the last state.
 
 ``torch.onnx.export`` writes the sequence time first, so most tensors around an ``RNN`` have their batch
 on the second (or third) axis: they are :class:`~lipsdp.io.translator.BatchAt` values, translated by the
@@ -31,7 +31,7 @@ from lipsdp.io import aten_shapes
 from lipsdp.io.batch_axis import add_terms, drop_axis, move_axes, on_sample, squeeze_axes, unsqueeze_axis
 from lipsdp.io.builder import Sym, Unsupported
 from lipsdp.io.onnx_registry import ANY, ONNX_OPS, register_onnx
-from lipsdp.io.rnn import record_rnn
+from lipsdp.io.rnn import final_state, record_rnn
 from lipsdp.io.translator import BatchAt, Poison, handler_for
 
 __all__ = ["ONNX_BATCH_AT", "batch_first_view", "time_first_input"]
@@ -84,10 +84,11 @@ def _rnn(t, ins, attrs):
         if h.shape[0] != 1 or h.shape[-1] != H or not np.all(h == h[:, :1]):
             raise Unsupported("with an initial state that differs between samples")
         h0 = h[:, 0, :]
-    out = record_rnn(t, x, [(W[0], R[0], B[:H] + B[H:])], h0, _FUNCTIONS[_names(attrs.get("activations", ["Tanh"]))[0]])
+    out, lasts = record_rnn(t, x, [(W[0], R[0], B[:H] + B[H:])], h0,
+                            _FUNCTIONS[_names(attrs.get("activations", ["Tanh"]))[0]])
     y = t.b.linear(out, shape=(x.shape[0], 1, H))
-    y_h = Poison(t.entry("RNN output Y_h (use the last step of Y, the same values)"))
-    return [BatchAt(y, 2) if layout == 0 else y, y_h]
+    y_h = final_state(t, lasts)  # (1, batch, H)
+    return [BatchAt(y, 2) if layout == 0 else y, y_h if layout == 0 else y_h.sym]
 
 
 ONNX_BATCH_AT["RNN"] = _rnn

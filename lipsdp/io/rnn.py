@@ -22,8 +22,8 @@ directly), which the all-horizon bound of :mod:`lipsdp.recurrent` reads.
 twin's ``x[b]``, so both translate to the same network.  ONNX's ``RNN`` operator is
 :mod:`lipsdp.io.onnx_rnn`.
 
-Refused, with the reason: bidirectional RNNs, packed sequences, an input-dependent initial state, and the
-final-state output ``h_n`` (use the output's last step, the same values for a unidirectional RNN).
+The final state ``h_n`` (``(num_layers, batch, hidden)``, batch second in either layout) is each layer's
+last state.  Refused, with the reason: bidirectional RNNs, packed sequences, an input-dependent initial state.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from lipsdp.io.batch_axis import time_first_program
 from lipsdp.io.translator import BATCH_AT_OPS, BatchAt, Poison, is_sym, register_aten, to_numpy
 from lipsdp.network import Network
 
-__all__ = ["check_horizon", "fixed_horizon", "horizon_shape", "is_program", "record_rnn", "rnn_input_size", "unroll_rnn"]
+__all__ = ["check_horizon", "final_state", "fixed_horizon", "horizon_shape", "is_program", "record_rnn", "rnn_input_size", "unroll_rnn"]
 
 #: ATen operator -> lipsdp activation.
 _FUNCTIONS = {"rnn_tanh": "tanh", "rnn_relu": "relu"}
@@ -74,16 +74,17 @@ def _initial_state(hx, num_layers: int, hidden: int) -> np.ndarray:
 
 
 def unroll_rnn(t, x: Sym, weights: list[tuple], h0: np.ndarray, function: str,
-               inputs: list | None = None, first: int = 0) -> tuple[Sym, list, list]:
+               inputs: list | None = None, first: int = 0) -> tuple[Sym, list, list, list]:
     """Unroll a stack of Elman layers over the horizon ``x.shape[0]`` (or over the per-step ``inputs``, the
     states of layers ``0..first-1`` unrolled before); returns the top layer's outputs ``(T, hidden)``, per
-    layer the names of its steps' activation nodes (for ``network.meta``), and the top layer's states."""
+    layer the names of its steps' activation nodes (for ``network.meta``), the top layer's states, and each
+    layer's last state."""
     b = t.b
     if inputs is None:
         steps, n_in = x.shape
         inputs = [b.select(x, np.arange(k * n_in, (k + 1) * n_in)) for k in range(steps)]
     steps = len(inputs)
-    ops = []
+    ops, lasts = [], []
     for layer, (W_ih, W_hh, bias) in enumerate(weights):
         hidden, states, layer_ops = W_hh.shape[0], [], []
         for k in range(steps):
@@ -97,13 +98,15 @@ def unroll_rnn(t, x: Sym, weights: list[tuple], h0: np.ndarray, function: str,
             states.append(h)
             layer_ops.append(label.name)
         ops.append(layer_ops)
+        lasts.append(states[-1])
         inputs = states
     flat = [b.linear(h, shape=(1, h.size)) for h in inputs]
-    return (b.concat(flat, 0, Label(t.label.name, t.label.kind)) if steps > 1 else flat[0]), ops, inputs
+    return (b.concat(flat, 0, Label(t.label.name, t.label.kind)) if steps > 1 else flat[0]), ops, inputs, lasts
 
 
-def record_rnn(t, x: Sym, weights: list[tuple], h0: np.ndarray, function: str) -> Sym:
-    """:func:`unroll_rnn`, recorded in ``network.meta["recurrent"]`` (one record per call, named uniquely)."""
+def record_rnn(t, x: Sym, weights: list[tuple], h0: np.ndarray, function: str) -> tuple[Sym, list]:
+    """:func:`unroll_rnn` (its output and each layer's last state), recorded in ``network.meta["recurrent"]``
+    (one record per call, named uniquely)."""
     records = t.b.meta.setdefault("recurrent", [])
     # An RNN reading exactly the states of the one before (ONNX writes one RNN node per layer) is a
     # further layer of it: one record, so that the all-horizon bound sees the whole stack.
@@ -113,18 +116,25 @@ def record_rnn(t, x: Sym, weights: list[tuple], h0: np.ndarray, function: str) -
             and x.shape == (len(below[1]), below[1][0].size):
         record, states = below
         t.label = Label(record["name"], t.label.kind)
-        out, ops, top = unroll_rnn(t, None, weights, h0, function, inputs=states, first=len(record["steps"]))
+        out, ops, top, lasts = unroll_rnn(t, None, weights, h0, function, inputs=states,
+                                          first=len(record["steps"]))
     else:
         if any(r["name"] == t.label.name for r in records):
             t.label = Label(f"{t.label.name}.{len(records)}", t.label.kind)
-        out, ops, top = unroll_rnn(t, x, weights, h0, function)
+        out, ops, top, lasts = unroll_rnn(t, x, weights, h0, function)
         record = {"name": t.label.name, "activation": function, "weights": [],
                   "steps": [], "reads_input": x.base == 0 and x.W is None and x.b is None}
         records.append(record)
     record["weights"] += [(a, c) for a, c, _ in weights]
     record["steps"] += ops
     tops[out.base] = (record, top)
-    return out
+    return out, lasts
+
+
+def final_state(t, lasts: list) -> BatchAt:
+    """``h_n``, shape ``(num_layers, batch, hidden)`` in either layout: each layer's last state, batch second."""
+    parts = [t.b.linear(h, shape=(1, h.size)) for h in lasts]
+    return BatchAt(t.b.concat(parts, 0, t.label) if len(parts) > 1 else parts[0], 1)
 
 
 def _rnn(t, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
@@ -145,9 +155,8 @@ def _rnn(t, x, hx, params, has_biases, num_layers, dropout, train, bidirectional
     if weights[0][0].shape[1] != x.shape[1]:
         raise Unsupported(f"with input_size {weights[0][0].shape[1]} on sequences of {x.shape[1]} features")
     h0 = _initial_state(hx, int(num_layers), weights[0][1].shape[0])
-    out = record_rnn(t, x, weights, h0, function)
-    h_n = Poison(t.entry(f"{t.op_name} final state h_n (use the output's last step, the same values)"))
-    return (out if batch_first else BatchAt(out, 1)), h_n
+    out, lasts = record_rnn(t, x, weights, h0, function)
+    return (out if batch_first else BatchAt(out, 1)), final_state(t, lasts)
 
 
 register_aten(*_FUNCTIONS)(_rnn)
