@@ -7,8 +7,8 @@ Lipschitz constant is taken in the l2 norm of the flattened sequences (docs/math
 * **Horizon T** (:func:`lipsdp.io.rnn.horizon_shape`): the loader unrolls the RNN over
   the traced horizon (:mod:`lipsdp.io.rnn`: ``T`` copies of one ``Affine`` + ``Activation`` per
   layer, with shared weights) and the ordinary LipSDP pipeline certifies the unrolled network.
-* **Every horizon** (:func:`certify_all_horizons`): the state-space form
-  ``h_t = phi(W h_{t-1} + U x_t + b)`` with an affine read-out ``y = C h`` is certified by one
+* **Every horizon** (:func:`certify_all_horizons`): the state-space form ``h_t = phi(W h_{t-1} + U x_t + b)``
+  (a loop unrolled by the exporter: :mod:`lipsdp.recurrent_cell`) with a read-out ``y = C h`` is certified by one
   dissipation LMI (:func:`dissipation_lmi`, docs/math.md §13.2) in a storage matrix ``P``, the
   slope multipliers ``t`` and the gain ``rho``, of size ``input_size + 2 * hidden`` whatever
   ``T``.  It is verified rigorously as every LMI is (:func:`lipsdp.verify.verify`), and so is
@@ -27,13 +27,14 @@ import networkx as nx
 import numpy as np
 import scipy.sparse as sp
 
-from lipsdp.bounds import proven_spectral_norm, sampled_lower_bound
+from lipsdp.bounds import sampled_lower_bound
 from lipsdp.certificate import VERIFIED, Certificate
 from lipsdp.errors import LipSDPError, ModelLoadError, WellPosednessError
 from lipsdp.io import load_network, network_from_module
-from lipsdp.io.rnn import horizon_shape, is_program
+from lipsdp.io.rnn import fixed_horizon, horizon_shape
 from lipsdp.lmi import LMIProblem
 from lipsdp.network import Affine, Concat, Network, Reshape
+from lipsdp.recurrent_cell import all_horizon_trivial_bound, recognise
 from lipsdp.verify import rigorous_negative_definite, verify
 
 __all__ = ["StateSpace", "all_horizon_trivial_bound", "certify_all_horizons", "dissipation_lmi", "horizon_shape",
@@ -126,8 +127,21 @@ def state_space(network: Network) -> StateSpace:
     Raises
     ------
     LipSDPError
-        Not exactly one RNN, reading the network input itself, followed by an affine read-out.
-    """
+        Not exactly one RNN (or unrolled loop), reading the network input itself, then an affine read-out."""
+    try:
+        return _recorded(network)
+    except LipSDPError as exc:  # a loop unrolled by the exporter, or a read-out of h_n: the cell read from the graph
+        try:
+            U, W, activation, C, mode = recognise(network)
+        except LipSDPError:
+            if not network.meta.get("recurrent"):
+                raise  # no nn.RNN: the reason the unrolled graph is not one cell
+            raise exc from None
+        return StateSpace(U=U, W=W, activation=activation, C=C, mode=mode, name="unrolled")
+
+
+def _recorded(network: Network) -> StateSpace:
+    """:func:`state_space` from the loader's record of the one ``nn.RNN`` (``network.meta["recurrent"]``)."""
     records = network.meta.get("recurrent", [])
     if len(records) != 1:
         _refuse(network, f"the model has {len(records)} nn.RNN modules (lipsdp reads exactly one)")
@@ -296,31 +310,11 @@ def _solve_and_verify(ss: StateSpace, lmi: LMIProblem, storage: LMIProblem):
     raise _no_gain(ss, status)
 
 
-def all_horizon_trivial_bound(ss: StateSpace) -> float | None:
-    """A bound for every horizon from norms alone (docs/math.md §13.3), or None when some
-    ``||W_l|| >= 1`` (no finite bound from norms).
-
-    Layer ``l`` maps its input sequence to its state sequence with gain ``||U_l|| / (1 - ||W_l||)``;
-    the last state of the top layer alone has gain ``||U_L|| / sqrt(1 - ||W_L||^2)``.
-    """
-    norms = [(proven_spectral_norm(U), proven_spectral_norm(W)) for U, W in zip(ss.U, ss.W)]
-    c = proven_spectral_norm(ss.C)
-    if c is None or any(u is None or w is None or w >= 1.0 for u, w in norms):
-        return None
-    gain = c
-    for k, (u, w) in enumerate(norms):
-        last = ss.mode == "last" and k == len(norms) - 1
-        # (1 - w) is exact for w >= 1/2 (Sterbenz) and (1 - w)(1 + w) avoids cancelling in 1 - w^2, so
-        # every factor is within a few units of roundoff and the final 1e-12 covers them all.
-        gain *= u / (np.sqrt((1.0 - w) * (1.0 + w)) if last else 1.0 - w)
-    return float(np.nextafter(gain * (1.0 + 1e-12), np.inf))
-
-
 def _probe(model, input_shape, trust_pickle: bool) -> Network:
     """The model unrolled over :data:`PROBE_HORIZON` steps (or the steps a file was saved for)."""
     if isinstance(model, Network):
         return model
-    fixed = is_program(model)
+    fixed = fixed_horizon(model)
     shape = input_shape if input_shape is not None or fixed else horizon_shape(model, PROBE_HORIZON,
                                                                                trust_pickle=trust_pickle)
     if isinstance(model, (str, os.PathLike)):

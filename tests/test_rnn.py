@@ -146,7 +146,7 @@ def test_all_horizons_refused_without_a_contraction():
         lipsdp.certify(model, horizon="all")
 
 
-@pytest.mark.parametrize("read,what", [("h_n", "final state h_n"), ("mlp", "follows the RNN")])
+@pytest.mark.parametrize("read,what", [("mlp", "follows the RNN")])  # h_n: tests/test_rnn_formats.py
 def test_unsupported_read_outs(read, what):
     model = RNNModel(read=read)
     with pytest.raises(LipSDPError, match=what):
@@ -154,8 +154,8 @@ def test_unsupported_read_outs(read, what):
 
 
 def test_refusals():
-    with pytest.raises(UnsupportedLayerError, match="batch_first=False"):
-        network_from_module(RNNModel(batch_first=False), input_shape=(3, N_IN))
+    with pytest.raises(UnsupportedLayerError, match="bidirectional"):  # batch_first=False: test_rnn_formats.py
+        network_from_module(nn.RNN(N_IN, 3, bidirectional=True, batch_first=True), input_shape=(3, N_IN))
     for model in (RNNModel(), torch.jit.script(RNNModel())):
         with pytest.raises(ModelLoadError, match="give the horizon"):
             lipsdp.certify(model)

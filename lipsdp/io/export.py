@@ -13,6 +13,7 @@ import operator
 
 from lipsdp.errors import ModelLoadError
 from lipsdp.io.aten_ops import MODULE_HANDLERS, Poison, Translator, leaves, module_handler
+from lipsdp.io.batch_axis import time_first_program, wrap
 from lipsdp.io.folding import Float64Translator
 from lipsdp.io.formats import first_line
 from lipsdp.io.builder import GraphBuilder, Label, Sym, Unsupported, layer_kind
@@ -57,7 +58,8 @@ def network_from_exported(program, source: str = "", input_shape=None):
     if len(shape) < 2:
         raise ModelLoadError(f"{source}: the input has shape {tuple(shape)}; expected a batch axis "
                              "followed by the sample shape")
-    batch, sample = shape[0], tuple(shape[1:])
+    axis = 1 if time_first_program(program) else 0  # nn.RNN(batch_first=False): (T, batch, n)
+    batch, sample = shape[axis], tuple(shape[:axis] + shape[axis + 1:])
     if input_shape is not None and tuple(input_shape) != sample:
         raise ModelLoadError(f"{source}: the program was exported for inputs of shape {sample}, "
                              f"not {tuple(input_shape)}; export it again with that shape")
@@ -73,7 +75,7 @@ def network_from_exported(program, source: str = "", input_shape=None):
             continue
         if node.op == "placeholder":
             if node is tensor_input:
-                env[node] = builder.input(sample, name=node.name)
+                env[node] = wrap(builder.input(sample, name=node.name), axis)
             elif node.name in lifted:
                 env[node] = lifted[node.name]
             else:

@@ -29,6 +29,9 @@ from lipsdp.io.builder import GraphBuilder, Label, Sym, Unsupported
 from lipsdp.io.folding import float_cast, promote_onnx_inputs
 from lipsdp.io.formats import first_line
 from lipsdp.io import onnx_ops  # noqa: F401  (registers the handlers)
+from lipsdp.io import onnx_rnn  # noqa: F401  (registers RNN and the time-first handlers)
+from lipsdp.io.batch_axis import wrap
+from lipsdp.io.translator import BatchAt
 from lipsdp.io.onnx_registry import ONNX_OPS, register_onnx, undeclared
 
 #: Largest tensor (elements) a model file may declare.
@@ -119,13 +122,14 @@ def network_from_onnx(model, input_shape=None, source: str = ""):
     inputs = [i for i in graph.input if i.name not in consts]
     if len(inputs) != 1:
         raise ModelLoadError(f"{source}: the graph takes {len(inputs)} inputs; lipsdp certifies models with exactly one")
-    batch, sample = _input_shape(inputs[0], input_shape, source)
+    axis = 1 if onnx_rnn.time_first_input(graph, inputs[0].name) else 0  # (T, batch, n) into an RNN
+    batch, sample = _input_shape(onnx_rnn.batch_first_view(inputs[0]) if axis else inputs[0], input_shape, source)
 
     builder = GraphBuilder(source)
     t = Translator(builder, batch)
     env: dict[str, Any] = dict(consts)
     env[""] = None  # omitted optional inputs
-    env[inputs[0].name] = builder.input(sample, name=inputs[0].name)
+    env[inputs[0].name] = wrap(builder.input(sample, name=inputs[0].name), axis)
     for position, node in enumerate(graph.node):
         t.label, t.position = _label(node), position
         ins = [env.get(name) for name in node.input]
@@ -187,6 +191,8 @@ def _translate(t: Translator, node, ins: list) -> list:
                 v.error = None
         _report_undeclared(t, node, attrs)
         results = _shadow(t, node, ins)
+    elif any(isinstance(v, BatchAt) for v in leaves(ins)):
+        results = _translate_batch_at(t, node, ins, attrs)
     elif not any(isinstance(v, (Sym, A.Extreme)) for v in leaves(ins)):
         results = _fold(t, node, ins, attrs)
     elif _report_undeclared(t, node, attrs):
@@ -201,6 +207,22 @@ def _translate(t: Translator, node, ins: list) -> list:
             t.report(t.entry(f"{node.op_type} {exc}"))
             results = _shadow(t, node, ins)
     return results
+
+
+def _translate_batch_at(t: Translator, node, ins: list, attrs: dict) -> list:
+    """A node with a time-first input (:mod:`lipsdp.io.onnx_rnn`): its handler there, or refused."""
+    handler = onnx_rnn.ONNX_BATCH_AT.get(node.op_type)
+    if handler is None:
+        t.report(t.entry(f"{node.op_type} on a tensor whose batch axis is not the first (a time-first sequence)"))
+        return _shadow(t, node, ins)
+    if _report_undeclared(t, node, attrs):
+        return _shadow(t, node, ins)
+    try:
+        out = handler(t, ins, attrs)
+    except Unsupported as exc:
+        t.report(t.entry(f"{node.op_type} {exc}"))
+        return _shadow(t, node, ins)
+    return out if isinstance(out, list) else [out]
 
 
 def _report_undeclared(t: Translator, node, attrs: dict) -> bool:
@@ -263,6 +285,8 @@ def _shadow(t: Translator, node, ins: list) -> list:
             return np.zeros(t.full_shape(v), dtype=np.float32)
         if isinstance(v, A.Extreme):
             return np.zeros(t.full_shape(v.x), dtype=np.float32)
+        if isinstance(v, BatchAt):
+            return np.zeros(v.full_shape(t.batch), dtype=np.float32)
         if isinstance(v, Poison):
             if v.shape is None:
                 raise LookupError

@@ -23,6 +23,7 @@ import sys
 
 from lipsdp import activations
 from lipsdp.errors import ModelLoadError, UnsupportedLayerError
+from lipsdp.io.batch_axis import time_first_model
 from lipsdp.io.export import network_from_exported
 from lipsdp.io.formats import first_line
 from lipsdp.io.sequential import network_from_sequential
@@ -152,6 +153,8 @@ def network_from_module(module, input_shape=None, source: str | None = None):
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     generator = torch.Generator().manual_seed(0)
     example = torch.randn((2,) + shape, generator=generator).to(dtype)
+    if time_first_model(model):  # nn.RNN(batch_first=False) reads (T, batch, n) (lipsdp.io.batch_axis)
+        example = example.transpose(0, 1).contiguous()
     network = network_from_sequential(model, example, source)
     if network is not None:
         return network

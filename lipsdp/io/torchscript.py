@@ -16,6 +16,7 @@ import re
 
 from lipsdp.errors import ModelLoadError
 from lipsdp.io.aten_ops import MODULE_HANDLERS, Poison, Translator, leaves, module_handler
+from lipsdp.io.batch_axis import time_first_model, wrap
 from lipsdp.io.builder import GraphBuilder, Label, Sym, Unsupported, layer_kind
 from lipsdp.io.folding import Float64Translator
 from lipsdp.io.formats import first_line
@@ -77,7 +78,8 @@ def network_from_script(module, input_shape=None, source: str = ""):
     builder = GraphBuilder(source)
     walker = _Walker(Float64Translator(builder, batch=1), module, source, shape)
     walker.env[inputs[0].unique()] = module
-    walker.env[inputs[1].unique()] = builder.input(shape, name=inputs[1].debugName().split(".")[0])
+    walker.env[inputs[1].unique()] = wrap(builder.input(shape, name=inputs[1].debugName().split(".")[0]),
+                                          1 if time_first_model(module) else 0)  # (T, batch, n): batch_axis
     walker.walk(list(graph.nodes()))
     outputs = [walker.env[v.unique()] for v in graph.outputs()]
     walker.t.raise_errors()

@@ -44,6 +44,25 @@ class Poison:
         self.shape = shape
 
 
+class BatchAt:
+    """A tensor whose batch axis is ``axis >= 1`` of torch's layout (``batch_first=False``: time first).
+
+    Its value for one sample is the :class:`Sym` ``sym`` (the tensor with the batch axis removed).
+    Only the handlers of :data:`BATCH_AT_OPS` (:mod:`lipsdp.io.batch_axis`) accept it; any other
+    operator on it is refused, never read as if the batch came first.
+    """
+
+    __slots__ = ("sym", "axis")
+
+    def __init__(self, sym, axis: int):
+        self.sym, self.axis = sym, int(axis)
+
+    def full_shape(self, batch: int) -> tuple:
+        shape = list(self.sym.shape)
+        shape.insert(self.axis, int(batch))
+        return tuple(shape)
+
+
 class Extreme:
     """``min``/``max`` over one axis, kept until a ``cat`` shows it is GroupSort-2."""
 
@@ -165,6 +184,8 @@ class Translator:
             if handler_for(name) is None:
                 self.report(self.entry(name))
             return self.shadow(op, args)
+        if any(isinstance(v, BatchAt) for v in flat):
+            return self.call_batch_at(op, name, args)
         if not any(isinstance(v, (Sym, Extreme)) for v in flat):
             return self.fold(op, args)
         handler = handler_for(name)
@@ -189,8 +210,24 @@ class Translator:
             self.report(self.entry(f"{name} {exc}"))
             return self.shadow(op, args)
 
+    def call_batch_at(self, op, name: str, args: list):
+        """A call with a :class:`BatchAt` argument: its handler in :data:`BATCH_AT_OPS`, or refused."""
+        handler = BATCH_AT_OPS.get(name[:-1] if name.endswith("_") and name[:-1] in BATCH_AT_OPS else name)
+        if handler is None:
+            self.report(self.entry(f"{name} on a tensor whose batch axis is not the first (a time-first "
+                                   "sequence: batch_first=False)"))
+            return self.shadow(op, args)
+        try:
+            return handler(self, *args)
+        except (Unsupported, TypeError) as exc:
+            self.report(self.entry(f"{name} {exc}"))
+            return self.shadow(op, args)
+
     def resolve(self, value):
-        """``value`` with every :class:`Extreme` in it replaced by its values (:data:`EXTREME_VALUE`)."""
+        """``value`` with every :class:`Extreme` in it replaced by its values (:data:`EXTREME_VALUE`);
+        a :class:`BatchAt` (a model's time-first output) by its value for one sample."""
+        if isinstance(value, BatchAt):
+            return value.sym
         if isinstance(value, Extreme):
             if not EXTREME_VALUE:
                 raise Unsupported("(only GroupSort's pattern is supported)")
@@ -215,6 +252,8 @@ class Translator:
                 return torch.zeros(self.full_shape(v))
             if isinstance(v, Extreme):
                 return torch.zeros(self.full_shape(v.x))
+            if isinstance(v, BatchAt):
+                return torch.zeros(v.full_shape(self.batch))
             if isinstance(v, Poison):
                 if v.shape is None:
                     raise LookupError
@@ -306,6 +345,9 @@ def _split_arguments(op, args: list) -> tuple[list, dict]:
 #: ``(translator, Extreme) -> Sym``: a max/min over an axis as a GroupSort and a selection, set by
 #: :mod:`lipsdp.io.aten_order` (which can sort; this module cannot import it).
 EXTREME_VALUE: list[Callable[..., Any]] = []
+
+#: ATen operator name -> handler for calls with a :class:`BatchAt` argument (:mod:`lipsdp.io.batch_axis`).
+BATCH_AT_OPS: dict[str, Callable[..., Any]] = {}
 
 #: ATen operator name -> handler; filled by :mod:`lipsdp.io.aten_ops` and the modules it imports.
 ATEN_OPS: dict[str, Callable[..., Any]] = {}

@@ -17,6 +17,7 @@ module              what it computes
 ``LDLTResidual``    L-Lipschitz layer from an LDL^T factorisation of its LipSDP matrix
 ``AOL``             almost-orthogonal linear layer (Prach & Lampert 2022)
 ``CayleyLinear``    orthogonal linear layer: Cayley transform or matrix exponential
+``ICLRNN``          input-convex Lipschitz RNN (Wang & Wu 2024): ReLU cells, non-negative weights
 =================== =============================================================
 
 The activations have deel-torchlip's semantics and parameter layout (a model
@@ -33,7 +34,8 @@ from lipsdp.nn.sll import SLL
 from lipsdp.nn.ldlt import LDLTResidual
 from lipsdp.nn.aol import AOL
 from lipsdp.nn.cayley import CayleyLinear
+from lipsdp.nn.iclrnn import ICLRNN
 
 __all__ = ["AOL", "CayleyLinear", "DotMultiheadSelfAttention", "FullSort", "GroupSort", "GroupSort2", "HouseHolder",
-           "ImplicitLayer", "L2MultiheadSelfAttention", "LDLTResidual", "LinfDistance", "MaxMin", "Residual", "SLL",
+           "ICLRNN", "ImplicitLayer", "L2MultiheadSelfAttention", "LDLTResidual", "LinfDistance", "MaxMin", "Residual", "SLL",
            "SortNet"]
