@@ -128,8 +128,8 @@ def _not_recheckable(cert) -> str | None:
         return "all-horizon RNN certificates (--horizon all)"
     if cert.formulation == "state-space":  # lipsdp.structured: per-convolution LMIs
         return "state-space CNN certificates (--structure state-space)"
-    if getattr(cert, "region", None):  # lipsdp.local: the LMI of the network with the region's sectors
-        return "local certificates (--center/--radius)"
+    if getattr(cert, "region", None) and "center" not in cert.region:  # lipsdp.local before schema 2
+        return "local certificates written without their center (before schema_version 2)"
     if (cert.verification or {}).get("method") == "composition":  # lipsdp.compose: one per block
         return "composed certificates (lipsdp.compose; each block's own certificate can be)"
     return None

@@ -40,7 +40,7 @@ def test_certificate_records_version_schema_and_time(small):
     before = datetime.now(timezone.utc).replace(microsecond=0)
     d = json.loads(lipsdp.certify(small, lower_bound_samples=0).to_json())
     assert d["lipsdp_version"] == lipsdp.__version__
-    assert d["schema_version"] == SCHEMA_VERSION == 1
+    assert d["schema_version"] == SCHEMA_VERSION == 2
     created = datetime.fromisoformat(d["created"])
     assert created.tzinfo is not None and created.utcoffset().total_seconds() == 0
     assert before <= created <= datetime.now(timezone.utc)
