@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+from decimal import Decimal, getcontext
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -103,13 +106,13 @@ def test_local_certificate_of_another_model_fails(local_certs):
         _check(local_certs["l2"], mlp([5, 12, 12, 3], seed=5))
 
 
-def _torch_lower_bound(model, center=None, radius=None, samples=64):
+def _torch_lower_bound(model, center=None, radius=None, samples=64, dim=5):
     """Largest Jacobian spectral norm of the torch model itself (autograd, float64) at random inputs."""
     gen = torch.Generator().manual_seed(0)
     net = copy.deepcopy(model).double()
     best = 0.0
     for _ in range(samples):
-        x = torch.randn(5, generator=gen, dtype=torch.float64)
+        x = torch.randn(dim, generator=gen, dtype=torch.float64)
         if center is not None:
             x = torch.as_tensor(center) + radius * x / x.norm() * torch.rand(1, generator=gen, dtype=torch.float64)
         J = torch.autograd.functional.jacobian(net, x)
@@ -121,3 +124,90 @@ def test_sandwich_on_the_torch_model(model, local_certs):
     d = local_certs["l2"]
     assert _torch_lower_bound(model, CENTER, 0.1) <= d["bound"]
     assert _torch_lower_bound(model) <= d["global_bound"] <= d["trivial_bound"] * (1 + 1e-9)
+
+
+# -- the rounding of linear chains folded at load (docs/math.md §10.3) ----------------------------------
+A = 1 + 2.0 ** -30
+
+
+def _cancelling_chain(extra: float | None = None):
+    """Linear(k -> 3) then Linear(3 -> 1) in float64 whose exact product on input 0 is
+    ``a^2 - (1 + 2^-29) = 2^-60`` while the float product is 0; ``extra`` adds a second input with that
+    weight and a ReLU after the chain (the SDP path)."""
+    k = 1 if extra is None else 2
+    lin1 = torch.nn.Linear(k, 3, bias=False).double()
+    lin2 = torch.nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():
+        lin1.weight.zero_()
+        lin1.weight[0, 0], lin1.weight[1, 0] = A, 1.0
+        if extra is not None:
+            lin1.weight[2, 1] = 1.0
+        lin2.weight[:] = torch.tensor([[A, -(1 + 2.0 ** -29), extra or 0.0]], dtype=torch.float64)
+    layers = [lin1, lin2] if extra is None else [lin1, lin2, torch.nn.ReLU(), torch.nn.Linear(1, 1, bias=False).double()]
+    if extra is not None:
+        with torch.no_grad():
+            layers[-1].weight.fill_(1.0)
+    return torch.nn.Sequential(*layers)
+
+
+def _exact_constant(extra: float | None = None) -> float:
+    """``||W*||`` in rationals (the ReLU's slope is 1 where the pre-activation is positive), rounded down."""
+    w0 = Fraction(A) * Fraction(A) - Fraction(1 + 2.0 ** -29)
+    assert w0 == Fraction(1, 2 ** 60)
+    sq = w0 ** 2 + Fraction(extra or 0.0) ** 2
+    return float(Fraction(math.isqrt(int(sq * 2 ** 300)), 2 ** 150))  # a lower bound on sqrt(sq)
+
+
+def test_folded_chain_rounding_to_zero_is_not_a_constant_network():
+    """Regression: the float product of the chain is exactly 0, so lipsdp used to certify ``L = 0`` (a
+    "constant" network) for a map whose exact constant is ``2^-60``."""
+    from lipsdp.pipeline import load_model
+
+    model = _cancelling_chain()
+    net, _ = load_model(model, input_shape=(1,))
+    affine = [net.op(n) for n in net.graph.nodes][1]
+    assert affine.weight[0, 0] == 0.0 and affine.weight_err[0, 0] >= 2.0 ** -60
+    cert = lipsdp.certify(model, input_shape=(1,), lower_bound_samples=0)
+    assert cert.verified and cert.bound >= _exact_constant() > 0
+
+
+def test_folded_chain_error_is_in_the_sdp_proof():
+    """Regression: with a second input of weight 1e-30 and a ReLU, the SDP's proof used to accept a bound
+    of about 1e-30, below the exact constant (about 8.7e-19).  With the folding error in the lifting the
+    rigorous test needs ``rho`` far above the solver's, beyond the inflations tried: no bound below the
+    exact constant is proven."""
+    model = _cancelling_chain(extra=1e-30)
+    cert = lipsdp.certify(model, lower_bound_samples=0)
+    exact = _exact_constant(1e-30)
+    assert not cert.verified or cert.bound >= exact, (cert.bound, exact)
+    assert _torch_lower_bound(model, samples=8, dim=2) <= exact
+
+
+def test_batch_norm_folding_error_covers_the_exact_product():
+    """Linear -> BatchNorm -> Linear folds into one weight; its carried bound covers the exact product
+    (the BatchNorm scale ``gamma / sqrt(var + eps)`` in 80-digit decimal arithmetic)."""
+    from lipsdp.pipeline import load_model
+
+    getcontext().prec = 80
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(6).eval()
+    with torch.no_grad():
+        bn.running_var[:] = torch.rand(6) + 0.1
+        bn.running_mean[:] = torch.randn(6)
+        bn.weight[:] = torch.randn(6)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), bn, torch.nn.Linear(6, 3), torch.nn.ReLU(),
+                                torch.nn.Linear(3, 2)).eval()
+    net, _ = load_model(model, input_shape=(4,))
+    affine = [net.op(n) for n in net.graph.nodes][1]
+    err = affine.weight_err.toarray() if hasattr(affine.weight_err, "toarray") else affine.weight_err
+    W1, W2 = (model[i].weight.detach().double().numpy() for i in (0, 2))
+    s = [Decimal(float(bn.weight[i].detach())) / (Decimal(float(bn.running_var[i])) + Decimal(bn.eps)).sqrt()
+         for i in range(6)]
+    for i in range(3):
+        for j in range(4):
+            exact = sum(Decimal(float(W2[i, k])) * s[k] * Decimal(float(W1[k, j])) for k in range(6))
+            assert abs(float(exact - Decimal(float(affine.weight[i, j])))) <= err[i, j]
+    cert = lipsdp.certify(model, lower_bound_samples=32)
+    assert cert.verified and cert.lower_bound <= cert.bound <= cert.trivial_bound
+    with pytest.raises(LipSDPError, match="--strict: .*composed in floating point"):
+        lipsdp.certify(model, lower_bound_samples=0, strict=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from lipsdp.io import linmaps
+from lipsdp.io import fold_error, linmaps
 from lipsdp.io.builder import Sym, Unsupported
 from lipsdp.io.translator import is_sym, register_aten, require_floating, to_numpy
 
@@ -186,7 +186,8 @@ def batch_norm(t, x, weight, bias, mean, var, eps) -> Sym:
     if bias is not None:
         shift = shift + to_numpy(bias)
     return t.b.linear(x, sp.diags(linmaps.channel_scale(x.shape, scale), format="csr"),
-                      linmaps.channel_scale(x.shape, shift), label=t.label)
+                      linmaps.channel_scale(x.shape, shift), label=t.label,
+                      err=sp.diags(linmaps.channel_scale(x.shape, fold_error.batch_norm_scale_error(scale)), format="csr"))
 
 
 @register_aten("batch_norm")
