@@ -131,7 +131,7 @@ def _not_recheckable(cert) -> str | None:
     if getattr(cert, "region", None) and "center" not in cert.region:  # lipsdp.local before schema 2
         return "local certificates written without their center (before schema_version 2)"
     if (cert.verification or {}).get("method") == "composition":  # lipsdp.compose: one per block
-        return "composed certificates (lipsdp.compose; each block's own certificate can be)"
+        return "composed certificates (lipsdp.compose) here: lipsdp.composition.check_composed does, as lipsdp verify"
     return None
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import subprocess
+import sys
 from decimal import Decimal, getcontext
 from fractions import Fraction
 
@@ -22,6 +24,7 @@ import torch
 import lipsdp
 from lipsdp.certificate import Certificate
 from lipsdp.checking import check_certificate
+from lipsdp.composition import check_composed
 from lipsdp.errors import LipSDPError
 from models import mlp
 
@@ -211,3 +214,86 @@ def test_batch_norm_folding_error_covers_the_exact_product():
     assert cert.verified and cert.lower_bound <= cert.bound <= cert.trivial_bound
     with pytest.raises(LipSDPError, match="--strict: .*composed in floating point"):
         lipsdp.certify(model, lower_bound_samples=0, strict=True)
+
+
+# -- composed certificates (lipsdp.compose) -----------------------------------------------------------
+def _seq(sizes, seed):
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1]).double()
+
+
+@pytest.fixture(scope="module")
+def composed():
+    net = _seq([6, 10, 10, 3], seed=1)
+    cert = lipsdp.compose(net, split_at=[2], lower_bound_samples=8)
+    assert cert.verified
+    return net, json.loads(cert.to_json())
+
+
+def _block_multipliers(d):
+    return d["network"]["blocks"][1]["certificates"][0]["multipliers"]
+
+
+COMPOSED_EDITS = {
+    "bound": (lambda d: d.update(bound=d["bound"] * 0.999), "below the product"),
+    "block_bound": (lambda d: d["network"]["blocks"][0].update(bound=d["network"]["blocks"][0]["bound"] * 0.999),
+                    "block 0's stated bound"),
+    "multiplier": (lambda d: _block_multipliers(d).__setitem__(0, _block_multipliers(d)[0] * 0.9),
+                   "block 1: the certificate does not verify"),
+    "dropped": (lambda d: d["network"]["blocks"][1].update(certificates=[]), "stores no SDP certificate"),
+    "split": (lambda d: d["network"].update(split_at=[1]), "does not verify|does not match"),
+}
+
+
+def test_composed_certificate_rechecks_and_edits_fail(composed, tmp_path):
+    net, d = composed
+    cert = check_composed(copy.deepcopy(d), net)
+    assert cert.verification["rechecked"] and cert.bound == d["bound"]
+    assert cert.lower_bound <= cert.bound <= cert.trivial_bound * (1 + 1e-9)
+    for name, (edit, reason) in COMPOSED_EDITS.items():
+        e = copy.deepcopy(d)
+        edit(e)
+        with pytest.raises(LipSDPError, match=reason):
+            check_composed(e, net)
+    with pytest.raises(LipSDPError, match="does not match"):
+        check_composed(copy.deepcopy(d), _seq([6, 10, 10, 3], seed=2))
+
+
+def test_composed_attention_certificate_rechecks():
+    """Residual L2 attention and a residual MLP: the hooks' bounds recomputed, the MLP's SDP re-checked;
+    a dot-product attention block over a box: an enlarged box fails."""
+    from lipsdp.nn.attention import DotMultiheadSelfAttention, L2MultiheadSelfAttention, Residual
+
+    torch.manual_seed(4)
+    stack = [Residual(L2MultiheadSelfAttention(4, heads=2)).double(), Residual(_seq([4, 8, 4], seed=5))]
+    d = json.loads(lipsdp.compose(stack, seq_len=3, lower_bound_samples=0).to_json())
+    assert check_composed(copy.deepcopy(d), stack).verification["rechecked"]
+    d["network"]["seq_len"] = 30  # the attention bound grows with the sequence length
+    with pytest.raises(LipSDPError, match="block 0's stated bound"):
+        check_composed(d, stack)
+    local = [Residual(DotMultiheadSelfAttention(4, heads=2)).double(), Residual(_seq([4, 8, 4], seed=8))]
+    box = (-0.5 * np.ones((3, 4)), 0.5 * np.ones((3, 4)))
+    d = json.loads(lipsdp.compose(local, box=box, lower_bound_samples=0).to_json())
+    assert check_composed(copy.deepcopy(d), local).verification["rechecked"]
+    d["network"]["domain"]["box"] = [(-5 * np.ones((3, 4))).tolist(), (5 * np.ones((3, 4))).tolist()]
+    with pytest.raises(LipSDPError, match="block 0's stated bound"):
+        check_composed(d, local)
+
+
+@pytest.mark.slow  # two command-line runs, each importing torch (about 40 s on the shared machine)
+def test_cli_verifies_a_composed_certificate(composed, tmp_path):
+    net, d = composed
+    torch.save(net, tmp_path / "net.pt")
+    (tmp_path / "cert.json").write_text(json.dumps(d))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lipsdp", "verify", *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    proc = run(tmp_path / "cert.json", tmp_path / "net.pt")
+    assert proc.returncode == 0 and "certificate holds" in proc.stdout, proc.stderr
+    d = copy.deepcopy(d)
+    d["bound"] *= 0.999
+    (tmp_path / "edited.json").write_text(json.dumps(d))
+    proc = run(tmp_path / "edited.json", tmp_path / "net.pt")
+    assert proc.returncode == 2 and "below the product" in proc.stderr
