@@ -3,7 +3,8 @@
 The path is load -> lift -> verify, on the queries and congruences certification used
 (:func:`lipsdp.verification.recheck`); implicit layers also get their well-posedness proved again.
 A local certificate (``--center/--radius``) is re-checked on the network localized again on its stored
-region (:func:`check_local`), and its Clarke-Jacobian bound is recomputed.
+region (:func:`check_local`), and its Clarke-Jacobian bound is recomputed; an all-horizon RNN certificate
+by :func:`lipsdp.recurrent_check.check_all_horizons`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lipsdp.errors import LipSDPError
 from lipsdp.jacobian import local_lipschitz_jacobian
 from lipsdp.local import localize, region_norm_name
 from lipsdp.pipeline import load_model
+from lipsdp.recurrent_check import check_all_horizons
 from lipsdp.verification import check_claims, recheck
 from lipsdp.wellposed import attach_well_posedness, implicit_nodes
 
@@ -48,14 +50,15 @@ def check_certificate(cert, model, **load_options) -> Certificate:
         cert = Certificate.from_dict(cert)
     check_claims(cert)
     t0 = time.perf_counter()
-    network, _ = load_model(model, **load_options)
-    network.validate()
-    if cert.region:
-        margins = check_local(cert, network)
+    if cert.formulation == "dissipation":  # --horizon all: the dissipation LMI and the storage condition
+        margins = check_all_horizons(cert, model, **load_options)
+        network = None
     else:
-        margins = recheck(cert, network)
+        network, _ = load_model(model, **load_options)
+        network.validate()
+        margins = check_local(cert, network) if cert.region else recheck(cert, network)
     # Implicit layers: the bound means something only if the equilibrium is proved unique.
-    if margins is not None and implicit_nodes(network):
+    if margins is not None and network is not None and implicit_nodes(network):
         attach_well_posedness(network, cert, cert.formulation, cert.norm)
         if not cert.network["well_posedness"].get("proved"):
             raise LipSDPError("the certificate does not verify: " + cert.network["well_posedness"]["message"])

@@ -405,7 +405,8 @@ def certify_all_horizons(model, input_shape=None, trust_pickle: bool = False, lo
     summary = {"source": network.source, "input_dim": ss.input_size, "output_dim": int(ss.C.shape[0]),
                "hidden_neurons": int(sum(ss.sizes)), "layers": [f"RNN[{h}]" for h in ss.sizes],
                "lmi_size": lmi.n, "horizon": "all", "output": ss.mode, "activation": ss.activation,
-               "lower_bound_horizon": network.op(network.input).shape[0], "stability": stability}
+               "lower_bound_horizon": network.op(network.input).shape[0], "stability": stability,
+               "sha256": network.fingerprint()}  # of the network unrolled at that horizon: lipsdp verify
     return Certificate(ver.bound, VERIFIED, formulation="dissipation", solver=solver, solver_status=status,
                        message=f"verified for every horizon: L <= {ver.bound:.6g} (read-out of the "
                                f"{'last state' if ss.mode == 'last' else 'states at every step'})",

@@ -26,6 +26,8 @@ from lipsdp.verify import (Verification, balanced_scales, rigorous_negative_defi
                            verify_balanced)
 
 FORMULATIONS = ("neuron", "layer")
+#: Formulations of certificates ``lipsdp verify`` re-checks with their own LMIs (:mod:`lipsdp.checking`).
+RECHECKED_ELSEWHERE = ("dissipation",)
 NORMS = ("l2", "linf")
 
 #: A verified bound more than this (relative) above the solver's own value sends verification on to an
@@ -124,8 +126,6 @@ def _is_number(value) -> bool:
 
 def _not_recheckable(cert) -> str | None:
     """The kinds of certificate whose LMIs are not rebuilt from the network by :func:`recheck`."""
-    if cert.formulation == "dissipation":  # lipsdp.recurrent: one LMI for every horizon
-        return "all-horizon RNN certificates (--horizon all)"
     if cert.formulation == "state-space":  # lipsdp.structured: per-convolution LMIs
         return "state-space CNN certificates (--structure state-space)"
     if getattr(cert, "region", None) and "center" not in cert.region:  # lipsdp.local before schema 2
@@ -144,7 +144,7 @@ def check_claims(cert) -> None:
     kind = _not_recheckable(cert)
     if kind:
         raise LipSDPError(f"re-checking {kind} is not supported yet: certify the model again")
-    if cert.norm not in NORMS or cert.formulation not in FORMULATIONS:
+    if cert.norm not in NORMS or cert.formulation not in FORMULATIONS + RECHECKED_ELSEWHERE:
         raise LipSDPError(f"the certificate names an unknown norm {cert.norm!r} or formulation "
                           f"{cert.formulation!r} (edited or corrupt)")
     if not cert.verified:

@@ -297,3 +297,57 @@ def test_cli_verifies_a_composed_certificate(composed, tmp_path):
     (tmp_path / "edited.json").write_text(json.dumps(d))
     proc = run(tmp_path / "edited.json", tmp_path / "net.pt")
     assert proc.returncode == 2 and "below the product" in proc.stderr
+
+
+# -- all-horizon RNN certificates (--horizon all) ------------------------------------------------------
+class _Elman(torch.nn.Module):
+    """``nn.RNN`` (tanh, ``||W_hh|| = 0.6``) and a Linear read-out of the last state."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.rnn = torch.nn.RNN(2, 4, batch_first=True)
+        self.fc = torch.nn.Linear(4, 2)
+        with torch.no_grad():
+            self.rnn.weight_hh_l0.mul_(0.6 / torch.linalg.matrix_norm(self.rnn.weight_hh_l0, 2))
+        self.eval()
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.fc(out[:, -1])
+
+
+@pytest.fixture(scope="module")
+def rnn_cert():
+    from lipsdp.recurrent import certify_all_horizons
+
+    model = _Elman()
+    cert = certify_all_horizons(model, lower_bound_samples=16)
+    assert cert.verified and cert.formulation == "dissipation"
+    return model, json.loads(cert.to_json())
+
+
+def _lower_rho(d):
+    d["rho"] *= 0.9
+    d["bound"] = math.sqrt(d["rho"]) * (1 + 1e-9)  # a consistent, lower claim: the LMI must refuse it
+
+
+RNN_EDITS = {"bound": (lambda d: d.update(bound=d["bound"] * 0.999), "below what its multipliers prove"),
+             "rho": (_lower_rho, "dissipation LMI is not provably negative definite"),
+             "multiplier": (lambda d: d["multipliers"].__setitem__(0, d["multipliers"][0] * 1.5),
+                            "not provably|storage condition"),
+             "dropped": (lambda d: d["multipliers"].pop(), "do not fit")}
+
+
+def test_all_horizon_certificate_rechecks_and_edits_fail(rnn_cert):
+    model, d = rnn_cert
+    cert = _check(d, model)
+    assert cert.verification["rechecked"] and cert.verification["recheck_margin"] > 0
+    assert d["lower_bound"] <= d["bound"] <= d["trivial_bound"]
+    for name, (edit, reason) in RNN_EDITS.items():
+        e = copy.deepcopy(d)
+        edit(e)
+        with pytest.raises(LipSDPError, match=reason):
+            _check(e, model)
+    with pytest.raises(LipSDPError, match="does not match"):
+        _check(d, _Elman(seed=1))
