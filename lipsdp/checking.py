@@ -4,7 +4,8 @@ The path is load -> lift -> verify, on the queries and congruences certification
 (:func:`lipsdp.verification.recheck`); implicit layers also get their well-posedness proved again.
 A local certificate (``--center/--radius``) is re-checked on the network localized again on its stored
 region (:func:`check_local`), and its Clarke-Jacobian bound is recomputed; an all-horizon RNN certificate
-by :func:`lipsdp.recurrent_check.check_all_horizons`.
+by :func:`lipsdp.recurrent_check.check_all_horizons`, a state-space CNN one by
+:func:`lipsdp.structured_check.check_structured`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lipsdp.jacobian import local_lipschitz_jacobian
 from lipsdp.local import localize, region_norm_name
 from lipsdp.pipeline import load_model
 from lipsdp.recurrent_check import check_all_horizons
+from lipsdp.structured_check import check_structured
 from lipsdp.verification import check_claims, recheck
 from lipsdp.wellposed import attach_well_posedness, implicit_nodes
 
@@ -56,7 +58,10 @@ def check_certificate(cert, model, **load_options) -> Certificate:
     else:
         network, _ = load_model(model, **load_options)
         network.validate()
-        margins = check_local(cert, network) if cert.region else recheck(cert, network)
+        if cert.formulation == "state-space":  # --structure state-space: the per-convolution LMIs
+            margins = check_structured(cert, network)
+        else:
+            margins = check_local(cert, network) if cert.region else recheck(cert, network)
     # Implicit layers: the bound means something only if the equilibrium is proved unique.
     if margins is not None and network is not None and implicit_nodes(network):
         attach_well_posedness(network, cert, cert.formulation, cert.norm)

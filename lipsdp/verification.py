@@ -27,7 +27,7 @@ from lipsdp.verify import (Verification, balanced_scales, rigorous_negative_defi
 
 FORMULATIONS = ("neuron", "layer")
 #: Formulations of certificates ``lipsdp verify`` re-checks with their own LMIs (:mod:`lipsdp.checking`).
-RECHECKED_ELSEWHERE = ("dissipation",)
+RECHECKED_ELSEWHERE = ("dissipation", "state-space")
 NORMS = ("l2", "linf")
 
 #: A verified bound more than this (relative) above the solver's own value sends verification on to an
@@ -126,8 +126,6 @@ def _is_number(value) -> bool:
 
 def _not_recheckable(cert) -> str | None:
     """The kinds of certificate whose LMIs are not rebuilt from the network by :func:`recheck`."""
-    if cert.formulation == "state-space":  # lipsdp.structured: per-convolution LMIs
-        return "state-space CNN certificates (--structure state-space)"
     if getattr(cert, "region", None) and "center" not in cert.region:  # lipsdp.local before schema 2
         return "local certificates written without their center (before schema_version 2)"
     if (cert.verification or {}).get("method") == "composition":  # lipsdp.compose: one per block

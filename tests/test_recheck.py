@@ -220,20 +220,14 @@ def test_cli_verifies_linf_certificates_and_refuses_edits(tmp_path, model):
 
 
 def test_kinds_not_rebuilt_from_the_network_are_refused_by_name(model, certs, tmp_path):
-    """State-space, all-horizon and composed certificates, and local ones written before their center was
-    stored, stand for LMIs ``recheck`` does not rebuild: ``lipsdp verify`` says which kind it cannot
-    re-check, before loading the model (local ones: tests/test_verify_kinds.py)."""
+    """Composed certificates (re-checked by lipsdp.composition.check_composed) and local ones written before
+    their center was stored are refused by name, before loading the model; state-space and all-horizon
+    ones are re-checked with their own LMIs (tests/test_verify_kinds.py)."""
     local = json.loads(lipsdp.certify(model, center=torch.zeros(5).numpy(), radius=0.1,
                                       lower_bound_samples=0).to_json())
     del local["region"]["center"]
     with pytest.raises(LipSDPError, match="local certificates written without their center"):
         check_certificate(Certificate.from_dict(local), model)
-    for field, value, name in (("formulation", "state-space", "state-space CNN"),
-                               ("formulation", "dissipation", "all-horizon RNN")):
-        d = copy.deepcopy(certs["l2"])
-        d[field] = value
-        with pytest.raises(LipSDPError, match=name):
-            check_certificate(Certificate.from_dict(d), str(tmp_path / "never-read.pt"))
     d = copy.deepcopy(certs["l2"])
     d["verification"]["method"] = "composition"
     with pytest.raises(LipSDPError, match="composed certificates"):

@@ -351,3 +351,80 @@ def test_all_horizon_certificate_rechecks_and_edits_fail(rnn_cert):
             _check(e, model)
     with pytest.raises(LipSDPError, match="does not match"):
         _check(d, _Elman(seed=1))
+
+
+# -- state-space CNN certificates (--structure state-space) --------------------------------------------
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.LeakyReLU(0.01),
+                               torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.LeakyReLU(0.01), torch.nn.Flatten(),
+                               torch.nn.Linear(2 * 4 * 4, 3)).double().eval()
+
+
+@pytest.fixture(scope="module")
+def cnn_cert():
+    """The structured LMIs' own certificate (:func:`lipsdp.structured.certify_structured`): on nets this small
+    ``certify`` reports the proven trivial bound instead (the state-space LMIs are looser), re-checked below."""
+    from lipsdp.convnet import conv_chain
+    from lipsdp.pipeline import load_model
+    from lipsdp.structured import certify_structured
+
+    model = _cnn()
+    net, _ = load_model(model, input_shape=(1, 4, 4))
+    cert = certify_structured(net, conv_chain(net), lower_bound_samples=32)
+    assert cert.verified and cert.formulation == "state-space" and cert.verification["point"]
+    return model, json.loads(cert.to_json())
+
+
+def test_state_space_certificate_at_the_trivial_bound_rechecks():
+    model = _cnn()
+    d = json.loads(lipsdp.certify(model, input_shape=(1, 4, 4), structure="state-space",
+                                  lower_bound_samples=0).to_json())
+    assert d["formulation"] == "state-space" and d["verification"]["method"] == "trivial"
+    assert check_certificate(Certificate.from_dict(copy.deepcopy(d)), model, input_shape=(1, 4, 4)).verified
+    d["bound"] *= 0.999
+    with pytest.raises(LipSDPError, match="below the proven trivial bound"):
+        check_certificate(Certificate.from_dict(d), model, input_shape=(1, 4, 4))
+
+
+def _supply(d):
+    d["multipliers"][1][0][0] *= 0.5  # X_1 lowered: layer 1's block (or layer 0's) is no longer proven
+
+
+def _first_supply(d):
+    for row in d["multipliers"][0]:
+        for j in range(len(row)):
+            row[j] *= 0.9
+    d["bound"] = d["bound"] * 0.95  # rho lowered with a matching claim: the first block must refuse it
+
+
+def _cnn_lower_bound(model, samples=16):
+    gen = torch.Generator().manual_seed(1)
+    best = 0.0
+    for _ in range(samples):
+        x = torch.randn(1, 1, 4, 4, generator=gen, dtype=torch.float64)
+        J = torch.autograd.functional.jacobian(model, x).reshape(-1, x.numel())
+        best = max(best, float(torch.linalg.matrix_norm(J, 2)))
+    return best
+
+
+CNN_EDITS = {"bound": (lambda d: d.update(bound=d["bound"] * 0.999), "below what its multipliers prove"),
+             "supply": (_supply, "not proven"), "rho": (_first_supply, "not proven"),
+             "tail_gain": (lambda d: d["verification"].update(tail_gain=d["verification"]["tail_gain"] * 0.5),
+                           "Gram bound"),
+             "storage": (lambda d: d["verification"]["point"]["P1"][0][0].__setitem__(0, 1e3), "not proven"),
+             "point": (lambda d: d["verification"].pop("point"), "holds no solver point")}
+
+
+def test_state_space_certificate_rechecks_and_edits_fail(cnn_cert):
+    model, d = cnn_cert
+    cert = check_certificate(Certificate.from_dict(copy.deepcopy(d)), model, input_shape=(1, 4, 4))
+    assert cert.verification["rechecked"] and cert.bound == d["bound"]
+    assert _cnn_lower_bound(model) <= d["bound"] and d["lower_bound"] <= d["bound"]
+    for name, (edit, reason) in CNN_EDITS.items():
+        e = copy.deepcopy(d)
+        edit(e)
+        with pytest.raises(LipSDPError, match=reason):
+            check_certificate(Certificate.from_dict(e), model, input_shape=(1, 4, 4))
+    with pytest.raises(LipSDPError, match="does not match"):
+        check_certificate(Certificate.from_dict(copy.deepcopy(d)), _cnn(seed=1), input_shape=(1, 4, 4))
