@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from lipsdp.certificate import Certificate
-from lipsdp.errors import LipSDPError
+from lipsdp.errors import LipSDPError, NotVerifiedError
 from lipsdp.jacobian import local_lipschitz_jacobian
 from lipsdp.local import localize, region_norm_name
 from lipsdp.pipeline import load_model
@@ -46,7 +46,8 @@ def check_certificate(cert, model, **load_options) -> Certificate:
     (:func:`lipsdp.verification.recheck`).  Local certificates: :func:`check_local`.
 
     Returns the certificate with refreshed verification details; raises
-    :class:`~lipsdp.errors.LipSDPError` (exit 2) otherwise.
+    :class:`~lipsdp.errors.NotVerifiedError` (exit 1) where a claim is not proven again, another
+    :class:`~lipsdp.errors.LipSDPError` (exit 2) for a malformed certificate or another model.
     """
     if isinstance(cert, dict):
         cert = Certificate.from_dict(cert)
@@ -66,7 +67,7 @@ def check_certificate(cert, model, **load_options) -> Certificate:
     if margins is not None and network is not None and implicit_nodes(network):
         attach_well_posedness(network, cert, cert.formulation, cert.norm)
         if not cert.network["well_posedness"].get("proved"):
-            raise LipSDPError("the certificate does not verify: " + cert.network["well_posedness"]["message"])
+            raise NotVerifiedError("the certificate does not verify: " + cert.network["well_posedness"]["message"])
     cert.verification = {**cert.verification, "rechecked": True,
                          "recheck_margin": min(margins) if margins else None,
                          "recheck_seconds": time.perf_counter() - t0}
@@ -138,7 +139,7 @@ def check_local(cert, network) -> list[float]:
         local_net, _ = localize(network, center, radius, norm, method=region.get("method", "crown"),
                                 eliminate=bool(region.get("eliminated", True)))
         if local_net.fingerprint() != (cert.network or {}).get("sha256"):
-            raise LipSDPError("the certificate does not verify: the network localized on its stated region "
+            raise NotVerifiedError("the certificate does not verify: the network localized on its stated region "
                               "has other sectors than the one certified (region edited?)")
         margins = recheck(sdp, local_net)
     elif region.get("sdp_from") == "global":
@@ -152,7 +153,7 @@ def check_local(cert, network) -> list[float]:
     if (cert.verification or {}).get("method") == "clarke-jacobian":
         jac, _ = local_lipschitz_jacobian(network, center - radius, center + radius, norm=cert.norm)
         if not jac <= cert.bound:
-            raise LipSDPError(f"the certificate does not verify: its bound {cert.bound!r} is below the "
+            raise NotVerifiedError(f"the certificate does not verify: its bound {cert.bound!r} is below the "
                               f"Clarke-Jacobian bound {jac!r} proven again on the region's box (edited?)")
         margins = (margins or []) + [cert.bound - jac]
     return margins

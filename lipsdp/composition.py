@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from lipsdp.certificate import SCHEMA_VERSION, UNVERIFIED, VERIFIED, Certificate
-from lipsdp.errors import LipSDPError, UnsupportedLayerError
+from lipsdp.errors import LipSDPError, NotVerifiedError, UnsupportedLayerError
 from lipsdp.io.checkpoint import find_in_checkpoint
 from lipsdp.io.safe_pickle import load_torch_file
 from lipsdp.pipeline import certify, load_model
@@ -251,11 +251,12 @@ def _rechecked(queue: list, index: int):
         try:
             margins = recheck(stored, network)
         except LipSDPError as exc:
-            raise LipSDPError(f"block {index}: {exc}") from None
+            raise (NotVerifiedError if isinstance(exc, NotVerifiedError) else LipSDPError)(
+                f"block {index}: {exc}") from None
         if margins is not None and implicit_nodes(network):
             attach_well_posedness(network, stored, stored.formulation, stored.norm)
             if not stored.network["well_posedness"].get("proved"):
-                raise LipSDPError(f"block {index} does not verify: {stored.network['well_posedness']['message']}")
+                raise NotVerifiedError(f"block {index} does not verify: {stored.network['well_posedness']['message']}")
         return stored
     return sdp
 
@@ -319,14 +320,14 @@ def check_composed(cert, model, *, trust_pickle: bool = False) -> Certificate:
         claim = record.get("bound")
         if not part.verified or isinstance(claim, bool) or not isinstance(claim, (int, float)) \
                 or not part.bound <= claim:
-            raise LipSDPError(f"the certificate does not verify: block {k}'s stated bound {claim!r} is below "
+            raise NotVerifiedError(f"the certificate does not verify: block {k}'s stated bound {claim!r} is below "
                               f"what is proven again ({part.bound!r}; edited?)")
         if queue:
             raise LipSDPError(f"block {k} stores more SDP certificates than it uses (edited or corrupt)")
         proven.append(part.bound)
     product = compose_bounds(proven)
     if not product <= cert.bound:
-        raise LipSDPError(f"the certificate does not verify: its bound {cert.bound!r} is below the product of "
+        raise NotVerifiedError(f"the certificate does not verify: its bound {cert.bound!r} is below the product of "
                           f"the blocks' proven bounds ({product!r}; edited?)")
     cert.verification = {**cert.verification, "rechecked": True, "recheck_margin": cert.bound - product,
                          "recheck_seconds": time.perf_counter() - t0}

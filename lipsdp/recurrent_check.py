@@ -15,7 +15,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from lipsdp.errors import LipSDPError
+from lipsdp.errors import LipSDPError, NotVerifiedError
 from lipsdp.io import load_network, network_from_module
 from lipsdp.io.rnn import is_program
 from lipsdp.network import Network
@@ -66,15 +66,15 @@ def check_all_horizons(cert, model, *, input_shape=None, trust_pickle: bool = Fa
     proven = round_up_sqrt(Fraction(float(x[0])))
     if isinstance(cert.bound, bool) or not isinstance(cert.bound, (int, float)) or not math.isfinite(cert.bound) \
             or not proven <= cert.bound:
-        raise LipSDPError(f"the certificate does not verify: its bound {cert.bound!r} is below what its "
+        raise NotVerifiedError(f"the certificate does not verify: its bound {cert.bound!r} is below what its "
                           f"multipliers prove ({proven!r}; edited?)")
     ok, margin = rigorous_negative_definite(lmi, x)
     if not ok:
-        raise LipSDPError("the certificate does not verify: the dissipation LMI is not provably negative definite "
+        raise NotVerifiedError("the certificate does not verify: the dissipation LMI is not provably negative definite "
                           "at its multipliers (edited multipliers or bound?)")
     what = "P - C^T C > 0" if ss.mode == "last" else "P > 0"
     ok, storage_margin = rigorous_negative_definite(storage_lmi(ss, lmi), x)
     if not ok:
-        raise LipSDPError(f"the certificate does not verify: the storage condition {what} cannot be proved at "
+        raise NotVerifiedError(f"the certificate does not verify: the storage condition {what} cannot be proved at "
                           "its multipliers, so the bound is not proved for every horizon (edited?)")
     return [float(margin), float(storage_margin)]

@@ -14,7 +14,7 @@ import numpy as np
 
 from lipsdp.conv_lmi import recheck_chain
 from lipsdp.convnet import conv_chain
-from lipsdp.errors import LipSDPError
+from lipsdp.errors import LipSDPError, NotVerifiedError
 from lipsdp.verification import recheck
 
 __all__ = ["check_structured"]
@@ -51,8 +51,8 @@ def check_structured(cert, network) -> list[float]:
         raise LipSDPError(f"the certificate's structured multipliers do not fit this model (edited or corrupt): "
                           f"{exc}") from None
     if bound is None:
-        raise LipSDPError(f"the certificate does not verify: {why} at its multipliers (edited?)")
+        raise NotVerifiedError(f"the certificate does not verify: {why} at its multipliers (edited?)")
     if isinstance(cert.bound, bool) or not isinstance(cert.bound, (int, float)) or not bound <= cert.bound:
-        raise LipSDPError(f"the certificate does not verify: its bound {cert.bound!r} is below what its "
+        raise NotVerifiedError(f"the certificate does not verify: its bound {cert.bound!r} is below what its "
                           f"multipliers prove ({bound!r}; edited?)")
     return [cert.bound - bound]

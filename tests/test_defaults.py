@@ -74,7 +74,7 @@ def test_verify_json_has_a_verified_key(tmp_path, small):
     edited["bound"] *= 0.5
     cert.write_text(json.dumps(edited))
     code, out, err = run_cli("verify", cert, model, "--json")
-    assert code == 2 and "Traceback" not in err and err.startswith("lipsdp: error")
+    assert code == 1 and "Traceback" not in err and err.startswith("lipsdp: error")
     d = json.loads(out)
     assert d["verified"] is False and "does not verify" in d["error"]
 

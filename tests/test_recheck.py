@@ -3,7 +3,7 @@
 For l2, l_inf (all outputs, one output) and l2 of one output, a saved
 certificate must re-check against its model without solving, and each edit
 that makes it claim more than its multipliers prove must be refused with one
-line (exit 2): a lowered bound or per-output bound, a lowered input multiplier,
+line (exit 1; exit 2 for a malformed file or another model): a lowered bound or per-output bound, a lowered input multiplier,
 a changed hidden multiplier, another output, another norm, a dropped output,
 another model.
 """
@@ -214,7 +214,7 @@ def test_cli_verifies_linf_certificates_and_refuses_edits(tmp_path, model):
     bad = tmp_path / "edited.json"
     bad.write_text(json.dumps(edited))
     code, out, err = run_cli("verify", bad, path)
-    assert code == 2 and "Traceback" not in err and out == ""
+    assert code == 1 and "Traceback" not in err and out == ""
     assert [line for line in err.splitlines() if line.startswith("lipsdp: error")] == [err.strip()]
     assert "does not verify" in err
 

@@ -296,7 +296,7 @@ def test_cli_verifies_a_composed_certificate(composed, tmp_path):
     d["bound"] *= 0.999
     (tmp_path / "edited.json").write_text(json.dumps(d))
     proc = run(tmp_path / "edited.json", tmp_path / "net.pt")
-    assert proc.returncode == 2 and "below the product" in proc.stderr
+    assert proc.returncode == 1 and "below the product" in proc.stderr
 
 
 # -- all-horizon RNN certificates (--horizon all) ------------------------------------------------------
