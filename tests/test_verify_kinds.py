@@ -186,6 +186,25 @@ def test_folded_chain_error_is_in_the_sdp_proof():
     assert _torch_lower_bound(model, samples=8, dim=2) <= exact
 
 
+def test_folded_chain_error_in_local_bounds():
+    """Regression: the Clarke-Jacobian bound and the pre-activation bounds (interval, CROWN) read the folded
+    weight; they used to prove about 1e-30 on the box for a constant of about 8.7e-19."""
+    from lipsdp.jacobian import local_lipschitz_jacobian
+    from lipsdp.pipeline import load_model
+    from lipsdp.preact import preactivation_bounds
+
+    model = _cancelling_chain(extra=1e-30)
+    net, _ = load_model(model)
+    exact = _exact_constant(1e-30)
+    for norm in ("l2", "linf"):
+        assert local_lipschitz_jacobian(net, -np.ones(2), np.ones(2), norm=norm)[0] >= exact
+    for method in ("interval", "crown"):
+        lo, hi = preactivation_bounds(net, -np.ones(2), np.ones(2), method)[1]
+        assert lo[0] <= -2.0 ** -60 and hi[0] >= 2.0 ** -60  # W* x for x = -e_0, e_0
+    cert = lipsdp.certify(model, center=np.zeros(2), radius=1.0, lower_bound_samples=0)
+    assert not cert.verified or cert.bound >= exact, (cert.bound, exact)
+
+
 def test_batch_norm_folding_error_covers_the_exact_product():
     """Linear -> BatchNorm -> Linear folds into one weight; its carried bound covers the exact product
     (the BatchNorm scale ``gamma / sqrt(var + eps)`` in 80-digit decimal arithmetic)."""
