@@ -109,6 +109,8 @@ def _readout(network: Network, top: list[int], prefix: str) -> tuple[np.ndarray,
     if network.output == stacked:
         W = np.eye(T * H)
     else:
+        if network.op(network.output).weight_err is not None:  # its rounding is not carried here (docs/math.md §10.3)
+            _refuse(network, "the read-out was composed in floating point at load (a folded linear chain)")
         W = network.op(network.output).weight
         W = W.toarray() if sp.issparse(W) else np.asarray(W, dtype=np.float64)
     if not np.any(W[:, :(T - 1) * H]):

@@ -447,3 +447,17 @@ def test_state_space_certificate_rechecks_and_edits_fail(cnn_cert):
             check_certificate(Certificate.from_dict(e), model, input_shape=(1, 4, 4))
     with pytest.raises(LipSDPError, match="does not match"):
         check_certificate(Certificate.from_dict(copy.deepcopy(d)), _cnn(seed=1), input_shape=(1, 4, 4))
+
+
+def test_state_space_path_refuses_a_folded_batch_norm():
+    """A BatchNorm folded into a convolution carries a rounding bound the state-space LMIs do not model:
+    ``--structure state-space`` refuses it with the reason, ``auto`` unrolls (which carries it)."""
+    from lipsdp.errors import UnsupportedLayerError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.BatchNorm2d(2), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 2)).eval()
+    with pytest.raises(UnsupportedLayerError, match="composed in floating point"):
+        lipsdp.certify(model, input_shape=(1, 4, 4), structure="state-space", lower_bound_samples=0)
+    cert = lipsdp.certify(model, input_shape=(1, 4, 4), structure="auto", lower_bound_samples=16)
+    assert cert.verified and cert.lower_bound <= cert.bound <= cert.trivial_bound

@@ -33,12 +33,14 @@ def _dense_or_csr(M):
     return sp.csr_matrix(M) if sp.issparse(M) else np.asarray(M)
 
 
-def _inner_size(A) -> int:
-    """The most products summed into one entry of ``A @ B``: the densest row of ``A``."""
-    if sp.issparse(A):
-        A = sp.csr_matrix(A)
-        return int(np.diff(A.indptr).max(initial=0))
-    return int(np.count_nonzero(A, axis=1).max(initial=0)) if np.ndim(A) == 2 else 1
+def _inner_size(A, B) -> int:
+    """At most this many products are summed into one entry of ``A @ B``: the densest row of ``A`` or the
+    densest column of ``B``, whichever is smaller (a selection ``B`` gives single products)."""
+    def densest(M, axis):
+        if sp.issparse(M):
+            return int(np.diff(sp.csr_matrix(M).indptr if axis == 1 else sp.csc_matrix(M).indptr).max(initial=0))
+        return int(np.count_nonzero(M, axis=axis).max(initial=0)) if np.ndim(M) == 2 else 1
+    return min(densest(A, 1), densest(B, 0))
 
 
 def product_error(A, B, err_a=None, err_b=None):
@@ -48,7 +50,7 @@ def product_error(A, B, err_a=None, err_b=None):
     ``|A*B* - fl(AB)| <= gamma_k |A||B| + |A| err_b + err_a |B| + err_a err_b``, ``k`` the longest inner
     sum.  A single term per entry (diagonal scalings, selections) is rounded once (``gamma_1``), and not
     at all when one factor holds only 0 and powers of two (a selection, a sign change, a halving)."""
-    k = _inner_size(A)
+    k = _inner_size(A, B)
     absA, absB = _abs(A), _abs(B)
     terms = []
     if k > 1 or not (_is_powers_of_two(A) or _is_powers_of_two(B)):
