@@ -461,3 +461,29 @@ def test_state_space_path_refuses_a_folded_batch_norm():
         lipsdp.certify(model, input_shape=(1, 4, 4), structure="state-space", lower_bound_samples=0)
     cert = lipsdp.certify(model, input_shape=(1, 4, 4), structure="auto", lower_bound_samples=16)
     assert cert.verified and cert.lower_bound <= cert.bound <= cert.trivial_bound
+
+
+@pytest.mark.parametrize("divisor", [3.0, [3.0, 7.0]])
+def test_division_by_a_constant_carries_the_reciprocals_rounding(divisor):
+    """``linear(x) / d`` loads as ``W * fl(1 / d)``: the carried bound covers ``W / d`` exactly (rationals)."""
+    from lipsdp.pipeline import load_model
+
+    class Div(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(3, 2).double()
+            self.register_buffer("d", torch.tensor(divisor, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.lin(x) / self.d
+
+    model = Div()
+    net, _ = load_model(model, input_shape=(3,))
+    affine = [net.op(n) for n in net.graph.nodes][1]
+    err = affine.weight_err.toarray() if hasattr(affine.weight_err, "toarray") else affine.weight_err
+    W, d = model.lin.weight.detach().numpy(), np.broadcast_to(np.asarray(divisor), (2,))
+    for i in range(2):
+        for j in range(3):
+            exact = Fraction(float(W[i, j])) / Fraction(float(d[i]))
+            assert abs(exact - Fraction(float(affine.weight[i, j]))) <= Fraction(float(err[i, j]))

@@ -174,15 +174,16 @@ class GraphBuilder:
         labels = x.labels if label is None or label in x.labels else x.labels + (label,)
         return Sym(x.base, shape, W, b, labels, err=E)
 
-    def scale(self, x: Sym, factor: float, label: Label | None = None) -> Sym:
-        """``factor * x`` (returns ``x`` itself for a factor of 1)."""
+    def scale(self, x: Sym, factor: float, label: Label | None = None, rel_err: float = 0.0) -> Sym:
+        """``factor * x`` (returns ``x`` itself for a factor of 1); ``rel_err`` bounds the relative rounding
+        of ``factor`` itself (a reciprocal), carried with the product's (:mod:`lipsdp.io.fold_error`)."""
         factor = float(factor)
-        if factor == 1.0:
+        if factor == 1.0 and not rel_err:
             return x
         W = _tidy(factor * self._explicit(x))
         b = None if x.b is None else factor * x.b
         labels = x.labels if label is None or label in x.labels else x.labels + (label,)
-        return Sym(x.base, x.shape, W, b, labels, err=fold_error.scale_error(factor, self._explicit(x), x.err))
+        return Sym(x.base, x.shape, W, b, labels, err=fold_error.scale_error(factor, self._explicit(x), x.err, rel_err))
 
     def select(self, x: Sym, index: np.ndarray, label: Label | None = None) -> Sym:
         """``flat(y) = flat(x)[index]`` with ``index`` shaped like ``y`` (``-1``: zero)."""

@@ -71,12 +71,19 @@ def sum_error(terms, errors):
     return _total(parts)
 
 
-def scale_error(factor: float, M, err=None):
-    """A bound on ``|factor M* - fl(factor M)|``: one rounding per entry, none for a power of two."""
-    parts = [] if _power_of_two(factor) else [_U * abs(factor) * _abs(M)]
+def scale_error(factor: float, M, err=None, rel: float = 0.0):
+    """A bound on ``|c M* - fl(factor M)|``: one rounding per entry, none for a power of two; ``rel`` bounds
+    ``|c - factor| / |factor|`` where the factor itself was rounded (``1 / b`` for a division by ``b``)."""
+    parts = [] if _power_of_two(factor) and not rel else [(_U + rel * (1.0 + _U)) * abs(factor) * _abs(M)]
     if err is not None:
-        parts.append(abs(factor) * err)
+        parts.append(abs(factor) * (1.0 + rel) * err)
     return _total(parts)
+
+
+def reciprocal_error(c) -> float:
+    """The relative error of ``fl(1 / b)`` (one correctly rounded division), ``0`` where every ``b`` is a
+    power of two (exact)."""
+    return 0.0 if _is_powers_of_two(c) else gamma(1)
 
 
 def rows_error(err, index):
@@ -123,5 +130,5 @@ def stacked_error(blocks, errors, perm):
     return np.vstack(full)[perm]
 
 
-__all__ = ["batch_norm_scale_error", "gamma", "product_error", "rows_error", "scale_error", "stacked_error",
-           "sum_error"]
+__all__ = ["batch_norm_scale_error", "gamma", "product_error", "reciprocal_error", "rows_error", "scale_error",
+           "stacked_error", "sum_error"]
