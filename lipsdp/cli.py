@@ -247,7 +247,9 @@ def _cmd_verify(args) -> int:
                            "per_output": None if per_output is None else [p.get("bound") for p in per_output],
                            "seconds": seconds})
     else:
-        text = (f"certificate holds: {args.model} is {cert.bound:.6g}-Lipschitz ({_what_was_certified(cert)}), "
+        where = (f" on the {cert.region['norm']} ball of radius {cert.region['radius']:g} around its center"
+                 if cert.region else " for every horizon" if cert.formulation == "dissipation" else "")
+        text = (f"certificate holds: {args.model} is {cert.bound:.6g}-Lipschitz ({_what_was_certified(cert)}){where}, "
                 f"re-checked in {seconds:.2f} s")
     with _OUTPUT:
         print(text, flush=True)
