@@ -198,7 +198,11 @@ def _(op, parents, arith):
 
 @node_gain.register(Affine)
 def _(op, parents, arith):
-    return arith.mul(arith.matrix(op.weight), parents[0])
+    w = arith.matrix(op.weight)
+    if op.weight_err is not None and isinstance(arith, Proven):  # ||W*|| <= ||W|| + ||E||_F (docs/math.md §10.3)
+        E = abs(sp.csr_matrix(op.weight_err))  # raised by 1e-10 for the rounding of its own norm
+        w = arith.total([w, float(sp.linalg.norm(E) if arith.norm == "l2" else E.sum(axis=1).max()) * (1 + 1e-10)])
+    return arith.mul(w, parents[0])
 
 
 @node_gain.register(Reshape)

@@ -23,7 +23,7 @@ from lipsdp.errors import LipSDPError
 VERIFIED, UNVERIFIED, SOLVER_FAILED = "verified", "unverified", "solver_failed"
 
 #: Version of the certificate's JSON layout; files written before it was recorded read as 0.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Temporary files :meth:`Certificate.save` is writing now; a hard exit on Ctrl-C (``lipsdp.cli``) removes them.
 WRITING: set = set()

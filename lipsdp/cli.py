@@ -31,6 +31,7 @@ from lipsdp.certificate import WRITING, Certificate
 from lipsdp.errors import LipSDPError
 from lipsdp.local import read_region
 from lipsdp.checking import check_certificate
+from lipsdp.composition import check_composed
 from lipsdp.pipeline import certify
 from lipsdp.quiet import dropped
 from lipsdp.session import run
@@ -227,8 +228,12 @@ def _what_was_certified(cert) -> str:
 
 def _cmd_verify(args) -> int:
     try:
-        cert = check_certificate(Certificate.load(args.certificate), args.model, activation=args.activation,
-                                 input_shape=args.input_shape, trust_pickle=args.trust_pickle)
+        cert = Certificate.load(args.certificate)
+        if (cert.verification or {}).get("method") == "composition":  # lipsdp.compose: block by block
+            cert = check_composed(cert, args.model, trust_pickle=args.trust_pickle)
+        else:
+            cert = check_certificate(cert, args.model, activation=args.activation, input_shape=args.input_shape,
+                                     trust_pickle=args.trust_pickle)
     except LipSDPError as exc:
         if args.json:  # scripts read one object on stdout either way; the error line still goes to stderr
             with _OUTPUT:
@@ -242,7 +247,9 @@ def _cmd_verify(args) -> int:
                            "per_output": None if per_output is None else [p.get("bound") for p in per_output],
                            "seconds": seconds})
     else:
-        text = (f"certificate holds: {args.model} is {cert.bound:.6g}-Lipschitz ({_what_was_certified(cert)}), "
+        where = (f" on the {cert.region['norm']} ball of radius {cert.region['radius']:g} around its center"
+                 if cert.region else " for every horizon" if cert.formulation == "dissipation" else "")
+        text = (f"certificate holds: {args.model} is {cert.bound:.6g}-Lipschitz ({_what_was_certified(cert)}){where}, "
                 f"re-checked in {seconds:.2f} s")
     with _OUTPUT:
         print(text, flush=True)

@@ -17,16 +17,22 @@ checked against the product: a violation raises, never passes silently.
 from __future__ import annotations
 
 import copy
+import math
+import os
 import time
 
 import numpy as np
 
-from lipsdp.certificate import UNVERIFIED, VERIFIED, Certificate
-from lipsdp.errors import LipSDPError, UnsupportedLayerError
-from lipsdp.pipeline import certify
+from lipsdp.certificate import SCHEMA_VERSION, UNVERIFIED, VERIFIED, Certificate
+from lipsdp.errors import LipSDPError, NotVerifiedError, UnsupportedLayerError
+from lipsdp.io.checkpoint import find_in_checkpoint
+from lipsdp.io.safe_pickle import load_torch_file
+from lipsdp.pipeline import certify, load_model
 from lipsdp.split import compose_bounds
+from lipsdp.verification import check_claims, recheck
+from lipsdp.wellposed import attach_well_posedness, implicit_nodes
 
-__all__ = ["compose", "sampled_module_lower_bound"]
+__all__ = ["check_composed", "compose", "sampled_module_lower_bound"]
 
 
 def _blocks(model, split_at) -> list:
@@ -65,25 +71,39 @@ def _certificate(record: dict) -> Certificate:
                        network=record["network"])
 
 
-def _block_record(block, index: int, options: dict, hook_options: dict) -> dict:
-    """One block's bound record: its own hook (attention, residual) or the SDP's certificate."""
+def _solve(block, options: dict) -> Certificate:
+    """An SDP block's certificate: :func:`lipsdp.certify` (:func:`check_composed` passes a re-check instead)."""
+    return certify(block, lower_bound_samples=0, **options)
+
+
+def _block_record(block, index: int, options: dict, hook_options: dict, sdp=_solve) -> dict:
+    """One block's bound record: its own hook (attention, residual) or the SDP's certificate (``sdp``)."""
     def inner(b, **kw):
         kw.pop("index", None)
-        return _block_record(b, index, options, {**hook_options, **kw})
+        return _block_record(b, index, options, {**hook_options, **kw}, sdp)
 
     if hasattr(block, "lipsdp_bound"):
         if index > 0 and hook_options.get("box") is not None and type(block).__name__.startswith("Dot"):
             raise UnsupportedLayerError([(type(block).__name__, index, "a local (box) bound applies to the first "
                                           "block only: the inputs of later blocks are not known to lie in the box")])
         return block.lipsdp_bound(inner, index=index, **hook_options)
-    return _record(certify(block, lower_bound_samples=0, **options))
+    return _record(sdp(block, options))
 
 
-def _certify_block(block, index: int, options: dict, hook_options: dict) -> Certificate:
+def _certify_block(block, index: int, options: dict, hook_options: dict, sdp=_solve) -> Certificate:
     """One block's certificate: the SDP's own, or one built from the block's hook."""
     if hasattr(block, "lipsdp_bound"):
-        return _certificate(_block_record(block, index, options, hook_options))
-    return certify(block, lower_bound_samples=0, **options)
+        return _certificate(_block_record(block, index, options, hook_options, sdp))
+    return sdp(block, options)
+
+
+def _recording(store: list):
+    """:func:`_solve` that also keeps each SDP certificate it makes, in call order, for ``lipsdp verify``."""
+    def sdp(block, options):
+        cert = _solve(block, options)
+        store.append(cert.to_dict())
+        return cert
+    return sdp
 
 
 def sampled_module_lower_bound(fn, shape, samples: int = 32, scales=(0.1, 1.0, 3.0), seed: int = 0,
@@ -179,14 +199,17 @@ def compose(model, *, split_at=None, input_shape=None, seq_len: int | None = Non
     blocks = _blocks(model, split_at)
     hook = {"seq_len": seq_len, "box": box}
     shapes = _block_shapes(blocks, input_shape)  # so a block that starts with a convolution loads
-    parts = [_certify_block(b, k, {**certify_options, **({"input_shape": shape} if shape else {})}, hook)
-             for k, (b, shape) in enumerate(zip(blocks, shapes))]
+    stored = [[] for _ in blocks]  # each block's SDP certificates, for lipsdp verify (composition_check)
+    parts = [_certify_block(b, k, {**certify_options, **({"input_shape": shape} if shape else {})}, hook,
+                            _recording(stored[k])) for k, (b, shape) in enumerate(zip(blocks, shapes))]
     records = [{"index": k, "block": type(b).__name__, "bound": c.bound, "status": c.status, "solver": c.solver,
-                "trivial_bound": c.trivial_bound, "method": c.verification.get("method"), "message": c.message}
-               for k, (b, c) in enumerate(zip(blocks, parts))]
+                "trivial_bound": c.trivial_bound, "method": c.verification.get("method"), "message": c.message,
+                "input_shape": None if shape is None else list(shape), "certificates": stored[k]}
+               for k, (b, c, shape) in enumerate(zip(blocks, parts, shapes))]
     trivials = [c.trivial_bound for c in parts]
     trivial = compose_bounds(trivials) if None not in trivials else None
-    network = {"blocks": records, "domain": "global" if box is None else {"box": [np.asarray(b).tolist() for b in box]}}
+    network = {"blocks": records, "domain": "global" if box is None else {"box": [np.asarray(b).tolist() for b in box]},
+               "split_at": None if split_at is None else sorted(set(int(i) for i in split_at)), "seq_len": seq_len}
     common = dict(norm="l2", formulation=certify_options.get("formulation", "neuron"), solver="compose",
                   trivial_bound=trivial, network=network)
     failed = next((c for c in parts if not c.verified), None)
@@ -207,3 +230,105 @@ def compose(model, *, split_at=None, input_shape=None, seq_len: int | None = Non
                        verification={"method": "composition", "blocks": len(parts)},
                        timings={"total": time.perf_counter() - t0}, **common)
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# ``lipsdp verify`` of a composed certificate: every block proven again, the product recomputed.
+
+
+def _rechecked(queue: list, index: int):
+    """The ``sdp`` of :func:`_block_record` for a re-check: the block's next stored certificate, proven
+    again on the block (:func:`lipsdp.verification.recheck`, as ``lipsdp verify`` does for a whole model)."""
+    def sdp(block, options):
+        if not queue:
+            raise LipSDPError(f"the certificate stores no SDP certificate for block {index} (written before "
+                              "composed certificates kept them, or edited): compose again")
+        stored = Certificate.from_dict(queue.pop(0))
+        check_claims(stored)
+        network, _ = load_model(block, input_shape=options.get("input_shape"),
+                                trust_pickle=options.get("trust_pickle", False))
+        network.validate()
+        try:
+            margins = recheck(stored, network)
+        except LipSDPError as exc:
+            raise (NotVerifiedError if isinstance(exc, NotVerifiedError) else LipSDPError)(
+                f"block {index}: {exc}") from None
+        if margins is not None and implicit_nodes(network):
+            attach_well_posedness(network, stored, stored.formulation, stored.norm)
+            if not stored.network["well_posedness"].get("proved"):
+                raise NotVerifiedError(f"block {index} does not verify: {stored.network['well_posedness']['message']}")
+        return stored
+    return sdp
+
+
+def _composed_claims(cert) -> None:
+    version = cert.schema_version
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= SCHEMA_VERSION:
+        raise LipSDPError(f"the certificate's schema_version {version!r} is not one this lipsdp reads")
+    if (cert.verification or {}).get("method") != "composition":
+        raise LipSDPError("not a composed certificate (lipsdp.compose)")
+    bound = cert.bound
+    if not cert.verified or isinstance(bound, bool) or not isinstance(bound, (int, float)) \
+            or not math.isfinite(bound) or bound < 0:
+        raise LipSDPError(f"the certificate holds no verified finite bound ({bound!r}; edited or corrupt)")
+    if not isinstance(cert.network.get("blocks"), list):
+        raise LipSDPError("the certificate lists no blocks (edited or corrupt)")
+
+
+def _module(model, trust_pickle: bool):
+    """The torch module (or list of blocks) a composed certificate is about; a path holds a whole-module pickle."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    kind, content, _ = find_in_checkpoint(load_torch_file(os.fspath(model), trust_pickle=trust_pickle),
+                                          os.fspath(model))
+    if kind != "module":
+        raise LipSDPError(f"{model}: a composed certificate is re-checked on the saved module itself "
+                          "(torch.save(model)), not on a state dict")
+    return content
+
+
+def check_composed(cert, model, *, trust_pickle: bool = False) -> Certificate:
+    """Re-check a composed certificate (:func:`compose`) against ``model``, without solving anything.
+
+    ``model`` is what was composed: the ``nn.Sequential`` (cut again at the stored ``split_at``; a path to
+    its whole-module pickle) or the list of blocks.  Every block is proven again: an SDP block's stored
+    certificate by the rigorous re-check of ``lipsdp verify`` (:func:`lipsdp.verification.recheck`: its
+    multipliers on the block's own LMI, the block's SHA-256 matched), a block with a hook (attention,
+    residual) by its hook on the stored ``seq_len`` and box, with the SDP certificates it asks for re-checked
+    in the same way.  Each block's stated bound must cover what is proven, and the certificate's bound the
+    product of the proven bounds rounded up (docs/math.md §8.2).  Raises
+    :class:`~lipsdp.errors.LipSDPError` otherwise; returns the certificate with ``verification.rechecked``.
+    """
+    if isinstance(cert, dict):
+        cert = Certificate.from_dict(cert)
+    _composed_claims(cert)
+    t0 = time.perf_counter()
+    summary, records = cert.network, cert.network["blocks"]
+    model = _module(model, trust_pickle)
+    blocks = _blocks(model, summary.get("split_at") if not isinstance(model, (list, tuple)) else None)
+    if len(blocks) != len(records):
+        raise LipSDPError(f"the certificate lists {len(records)} blocks; the model cuts into {len(blocks)}")
+    domain = summary.get("domain")
+    box = tuple(np.asarray(b, dtype=np.float64) for b in domain["box"]) if isinstance(domain, dict) else None
+    hook = {"seq_len": summary.get("seq_len"), "box": box}
+    proven = []
+    for k, (block, record) in enumerate(zip(blocks, records)):
+        queue = list(record.get("certificates") or [])
+        shape = record.get("input_shape")
+        options = {"trust_pickle": trust_pickle, **({"input_shape": tuple(shape)} if shape else {})}
+        part = _certify_block(block, k, options, hook, _rechecked(queue, k))
+        claim = record.get("bound")
+        if not part.verified or isinstance(claim, bool) or not isinstance(claim, (int, float)) \
+                or not part.bound <= claim:
+            raise NotVerifiedError(f"the certificate does not verify: block {k}'s stated bound {claim!r} is below "
+                              f"what is proven again ({part.bound!r}; edited?)")
+        if queue:
+            raise LipSDPError(f"block {k} stores more SDP certificates than it uses (edited or corrupt)")
+        proven.append(part.bound)
+    product = compose_bounds(proven)
+    if not product <= cert.bound:
+        raise NotVerifiedError(f"the certificate does not verify: its bound {cert.bound!r} is below the product of "
+                          f"the blocks' proven bounds ({product!r}; edited?)")
+    cert.verification = {**cert.verification, "rechecked": True, "recheck_margin": cert.bound - product,
+                         "recheck_seconds": time.perf_counter() - t0}
+    return cert

@@ -302,6 +302,7 @@ def certify_chain(chain: ConvChain, solver: str = "auto", time_limit: float | No
     sol = solve_chain(chain, blocks, solver, time_limit)
     t2 = time.perf_counter()
     res = verify_chain(chain, blocks, sol)
+    res.details["point"] = stored_point(sol) if res.verified else None  # what lipsdp verify proves again
     t3 = time.perf_counter()
     res.timings = {"build": t1 - t0, "solve": t2 - t1, "verify": t3 - t2}
     res.details.update({"solver": sol["solver"], "solver_status": sol["status"],
@@ -309,3 +310,45 @@ def certify_chain(chain: ConvChain, solver: str = "auto", time_limit: float | No
                         "solver_iterations": sol["iterations"], "lmi_sizes": [B.n for B in blocks],
                         "read_out": "W^T W <= t X_L (x) I_space: t I >= sum_cd Y_cd W_c W_d^T (q x q), X_L >= Y^-1"})
     return res
+
+
+# ---------------------------------------------------------------------------------------------------
+# ``lipsdp verify``: the stored point and supplies proven again, nothing solved (lipsdp.structured_check).
+
+
+def stored_point(sol: dict) -> dict:
+    """The solver's storages, slope multipliers and read-out ``Y`` as JSON lists (the supplies are stored
+    beside them): with them :func:`recheck_chain` proves every block again."""
+    return {"P1": [np.asarray(P).tolist() for P in sol["P1"]], "P2": [np.asarray(P).tolist() for P in sol["P2"]],
+            "lam": [np.asarray(v).tolist() for v in sol["lam"]], "Y": np.asarray(sol["Y"]).tolist()}
+
+
+def recheck_chain(chain: ConvChain, point: dict, supplies: list, t: float) -> tuple[float | None, str]:
+    """The bound ``sqrt(rho t)`` proven at a stored point (:func:`stored_point`), supplies ``X_0 = rho I,
+    X_1, ..., X_L`` and read-out gain ``t``, with the tests of :func:`verify_chain`; ``(None, reason)``
+    when a test fails.  Raises ``ValueError`` / ``IndexError`` / ``TypeError`` for a malformed point."""
+    blocks = [layer_blocks(layer) for layer in chain.layers]
+    X = [np.asarray(x, dtype=np.float64) for x in supplies]
+    if len(X) != len(blocks) + 1 or any(len(point[k]) != len(blocks) for k in ("P1", "P2", "lam")):
+        raise ValueError("the stored point does not fit the chain's layers")
+    if not (np.all([np.all(np.isfinite(x)) for x in X]) and math.isfinite(t) and t >= 0):
+        raise ValueError("the stored supplies or read-out gain are not finite")
+    Y = _sym(np.asarray(point["Y"], dtype=np.float64))
+    C, q = Y.shape[0], chain.tail.shape[0]
+    eye = np.eye(C)
+    block = np.block([[X[-1], eye], [eye, Y]])
+    if not prove_negative_definite(-block, np.abs(block), 8):
+        return None, "the read-out's supply X_L >= Y^-1 is not proven"
+    A, abs_A = _tail_matrix(chain, Y)
+    if not prove_negative_definite(A - t * np.eye(q), abs_A + t * np.eye(q), chain.tail.shape[1] + C + 8):
+        return None, "the read-out's Gram bound W^T W <= t X_L (x) I is not proven"
+    rho = float(X[0][0, 0])
+    if not np.array_equal(X[0], rho * np.eye(X[0].shape[0])):
+        return None, "the first supply is not rho I"
+    for k, B in enumerate(blocks):
+        P1, P2 = _sym(np.asarray(point["P1"][k], dtype=np.float64)), _sym(np.asarray(point["P2"][k], dtype=np.float64))
+        lam = np.maximum(np.asarray(point["lam"][k], dtype=np.float64), 0.0)
+        M = layer_matrix(B, P1, P2, X[k], X[k + 1], lam)
+        if not prove_negative_definite(M, _abs_matrix(B, P1, P2, X[k], X[k + 1], lam), _terms(B)):
+            return None, f"layer {chain.layers[k].name}: the block is not proven negative definite"
+    return _round_up_sqrt(Fraction(rho) * Fraction(t)), "verified"

@@ -145,12 +145,21 @@ def _sector(op: Activation) -> tuple[float, float]:
     return float(np.min(lo)), float(np.max(hi))
 
 
+def _exact_weight(op: Affine) -> None:
+    """Refuse a weight the loader composed in floating point (docs/math.md §10.3): the structured LMIs read
+    the kernels as exact and do not carry that rounding; the unrolled LMI does."""
+    if op.weight_err is not None:
+        _refuse(f"{op.name} ({op.kind}) was composed in floating point at load (a folded linear chain, e.g. a "
+                "BatchNorm): the state-space path does not carry its rounding; use --structure unrolled")
+
+
 def conv_chain(net: Network, output_map=None) -> ConvChain:
     """Read ``net`` as a :class:`ConvChain` (``output_map @ f`` with ``output_map`` given)."""
     node, _ = _skip_reshapes(net, net.output)
     tail_op = net.op(node)
     if not isinstance(tail_op, Affine):
         _refuse("the output is not a linear layer after the last activation")
+    _exact_weight(tail_op)
     tail = tail_op.weight.toarray() if sp.issparse(tail_op.weight) else np.asarray(tail_op.weight, np.float64)
     if output_map is not None:
         tail = np.asarray(output_map, dtype=np.float64) @ tail
@@ -166,6 +175,7 @@ def conv_chain(net: Network, output_map=None) -> ConvChain:
         conv = net.op(conv_node)
         if not isinstance(conv, Affine):
             _refuse(f"{conv.name} ({conv.kind}) where a convolution was expected")
+        _exact_weight(conv)
         parent, in_shape = _skip_reshapes(net, _single_parent(net, conv_node))
         if in_shape is None:
             _refuse(f"{conv.name} ({conv.kind}) reads a tensor without a (C, H, W) shape")

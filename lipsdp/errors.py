@@ -36,6 +36,13 @@ class InvalidNetworkError(LipSDPError):
     """Weights are not finite or shapes do not fit together."""
 
 
+class NotVerifiedError(LipSDPError):
+    """``lipsdp verify``: the certificate states more than its stored proof proves again (a lowered bound, a
+    changed multiplier, an enlarged region); exit code 1, as for a bound that did not verify."""
+
+    exit_code = 1
+
+
 class WellPosednessError(LipSDPError):
     """An implicit (equilibrium) layer whose equilibrium lipsdp cannot prove to exist and be unique."""
 

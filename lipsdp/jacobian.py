@@ -69,8 +69,8 @@ def _signed(lo, hi, nonneg, nonpos):
     return np.where(nonneg, np.maximum(lo, 0.0), lo), np.where(nonpos, np.minimum(hi, 0.0), hi)
 
 
-def _matmul_interval(W, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sound ``[W lo', W hi']`` hull of ``{W X : lo <= X <= hi}`` for an exact float64 matrix ``W``.
+def _matmul_interval(W, lo: np.ndarray, hi: np.ndarray, E=None) -> tuple[np.ndarray, np.ndarray]:
+    """Sound ``[W lo', W hi']`` hull of ``{W* X : lo <= X <= hi}``, ``|W* - W| <= E`` (docs/math.md §10.3; 0 if None).
 
     ``W+ lo + W- hi`` is the exact lower end; float64 evaluation of these dot products of length
     ``2n`` errs by at most ``gamma_2n |W| max(|lo|, |hi|) + 2n eta`` (Higham, Accuracy and Stability,
@@ -83,11 +83,12 @@ def _matmul_interval(W, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.
     high = np.asarray(Wp @ hi + Wn @ lo)
     k = 2 * n + 2
     gamma = 2.0 * k * _U / (1.0 - k * _U)
-    err = gamma * np.asarray(Wa @ np.maximum(np.abs(lo), np.abs(hi))) + 2.0 * k * _ETA
+    err = gamma * np.asarray(Wa @ np.maximum(np.abs(lo), np.abs(hi))) + 2.0 * k * _ETA + (
+        0.0 if E is None else 2.0 * np.asarray(abs(E) @ np.maximum(np.abs(lo), np.abs(hi))))
     P, N = (Wp != 0).astype(np.float64), (Wn != 0).astype(np.float64)  # counts of terms of each sign
     nonneg = np.asarray(P @ (lo < 0) + N @ (hi > 0)) == 0
     nonpos = np.asarray(P @ (hi > 0) + N @ (lo < 0)) == 0
-    return _signed(_down(low - err), _up(high + err), nonneg, nonpos)
+    return _signed(_down(low - err), _up(high + err), nonneg & (E is None), nonpos & (E is None))  # E: signs unknown
 
 
 def _add_interval(pairs) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +151,7 @@ def interval_values(network: Network, lower, upper) -> dict[int, tuple[np.ndarra
         if isinstance(op, Input):
             out[n] = (np.asarray(lower, np.float64).ravel(), np.asarray(upper, np.float64).ravel())
         elif isinstance(op, Affine):
-            lo, hi = _matmul_interval(op.weight, *out[ps[0]])
+            lo, hi = _matmul_interval(op.weight, *out[ps[0]], op.weight_err)
             out[n] = (lo, hi) if op.bias is None else _add_interval([(lo, hi), (op.bias, op.bias)])
         elif isinstance(op, Reshape):
             out[n] = out[ps[0]]
@@ -212,7 +213,7 @@ def _forward(network: Network, slopes: dict, copies: int = 1) -> tuple[np.ndarra
         if isinstance(op, Input):
             J[n] = (np.tile(np.eye(d), (1, copies)),) * 2
         elif isinstance(op, Affine):
-            J[n] = _matmul_interval(op.weight, *J[ps[0]])
+            J[n] = _matmul_interval(op.weight, *J[ps[0]], op.weight_err)
         elif isinstance(op, Reshape):
             J[n] = J[ps[0]]
         elif isinstance(op, Add):
@@ -230,7 +231,7 @@ def _pullback(network: Network, n: int, G, slopes: dict) -> list:
     """The intervals of ``d out / d parent`` through node ``n``, one per parent, from ``G = d out / d n``."""
     op, ps = network.op(n), network.parents(n)
     if isinstance(op, Affine):
-        lo, hi = _matmul_interval(op.weight.T, G[0].T, G[1].T)
+        lo, hi = _matmul_interval(op.weight.T, G[0].T, G[1].T, None if op.weight_err is None else op.weight_err.T)
         return [(lo.T, hi.T)]
     if isinstance(op, Concat):
         perm = concat_permutation([network.op(p).shape for p in ps], op.axis)

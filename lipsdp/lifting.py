@@ -273,6 +273,14 @@ class FloatRows:
             E = (E + _gamma(k) * (absW @ abs(Lp))).tocsr()
         return L, E
 
+    def inexact_affine(self, W, W_err, rows):
+        """:meth:`affine` for a weight known only up to ``|W* - W| <= W_err``: the exact rows
+        ``W* Lp*`` differ from the float ones by at most the affine bound plus ``W_err (|Lp| + Ep)``."""
+        L, E = self.affine(W, rows)
+        Lp, Ep = rows
+        W_err = sp.csr_matrix(W_err, dtype=np.float64)
+        return L, (E + W_err @ (abs(Lp) + Ep)).tocsr()
+
     def add(self, terms):
         Ls, Es = [t[0] for t in terms], [t[1] for t in terms]
         L = sum(Ls[1:]) + Ls[0] if len(Ls) > 1 else Ls[0]
@@ -320,6 +328,12 @@ def _(op, ins, shapes, walk, node):
 
 @lift_node.register(Affine)
 def _(op, ins, shapes, walk, node):
+    if op.weight_err is not None:  # a weight the loader composed in floating point (docs/math.md §10.3)
+        inexact = getattr(walk.algebra, "inexact_affine", None)
+        if inexact is None:
+            raise NotImplementedError(f"{op.name}'s weight was composed in floating point at load (a folded "
+                                      "linear chain, docs/math.md §10.3): it has no exact value to check")
+        return inexact(op.weight, op.weight_err, ins[0])
     return walk.algebra.affine(op.weight, ins[0])
 
 

@@ -165,7 +165,7 @@ def certify_region(certify_network, network: Network, *, center, radius, region_
     cert = loc if use_local else glob
     cert.region = {**region_record(center, radius, region_norm), **stats,
                    "local_verified": loc.verified, "local_bound": loc.bound if loc.verified else None,
-                   "bound_from": "local" if use_local else "global"}
+                   "bound_from": "local" if use_local else "global", **recheck_record(network, center, glob, cert, use_local)}
     cert.global_bound = glob.bound if glob.verified else None
     # Both products of norms bound the local constant; the rewritten graph's is often the looser one.
     trivial = [t for t in (loc.trivial_bound, glob.trivial_bound) if t is not None]
@@ -178,6 +178,22 @@ def certify_region(certify_network, network: Network, *, center, radius, region_
     elif not loc.verified:
         cert.message += f"; the local bound did not verify ({loc.message})"
     return cert
+
+
+def recheck_record(network: Network, center, glob, cert, use_local: bool) -> dict:
+    """What ``lipsdp verify`` needs beyond the certificate's own multipliers (docs/certificates.md): the
+    center itself, the model's SHA-256 (the certificate's ``network.sha256`` is the localized network's
+    when the local SDP won), which LMI the stored multipliers belong to (``sdp_from``) and how they were
+    proven (``sdp_method``, kept when a Clarke-Jacobian bound later replaces the bound), and the global
+    certificate's multipliers when the local one is stored, so that ``global_bound`` is re-checked too."""
+    record = {"center": np.asarray(center, dtype=np.float64).ravel().tolist(), "model_sha256": network.fingerprint(),
+              "sdp_from": "local" if use_local else "global", "sdp_method": (cert.verification or {}).get("method")}
+    if use_local and glob.verified:
+        record["global_certificate"] = {
+            "bound": glob.bound, "rho": glob.rho, "multipliers": glob.multipliers,
+            "multiplier_labels": glob.multiplier_labels, "verification": glob.verification,
+            "per_output": (glob.network or {}).get("per_output")}
+    return record
 
 
 def read_region(center_path, radius, region_norm=None) -> dict:

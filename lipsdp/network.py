@@ -135,10 +135,15 @@ class Affine(Op):
 
     ``weight`` is a dense ``numpy.ndarray`` or a ``scipy.sparse`` matrix of shape
     ``(size_out, size_in)``, float64; ``bias`` has shape ``(size_out,)`` or is None.
+    ``weight_err`` (same shape, or None when ``weight`` is exact) bounds ``|W* - weight|`` entrywise,
+    ``W*`` the exact map of the model when the loader composed ``weight`` in floating point
+    (:mod:`lipsdp.io.fold_error`, docs/math.md §10.3); it is derived from the weights, so it is not
+    part of the fingerprint.
     """
 
     weight: Any = None
     bias: np.ndarray | None = None
+    weight_err: Any = None
 
     def evaluate(self, ins, shapes):
         y = np.asarray((self.weight @ ins[0].T).T)
@@ -161,6 +166,8 @@ class Affine(Op):
     def varies(self, parents):
         w = self.weight
         nonzero = (w.count_nonzero() if sp.issparse(w) else np.count_nonzero(w)) > 0
+        e = self.weight_err  # a weight rounded to 0 at load may be nonzero exactly (docs/math.md §10.3)
+        nonzero = nonzero or (e is not None and (e.count_nonzero() if sp.issparse(e) else np.count_nonzero(e)) > 0)
         return nonzero and parents[0]
 
 

@@ -154,7 +154,11 @@ def _interval_node(network: Network, node: int, bounds: Bounds) -> tuple[np.ndar
     if isinstance(op, Activation):
         return activation_image(op, *ins[0])
     if isinstance(op, Affine):
-        return _linear_interval(op.weight, op.bias, *ins[0])
+        lo, hi = _linear_interval(op.weight, op.bias, *ins[0])
+        if op.weight_err is not None:  # a weight folded at load: |(W* - W) x| <= E |x| (docs/math.md §10.3)
+            e = 2.0 * np.asarray(abs(op.weight_err) @ np.maximum(np.abs(ins[0][0]), np.abs(ins[0][1]))).ravel()
+            lo, hi = lo - e, hi + e
+        return lo, hi
     if isinstance(op, Reshape):
         return ins[0]
     if isinstance(op, Add):
@@ -187,6 +191,9 @@ def _crown_node(network: Network, node: int, region: Region, bounds: Bounds, lin
         if isinstance(op, Affine):
             W = op.weight
             passed = np.asarray((W.T @ A.T).T) if sp.issparse(W) else A @ W
+            if op.weight_err is not None:  # A (W* - W) z, |.| <= |A| E max|z| (docs/math.md §10.3), both ends
+                z = np.maximum(np.abs(bounds[parents[0]][0]), np.abs(bounds[parents[0]][1]))
+                const += 2.0 * (np.abs(A) @ np.asarray(abs(op.weight_err) @ z).ravel())
             if op.bias is not None:
                 const += A @ op.bias
                 magnitude += np.abs(A) @ np.abs(op.bias)

@@ -110,6 +110,8 @@ def _readout(network: Network, top: list[int], prefix: str) -> tuple[np.ndarray,
     if network.output == stacked:
         W = np.eye(T * H)
     else:
+        if network.op(network.output).weight_err is not None:  # its rounding is not carried here (docs/math.md §10.3)
+            _refuse(network, "the read-out was composed in floating point at load (a folded linear chain)")
         W = network.op(network.output).weight
         W = W.toarray() if sp.issparse(W) else np.asarray(W, dtype=np.float64)
     if not np.any(W[:, :(T - 1) * H]):
@@ -399,7 +401,8 @@ def certify_all_horizons(model, input_shape=None, trust_pickle: bool = False, lo
     summary = {"source": network.source, "input_dim": ss.input_size, "output_dim": int(ss.C.shape[0]),
                "hidden_neurons": int(sum(ss.sizes)), "layers": [f"RNN[{h}]" for h in ss.sizes],
                "lmi_size": lmi.n, "horizon": "all", "output": ss.mode, "activation": ss.activation,
-               "lower_bound_horizon": network.op(network.input).shape[0], "stability": stability}
+               "lower_bound_horizon": network.op(network.input).shape[0], "stability": stability,
+               "sha256": network.fingerprint()}  # of the network unrolled at that horizon: lipsdp verify
     return Certificate(ver.bound, VERIFIED, formulation="dissipation", solver=solver, solver_status=status,
                        message=f"verified for every horizon: L <= {ver.bound:.6g} (read-out of the "
                                f"{'last state' if ss.mode == 'last' else 'states at every step'})",

@@ -104,7 +104,8 @@ def certify_structured(network, chain: ConvChain, *, output_map=None, solver: st
     timings = dict(res.timings, load=load_seconds, total=load_seconds + time.perf_counter() - t0)
     verification = {"method": "state-space: per-layer float Cholesky (docs/math.md §7.4, §10)",
                     "structure": "state-space", "read_out": details.get("read_out"),
-                    "tail_gain": res.tail_gain, "sector": "activation sectors widened to contain 0"}
+                    "tail_gain": res.tail_gain, "sector": "activation sectors widened to contain 0",
+                    "point": details.get("point")}  # re-checked by lipsdp.structured_check
     status, message = (VERIFIED, "verified (structured: 2-D state-space LMIs per convolution)") if res.verified \
         else (UNVERIFIED, f"the structured LMIs were not verified: {res.message}")
     return Certificate(res.bound if res.verified else None, status, formulation="state-space",

@@ -18,7 +18,7 @@ import numpy as np
 
 from lipsdp.bounds import node_lipschitz, proven_spectral_norm, proven_trivial_bound  # noqa: F401 (re-exported)
 from lipsdp.certificate import SCHEMA_VERSION, composition_certificate, constant_certificate
-from lipsdp.errors import LipSDPError
+from lipsdp.errors import LipSDPError, NotVerifiedError
 from lipsdp.exact import exact_negative_definite
 from lipsdp.lifting import lift
 from lipsdp.reductions import Precondition, Query, composed_norm_scales, queries, readouts
@@ -26,6 +26,8 @@ from lipsdp.verify import (Verification, balanced_scales, rigorous_negative_defi
                            verify_balanced)
 
 FORMULATIONS = ("neuron", "layer")
+#: Formulations of certificates ``lipsdp verify`` re-checks with their own LMIs (:mod:`lipsdp.checking`).
+RECHECKED_ELSEWHERE = ("dissipation", "state-space")
 NORMS = ("l2", "linf")
 
 #: A verified bound more than this (relative) above the solver's own value sends verification on to an
@@ -124,14 +126,10 @@ def _is_number(value) -> bool:
 
 def _not_recheckable(cert) -> str | None:
     """The kinds of certificate whose LMIs are not rebuilt from the network by :func:`recheck`."""
-    if cert.formulation == "dissipation":  # lipsdp.recurrent: one LMI for every horizon
-        return "all-horizon RNN certificates (--horizon all)"
-    if cert.formulation == "state-space":  # lipsdp.structured: per-convolution LMIs
-        return "state-space CNN certificates (--structure state-space)"
-    if getattr(cert, "region", None):  # lipsdp.local: the LMI of the network with the region's sectors
-        return "local certificates (--center/--radius)"
+    if getattr(cert, "region", None) and "center" not in cert.region:  # lipsdp.local before schema 2
+        return "local certificates written without their center (before schema_version 2)"
     if (cert.verification or {}).get("method") == "composition":  # lipsdp.compose: one per block
-        return "composed certificates (lipsdp.compose; each block's own certificate can be)"
+        return "composed certificates (lipsdp.compose) here: lipsdp.composition.check_composed does, as lipsdp verify"
     return None
 
 
@@ -144,7 +142,7 @@ def check_claims(cert) -> None:
     kind = _not_recheckable(cert)
     if kind:
         raise LipSDPError(f"re-checking {kind} is not supported yet: certify the model again")
-    if cert.norm not in NORMS or cert.formulation not in FORMULATIONS:
+    if cert.norm not in NORMS or cert.formulation not in FORMULATIONS + RECHECKED_ELSEWHERE:
         raise LipSDPError(f"the certificate names an unknown norm {cert.norm!r} or formulation "
                           f"{cert.formulation!r} (edited or corrupt)")
     if not cert.verified:
@@ -188,7 +186,7 @@ def _check_claims_covered(x, n_in: int, claims, where: str) -> None:
     proven = round_up_sqrt(sum((Fraction(float(t)) for t in x[:n_in]), Fraction(0)))
     for claim in claims:
         if not _is_number(claim) or not proven <= claim:
-            raise LipSDPError(f"the certificate does not verify{where}: a stated bound {claim!r} is below "
+            raise NotVerifiedError(f"the certificate does not verify{where}: a stated bound {claim!r} is below "
                               f"what its multipliers prove ({proven!r}; edited?)")
 
 
@@ -215,7 +213,7 @@ def _prove_stored(query: Query, x, block_scale, trivial, where: str) -> float:
             return margin
     if not exact:
         raise LipSDPError(f"the certificate's multipliers{where} are out of range (edited or corrupt)")
-    raise LipSDPError(f"the certificate does not verify{where}: M is not provably negative definite "
+    raise NotVerifiedError(f"the certificate does not verify{where}: M is not provably negative definite "
                       "at its multipliers (edited multipliers, bound or output?)")
 
 
@@ -223,12 +221,12 @@ def _recheck_trivial(cert, network, omap) -> float:
     """A certificate whose bound is the proven trivial bound: proven again; every stated bound covers it."""
     proven = proven_trivial_bound(network, cert.norm, omap)
     if proven is None:
-        raise LipSDPError("the certificate does not verify: its trivial bound cannot be proven for this model")
+        raise NotVerifiedError("the certificate does not verify: its trivial bound cannot be proven for this model")
     per_output = (cert.network or {}).get("per_output") if cert.norm == "linf" else None
     claims = [cert.bound] + [p.get("bound") if isinstance(p, dict) else None for p in per_output or []]
     for claim in claims:
         if not _is_number(claim) or not proven <= claim:
-            raise LipSDPError(f"the certificate does not verify: a stated bound {claim!r} is below the proven "
+            raise NotVerifiedError(f"the certificate does not verify: a stated bound {claim!r} is below the proven "
                               f"trivial bound {proven!r} (edited?)")
     return cert.bound - proven
 
@@ -241,7 +239,7 @@ def recheck(cert, network) -> list[float] | None:
         raise LipSDPError("the model does not match the certificate (architecture or weights changed)")
     if (cert.verification or {}).get("method") == "structural":
         if not network.is_constant():
-            raise LipSDPError("the certificate does not verify: it claims a constant network (edited?)")
+            raise NotVerifiedError("the certificate does not verify: it claims a constant network (edited?)")
         return None
     omap = _stored_output_map(cert, network.output_dim)
     if (cert.verification or {}).get("method") == "trivial":

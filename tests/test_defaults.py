@@ -40,7 +40,7 @@ def test_certificate_records_version_schema_and_time(small):
     before = datetime.now(timezone.utc).replace(microsecond=0)
     d = json.loads(lipsdp.certify(small, lower_bound_samples=0).to_json())
     assert d["lipsdp_version"] == lipsdp.__version__
-    assert d["schema_version"] == SCHEMA_VERSION == 1
+    assert d["schema_version"] == SCHEMA_VERSION == 2
     created = datetime.fromisoformat(d["created"])
     assert created.tzinfo is not None and created.utcoffset().total_seconds() == 0
     assert before <= created <= datetime.now(timezone.utc)
@@ -74,7 +74,7 @@ def test_verify_json_has_a_verified_key(tmp_path, small):
     edited["bound"] *= 0.5
     cert.write_text(json.dumps(edited))
     code, out, err = run_cli("verify", cert, model, "--json")
-    assert code == 2 and "Traceback" not in err and err.startswith("lipsdp: error")
+    assert code == 1 and "Traceback" not in err and err.startswith("lipsdp: error")
     d = json.loads(out)
     assert d["verified"] is False and "does not verify" in d["error"]
 

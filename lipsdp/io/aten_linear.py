@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from lipsdp.io import linmaps
+from lipsdp.io import fold_error, linmaps
 from lipsdp.io.builder import Sym, Unsupported
 from lipsdp.io.translator import is_sym, register_aten, require_floating, to_numpy
 
@@ -186,7 +186,8 @@ def batch_norm(t, x, weight, bias, mean, var, eps) -> Sym:
     if bias is not None:
         shift = shift + to_numpy(bias)
     return t.b.linear(x, sp.diags(linmaps.channel_scale(x.shape, scale), format="csr"),
-                      linmaps.channel_scale(x.shape, shift), label=t.label)
+                      linmaps.channel_scale(x.shape, shift), label=t.label,
+                      err=sp.diags(linmaps.channel_scale(x.shape, fold_error.batch_norm_scale_error(scale)), format="csr"))
 
 
 @register_aten("batch_norm")
@@ -254,12 +255,14 @@ def _neg(t, x):
     return t.b.scale(x, -1.0, t.label)
 
 
-def scale_by(t, x: Sym, c) -> Sym:
-    """``x * c`` for a constant ``c`` broadcast against ``x``."""
+def scale_by(t, x: Sym, c, rel_err: float = 0.0) -> Sym:
+    """``x * c`` for a constant ``c`` broadcast against ``x``; ``rel_err``: ``c`` is a rounded reciprocal."""
     arr = to_numpy(c)
     if arr.size == 1 and arr.ndim <= len(x.shape) + 1:
-        return t.b.scale(x, float(arr.ravel()[0]), t.label)
-    return t.b.linear(x, sp.diags(t.broadcast_const(arr, x), format="csr"), label=t.label)
+        return t.b.scale(x, float(arr.ravel()[0]), t.label, rel_err=rel_err)
+    diag = t.broadcast_const(arr, x)
+    return t.b.linear(x, sp.diags(diag, format="csr"), label=t.label,
+                      err=sp.diags(rel_err * np.abs(diag), format="csr") if rel_err else None)
 
 
 def product(t, a, b):
@@ -283,4 +286,4 @@ def _div(t, a, b, rounding_mode=None):
         raise Unsupported("divides by an input-dependent tensor")
     if rounding_mode is not None:
         raise Unsupported(f"rounds ({rounding_mode})")
-    return scale_by(t, a, 1.0 / to_numpy(b))
+    return scale_by(t, a, 1.0 / to_numpy(b), rel_err=fold_error.reciprocal_error(to_numpy(b)))

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from lipsdp import activations
 from lipsdp.errors import ModelLoadError
-from lipsdp.io import linmaps
+from lipsdp.io import fold_error, linmaps
 from lipsdp.network import Activation, Add, Affine, Concat, Equilibrium, Input, Network, Reshape, concat_permutation
 
 #: Activation functions applied coordinate by coordinate (these may be merged across a concatenation):
@@ -58,11 +58,14 @@ class Sym:
     act : tuple or None
         ``(function, params, pre)`` when the value is the direct output of an
         activation applied to the :class:`Sym` ``pre``.
+    err : ndarray, sparse matrix or None
+        Entrywise bound on ``|W* - W|``, ``W*`` the exact composition of the linear maps folded into
+        ``W`` (:mod:`lipsdp.io.fold_error`, docs/math.md §10.3); None when ``W`` is exact.
     """
 
-    __slots__ = ("base", "shape", "W", "b", "labels", "node", "act")
+    __slots__ = ("base", "shape", "W", "b", "labels", "node", "act", "err")
 
-    def __init__(self, base: int, shape: tuple, W=None, b=None, labels: tuple = (), act=None):
+    def __init__(self, base: int, shape: tuple, W=None, b=None, labels: tuple = (), act=None, err=None):
         self.base = base
         self.shape = tuple(int(s) for s in shape)
         self.W = W
@@ -70,6 +73,7 @@ class Sym:
         self.labels = labels
         self.node: int | None = None
         self.act = act
+        self.err = err
 
     @property
     def size(self) -> int:
@@ -127,14 +131,15 @@ class GraphBuilder:
         kinds = dict.fromkeys(lab.kind for lab in x.labels) or {"Affine": None}
         weight = self._explicit(x)
         x.node = self._emit(Affine("+".join(names), "+".join(kinds), x.shape, weight=linmaps.finalize(weight),
-                                   bias=None if x.b is None else np.asarray(x.b, dtype=np.float64)), [x.base])
+                                   bias=None if x.b is None else np.asarray(x.b, dtype=np.float64),
+                                   weight_err=x.err), [x.base])
         return x.node
 
     def _explicit(self, x: Sym):
         return sp.identity(linmaps.size(self._shape(x.base)), format="csr") if x.W is None else x.W
 
     # -- linear algebra on Sym ------------------------------------------
-    def linear(self, x: Sym, matrix=None, bias=None, shape=None, label: Label | None = None) -> Sym:
+    def linear(self, x: Sym, matrix=None, bias=None, shape=None, label: Label | None = None, err=None) -> Sym:
         """``M @ flat(x) + c``; ``matrix=None`` means the identity (a pure bias shift or reshape).
 
         Parameters
@@ -145,35 +150,40 @@ class GraphBuilder:
             ``(size(shape),)``.
         shape : tuple of int, optional
             Output shape (default: ``x.shape``).
+        err : ndarray, sparse matrix or None
+            Entrywise bound on the rounding error of ``matrix`` (computed from the model's parameters, e.g. a
+            folded BatchNorm's scale); the composition's own rounding is added (:mod:`lipsdp.io.fold_error`).
         """
         shape = x.shape if shape is None else tuple(int(s) for s in shape)
         if matrix is None and bias is None:
             if shape == x.shape:
                 return x
-            out = Sym(x.base, shape, x.W, x.b, x.labels)
+            out = Sym(x.base, shape, x.W, x.b, x.labels, err=x.err)
             return out
         if matrix is None:
-            W, b = x.W, x.b
+            W, b, E = x.W, x.b, x.err
             if W is None:
                 W = sp.identity(x.size, format="csr")
         else:
             W = _tidy(matrix if x.W is None else matrix @ x.W)
+            E = err if x.W is None else fold_error.product_error(matrix, x.W, err, x.err)
             b = None if x.b is None else np.asarray(matrix @ x.b).ravel()
         if bias is not None:
             bias = np.asarray(bias, dtype=np.float64).ravel()
             b = bias if b is None else b + bias
         labels = x.labels if label is None or label in x.labels else x.labels + (label,)
-        return Sym(x.base, shape, W, b, labels)
+        return Sym(x.base, shape, W, b, labels, err=E)
 
-    def scale(self, x: Sym, factor: float, label: Label | None = None) -> Sym:
-        """``factor * x`` (returns ``x`` itself for a factor of 1)."""
+    def scale(self, x: Sym, factor: float, label: Label | None = None, rel_err: float = 0.0) -> Sym:
+        """``factor * x`` (returns ``x`` itself for a factor of 1); ``rel_err`` bounds the relative rounding
+        of ``factor`` itself (a reciprocal), carried with the product's (:mod:`lipsdp.io.fold_error`)."""
         factor = float(factor)
-        if factor == 1.0:
+        if factor == 1.0 and not rel_err:
             return x
         W = _tidy(factor * self._explicit(x))
         b = None if x.b is None else factor * x.b
         labels = x.labels if label is None or label in x.labels else x.labels + (label,)
-        return Sym(x.base, x.shape, W, b, labels)
+        return Sym(x.base, x.shape, W, b, labels, err=fold_error.scale_error(factor, self._explicit(x), x.err, rel_err))
 
     def select(self, x: Sym, index: np.ndarray, label: Label | None = None) -> Sym:
         """``flat(y) = flat(x)[index]`` with ``index`` shaped like ``y`` (``-1``: zero)."""
@@ -227,7 +237,8 @@ class GraphBuilder:
                 W = sum(w.toarray() if sp.issparse(w) else np.asarray(w) for w in Ws)
             biases = [t.b for t in terms if t.b is not None]
             labels = tuple(dict.fromkeys(lab for t in terms for lab in t.labels))
-            return Sym(terms[0].base, shape, W, sum(biases) if biases else None, labels)
+            return Sym(terms[0].base, shape, W, sum(biases) if biases else None, labels,
+                       err=fold_error.sum_error(Ws, [t.err for t in terms]))
         label = label or Label("add", "Add")
         node = self._emit(Add(label.name, label.kind, shape), [self.node_of(t) for t in terms])
         out = Sym(node, shape)
@@ -256,7 +267,7 @@ class GraphBuilder:
             if any(p.b is not None for p in parts):
                 b = np.concatenate([p.b if p.b is not None else np.zeros(p.size) for p in parts])[perm]
             labels = tuple(dict.fromkeys(lab for p in parts for lab in p.labels))
-            return Sym(parts[0].base, out_shape, W, b, labels)
+            return Sym(parts[0].base, out_shape, W, b, labels, err=fold_error.stacked_error(Ws, [p.err for p in parts], perm))
         acts = [p.act for p in parts]
         if all(a is not None for a in acts):
             fn, params = acts[0][0], acts[0][1]

@@ -14,7 +14,8 @@ its sampled lower bound is computed on that model too.  Operators that depend on
 touched here: they are translated exactly or refused, as before.
 
 Used by the ``torch.export`` and TorchScript frontends (:class:`Float64Translator`) and the ONNX
-frontend (:func:`promote_onnx_inputs`, :func:`float_cast`).
+frontend (:func:`promote_onnx_inputs`, :func:`float_cast`).  The rounding of linear chains the builder
+composes at load is bounded by :mod:`lipsdp.io.fold_error` and carried into the proof.
 """
 
 from __future__ import annotations

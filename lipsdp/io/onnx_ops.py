@@ -15,7 +15,7 @@ import numpy as np
 from lipsdp import activations
 from lipsdp.activations import NotExpressible
 from lipsdp.io import aten_ops as A
-from lipsdp.io import linmaps
+from lipsdp.io import fold_error, linmaps
 from lipsdp.io.aten_ops import Poison
 from lipsdp.io.aten_order import top_values
 from lipsdp.io.aten_pool import max_pool
@@ -114,7 +114,8 @@ def _mul(t, ins, attrs):
 def _div(t, ins, attrs):
     if isinstance(ins[1], Sym):
         raise Unsupported("divides by an input-dependent tensor")
-    return A.scale_by(t, ins[0], 1.0 / np.asarray(ins[1], dtype=np.float64))
+    b = np.asarray(ins[1], dtype=np.float64)
+    return A.scale_by(t, ins[0], 1.0 / b, rel_err=fold_error.reciprocal_error(b))  # docs/math.md §10.3
 
 
 @register_onnx("Neg")
