@@ -89,7 +89,10 @@ def gain_scales(network, lifting, output_map=None, base=preconditioning_scales):
             return block_scale, total, start
         nodes = [b.node for b in lifting.blocks[1:]]
         inputs = [network.parents(n)[0] if network.parents(n) else n for n in nodes]
-        gains = sampled_gains(network, nodes + inputs, output_map=output_map)
+        try:
+            gains = sampled_gains(network, nodes + inputs, output_map=output_map)
+        except (TypeError, ValueError, ArithmeticError, np.linalg.LinAlgError):
+            return block_scale, total, start  # a node without a Jacobian rule: the scales are only a heuristic
         measured = np.array([1.0] + [max(gains[n], gains[p]) for n, p in zip(nodes, inputs)])
         capped = np.where(measured > 0, np.minimum(block_scale, HEADROOM * measured), block_scale)
         capped[0] = block_scale[0]
