@@ -27,6 +27,8 @@ from lipsdp.lifting import lift  # noqa: E402
 from lipsdp.lmi import build_lmi  # noqa: E402
 from lipsdp.reductions import composed_norm_scales, preconditioning_scales  # noqa: E402
 from lipsdp.sampled_scales import gain_scales, sampled_gains  # noqa: E402
+from lipsdp.solve import far_from_dual  # noqa: E402
+from lipsdp.solvers.base import SolveResult  # noqa: E402
 from lipsdp.testing import check_translation  # noqa: E402
 
 from conftest import assert_sandwich, torch_lower_bound  # noqa: E402
@@ -149,4 +151,26 @@ def test_sll_conv_stacks_on_8x8_images(depth):
     model = conv_stack(depth)
     cert = lipsdp.certify(model, input_shape=(2, 8, 8), lower_bound_samples=0)
     assert_sandwich(cert, torch_lower_bound(copy.deepcopy(model), 128, samples=32, shape=(2, 8, 8)))
+    assert cert.bound <= 1 + 1e-6, cert.bound
+
+
+def test_far_from_dual_flags_only_unconverged_optimal_answers():
+    """The gap test of the re-solve: the dual value of the old depth-20 answer lay ~1000x below its objective."""
+    x = np.zeros(2)
+    assert far_from_dual(SolveResult("optimal", x, 1.61e-22, 0.0, extras={"dual_objective": 1.64e-25}))
+    assert not far_from_dual(SolveResult("optimal", x, 1.0, 0.0, extras={"dual_objective": 1.0 - 1e-7}))
+    assert not far_from_dual(SolveResult("optimal", x, 1.0, 0.0, extras={"dual_objective": float("nan")}))
+    assert not far_from_dual(SolveResult("optimal_inaccurate", x, 1.0, 0.0, extras={"dual_objective": 0.5}))
+    assert not far_from_dual(SolveResult("optimal", x, 1.0, 0.0))
+
+
+@pytest.mark.slow
+def test_badly_scaled_answer_is_solved_again(monkeypatch):
+    """With the composed norm bounds as scales (the old preconditioning) the default tolerance stops on the
+    interior-point gap floor (verified 2.45); the solve stage sees the dual far below the objective and
+    re-solves at 1e-14."""
+    monkeypatch.setattr(pipeline, "_scales", lambda lmi, block_scale, trivial, **kw: (block_scale, trivial, None))
+    model = stack("sll", 20)
+    cert = lipsdp.certify(model, input_shape=(WIDTH,), lower_bound_samples=0)
+    assert_sandwich(cert, sampled(model))
     assert cert.bound <= 1 + 1e-6, cert.bound
