@@ -133,7 +133,7 @@ class Solve:
         name = self.backend.name
         if self.solver.lower() == "auto" and result.status not in _SETTLED:
             result, name = self._retry(lmi, result, seconds, query.label)
-        elif self.tol is None and name == self.backend.name and far_from_dual(result):
+        elif self.tol is None and far_from_dual(result):
             result = self._tighten(lmi, result, seconds, query.label)
         extras = result.extras if isinstance(result.extras, dict) else {}
         return Solution(result.x, result.status, result.message, result.objective, extras.get("dual_objective"),
