@@ -42,6 +42,7 @@ from lipsdp.recurrent import certify_all_horizons, horizon_shape
 from lipsdp.reductions import (Chain, MaxMinAsReLU, Precondition, Query, ReduceInput, Split,
                                preconditioning_scales, readouts)
 from lipsdp.resources import available_memory  # noqa: F401  (public here for scripts and benchmarks)
+from lipsdp.sampled_scales import gain_scales
 from lipsdp.session import run
 from lipsdp.solve import ClosedForm, Solve
 from lipsdp.split import is_chain
@@ -123,9 +124,8 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
     if (quick := closed_form(network, common, lower, output_map, strict, timings())) is not None:
         return quick  # constant, or the proven composition reached by the lower bound (docs/math.md §2.5)
     block_scale = np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]])
-    chain = Chain([ReduceInput(), Precondition(block_scale, trivial, scales=_scales,
-                                               deadline=None if not time_limit else
-                                               t_start + SWEEP_SHARE * time_limit)])
+    chain = Chain([ReduceInput(), Precondition(block_scale, trivial, scales=gain_scales(network, lifting, output_map, _scales),
+                                               deadline=None if not time_limit else t_start + SWEEP_SHARE * time_limit)])
     solve = ClosedForm() if len(lifting.blocks) == 1 else \
         Solve(solver, time_limit=time_limit, tol=tol, memory_limit=memory_limit, progress=progress)
     outcomes, todo = [], list(readouts(network.output_dim, norm, output_map))

@@ -25,6 +25,11 @@ from lipsdp.solvers.base import SolveResult, native_output_to_stderr
 _SETTLED = ("optimal", "optimal_inaccurate", "time_limit")
 #: Share of the available memory a solve may plan for; the rest is the process's own and the verifier's.
 MEMORY_SHARE = 0.8
+#: An ``optimal`` answer whose own dual value lies more than this (relative) below its objective did not
+#: converge (an interior-point method's gap test has an absolute floor that a badly scaled objective
+#: slips under, docs/math.md §5.3): with the default tolerance it is solved again at :data:`TIGHT_TOL`.
+DUAL_GAP = 1e-4
+TIGHT_TOL = 1e-14
 
 
 @dataclass
@@ -63,6 +68,20 @@ class ClosedForm:
             c = np.abs(np.asarray(query.output_map @ query.lifting.output.toarray())[0])
             x = c * c.sum() / query.scale[:n_var]
         return Solution(x, "optimal", solver="closed-form")
+
+
+def _relative_gap(result: SolveResult) -> float:
+    """``(objective - dual) / |objective|`` of a backend's answer; NaN where it reports no dual value."""
+    dual = result.extras.get("dual_objective") if isinstance(result.extras, dict) else None
+    if result.objective is None or dual is None or not np.isfinite(dual) or result.objective == 0:
+        return float("nan")
+    return (result.objective - float(dual)) / abs(result.objective)
+
+
+def far_from_dual(result: SolveResult) -> bool:
+    """Whether ``result`` says ``optimal`` while its own dual value lies more than :data:`DUAL_GAP` below
+    its objective (both in the solved LMI's units)."""
+    return result.status == "optimal" and result.x is not None and _relative_gap(result) > DUAL_GAP
 
 
 def run_backend(backend, lmi, time_limit, tol, progress: bool = False, label: str = "") -> tuple[SolveResult, float]:
@@ -114,6 +133,8 @@ class Solve:
         name = self.backend.name
         if self.solver.lower() == "auto" and result.status not in _SETTLED:
             result, name = self._retry(lmi, result, seconds, query.label)
+        elif self.tol is None and far_from_dual(result):
+            result = self._tighten(lmi, result, seconds, query.label)
         extras = result.extras if isinstance(result.extras, dict) else {}
         return Solution(result.x, result.status, result.message, result.objective, extras.get("dual_objective"),
                         result.iterations, extras.get("path"), name)
@@ -128,6 +149,19 @@ class Solve:
                 if fits else "no installed backend fits: try --split K or a smaller network"
             raise ResourceError(f"solving this {lmi.n}x{lmi.n} LMI with {self.backend.name} needs about "
                                 f"{need / 2**30:.1f} GiB but {budget / 2**30:.1f} GiB are available; {advice}")
+
+    def _tighten(self, lmi, result, seconds, label):
+        """The re-solve at :data:`TIGHT_TOL` of an answer :func:`far_from_dual`, where it returned a point."""
+        left = None if not self.time_limit else self.time_limit - seconds
+        if left is not None and left <= 0:
+            return result
+        again, seconds = run_backend(self.backend, lmi, left, TIGHT_TOL, self.progress, label)
+        self.seconds += seconds
+        if again.x is None or again.status not in ("optimal", "optimal_inaccurate"):
+            return result
+        again.message = (f"{again.message}; re-solved at tol {TIGHT_TOL:g}: the first answer's dual value lay "
+                         f"{_relative_gap(result):.1e} below its objective").lstrip("; ")
+        return again
 
     def _retry(self, lmi, result, seconds, label):
         """``(result, backend name)``: the fallback's result where it converged, else the first one."""

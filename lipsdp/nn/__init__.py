@@ -14,6 +14,7 @@ module              what it computes
 ``LinfDistance``    l_inf-distance neurons ``y_i = ||x - w_i||_inf + b_i`` (1-Lipschitz in l_inf)
 ``SortNet``         SortNet neurons: weighted order statistics of ``|x - w_i|``
 ``SLL``             SDP-based Lipschitz residual layer (Araujo et al. 2023)
+``SLLConv2d``       its convolutional form (zero-padded, stride 1)
 ``LDLTResidual``    L-Lipschitz layer from an LDL^T factorisation of its LipSDP matrix
 ``AOL``             almost-orthogonal linear layer (Prach & Lampert 2022)
 ``CayleyLinear``    orthogonal linear layer: Cayley transform or matrix exponential
@@ -31,11 +32,12 @@ from lipsdp.nn.implicit import ImplicitLayer
 from lipsdp.nn.linf import LinfDistance, SortNet
 from lipsdp.nn.attention import DotMultiheadSelfAttention, L2MultiheadSelfAttention, Residual
 from lipsdp.nn.sll import SLL
+from lipsdp.nn.sll_conv import SLLConv2d
 from lipsdp.nn.ldlt import LDLTResidual
 from lipsdp.nn.aol import AOL
 from lipsdp.nn.cayley import CayleyLinear
 from lipsdp.nn.iclrnn import ICLRNN
 
 __all__ = ["AOL", "CayleyLinear", "DotMultiheadSelfAttention", "FullSort", "GroupSort", "GroupSort2", "HouseHolder",
-           "ICLRNN", "ImplicitLayer", "L2MultiheadSelfAttention", "LDLTResidual", "LinfDistance", "MaxMin", "Residual", "SLL",
-           "SortNet"]
+           "ICLRNN", "ImplicitLayer", "L2MultiheadSelfAttention", "LDLTResidual", "LinfDistance", "MaxMin",
+           "Residual", "SLL", "SLLConv2d", "SortNet"]
