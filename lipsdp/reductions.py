@@ -182,7 +182,7 @@ def preconditioning_scales(lmi: LMIProblem, block_scale, trivial, sweeps=None, d
     """
     found = chain_scales(lmi)
     if found is not None:
-        found = layer_sweep.sweep(lmi, found, layer_sweep.SWEEPS if sweeps is None else sweeps, deadline=deadline)
+        found = layer_sweep.sweep(lmi, found, sweeps, deadline=deadline)
     return (block_scale, trivial, None) if found is None else (found.block_scale, found.total, found.x)
 
 

@@ -22,11 +22,13 @@ from lipsdp.lmi import build_lmi
 from lipsdp.network import Network
 from lipsdp.reductions import Query, ReduceInput
 from lipsdp.reuse import solve_lmi
+from lipsdp.scaling import chain_scales
 
 from conftest import assert_sandwich, torch_lower_bound
 
 #: ``(n0, width, depth) -> bound``, certified with the code before lipsdp.reuse (commit 19e2c98,
-#: solver auto, which chose completion for all four).  The first two take the input-span path
+#: solver auto, which chose completion for all four; the two deep ones now take one layer sweep, not
+#: two, and come out tighter by 3e-11 relative).  The first two take the input-span path
 #: (``2 width <= n0``), the second and fourth the layer sweeps (depth >= 20).
 BEFORE = {
     (120, 6, 3): 0.1730254447288898,
@@ -100,5 +102,13 @@ def test_memory_refusal_comes_first():
         lipsdp.certify(net, memory_limit=40 * 2**20, lower_bound_samples=0)
 
 
-def test_one_sweep_by_default():
-    assert layer_sweep.SWEEPS >= 1
+def test_second_sweep_only_on_wide_layers(monkeypatch):
+    """The default takes one layer sweep below ``SECOND_SWEEP_WIDTH`` and ``SWEEPS`` from it on."""
+    monkeypatch.setattr(layer_sweep, "MIN_LAYERS", 4)
+    lmi = build_lmi(lift(random_net(8, 8, 6)))
+    greedy = chain_scales(lmi)
+    one, two = (layer_sweep.sweep(lmi, greedy, k).x for k in (1, 2))
+    assert two[0] < one[0] < greedy.x[0]
+    assert np.array_equal(layer_sweep.sweep(lmi, greedy).x, one)
+    monkeypatch.setattr(layer_sweep, "SECOND_SWEEP_WIDTH", 8)
+    assert np.array_equal(layer_sweep.sweep(lmi, greedy).x, two)
