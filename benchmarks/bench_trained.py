@@ -302,6 +302,8 @@ def main(argv=None) -> int:
     if args.compare:
         print(compare(*args.compare))
         return 0
+    if str(ROOT) not in sys.path:  # in-process modes measure this checkout's lipsdp, as the workers do
+        sys.path.insert(0, str(ROOT))
     if args.phases:
         phases(f"mlp-{args.phases}", args.model_dir, args.solver, args.sweeps)
         return 0
