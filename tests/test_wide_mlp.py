@@ -65,14 +65,15 @@ def test_bounds_as_before_and_sandwiched(shape):
     assert_sandwich(cert, torch_lower_bound(model, shape[0], samples=64))
 
 
-@pytest.mark.parametrize("shape", [(120, 6, 3), (60, 4, 22), (50, 8, 4)])
-def test_solved_lmi_shares_the_verified_terms(shape):
+@pytest.mark.parametrize("shape,formulation", [((120, 6, 3), "neuron"), ((60, 4, 22), "neuron"),
+                                               ((50, 8, 4), "neuron"), ((50, 8, 4), "layer")])
+def test_solved_lmi_shares_the_verified_terms(shape, formulation):
     lifting = lift(random_net(*shape))
-    query = Query.build(lifting, "neuron", "l2", None)
+    query = Query.build(lifting, formulation, "l2", None)
     assert query.given.input_metric is not None and query.given.factors is not None
     reduced = lifting.reduce_input()
-    full = build_lmi(reduced, "neuron")
-    shared = solve_lmi(query.given, reduced, "neuron")
+    full = build_lmi(reduced, formulation)
+    shared = solve_lmi(query.given, reduced, formulation)
     assert shared is not None
     assert shared.rows is query.given.rows and shared.cols is query.given.cols and shared.var is query.given.var
     x = np.random.default_rng(1).random(full.n_var)
