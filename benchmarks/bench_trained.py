@@ -27,6 +27,7 @@ Usage::
     python benchmarks/bench_trained.py --only mlp --sizes 16x2 16x8 64x3 --repeats 1
     python benchmarks/bench_trained.py --only cnn --net-limit 120
     python benchmarks/bench_trained.py --profile 64x3      # cProfile of one certify call (top 30)
+    python benchmarks/bench_trained.py --phases 16x64 --sweeps 1   # each stage's wall / CPU s and peak RSS
     python benchmarks/bench_trained.py --compare results/trained/trained-before.json results/trained/trained-after.json
 
 Writes ``benchmarks/results/trained/trained.{md,json}`` (``--tag`` adds a suffix, e.g. ``before``).
@@ -231,6 +232,52 @@ def profile(name: str, model_dir: Path, solver: str) -> None:
     pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
 
 
+def phases(name: str, model_dir: Path, solver: str, sweeps: int | None) -> None:
+    """The stages of one l2 certify call made one by one, with wall and CPU seconds and peak RSS after
+    each: load, lift, the LMI, the input reduction, preconditioning (``sweeps`` layer sweeps; None: the
+    default), the solve, verification (issue 19: where build and verify spend their time)."""
+    import numpy as np
+
+    from lipsdp import pipeline
+    from lipsdp.bounds import node_lipschitz
+    from lipsdp.lifting import lift
+    from lipsdp.reductions import Precondition, Query, ReduceInput, preconditioning_scales
+    from lipsdp.solve import Solve
+    from lipsdp.verification import verify_solution
+
+    clock = [time.perf_counter(), time.process_time()]
+
+    def tick(what: str) -> None:
+        wall, cpu = time.perf_counter() - clock[0], time.process_time() - clock[1]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"{what:14s} wall {wall:8.2f} s  cpu {cpu:8.2f} s  peak {peak:.2f} GiB", flush=True)
+        clock[:] = [time.perf_counter(), time.process_time()]
+
+    path = model_dir / f"{name}.pt"
+    if not path.exists():
+        train_and_save(name, path)
+    net, _ = pipeline.load_model(str(path), trust_pickle=True, input_shape=(1, 28, 28))
+    tick("load")
+    lips = node_lipschitz(net)
+    lifting = lift(net)
+    tick("lift")
+    query = Query.build(lifting, "neuron", "l2", None)
+    tick(f"LMI n={query.given.n}")
+    query, _ = ReduceInput().apply(query)
+    tick("reduce input")
+    block_scale = np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]])
+    pre = Precondition(block_scale, lips[net.output],
+                       scales=lambda lmi, b, t, deadline=None: preconditioning_scales(lmi, b, t, sweeps=sweeps))
+    query, v = pre.apply(query)
+    tick("precondition")
+    solve = Solve(solver)
+    solution = pre.invert(solve(query), v)
+    tick(f"solve ({solve.backend.name}, {solution.iterations} it)")
+    out = verify_solution(query, solution)
+    tick("verify")
+    print(name, "bound", repr(out.verification.bound), "verified", out.verification.verified)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=("all", "mlp", "cnn", "random"), default="mlp")
@@ -245,6 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", metavar="SIZE", help="cProfile one MLP certify call, e.g. 64x3")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
                    help="side-by-side table of two result JSON files (bounds must be the same or tighter)")
+    p.add_argument("--phases", metavar="SIZE", help="the stages of one MLP certify call one by one, e.g. 16x64")
+    p.add_argument("--sweeps", type=int, default=None, help="with --phases: layer sweeps (default: lipsdp's)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -252,6 +301,11 @@ def main(argv=None) -> int:
         return 0
     if args.compare:
         print(compare(*args.compare))
+        return 0
+    if str(ROOT) not in sys.path:  # in-process modes measure this checkout's lipsdp, as the workers do
+        sys.path.insert(0, str(ROOT))
+    if args.phases:
+        phases(f"mlp-{args.phases}", args.model_dir, args.solver, args.sweeps)
         return 0
     if args.profile:
         profile(f"mlp-{args.profile}", args.model_dir, args.solver)

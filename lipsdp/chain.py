@@ -32,6 +32,8 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
+from lipsdp.sharing import shared
+
 if TYPE_CHECKING:  # only read, never built here; importing lmi would pull the lifting into ``lipsdp solvers``
     from lipsdp.lmi import LMIProblem
 
@@ -71,15 +73,11 @@ class BlockChain:
         self.sizes = np.diff(self.starts)
         self.nb = len(self.sizes)
 
-    def block_of(self, idx) -> np.ndarray:
-        """The block that each row/column index in ``idx`` belongs to."""
+    def block_of(self, idx) -> np.ndarray:  # the block that each row/column index in ``idx`` belongs to
         return np.searchsorted(self.starts, np.asarray(idx), side="right") - 1
 
     # -- where the terms sit ---------------------------------------------------
-    @cached_property
-    def const(self) -> sp.coo_matrix:
-        """The constant term ``M_c`` as COO."""
-        return self.lmi.const.tocoo()
+    const = cached_property(lambda self: self.lmi.const.tocoo())  # the constant term ``M_c`` as COO
 
     @cached_property
     def const_blocks(self) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +101,7 @@ class BlockChain:
     def last(self) -> np.ndarray | None:
         """Per variable, the last block its matrix touches (-1 if none), or None unless every ``M_j``
         lies inside two neighbouring blocks (:meth:`~lipsdp.lmi.LMIProblem.chain_layers`)."""
-        return self.lmi.chain_layers()
+        return shared(self.lmi, "last", self.starts, self.lmi.chain_layers)
 
     @cached_property
     def is_layer_chain(self) -> bool:
@@ -135,9 +133,12 @@ class BlockChain:
     @cached_property
     def layer_entries(self) -> list[np.ndarray]:
         """Per layer, the indices of its COO entries in the upper triangle (the lower one mirrors it)."""
+        return shared(self.lmi, "layer_entries", self.starts, self._layer_entries)
+
+    def _layer_entries(self) -> list[np.ndarray]:
         lmi = self.lmi
         el = self.layer[lmi.var]
-        order = np.argsort(el, kind="stable")
+        order = np.arange(len(el)) if np.all(el[1:] >= el[:-1]) else np.argsort(el, kind="stable")  # built in order
         cuts = np.searchsorted(el[order], np.arange(self.nb + 1))
         out = []
         for k in range(self.nb):
@@ -191,10 +192,8 @@ class BlockChain:
         off[1:] = starts[1:-1:2]
         return starts[0:-1:2], off, int(starts[-1])
 
-    @cached_property
-    def block_table(self) -> np.ndarray:
-        """The block of every row/column index (a lookup table, faster than :meth:`block_of` on many)."""
-        return np.repeat(np.arange(self.nb), self.sizes)
+    #: The block of every row/column index (a lookup table, faster than :meth:`block_of` on many).
+    block_table = cached_property(lambda self: np.repeat(np.arange(self.nb), self.sizes))
 
     def band_index(self, rows, cols) -> tuple[np.ndarray, np.ndarray] | None:
         """``(upper, index)``: the entries with ``cols >= rows`` and their places in the band buffer

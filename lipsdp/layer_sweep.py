@@ -61,8 +61,15 @@ from lipsdp.interior import solve_dense
 from lipsdp.lmi import LMIProblem
 from lipsdp.scaling import LayerPoint
 
-#: Sweeps taken (two: the second still gains half a decade on deep nets, a third little).
+#: Most sweeps taken by default.  The first gains most decades (784-16x64-10: six), the second about
+#: half a decade, worth a few solver iterations only where an iteration costs more than a sweep:
+#: see :data:`SECOND_SWEEP_WIDTH` (benchmarks/results/trained/sweeps.md).
 SWEEPS = 2
+#: Narrowest widest-hidden-block for which the default takes a second sweep.  Below it ``auto`` solves
+#: with the chordal method, whose iterations are cheap there, and a second sweep saved none
+#: (784-16x32-10, 784-16x64-10); at width 32 the completion method's iterations cost more than a sweep
+#: and the second sweep saved three of 26 (784-32x32-10).
+SECOND_SWEEP_WIDTH = 32
 #: Fewest activation layers worth sweeping.  The greedy point's distance to the optimum grows with
 #: depth while a sweep's cost per layer is fixed: on shallow nets the sweeps cost more than the
 #: iterations they save (docs/performance.md).
@@ -77,7 +84,7 @@ STEP_TOL = 1e-3
 INFLATE = 1.1
 
 
-def sweep(lmi, point: LayerPoint, sweeps: int = SWEEPS, deadline: float | None = None) -> LayerPoint:
+def sweep(lmi, point: LayerPoint, sweeps: int | None = None, deadline: float | None = None) -> LayerPoint:
     """``point`` improved by up to ``sweeps`` layer-by-layer sweeps, or ``point`` itself.
 
     ``point`` itself when ``lmi`` has fewer than :data:`MIN_LAYERS` activation
@@ -92,7 +99,8 @@ def sweep(lmi, point: LayerPoint, sweeps: int = SWEEPS, deadline: float | None =
         The chain LMI ``point`` was read from (not preconditioned).
     point : LayerPoint
         From :func:`lipsdp.scaling.chain_scales`.
-    sweeps : int
+    sweeps : int, optional
+        None: :data:`SWEEPS`, or one where no hidden block is :data:`SECOND_SWEEP_WIDTH` wide.
     deadline : float, optional
         A :func:`time.perf_counter` value: a sweep still running then is dropped (the point of the
         sweeps before it is kept).
@@ -104,6 +112,8 @@ def sweep(lmi, point: LayerPoint, sweeps: int = SWEEPS, deadline: float | None =
         ``sqrt(rho / median(lambda_k))``, ``total`` is ``sqrt(rho)``.
     """
     chain = _Chain.of(lmi)
+    if sweeps is None:
+        sweeps = SWEEPS if chain is None or max(chain.sizes[1:]) >= SECOND_SWEEP_WIDTH else min(SWEEPS, 1)
     if chain is None or sweeps <= 0:
         return point
     x = np.asarray(point.x, dtype=np.float64).copy()

@@ -129,9 +129,7 @@ class LMIProblem:
                        objective=self.objective * v / g, lift_err=lift_err, factors=factors,
                        start=None if self.start is None else self.start / v), v
 
-    @property
-    def n_var(self) -> int:
-        return len(self.objective)
+    n_var = property(lambda self: len(self.objective))
 
     def block_of(self, idx) -> np.ndarray:
         """The block (0 = input) that each row/column index in ``idx`` belongs to."""
@@ -290,11 +288,14 @@ def _output_rows(lifting: Lifting, output_map) -> tuple[sp.csr_matrix, sp.csr_ma
 
 def _input_block(n0: int, n: int, norm: str, metric=None) -> _Parts:
     """``-E0^T E0`` times ``rho`` (l2) or ``-E0^T diag(lambda_in) E0`` (l_inf); with ``metric`` (l2 only)
-    ``-E0^T G E0`` times ``rho``, ``G = metric`` dense (docs/math.md §10.1; no factored form)."""
+    ``-E0^T G E0`` times ``rho``, ``G = metric`` dense (docs/math.md §10.1), factored as
+    ``sum_i -1/2 (e_i g_i^T + g_i e_i^T)`` (``G`` symmetric) so the layers' factors are kept."""
     if metric is not None:
+        G = np.asarray(metric, dtype=np.float64)
         r, c = (i.ravel() for i in np.indices((n0, n0)))
-        return _Parts([r], [c], [-np.asarray(metric, dtype=np.float64).ravel()], [np.zeros(r.size, np.int64)],
-                      ["rho"], [True], [0], None)
+        rows_g = sp.hstack([sp.csr_matrix(G), sp.csr_matrix((n0, n - n0))]).tocsr()
+        return _Parts([r], [c], [-G.ravel()], [np.zeros(r.size, np.int64)], ["rho"], [True], [0],
+                      [(sp.eye(n0, n, format="csr"), rows_g, np.full(n0, -0.5), np.zeros(n0, np.int64))])
     if norm == "l2":
         var, labels = [np.zeros(n0, dtype=np.int64)], ["rho"]
     else:
@@ -321,11 +322,8 @@ def _lift_error(C: sp.csr_matrix, C_err, err_parts: list) -> tuple:
     """``(rows, cols, vals, var, const)``: the bound on ``|M - M_exact|`` of :meth:`LMIProblem.lifting_error`."""
     absC = abs(C)
     c_err = (C_err.T @ absC + absC.T @ C_err + C_err.T @ C_err).tocsr()
-    if err_parts:
-        r, c, v, m = (np.concatenate(z) for z in zip(*err_parts))
-    else:
-        r = c = m = np.zeros(0, dtype=np.int64)
-        v = np.zeros(0)
+    empty = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))]
+    r, c, v, m = (np.concatenate(z) for z in zip(*(err_parts or empty)))
     return r, c, v, m, c_err
 
 

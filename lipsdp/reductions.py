@@ -30,6 +30,7 @@ import numpy as np
 from lipsdp import layer_sweep, progress
 from lipsdp.lifting import Lifting
 from lipsdp.lmi import LMIProblem, build_lmi
+from lipsdp.reuse import solve_lmi
 from lipsdp.rewrite import maxmin_as_relu
 from lipsdp.scaling import chain_scales
 from lipsdp.split import compose_bounds, split_chain
@@ -163,8 +164,11 @@ class ReduceInput(Reduction):
         reduced = query.lifting.reduce_input()
         if reduced is query.lifting:
             return query, None
-        return replace(query, solve=build_lmi(reduced, query.formulation, output_map=query.output_map,
-                                              norm=query.norm)), None
+        # The LMI verified is restricted to the same input rows: share its later layers' terms
+        # (lipsdp.reuse); otherwise build the reduced LMI in full.
+        shared = None if query.output_map is not None else solve_lmi(query.given, reduced, query.formulation)
+        return replace(query, solve=shared if shared is not None else
+                       build_lmi(reduced, query.formulation, output_map=query.output_map, norm=query.norm)), None
 
 
 def preconditioning_scales(lmi: LMIProblem, block_scale, trivial, sweeps=None, deadline=None):
@@ -178,7 +182,7 @@ def preconditioning_scales(lmi: LMIProblem, block_scale, trivial, sweeps=None, d
     """
     found = chain_scales(lmi)
     if found is not None:
-        found = layer_sweep.sweep(lmi, found, layer_sweep.SWEEPS if sweeps is None else sweeps, deadline=deadline)
+        found = layer_sweep.sweep(lmi, found, sweeps, deadline=deadline)
     return (block_scale, trivial, None) if found is None else (found.block_scale, found.total, found.x)
 
 
