@@ -20,10 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from lipsdp import convops
+from lipsdp.bounds import spectral_norm
 from lipsdp.constraints import SlopeRestricted, get_constraint
 from lipsdp.errors import LipSDPError, UnsupportedLayerError
+from lipsdp.gains import activation_gain
 from lipsdp.io.linmaps import conv_matrix
-from lipsdp.network import Activation, Affine, Input, Network, Reshape
+from lipsdp.network import Activation, Affine, Input, Network, Reshape, activation_function
 
 #: Kernels larger than this (taps per axis) are not realised: the Roesser state grows with the kernel.
 MAX_KERNEL = 15
@@ -47,6 +50,10 @@ class ConvLayer:
     sector : tuple of float
         The activation's slope sector ``(alpha, beta)`` (over all its neurons).
     activation : str
+    bias : ndarray or None
+        The convolution's bias, flat over ``out_shape`` (what the sampled lower bound evaluates).
+    activation_op : Activation or None
+        The graph's activation node (its parameters), for the sampled lower bound.
     """
 
     name: str
@@ -56,6 +63,8 @@ class ConvLayer:
     out_shape: tuple[int, int, int]
     sector: tuple[float, float]
     activation: str
+    bias: np.ndarray | None = None
+    activation_op: Activation | None = None
 
 
 @dataclass
@@ -88,13 +97,18 @@ def recover_conv(S, in_shape: tuple, out_shape: tuple) -> tuple[np.ndarray, tupl
         _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)} is not a 2-D convolution")
     ci, H, W = in_shape
     co, Ho, Wo = out_shape
-    S = sp.csr_matrix(S)
-    S.eliminate_zeros()
-    coo = S.tocoo()
-    if coo.nnz == 0:
+    S = _canonical(S)
+    if S.shape != (co * Ho * Wo, ci * H * W):
+        _refuse(f"a {S.shape[0]}x{S.shape[1]} matrix between the shapes {tuple(in_shape)} -> {tuple(out_shape)}")
+    if S.nnz == 0:
         _refuse("a convolution with a zero kernel")
-    o, i, j = np.unravel_index(coo.row, out_shape)
-    c, p, q = np.unravel_index(coo.col, in_shape)
+    # every stored entry's offset (input position - output position), from the CSR arrays directly
+    out_rows = np.arange(S.shape[0])
+    counts = np.diff(S.indptr)
+    i = np.repeat((out_rows // Wo) % Ho, counts)
+    j = np.repeat(out_rows % Wo, counts)
+    o = np.repeat(out_rows // (Ho * Wo), counts)
+    c, p, q = S.indices // (H * W), (S.indices // W) % H, S.indices % W
     dh, dw = p - i, q - j
     top, left = -int(dh.min()), -int(dw.min())
     kh, kw = int(dh.max()) + top + 1, int(dw.max()) + left + 1
@@ -103,17 +117,31 @@ def recover_conv(S, in_shape: tuple, out_shape: tuple) -> tuple[np.ndarray, tupl
         _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)} that is not a stride-1 zero-padded "
                 f"convolution with kernels up to {MAX_KERNEL}x{MAX_KERNEL}")
     weight = np.zeros((co, ci, kh, kw))
-    weight[o, c, dh + top, dw + left] = coo.data
+    weight[o, c, dh + top, dw + left] = S.data
     try:
         M, shape = conv_matrix(in_shape, weight, (1, 1), (top, left), (bottom, right), (1, 1), 1)
     except ValueError as exc:
         _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)}: {exc}")
-    diff = (M - S).tocsr()
-    diff.eliminate_zeros()
-    if tuple(shape) != tuple(out_shape) or diff.nnz:
+    # Two canonical CSR matrices without stored zeros are equal exactly when their arrays are.
+    M.eliminate_zeros()
+    if tuple(shape) != tuple(out_shape) or not _same_csr(M, S):
         _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)} that is not a stride-1 zero-padded "
                 f"convolution (strides, pooling or mixed maps are unrolled)")
     return weight, (top, left, bottom, right)
+
+
+def _canonical(S) -> sp.csr_matrix:
+    """``S`` as a CSR matrix with sorted indices, no duplicates and no stored zeros (a copy: the
+    network's own matrix is left as it is)."""
+    S = sp.csr_matrix(S, dtype=np.float64, copy=True)
+    S.sum_duplicates()
+    S.eliminate_zeros()
+    return S
+
+
+def _same_csr(A: sp.csr_matrix, B: sp.csr_matrix) -> bool:
+    return (A.shape == B.shape and np.array_equal(A.indptr, B.indptr) and np.array_equal(A.indices, B.indices)
+            and np.array_equal(A.data, B.data))
 
 
 def _skip_reshapes(net: Network, node: int) -> tuple[int, tuple | None]:
@@ -171,7 +199,7 @@ def conv_chain(net: Network, output_map=None) -> ConvChain:
             _refuse(f"{conv.name} ({conv.kind}) reads a tensor without a (C, H, W) shape")
         weight, pad = recover_conv(conv.weight, in_shape, conv.shape)
         layers.append(ConvLayer(conv.name, weight, pad, tuple(in_shape), tuple(conv.shape), _sector(act),
-                                act.function))
+                                act.function, conv.bias, act))
         node = parent
     if not layers:
         _refuse("there is no convolution")
@@ -182,3 +210,71 @@ def conv_chain(net: Network, output_map=None) -> ConvChain:
     if tail.shape[1] != int(np.prod(layers[-1].out_shape)):
         _refuse("the final linear layer does not read the last activation")
     return ConvChain(layers, tail, tail_op.name)
+
+
+def with_output_map(chain: ConvChain, output_map) -> ConvChain:
+    """``chain`` read out through ``output_map @ tail`` (what ``conv_chain(net, output_map)`` returns,
+    without recovering the kernels again)."""
+    tail = np.atleast_2d(np.asarray(output_map, dtype=np.float64)) @ chain.tail
+    if tail.shape[0] > MAX_OUTPUTS:
+        _refuse(f"the final linear layer has {tail.shape[0]} outputs (at most {MAX_OUTPUTS})")
+    return ConvChain(chain.layers, tail, chain.tail_name)
+
+
+# -- the bracketing bounds of docs/math.md §1.5 on a conv chain, without the unrolled matrices ----------
+def chain_trivial_bound(chain: ConvChain) -> float:
+    """:func:`lipsdp.bounds.trivial_bound` of the network ``chain`` was read from, each convolution's norm
+    taken on its kernel (:func:`lipsdp.convops.conv_spectral_norm`) instead of its unrolled matrix.
+
+    The recovered kernels unroll exactly to the network's matrices (:func:`recover_conv`), so the norms
+    are of the same maps; products in the order :func:`lipsdp.bounds.node_lipschitz` takes them.
+    """
+    lip = 1.0
+    for layer in chain.layers:
+        lip = convops.conv_spectral_norm(layer.weight, layer.in_shape, layer.pad) * lip
+        lip = activation_gain(layer.activation_op, "l2") * lip
+    return spectral_norm(chain.tail) * lip
+
+
+def chain_lower_bound(network: Network, chain: ConvChain, samples: int = 256, seed: int = 0, scale: float = 1.0,
+                      batch: int = 64, output_map=None) -> float:
+    """:func:`lipsdp.bounds.sampled_lower_bound` (l2) of ``network``, read as ``chain``: the same random
+    inputs, Jacobians in reverse mode with the convolutions applied as convolutions (:mod:`lipsdp.convops`)."""
+    rng = np.random.default_rng(seed)
+    tail = chain.tail if output_map is None else np.atleast_2d(np.asarray(output_map, np.float64)) @ chain.tail
+    best, done = 0.0, 0
+    while done < samples:
+        k = min(batch, samples - done)
+        x = scale * rng.standard_normal((k, network.input_dim))
+        J = _chain_jacobians(chain, tail, x)
+        value = np.linalg.norm(J[np.all(np.isfinite(J), axis=(1, 2))], 2, axis=(1, 2))
+        best = max(best, float(value.max(initial=0.0)))
+        done += k
+    return best
+
+
+def _chain_jacobians(chain: ConvChain, tail: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``tail @ d(last activation)/dx`` at the inputs ``x`` (``(b, n0)``), shape ``(b, q, n0)``.
+
+    Channel-major arrays throughout (:mod:`lipsdp.convops`): values ``(C, b, H, W)``, the pulled-back rows
+    ``(C, b, q, H, W)``.
+    """
+    b, q = len(x), tail.shape[0]
+    h = x.reshape(b, *chain.layers[0].in_shape).transpose(1, 0, 2, 3)
+    slopes = []
+    for layer in chain.layers:
+        pre = convops.conv(h, layer.weight, layer.pad)
+        if layer.bias is not None:
+            pre += np.asarray(layer.bias, np.float64).reshape(layer.out_shape)[:, None]
+        flat = pre.transpose(1, 0, 2, 3).reshape(b, -1)  # the activations read (batch, C H W)
+        phi = activation_function(layer.activation_op.function)
+        slopes.append(phi.derivative(flat, layer.activation_op).reshape(b, *layer.out_shape).transpose(1, 0, 2, 3))
+        h = phi.evaluate(flat, layer.activation_op).reshape(b, *layer.out_shape).transpose(1, 0, 2, 3)
+    C, H, W = chain.layers[-1].out_shape
+    G = np.broadcast_to(tail.reshape(q, C, H, W).transpose(1, 0, 2, 3)[:, None], (C, b, q, H, W))
+    for layer, slope in zip(reversed(chain.layers), reversed(slopes)):
+        G = G * slope[:, :, None]
+        C, H, W = layer.out_shape
+        back = convops.conv_transpose(G.reshape(C, b * q, H, W), layer.weight, layer.pad, layer.in_shape[1:])
+        G = back.reshape(layer.in_shape[0], b, q, *layer.in_shape[1:])
+    return G.transpose(1, 2, 0, 3, 4).reshape(b, q, -1)
