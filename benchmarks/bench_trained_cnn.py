@@ -215,7 +215,8 @@ def row(name: str, fmt: str, r: dict, torch_lower: float | None) -> str:
     bound, trivial = r.get("bound"), r.get("trivial_bound")
     sandwich = "" if bound is None else (
         "ok" if (torch_lower is None or torch_lower <= bound) and (trivial is None or bound <= trivial) else "NO")
-    return (f"| {name} | {fmt} | {r.get('status')} | {_fmt(bound, '.6g')} | {_fmt(trivial, '.6g')} "
+    status = r.get("status") if r.get("status") == "verified" else f"{r.get('status')}: {r.get('message') or ''}"[:90]
+    return (f"| {name} | {fmt} | {status.replace('|', '/')} | {_fmt(bound, '.6g')} | {_fmt(trivial, '.6g')} "
             f"| {_fmt(r.get('lower_bound'), '.4g')} | {_fmt(torch_lower, '.4g')} | {sandwich} "
             f"| {_fmt(t.get('load'), '.2f')} | {ratio('build')} | {_fmt(t.get('solve'), '.2f')} | {ratio('verify')} "
             f"| {_fmt(t.get('total'), '.2f')} | {r['wall']:.1f} | {_fmt(r.get('peak_gib'), '.2f')} |")

@@ -18,6 +18,8 @@ from scipy.sparse.linalg import LinearOperator, svds
 
 from lipsdp import accel
 
+#: Unrolled matrices up to this many entries get a dense SVD in :func:`conv_spectral_norm`.
+DENSE_ENTRIES = 1_000_000
 #: Entries of the im2col buffer one chunk of images may use (bounds the extra memory of a product).
 CHUNK_ENTRIES = 8_000_000
 
@@ -90,17 +92,18 @@ def conv_spectral_norm(weight: np.ndarray, in_shape: tuple, pad: tuple) -> float
     stride-1 convolution (``weight`` ``(C_out, C_in, kh, kw)``, ``in_shape`` ``(C, H, W)``, ``pad``
     ``(top, left, bottom, right)``), computed on the convolution itself, never forming ``S``.
 
-    The same rule and method: ``S`` is formed densely (by convolving the unit images, which reproduces
-    its entries exactly) when its smaller side is at most 1000; otherwise ARPACK's Lanczos iteration on
-    ``S^T S`` (products by :func:`conv` and :func:`conv_transpose`) to machine precision, raised by
-    ``1 + 2e-8``: the sparse path's ``1 + 1e-8`` and as much again, so that the two Lanczos runs, which
-    agree to about ``1e-15``, never leave this value below the sparse one.
+    A small ``S`` (smaller side at most 1000, at most :data:`DENSE_ENTRIES` entries) is formed densely, by
+    convolving the unit images, which reproduces its entries exactly, and gets the same dense SVD.  Any
+    other gets ARPACK's Lanczos iteration on ``S^T S`` (products by :func:`conv` and
+    :func:`conv_transpose`) to machine precision, raised by ``1 + 2e-8``: the sparse path's ``1 + 1e-8``
+    and as much again, so that the value is never below the sparse path's (a Lanczos run or a dense SVD,
+    which agree with this one to about ``1e-15``).
     """
     weight = np.asarray(weight, dtype=np.float64)
     ci, H, W = in_shape
     out = output_shape(weight, in_shape, pad)
     m, n = int(np.prod(out)), ci * H * W
-    if min(m, n) <= 1000:
+    if min(m, n) <= 1000 and m * n <= DENSE_ENTRIES:
         eye = np.eye(n).reshape(n, ci, H, W).transpose(1, 0, 2, 3)
         dense = conv(eye, weight, pad).transpose(1, 0, 2, 3).reshape(n, m).T
         return accel.spectral_norm(dense)
