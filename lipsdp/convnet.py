@@ -21,10 +21,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from lipsdp import convops
-from lipsdp.bounds import spectral_norm
+from lipsdp.bounds import proven_spectral_norm, spectral_norm
 from lipsdp.constraints import SlopeRestricted, get_constraint
 from lipsdp.errors import LipSDPError, UnsupportedLayerError
-from lipsdp.gains import activation_gain
+from lipsdp.gains import activation_gain, up_product
 from lipsdp.io.linmaps import conv_matrix
 from lipsdp.network import Activation, Affine, Input, Network, Reshape, activation_function
 
@@ -234,6 +234,43 @@ def chain_trivial_bound(chain: ConvChain) -> float:
         lip = convops.conv_spectral_norm(layer.weight, layer.in_shape, layer.pad) * lip
         lip = activation_gain(layer.activation_op, "l2") * lip
     return spectral_norm(chain.tail) * lip
+
+
+def chain_proven_trivial_bound(chain: ConvChain, output_map=None) -> float | None:
+    """The trivial bound of ``chain`` (then ``output_map``) proven in floating point (docs/math.md §7.5), or
+    None: each convolution's norm bounded on the torus (:func:`lipsdp.convops.proven_conv_norm`), the
+    read-out's through its ``q x q`` Gram matrix (:func:`proven_wide_norm`), products rounded up."""
+    lip = 1.0 if output_map is None else proven_wide_norm(output_map)
+    if lip is None:
+        return None
+    for layer in chain.layers:
+        norm = convops.proven_conv_norm(layer.weight, layer.in_shape, layer.pad)
+        if norm is None:
+            return None
+        lip = up_product(activation_gain(layer.activation_op, "l2"), up_product(norm, lip))
+    tail = proven_wide_norm(chain.tail)
+    return None if tail is None else up_product(tail, lip)
+
+
+def proven_wide_norm(T) -> float | None:
+    """A float proven ``>= ||T||_2`` for a matrix with few rows (or columns): by Weyl's inequality
+    ``||T||^2 = lambda_max(T T^T) <= ||G||_2 + ||T T^T - G||_F`` for the float Gram ``G`` (symmetrised),
+    whose error is at most ``gamma_n |T||T|^T`` entrywise plus the symmetrisation's ``u |G|`` (Higham §3.5);
+    both doubled for their own rounding."""
+    T = np.atleast_2d(np.asarray(T, dtype=np.float64))
+    if T.shape[0] > T.shape[1]:
+        T = T.T
+    n = T.shape[1]
+    if not np.all(np.isfinite(T)) or n * 2.0 ** -53 > 0.01:
+        return None
+    G = T @ T.T
+    G = 0.5 * (G + G.T)
+    g = n * 2.0 ** -53 / (1.0 - n * 2.0 ** -53)
+    error = 2.0 * (g * float(np.linalg.norm(np.abs(T) @ np.abs(T).T)) + 2.0 ** -53 * float(np.linalg.norm(G)))
+    s = proven_spectral_norm(G)
+    if s is None:
+        return None
+    return float(np.nextafter(np.sqrt(np.nextafter(np.nextafter(s + error, np.inf), np.inf)), np.inf))
 
 
 def chain_lower_bound(network: Network, chain: ConvChain, samples: int = 256, seed: int = 0, scale: float = 1.0,

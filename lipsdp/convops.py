@@ -117,3 +117,77 @@ def conv_spectral_norm(weight: np.ndarray, in_shape: tuple, pad: tuple) -> float
     op = LinearOperator((m, n), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
     v0 = np.random.default_rng(0).standard_normal(min(m, n))
     return float(svds(op, k=1, return_singular_vectors=False, v0=v0)[0]) * (1 + 2e-8)
+
+
+# -- a proven norm: the convolution on the torus (docs/math.md §7.5) ---------------------------------------
+_U = 2.0 ** -53
+#: Error of one computed cosine or sine of an angle ``2 pi r / N`` (the angle's three roundings, at most
+#: ``3 u 2 pi``, and the library's own error), in units of ``u``: generous.
+_TRIG_ERROR = 64
+
+
+def _gamma(k: int) -> float:
+    return k * _U / (1.0 - k * _U)
+
+
+def torus(in_shape: tuple, out_hw: tuple, pad: tuple) -> tuple[int, int]:
+    """``(M1, M2)``: a torus on which the zero-padded convolution is a compression of the circular one."""
+    _, H, W = in_shape
+    top, left, bottom, right = pad
+    return max(H + max(top, bottom), out_hw[0]), max(W + max(left, right), out_hw[1])
+
+
+def proven_conv_norm(weight: np.ndarray, in_shape: tuple, pad: tuple, tries: int = 30) -> float | None:
+    """A float proven ``>= ||S||_2`` for the unrolled zero-padded convolution ``S`` (docs/math.md §7.5).
+
+    ``S = P_out C P_in`` with ``C`` the circular convolution on the :func:`torus`, so ``||S|| <= ||C|| =
+    max_w ||K(w)||``, the largest singular value of the kernel's transfer matrix over the torus's
+    ``M1 M2`` frequencies.  The transfer matrices are computed tap by tap from exact integer phases; every
+    one of them is proven below ``s`` at once (batched shifted Cholesky of ``[[s I, R], [R^T, s I]]``, ``R``
+    the real form of ``K(w)``, the test of :func:`lipsdp.bounds.proven_spectral_norm`), and the
+    computation's error, bounded in the Frobenius norm, is added.  None when no proof goes through.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    co, ci, kh, kw = weight.shape
+    if not np.all(np.isfinite(weight)):
+        return None
+    if not np.any(weight):
+        return 0.0
+    _, Ho, Wo = output_shape(weight, in_shape, pad)
+    M1, M2 = torus(in_shape, (Ho, Wo), pad)
+    N = M1 * M2
+    a, b = np.arange(kh), np.arange(kw)
+    f1, f2 = np.arange(M1), np.arange(M2)
+    r = (a[:, None, None, None] * f1[None, None, :, None] * M2
+         + b[None, :, None, None] * f2[None, None, None, :] * M1) % N  # exact phases, (kh, kw, M1, M2)
+    theta = (2.0 * np.pi) * r / N
+    # K(-w) is the conjugate of K(w): the same singular values, and its real form is R's conjugate by the
+    # exact sign flip diag(I, -I), so a proof for one is a proof for the other; half the torus suffices.
+    flat = np.arange(N)
+    keep = flat <= ((-(flat // M2)) % M1) * M2 + (-flat) % M2
+    re = np.einsum("ocab,abxy->xyoc", weight, np.cos(theta)).reshape(N, co, ci)[keep]
+    im = np.einsum("ocab,abxy->xyoc", weight, -np.sin(theta)).reshape(N, co, ci)[keep]
+    N = int(keep.sum())
+    R = np.concatenate([np.concatenate([re, -im], axis=2), np.concatenate([im, re], axis=2)], axis=1)
+    m, n = 2 * co, 2 * ci
+    size = m + n
+    g = _gamma(size + 1)
+    sigma = float(np.sqrt(max(np.linalg.eigvalsh(R.transpose(0, 2, 1) @ R)[:, -1].max(), 0.0)))  # a guess only
+    margin = 8.0 * (size + 1) ** 2 * _U
+    for _ in range(tries):
+        s = float(np.nextafter(sigma * (1.0 + margin), np.inf))
+        c = 4.0 * g * size * s + np.finfo(float).tiny
+        H = np.zeros((N, size, size))
+        H[:, :m, m:], H[:, m:, :m] = R, R.transpose(0, 2, 1)
+        H[:, np.arange(size), np.arange(size)] = s - c
+        try:
+            L = np.linalg.cholesky(H)
+        except np.linalg.LinAlgError:
+            margin *= 2.0
+            continue
+        if np.all(c > 2.0 * (g * np.sum(L * L, axis=(1, 2)) + _U * (s + c))):
+            taps = np.abs(weight).sum(axis=(2, 3))  # |K_oc| summed over taps: bounds every entry's error
+            error = 2.0 * np.sqrt(2.0) * (_TRIG_ERROR * _U + 2.0 * _gamma(kh * kw + 1)) * float(np.linalg.norm(taps))
+            return float(np.nextafter(np.nextafter(s + error, np.inf), np.inf))
+        margin *= 2.0
+    return None

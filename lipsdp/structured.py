@@ -13,11 +13,12 @@ import time
 
 import numpy as np
 
+from lipsdp.bounds import PROVEN_NORM_SIZE
 from lipsdp.budget import checkpoint, current
 from lipsdp.certificate import UNVERIFIED, VERIFIED, Certificate, trivial_certificate
 from lipsdp.conv_lmi import certify_chain
-from lipsdp.convnet import (ConvChain, NotAConvChain, chain_lower_bound, chain_trivial_bound, conv_chain,
-                             with_output_map)
+from lipsdp.convnet import (ConvChain, NotAConvChain, chain_lower_bound, chain_proven_trivial_bound,
+                             chain_trivial_bound, conv_chain, with_output_map)
 from lipsdp.errors import LipSDPError, UnsupportedLayerError
 from lipsdp.verification import proven_trivial_bound
 
@@ -67,18 +68,22 @@ def certify_by_structure(network, structure: str, split, options: dict, unrolled
         "output_map", "solver", "time_limit", "lower_bound_samples", "source", "load_seconds")})
     cert.timings.update(chain=recovery, build=cert.timings.get("build", 0.0) + recovery,
                         total=cert.timings.get("total", 0.0) + recovery)
-    cert = at_most_trivial(cert, network, options["output_map"])
+    cert = at_most_trivial(cert, network, options["output_map"], conv)
     if structure == "both":
         cert = record_both(cert, unrolled(network, None, options))
     return cert
 
 
-def at_most_trivial(cert: Certificate, network, output_map) -> Certificate:
+def at_most_trivial(cert: Certificate, network, output_map, chain: ConvChain | None = None) -> Certificate:
     """Never above the proven product of norms (the structured LMIs can be looser than it, docs/math.md
-    §7.4): as :func:`lipsdp.pipeline.certify_network` does for the unrolled SDP."""
+    §7.4): as :func:`lipsdp.pipeline.certify_network` does for the unrolled SDP.  Convolutions too large
+    for a proven norm of their matrix get one on the torus (``chain`` given, docs/math.md §7.5)."""
     if not cert.verified or cert.trivial_bound is None or cert.bound <= cert.trivial_bound:
         return cert
-    proven = proven_trivial_bound(network, "l2", output_map)
+    if chain is not None and any(np.prod(c.in_shape) + np.prod(c.out_shape) > PROVEN_NORM_SIZE for c in chain.layers):
+        proven = chain_proven_trivial_bound(chain, output_map)  # (the matrices' own proof would fail, slowly)
+    else:
+        proven = proven_trivial_bound(network, "l2", output_map)
     if proven is None or cert.bound <= proven:
         return cert
     return trivial_certificate(cert, proven)

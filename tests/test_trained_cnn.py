@@ -24,7 +24,8 @@ import scipy.sparse as sp
 
 from lipsdp import convops
 from lipsdp.bounds import node_lipschitz, sampled_lower_bound, spectral_norm
-from lipsdp.convnet import NotAConvChain, chain_lower_bound, chain_trivial_bound, conv_chain, recover_conv
+from lipsdp.convnet import (NotAConvChain, chain_lower_bound, chain_proven_trivial_bound, chain_trivial_bound,
+                            conv_chain, recover_conv)
 from lipsdp.io.linmaps import conv_matrix
 from lipsdp.network import SPARSE_HASH_ENTRIES, Affine
 
@@ -194,3 +195,40 @@ def test_trained_grid_net_certifies_through_the_command_line(bench, tmp_path):
         cert = _certify(info["paths"][fmt], 12, "--structure", "state-space")
         assert cert["status"] == "verified" and cert["network"]["structure"] == "state-space"
         assert max(lower, cert["lower_bound"]) <= cert["bound"] <= cert["trivial_bound"]
+
+
+@pytest.mark.parametrize("case", [(1, 4, 12, 10, (1, 1, 1, 1)), (2, 3, 7, 6, (1, 0, 2, 1)), (3, 2, 5, 5, (0, 0, 0, 0)),
+                                  (1, 2, 6, 6, (4, 0, 0, 3))])
+def test_proven_conv_norm_is_above_the_exact_norm(case):
+    """The torus bound (docs/math.md §7.5) against the dense SVD of the unrolled matrix."""
+    ci, co, H, W, pad = case
+    weight = np.random.default_rng(6).standard_normal((co, ci, 3, 3))
+    S, _ = conv_matrix((ci, H, W), weight, (1, 1), pad[:2], pad[2:], (1, 1), 1)
+    exact = np.linalg.norm(S.toarray(), 2)
+    proven = convops.proven_conv_norm(weight, (ci, H, W), pad)
+    assert exact <= proven <= 1.2 * exact
+    assert convops.proven_conv_norm(np.zeros_like(weight), (ci, H, W), pad) == 0.0
+
+
+def test_proven_chain_bound_and_the_cap_on_the_structured_bound():
+    """A structured bound above the trivial one gives way to the proven product of norms, also where the
+    layers are too large for a proven norm of their matrices (24x24: sides of 2304)."""
+    from lipsdp.bounds import PROVEN_NORM_SIZE
+    from lipsdp.certificate import VERIFIED, Certificate
+    from lipsdp.convnet import proven_wide_norm
+    from lipsdp.io import network_from_module
+    from lipsdp.structured import at_most_trivial
+
+    net = network_from_module(_spectral_cnn(channels=4, convs=2, size=24, seed=1), input_shape=(1, 24, 24))
+    chain = conv_chain(net)
+    estimate, proven = chain_trivial_bound(chain), chain_proven_trivial_bound(chain)
+    assert estimate <= proven <= 1.05 * estimate
+    assert 2 * 4 * 24 * 24 > PROVEN_NORM_SIZE  # the unrolled matrices are too large for that proof
+    tail = chain.tail
+    assert np.linalg.norm(tail, 2) <= proven_wide_norm(tail) <= np.linalg.norm(tail, 2) * (1 + 1e-9)
+    loose = Certificate(2.0 * proven, VERIFIED, trivial_bound=estimate)
+    capped = at_most_trivial(loose, net, None, chain)
+    assert capped.verified and capped.bound == proven
+    omap = np.array([[1.0, -1.0] + [0.0] * 8])
+    capped = at_most_trivial(Certificate(10 * proven, VERIFIED, trivial_bound=estimate), net, omap, chain)
+    assert capped.bound == chain_proven_trivial_bound(chain, omap) <= proven * 1.5
