@@ -91,7 +91,9 @@ def _refuse(reason: str):
 def recover_conv(S, in_shape: tuple, out_shape: tuple) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """The stride-1 convolution whose unrolled matrix is exactly ``S``, or :class:`UnsupportedLayerError`.
 
-    Returns ``(weight, (top, left, bottom, right))``.
+    Returns ``(weight, (top, left, bottom, right))``.  The kernel is read from the rows of the output
+    image's centre pixels (every tap inside the image there, on any image the kernel fits) and, should
+    that not unroll to ``S``, from every entry; it is accepted only if it unrolls exactly to ``S``.
     """
     if len(in_shape) != 3 or len(out_shape) != 3:
         _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)} is not a 2-D convolution")
@@ -102,14 +104,41 @@ def recover_conv(S, in_shape: tuple, out_shape: tuple) -> tuple[np.ndarray, tupl
         _refuse(f"a {S.shape[0]}x{S.shape[1]} matrix between the shapes {tuple(in_shape)} -> {tuple(out_shape)}")
     if S.nnz == 0:
         _refuse("a convolution with a zero kernel")
-    # every stored entry's offset (input position - output position), from the CSR arrays directly
-    out_rows = np.arange(S.shape[0])
-    counts = np.diff(S.indptr)
-    i = np.repeat((out_rows // Wo) % Ho, counts)
-    j = np.repeat(out_rows % Wo, counts)
-    o = np.repeat(out_rows // (Ho * Wo), counts)
-    c, p, q = S.indices // (H * W), (S.indices // W) % H, S.indices % W
-    dh, dw = p - i, q - j
+    centre = np.arange(co) * (Ho * Wo) + (Ho // 2) * Wo + Wo // 2
+    for rows in (centre, None):
+        try:
+            weight, pad = _kernel_from_rows(S, in_shape, out_shape, rows)
+            M, shape = conv_matrix(in_shape, weight, (1, 1), pad[:2], pad[2:], (1, 1), 1)
+        except NotAConvChain:
+            if rows is None:
+                raise
+            continue
+        except ValueError as exc:
+            if rows is None:
+                _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)}: {exc}")
+            continue
+        # Two canonical CSR matrices without stored zeros are equal exactly when their arrays are.
+        M.eliminate_zeros()
+        if tuple(shape) == tuple(out_shape) and _same_csr(M, S):
+            return weight, pad
+    _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)} that is not a stride-1 zero-padded "
+            f"convolution (strides, pooling or mixed maps are unrolled)")
+
+
+def _kernel_from_rows(S: sp.csr_matrix, in_shape: tuple, out_shape: tuple, rows) -> tuple[np.ndarray, tuple]:
+    """The kernel and padding the entries of ``rows`` (all with None) imply: each entry's offset (input
+    position - output position) is a tap; the offsets' extent gives the padding."""
+    ci, H, W = in_shape
+    co, Ho, Wo = out_shape
+    if rows is None:
+        out_rows, cols, data = np.repeat(np.arange(S.shape[0]), np.diff(S.indptr)), S.indices, S.data
+    else:
+        idx = np.concatenate([np.arange(S.indptr[r], S.indptr[r + 1]) for r in rows])
+        out_rows, cols, data = np.repeat(rows, np.diff(S.indptr)[rows]), S.indices[idx], S.data[idx]
+    if len(data) == 0:
+        _refuse("no entries to read a kernel from")
+    o, i, j = out_rows // (Ho * Wo), (out_rows // Wo) % Ho, out_rows % Wo
+    c, dh, dw = cols // (H * W), (cols // W) % H - i, cols % W - j
     top, left = -int(dh.min()), -int(dw.min())
     kh, kw = int(dh.max()) + top + 1, int(dw.max()) + left + 1
     bottom, right = Ho - H + kh - 1 - top, Wo - W + kw - 1 - left
@@ -117,22 +146,16 @@ def recover_conv(S, in_shape: tuple, out_shape: tuple) -> tuple[np.ndarray, tupl
         _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)} that is not a stride-1 zero-padded "
                 f"convolution with kernels up to {MAX_KERNEL}x{MAX_KERNEL}")
     weight = np.zeros((co, ci, kh, kw))
-    weight[o, c, dh + top, dw + left] = S.data
-    try:
-        M, shape = conv_matrix(in_shape, weight, (1, 1), (top, left), (bottom, right), (1, 1), 1)
-    except ValueError as exc:
-        _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)}: {exc}")
-    # Two canonical CSR matrices without stored zeros are equal exactly when their arrays are.
-    M.eliminate_zeros()
-    if tuple(shape) != tuple(out_shape) or not _same_csr(M, S):
-        _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)} that is not a stride-1 zero-padded "
-                f"convolution (strides, pooling or mixed maps are unrolled)")
+    weight[o, c, dh + top, dw + left] = data
     return weight, (top, left, bottom, right)
 
 
 def _canonical(S) -> sp.csr_matrix:
-    """``S`` as a CSR matrix with sorted indices, no duplicates and no stored zeros (a copy: the
-    network's own matrix is left as it is)."""
+    """``S`` as a CSR matrix with sorted indices, no duplicates and no stored zeros (``S`` itself when it
+    is one, else a copy: the network's own matrix is left as it is)."""
+    if sp.issparse(S) and S.format == "csr" and S.dtype == np.float64 and S.has_canonical_format \
+            and np.count_nonzero(S.data) == S.nnz:
+        return S
     S = sp.csr_matrix(S, dtype=np.float64, copy=True)
     S.sum_duplicates()
     S.eliminate_zeros()

@@ -59,11 +59,11 @@ def certify_by_structure(network, structure: str, split, options: dict, unrolled
     """The certificate ``certify`` returns for ``structure``; ``unrolled(network, split, options)`` is the
     pipeline's unrolled path (taken when :func:`structured_chain` says so, and for ``both``)."""
     t0 = time.perf_counter()
+    checkpoint("build")  # reading the chain back (kernels recovered and checked) is the build's
     conv = structured_chain(network, structure, options["norm"], split)
     if conv is None:
         return unrolled(network, split, options)
-    recovery = time.perf_counter() - t0  # reading the chain back (kernels recovered and checked): the build's
-    checkpoint("build")
+    recovery = time.perf_counter() - t0
     cert = certify_structured(network, conv, **{k: options[k] for k in (
         "output_map", "solver", "time_limit", "lower_bound_samples", "source", "load_seconds")})
     cert.timings.update(chain=recovery, build=cert.timings.get("build", 0.0) + recovery,
