@@ -20,10 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from lipsdp import convops
+from lipsdp.bounds import proven_spectral_norm, spectral_norm
 from lipsdp.constraints import SlopeRestricted, get_constraint
 from lipsdp.errors import LipSDPError, UnsupportedLayerError
+from lipsdp.gains import activation_gain, up_product
 from lipsdp.io.linmaps import conv_matrix
-from lipsdp.network import Activation, Affine, Input, Network, Reshape
+from lipsdp.network import Activation, Affine, Input, Network, Reshape, activation_function
 
 #: Kernels larger than this (taps per axis) are not realised: the Roesser state grows with the kernel.
 MAX_KERNEL = 15
@@ -47,6 +50,10 @@ class ConvLayer:
     sector : tuple of float
         The activation's slope sector ``(alpha, beta)`` (over all its neurons).
     activation : str
+    bias : ndarray or None
+        The convolution's bias, flat over ``out_shape`` (what the sampled lower bound evaluates).
+    activation_op : Activation or None
+        The graph's activation node (its parameters), for the sampled lower bound.
     """
 
     name: str
@@ -56,6 +63,8 @@ class ConvLayer:
     out_shape: tuple[int, int, int]
     sector: tuple[float, float]
     activation: str
+    bias: np.ndarray | None = None
+    activation_op: Activation | None = None
 
 
 @dataclass
@@ -82,20 +91,54 @@ def _refuse(reason: str):
 def recover_conv(S, in_shape: tuple, out_shape: tuple) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """The stride-1 convolution whose unrolled matrix is exactly ``S``, or :class:`UnsupportedLayerError`.
 
-    Returns ``(weight, (top, left, bottom, right))``.
+    Returns ``(weight, (top, left, bottom, right))``.  The kernel is read from the rows of the output
+    image's centre pixels (every tap inside the image there, on any image the kernel fits) and, should
+    that not unroll to ``S``, from every entry; it is accepted only if it unrolls exactly to ``S``.
     """
     if len(in_shape) != 3 or len(out_shape) != 3:
         _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)} is not a 2-D convolution")
     ci, H, W = in_shape
     co, Ho, Wo = out_shape
-    S = sp.csr_matrix(S)
-    S.eliminate_zeros()
-    coo = S.tocoo()
-    if coo.nnz == 0:
+    S = _canonical(S)
+    if S.shape != (co * Ho * Wo, ci * H * W):
+        _refuse(f"a {S.shape[0]}x{S.shape[1]} matrix between the shapes {tuple(in_shape)} -> {tuple(out_shape)}")
+    if S.nnz == 0:
         _refuse("a convolution with a zero kernel")
-    o, i, j = np.unravel_index(coo.row, out_shape)
-    c, p, q = np.unravel_index(coo.col, in_shape)
-    dh, dw = p - i, q - j
+    centre = np.arange(co) * (Ho * Wo) + (Ho // 2) * Wo + Wo // 2
+    for rows in (centre, None):
+        try:
+            weight, pad = _kernel_from_rows(S, in_shape, out_shape, rows)
+            M, shape = conv_matrix(in_shape, weight, (1, 1), pad[:2], pad[2:], (1, 1), 1)
+        except NotAConvChain:
+            if rows is None:
+                raise
+            continue
+        except ValueError as exc:
+            if rows is None:
+                _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)}: {exc}")
+            continue
+        # Two canonical CSR matrices without stored zeros are equal exactly when their arrays are.
+        M.eliminate_zeros()
+        if tuple(shape) == tuple(out_shape) and _same_csr(M, S):
+            return weight, pad
+    _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)} that is not a stride-1 zero-padded "
+            f"convolution (strides, pooling or mixed maps are unrolled)")
+
+
+def _kernel_from_rows(S: sp.csr_matrix, in_shape: tuple, out_shape: tuple, rows) -> tuple[np.ndarray, tuple]:
+    """The kernel and padding the entries of ``rows`` (all with None) imply: each entry's offset (input
+    position - output position) is a tap; the offsets' extent gives the padding."""
+    ci, H, W = in_shape
+    co, Ho, Wo = out_shape
+    if rows is None:
+        out_rows, cols, data = np.repeat(np.arange(S.shape[0]), np.diff(S.indptr)), S.indices, S.data
+    else:
+        idx = np.concatenate([np.arange(S.indptr[r], S.indptr[r + 1]) for r in rows])
+        out_rows, cols, data = np.repeat(rows, np.diff(S.indptr)[rows]), S.indices[idx], S.data[idx]
+    if len(data) == 0:
+        _refuse("no entries to read a kernel from")
+    o, i, j = out_rows // (Ho * Wo), (out_rows // Wo) % Ho, out_rows % Wo
+    c, dh, dw = cols // (H * W), (cols // W) % H - i, cols % W - j
     top, left = -int(dh.min()), -int(dw.min())
     kh, kw = int(dh.max()) + top + 1, int(dw.max()) + left + 1
     bottom, right = Ho - H + kh - 1 - top, Wo - W + kw - 1 - left
@@ -103,17 +146,25 @@ def recover_conv(S, in_shape: tuple, out_shape: tuple) -> tuple[np.ndarray, tupl
         _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)} that is not a stride-1 zero-padded "
                 f"convolution with kernels up to {MAX_KERNEL}x{MAX_KERNEL}")
     weight = np.zeros((co, ci, kh, kw))
-    weight[o, c, dh + top, dw + left] = coo.data
-    try:
-        M, shape = conv_matrix(in_shape, weight, (1, 1), (top, left), (bottom, right), (1, 1), 1)
-    except ValueError as exc:
-        _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)}: {exc}")
-    diff = (M - S).tocsr()
-    diff.eliminate_zeros()
-    if tuple(shape) != tuple(out_shape) or diff.nnz:
-        _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)} that is not a stride-1 zero-padded "
-                f"convolution (strides, pooling or mixed maps are unrolled)")
+    weight[o, c, dh + top, dw + left] = data
     return weight, (top, left, bottom, right)
+
+
+def _canonical(S) -> sp.csr_matrix:
+    """``S`` as a CSR matrix with sorted indices, no duplicates and no stored zeros (``S`` itself when it
+    is one, else a copy: the network's own matrix is left as it is)."""
+    if sp.issparse(S) and S.format == "csr" and S.dtype == np.float64 and S.has_canonical_format \
+            and np.count_nonzero(S.data) == S.nnz:
+        return S
+    S = sp.csr_matrix(S, dtype=np.float64, copy=True)
+    S.sum_duplicates()
+    S.eliminate_zeros()
+    return S
+
+
+def _same_csr(A: sp.csr_matrix, B: sp.csr_matrix) -> bool:
+    return (A.shape == B.shape and np.array_equal(A.indptr, B.indptr) and np.array_equal(A.indices, B.indices)
+            and np.array_equal(A.data, B.data))
 
 
 def _skip_reshapes(net: Network, node: int) -> tuple[int, tuple | None]:
@@ -181,7 +232,7 @@ def conv_chain(net: Network, output_map=None) -> ConvChain:
             _refuse(f"{conv.name} ({conv.kind}) reads a tensor without a (C, H, W) shape")
         weight, pad = recover_conv(conv.weight, in_shape, conv.shape)
         layers.append(ConvLayer(conv.name, weight, pad, tuple(in_shape), tuple(conv.shape), _sector(act),
-                                act.function))
+                                act.function, conv.bias, act))
         node = parent
     if not layers:
         _refuse("there is no convolution")
@@ -192,3 +243,108 @@ def conv_chain(net: Network, output_map=None) -> ConvChain:
     if tail.shape[1] != int(np.prod(layers[-1].out_shape)):
         _refuse("the final linear layer does not read the last activation")
     return ConvChain(layers, tail, tail_op.name)
+
+
+def with_output_map(chain: ConvChain, output_map) -> ConvChain:
+    """``chain`` read out through ``output_map @ tail`` (what ``conv_chain(net, output_map)`` returns,
+    without recovering the kernels again)."""
+    tail = np.atleast_2d(np.asarray(output_map, dtype=np.float64)) @ chain.tail
+    if tail.shape[0] > MAX_OUTPUTS:
+        _refuse(f"the final linear layer has {tail.shape[0]} outputs (at most {MAX_OUTPUTS})")
+    return ConvChain(chain.layers, tail, chain.tail_name)
+
+
+# -- the bracketing bounds of docs/math.md §1.5 on a conv chain, without the unrolled matrices ----------
+def chain_trivial_bound(chain: ConvChain) -> float:
+    """:func:`lipsdp.bounds.trivial_bound` of the network ``chain`` was read from, each convolution's norm
+    taken on its kernel (:func:`lipsdp.convops.conv_spectral_norm`) instead of its unrolled matrix.
+
+    The recovered kernels unroll exactly to the network's matrices (:func:`recover_conv`), so the norms
+    are of the same maps; products in the order :func:`lipsdp.bounds.node_lipschitz` takes them.
+    """
+    lip = 1.0
+    for layer in chain.layers:
+        lip = convops.conv_spectral_norm(layer.weight, layer.in_shape, layer.pad) * lip
+        lip = activation_gain(layer.activation_op, "l2") * lip
+    return spectral_norm(chain.tail) * lip
+
+
+def chain_proven_trivial_bound(chain: ConvChain, output_map=None) -> float | None:
+    """The trivial bound of ``chain`` (then ``output_map``) proven in floating point (docs/math.md §7.5), or
+    None: each convolution's norm bounded on the torus (:func:`lipsdp.convops.proven_conv_norm`), the
+    read-out's through its ``q x q`` Gram matrix (:func:`proven_wide_norm`), products rounded up."""
+    lip = 1.0 if output_map is None else proven_wide_norm(output_map)
+    if lip is None:
+        return None
+    for layer in chain.layers:
+        norm = convops.proven_conv_norm(layer.weight, layer.in_shape, layer.pad)
+        if norm is None:
+            return None
+        lip = up_product(activation_gain(layer.activation_op, "l2"), up_product(norm, lip))
+    tail = proven_wide_norm(chain.tail)
+    return None if tail is None else up_product(tail, lip)
+
+
+def proven_wide_norm(T) -> float | None:
+    """A float proven ``>= ||T||_2`` for a matrix with few rows (or columns): by Weyl's inequality
+    ``||T||^2 = lambda_max(T T^T) <= ||G||_2 + ||T T^T - G||_F`` for the float Gram ``G`` (symmetrised),
+    whose error is at most ``gamma_n |T||T|^T`` entrywise plus the symmetrisation's ``u |G|`` (Higham §3.5);
+    both doubled for their own rounding."""
+    T = np.atleast_2d(np.asarray(T, dtype=np.float64))
+    if T.shape[0] > T.shape[1]:
+        T = T.T
+    n = T.shape[1]
+    if not np.all(np.isfinite(T)) or n * 2.0 ** -53 > 0.01:
+        return None
+    G = T @ T.T
+    G = 0.5 * (G + G.T)
+    g = n * 2.0 ** -53 / (1.0 - n * 2.0 ** -53)
+    error = 2.0 * (g * float(np.linalg.norm(np.abs(T) @ np.abs(T).T)) + 2.0 ** -53 * float(np.linalg.norm(G)))
+    s = proven_spectral_norm(G)
+    if s is None:
+        return None
+    return float(np.nextafter(np.sqrt(np.nextafter(np.nextafter(s + error, np.inf), np.inf)), np.inf))
+
+
+def chain_lower_bound(network: Network, chain: ConvChain, samples: int = 256, seed: int = 0, scale: float = 1.0,
+                      batch: int = 64, output_map=None) -> float:
+    """:func:`lipsdp.bounds.sampled_lower_bound` (l2) of ``network``, read as ``chain``: the same random
+    inputs, Jacobians in reverse mode with the convolutions applied as convolutions (:mod:`lipsdp.convops`)."""
+    rng = np.random.default_rng(seed)
+    tail = chain.tail if output_map is None else np.atleast_2d(np.asarray(output_map, np.float64)) @ chain.tail
+    best, done = 0.0, 0
+    while done < samples:
+        k = min(batch, samples - done)
+        x = scale * rng.standard_normal((k, network.input_dim))
+        J = _chain_jacobians(chain, tail, x)
+        value = np.linalg.norm(J[np.all(np.isfinite(J), axis=(1, 2))], 2, axis=(1, 2))
+        best = max(best, float(value.max(initial=0.0)))
+        done += k
+    return best
+
+
+def _chain_jacobians(chain: ConvChain, tail: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``tail @ d(last activation)/dx`` at the inputs ``x`` (``(b, n0)``), shape ``(b, q, n0)``.
+
+    Channel-major arrays throughout (:mod:`lipsdp.convops`): values ``(C, b, H, W)``, the pulled-back rows
+    ``(C, b, q, H, W)``.
+    """
+    b, q = len(x), tail.shape[0]
+    h = x.reshape(b, *chain.layers[0].in_shape).transpose(1, 0, 2, 3)
+    slopes = []
+    for layer in chain.layers:
+        pre = convops.conv(h, layer.weight, layer.pad)
+        if layer.bias is not None:
+            pre += np.asarray(layer.bias, np.float64).reshape(layer.out_shape)[:, None]
+        flat = pre.transpose(1, 0, 2, 3).reshape(b, -1)  # the activations read (batch, C H W)
+        phi = activation_function(layer.activation_op.function)
+        slopes.append(phi.derivative(flat, layer.activation_op).reshape(b, *layer.out_shape).transpose(1, 0, 2, 3))
+        h = phi.evaluate(flat, layer.activation_op).reshape(b, *layer.out_shape).transpose(1, 0, 2, 3)
+    C, H, W = chain.layers[-1].out_shape
+    G = np.broadcast_to(tail.reshape(q, C, H, W).transpose(1, 0, 2, 3)[:, None], (C, b, q, H, W))
+    for layer, slope in zip(reversed(chain.layers), reversed(slopes)):
+        G = G * slope[:, :, None]
+        C, H, W = layer.out_shape
+        back = convops.conv_transpose(G.reshape(C, b * q, H, W), layer.weight, layer.pad, layer.in_shape[1:])
+        G = back.reshape(layer.in_shape[0], b, q, *layer.in_shape[1:])
+    return G.transpose(1, 2, 0, 3, 4).reshape(b, q, -1)

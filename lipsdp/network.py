@@ -57,7 +57,19 @@ def _finite(a) -> bool:
     return bool(np.all(np.isfinite(a.data if sp.issparse(a) else np.asarray(a))))
 
 
+#: Larger matrices hash their canonical CSR arrays, not gigabytes of dense zeros (smaller: sha256 unchanged).
+SPARSE_HASH_ENTRIES = 2 ** 24
+
+
 def _hash_array(h, a) -> None:
+    if len(a.shape) == 2 and a.shape[0] * a.shape[1] > SPARSE_HASH_ENTRIES:  # whether stored dense or sparse
+        csr = sp.csr_matrix(a, dtype=np.float64, copy=True)
+        csr.sum_duplicates()
+        csr.eliminate_zeros()
+        h.update(f"csr{tuple(a.shape)}".encode())
+        for part in (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data):
+            h.update(np.ascontiguousarray(part).tobytes())
+        return
     a = a.toarray() if sp.issparse(a) else np.asarray(a)
     h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
 

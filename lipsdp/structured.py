@@ -13,11 +13,12 @@ import time
 
 import numpy as np
 
-from lipsdp.bounds import node_lipschitz, sampled_lower_bound
+from lipsdp.bounds import PROVEN_NORM_SIZE
 from lipsdp.budget import checkpoint, current
 from lipsdp.certificate import UNVERIFIED, VERIFIED, Certificate, trivial_certificate
 from lipsdp.conv_lmi import certify_chain
-from lipsdp.convnet import ConvChain, NotAConvChain, conv_chain
+from lipsdp.convnet import (ConvChain, NotAConvChain, chain_lower_bound, chain_proven_trivial_bound,
+                             chain_trivial_bound, conv_chain, with_output_map)
 from lipsdp.errors import LipSDPError, UnsupportedLayerError
 from lipsdp.verification import proven_trivial_bound
 
@@ -57,24 +58,32 @@ def structured_chain(network, structure: str, norm: str, split) -> ConvChain | N
 def certify_by_structure(network, structure: str, split, options: dict, unrolled) -> Certificate:
     """The certificate ``certify`` returns for ``structure``; ``unrolled(network, split, options)`` is the
     pipeline's unrolled path (taken when :func:`structured_chain` says so, and for ``both``)."""
+    t0 = time.perf_counter()
+    checkpoint("build")  # reading the chain back (kernels recovered and checked) is the build's
     conv = structured_chain(network, structure, options["norm"], split)
     if conv is None:
         return unrolled(network, split, options)
-    checkpoint("build")
+    recovery = time.perf_counter() - t0
     cert = certify_structured(network, conv, **{k: options[k] for k in (
         "output_map", "solver", "time_limit", "lower_bound_samples", "source", "load_seconds")})
-    cert = at_most_trivial(cert, network, options["output_map"])
+    cert.timings.update(chain=recovery, build=cert.timings.get("build", 0.0) + recovery,
+                        total=cert.timings.get("total", 0.0) + recovery)
+    cert = at_most_trivial(cert, network, options["output_map"], conv)
     if structure == "both":
         cert = record_both(cert, unrolled(network, None, options))
     return cert
 
 
-def at_most_trivial(cert: Certificate, network, output_map) -> Certificate:
+def at_most_trivial(cert: Certificate, network, output_map, chain: ConvChain | None = None) -> Certificate:
     """Never above the proven product of norms (the structured LMIs can be looser than it, docs/math.md
-    §7.4): as :func:`lipsdp.pipeline.certify_network` does for the unrolled SDP."""
+    §7.4): as :func:`lipsdp.pipeline.certify_network` does for the unrolled SDP.  Convolutions too large
+    for a proven norm of their matrix get one on the torus (``chain`` given, docs/math.md §7.5)."""
     if not cert.verified or cert.trivial_bound is None or cert.bound <= cert.trivial_bound:
         return cert
-    proven = proven_trivial_bound(network, "l2", output_map)
+    if chain is not None and any(np.prod(c.in_shape) + np.prod(c.out_shape) > PROVEN_NORM_SIZE for c in chain.layers):
+        proven = chain_proven_trivial_bound(chain, output_map)  # (the matrices' own proof would fail, slowly)
+    else:
+        proven = proven_trivial_bound(network, "l2", output_map)
     if proven is None or cert.bound <= proven:
         return cert
     return trivial_certificate(cert, proven)
@@ -85,23 +94,24 @@ def certify_structured(network, chain: ConvChain, *, output_map=None, solver: st
                        load_seconds: float = 0.0) -> Certificate:
     """The certificate of ``chain`` (read from ``network``) by the structured LMIs of docs/math.md §7.4."""
     t0 = time.perf_counter()
-    if output_map is not None:
-        chain = conv_chain(network, output_map)
-    lips = node_lipschitz(network)
-    trivial = lips[network.output] * (1.0 if output_map is None else _norm2(output_map))
-    lower = sampled_lower_bound(network, samples=lower_bound_samples, output_map=output_map) \
+    # the bracketing bounds on the recovered kernels, never on the unrolled matrices (lipsdp.convops)
+    trivial = chain_trivial_bound(chain) * (1.0 if output_map is None else _norm2(output_map))
+    lower = chain_lower_bound(network, chain, samples=lower_bound_samples, output_map=output_map) \
         if lower_bound_samples else None
+    if output_map is not None:
+        chain = with_output_map(chain, output_map)
+    summary = {"source": str(source or network.source), "input_dim": network.input_dim,
+               "output_dim": network.output_dim, "structure": "state-space",
+               "hidden_neurons": int(sum(network.op(n).size for n in network.activations())),
+               "layers": [f"{op.kind}{list(op.shape)}" for op in network.ops()], "sha256": network.fingerprint()}
+    around = time.perf_counter() - t0  # bounds and fingerprint: counted in the build
     budget = current()
     limit = budget.solver_seconds(time_limit) if budget is not None else time_limit
     res = certify_chain(chain, solver="auto" if solver in ("auto", None) else solver, time_limit=limit)
     details = res.details
-    summary = {"source": str(source or network.source), "input_dim": network.input_dim,
-               "output_dim": network.output_dim, "structure": "state-space",
-               "hidden_neurons": int(sum(network.op(n).size for n in network.activations())),
-               "layers": [f"{op.kind}{list(op.shape)}" for op in network.ops()],
-               "lmi_size": max(details.get("lmi_sizes") or [0]), "lmi_sizes": details.get("lmi_sizes"),
-               "sha256": network.fingerprint()}
-    timings = dict(res.timings, load=load_seconds, total=load_seconds + time.perf_counter() - t0)
+    summary.update(lmi_size=max(details.get("lmi_sizes") or [0]), lmi_sizes=details.get("lmi_sizes"))
+    timings = dict(res.timings, build=res.timings.get("build", 0.0) + around, bounds=around, load=load_seconds,
+                   total=load_seconds + time.perf_counter() - t0)
     verification = {"method": "state-space: per-layer float Cholesky (docs/math.md §7.4, §10)",
                     "structure": "state-space", "read_out": details.get("read_out"),
                     "tail_gain": res.tail_gain, "sector": "activation sectors widened to contain 0",

@@ -127,24 +127,30 @@ def conv_matrix(in_shape: Sequence[int], weight: np.ndarray, stride: Sequence[in
     co = axis_range(c_out, 0)
     ci = axis_range(c_group, 1 + nd) + (co // per_group) * c_group
     valid = np.ones((1,) * n_axes, dtype=bool)
-    in_pos, out_pos = [], []
+    in_pos = []
     for d in range(nd):
         o = axis_range(out_spatial[d], 1 + d)
         k = axis_range(kernel[d], 2 + nd + d)
         pos = o * stride[d] - pad_begin[d] + k * dilation[d]
         valid = valid & (pos >= 0) & (pos < spatial[d])
         in_pos.append(pos)
-        out_pos.append(o)
-    full = np.broadcast_shapes(*(a.shape for a in [co, ci, valid, *in_pos, *out_pos]))
+    # Entries in the order (c_out, *out_spatial, c_group, *kernel): rows ascending and, within a row,
+    # columns ascending (input channel, then positions, which grow with the tap); distinct taps read
+    # distinct inputs, so there are no duplicates and the CSR arrays are written directly (no COO sort).
+    full = np.broadcast_shapes(*(a.shape for a in [co, ci, valid, *in_pos]))
     keep = np.broadcast_to(valid, full)
-    rows = np.ravel_multi_index([np.broadcast_to(a, full)[keep] for a in [co, *out_pos]],
-                                (c_out, *out_spatial))
-    cols = np.ravel_multi_index([np.broadcast_to(a, full)[keep] for a in [ci, *in_pos]],
-                                tuple(in_shape))
+    in_strides = [size(in_shape[1 + d:]) for d in range(nd + 1)]
+    col = ci * in_strides[0]
+    for d in range(nd):
+        col = col + in_pos[d] * in_strides[1 + d]
+    cols = np.broadcast_to(col, full)[keep]
     k_index = [axis_range(kernel[d], 2 + nd + d) for d in range(nd)]
     values = weight[(co, axis_range(c_group, 1 + nd), *k_index)]
     values = np.broadcast_to(values, full)[keep]
-    m = sp.csr_matrix((values, (rows, cols)), shape=(c_out * size(out_spatial), size(in_shape)))
+    n_rows = c_out * size(out_spatial)
+    counts = np.count_nonzero(keep.reshape(n_rows, -1), axis=1)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    m = sp.csr_matrix((values, cols, indptr), shape=(n_rows, size(in_shape)))
     m.sum_duplicates()
     return m, (c_out, *out_spatial)
 
