@@ -47,6 +47,7 @@ import scipy.sparse as sp
 from lipsdp.constraints import get_constraint
 from lipsdp.equilibrium import equilibrium
 from lipsdp.errors import InvalidNetworkError
+from lipsdp.hashing import hash_array
 
 
 def _size(shape: tuple[int, ...]) -> int:
@@ -55,23 +56,6 @@ def _size(shape: tuple[int, ...]) -> int:
 
 def _finite(a) -> bool:
     return bool(np.all(np.isfinite(a.data if sp.issparse(a) else np.asarray(a))))
-
-
-#: Larger matrices hash their canonical CSR arrays, not gigabytes of dense zeros (smaller: sha256 unchanged).
-SPARSE_HASH_ENTRIES = 2 ** 24
-
-
-def _hash_array(h, a) -> None:
-    if len(a.shape) == 2 and a.shape[0] * a.shape[1] > SPARSE_HASH_ENTRIES:  # whether stored dense or sparse
-        csr = sp.csr_matrix(a, dtype=np.float64, copy=True)
-        csr.sum_duplicates()
-        csr.eliminate_zeros()
-        h.update(f"csr{tuple(a.shape)}".encode())
-        for part in (csr.indptr.astype(np.int64), csr.indices.astype(np.int64), csr.data):
-            h.update(np.ascontiguousarray(part).tobytes())
-        return
-    a = a.toarray() if sp.issparse(a) else np.asarray(a)
-    h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
 
 
 def activation_function(function: str):
@@ -171,9 +155,9 @@ class Affine(Op):
         return out
 
     def digest(self, h):
-        _hash_array(h, self.weight)
+        hash_array(h, self.weight)
         if self.bias is not None:
-            _hash_array(h, self.bias)
+            hash_array(h, self.bias)
 
     def varies(self, parents):
         w = self.weight
@@ -280,7 +264,7 @@ class Equilibrium(Activation):
 
     def digest(self, h):
         super().digest(h)
-        _hash_array(h, self.feedback)
+        hash_array(h, self.feedback)
 
 
 class Network:

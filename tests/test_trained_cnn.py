@@ -27,7 +27,8 @@ from lipsdp.bounds import node_lipschitz, sampled_lower_bound, spectral_norm
 from lipsdp.convnet import (NotAConvChain, chain_lower_bound, chain_proven_trivial_bound, chain_trivial_bound,
                             conv_chain, recover_conv)
 from lipsdp.io.linmaps import conv_matrix
-from lipsdp.network import SPARSE_HASH_ENTRIES, Affine
+from lipsdp.hashing import SPARSE_HASH_ENTRIES
+from lipsdp.network import Affine
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
