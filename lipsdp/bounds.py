@@ -22,13 +22,13 @@ import math
 from functools import singledispatch
 
 import numpy as np
-import scipy.linalg as sla
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
 from lipsdp import accel
 from lipsdp.constraints import QuadraticConstraint, get_constraint
 from lipsdp.equilibrium import equilibrium, jacobian
+from lipsdp.floatproof import UNIT_ROUNDOFF, proven_positive_definite
 from lipsdp.gains import activation_gain, up_product, up_row_sum, up_sum
 from lipsdp.network import (Activation, Add, Affine, Concat, Equilibrium, Input, Network, Op, Reshape,
                             activation_function, concat_permutation)
@@ -68,7 +68,6 @@ def trivial_bound(network: Network) -> float:
 # -- proven norms ---------------------------------------------------------------
 #: Affine layers with more rows plus columns than this get no proven norm (a dense Cholesky of that size).
 PROVEN_NORM_SIZE = 4000
-_U = 2.0 ** -53  # unit roundoff of float64
 
 
 class Unprovable(ArithmeticError):
@@ -81,34 +80,12 @@ def _up(value: float) -> float:
     return float(np.nextafter(value, np.inf))
 
 
-def _proven_positive_definite(H: np.ndarray) -> bool:
-    """Whether the symmetric float matrix ``H``, taken as exact, is provably positive definite.
-
-    The test of :func:`lipsdp.verify.rigorous_negative_definite` with no construction error
-    (docs/math.md §10): a float Cholesky ``R^T R = fl(H - c I) + E`` with
-    ``|E| <= gamma_{n+1} |R^T||R|`` (Higham, Thm 10.3) proves ``lambda_min(H) > 0`` when
-    ``c > gamma_{n+1} ||R||_F^2 + u (max |H_ii| + c)`` (the last term: rounding of the shift);
-    the error terms are doubled, as there.
-    """
-    n = len(H)
-    g = (n + 1) * _U / (1.0 - (n + 1) * _U)
-    diag = float(np.abs(np.diag(H)).max())
-    c = 4.0 * g * float(np.abs(np.diag(H)).sum()) + np.finfo(float).tiny
-    Hs = H.copy()
-    Hs[np.diag_indices(n)] -= c
-    try:
-        R = sla.cholesky(Hs, lower=False, check_finite=False)
-    except sla.LinAlgError:
-        return False
-    return bool(c > 2.0 * (g * float(np.sum(R * R)) + _U * (diag + c)))
-
-
 def proven_spectral_norm(W) -> float | None:
     """A float ``s`` proven to satisfy ``||W||_2 <= s``; None for a matrix too large to prove.
 
     ``||W||_2 < s`` exactly when ``[[s I, W], [W^T, s I]]`` is positive definite (its Schur
     complement is ``s I - W^T W / s``).  That matrix holds ``s`` and ``W``'s own floats, so it is
-    built without error, and :func:`_proven_positive_definite` proves it.  ``s`` starts at the
+    built without error, and :func:`lipsdp.floatproof.proven_positive_definite` proves it.  ``s`` starts at the
     float SVD's ``sigma_max`` raised by the Cholesky test's shift (relative ``~4 (m+n)^2 u``) and
     doubles its margin until the proof goes through.
     """
@@ -119,11 +96,11 @@ def proven_spectral_norm(W) -> float | None:
     if not np.any(W):
         return 0.0
     sigma = float(np.linalg.norm(W, 2))
-    margin = 8.0 * (m + n + 1) ** 2 * _U
+    margin = 8.0 * (m + n + 1) ** 2 * UNIT_ROUNDOFF
     for _ in range(40):
         s = _up(sigma * (1.0 + margin))
         H = np.block([[s * np.eye(m), W], [W.T, s * np.eye(n)]])
-        if _proven_positive_definite(H):
+        if proven_positive_definite(H):
             return s
         margin *= 2.0
     return None

@@ -31,6 +31,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 
 from lipsdp.chain import Band, band_cholesky, band_first_schur
+from lipsdp.floatproof import dense_shifted_cholesky
 from lipsdp.lmi import LMIProblem
 
 _U = 2.0 ** -53
@@ -243,21 +244,6 @@ def rigorous_negative_definite(lmi: LMIProblem, x: np.ndarray,
         return ok, (c if ok else 0.0)
     rhs = (_gamma(inner + 1) * fro2 + delta_f + 4.0 * _U * (max_diag + c)) * _SAFETY
     return bool(c > rhs), (c if c > rhs else 0.0)
-
-
-def dense_shifted_cholesky(H: np.ndarray, delta_f: float, c: float) -> bool:
-    """The dense step of :func:`rigorous_negative_definite`: ``H`` (float, within ``||Delta||_F <= delta_f``
-    of the exact ``-M``) is proved positive definite by a float Cholesky of ``H - c I`` when
-    ``c > 2 (gamma_{n+1} ||R||_F^2 + delta_f + 4u (max H_ii + c))`` (docs/math.md §10)."""
-    n = H.shape[0]
-    Hs = H.copy()
-    Hs[np.diag_indices(n)] -= c
-    try:
-        Rf = sla.cholesky(Hs, lower=False, check_finite=False)
-    except sla.LinAlgError:
-        return False
-    rhs = (_gamma(n + 1) * float(np.sum(Rf * Rf)) + delta_f + 4.0 * _U * (float(np.abs(np.diag(H)).max()) + c))
-    return bool(c > rhs * _SAFETY)
 
 
 def _lowest_passing(lmi, prepared, etas, max_inflation, v, k, t0, fast=False, band=None):
