@@ -17,8 +17,9 @@ from fractions import Fraction
 import numpy as np
 import scipy.linalg as sla
 
+from lipsdp import conv_ipm
 from lipsdp.convnet import ConvChain, ConvLayer
-from lipsdp.errors import SolverError
+from lipsdp.errors import LipSDPError, SolverError
 from lipsdp.roesser import causal_kernel, realise
 from lipsdp.verify import dense_shifted_cholesky
 
@@ -26,7 +27,7 @@ _U = 2.0 ** -53
 _SAFETY = 2.0
 #: Relative margin the SDP asks of every block, so that the verified point is strictly feasible.
 MARGIN = 1e-6
-#: Bound on the storage matrices' entries, relative to the read-out's squared norm.
+#: Bound on the storage matrices' spectral norms, relative to the read-out's squared norm (docs/math.md §7.4.1).
 STORAGE_BOUND = 100.0
 
 
@@ -206,10 +207,40 @@ def _zero_or_sym(cp, n: int):
     return cp.Variable((n, n), symmetric=True) if n else np.zeros((0, 0))
 
 
+#: Solvers of the structured SDP: lipsdp's own chain-structured interior point (``auto``'s choice) and,
+#: through cvxpy, Clarabel and SCS.
+CHAIN_SOLVERS = ("auto", conv_ipm.NAME, "clarabel", "scs")
+
+
 def solve_chain(chain: ConvChain, blocks: list[LayerBlocks], solver: str = "auto",
                 time_limit: float | None = None) -> dict:
     """Solve the structured SDP: minimise ``rho`` (docs/math.md §7.4).  Returns float multipliers
-    ``{"P1": [...], "P2": [...], "lam": [...], "x": [X_1, ..., X_L], "Y": Y, "rho": float, "solver": name}``."""
+    ``{"P1": [...], "P2": [...], "lam": [...], "x": [X_1, ..., X_L], "Y": Y, "rho": float, "solver": name}``.
+
+    ``auto`` runs :func:`lipsdp.conv_ipm.solve` (the chain-structured interior point, docs/math.md §7.4.1)
+    and falls back to cvxpy (Clarabel, or SCS beyond a size) when it returns no usable point; ``conv-ipm``,
+    ``clarabel`` and ``scs`` ask for one.  Whatever solves, :func:`verify_chain` proves the bound.
+    """
+    if solver not in CHAIN_SOLVERS:
+        raise LipSDPError(f"unknown solver {solver!r} for the structured SDP: one of {', '.join(CHAIN_SOLVERS)}")
+    if solver in ("auto", conv_ipm.NAME):
+        t0 = time.perf_counter()
+        sol = conv_ipm.solve(blocks, chain.tail, margin=MARGIN, bound=STORAGE_BOUND, time_limit=time_limit)
+        usable = sol["status"] != "solver_error" and all(np.all(np.isfinite(v)) for v in _flat(sol))
+        if usable or solver != "auto":
+            return sol
+        if time_limit is not None:
+            time_limit = max(time_limit - (time.perf_counter() - t0), 1.0)
+        solver = _pick_solver(blocks)
+    return _solve_cvxpy(chain, blocks, solver, time_limit)
+
+
+def _flat(sol: dict) -> list:
+    return [np.asarray(v) for key in ("P1", "P2", "lam", "x") for v in sol[key]] + [sol["Y"], np.asarray(sol["rho"])]
+
+
+def _solve_cvxpy(chain: ConvChain, blocks: list[LayerBlocks], name: str, time_limit: float | None) -> dict:
+    """The structured SDP through cvxpy (Clarabel or SCS)."""
     import cvxpy as cp  # the optional solver stack loads only when the structured path runs
 
     scale = float(np.linalg.norm(chain.tail, 2)) ** 2 or 1.0
@@ -228,10 +259,13 @@ def solve_chain(chain: ConvChain, blocks: list[LayerBlocks], solver: str = "auto
     for k, B in enumerate(blocks):
         x_in = rho * np.eye(B.Eu.shape[0]) if k == 0 else xs[k - 1]
         cons.append(_layer_constraint(cp, B, P1s[k], P2s[k], x_in, xs[k], lams[k], MARGIN * scale))
-        # bounded storages: the infimum can send them to infinity, leaving a point the margin cannot protect
-        cons += [cp.abs(P) <= STORAGE_BOUND * scale for P in (P1s[k], P2s[k]) if not isinstance(P, np.ndarray)]
+        # bounded storages (spectral norm, as lipsdp.conv_ipm): the infimum can send them to infinity,
+        # leaving a point the margin cannot protect (docs/math.md §7.4.1)
+        for P in (P1s[k], P2s[k]):
+            if not isinstance(P, np.ndarray):
+                eye = STORAGE_BOUND * scale * np.eye(P.shape[0])
+                cons += [eye - P >> 0, eye + P >> 0]
     prob = cp.Problem(cp.Minimize(rho), cons)
-    name = _pick_solver(blocks) if solver == "auto" else solver
     opts = {"clarabel": {}, "scs": {"eps_abs": 1e-7, "eps_rel": 1e-7, "max_iters": 50000}}.get(name, {})
     if time_limit is not None:  # the run's limit (lipsdp.budget): an unfinished point is still verified
         opts["time_limit_secs" if name == "scs" else "time_limit"] = float(time_limit)
