@@ -36,6 +36,10 @@ from lipsdp.resources import available_memory
 NAME = "conv-ipm"
 
 
+class OutOfTime(Exception):
+    """The next iteration would not finish within the time limit (caught in :func:`solve`)."""
+
+
 @dataclass
 class Var:
     """One variable of the SDP: a symmetric matrix (``kind="sym"``, its upper triangle, row by row), a
@@ -204,6 +208,10 @@ class ConvChainSDP:
         self.objective = np.zeros(self.m)
         self.objective[self.rho.offset] = 1.0
 
+    #: ``time.perf_counter()`` value the iteration must stop by (None: no limit), and the start of the last one.
+    deadline: float | None = None
+    last: float | None = None
+
     def _block(self, F0, entries):
         self.sizes.append(F0.shape[0])
         self.F0s.append(F0)
@@ -240,8 +248,16 @@ class ConvChainSDP:
         return out
 
     def newton(self, Xs, Zs, N, lp):
-        """A solver for ``(H + diag_N(lp)) dy = rhs`` by block Cholesky, or None if singular."""
+        """A solver for ``(H + diag_N(lp)) dy = rhs`` by block Cholesky, or None if singular.
+
+        Raises :class:`OutOfTime` when the iteration it starts would end past :attr:`deadline` (the
+        previous iteration's duration as the estimate): the last point is then the answer.
+        """
         checkpoint()  # the run's limits (lipsdp.budget), once per iteration
+        now = time.perf_counter()
+        if self.deadline is not None and self.last is not None and now + (now - self.last) > self.deadline:
+            raise OutOfTime
+        self.last = now
         for reg in (1e-14, 1e-11, 1e-8):  # free storages and supplies can make H singular near the optimum
             D, C, hd = self._assemble(Xs, Zs, N, lp)
             try:
@@ -343,7 +359,11 @@ def solve(blocks, tail: np.ndarray, *, margin: float, bound: float, time_limit: 
     state = InteriorPoint(sdp, sdp.objective, sdp.nonneg, tol, time_limit, t0, verbose, max_iters, 0.95)
     state.report = NAME
     progress.objective_scale(scale)
-    status, message = state.run()
+    sdp.deadline = None if time_limit is None else t0 + time_limit
+    try:
+        status, message = state.run()
+    except OutOfTime:
+        status, message = "time_limit", f"time limit after {state.iterations} iterations (the next would not finish)"
     y = state.y
 
     def mat(v: Var, factor: float) -> np.ndarray:

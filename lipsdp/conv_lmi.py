@@ -217,22 +217,28 @@ def solve_chain(chain: ConvChain, blocks: list[LayerBlocks], solver: str = "auto
     """Solve the structured SDP: minimise ``rho`` (docs/math.md §7.4).  Returns float multipliers
     ``{"P1": [...], "P2": [...], "lam": [...], "x": [X_1, ..., X_L], "Y": Y, "rho": float, "solver": name}``.
 
-    ``auto`` runs :func:`lipsdp.conv_ipm.solve` (the chain-structured interior point, docs/math.md §7.4.1)
-    and falls back to cvxpy (Clarabel, or SCS beyond a size) when it returns no usable point; ``conv-ipm``,
-    ``clarabel`` and ``scs`` ask for one.  Whatever solves, :func:`verify_chain` proves the bound.
+    ``auto`` and ``conv-ipm`` run :func:`lipsdp.conv_ipm.solve` (the chain-structured interior point,
+    docs/math.md §7.4.1); ``auto`` falls back to cvxpy (:func:`fallback_solver`) when its point is not
+    finite.  ``clarabel`` and ``scs`` ask for cvxpy with that solver.  Whatever solves, :func:`verify_chain`
+    proves the bound.
     """
     if solver not in CHAIN_SOLVERS:
         raise LipSDPError(f"unknown solver {solver!r} for the structured SDP: one of {', '.join(CHAIN_SOLVERS)}")
     if solver in ("auto", conv_ipm.NAME):
-        t0 = time.perf_counter()
         sol = conv_ipm.solve(blocks, chain.tail, margin=MARGIN, bound=STORAGE_BOUND, time_limit=time_limit)
-        usable = sol["status"] != "solver_error" and all(np.all(np.isfinite(v)) for v in _flat(sol))
-        if usable or solver != "auto":
+        if solver != "auto" or all(np.all(np.isfinite(v)) for v in _flat(sol)):
             return sol
-        if time_limit is not None:
-            time_limit = max(time_limit - (time.perf_counter() - t0), 1.0)
         solver = _pick_solver(blocks)
     return _solve_cvxpy(chain, blocks, solver, time_limit)
+
+
+def fallback_solver(blocks: list[LayerBlocks], sol: dict) -> str | None:
+    """The cvxpy solver ``auto`` tries when the structured interior point's point did not verify: Clarabel
+    while it fits (:func:`_pick_solver`), None when the point ran out of time or the chain is too large
+    for Clarabel (SCS would not finish those either)."""
+    if sol["solver"] != conv_ipm.NAME or sol["status"] == "time_limit" or _pick_solver(blocks) != "clarabel":
+        return None
+    return "clarabel"
 
 
 def _flat(sol: dict) -> list:
@@ -336,6 +342,12 @@ def certify_chain(chain: ConvChain, solver: str = "auto", time_limit: float | No
     sol = solve_chain(chain, blocks, solver, time_limit)
     t2 = time.perf_counter()
     res = verify_chain(chain, blocks, sol)
+    fallback = fallback_solver(blocks, sol) if solver == "auto" and not res.verified else None
+    if fallback is not None:  # the solver is never trusted, and auto does not give up on its first point
+        left = None if time_limit is None else max(time_limit - (time.perf_counter() - t1), 1.0)
+        sol = _solve_cvxpy(chain, blocks, fallback, left)
+        t2 = time.perf_counter()
+        res = verify_chain(chain, blocks, sol)
     t3 = time.perf_counter()
     res.timings = {"build": t1 - t0, "solve": t2 - t1, "verify": t3 - t2}
     res.details.update({"solver": sol["solver"], "solver_status": sol["status"],
