@@ -106,15 +106,27 @@ def _adjoint(e: Entry, G: np.ndarray) -> np.ndarray:
     return e.data.T @ G.reshape(-1)
 
 
-def _skron(A, A2, t1, t2) -> np.ndarray:
-    """``tr(E_i A E_j A2^T)`` over the symmetric bases of two triangles (docs/math.md §7.4.1)."""
+def _skron(pairs, t1, t2) -> np.ndarray:
+    """``sum_k c_k tr(E_i A_k E_j A2_k^T)`` over the symmetric bases of two triangles (docs/math.md §7.4.1).
+
+    ``pairs``: ``(c_k, A_k, A2_k)``, each ``r1 x r2``.  For each row pair ``(a, b)`` the products
+    ``A_bc A2_ad + A_ac A2_bd`` are summed over ``k`` (one ``m1 x r2^2`` array, row-wise Kronecker products),
+    then read at ``(c, d)`` and ``(d, c)``: the four terms of the symmetric basis in two passes.
+    """
     ia, ib, wa = t1
     ic, id_, wc = t2
-    Ab, Aa, Ba, Bb = A[ib], A[ia], A2[ia], A2[ib]
-    h = Ab[:, ic] * Ba[:, id_]
-    h += Ab[:, id_] * Ba[:, ic]
-    h += Aa[:, ic] * Bb[:, id_]
-    h += Aa[:, id_] * Bb[:, ic]
+    r2 = pairs[0][1].shape[1]
+    W = np.zeros((len(ia), r2, r2))
+    tmp = np.empty_like(W)
+    for c, A, A2 in pairs:
+        np.multiply((c * A[ib])[:, :, None], A2[ia][:, None, :], out=tmp)
+        W += tmp
+        np.multiply((c * A[ia])[:, :, None], A2[ib][:, None, :], out=tmp)
+        W += tmp
+    del tmp
+    W = W.reshape(len(ia), r2 * r2)
+    h = W[:, ic * r2 + id_]
+    h += W[:, id_ * r2 + ic]
     h *= wa[:, None]
     h *= wc[None, :]
     return h
@@ -132,12 +144,8 @@ def pair_schur(e1: Entry, e2: Entry, X: np.ndarray, Z: np.ndarray) -> np.ndarray
     if e1.kind == "qc" and e2.kind == "cong":
         return pair_schur(e2, e1, X, Z).T
     if e1.kind == "cong" and e2.kind == "cong":
-        h = 0.0
-        for s, G in e1.data:
-            GX, GZ = G @ X, G @ Z
-            for t, K in e2.data:
-                h = h + (s * t) * _skron(GX @ K.T, GZ @ K.T, e1.var.tri, e2.var.tri)
-        return h
+        pairs = [(s * t, G @ X @ K.T, G @ Z @ K.T) for s, G in e1.data for t, K in e2.data]
+        return _skron(pairs, e1.var.tri, e2.var.tri)
     if e1.kind == "cong":  # e2: qc, sym(l_i r_i^T) for each multiplier i
         L, R = e2.data
         ia, ib, w = e1.var.tri
@@ -275,7 +283,7 @@ class ConvChainSDP:
         for ents, X, Z in zip(self.entries, Xs, Zs):
             for i, e1 in enumerate(ents):
                 for e2 in ents[i:]:
-                    self._place(D, C, e1.var, e2.var, pair_schur(e1, e2, X, Z), e1 is e2)
+                    self._place(D, C, e1.var, e2.var, pair_schur(e1, e2, X, Z))
         starts = np.asarray(self.group_offsets)
         group = np.searchsorted(starts, N, side="right") - 1
         for g in np.unique(group):
@@ -289,11 +297,12 @@ class ConvChainSDP:
                 C[g] /= np.outer(hd[g], hd[g - 1][self.tail(g - 1)])
         return D, C, hd
 
-    def _place(self, D, C, v1, v2, h, same):
+    def _place(self, D, C, v1, v2, h):
         s1, s2 = slice(v1.local, v1.local + v1.dim), slice(v2.local, v2.local + v2.dim)
-        if v1.group == v2.group:
-            D[v1.group][s1, s2] += h
-            if not same:
+        if v1.group == v2.group:  # the lower triangle only: the factorisation reads no more
+            if v1.local >= v2.local:
+                D[v1.group][s1, s2] += h
+            else:
                 D[v1.group][s2, s1] += h.T
         elif v1.group + 1 == v2.group:  # v1 is the previous group's supply
             C[v2.group][s2, :] += h.T
