@@ -280,10 +280,19 @@ class ConvChainSDP:
         the tail of group ``g - 1``) of the Schur complement, and the scaling ``hd``."""
         D = [np.zeros((g, g)) for g in self.group_sizes]
         C = [None] + [np.zeros((g, x.dim)) for g, x in zip(self.group_sizes[1:], self.X)]
+        congruent = {}  # (row var, column var) -> the products of every block, summed in one _skron
         for ents, X, Z in zip(self.entries, Xs, Zs):
-            for i, e1 in enumerate(ents):
-                for e2 in ents[i:]:
-                    self._place(D, C, e1.var, e2.var, pair_schur(e1, e2, X, Z))
+            for i, first in enumerate(ents):
+                for second in ents[i:]:
+                    e1, e2 = (first, second) if (first.var.group, first.var.local) >= \
+                        (second.var.group, second.var.local) else (second, first)  # rows: the later variable
+                    if e1.kind == e2.kind == "cong":
+                        congruent.setdefault((e1.var.name, e2.var.name), (e1.var, e2.var, []))[2].extend(
+                            (s * t, G @ X @ K.T, G @ Z @ K.T) for s, G in e1.data for t, K in e2.data)
+                    else:
+                        self._place(D, C, e1.var, e2.var, pair_schur(e1, e2, X, Z))
+        for v1, v2, pairs in congruent.values():
+            self._place(D, C, v1, v2, _skron(pairs, v1.tri, v2.tri))
         starts = np.asarray(self.group_offsets)
         group = np.searchsorted(starts, N, side="right") - 1
         for g in np.unique(group):
@@ -292,20 +301,20 @@ class ConvChainSDP:
             D[g][pos, pos] += lp[at]
         hd = [np.sqrt(np.maximum(np.diag(Dg), 1e-300)) for Dg in D]
         for g, Dg in enumerate(D):
-            Dg /= np.outer(hd[g], hd[g])
+            Dg /= hd[g][:, None]
+            Dg /= hd[g][None, :]
             if C[g] is not None:
-                C[g] /= np.outer(hd[g], hd[g - 1][self.tail(g - 1)])
+                C[g] /= hd[g][:, None]
+                C[g] /= hd[g - 1][self.tail(g - 1)][None, :]
         return D, C, hd
 
-    def _place(self, D, C, v1, v2, h):
-        s1, s2 = slice(v1.local, v1.local + v1.dim), slice(v2.local, v2.local + v2.dim)
-        if v1.group == v2.group:  # the lower triangle only: the factorisation reads no more
-            if v1.local >= v2.local:
-                D[v1.group][s1, s2] += h
-            else:
-                D[v1.group][s2, s1] += h.T
-        elif v1.group + 1 == v2.group:  # v1 is the previous group's supply
-            C[v2.group][s2, :] += h.T
+    @staticmethod
+    def _place(D, C, v1, v2, h):
+        """Add ``h`` (rows: ``v1``, not before ``v2``) to the lower triangle (the factorisation reads no more)
+        or, ``v2`` being the previous group's supply, to the coupling."""
+        s1 = slice(v1.local, v1.local + v1.dim)
+        if v1.group == v2.group:
+            D[v1.group][s1, v2.local:v2.local + v2.dim] += h
         else:
             C[v1.group][s1, :] += h
 
