@@ -219,6 +219,8 @@ class ConvChainSDP:
     #: ``time.perf_counter()`` value the iteration must stop by (None: no limit), and the start of the last one.
     deadline: float | None = None
     last: float | None = None
+    #: The lists holding the current factor (emptied when the next iteration starts).
+    live: tuple = ()
 
     def _block(self, F0, entries):
         self.sizes.append(F0.shape[0])
@@ -266,12 +268,16 @@ class ConvChainSDP:
         if self.deadline is not None and self.last is not None and now + (now - self.last) > self.deadline:
             raise OutOfTime
         self.last = now
+        for held in self.live:  # the previous iteration's factor: freed before the next one is assembled
+            held.clear()
         for reg in (1e-14, 1e-11, 1e-8):  # free storages and supplies can make H singular near the optimum
             D, C, hd = self._assemble(Xs, Zs, N, lp)
             try:
                 Lf, E = self._factor(D, C, reg)
             except LinAlgError:
+                D = C = None  # noqa: F841  (one Schur complement in memory at a time)
                 continue
+            self.live = (Lf, E)
             return lambda rhs: self._solve(Lf, E, hd, rhs)
         return None
 
