@@ -2,8 +2,8 @@
 
 The SDP of :func:`lipsdp.conv_lmi.solve_chain` has one small block per convolution (size
 ``kh C_out + kw C_in``), the read-out's ``q x q`` Gram block and ``2 C x 2 C`` coupling block, and four
-storage-bound blocks per layer (``B I -+ P1``, ``B I -+ P2``: the spectral norm of each storage at most
-``B``).  Every variable enters its blocks by congruence (``G^T P G`` with a small ``G``), as a diagonal
+storage-bound blocks per layer (``B_P I -+ P`` for ``P1`` and ``P2``: the spectral norm of each storage
+at most ``B_P = bound sqrt(n_P)``).  Every variable enters its blocks by congruence (``G^T P G`` with a small ``G``), as a diagonal
 multiplier (``sym(L^T diag(lam) R)``) or through a few explicit matrices (``rho``, the read-out's ``Y``).
 
 With the variables grouped ``[rho, P1_1, P2_1, lam_1, X_1 | P1_2, P2_2, lam_2, X_2 | ... | ..., X_L, Y]``,
@@ -66,6 +66,11 @@ class Entry:
     var: Var
     kind: str
     data: object
+
+
+def storage_bound(bound: float, size: int) -> float:
+    """``||P||_2 <= bound sqrt(size)`` for a ``size x size`` storage (docs/math.md §7.4.1)."""
+    return bound * float(np.sqrt(size))
 
 
 def _tri(r: int):
@@ -164,7 +169,7 @@ class ConvChainSDP:
 
     ``blocks``: the layers' :class:`lipsdp.conv_lmi.LayerBlocks`; ``grams``: ``W_c W_d^T`` (``C x C x q x q``)
     of the read-out normalised to unit spectral norm; ``margin``, ``bound``: the layer blocks'
-    ``M_l <= -margin I`` and the storages' ``||P|| <= bound`` in those units.
+    ``M_l <= -margin I`` and the storages' ``||P||_2 <= bound sqrt(n_P)`` in those units (docs/math.md §7.4.1).
     """
 
     def __init__(self, blocks, grams: np.ndarray, margin: float, bound: float):
@@ -200,9 +205,10 @@ class ConvChainSDP:
             ents += [Entry(self.X[k], "cong", [(1.0, B.Ew)]), Entry(self.lam[k], "qc", (B.L, B.R))]
             self._block(margin * np.eye(B.n), ents)
             for P in (P1, P2):
-                for sign in (1.0, -1.0):  # bound I - P >= 0 and bound I + P >= 0
+                for sign in (1.0, -1.0):  # B_P I - P >= 0 and B_P I + P >= 0
                     if P.size:
-                        self._block(-bound * np.eye(P.size), [Entry(P, "cong", [(sign, np.eye(P.size))])])
+                        self._block(-storage_bound(bound, P.size) * np.eye(P.size),
+                                    [Entry(P, "cong", [(sign, np.eye(P.size))])])
         eye, zero = np.eye(C), np.zeros((C, C))
         self._block(-np.block([[zero, eye], [eye, zero]]),
                     [Entry(self.X[-1], "cong", [(-1.0, np.hstack([eye, zero]))]),

@@ -27,7 +27,8 @@ _U = 2.0 ** -53
 _SAFETY = 2.0
 #: Relative margin the SDP asks of every block, so that the verified point is strictly feasible.
 MARGIN = 1e-6
-#: Bound on the storage matrices' spectral norms, relative to the read-out's squared norm (docs/math.md §7.4.1).
+#: Bound on the storage matrices' spectral norms, relative to the read-out's squared norm and the square root of
+#: their size (:func:`lipsdp.conv_ipm.storage_bound`, docs/math.md §7.4.1).
 STORAGE_BOUND = 100.0
 
 
@@ -269,7 +270,7 @@ def _solve_cvxpy(chain: ConvChain, blocks: list[LayerBlocks], name: str, time_li
         # leaving a point the margin cannot protect (docs/math.md §7.4.1)
         for P in (P1s[k], P2s[k]):
             if not isinstance(P, np.ndarray):
-                eye = STORAGE_BOUND * scale * np.eye(P.shape[0])
+                eye = conv_ipm.storage_bound(STORAGE_BOUND * scale, P.shape[0]) * np.eye(P.shape[0])
                 cons += [eye - P >> 0, eye + P >> 0]
     prob = cp.Problem(cp.Minimize(rho), cons)
     opts = {"clarabel": {}, "scs": {"eps_abs": 1e-7, "eps_rel": 1e-7, "max_iters": 50000}}.get(name, {})
