@@ -208,11 +208,6 @@ def _zero_or_sym(cp, n: int):
     return cp.Variable((n, n), symmetric=True) if n else np.zeros((0, 0))
 
 
-#: Solvers of the structured SDP: lipsdp's own chain-structured interior point (``auto``'s choice) and,
-#: through cvxpy, Clarabel and SCS.
-CHAIN_SOLVERS = ("auto", conv_ipm.NAME, "clarabel", "scs")
-
-
 def solve_chain(chain: ConvChain, blocks: list[LayerBlocks], solver: str = "auto",
                 time_limit: float | None = None) -> dict:
     """Solve the structured SDP: minimise ``rho`` (docs/math.md §7.4).  Returns float multipliers
@@ -220,11 +215,9 @@ def solve_chain(chain: ConvChain, blocks: list[LayerBlocks], solver: str = "auto
 
     ``auto`` and ``conv-ipm`` run :func:`lipsdp.conv_ipm.solve` (the chain-structured interior point,
     docs/math.md §7.4.1); ``auto`` falls back to cvxpy (:func:`fallback_solver`) when its point is not
-    finite.  ``clarabel`` and ``scs`` ask for cvxpy with that solver.  Whatever solves, :func:`verify_chain`
-    proves the bound.
+    finite.  Another name (``clarabel``, ``scs``, ...) asks cvxpy for that solver.  Whatever solves,
+    :func:`verify_chain` proves the bound.
     """
-    if solver not in CHAIN_SOLVERS:
-        raise LipSDPError(f"unknown solver {solver!r} for the structured SDP: one of {', '.join(CHAIN_SOLVERS)}")
     if solver in ("auto", conv_ipm.NAME):
         sol = conv_ipm.solve(blocks, chain.tail, margin=MARGIN, bound=STORAGE_BOUND, time_limit=time_limit)
         if solver != "auto" or all(np.all(np.isfinite(v)) for v in _flat(sol)):
@@ -247,8 +240,12 @@ def _flat(sol: dict) -> list:
 
 
 def _solve_cvxpy(chain: ConvChain, blocks: list[LayerBlocks], name: str, time_limit: float | None) -> dict:
-    """The structured SDP through cvxpy (Clarabel or SCS)."""
+    """The structured SDP through cvxpy (Clarabel, SCS or another installed conic solver)."""
     import cvxpy as cp  # the optional solver stack loads only when the structured path runs
+
+    if name.upper() not in cp.installed_solvers():
+        raise LipSDPError(f"unknown solver {name!r} for the structured SDP: auto, {conv_ipm.NAME} or a cvxpy "
+                          f"solver ({', '.join(s.lower() for s in cp.installed_solvers())})")
 
     scale = float(np.linalg.norm(chain.tail, 2)) ** 2 or 1.0
     rho = cp.Variable()

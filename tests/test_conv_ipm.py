@@ -133,4 +133,4 @@ def test_progress_is_reported_per_iteration():
 def test_unknown_solver_is_refused():
     chain, blocks = chain_of(cnn(2, 2, size=4), 4)
     with pytest.raises(lipsdp.LipSDPError, match="structured SDP"):
-        solve_chain(chain, blocks, "mosek")
+        solve_chain(chain, blocks, "no-such-solver")
