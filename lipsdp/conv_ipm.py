@@ -3,8 +3,9 @@
 The SDP of :func:`lipsdp.conv_lmi.solve_chain` has one small block per convolution (size
 ``kh C_out + kw C_in``), the read-out's ``q x q`` Gram block and ``2 C x 2 C`` coupling block, and four
 storage-bound blocks per layer (``B_P I -+ P`` for ``P1`` and ``P2``: the spectral norm of each storage
-at most ``B_P = bound sqrt(n_P)``).  Every variable enters its blocks by congruence (``G^T P G`` with a small ``G``), as a diagonal
-multiplier (``sym(L^T diag(lam) R)``) or through a few explicit matrices (``rho``, the read-out's ``Y``).
+at most ``B_P = bound sqrt(n_P)``).  Every variable enters its blocks by congruence (``G^T P G`` with a
+small ``G``), as a diagonal multiplier (``sym(L^T diag(lam) R)``) or through a few explicit matrices
+(``rho``, the read-out's ``Y``).
 
 With the variables grouped ``[rho, P1_1, P2_1, lam_1, X_1 | P1_2, P2_2, lam_2, X_2 | ... | ..., X_L, Y]``,
 only the channel supply ``X_k`` (the tail of group ``k``) is shared by two layers' blocks, so the Schur
