@@ -134,3 +134,19 @@ def test_unknown_solver_is_refused():
     chain, blocks = chain_of(cnn(2, 2, size=4), 4)
     with pytest.raises(lipsdp.LipSDPError, match="structured SDP"):
         solve_chain(chain, blocks, "no-such-solver")
+
+
+def test_auto_falls_back_to_clarabel_when_the_point_does_not_verify(monkeypatch):
+    pytest.importorskip("cvxpy")
+    chain, blocks = chain_of(cnn(2, 2, size=4), 4)
+    real = conv_ipm.solve
+
+    def unverifiable(*args, **kwargs):
+        sol = real(*args, **kwargs)
+        sol["lam"] = [np.zeros_like(v) for v in sol["lam"]]  # no multiplier: no block is negative definite
+        return sol
+
+    monkeypatch.setattr(conv_ipm, "solve", unverifiable)
+    res = certify_chain(chain, "auto")
+    assert res.verified and res.details["solver"] == "clarabel"
+    assert not certify_chain(chain, "conv-ipm").verified  # asked for by name: no fallback
