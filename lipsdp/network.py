@@ -58,8 +58,13 @@ def _finite(a) -> bool:
 
 
 def _hash_array(h, a) -> None:
-    a = a.toarray() if sp.issparse(a) else np.asarray(a)
-    h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    if sp.issparse(a):  # the dense bytes by blocks of rows: the same digest without the dense matrix in memory
+        a = sp.csr_matrix(a)
+        step = max(1, (1 << 22) // max(a.shape[1], 1))
+        for i in range(0, a.shape[0], step):
+            h.update(np.ascontiguousarray(a[i:i + step].toarray(), dtype=np.float64).tobytes())
+        return
+    h.update(np.ascontiguousarray(np.asarray(a), dtype=np.float64).tobytes())
 
 
 def activation_function(function: str):
