@@ -116,7 +116,7 @@ class ConvChainSDP:
     #: and the relative change under which the primal objective counts as settled (:meth:`_settled`).
     state = None
     history: list
-    settle: float = 1e-8
+    settle: float = 1e-7
 
     def _block(self, F0, entries):
         self.sizes.append(F0.shape[0])
@@ -180,15 +180,15 @@ class ConvChainSDP:
 
     def _settled(self) -> None:
         """Raise :class:`Settled` once the primal objective (the point that gets verified) has moved less than
-        :attr:`settle` relatively over four iterations at a primal-feasible point with a small gap: the
+        :attr:`settle` relatively over three iterations at a primal-feasible point with a small gap: the
         shared iteration's own test also needs the dual residual, which on these problems can floor near
         ``1e-5`` and keep it iterating to its limit."""
         state = self.state
         if state is None:
             return
         self.history.append(float(state.c @ state.y))
-        last = self.history[-4:]
-        if len(last) == 4 and state.pinf < 1e-9 and state.gap < 1e-3 and \
+        last = self.history[-3:]
+        if len(last) == 3 and state.pinf < 1e-9 and state.gap < 1e-3 and \
                 max(last) - min(last) <= self.settle * abs(last[-1]):
             raise Settled
 
