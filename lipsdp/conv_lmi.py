@@ -17,21 +17,17 @@ from fractions import Fraction
 import numpy as np
 import scipy.linalg as sla
 
+from lipsdp import conv_ipm
 from lipsdp.convnet import ConvChain, ConvLayer
-from lipsdp.errors import SolverError
+from lipsdp.errors import LipSDPError, SolverError
 from lipsdp.roesser import causal_kernel, realise
-from lipsdp.verify import dense_shifted_cholesky
+from lipsdp.floatproof import SAFETY, dense_shifted_cholesky, gamma
 
-_U = 2.0 ** -53
-_SAFETY = 2.0
 #: Relative margin the SDP asks of every block, so that the verified point is strictly feasible.
 MARGIN = 1e-6
-#: Bound on the storage matrices' entries, relative to the read-out's squared norm.
+#: Bound on the storage matrices' spectral norms, relative to the read-out's squared norm and the square root of
+#: their size (:func:`lipsdp.conv_ipm.storage_bound`, docs/math.md §7.4.1).
 STORAGE_BOUND = 100.0
-
-
-def _gamma(k: int) -> float:
-    return k * _U / (1.0 - k * _U)
 
 
 @dataclass
@@ -88,8 +84,8 @@ def prove_negative_definite(M: np.ndarray, abs_M: np.ndarray, terms: int) -> boo
     n = H.shape[0]
     if not np.all(np.isfinite(H)):
         return False
-    delta_f = float(np.linalg.norm(2.0 * _gamma(terms) * abs_M)) * _SAFETY
-    c = 2.0 * (_gamma(n + 1) * float(np.abs(np.diag(H)).sum()) + delta_f) * _SAFETY + np.finfo(float).tiny
+    delta_f = float(np.linalg.norm(2.0 * gamma(terms) * abs_M)) * SAFETY
+    c = 2.0 * (gamma(n + 1) * float(np.abs(np.diag(H)).sum()) + delta_f) * SAFETY + np.finfo(float).tiny
     return dense_shifted_cholesky(H, delta_f, c)
 
 
@@ -209,8 +205,41 @@ def _zero_or_sym(cp, n: int):
 def solve_chain(chain: ConvChain, blocks: list[LayerBlocks], solver: str = "auto",
                 time_limit: float | None = None) -> dict:
     """Solve the structured SDP: minimise ``rho`` (docs/math.md §7.4).  Returns float multipliers
-    ``{"P1": [...], "P2": [...], "lam": [...], "x": [X_1, ..., X_L], "Y": Y, "rho": float, "solver": name}``."""
+    ``{"P1": [...], "P2": [...], "lam": [...], "x": [X_1, ..., X_L], "Y": Y, "rho": float, "solver": name}``.
+
+    ``auto`` and ``conv-ipm`` run :func:`lipsdp.conv_ipm.solve` (the chain-structured interior point,
+    docs/math.md §7.4.1); ``auto`` falls back to cvxpy (:func:`fallback_solver`) when its point is not
+    finite.  Another name (``clarabel``, ``scs``, ...) asks cvxpy for that solver.  Whatever solves,
+    :func:`verify_chain` proves the bound.
+    """
+    if solver in ("auto", conv_ipm.NAME):
+        sol = conv_ipm.solve(blocks, chain.tail, margin=MARGIN, bound=STORAGE_BOUND, time_limit=time_limit)
+        if solver != "auto" or all(np.all(np.isfinite(v)) for v in _flat(sol)):
+            return sol
+        solver = _pick_solver(blocks)
+    return _solve_cvxpy(chain, blocks, solver, time_limit)
+
+
+def fallback_solver(blocks: list[LayerBlocks], sol: dict) -> str | None:
+    """The cvxpy solver ``auto`` tries when the structured interior point's point did not verify: Clarabel
+    while it fits (:func:`_pick_solver`), None when the point ran out of time or the chain is too large
+    for Clarabel (SCS would not finish those either)."""
+    if sol["solver"] != conv_ipm.NAME or sol["status"] == "time_limit" or _pick_solver(blocks) != "clarabel":
+        return None
+    return "clarabel"
+
+
+def _flat(sol: dict) -> list:
+    return [np.asarray(v) for key in ("P1", "P2", "lam", "x") for v in sol[key]] + [sol["Y"], np.asarray(sol["rho"])]
+
+
+def _solve_cvxpy(chain: ConvChain, blocks: list[LayerBlocks], name: str, time_limit: float | None) -> dict:
+    """The structured SDP through cvxpy (Clarabel, SCS or another installed conic solver)."""
     import cvxpy as cp  # the optional solver stack loads only when the structured path runs
+
+    if name.upper() not in cp.installed_solvers():
+        raise LipSDPError(f"unknown solver {name!r} for the structured SDP: auto, {conv_ipm.NAME} or a cvxpy "
+                          f"solver ({', '.join(s.lower() for s in cp.installed_solvers())})")
 
     scale = float(np.linalg.norm(chain.tail, 2)) ** 2 or 1.0
     rho = cp.Variable()
@@ -228,10 +257,13 @@ def solve_chain(chain: ConvChain, blocks: list[LayerBlocks], solver: str = "auto
     for k, B in enumerate(blocks):
         x_in = rho * np.eye(B.Eu.shape[0]) if k == 0 else xs[k - 1]
         cons.append(_layer_constraint(cp, B, P1s[k], P2s[k], x_in, xs[k], lams[k], MARGIN * scale))
-        # bounded storages: the infimum can send them to infinity, leaving a point the margin cannot protect
-        cons += [cp.abs(P) <= STORAGE_BOUND * scale for P in (P1s[k], P2s[k]) if not isinstance(P, np.ndarray)]
+        # bounded storages (spectral norm, as lipsdp.conv_ipm): the infimum can send them to infinity,
+        # leaving a point the margin cannot protect (docs/math.md §7.4.1)
+        for P in (P1s[k], P2s[k]):
+            if not isinstance(P, np.ndarray):
+                eye = conv_ipm.storage_bound(STORAGE_BOUND * scale, P.shape[0]) * np.eye(P.shape[0])
+                cons += [eye - P >> 0, eye + P >> 0]
     prob = cp.Problem(cp.Minimize(rho), cons)
-    name = _pick_solver(blocks) if solver == "auto" else solver
     opts = {"clarabel": {}, "scs": {"eps_abs": 1e-7, "eps_rel": 1e-7, "max_iters": 50000}}.get(name, {})
     if time_limit is not None:  # the run's limit (lipsdp.budget): an unfinished point is still verified
         opts["time_limit_secs" if name == "scs" else "time_limit"] = float(time_limit)
@@ -302,6 +334,12 @@ def certify_chain(chain: ConvChain, solver: str = "auto", time_limit: float | No
     sol = solve_chain(chain, blocks, solver, time_limit)
     t2 = time.perf_counter()
     res = verify_chain(chain, blocks, sol)
+    fallback = fallback_solver(blocks, sol) if solver == "auto" and not res.verified else None
+    if fallback is not None:  # the solver is never trusted, and auto does not give up on its first point
+        left = None if time_limit is None else max(time_limit - (time.perf_counter() - t1), 1.0)
+        sol = _solve_cvxpy(chain, blocks, fallback, left)
+        t2 = time.perf_counter()
+        res = verify_chain(chain, blocks, sol)
     res.details["point"] = stored_point(sol) if res.verified else None  # what lipsdp verify proves again
     t3 = time.perf_counter()
     res.timings = {"build": t1 - t0, "solve": t2 - t1, "verify": t3 - t2}

@@ -17,6 +17,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator, svds
 
 from lipsdp import accel
+from lipsdp.floatproof import UNIT_ROUNDOFF, gamma
 
 #: Unrolled matrices up to this many entries get a dense SVD in :func:`conv_spectral_norm`.
 DENSE_ENTRIES = 1_000_000
@@ -120,14 +121,9 @@ def conv_spectral_norm(weight: np.ndarray, in_shape: tuple, pad: tuple) -> float
 
 
 # -- a proven norm: the convolution on the torus (docs/math.md §7.5) ---------------------------------------
-_U = 2.0 ** -53
 #: Error of one computed cosine or sine of an angle ``2 pi r / N`` (the angle's three roundings, at most
 #: ``3 u 2 pi``, and the library's own error), in units of ``u``: generous.
 _TRIG_ERROR = 64
-
-
-def _gamma(k: int) -> float:
-    return k * _U / (1.0 - k * _U)
 
 
 def torus(in_shape: tuple, out_hw: tuple, pad: tuple) -> tuple[int, int]:
@@ -171,9 +167,9 @@ def proven_conv_norm(weight: np.ndarray, in_shape: tuple, pad: tuple, tries: int
     R = np.concatenate([np.concatenate([re, -im], axis=2), np.concatenate([im, re], axis=2)], axis=1)
     m, n = 2 * co, 2 * ci
     size = m + n
-    g = _gamma(size + 1)
+    g = gamma(size + 1)
     sigma = float(np.sqrt(max(np.linalg.eigvalsh(R.transpose(0, 2, 1) @ R)[:, -1].max(), 0.0)))  # a guess only
-    margin = 8.0 * (size + 1) ** 2 * _U
+    margin = 8.0 * (size + 1) ** 2 * UNIT_ROUNDOFF
     for _ in range(tries):
         s = float(np.nextafter(sigma * (1.0 + margin), np.inf))
         c = 4.0 * g * size * s + np.finfo(float).tiny
@@ -185,9 +181,10 @@ def proven_conv_norm(weight: np.ndarray, in_shape: tuple, pad: tuple, tries: int
         except np.linalg.LinAlgError:
             margin *= 2.0
             continue
-        if np.all(c > 2.0 * (g * np.sum(L * L, axis=(1, 2)) + _U * (s + c))):
+        if np.all(c > 2.0 * (g * np.sum(L * L, axis=(1, 2)) + UNIT_ROUNDOFF * (s + c))):
             taps = np.abs(weight).sum(axis=(2, 3))  # |K_oc| summed over taps: bounds every entry's error
-            error = 2.0 * np.sqrt(2.0) * (_TRIG_ERROR * _U + 2.0 * _gamma(kh * kw + 1)) * float(np.linalg.norm(taps))
+            error = (2.0 * np.sqrt(2.0) * (_TRIG_ERROR * UNIT_ROUNDOFF + 2.0 * gamma(kh * kw + 1))
+                     * float(np.linalg.norm(taps)))
             return float(np.nextafter(np.nextafter(s + error, np.inf), np.inf))
         margin *= 2.0
     return None
