@@ -53,11 +53,14 @@ class ConvChainSDP:
     """The conv-chain SDP in the interface :class:`lipsdp.interior.InteriorPoint` iterates on.
 
     ``blocks``: the layers' :class:`lipsdp.conv_lmi.LayerBlocks`; ``grams``: ``W_c W_d^T`` (``C x C x q x q``)
-    of the read-out normalised to unit spectral norm; ``margin``, ``bound``: the layer blocks'
-    ``M_l <= -margin I`` and the storages' ``||P||_2 <= bound sqrt(n_P)`` in those units (docs/math.md §7.4.1).
+    of the read-out normalised to unit spectral norm; ``margin``, ``bound`` (one number, or one per layer): the
+    layer blocks' ``M_l <= -margin I`` and the storages' ``||P||_2 <= bound sqrt(n_P)`` in those units
+    (docs/math.md §7.4.1).
     """
 
-    def __init__(self, blocks, grams: np.ndarray, margin: float, bound: float):
+    def __init__(self, blocks, grams: np.ndarray, margin, bound):
+        margins = np.broadcast_to(np.asarray(margin, dtype=np.float64), (len(blocks),))
+        bounds = np.broadcast_to(np.asarray(bound, dtype=np.float64), (len(blocks),))
         self.rho = Var("rho", "scalar", 1)
         self.P1, self.P2, self.lam, self.X = [], [], [], []
         groups = []
@@ -88,11 +91,11 @@ class ConvChainSDP:
             ents.append(Entry(self.rho, "basis", -(B.Eu.T @ B.Eu).reshape(-1, 1)) if k == 0
                         else Entry(self.X[k - 1], "cong", [(-1.0, B.Eu)]))
             ents += [Entry(self.X[k], "cong", [(1.0, B.Ew)]), Entry(self.lam[k], "qc", (B.L, B.R))]
-            self._block(margin * np.eye(B.n), ents)
+            self._block(margins[k] * np.eye(B.n), ents)
             for P in (P1, P2):
                 for sign in (1.0, -1.0):  # B_P I - P >= 0 and B_P I + P >= 0
                     if P.size:
-                        self._block(-storage_bound(bound, P.size) * np.eye(P.size),
+                        self._block(-storage_bound(bounds[k], P.size) * np.eye(P.size),
                                     [Entry(P, "cong", [(sign, np.eye(P.size))])])
         eye, zero = np.eye(C), np.zeros((C, C))
         self._block(-np.block([[zero, eye], [eye, zero]]),
@@ -269,7 +272,7 @@ def grams_of(tail: np.ndarray, channels: int) -> np.ndarray:
     return np.einsum("icn,jdn->cdij", Wc, Wc, optimize=True)
 
 
-def solve(blocks, tail: np.ndarray, *, margin: float, bound: float, time_limit: float | None = None,
+def solve(blocks, tail: np.ndarray, *, margin, bound, time_limit: float | None = None,
           tol: float = 1e-7, max_iters: int = 100, verbose: bool = False) -> dict:
     """Minimise ``rho`` over the conv-chain SDP (docs/math.md §7.4) with :class:`ConvChainSDP`.
 

@@ -19,6 +19,7 @@ import scipy.linalg as sla
 
 from lipsdp import conv_ipm
 from lipsdp.convnet import ConvChain, ConvLayer
+from lipsdp.convops import conv_spectral_norm
 from lipsdp.errors import LipSDPError, SolverError
 from lipsdp.roesser import causal_kernel, realise
 from lipsdp.floatproof import SAFETY, dense_shifted_cholesky, gamma
@@ -213,11 +214,29 @@ def solve_chain(chain: ConvChain, blocks: list[LayerBlocks], solver: str = "auto
     :func:`verify_chain` proves the bound.
     """
     if solver in ("auto", conv_ipm.NAME):
-        sol = conv_ipm.solve(blocks, chain.tail, margin=MARGIN, bound=STORAGE_BOUND, time_limit=time_limit)
+        sup = supply_scales(chain)
+        margins = [MARGIN * min(a, b) for a, b in zip(sup[:-1], sup[1:])]
+        bounds = [STORAGE_BOUND * max(a, b) for a, b in zip(sup[:-1], sup[1:])]
+        sol = conv_ipm.solve(blocks, chain.tail, margin=margins, bound=bounds, time_limit=time_limit)
         if solver != "auto" or all(np.all(np.isfinite(v)) for v in _flat(sol)):
             return sol
         solver = _pick_solver(blocks)
     return _solve_cvxpy(chain, blocks, solver, time_limit)
+
+
+def supply_scales(chain: ConvChain) -> list[float]:
+    """``s_0, ..., s_L``: the size to expect of layer ``k``'s input supply (``s_0`` for ``rho``, ``s_L = 1`` for
+    the read-out's), relative to the read-out's squared norm: the squared gains of the layers after it
+    (norm of the unrolled convolution times the largest slope).  The margins and storage bounds of each
+    layer's block scale with them (docs/math.md §7.4.1): with one scale for all layers, a trained net whose
+    layers' gains compound is solved with storages too small to be feasible and margins too small to
+    survive rounding.  Only the solver's point depends on them; the verification does not."""
+    s, out = 1.0, [1.0]
+    for layer in reversed(chain.layers):
+        slope = max(abs(layer.sector[0]), abs(layer.sector[1]))
+        s *= max(conv_spectral_norm(layer.weight, layer.in_shape, layer.pad) * slope, 1e-3) ** 2
+        out.append(s)
+    return out[::-1]
 
 
 def fallback_solver(blocks: list[LayerBlocks], sol: dict) -> str | None:
@@ -254,14 +273,17 @@ def _solve_cvxpy(chain: ConvChain, blocks: list[LayerBlocks], name: str, time_li
     grams = np.einsum("icn,jdn->cdij", Wc, Wc).reshape(C * C, q * q)  # W_c W_d^T
     A = cp.reshape(grams.T @ cp.vec(Y, order="C"), (q, q), order="C")
     cons = [0.5 * (A + A.T) << np.eye(q), cp.bmat([[xs[-1], np.eye(C)], [np.eye(C), Y]]) >> 0]
+    sup = supply_scales(chain)
     for k, B in enumerate(blocks):
         x_in = rho * np.eye(B.Eu.shape[0]) if k == 0 else xs[k - 1]
-        cons.append(_layer_constraint(cp, B, P1s[k], P2s[k], x_in, xs[k], lams[k], MARGIN * scale))
+        cons.append(_layer_constraint(cp, B, P1s[k], P2s[k], x_in, xs[k], lams[k],
+                                      MARGIN * scale * min(sup[k], sup[k + 1])))
         # bounded storages (spectral norm, as lipsdp.conv_ipm): the infimum can send them to infinity,
         # leaving a point the margin cannot protect (docs/math.md §7.4.1)
         for P in (P1s[k], P2s[k]):
             if not isinstance(P, np.ndarray):
-                eye = conv_ipm.storage_bound(STORAGE_BOUND * scale, P.shape[0]) * np.eye(P.shape[0])
+                eye = conv_ipm.storage_bound(STORAGE_BOUND * scale * max(sup[k], sup[k + 1]), P.shape[0]) \
+                    * np.eye(P.shape[0])
                 cons += [eye - P >> 0, eye + P >> 0]
     prob = cp.Problem(cp.Minimize(rho), cons)
     opts = {"clarabel": {}, "scs": {"eps_abs": 1e-7, "eps_rel": 1e-7, "max_iters": 50000}}.get(name, {})
@@ -337,9 +359,13 @@ def certify_chain(chain: ConvChain, solver: str = "auto", time_limit: float | No
     fallback = fallback_solver(blocks, sol) if solver == "auto" and not res.verified else None
     if fallback is not None:  # the solver is never trusted, and auto does not give up on its first point
         left = None if time_limit is None else max(time_limit - (time.perf_counter() - t1), 1.0)
-        sol = _solve_cvxpy(chain, blocks, fallback, left)
-        t2 = time.perf_counter()
-        res = verify_chain(chain, blocks, sol)
+        try:
+            again = _solve_cvxpy(chain, blocks, fallback, left)
+        except SolverError:  # the first point's unverified result stands, with its reason
+            again = None
+        if again is not None:
+            sol, t2 = again, time.perf_counter()
+            res = verify_chain(chain, blocks, sol)
     res.details["point"] = stored_point(sol) if res.verified else None  # what lipsdp verify proves again
     t3 = time.perf_counter()
     res.timings = {"build": t1 - t0, "solve": t2 - t1, "verify": t3 - t2}

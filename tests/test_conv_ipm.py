@@ -150,3 +150,22 @@ def test_auto_falls_back_to_clarabel_when_the_point_does_not_verify(monkeypatch)
     res = certify_chain(chain, "auto")
     assert res.verified and res.details["solver"] == "clarabel"
     assert not certify_chain(chain, "conv-ipm").verified  # asked for by name: no fallback
+
+
+def test_layers_whose_gains_compound_still_certify():
+    """Trained CNNs have layer gains well above 1, so the supplies grow by orders of magnitude towards the
+    input.  With one storage bound and one margin for every layer the interior point's SDP was infeasible
+    (rho ran to 1e17, unverified); the per-layer scales of :func:`lipsdp.conv_lmi.supply_scales` keep it
+    solvable and the bound sound."""
+    model = cnn(3, 4, size=6, seed=2)
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, torch.nn.Conv2d):
+                layer.weight *= 4.0
+    cert = lipsdp.certify(model, input_shape=(1, 6, 6), structure="state-space")
+    lower = autograd_lower_bound(model, (1, 6, 6))
+    assert cert.verified, cert.message
+    assert lower <= cert.bound <= cert.trivial_bound * (1 + 1e-9)
+    chain, blocks = chain_of(model, 6)
+    sol = solve_chain(chain, blocks)
+    assert verify_chain(chain, blocks, sol).verified
