@@ -19,6 +19,8 @@ from lipsdp.errors import ResourceError  # noqa: E402
 from lipsdp.io import network_from_module  # noqa: E402
 from lipsdp.progress import iterations  # noqa: E402
 
+from conftest import autograd_lower_bound  # noqa: E402
+
 
 def cnn(channels=2, convs=2, size=4, seed=0, kernel=3, padding=1, slope=0.01):
     torch.manual_seed(seed)
@@ -32,16 +34,6 @@ def cnn(channels=2, convs=2, size=4, seed=0, kernel=3, padding=1, slope=0.01):
 def chain_of(model, size):
     chain = conv_chain(network_from_module(model, input_shape=(1, size, size)))
     return chain, [layer_blocks(layer) for layer in chain.layers]
-
-
-def autograd_lower_bound(model, shape, samples=32, seed=1) -> float:
-    gen = torch.Generator().manual_seed(seed)
-    best = 0.0
-    for _ in range(samples):
-        x = torch.randn(1, *shape, generator=gen, dtype=torch.float64)
-        J = torch.autograd.functional.jacobian(model, x).reshape(-1, x.numel())
-        best = max(best, float(torch.linalg.matrix_norm(J, 2)))
-    return best
 
 
 def test_schur_complement_is_the_dense_one():
@@ -89,7 +81,7 @@ def test_sandwich_from_a_torch_file(tmp_path, seed, channels, convs):
     cert = lipsdp.certify(str(path), input_shape=(1, 5, 5), structure="state-space", trust_pickle=True,
                           lower_bound_samples=32)
     assert cert.verified and cert.solver == "conv-ipm"
-    lower = autograd_lower_bound(model, (1, 5, 5))
+    lower = autograd_lower_bound(model, (1, 5, 5), samples=32)
     assert lower <= cert.bound and cert.lower_bound <= cert.bound <= cert.trivial_bound * (1 + 1e-12)
 
 
@@ -163,7 +155,7 @@ def test_layers_whose_gains_compound_still_certify():
             if isinstance(layer, torch.nn.Conv2d):
                 layer.weight *= 4.0
     cert = lipsdp.certify(model, input_shape=(1, 6, 6), structure="state-space")
-    lower = autograd_lower_bound(model, (1, 6, 6))
+    lower = autograd_lower_bound(model, (1, 6, 6), samples=32)
     assert cert.verified, cert.message
     assert lower <= cert.bound <= cert.trivial_bound * (1 + 1e-9)
     chain, blocks = chain_of(model, 6)

@@ -17,6 +17,8 @@ from lipsdp.io import network_from_module  # noqa: E402
 from lipsdp.io.linmaps import conv_matrix  # noqa: E402
 from lipsdp.roesser import causal_kernel, realise, simulate  # noqa: E402
 
+from conftest import autograd_lower_bound  # noqa: E402
+
 
 def cnn(channels=3, convs=2, size=5, slope=0.01, seed=0, kernel=3, padding=1, act=None):
     torch.manual_seed(seed)
@@ -26,17 +28,6 @@ def cnn(channels=3, convs=2, size=5, slope=0.01, seed=0, kernel=3, padding=1, ac
                    act() if act else torch.nn.LeakyReLU(slope)]
         c, s = channels, s + 2 * padding - kernel + 1
     return torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(c * s * s, 4)).double().eval()
-
-
-def autograd_lower_bound(model, shape, samples=64, seed=1) -> float:
-    """Largest Jacobian spectral norm of the real torch model at random inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    best = 0.0
-    for _ in range(samples):
-        x = torch.randn(1, *shape, generator=gen, dtype=torch.float64)
-        J = torch.autograd.functional.jacobian(model, x).reshape(-1, x.numel())
-        best = max(best, float(torch.linalg.matrix_norm(J, 2)))
-    return best
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 3, 3), (2, 3, 1, 3), (2, 2, 3, 1), (1, 1, 1, 1), (2, 3, 2, 4)])
