@@ -158,11 +158,8 @@ def test_deep_stacks_certify(family, depth):
     """Depth 10 and 20, scales 1 and 2.5, with ``tol=1e-10`` and the interior-point backend.
 
     The deep residual LMIs are not chains (``C_vw`` is full lower triangular, docs/math.md §5.1) and
-    ill-conditioned near ``rho = 1``: ``solver="auto"`` picks cvxopt for the depth-10 SLL stack, which
-    stops with status ``optimal`` at objective 1.389 (verified 1.59); lipsdp's ``ipm`` reaches
-    1 + 2e-12.  The depth-20 SLL stack reaches 1 + 9.9e-6 at tol 1e-10, 1 + 2.1e-6 at 1e-11 and
-    1 + 4.7e-7 at 1e-12 (the optimum rho = 1 is degenerate and the interior-point iterates converge
-    slowly), so it is solved at 1e-12 (with a time limit: an unfinished point is still verified).
+    ill-conditioned near ``rho = 1`` (the optimum is degenerate): this test pins the interior-point
+    backend and tight tolerances; the default settings are tested in tests/test_lipschitz_defaults.py.
     """
     tol = 1e-12 if (family, depth) == ("sll", 20) else 1e-10
     for scale in (1.0, 2.5):
