@@ -19,7 +19,6 @@ import scipy.linalg as sla
 
 from lipsdp import conv_ipm
 from lipsdp.convnet import ConvChain, ConvLayer
-from lipsdp.convops import conv_spectral_norm
 from lipsdp.errors import LipSDPError, SolverError
 from lipsdp.roesser import causal_kernel, realise
 from lipsdp.floatproof import SAFETY, dense_shifted_cholesky, gamma
@@ -234,7 +233,7 @@ def supply_scales(chain: ConvChain) -> list[float]:
     s, out = 1.0, [1.0]
     for layer in reversed(chain.layers):
         slope = max(abs(layer.sector[0]), abs(layer.sector[1]))
-        s *= max(conv_spectral_norm(layer.weight, layer.in_shape, layer.pad) * slope, 1e-3) ** 2
+        s *= max(layer.norm() * slope, 1e-3) ** 2
         out.append(s)
     return out[::-1]
 

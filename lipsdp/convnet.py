@@ -15,7 +15,7 @@ non-elementwise activations, a hidden linear layer after the flatten) raises
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -65,6 +65,14 @@ class ConvLayer:
     activation: str
     bias: np.ndarray | None = None
     activation_op: Activation | None = None
+    _norm: float | None = field(default=None, repr=False, compare=False)
+
+    def norm(self) -> float:
+        """The unrolled convolution's spectral norm estimate (:func:`lipsdp.convops.conv_spectral_norm`), computed
+        once: the trivial bound and the structured solver's layer scales both use it."""
+        if self._norm is None:
+            self._norm = convops.conv_spectral_norm(self.weight, self.in_shape, self.pad)
+        return self._norm
 
 
 @dataclass
@@ -264,7 +272,7 @@ def chain_trivial_bound(chain: ConvChain) -> float:
     """
     lip = 1.0
     for layer in chain.layers:
-        lip = convops.conv_spectral_norm(layer.weight, layer.in_shape, layer.pad) * lip
+        lip = layer.norm() * lip
         lip = activation_gain(layer.activation_op, "l2") * lip
     return spectral_norm(chain.tail) * lip
 
