@@ -81,12 +81,18 @@ def on_sample(x, fn) -> object:
 
 
 # -- ATen handlers for BatchAt arguments ----------------------------------------
-def _register(*names):
-    def deco(fn):
-        for n in names:
-            BATCH_AT_OPS[n] = fn
-        return fn
-    return deco
+def registrar(table: dict):
+    """``register(*names)``: a decorator putting a handler into ``table`` under each of ``names``."""
+    def register(*names):
+        def deco(fn):
+            for n in names:
+                table[n] = fn
+            return fn
+        return deco
+    return register
+
+
+_register = registrar(BATCH_AT_OPS)
 
 
 @_register("size", "sym_size")

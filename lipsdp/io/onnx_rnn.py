@@ -28,7 +28,8 @@ import numpy as np
 
 from lipsdp import activations
 from lipsdp.io import aten_shapes
-from lipsdp.io.batch_axis import add_terms, drop_axis, move_axes, on_sample, squeeze_axes, unsqueeze_axis
+from lipsdp.io.batch_axis import (add_terms, drop_axis, move_axes, on_sample, registrar, squeeze_axes,
+                                  unsqueeze_axis)
 from lipsdp.io.builder import Sym, Unsupported
 from lipsdp.io.onnx_registry import ANY, ONNX_OPS, register_onnx
 from lipsdp.io.rnn import final_state, record_rnn
@@ -95,12 +96,7 @@ ONNX_BATCH_AT["RNN"] = _rnn
 
 
 # -- time-first tensors -------------------------------------------------------------
-def _batch_at(*names):
-    def deco(fn):
-        for n in names:
-            ONNX_BATCH_AT[n] = fn
-        return fn
-    return deco
+_batch_at = registrar(ONNX_BATCH_AT)
 
 
 @_batch_at("Identity")
