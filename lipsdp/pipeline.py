@@ -47,7 +47,8 @@ from lipsdp.session import run
 from lipsdp.solve import ClosedForm, Solve
 from lipsdp.split import is_chain
 from lipsdp.structured import certify_by_structure
-from lipsdp.verification import FORMULATIONS, NORMS, closed_form, proven_trivial_bound, verify_solution
+from lipsdp.verification import (FORMULATIONS, NORMS, closed_form, proven_trivial_bound, record_proven_trivial,
+                                 verify_solution)
 
 #: How the preconditioning scales are chosen; one name here so tests and experiments can substitute it.
 _scales = preconditioning_scales
@@ -105,6 +106,7 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
     output_map = _check_network(network, formulation, norm, output_map)
     lips = node_lipschitz(network)
     trivial = _trivial_bound(network, lips, norm, output_map)
+    record_proven_trivial(network, norm, output_map)
     checkpoint("lower bound")
     lower = sampled_lower_bound(network, samples=lower_bound_samples, norm=norm, output_map=output_map) \
         if lower_bound_samples else None

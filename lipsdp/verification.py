@@ -17,6 +17,7 @@ from fractions import Fraction
 import numpy as np
 
 from lipsdp.bounds import node_lipschitz, proven_spectral_norm, proven_trivial_bound  # noqa: F401 (re-exported)
+from lipsdp.budget import current
 from lipsdp.certificate import SCHEMA_VERSION, composition_certificate, constant_certificate
 from lipsdp.errors import LipSDPError, NotVerifiedError
 from lipsdp.exact import exact_negative_definite
@@ -54,6 +55,22 @@ class Outcome:
     dual: float | None
     iterations: int | None
     solver: str
+
+
+def record_proven_trivial(network, norm: str, output_map) -> None:
+    """Under a time or memory limit, prove the product of norms at once and record it with the run's budget.
+
+    The proven trivial bound (:func:`~lipsdp.bounds.proven_trivial_bound`, upward-rounded products of
+    proven norms) is a verified upper bound on its own, so a limit reached later in the build, the solve or
+    the verification still reports a bound ("best verified bound so far", exit code 1) instead of none.
+    Without limits nothing is done: the final certificate proves the product only where it needs it.
+    """
+    budget = current()
+    if budget is None or (budget.deadline is None and budget.memory_cap is None):
+        return
+    proven = proven_trivial_bound(network, norm, output_map)
+    if proven is not None:
+        budget.verified(proven, "product of norms")
 
 
 def _verify(lmi, x, v, objective, candidates=None) -> Verification:

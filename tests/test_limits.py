@@ -22,6 +22,7 @@ import lipsdp.pipeline as pipeline
 from lipsdp.budget import GRACE, Budget, LimitReached, checkpoint, current, parse_size
 from lipsdp.cli import CLI_GRACE
 from lipsdp.network import Network
+from lipsdp.verification import proven_trivial_bound
 from lipsdp.solvers import BACKENDS
 from lipsdp.solvers.base import Backend
 from conftest import EXAMPLES
@@ -165,6 +166,23 @@ def test_api_time_limit_stops_between_phases(monkeypatch):
         lipsdp.certify(_net(), solver="sleepy", time_limit=0.4, lower_bound_samples=0)
     assert err.value.exit_code == 1
     assert current() is None  # the run's budget is gone with the run
+
+
+def test_a_limit_reports_the_proven_product_of_norms(monkeypatch):
+    """Before: "no bound verified" whenever the limit came before the SDP's bound, although the product of
+    norms, proven in floating point, is a verified bound from the start of the build."""
+    _sleepy(monkeypatch, 0.4 + GRACE)
+    net = _net(1)
+    with pytest.raises(LimitReached) as err:
+        lipsdp.certify(net, solver="sleepy", time_limit=0.4, lower_bound_samples=0)
+    proven = proven_trivial_bound(net, "l2")
+    assert f"best verified bound so far {proven:.6g} (product of norms)" in str(err.value)
+    lower = lipsdp.certify(net, lower_bound_samples=256).lower_bound
+    assert lower <= proven, (lower, proven)
+    # without a limit nothing is proven up front (the certificate proves the product only where needed)
+    with Budget().active() as budget:
+        pipeline.record_proven_trivial(net, "l2", None)
+    assert budget.best is None
 
 
 def test_api_time_limit_counts_the_load(monkeypatch):
