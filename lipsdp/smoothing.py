@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
-from scipy.stats import beta as beta_dist
-from scipy.stats import norm as normal
 
 from lipsdp.errors import LipSDPError
 from lipsdp.pipeline import load_model
@@ -38,11 +37,16 @@ __all__ = ["SmoothingResult", "combined_radius", "clopper_pearson_lower", "berns
 _SAFETY = 1e-9
 ABSTAIN = -1
 
+#: The standard normal law (the standard library's: scipy.stats costs most of a second to import).
+_NORMAL = NormalDist()
+
 
 def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
     """One-sided ``1 - alpha`` Clopper-Pearson lower bound on a binomial proportion."""
     if successes <= 0:
         return 0.0
+    from scipy.stats import beta as beta_dist  # scipy.stats costs most of a second to import: only here
+
     return float(beta_dist.ppf(alpha, successes, trials - successes + 1))
 
 
@@ -64,9 +68,9 @@ def combined_radius(s_low: float, sigma: float, tau: float) -> float:
         return 0.0
     t_star = math.sqrt(2.0 * math.log(tau / (sigma * math.sqrt(2.0 * math.pi)))) \
         if tau > sigma * math.sqrt(2.0 * math.pi) else 0.0
-    u_star = float(normal.cdf(t_star))  # where the two gradient bounds cross
+    u_star = float(_NORMAL.cdf(t_star))  # where the two gradient bounds cross
     linear = tau * max(0.0, min(s_low, u_star) - 0.5)
-    gauss = sigma * max(0.0, float(normal.ppf(s_low)) - t_star)
+    gauss = sigma * max(0.0, float(_NORMAL.inv_cdf(s_low)) - t_star)
     return (linear + gauss) * (1.0 - _SAFETY)
 
 
@@ -168,7 +172,7 @@ def smoothed_radii(model_or_network, X, labels=None, *, sigma: float, samples: i
             scores.append(s)
         p_low = clopper_pearson_lower(hits, samples, alpha / 2)
         s_low = bernstein_lower(np.concatenate(scores), alpha / 2)
-        cohen = sigma * float(normal.ppf(p_low)) * (1.0 - _SAFETY) if p_low > 0.5 else 0.0
+        cohen = sigma * float(_NORMAL.inv_cdf(p_low)) * (1.0 - _SAFETY) if p_low > 0.5 else 0.0
         lip = combined_radius(s_low, sigma, tau)
         out["p_lower"][i], out["s_lower"][i] = p_low, s_low
         if max(cohen, lip) > 0:
