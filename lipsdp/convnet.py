@@ -3,12 +3,14 @@
 The loaders unroll every convolution into a sparse :class:`~lipsdp.network.Affine` (docs/math.md §7.1).
 :func:`conv_chain` reads a :class:`~lipsdp.network.Network` back as
 
-    x -> [stride-1 conv -> slope-restricted activation] x L -> flatten -> linear
+    x -> [zero-padded conv -> slope-restricted activation] x L -> flatten -> linear
 
 and recovers each kernel and its zero padding from the sparse matrix.  The recovered convolution is
 accepted only if unrolling it again (:func:`lipsdp.io.linmaps.conv_matrix`, the loaders' own map) gives
 *exactly* the node's matrix, so the structured LMI is about the very map the network computes, whatever
-folding (batch norm, input scaling) produced it.  Anything else (strides, pooling, residual branches,
+folding (batch norm, input scaling, an average pooling before the convolution) produced it.  Strided
+convolutions are read in the polyphase domain (:mod:`lipsdp.polyphase`, docs/math.md §7.6): every layer
+becomes a stride-1 convolution between phase images.  Anything else (max pooling, residual branches,
 non-elementwise activations, a hidden linear layer after the flatten) raises
 :class:`~lipsdp.errors.UnsupportedLayerError` with the reason; ``structure="auto"`` then unrolls.
 """
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from lipsdp import convops
+from lipsdp import convops, polyphase
 from lipsdp.bounds import proven_spectral_norm, spectral_norm
 from lipsdp.constraints import SlopeRestricted, get_constraint
 from lipsdp.errors import LipSDPError, UnsupportedLayerError
@@ -54,6 +56,9 @@ class ConvLayer:
         The convolution's bias, flat over ``out_shape`` (what the sampled lower bound evaluates).
     activation_op : Activation or None
         The graph's activation node (its parameters), for the sampled lower bound.
+    phases : tuple of int
+        ``(fh, fw)``: the layer's output is the network's read in these phases (docs/math.md §7.6); its
+        shapes, kernel, padding and bias are those of the phase images (``(1, 1)``: the network's own).
     """
 
     name: str
@@ -65,6 +70,7 @@ class ConvLayer:
     activation: str
     bias: np.ndarray | None = None
     activation_op: Activation | None = None
+    phases: tuple[int, int] = (1, 1)
     _norm: float | None = field(default=None, repr=False, compare=False)
 
     def norm(self) -> float:
@@ -212,6 +218,39 @@ def _exact_weight(op: Affine) -> None:
                 "BatchNorm): the state-space path does not carry its rounding; use --structure unrolled")
 
 
+def _recover_layer(S, in_shape: tuple, out_shape: tuple, f_out: tuple):
+    """Kernel, padding, phase shapes and input phases of the convolution ``S`` whose output is read in the
+    phases ``f_out``: a stride-1 convolution (input in the same phases) or, for an input ``s`` times the
+    output on each axis, a stride-``s`` one (input in the phases ``s f_out``), recovered exactly from the
+    permuted matrix (docs/math.md §7.6)."""
+    stride = polyphase.stride_of(in_shape, out_shape)
+    candidates = [f_out] + ([polyphase.times(stride, f_out)] if stride else [])
+    error = None
+    for f_in in candidates:
+        if not (polyphase.divides(in_shape, f_in) and polyphase.divides(out_shape, f_out)):
+            continue
+        shapes = polyphase.phase_shape(in_shape, f_in), polyphase.phase_shape(out_shape, f_out)
+        M = S if f_in == f_out == (1, 1) else polyphase.to_phases(_canonical(S), in_shape, out_shape, f_in, f_out)
+        try:
+            weight, pad = recover_conv(M, *shapes)
+        except NotAConvChain as exc:
+            error = error or exc
+            continue
+        return weight, pad, shapes, f_in
+    if error is not None and not stride and f_out == (1, 1):
+        raise error
+    _refuse(f"a linear map {in_shape} -> {out_shape} that is neither a stride-1 convolution nor a strided one "
+            f"whose input is exactly stride x its output on an image the later strides tile ({f_out} phases)")
+
+
+def _phase_activation(act: Activation, f_out: tuple) -> Activation:
+    """``act`` on the phase image: the same node (an activation with scalar parameters commutes with the
+    permutation); per-neuron parameters are refused rather than permuted."""
+    if f_out != (1, 1) and any(np.size(v) > 1 for v in act.params.values()):
+        _refuse(f"{act.name} ({act.kind}) has per-neuron parameters before a strided convolution")
+    return act
+
+
 def conv_chain(net: Network, output_map=None) -> ConvChain:
     """Read ``net`` as a :class:`ConvChain` (``output_map @ f`` with ``output_map`` given)."""
     node, _ = _skip_reshapes(net, net.output)
@@ -225,6 +264,7 @@ def conv_chain(net: Network, output_map=None) -> ConvChain:
     if tail.shape[0] > MAX_OUTPUTS:
         _refuse(f"the final linear layer has {tail.shape[0]} outputs (at most {MAX_OUTPUTS})")
     layers: list[ConvLayer] = []
+    f_out = (1, 1)  # the phases the current layer's output is read in (docs/math.md §7.6)
     node, _ = _skip_reshapes(net, _single_parent(net, node))
     while not isinstance(net.op(node), Input):
         act = net.op(node)
@@ -238,10 +278,12 @@ def conv_chain(net: Network, output_map=None) -> ConvChain:
         parent, in_shape = _skip_reshapes(net, _single_parent(net, conv_node))
         if in_shape is None:
             _refuse(f"{conv.name} ({conv.kind}) reads a tensor without a (C, H, W) shape")
-        weight, pad = recover_conv(conv.weight, in_shape, conv.shape)
-        layers.append(ConvLayer(conv.name, weight, pad, tuple(in_shape), tuple(conv.shape), _sector(act),
-                                act.function, conv.bias, act))
-        node = parent
+        weight, pad, shapes, f_in = _recover_layer(conv.weight, tuple(in_shape), tuple(conv.shape), f_out)
+        bias = conv.bias if conv.bias is None or f_out == (1, 1) else \
+            np.asarray(conv.bias, np.float64).reshape(-1)[polyphase.phase_order(conv.shape, f_out)]
+        layers.append(ConvLayer(conv.name, weight, pad, *shapes, _sector(act), act.function, bias,
+                                _phase_activation(act, f_out), f_out))
+        node, f_out = parent, f_in
     if not layers:
         _refuse("there is no convolution")
     layers.reverse()
