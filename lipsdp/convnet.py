@@ -243,14 +243,6 @@ def _recover_layer(S, in_shape: tuple, out_shape: tuple, f_out: tuple):
             f"whose input is exactly stride x its output on an image the later strides tile ({f_out} phases)")
 
 
-def _phase_activation(act: Activation, f_out: tuple) -> Activation:
-    """``act`` on the phase image: the same node (an activation with scalar parameters commutes with the
-    permutation); per-neuron parameters are refused rather than permuted."""
-    if f_out != (1, 1) and any(np.size(v) > 1 for v in act.params.values()):
-        _refuse(f"{act.name} ({act.kind}) has per-neuron parameters before a strided convolution")
-    return act
-
-
 def conv_chain(net: Network, output_map=None) -> ConvChain:
     """Read ``net`` as a :class:`ConvChain` (``output_map @ f`` with ``output_map`` given)."""
     node, _ = _skip_reshapes(net, net.output)
@@ -276,13 +268,17 @@ def conv_chain(net: Network, output_map=None) -> ConvChain:
             _refuse(f"{conv.name} ({conv.kind}) where a convolution was expected")
         _exact_weight(conv)
         parent, in_shape = _skip_reshapes(net, _single_parent(net, conv_node))
+        if "maxpool" in net.op(parent).kind.lower():  # the loaders' window gather -> groupsort -> selection
+            _refuse(f"{net.op(parent).name} ({net.op(parent).kind}) is a max pooling: the state-space LMIs have "
+                    "no constraint for it (docs/math.md §7.6); use --structure unrolled")
         if in_shape is None:
             _refuse(f"{conv.name} ({conv.kind}) reads a tensor without a (C, H, W) shape")
         weight, pad, shapes, f_in = _recover_layer(conv.weight, tuple(in_shape), tuple(conv.shape), f_out)
         bias = conv.bias if conv.bias is None or f_out == (1, 1) else \
             np.asarray(conv.bias, np.float64).reshape(-1)[polyphase.phase_order(conv.shape, f_out)]
-        layers.append(ConvLayer(conv.name, weight, pad, *shapes, _sector(act), act.function, bias,
-                                _phase_activation(act, f_out), f_out))
+        # the catalogue's activations take scalar parameters: the same function at every neuron commutes with
+        # the phase permutation (docs/math.md §7.6)
+        layers.append(ConvLayer(conv.name, weight, pad, *shapes, _sector(act), act.function, bias, act, f_out))
         node, f_out = parent, f_in
     if not layers:
         _refuse("there is no convolution")
