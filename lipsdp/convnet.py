@@ -83,11 +83,13 @@ class ConvLayer:
 
 @dataclass
 class ConvChain:
-    """A conv chain and its linear read-out ``tail`` (``(q, C_L H_L W_L)``, dense)."""
+    """A conv chain and its linear read-out ``tail`` (``(q, C_L H_L W_L)``, dense); ``input_phases``: the
+    polyphase factors the network's input is read in (docs/math.md §7.6; ``(1, 1)`` without strides)."""
 
     layers: list[ConvLayer]
     tail: np.ndarray
     tail_name: str
+    input_phases: tuple[int, int] = (1, 1)
 
 
 class NotAConvChain(UnsupportedLayerError):
@@ -288,7 +290,7 @@ def conv_chain(net: Network, output_map=None) -> ConvChain:
             _refuse(f"{layer.name} reads the shape {layer.in_shape}, not {prev.out_shape} as written")
     if tail.shape[1] != int(np.prod(layers[-1].out_shape)):
         _refuse("the final linear layer does not read the last activation")
-    return ConvChain(layers, tail, tail_op.name)
+    return ConvChain(layers, tail, tail_op.name, f_out)
 
 
 def with_output_map(chain: ConvChain, output_map) -> ConvChain:
@@ -297,7 +299,7 @@ def with_output_map(chain: ConvChain, output_map) -> ConvChain:
     tail = np.atleast_2d(np.asarray(output_map, dtype=np.float64)) @ chain.tail
     if tail.shape[0] > MAX_OUTPUTS:
         _refuse(f"the final linear layer has {tail.shape[0]} outputs (at most {MAX_OUTPUTS})")
-    return ConvChain(chain.layers, tail, chain.tail_name)
+    return ConvChain(chain.layers, tail, chain.tail_name, chain.input_phases)
 
 
 # -- the bracketing bounds of docs/math.md §1.5 on a conv chain, without the unrolled matrices ----------
