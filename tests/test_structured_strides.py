@@ -36,6 +36,9 @@ def model(kind: str, c: int = 3, size: int = 8, seed: int = 0):
         "avgpool": [T.Conv2d(1, c, 3, padding=1), act, T.AvgPool2d(2), T.Conv2d(c, c, 3, padding=1), act],
         "two-strides": [T.Conv2d(1, c, 3, stride=2, padding=1), act, T.Conv2d(c, c, 4, stride=2, padding=1), act,
                         T.AvgPool2d(2)],
+        "patchify": [T.Conv2d(1, c, 2, stride=2), act, T.Conv2d(c, c, 3, padding=1), act],
+        "rect-depthwise": [T.Conv2d(1, c, 3, stride=(2, 1), padding=1), act,
+                           T.Conv2d(c, c, 3, stride=2, padding=1, groups=c), act],
     }[kind]
     with torch.no_grad():
         out = T.Sequential(*layers)(torch.zeros(1, 1, size, size)).numel()
@@ -70,7 +73,7 @@ def test_strided_conv_is_a_stride_one_conv_between_phase_images(shape, stride, f
     assert abs(R - M).max() == 0.0
 
 
-@pytest.mark.parametrize("kind", ["stride3", "stride4", "avgpool", "two-strides"])
+@pytest.mark.parametrize("kind", ["stride3", "stride4", "avgpool", "two-strides", "patchify", "rect-depthwise"])
 def test_phase_chain_computes_the_network(kind):
     """The recovered chain, run on the phase image of x, is the network (last activation, exactly up to rounding)."""
     net = network_from_module(model(kind), input_shape=(1, 8, 8))
