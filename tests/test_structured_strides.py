@@ -129,3 +129,16 @@ def test_refusals_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "max pooling" in err and len(err.splitlines()) == 1
 
+
+
+@pytest.mark.slow
+def test_mnist_sized_strided_cnn_certifies():
+    """28x28, two 3x3 stride-2 convolutions of 8 channels (phase channels 16, 32, 8): verified, sandwiched."""
+    torch.manual_seed(0)
+    act = T.LeakyReLU(0.01)
+    m = T.Sequential(T.Conv2d(1, 8, 3, stride=2, padding=1), act, T.Conv2d(8, 8, 3, stride=2, padding=1), act,
+                     T.Flatten(), T.Linear(8 * 7 * 7, 10)).double().eval()
+    cert = lipsdp.certify(m, input_shape=(1, 28, 28), structure="state-space", lower_bound_samples=32)
+    assert cert.network["phases"]["channels"] == [16, 32, 8]
+    lower = autograd_lower_bound(m, (1, 28, 28), samples=8)
+    assert cert.verified and max(lower, cert.lower_bound) <= cert.bound <= cert.trivial_bound * (1 + 1e-12)
