@@ -138,7 +138,7 @@ def recover_conv(S, in_shape: tuple, out_shape: tuple) -> tuple[np.ndarray, tupl
         if tuple(shape) == tuple(out_shape) and _same_csr(M, S):
             return weight, pad
     _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)} that is not a stride-1 zero-padded "
-            f"convolution (strides, pooling or mixed maps are unrolled)")
+            f"convolution (strides whose phases do not tile the images, max pooling or mixed maps are unrolled)")
 
 
 def _kernel_from_rows(S: sp.csr_matrix, in_shape: tuple, out_shape: tuple, rows) -> tuple[np.ndarray, tuple]:
