@@ -3,12 +3,14 @@
 The loaders unroll every convolution into a sparse :class:`~lipsdp.network.Affine` (docs/math.md §7.1).
 :func:`conv_chain` reads a :class:`~lipsdp.network.Network` back as
 
-    x -> [stride-1 conv -> slope-restricted activation] x L -> flatten -> linear
+    x -> [zero-padded conv -> slope-restricted activation] x L -> flatten -> linear
 
 and recovers each kernel and its zero padding from the sparse matrix.  The recovered convolution is
 accepted only if unrolling it again (:func:`lipsdp.io.linmaps.conv_matrix`, the loaders' own map) gives
 *exactly* the node's matrix, so the structured LMI is about the very map the network computes, whatever
-folding (batch norm, input scaling) produced it.  Anything else (strides, pooling, residual branches,
+folding (batch norm, input scaling, an average pooling before the convolution) produced it.  Strided
+convolutions are read in the polyphase domain (:mod:`lipsdp.polyphase`, docs/math.md §7.6): every layer
+becomes a stride-1 convolution between phase images.  Anything else (max pooling, residual branches,
 non-elementwise activations, a hidden linear layer after the flatten) raises
 :class:`~lipsdp.errors.UnsupportedLayerError` with the reason; ``structure="auto"`` then unrolls.
 """
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from lipsdp import convops
+from lipsdp import convops, polyphase
 from lipsdp.bounds import proven_spectral_norm, spectral_norm
 from lipsdp.constraints import SlopeRestricted, get_constraint
 from lipsdp.errors import LipSDPError, UnsupportedLayerError
@@ -54,6 +56,9 @@ class ConvLayer:
         The convolution's bias, flat over ``out_shape`` (what the sampled lower bound evaluates).
     activation_op : Activation or None
         The graph's activation node (its parameters), for the sampled lower bound.
+    phases : tuple of int
+        ``(fh, fw)``: the layer's output is the network's read in these phases (docs/math.md §7.6); its
+        shapes, kernel, padding and bias are those of the phase images (``(1, 1)``: the network's own).
     """
 
     name: str
@@ -65,6 +70,7 @@ class ConvLayer:
     activation: str
     bias: np.ndarray | None = None
     activation_op: Activation | None = None
+    phases: tuple[int, int] = (1, 1)
     _norm: float | None = field(default=None, repr=False, compare=False)
 
     def norm(self) -> float:
@@ -77,11 +83,13 @@ class ConvLayer:
 
 @dataclass
 class ConvChain:
-    """A conv chain and its linear read-out ``tail`` (``(q, C_L H_L W_L)``, dense)."""
+    """A conv chain and its linear read-out ``tail`` (``(q, C_L H_L W_L)``, dense); ``input_phases``: the
+    polyphase factors the network's input is read in (docs/math.md §7.6; ``(1, 1)`` without strides)."""
 
     layers: list[ConvLayer]
     tail: np.ndarray
     tail_name: str
+    input_phases: tuple[int, int] = (1, 1)
 
 
 class NotAConvChain(UnsupportedLayerError):
@@ -130,7 +138,7 @@ def recover_conv(S, in_shape: tuple, out_shape: tuple) -> tuple[np.ndarray, tupl
         if tuple(shape) == tuple(out_shape) and _same_csr(M, S):
             return weight, pad
     _refuse(f"a linear map {tuple(in_shape)} -> {tuple(out_shape)} that is not a stride-1 zero-padded "
-            f"convolution (strides, pooling or mixed maps are unrolled)")
+            f"convolution (strides whose phases do not tile the images, max pooling or mixed maps are unrolled)")
 
 
 def _kernel_from_rows(S: sp.csr_matrix, in_shape: tuple, out_shape: tuple, rows) -> tuple[np.ndarray, tuple]:
@@ -212,6 +220,31 @@ def _exact_weight(op: Affine) -> None:
                 "BatchNorm): the state-space path does not carry its rounding; use --structure unrolled")
 
 
+def _recover_layer(S, in_shape: tuple, out_shape: tuple, f_out: tuple):
+    """Kernel, padding, phase shapes and input phases of the convolution ``S`` whose output is read in the
+    phases ``f_out``: a stride-1 convolution (input in the same phases) or, for an input ``s`` times the
+    output on each axis, a stride-``s`` one (input in the phases ``s f_out``), recovered exactly from the
+    permuted matrix (docs/math.md §7.6)."""
+    stride = polyphase.stride_of(in_shape, out_shape)
+    candidates = [f_out] + ([polyphase.times(stride, f_out)] if stride else [])
+    error = None
+    for f_in in candidates:
+        if not (polyphase.divides(in_shape, f_in) and polyphase.divides(out_shape, f_out)):
+            continue
+        shapes = polyphase.phase_shape(in_shape, f_in), polyphase.phase_shape(out_shape, f_out)
+        M = S if f_in == f_out == (1, 1) else polyphase.to_phases(_canonical(S), in_shape, out_shape, f_in, f_out)
+        try:
+            weight, pad = recover_conv(M, *shapes)
+        except NotAConvChain as exc:
+            error = error or exc
+            continue
+        return weight, pad, shapes, f_in
+    if error is not None and not stride and f_out == (1, 1):
+        raise error
+    _refuse(f"a linear map {in_shape} -> {out_shape} that is neither a stride-1 convolution nor a strided one "
+            f"whose input is exactly stride x its output on an image the later strides tile ({f_out} phases)")
+
+
 def conv_chain(net: Network, output_map=None) -> ConvChain:
     """Read ``net`` as a :class:`ConvChain` (``output_map @ f`` with ``output_map`` given)."""
     node, _ = _skip_reshapes(net, net.output)
@@ -225,6 +258,7 @@ def conv_chain(net: Network, output_map=None) -> ConvChain:
     if tail.shape[0] > MAX_OUTPUTS:
         _refuse(f"the final linear layer has {tail.shape[0]} outputs (at most {MAX_OUTPUTS})")
     layers: list[ConvLayer] = []
+    f_out = (1, 1)  # the phases the current layer's output is read in (docs/math.md §7.6)
     node, _ = _skip_reshapes(net, _single_parent(net, node))
     while not isinstance(net.op(node), Input):
         act = net.op(node)
@@ -236,12 +270,18 @@ def conv_chain(net: Network, output_map=None) -> ConvChain:
             _refuse(f"{conv.name} ({conv.kind}) where a convolution was expected")
         _exact_weight(conv)
         parent, in_shape = _skip_reshapes(net, _single_parent(net, conv_node))
+        if "maxpool" in net.op(parent).kind.lower():  # the loaders' window gather -> groupsort -> selection
+            _refuse(f"{net.op(parent).name} ({net.op(parent).kind}) is a max pooling: the state-space LMIs have "
+                    "no constraint for it (docs/math.md §7.6); use --structure unrolled")
         if in_shape is None:
             _refuse(f"{conv.name} ({conv.kind}) reads a tensor without a (C, H, W) shape")
-        weight, pad = recover_conv(conv.weight, in_shape, conv.shape)
-        layers.append(ConvLayer(conv.name, weight, pad, tuple(in_shape), tuple(conv.shape), _sector(act),
-                                act.function, conv.bias, act))
-        node = parent
+        weight, pad, shapes, f_in = _recover_layer(conv.weight, tuple(in_shape), tuple(conv.shape), f_out)
+        bias = conv.bias if conv.bias is None or f_out == (1, 1) else \
+            np.asarray(conv.bias, np.float64).reshape(-1)[polyphase.phase_order(conv.shape, f_out)]
+        # the catalogue's activations take scalar parameters: the same function at every neuron commutes with
+        # the phase permutation (docs/math.md §7.6)
+        layers.append(ConvLayer(conv.name, weight, pad, *shapes, _sector(act), act.function, bias, act, f_out))
+        node, f_out = parent, f_in
     if not layers:
         _refuse("there is no convolution")
     layers.reverse()
@@ -250,7 +290,7 @@ def conv_chain(net: Network, output_map=None) -> ConvChain:
             _refuse(f"{layer.name} reads the shape {layer.in_shape}, not {prev.out_shape} as written")
     if tail.shape[1] != int(np.prod(layers[-1].out_shape)):
         _refuse("the final linear layer does not read the last activation")
-    return ConvChain(layers, tail, tail_op.name)
+    return ConvChain(layers, tail, tail_op.name, f_out)
 
 
 def with_output_map(chain: ConvChain, output_map) -> ConvChain:
@@ -259,7 +299,7 @@ def with_output_map(chain: ConvChain, output_map) -> ConvChain:
     tail = np.atleast_2d(np.asarray(output_map, dtype=np.float64)) @ chain.tail
     if tail.shape[0] > MAX_OUTPUTS:
         _refuse(f"the final linear layer has {tail.shape[0]} outputs (at most {MAX_OUTPUTS})")
-    return ConvChain(chain.layers, tail, chain.tail_name)
+    return ConvChain(chain.layers, tail, chain.tail_name, chain.input_phases)
 
 
 # -- the bracketing bounds of docs/math.md §1.5 on a conv chain, without the unrolled matrices ----------

@@ -104,6 +104,8 @@ def certify_structured(network, chain: ConvChain, *, output_map=None, solver: st
                "output_dim": network.output_dim, "structure": "state-space",
                "hidden_neurons": int(sum(network.op(n).size for n in network.activations())),
                "layers": [f"{op.kind}{list(op.shape)}" for op in network.ops()], "sha256": network.fingerprint()}
+    if chain.input_phases != (1, 1):
+        summary["phases"] = phases_of(chain)
     around = time.perf_counter() - t0  # bounds and fingerprint: counted in the build
     budget = current()
     limit = budget.solver_seconds(time_limit) if budget is not None else time_limit
@@ -116,6 +118,8 @@ def certify_structured(network, chain: ConvChain, *, output_map=None, solver: st
                     "structure": "state-space", "read_out": details.get("read_out"),
                     "tail_gain": res.tail_gain, "sector": "activation sectors widened to contain 0",
                     "point": details.get("point")}  # re-checked by lipsdp.structured_check
+    if "phases" in summary:
+        verification["method"] += "; strided convolutions as stride-1 ones between polyphase images (§7.6)"
     status, message = (VERIFIED, "verified (structured: 2-D state-space LMIs per convolution)") if res.verified \
         else (UNVERIFIED, f"the structured LMIs were not verified: {res.message}")
     return Certificate(res.bound if res.verified else None, status, formulation="state-space",
@@ -126,6 +130,13 @@ def certify_structured(network, chain: ConvChain, *, output_map=None, solver: st
                        multipliers=details.get("supplies", []), multiplier_labels=["channel supplies X_0 = rho I, X_1, ..., X_L"],
                        output_map=None if output_map is None else [list(map(float, r)) for r in output_map],
                        verification=verification, timings=timings, network=summary)
+
+
+def phases_of(chain: ConvChain) -> dict:
+    """The polyphase factors the chain was read in (docs/math.md §7.6): the input's and each convolution's
+    output's ``(fh, fw)``, and the channels of the phase images."""
+    return {"input": list(chain.input_phases), "outputs": [list(layer.phases) for layer in chain.layers],
+            "channels": [chain.layers[0].in_shape[0]] + [layer.out_shape[0] for layer in chain.layers]}
 
 
 def _norm2(A) -> float:

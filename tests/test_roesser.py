@@ -116,7 +116,7 @@ def test_tampered_multipliers_do_not_verify():
 @pytest.mark.parametrize("model", [
     torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
                         torch.nn.Linear(2 * 3 * 3, 2)),
-    torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.AvgPool2d(2),
+    torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
                         torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
                         torch.nn.Linear(2 * 2 * 2, 2)),
     torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(25, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)),
