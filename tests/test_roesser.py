@@ -177,3 +177,27 @@ def test_channels_must_carry_over():
     model = _Regrouped().double().eval()
     with pytest.raises(UnsupportedLayerError, match="structured"):
         conv_chain(network_from_module(model, input_shape=(1, 4, 4)))
+
+
+def test_a_limit_on_the_structured_path_reports_the_proven_product(monkeypatch):
+    """Before: a limit reached in the structured solve said "no bound verified"; the product of norms proven on
+    the kernels (docs/math.md §7.5) is a verified bound from the start of the build."""
+    import time
+
+    import lipsdp.structured as structured
+    from lipsdp.budget import LimitReached
+    from lipsdp.convnet import chain_proven_trivial_bound
+
+    def slow_chain(*args, **kwargs):
+        time.sleep(1.6)  # past the deadline and its grace, as an overrunning solve would be
+        structured.checkpoint("solve")
+        raise AssertionError("not stopped")
+
+    model = cnn(2, 2, size=5, seed=3)
+    net = network_from_module(model, input_shape=(1, 5, 5))
+    monkeypatch.setattr(structured, "certify_chain", slow_chain)
+    with pytest.raises(LimitReached) as err:
+        lipsdp.certify(net, structure="state-space", time_limit=0.3, lower_bound_samples=1)
+    proven = chain_proven_trivial_bound(conv_chain(net))
+    assert f"best verified bound so far {proven:.6g} (product of norms)" in str(err.value), str(err.value)
+    assert autograd_lower_bound(model, (1, 5, 5)) <= proven
