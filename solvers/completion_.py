@@ -204,9 +204,7 @@ class PatternChain:
             pos[s] = b_off[k[s]] + (r[s] - self.starts[k[s]]) * self.sizes[j[s]] + (c[s] - self.starts[j[s]])
             return pos
 
-        pos = scatter(rows, cols)
-        keep = pos >= 0
-        self.pos, self.vals, self.var = pos[keep], np.asarray(lmi.vals)[keep], np.asarray(lmi.var)[keep]
+        self.scatter = scatter
         cpos = scatter(const.row.astype(np.int64), const.col.astype(np.int64))
         ck = cpos >= 0
         self.const = -np.bincount(cpos[ck], weights=const.data[ck], minlength=self.length)
@@ -230,17 +228,96 @@ class PatternChain:
             a, b = self.starts[k], self.starts[max(min(k + 2, nb), int(last[idx].max()) + 1)]
             self.slabs.append((idx, a, b, R[idx][:, a:b].toarray()))
         self.Rt = np.ascontiguousarray(R.T.toarray())  # (n, r): the right-hand sides of S Y = R^T
+        # Unit rows first, then each slab's rows as one run, slab after slab (gram_of's symmetric half).
+        order = np.concatenate([self.unit[0]] + [idx for idx, _, _, _ in self.slabs])
+        self.ordered = bool(len(order) == self.r and np.array_equal(order, np.arange(self.r))
+                            and np.array_equal(self.unit[0], np.arange(len(self.unit[0]))))
+        self.plan = self.slab_plan(R, *lmi.factors[1:])
+        if self.plan is None:  # terms the slabs do not cover: assemble from the LMI's entries
+            pos = scatter(rows, cols)
+            keep = pos >= 0
+            self.pos, self.vals, self.var = pos[keep], np.asarray(lmi.vals)[keep], np.asarray(lmi.var)[keep]
 
     def block_of(self, idx):
         return self.blocks.block_of(idx)
 
+    def slab_plan(self, R, iu, iw, coef, var):
+        """How to assemble ``sum_j y_j F_j = R^T K(y) R`` on the band slab by slab (docs/math.md §8.6),
+        or None where some term does not fit (the LMI's entries are then scattered instead).
+
+        A term joins the slab of its non-unit row(s); its rows must lie in that slab or be unit rows
+        whose column lies in the slab's span, and the span must be one block or two consecutive ones.
+        Terms between two unit rows are single entries.  Returns ``(groups, unit terms)``: per slab
+        ``(first block, term ids, Ru, Rw)`` with ``Ru, Rw`` the dense rows of the terms' two sides
+        over the span, and ``(term ids, flat positions, weights)`` for the unit-unit terms.
+        """
+        iu, iw = np.asarray(iu, dtype=np.int64), np.asarray(iw, dtype=np.int64)
+        coef, var = np.asarray(coef, dtype=np.float64), np.asarray(var, dtype=np.int64)
+        urow, ucol, uval = self.unit
+        ucols = np.full(self.r, -1, dtype=np.int64)
+        ucols[urow] = ucol
+        uvals = np.zeros(self.r)
+        uvals[urow] = uval
+        slab_of = np.full(self.r, -1, dtype=np.int64)
+        for g, (idx, _, _, _) in enumerate(self.slabs):
+            slab_of[idx] = g
+        g_t = np.where(slab_of[iu] >= 0, slab_of[iu], slab_of[iw])
+        groups = []
+        for g in np.unique(g_t[g_t >= 0]):
+            tids = np.flatnonzero(g_t == g)
+            idx, a, b, slab = self.slabs[g]
+            k = int(self.block_of(np.array([a]))[0])
+            if self.starts[k] != a or b not in (self.starts[k + 1], self.starts[min(k + 2, self.nb)]):
+                return None
+            local = np.full(self.r, -1, dtype=np.int64)
+            local[idx] = np.arange(len(idx))
+
+            def side(rows):
+                out = np.zeros((len(rows), b - a))
+                ins = local[rows] >= 0
+                out[ins] = slab[local[rows[ins]]]
+                uc = ucols[rows[~ins]]
+                if np.any(slab_of[rows[~ins]] >= 0) or np.any((uc < a) | (uc >= b)):
+                    return None  # a row of another slab, or a unit row outside the span
+                out[np.flatnonzero(~ins), uc - a] = uvals[rows[~ins]]
+                return out
+
+            Ru, Rw = side(iu[tids]), side(iw[tids])
+            if Ru is None or Rw is None:
+                return None
+            groups.append((k, tids, Ru, Rw))
+        ut = np.flatnonzero(g_t < 0)
+        cu, cw = ucols[iu[ut]], ucols[iw[ut]]
+        # Both orientations (a diagonal block is stored whole); a term on one row lands twice, as in K.
+        pos = np.concatenate([self.scatter(cu, cw), self.scatter(cw, cu)])
+        wts = np.tile(uvals[iu[ut]] * uvals[iw[ut]], 2)
+        keep = pos >= 0
+        return groups, (np.tile(ut, 2)[keep], pos[keep], wts[keep]), coef, var
+
+    def linear(self, y):
+        """The flat lower blocks of ``sum_j y_j F_j``, from the factors where :meth:`slab_plan` applies."""
+        if self.plan is None:
+            return np.bincount(self.pos, weights=self.vals * y[self.var], minlength=self.length)
+        groups, (ut, upos, uw), coef, var = self.plan
+        kap = coef * y[var]
+        out = np.bincount(upos, weights=uw * kap[ut], minlength=self.length)
+        for k, tids, Ru, Rw in groups:
+            M = Ru.T @ (kap[tids, None] * Rw)
+            M += M.T
+            s = self.sizes[k]
+            self.diag(out, k)[:] += M[:s, :s]
+            if M.shape[0] > s:
+                self.sub(out, k + 1)[:] += M[s:, :s]
+                self.diag(out, k + 1)[:] += M[s:, s:]
+        return out
+
     def assemble(self, y):
         """The flat lower blocks of ``S(y)``."""
-        return self.const - np.bincount(self.pos, weights=self.vals * y[self.var], minlength=self.length)
+        return self.const - self.linear(y)
 
     def direction(self, dy):
         """The flat lower blocks of ``sum_j dy_j F_j`` (so ``S(y + a dy) = S(y) - a D``)."""
-        return np.bincount(self.pos, weights=self.vals * dy[self.var], minlength=self.length)
+        return self.linear(dy)
 
     def factor(self, flat):
         """Block Cholesky ``(L_kk, E_k = L_{k,k-1}, log det)``, or None if not positive definite.
@@ -364,13 +441,30 @@ class PatternChain:
             self.diag(W, k)[:] -= np.tril(Di) + np.tril(Di, -1).T
         return W, factors
 
-    def gram_of(self, Y):
-        """``R Y`` for ``Y`` of shape ``(n, r)``: unit rows by copy, the others slab by slab."""
-        G = np.empty((self.r, Y.shape[1]))
+    def gram_of(self, Y, out=None, symmetric=False):
+        """``R Y`` for ``Y`` of shape ``(n, r)``: unit rows by copy, the others slab by slab.
+
+        ``symmetric``: ``R Y`` is known to be symmetric (``Y = A R^T``, ``A`` symmetric); where the
+        rows come in order (unit rows, then the slabs in turn, as the lifting lays them out) only
+        the lower block triangle is multiplied and the rest mirrored, half the flops.  ``out``: an
+        ``(r, r)`` buffer to fill (large arrays allocated anew every iteration cost page faults).
+        """
+        G = np.empty((self.r, Y.shape[1])) if out is None else out
         rows, cols, vals = self.unit
+        if symmetric and self.ordered:
+            nu = len(rows)
+            G[:nu, :nu] = Y[cols, :nu] * vals[:, None]
+            for idx, a, b, slab in self.slabs:
+                i0, i1 = idx[0], idx[-1] + 1
+                np.matmul(slab, Y[a:b, :i1], out=G[i0:i1, :i1])
+                G[:i0, i0:i1] = G[i0:i1, :i0].T
+            return G
         G[rows] = Y[cols] * vals[:, None]
         for idx, a, b, slab in self.slabs:
-            G[idx] = slab @ Y[a:b]
+            if idx[-1] - idx[0] + 1 == len(idx):
+                np.matmul(slab, Y[a:b], out=G[idx[0]:idx[-1] + 1])
+            else:
+                G[idx] = slab @ Y[a:b]
         return G
 
     def pattern_times(self, A, B):
@@ -481,6 +575,7 @@ class _Completion:
         X = ch.identity()
         z = np.ones(len(N))
         F0 = -ch.const  # the LMI's constant term, lower blocks
+        bufs = [np.empty(ch.Rt.shape), np.empty(ch.Rt.shape), np.empty((ch.r, ch.r)), np.empty((ch.r, ch.r))]
         for it in range(self.max_iters):
             self.iterations = it
             self.y = y
@@ -493,9 +588,12 @@ class _Completion:
             wfac = ch.factor(W)
             if wfac is None:
                 return "solver_error", f"singular completion at iteration {it}"
-            XR = ch.solve(wfac, ch.Rt.copy())  # X^ R^T
-            SR = ch.solve(fac, ch.Rt.copy())  # S^{-1} R^T
-            GX, GS = ch.gram_of(XR), ch.gram_of(SR)
+            # Work arrays reused from one iteration to the next (fresh large arrays cost page faults).
+            np.copyto(bufs[0], ch.Rt)
+            np.copyto(bufs[1], ch.Rt)
+            XR = ch.solve(wfac, bufs[0])  # X^ R^T
+            SR = ch.solve(fac, bufs[1])  # S^{-1} R^T
+            GX, GS = ch.gram_of(XR, bufs[2], symmetric=True), ch.gram_of(SR, bufs[3], symmetric=True)
             AX, AZ = self.adjoint_gram(GX), self.adjoint_gram(GS)
             Zp = ch.selected_inverse(fac)
             yN = y[N]
@@ -522,7 +620,6 @@ class _Completion:
                 return "solver_error", "non-finite iterate"
 
             H = term_schur(GX, GS, self.iu, self.iw, self.KT)
-            del GX
             H[N, N] += z / yN
             schur_solve = factor_schur(H)
             del H
@@ -565,7 +662,7 @@ class _Completion:
                 U -= XR
                 UK = (terms(dy) @ U.T).T
                 del U
-                RUK = ch.gram_of(UK)
+                RUK = ch.gram_of(UK, GX)  # G_X is not needed after the Schur complement
                 # (R C R^T)[a, b] = -sum_p RUK[a, p] G_S[p, b]; only the terms' entries are needed.
                 cuw = np.einsum("tp,tp->t", RUK[self.iu], GS[self.iw])
                 cwu = np.einsum("tp,tp->t", RUK[self.iw], GS[self.iu])
