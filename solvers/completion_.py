@@ -52,6 +52,7 @@ from scipy.linalg.lapack import dpotrf as _dpotrf
 from scipy.linalg.lapack import dpotri
 
 from lipsdp import progress
+from lipsdp import threads as thread_pools
 from lipsdp.chain import BlockChain
 from lipsdp.interior import InteriorPoint, dense_iteration_cost, factor_schur, term_schur
 from lipsdp.solvers.base import Backend, LMIShape, SolveResult, register, stored_bytes
@@ -136,6 +137,9 @@ class CompletionIPM(Backend):
         if not self.applies(lmi):
             return SolveResult("solver_error", None, None, time.perf_counter() - t0,
                                message="completion needs factored constraint terms; a constraint family gave none")
+        # The work is BLAS-3 on (n, r) and (r, r) arrays, r ~ 2n factor rows: size the run's thread pools
+        # (lipsdp.threads; a no-op outside a run, and --threads wins) for r rows rather than n.
+        thread_pools.fit(max(lmi.n, lmi.factors[0].shape[0]))
         state = _Completion(lmi, PatternChain(BlockChain(lmi)), tol or self.default_tol, time_limit, t0, verbose,
                             self.max_iters, self.step_fraction)
         status, message = state.run()
@@ -467,16 +471,17 @@ class PatternChain:
                 G[idx] = slab @ Y[a:b]
         return G
 
-    def pattern_times(self, A, B):
+    def pattern_times(self, A, B, out=None):
         """``A B`` for symmetric ``A`` with the pattern (lower blocks) and ``B`` of shape ``(n, r)``."""
         st = self.starts
-        out = np.empty_like(B)
+        out = np.empty_like(B) if out is None else out
         for k in range(self.nb):
-            out[st[k]:st[k + 1]] = self.diag(A, k) @ B[st[k]:st[k + 1]]
-            if k:
-                out[st[k]:st[k + 1]] += self.sub(A, k) @ B[st[k - 1]:st[k]]
+            # The block row (A_{k,k-1}, A_kk, A_{k,k+1}) times B's rows of blocks k-1..k+1: one product.
+            row = [self.sub(A, k)] if k else []
+            row.append(self.diag(A, k))
             if k + 1 < self.nb:
-                out[st[k]:st[k + 1]] += self.sub(A, k + 1).T @ B[st[k + 1]:st[k + 2]]
+                row.append(self.sub(A, k + 1).T)
+            np.matmul(np.hstack(row), B[st[max(k - 1, 0)]:st[min(k + 2, self.nb)]], out=out[st[k]:st[k + 1]])
         return out
 
     def pattern_product(self, Q, Y):
@@ -575,7 +580,8 @@ class _Completion:
         X = ch.identity()
         z = np.ones(len(N))
         F0 = -ch.const  # the LMI's constant term, lower blocks
-        bufs = [np.empty(ch.Rt.shape), np.empty(ch.Rt.shape), np.empty((ch.r, ch.r)), np.empty((ch.r, ch.r))]
+        bufs = [np.empty(ch.Rt.shape), np.empty(ch.Rt.shape), np.empty((ch.r, ch.r)), np.empty((ch.r, ch.r)),
+                np.empty(ch.Rt.shape), np.empty(ch.Rt.shape)]
         for it in range(self.max_iters):
             self.iterations = it
             self.y = y
@@ -656,8 +662,8 @@ class _Completion:
                 (``F = sum dy_j F_j = R^T K R``): ``C = -U K (S^{-1} R^T)^T`` with
                 ``U = dX R^T = -X^ R^T + (X^ F S^{-1} R^T + S^{-1} F X^ R^T) / 2``, two pattern
                 products and two block solves."""
-                U = ch.solve(wfac, ch.pattern_times(D, SR))
-                U += ch.solve(fac, ch.pattern_times(D, XR))
+                U = ch.solve(wfac, ch.pattern_times(D, SR, out=bufs[4]))
+                U += ch.solve(fac, ch.pattern_times(D, XR, out=bufs[5]))
                 U *= 0.5
                 U -= XR
                 UK = (terms(dy) @ U.T).T
