@@ -109,10 +109,11 @@ class CompletionIPM(Backend):
     def memory_estimate(cls, lmi) -> int:
         if lmi.factors is None:
             return super().memory_estimate(lmi)
-        # Five (n, r) work arrays (solves and the corrector), three r x r Gram matrices, the
-        # term-by-term Schur pieces and H; the iterates themselves are block-tridiagonal.
+        # Eight (n, r) arrays (R^T, four reused work buffers for the solves and the corrector, the
+        # products with K), three r x r Gram matrices (two reused buffers), the term-by-term Schur
+        # pieces and H; the iterates themselves are block-tridiagonal.
         r, t = lmi.factors[0].shape[0], len(lmi.factors[3])
-        return 8 * (5 * lmi.n * r + 3 * r * r + 5 * t * t + 2 * lmi.n_var ** 2) + 6 * stored_bytes(lmi)
+        return 8 * (8 * lmi.n * r + 3 * r * r + 5 * t * t + 2 * lmi.n_var ** 2) + 6 * stored_bytes(lmi)
 
     @classmethod
     def iteration_cost(cls, lmi) -> float:
