@@ -520,10 +520,24 @@ class _Completion:
         self.KT = sp.csr_matrix((np.asarray(coef, dtype=np.float64), (np.arange(T), np.asarray(var))),
                                 shape=(T, self.m)).T.tocsr()
         self.coef, self.var = np.asarray(coef, dtype=np.float64), np.asarray(var)
+        self.runs = self.term_runs(self.iu, self.iw)
         self.iterations = 0
         self.y = None
         self.path = []
         self.dual_objective = self.gap = self.dinf = float("nan")
+
+    @staticmethod
+    def term_runs(iu, iw, most: int = 512):
+        """``[(t0, t1, u0, w0)]``: maximal runs of terms ``t0 <= t < t1`` with ``iu[t] = u0 + t - t0`` and
+        ``iw[t] = w0 + t - t0`` (a layer's terms, as the lifting lays them out), or None if there are more
+        than ``most`` (products with ``K`` then go through scipy.sparse)."""
+        if not len(iu):
+            return None
+        brk = np.flatnonzero((np.diff(iu) != 1) | (np.diff(iw) != 1)) + 1
+        if len(brk) >= most:
+            return None
+        edges = np.concatenate([[0], brk, [len(iu)]])
+        return [(int(a), int(b), int(iu[a]), int(iw[a])) for a, b in zip(edges[:-1], edges[1:])]
 
     def start(self):
         """A strictly feasible ``(y, S factor)``, or None if none was found.
@@ -634,12 +648,22 @@ class _Completion:
                 return ("optimal_inaccurate" if self.gap < 1e-4 else "solver_error",
                         f"singular Schur complement at iteration {it} (gap {self.gap:.1e})")
 
-            def terms(dy):
-                """``K`` (``r x r``, sparse): ``sum_j dy_j F_j = R^T K R``."""
+            def times_terms(Y, dy):
+                """``Y K`` for ``Y`` of shape ``(n, r)``, where ``sum_j dy_j F_j = R^T K R`` (``K`` sparse and
+                symmetric, ``kappa_t`` at ``(u_t, w_t)`` and ``(w_t, u_t)``)."""
                 kap = self.coef * dy[self.var]
-                return sp.coo_matrix((np.concatenate([kap, kap]), (np.concatenate([self.iu, self.iw]),
-                                                                   np.concatenate([self.iw, self.iu]))),
-                                     shape=(ch.r, ch.r)).tocsr()
+                if self.runs is None:
+                    K = sp.coo_matrix((np.concatenate([kap, kap]), (np.concatenate([self.iu, self.iw]),
+                                                                    np.concatenate([self.iw, self.iu]))),
+                                      shape=(ch.r, ch.r)).tocsr()
+                    return (K @ Y.T).T
+                # Runs of consecutive terms on consecutive rows: column slices, no transposed copy of Y.
+                out = np.zeros_like(Y)
+                for t0, t1, u0, w0 in self.runs:
+                    k = kap[t0:t1]
+                    out[:, w0:w0 + t1 - t0] += Y[:, u0:u0 + t1 - t0] * k
+                    out[:, u0:u0 + t1 - t0] += Y[:, w0:w0 + t1 - t0] * k
+                return out
 
             def direction(smu, corr_lp, corr=None):
                 # rhs = r - A*(smu Z - X - C); the HKM step with S exact (no dual residual).
@@ -650,7 +674,7 @@ class _Completion:
                 dy = schur_solve(rhs)
                 D = ch.direction(dy)  # dS = -D
                 # P(X^ dS S^{-1}) = -P(sym(X^ R^T K R S^{-1})).
-                Q = (terms(dy) @ XR.T).T  # X^ R^T K
+                Q = times_terms(XR, dy)  # X^ R^T K
                 dX = smu * Zp - X + ch.pattern_product(Q, SR)
                 if corr is not None:
                     dX -= corr[0]
@@ -667,7 +691,7 @@ class _Completion:
                 U += ch.solve(fac, ch.pattern_times(D, XR, out=bufs[5]))
                 U *= 0.5
                 U -= XR
-                UK = (terms(dy) @ U.T).T
+                UK = times_terms(U, dy)
                 del U
                 RUK = ch.gram_of(UK, GX)  # G_X is not needed after the Schur complement
                 # (R C R^T)[a, b] = -sum_p RUK[a, p] G_S[p, b]; only the terms' entries are needed.

@@ -132,6 +132,19 @@ def test_slab_assembly_and_symmetric_gram_match_dense(norm):
     Z = np.linalg.inv(S)
     R = lmi.factors[0].toarray()
     dense = R @ Z @ R.T
+    # K's products by runs of consecutive terms equal the sparse product.
+    state = _Completion(lmi, chain, 1e-7, None, 0.0, False, 10, 0.95)
+    assert state.runs is not None and sum(b - a for a, b, _, _ in state.runs) == len(state.iu)
+    kap = state.coef * dy[state.var]
+    Kd = np.zeros((chain.r, chain.r))
+    np.add.at(Kd, (state.iu, state.iw), kap)
+    np.add.at(Kd, (state.iw, state.iu), kap)
+    Y = rng.standard_normal((lmi.n, chain.r))
+    out = np.zeros_like(Y)
+    for t0, t1, u0, w0 in state.runs:
+        out[:, w0:w0 + t1 - t0] += Y[:, u0:u0 + t1 - t0] * kap[t0:t1]
+        out[:, u0:u0 + t1 - t0] += Y[:, w0:w0 + t1 - t0] * kap[t0:t1]
+    np.testing.assert_allclose(out, Y @ Kd, rtol=1e-13, atol=1e-13)
     G = chain.gram_of(Z @ R.T, np.full((chain.r, chain.r), np.nan), symmetric=True)
     np.testing.assert_allclose(G, dense, rtol=1e-10, atol=1e-12 * np.abs(dense).max())
     np.testing.assert_allclose(chain.gram_of(Z @ R.T), dense, rtol=1e-10, atol=1e-12 * np.abs(dense).max())
