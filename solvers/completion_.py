@@ -695,8 +695,15 @@ class _Completion:
                 del U
                 RUK = ch.gram_of(UK, GX)  # G_X is not needed after the Schur complement
                 # (R C R^T)[a, b] = -sum_p RUK[a, p] G_S[p, b]; only the terms' entries are needed.
-                cuw = np.einsum("tp,tp->t", RUK[self.iu], GS[self.iw])
-                cwu = np.einsum("tp,tp->t", RUK[self.iw], GS[self.iu])
+                if self.runs is None:
+                    cuw = np.einsum("tp,tp->t", RUK[self.iu], GS[self.iw])
+                    cwu = np.einsum("tp,tp->t", RUK[self.iw], GS[self.iu])
+                else:  # row slices over the runs of terms: no gathered copies of the r x r matrices
+                    cuw, cwu = np.empty(len(self.iu)), np.empty(len(self.iu))
+                    for t0, t1, u0, w0 in self.runs:
+                        L = t1 - t0
+                        cuw[t0:t1] = np.einsum("tp,tp->t", RUK[u0:u0 + L], GS[w0:w0 + L])
+                        cwu[t0:t1] = np.einsum("tp,tp->t", RUK[w0:w0 + L], GS[u0:u0 + L])
                 return -ch.pattern_product(UK, SR), -(self.KT @ (cuw + cwu))
 
             def steps(dy, D, dX, dz, limit):
