@@ -539,6 +539,26 @@ class _Completion:
         edges = np.concatenate([[0], brk, [len(iu)]])
         return [(int(a), int(b), int(iu[a]), int(iw[a])) for a, b in zip(edges[:-1], edges[1:])]
 
+    def schur(self, GX, GZ):
+        """The Schur complement ``H_ij = tr(F_i X^ F_j S^{-1})`` from the Gram matrices: the formula of
+        :func:`lipsdp.interior.term_schur`, with its ``(terms x terms)`` gathers taken as slices, one
+        block per pair of runs of terms, where there are few runs."""
+        if self.runs is None or len(self.runs) > 160:
+            return term_schur(GX, GZ, self.iu, self.iw, self.KT)
+        T = len(self.iu)
+        h = np.empty((T, T))
+        for a0, a1, ua, wa in self.runs:
+            ra, sa = slice(ua, ua + a1 - a0), slice(wa, wa + a1 - a0)
+            for b0, b1, ub, wb in self.runs:
+                rb, sb = slice(ub, ub + b1 - b0), slice(wb, wb + b1 - b0)
+                blk = h[a0:a1, b0:b1]
+                np.multiply(GX[sa, rb], GZ[ra, sb], out=blk)
+                blk += GX[sa, sb] * GZ[ra, rb]
+                blk += GX[ra, rb] * GZ[sa, sb]
+                blk += GX[ra, sb] * GZ[sa, rb]
+        KTh = self.KT @ h
+        return (self.KT @ KTh.T).T
+
     def start(self):
         """A strictly feasible ``(y, S factor)``, or None if none was found.
 
@@ -640,7 +660,7 @@ class _Completion:
             if not np.isfinite(mu):
                 return "solver_error", "non-finite iterate"
 
-            H = term_schur(GX, GS, self.iu, self.iw, self.KT)
+            H = self.schur(GX, GS)
             H[N, N] += z / yN
             schur_solve = factor_schur(H)
             del H

@@ -16,6 +16,7 @@ from scipy.io import loadmat
 
 import lipsdp
 from lipsdp.chain import BlockChain
+from lipsdp.interior import term_schur
 from lipsdp.lifting import lift
 from lipsdp.lmi import build_lmi
 from lipsdp.network import Network
@@ -145,6 +146,10 @@ def test_slab_assembly_and_symmetric_gram_match_dense(norm):
         out[:, w0:w0 + t1 - t0] += Y[:, u0:u0 + t1 - t0] * kap[t0:t1]
         out[:, u0:u0 + t1 - t0] += Y[:, w0:w0 + t1 - t0] * kap[t0:t1]
     np.testing.assert_allclose(out, Y @ Kd, rtol=1e-13, atol=1e-13)
+    # The Schur complement by blocks of runs is term_schur's formula, entry by entry.
+    GA, GB = Y[:, :chain.r].T @ Y[:, :chain.r], Kd @ Kd.T + np.eye(chain.r)
+    np.testing.assert_allclose(state.schur(GA, GB), term_schur(GA, GB, state.iu, state.iw, state.KT),
+                               rtol=1e-12, atol=1e-12 * np.abs(GA).max() * np.abs(GB).max())
     G = chain.gram_of(Z @ R.T, np.full((chain.r, chain.r), np.nan), symmetric=True)
     np.testing.assert_allclose(G, dense, rtol=1e-10, atol=1e-12 * np.abs(dense).max())
     np.testing.assert_allclose(chain.gram_of(Z @ R.T), dense, rtol=1e-10, atol=1e-12 * np.abs(dense).max())
