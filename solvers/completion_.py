@@ -52,6 +52,7 @@ from scipy.linalg.lapack import dpotrf as _dpotrf
 from scipy.linalg.lapack import dpotri
 
 from lipsdp import progress
+from lipsdp import threads as thread_pools
 from lipsdp.chain import BlockChain
 from lipsdp.interior import InteriorPoint, dense_iteration_cost, factor_schur, term_schur
 from lipsdp.solvers.base import Backend, LMIShape, SolveResult, register, stored_bytes
@@ -108,10 +109,11 @@ class CompletionIPM(Backend):
     def memory_estimate(cls, lmi) -> int:
         if lmi.factors is None:
             return super().memory_estimate(lmi)
-        # Five (n, r) work arrays (solves and the corrector), three r x r Gram matrices, the
-        # term-by-term Schur pieces and H; the iterates themselves are block-tridiagonal.
+        # Eight (n, r) arrays (R^T, four reused work buffers for the solves and the corrector, the
+        # products with K), three r x r Gram matrices (two reused buffers), the term-by-term Schur
+        # pieces and H; the iterates themselves are block-tridiagonal.
         r, t = lmi.factors[0].shape[0], len(lmi.factors[3])
-        return 8 * (5 * lmi.n * r + 3 * r * r + 5 * t * t + 2 * lmi.n_var ** 2) + 6 * stored_bytes(lmi)
+        return 8 * (8 * lmi.n * r + 3 * r * r + 5 * t * t + 2 * lmi.n_var ** 2) + 6 * stored_bytes(lmi)
 
     @classmethod
     def iteration_cost(cls, lmi) -> float:
@@ -136,6 +138,9 @@ class CompletionIPM(Backend):
         if not self.applies(lmi):
             return SolveResult("solver_error", None, None, time.perf_counter() - t0,
                                message="completion needs factored constraint terms; a constraint family gave none")
+        # The work is BLAS-3 on (n, r) and (r, r) arrays, r ~ 2n factor rows: size the run's thread pools
+        # (lipsdp.threads; a no-op outside a run, and --threads wins) for r rows rather than n.
+        thread_pools.fit(max(lmi.n, lmi.factors[0].shape[0]))
         state = _Completion(lmi, PatternChain(BlockChain(lmi)), tol or self.default_tol, time_limit, t0, verbose,
                             self.max_iters, self.step_fraction)
         status, message = state.run()
@@ -204,9 +209,7 @@ class PatternChain:
             pos[s] = b_off[k[s]] + (r[s] - self.starts[k[s]]) * self.sizes[j[s]] + (c[s] - self.starts[j[s]])
             return pos
 
-        pos = scatter(rows, cols)
-        keep = pos >= 0
-        self.pos, self.vals, self.var = pos[keep], np.asarray(lmi.vals)[keep], np.asarray(lmi.var)[keep]
+        self.scatter = scatter
         cpos = scatter(const.row.astype(np.int64), const.col.astype(np.int64))
         ck = cpos >= 0
         self.const = -np.bincount(cpos[ck], weights=const.data[ck], minlength=self.length)
@@ -230,17 +233,96 @@ class PatternChain:
             a, b = self.starts[k], self.starts[max(min(k + 2, nb), int(last[idx].max()) + 1)]
             self.slabs.append((idx, a, b, R[idx][:, a:b].toarray()))
         self.Rt = np.ascontiguousarray(R.T.toarray())  # (n, r): the right-hand sides of S Y = R^T
+        # Unit rows first, then each slab's rows as one run, slab after slab (gram_of's symmetric half).
+        order = np.concatenate([self.unit[0]] + [idx for idx, _, _, _ in self.slabs])
+        self.ordered = bool(len(order) == self.r and np.array_equal(order, np.arange(self.r))
+                            and np.array_equal(self.unit[0], np.arange(len(self.unit[0]))))
+        self.plan = self.slab_plan(R, *lmi.factors[1:])
+        if self.plan is None:  # terms the slabs do not cover: assemble from the LMI's entries
+            pos = scatter(rows, cols)
+            keep = pos >= 0
+            self.pos, self.vals, self.var = pos[keep], np.asarray(lmi.vals)[keep], np.asarray(lmi.var)[keep]
 
     def block_of(self, idx):
         return self.blocks.block_of(idx)
 
+    def slab_plan(self, R, iu, iw, coef, var):
+        """How to assemble ``sum_j y_j F_j = R^T K(y) R`` on the band slab by slab (docs/math.md §8.6),
+        or None where some term does not fit (the LMI's entries are then scattered instead).
+
+        A term joins the slab of its non-unit row(s); its rows must lie in that slab or be unit rows
+        whose column lies in the slab's span, and the span must be one block or two consecutive ones.
+        Terms between two unit rows are single entries.  Returns ``(groups, unit terms)``: per slab
+        ``(first block, term ids, Ru, Rw)`` with ``Ru, Rw`` the dense rows of the terms' two sides
+        over the span, and ``(term ids, flat positions, weights)`` for the unit-unit terms.
+        """
+        iu, iw = np.asarray(iu, dtype=np.int64), np.asarray(iw, dtype=np.int64)
+        coef, var = np.asarray(coef, dtype=np.float64), np.asarray(var, dtype=np.int64)
+        urow, ucol, uval = self.unit
+        ucols = np.full(self.r, -1, dtype=np.int64)
+        ucols[urow] = ucol
+        uvals = np.zeros(self.r)
+        uvals[urow] = uval
+        slab_of = np.full(self.r, -1, dtype=np.int64)
+        for g, (idx, _, _, _) in enumerate(self.slabs):
+            slab_of[idx] = g
+        g_t = np.where(slab_of[iu] >= 0, slab_of[iu], slab_of[iw])
+        groups = []
+        for g in np.unique(g_t[g_t >= 0]):
+            tids = np.flatnonzero(g_t == g)
+            idx, a, b, slab = self.slabs[g]
+            k = int(self.block_of(np.array([a]))[0])
+            if self.starts[k] != a or b not in (self.starts[k + 1], self.starts[min(k + 2, self.nb)]):
+                return None
+            local = np.full(self.r, -1, dtype=np.int64)
+            local[idx] = np.arange(len(idx))
+
+            def side(rows):
+                out = np.zeros((len(rows), b - a))
+                ins = local[rows] >= 0
+                out[ins] = slab[local[rows[ins]]]
+                uc = ucols[rows[~ins]]
+                if np.any(slab_of[rows[~ins]] >= 0) or np.any((uc < a) | (uc >= b)):
+                    return None  # a row of another slab, or a unit row outside the span
+                out[np.flatnonzero(~ins), uc - a] = uvals[rows[~ins]]
+                return out
+
+            Ru, Rw = side(iu[tids]), side(iw[tids])
+            if Ru is None or Rw is None:
+                return None
+            groups.append((k, tids, Ru, Rw))
+        ut = np.flatnonzero(g_t < 0)
+        cu, cw = ucols[iu[ut]], ucols[iw[ut]]
+        # Both orientations (a diagonal block is stored whole); a term on one row lands twice, as in K.
+        pos = np.concatenate([self.scatter(cu, cw), self.scatter(cw, cu)])
+        wts = np.tile(uvals[iu[ut]] * uvals[iw[ut]], 2)
+        keep = pos >= 0
+        return groups, (np.tile(ut, 2)[keep], pos[keep], wts[keep]), coef, var
+
+    def linear(self, y):
+        """The flat lower blocks of ``sum_j y_j F_j``, from the factors where :meth:`slab_plan` applies."""
+        if self.plan is None:
+            return np.bincount(self.pos, weights=self.vals * y[self.var], minlength=self.length)
+        groups, (ut, upos, uw), coef, var = self.plan
+        kap = coef * y[var]
+        out = np.bincount(upos, weights=uw * kap[ut], minlength=self.length)
+        for k, tids, Ru, Rw in groups:
+            M = Ru.T @ (kap[tids, None] * Rw)
+            M += M.T
+            s = self.sizes[k]
+            self.diag(out, k)[:] += M[:s, :s]
+            if M.shape[0] > s:
+                self.sub(out, k + 1)[:] += M[s:, :s]
+                self.diag(out, k + 1)[:] += M[s:, s:]
+        return out
+
     def assemble(self, y):
         """The flat lower blocks of ``S(y)``."""
-        return self.const - np.bincount(self.pos, weights=self.vals * y[self.var], minlength=self.length)
+        return self.const - self.linear(y)
 
     def direction(self, dy):
         """The flat lower blocks of ``sum_j dy_j F_j`` (so ``S(y + a dy) = S(y) - a D``)."""
-        return np.bincount(self.pos, weights=self.vals * dy[self.var], minlength=self.length)
+        return self.linear(dy)
 
     def factor(self, flat):
         """Block Cholesky ``(L_kk, E_k = L_{k,k-1}, log det)``, or None if not positive definite.
@@ -364,25 +446,43 @@ class PatternChain:
             self.diag(W, k)[:] -= np.tril(Di) + np.tril(Di, -1).T
         return W, factors
 
-    def gram_of(self, Y):
-        """``R Y`` for ``Y`` of shape ``(n, r)``: unit rows by copy, the others slab by slab."""
-        G = np.empty((self.r, Y.shape[1]))
+    def gram_of(self, Y, out=None, symmetric=False):
+        """``R Y`` for ``Y`` of shape ``(n, r)``: unit rows by copy, the others slab by slab.
+
+        ``symmetric``: ``R Y`` is known to be symmetric (``Y = A R^T``, ``A`` symmetric); where the
+        rows come in order (unit rows, then the slabs in turn, as the lifting lays them out) only
+        the lower block triangle is multiplied and the rest mirrored, half the flops.  ``out``: an
+        ``(r, r)`` buffer to fill (large arrays allocated anew every iteration cost page faults).
+        """
+        G = np.empty((self.r, Y.shape[1])) if out is None else out
         rows, cols, vals = self.unit
+        if symmetric and self.ordered:
+            nu = len(rows)
+            G[:nu, :nu] = Y[cols, :nu] * vals[:, None]
+            for idx, a, b, slab in self.slabs:
+                i0, i1 = idx[0], idx[-1] + 1
+                np.matmul(slab, Y[a:b, :i1], out=G[i0:i1, :i1])
+                G[:i0, i0:i1] = G[i0:i1, :i0].T
+            return G
         G[rows] = Y[cols] * vals[:, None]
         for idx, a, b, slab in self.slabs:
-            G[idx] = slab @ Y[a:b]
+            if idx[-1] - idx[0] + 1 == len(idx):
+                np.matmul(slab, Y[a:b], out=G[idx[0]:idx[-1] + 1])
+            else:
+                G[idx] = slab @ Y[a:b]
         return G
 
-    def pattern_times(self, A, B):
+    def pattern_times(self, A, B, out=None):
         """``A B`` for symmetric ``A`` with the pattern (lower blocks) and ``B`` of shape ``(n, r)``."""
         st = self.starts
-        out = np.empty_like(B)
+        out = np.empty_like(B) if out is None else out
         for k in range(self.nb):
-            out[st[k]:st[k + 1]] = self.diag(A, k) @ B[st[k]:st[k + 1]]
-            if k:
-                out[st[k]:st[k + 1]] += self.sub(A, k) @ B[st[k - 1]:st[k]]
+            # The block row (A_{k,k-1}, A_kk, A_{k,k+1}) times B's rows of blocks k-1..k+1: one product.
+            row = [self.sub(A, k)] if k else []
+            row.append(self.diag(A, k))
             if k + 1 < self.nb:
-                out[st[k]:st[k + 1]] += self.sub(A, k + 1).T @ B[st[k + 1]:st[k + 2]]
+                row.append(self.sub(A, k + 1).T)
+            np.matmul(np.hstack(row), B[st[max(k - 1, 0)]:st[min(k + 2, self.nb)]], out=out[st[k]:st[k + 1]])
         return out
 
     def pattern_product(self, Q, Y):
@@ -420,10 +520,44 @@ class _Completion:
         self.KT = sp.csr_matrix((np.asarray(coef, dtype=np.float64), (np.arange(T), np.asarray(var))),
                                 shape=(T, self.m)).T.tocsr()
         self.coef, self.var = np.asarray(coef, dtype=np.float64), np.asarray(var)
+        self.runs = self.term_runs(self.iu, self.iw)
         self.iterations = 0
         self.y = None
         self.path = []
         self.dual_objective = self.gap = self.dinf = float("nan")
+
+    @staticmethod
+    def term_runs(iu, iw, most: int = 512):
+        """``[(t0, t1, u0, w0)]``: maximal runs of terms ``t0 <= t < t1`` with ``iu[t] = u0 + t - t0`` and
+        ``iw[t] = w0 + t - t0`` (a layer's terms, as the lifting lays them out), or None if there are more
+        than ``most`` (products with ``K`` then go through scipy.sparse)."""
+        if not len(iu):
+            return None
+        brk = np.flatnonzero((np.diff(iu) != 1) | (np.diff(iw) != 1)) + 1
+        if len(brk) >= most:
+            return None
+        edges = np.concatenate([[0], brk, [len(iu)]])
+        return [(int(a), int(b), int(iu[a]), int(iw[a])) for a, b in zip(edges[:-1], edges[1:])]
+
+    def schur(self, GX, GZ):
+        """The Schur complement ``H_ij = tr(F_i X^ F_j S^{-1})`` from the Gram matrices: the formula of
+        :func:`lipsdp.interior.term_schur`, with its ``(terms x terms)`` gathers taken as slices, one
+        block per pair of runs of terms, where there are few runs."""
+        if self.runs is None or len(self.runs) > 160:
+            return term_schur(GX, GZ, self.iu, self.iw, self.KT)
+        T = len(self.iu)
+        h = np.empty((T, T))
+        for a0, a1, ua, wa in self.runs:
+            ra, sa = slice(ua, ua + a1 - a0), slice(wa, wa + a1 - a0)
+            for b0, b1, ub, wb in self.runs:
+                rb, sb = slice(ub, ub + b1 - b0), slice(wb, wb + b1 - b0)
+                blk = h[a0:a1, b0:b1]
+                np.multiply(GX[sa, rb], GZ[ra, sb], out=blk)
+                blk += GX[sa, sb] * GZ[ra, rb]
+                blk += GX[ra, rb] * GZ[sa, sb]
+                blk += GX[ra, sb] * GZ[sa, rb]
+        KTh = self.KT @ h
+        return (self.KT @ KTh.T).T
 
     def start(self):
         """A strictly feasible ``(y, S factor)``, or None if none was found.
@@ -481,6 +615,8 @@ class _Completion:
         X = ch.identity()
         z = np.ones(len(N))
         F0 = -ch.const  # the LMI's constant term, lower blocks
+        bufs = [np.empty(ch.Rt.shape), np.empty(ch.Rt.shape), np.empty((ch.r, ch.r)), np.empty((ch.r, ch.r)),
+                np.empty(ch.Rt.shape), np.empty(ch.Rt.shape)]
         for it in range(self.max_iters):
             self.iterations = it
             self.y = y
@@ -493,9 +629,12 @@ class _Completion:
             wfac = ch.factor(W)
             if wfac is None:
                 return "solver_error", f"singular completion at iteration {it}"
-            XR = ch.solve(wfac, ch.Rt.copy())  # X^ R^T
-            SR = ch.solve(fac, ch.Rt.copy())  # S^{-1} R^T
-            GX, GS = ch.gram_of(XR), ch.gram_of(SR)
+            # Work arrays reused from one iteration to the next (fresh large arrays cost page faults).
+            np.copyto(bufs[0], ch.Rt)
+            np.copyto(bufs[1], ch.Rt)
+            XR = ch.solve(wfac, bufs[0])  # X^ R^T
+            SR = ch.solve(fac, bufs[1])  # S^{-1} R^T
+            GX, GS = ch.gram_of(XR, bufs[2], symmetric=True), ch.gram_of(SR, bufs[3], symmetric=True)
             AX, AZ = self.adjoint_gram(GX), self.adjoint_gram(GS)
             Zp = ch.selected_inverse(fac)
             yN = y[N]
@@ -521,8 +660,7 @@ class _Completion:
             if not np.isfinite(mu):
                 return "solver_error", "non-finite iterate"
 
-            H = term_schur(GX, GS, self.iu, self.iw, self.KT)
-            del GX
+            H = self.schur(GX, GS)
             H[N, N] += z / yN
             schur_solve = factor_schur(H)
             del H
@@ -530,12 +668,22 @@ class _Completion:
                 return ("optimal_inaccurate" if self.gap < 1e-4 else "solver_error",
                         f"singular Schur complement at iteration {it} (gap {self.gap:.1e})")
 
-            def terms(dy):
-                """``K`` (``r x r``, sparse): ``sum_j dy_j F_j = R^T K R``."""
+            def times_terms(Y, dy):
+                """``Y K`` for ``Y`` of shape ``(n, r)``, where ``sum_j dy_j F_j = R^T K R`` (``K`` sparse and
+                symmetric, ``kappa_t`` at ``(u_t, w_t)`` and ``(w_t, u_t)``)."""
                 kap = self.coef * dy[self.var]
-                return sp.coo_matrix((np.concatenate([kap, kap]), (np.concatenate([self.iu, self.iw]),
-                                                                   np.concatenate([self.iw, self.iu]))),
-                                     shape=(ch.r, ch.r)).tocsr()
+                if self.runs is None:
+                    K = sp.coo_matrix((np.concatenate([kap, kap]), (np.concatenate([self.iu, self.iw]),
+                                                                    np.concatenate([self.iw, self.iu]))),
+                                      shape=(ch.r, ch.r)).tocsr()
+                    return (K @ Y.T).T
+                # Runs of consecutive terms on consecutive rows: column slices, no transposed copy of Y.
+                out = np.zeros_like(Y)
+                for t0, t1, u0, w0 in self.runs:
+                    k = kap[t0:t1]
+                    out[:, w0:w0 + t1 - t0] += Y[:, u0:u0 + t1 - t0] * k
+                    out[:, u0:u0 + t1 - t0] += Y[:, w0:w0 + t1 - t0] * k
+                return out
 
             def direction(smu, corr_lp, corr=None):
                 # rhs = r - A*(smu Z - X - C); the HKM step with S exact (no dual residual).
@@ -546,7 +694,7 @@ class _Completion:
                 dy = schur_solve(rhs)
                 D = ch.direction(dy)  # dS = -D
                 # P(X^ dS S^{-1}) = -P(sym(X^ R^T K R S^{-1})).
-                Q = (terms(dy) @ XR.T).T  # X^ R^T K
+                Q = times_terms(XR, dy)  # X^ R^T K
                 dX = smu * Zp - X + ch.pattern_product(Q, SR)
                 if corr is not None:
                     dX -= corr[0]
@@ -559,16 +707,23 @@ class _Completion:
                 (``F = sum dy_j F_j = R^T K R``): ``C = -U K (S^{-1} R^T)^T`` with
                 ``U = dX R^T = -X^ R^T + (X^ F S^{-1} R^T + S^{-1} F X^ R^T) / 2``, two pattern
                 products and two block solves."""
-                U = ch.solve(wfac, ch.pattern_times(D, SR))
-                U += ch.solve(fac, ch.pattern_times(D, XR))
+                U = ch.solve(wfac, ch.pattern_times(D, SR, out=bufs[4]))
+                U += ch.solve(fac, ch.pattern_times(D, XR, out=bufs[5]))
                 U *= 0.5
                 U -= XR
-                UK = (terms(dy) @ U.T).T
+                UK = times_terms(U, dy)
                 del U
-                RUK = ch.gram_of(UK)
+                RUK = ch.gram_of(UK, GX)  # G_X is not needed after the Schur complement
                 # (R C R^T)[a, b] = -sum_p RUK[a, p] G_S[p, b]; only the terms' entries are needed.
-                cuw = np.einsum("tp,tp->t", RUK[self.iu], GS[self.iw])
-                cwu = np.einsum("tp,tp->t", RUK[self.iw], GS[self.iu])
+                if self.runs is None:
+                    cuw = np.einsum("tp,tp->t", RUK[self.iu], GS[self.iw])
+                    cwu = np.einsum("tp,tp->t", RUK[self.iw], GS[self.iu])
+                else:  # row slices over the runs of terms: no gathered copies of the r x r matrices
+                    cuw, cwu = np.empty(len(self.iu)), np.empty(len(self.iu))
+                    for t0, t1, u0, w0 in self.runs:
+                        L = t1 - t0
+                        cuw[t0:t1] = np.einsum("tp,tp->t", RUK[u0:u0 + L], GS[w0:w0 + L])
+                        cwu[t0:t1] = np.einsum("tp,tp->t", RUK[w0:w0 + L], GS[u0:u0 + L])
                 return -ch.pattern_product(UK, SR), -(self.KT @ (cuw + cwu))
 
             def steps(dy, D, dX, dz, limit):

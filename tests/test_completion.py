@@ -16,6 +16,7 @@ from scipy.io import loadmat
 
 import lipsdp
 from lipsdp.chain import BlockChain
+from lipsdp.interior import term_schur
 from lipsdp.lifting import lift
 from lipsdp.lmi import build_lmi
 from lipsdp.network import Network
@@ -105,6 +106,72 @@ def test_pattern_algebra_matches_dense(norm):
     assert chain.inner(Xp, chain.assemble(y)) == pytest.approx(float(np.sum(_dense(chain, Xp) * S)), rel=1e-12)
     # Not completable: a clique with a negative eigenvalue.
     assert chain.completion_inverse(Xp - 10.0 * lmi.n * chain.identity()) is None
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_slab_assembly_and_symmetric_gram_match_dense(norm):
+    """S(y) from the factor slabs (docs/math.md §8.6) is -M(y) of the LMI's entries, and the symmetric
+    half Gram product R Z R^T equals the dense formula entry by entry."""
+    lmi = _solved_lmi((4, 6, 5, 7, 3), "leaky_relu", {"negative_slope": 0.01}, norm=norm)
+    chain = PatternChain(BlockChain(lmi))
+    assert chain.plan is not None and chain.ordered
+    rng = np.random.default_rng(1)
+    y = rng.random(lmi.n_var)
+    M = lmi.matrix(y)
+    np.testing.assert_allclose(_dense(chain, chain.assemble(y)), -M, rtol=0, atol=1e-13 * np.abs(M).max())
+    dy = rng.standard_normal(lmi.n_var)
+    lin = lmi.matrix(dy) - lmi.matrix(np.zeros(lmi.n_var))
+    np.testing.assert_allclose(_dense(chain, chain.direction(dy)), lin, rtol=0, atol=1e-13 * np.abs(lin).max())
+    # The entries' scatter (the fallback where the slabs do not cover every term) gives the same.
+    rows, cols = np.asarray(lmi.rows), np.asarray(lmi.cols)
+    pos = chain.scatter(rows, cols)
+    keep = pos >= 0
+    old = np.bincount(pos[keep], weights=np.asarray(lmi.vals)[keep] * y[np.asarray(lmi.var)[keep]],
+                      minlength=chain.length)
+    np.testing.assert_allclose(chain.linear(y), old, rtol=0, atol=1e-13 * np.abs(old).max())
+    S = _dense(chain, chain.assemble(y)) + 10.0 * np.eye(lmi.n)
+    Z = np.linalg.inv(S)
+    R = lmi.factors[0].toarray()
+    dense = R @ Z @ R.T
+    # K's products by runs of consecutive terms equal the sparse product.
+    state = _Completion(lmi, chain, 1e-7, None, 0.0, False, 10, 0.95)
+    assert state.runs is not None and sum(b - a for a, b, _, _ in state.runs) == len(state.iu)
+    kap = state.coef * dy[state.var]
+    Kd = np.zeros((chain.r, chain.r))
+    np.add.at(Kd, (state.iu, state.iw), kap)
+    np.add.at(Kd, (state.iw, state.iu), kap)
+    Y = rng.standard_normal((lmi.n, chain.r))
+    out = np.zeros_like(Y)
+    for t0, t1, u0, w0 in state.runs:
+        out[:, w0:w0 + t1 - t0] += Y[:, u0:u0 + t1 - t0] * kap[t0:t1]
+        out[:, u0:u0 + t1 - t0] += Y[:, w0:w0 + t1 - t0] * kap[t0:t1]
+    np.testing.assert_allclose(out, Y @ Kd, rtol=1e-13, atol=1e-13)
+    # The Schur complement by blocks of runs is term_schur's formula, entry by entry.
+    GA, GB = Y[:, :chain.r].T @ Y[:, :chain.r], Kd @ Kd.T + np.eye(chain.r)
+    np.testing.assert_allclose(state.schur(GA, GB), term_schur(GA, GB, state.iu, state.iw, state.KT),
+                               rtol=1e-12, atol=1e-12 * np.abs(GA).max() * np.abs(GB).max())
+    G = chain.gram_of(Z @ R.T, np.full((chain.r, chain.r), np.nan), symmetric=True)
+    np.testing.assert_allclose(G, dense, rtol=1e-10, atol=1e-12 * np.abs(dense).max())
+    np.testing.assert_allclose(chain.gram_of(Z @ R.T), dense, rtol=1e-10, atol=1e-12 * np.abs(dense).max())
+
+
+#: Bounds certified by the completion method before the slab assembly and the symmetric Gram products
+#: (commit 00a218f), LeakyReLU(0.1) MLPs of ``models.mlp``.
+BEFORE_SLABS = [((40, 8, 8, 8, 8, 8, 8, 3), 0, 0.07184764581996106),
+                ((30, 12, 12, 12, 12, 4), 1, 0.2163371560397423),
+                ((24, 6, 6, 6, 6, 6, 6, 6, 6, 2), 2, 0.014397463390333463)]
+
+
+@pytest.mark.parametrize("sizes, seed, before", BEFORE_SLABS)
+def test_bounds_as_before_the_slab_assembly(sizes, seed, before):
+    pytest.importorskip("torch")
+    from models import mlp
+
+    model = mlp(list(sizes), activation="leaky_relu", seed=seed)
+    cert = lipsdp.certify(model, solver="completion", input_shape=(sizes[0],), lower_bound_samples=0)
+    assert cert.verified and cert.solver == "completion" and cert.solver_status == "optimal", cert.message
+    assert cert.bound == pytest.approx(before, rel=1e-6)
+    assert_sandwich(cert, torch_lower_bound(model, sizes[0]))
 
 
 def test_one_block_is_the_dense_ipm():
