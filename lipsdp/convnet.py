@@ -334,35 +334,25 @@ def chain_lower_bound(network: Network, chain: ConvChain, samples: int = 256, se
 def _chain_jacobians(chain: ConvChain, tail: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``tail @ d(last activation)/dx`` at the inputs ``x`` (``(b, n0)``), shape ``(b, q, n0)``.
 
-    The convolutions run as torch's ``conv2d`` and their adjoints as ``conv_transpose2d`` (float64, CPU),
-    far faster than the numpy im2col of :mod:`lipsdp.convops` at this batch; the activations are lipsdp's
-    own (numpy, on shared memory).  Values ``(b, C, H, W)``, the pulled-back rows ``(b q, C, H, W)``; a
-    padding is applied by ``F.pad`` (any four sides) and cropped off the adjoint.
+    Channel-major arrays throughout (:mod:`lipsdp.convops`): values ``(C, b, H, W)``, the pulled-back rows
+    ``(C, b, q, H, W)``.
     """
-    import torch
-    import torch.nn.functional as tf
-
     b, q = len(x), tail.shape[0]
-    h = torch.from_numpy(np.ascontiguousarray(x, np.float64).reshape(b, *chain.layers[0].in_shape))
-    slopes, kernels = [], []
-    with torch.no_grad():
-        for layer in chain.layers:
-            top, left, bottom, right = layer.pad
-            kernels.append(torch.from_numpy(np.ascontiguousarray(layer.weight, np.float64)))
-            pre = tf.conv2d(tf.pad(h, (left, right, top, bottom)), kernels[-1])
-            if layer.bias is not None:
-                pre += torch.from_numpy(np.asarray(layer.bias, np.float64).reshape(layer.out_shape))
-            flat = pre.reshape(b, -1).numpy()  # the activations read (batch, C H W)
-            phi = activation_function(layer.activation_op.function)
-            slopes.append(torch.from_numpy(np.ascontiguousarray(
-                phi.derivative(flat, layer.activation_op), np.float64).reshape(b, 1, *layer.out_shape)))
-            h = torch.from_numpy(np.ascontiguousarray(phi.evaluate(flat, layer.activation_op), np.float64)
-                                 .reshape(b, *layer.out_shape))
-        rows = torch.from_numpy(np.ascontiguousarray(tail, np.float64).reshape(1, q, *chain.layers[-1].out_shape))
-        G = rows.expand(b, q, *rows.shape[2:])
-        for layer, kernel, slope in zip(reversed(chain.layers), reversed(kernels), reversed(slopes)):
-            top, left, _, _ = layer.pad
-            C, H, W = layer.in_shape
-            G = (G * slope).reshape(b * q, *layer.out_shape)
-            G = tf.conv_transpose2d(G, kernel)[:, :, top:top + H, left:left + W].reshape(b, q, C, H, W)
-        return G.reshape(b, q, -1).numpy()
+    h = x.reshape(b, *chain.layers[0].in_shape).transpose(1, 0, 2, 3)
+    slopes = []
+    for layer in chain.layers:
+        pre = convops.conv(h, layer.weight, layer.pad)
+        if layer.bias is not None:
+            pre += np.asarray(layer.bias, np.float64).reshape(layer.out_shape)[:, None]
+        flat = pre.transpose(1, 0, 2, 3).reshape(b, -1)  # the activations read (batch, C H W)
+        phi = activation_function(layer.activation_op.function)
+        slopes.append(phi.derivative(flat, layer.activation_op).reshape(b, *layer.out_shape).transpose(1, 0, 2, 3))
+        h = phi.evaluate(flat, layer.activation_op).reshape(b, *layer.out_shape).transpose(1, 0, 2, 3)
+    C, H, W = chain.layers[-1].out_shape
+    G = np.broadcast_to(tail.reshape(q, C, H, W).transpose(1, 0, 2, 3)[:, None], (C, b, q, H, W))
+    for layer, slope in zip(reversed(chain.layers), reversed(slopes)):
+        G = G * slope[:, :, None]
+        C, H, W = layer.out_shape
+        back = convops.conv_transpose(G.reshape(C, b * q, H, W), layer.weight, layer.pad, layer.in_shape[1:])
+        G = back.reshape(layer.in_shape[0], b, q, *layer.in_shape[1:])
+    return G.transpose(1, 2, 0, 3, 4).reshape(b, q, -1)
