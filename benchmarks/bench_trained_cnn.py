@@ -31,6 +31,7 @@ Usage::
     python benchmarks/bench_trained_cnn.py                          # the whole grid, .pt and .onnx
     python benchmarks/bench_trained_cnn.py --sizes 8x2 16x4 --formats pt --time-limit 60
     python benchmarks/bench_trained_cnn.py --profile 32x16 --time-limit 30   # cProfile of one call (top 30)
+    python benchmarks/bench_trained_cnn.py --formats pt --tag grid           # the acceptance grid: cnn-grid.md
 
 Writes ``benchmarks/results/trained/cnn.{md,json}`` (``--tag`` adds a suffix).
 """

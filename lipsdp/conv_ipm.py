@@ -25,7 +25,7 @@ import numpy as np
 from scipy.linalg import LinAlgError, cholesky, solve_triangular
 from scipy.linalg.blas import dsyrk
 
-from lipsdp import progress
+from lipsdp import progress, threads
 from lipsdp.budget import checkpoint
 from lipsdp.conv_schur import Entry, Var, adjoint_entry, apply_entry, pair_schur, skron, triangle, unpack
 from lipsdp.errors import ResourceError
@@ -115,6 +115,8 @@ class ConvChainSDP:
     last: float | None = None
     #: The lists holding the current factor (emptied when the next iteration starts).
     live: tuple = ()
+    #: The Schur complement's diagonal blocks, reused by every iteration (:meth:`_buffers`).
+    diagonal: list | None = None
     #: The :class:`~lipsdp.interior.InteriorPoint` iterating on this structure, the primal objectives seen,
     #: and the relative change under which the primal objective counts as settled (:meth:`_settled`).
     state = None
@@ -198,7 +200,7 @@ class ConvChainSDP:
     def _assemble(self, Xs, Zs, N, lp):
         """Jacobi-scaled diagonal blocks ``D[g]`` and couplings ``C[g]`` (rows of group ``g``, columns of
         the tail of group ``g - 1``) of the Schur complement, and the scaling ``hd``."""
-        D = [np.zeros((g, g)) for g in self.group_sizes]
+        D = self._buffers()
         C = [None] + [np.zeros((g, x.dim)) for g, x in zip(self.group_sizes[1:], self.X)]
         congruent = {}  # (row var, column var) -> the products of every block, summed in one _skron
         for ents, X, Z in zip(self.entries, Xs, Zs):
@@ -227,6 +229,18 @@ class ConvChainSDP:
                 C[g] /= hd[g][:, None]
                 C[g] /= hd[g - 1][self.tail(g - 1)][None, :]
         return D, C, hd
+
+    def _buffers(self) -> list[np.ndarray]:
+        """The diagonal blocks, zeroed: allocated once and refilled every iteration (the factor of the last
+        iteration, which lives in them, is dropped first by :meth:`newton`).  A fresh ``np.zeros`` per
+        iteration maps new pages that the first write then faults in, one by one: at 32 channels that cost
+        more than the products written into them."""
+        if self.diagonal is None:
+            self.diagonal = [np.zeros((g, g)) for g in self.group_sizes]
+        else:
+            for Dg in self.diagonal:
+                Dg.fill(0.0)
+        return list(self.diagonal)
 
     @staticmethod
     def _place(D, C, v1, v2, h):
@@ -294,6 +308,7 @@ def solve(blocks, tail: np.ndarray, *, margin, bound, time_limit: float | None =
     if need > have:
         raise ResourceError(f"the structured interior-point solve needs about {need / 2**30:.2f} GiB, "
                             f"{have / 2**30:.2f} GiB available")
+    threads.fit(max(sdp.group_sizes))  # the group factorisations are the BLAS-3 work (no-op outside a run)
     state = InteriorPoint(sdp, sdp.objective, sdp.nonneg, tol, time_limit, t0, verbose, max_iters, 0.95)
     state.report = NAME
     progress.objective_scale(scale)

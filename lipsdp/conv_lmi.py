@@ -167,9 +167,8 @@ def repair_layer(B: LayerBlocks, P1, P2, lam, X_out, scalar: bool) -> np.ndarray
     """The input supply that makes the layer's block provably negative definite, given the rest.
 
     ``X_in`` enters only the ``u`` block, so the least admissible one is the Schur complement ``S`` of the
-    other rows; it is raised by ``eta I`` until :func:`prove_negative_definite` passes (``scalar``:
-    ``X_in = rho I`` with ``rho >= lambda_max(S)``).
-    """
+    other rows; it is raised by ``eta I`` (the least eta of a grid, within 2x) until
+    :func:`prove_negative_definite` passes (``scalar``: ``X_in = rho I`` with ``rho >= lambda_max(S)``)."""
     ci = B.Eu.shape[0]
     M0 = layer_matrix(B, P1, P2, np.zeros((ci, ci)), X_out, lam)
     u = np.flatnonzero(B.Eu.sum(axis=0))
@@ -181,11 +180,15 @@ def repair_layer(B: LayerBlocks, P1, P2, lam, X_out, scalar: bool) -> np.ndarray
     S = _sym(M0[np.ix_(u, u)] + M0[np.ix_(u, rest)] @ sla.cho_solve(Lc, M0[np.ix_(rest, u)], check_finite=False))
     X = float(np.linalg.eigvalsh(S)[-1]) * np.eye(ci) if scalar else S
     scale = float(np.abs(X).max()) + np.finfo(float).tiny
-    for eta in (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+
+    def proven(eta: float) -> np.ndarray | None:
         X_try = X + eta * scale * np.eye(ci)
         M = layer_matrix(B, P1, P2, X_try, X_out, lam)
-        if prove_negative_definite(M, _abs_matrix(B, P1, P2, X_try, X_out, lam), _terms(B)):
-            return X_try
+        return X_try if prove_negative_definite(M, _abs_matrix(B, P1, P2, X_try, X_out, lam), _terms(B)) else None
+    # The least eta within 2x: the excess becomes the previous block's output supply (docs/math.md §7.4.1)
+    for eta in (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+        if (found := proven(eta)) is not None:  # then the first of eta / 64, eta / 32, ... that proves
+            return next((x for x in map(proven, eta / 2.0 ** np.arange(6, 0, -1)) if x is not None), found)
     return None
 
 

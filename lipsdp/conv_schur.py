@@ -9,6 +9,7 @@ constraint matrices one by one.  Used by :mod:`lipsdp.conv_ipm`; imports nothing
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -79,21 +80,56 @@ def adjoint_entry(e: Entry, G: np.ndarray) -> np.ndarray:
     return e.data.T @ G.reshape(-1)
 
 
+#: ``r1 r2`` up to which :func:`skron` forms ``N`` whole and reads it through cached indices.
+SMALL = 1024
+
+
+@lru_cache(maxsize=64)
+def _gather(r1: int, r2: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of ``N[(b, c), (a, d)]`` and ``N[(b, d), (a, c)]`` at the two triangles' pairs."""
+    ia, ib, _ = triangle(r1)
+    ic, id_, _ = triangle(r2)
+    n = r1 * r2
+    rows, cols = ib[:, None] * r2, ia[:, None] * r2
+    return ((rows + ic) * n + cols + id_).astype(np.int32), ((rows + id_) * n + cols + ic).astype(np.int32)
+
+
 def skron(pairs, t1, t2) -> np.ndarray:
     """``sum_k c_k tr(E_i A_k E_j A2_k^T)`` over the symmetric bases of two triangles (docs/math.md §7.4.1).
 
-    ``pairs``: ``(c_k, A_k, A2_k)``, each ``r1 x r2``.  For each row pair ``(a, b)`` the ``r2 x r2`` matrix
-    ``W = sum_k c_k (A_k[b]^T A2_k[a] + A_k[a]^T A2_k[b])`` and its transpose are one batched product (inner
-    dimension ``4 K``); ``h`` reads ``W + W^T`` at ``(c, d)``: the four terms of the symmetric basis.
+    ``pairs``: ``(c_k, A_k, A2_k)``, each ``r1 x r2``; ``t1``, ``t2``: :func:`triangle` of ``r1`` and ``r2``
+    (upper triangles row by row).  With ``Q = [c_k A2_k; c_k A_k]`` and ``R = [A_k; A2_k]`` stacked over
+    ``j``, ``N[a, b, c, d] = sum_j Q_j[a, d] R_j[b, c]`` and ``h = w_ab w_cd (N[a, b, c, d] + N[a, b, d, c])``:
+    the four terms of the symmetric basis.  For each row ``a`` of the first triangle, ``N[a, b >= a]`` is one
+    BLAS-3 product (inner dimension ``2 K``) laid out ``(b, c, d)``, read at the second triangle both ways.
     """
     ia, ib, wa = t1
     ic, id_, wc = t2
-    r2 = pairs[0][1].shape[1]
-    left = np.concatenate([np.stack([c * A[ib], c * A[ia]], axis=2) for c, A, _ in pairs], axis=2)
-    right = np.concatenate([np.stack([A2[ia], A2[ib]], axis=1) for _, _, A2 in pairs], axis=1)
-    W = np.matmul(np.concatenate([left, right.transpose(0, 2, 1)], axis=2),
-                  np.concatenate([right, left.transpose(0, 2, 1)], axis=1))
-    h = W.reshape(len(ia), r2 * r2)[:, ic * r2 + id_]
+    r1, r2 = pairs[0][1].shape
+    Q = np.empty((2 * len(pairs), r1, r2))
+    R = np.empty((2 * len(pairs), r1, r2))
+    for k, (c, A, A2) in enumerate(pairs):
+        np.multiply(A2, c, out=Q[2 * k])
+        np.multiply(A, c, out=Q[2 * k + 1])
+        R[2 * k], R[2 * k + 1] = A, A2
+    if r1 * r2 <= SMALL:  # one product, read through cached indices (the loop below costs more in calls)
+        N = R.reshape(len(R), r1 * r2).T @ Q.reshape(len(Q), r1 * r2)  # (b, c), (a, d)
+        first, second = _gather(r1, r2)
+        h = np.take(N, first)
+        h += np.take(N, second)
+        h *= wa[:, None]
+        h *= wc[None, :]
+        return h
+    cd, dc = ic * r2 + id_, id_ * r2 + ic
+    h = np.empty((len(ia), len(ic)))
+    row = 0
+    for a in range(r1):  # rows (a, a), (a, a + 1), ... (a, r1 - 1) of the triangle, in order
+        nb = r1 - a
+        W = (R[:, a:, :].reshape(len(R), nb * r2).T @ Q[:, a, :]).reshape(nb, r2 * r2)  # (b, c), d -> b, (c, d)
+        block = h[row:row + nb]
+        np.take(W, cd, axis=1, out=block)
+        block += np.take(W, dc, axis=1)
+        row += nb
     h *= wa[:, None]
     h *= wc[None, :]
     return h

@@ -233,3 +233,31 @@ def test_proven_chain_bound_and_the_cap_on_the_structured_bound():
     omap = np.array([[1.0, -1.0] + [0.0] * 8])
     capped = at_most_trivial(Certificate(10 * proven, VERIFIED, trivial_bound=estimate), net, omap, chain)
     assert capped.bound == chain_proven_trivial_bound(chain, omap) <= proven * 1.5
+
+
+def test_chain_jacobians_equal_the_unrolled_product():
+    """The torch convolutions of ``_chain_jacobians`` (asymmetric padding, biases, two tanh layers) give
+    ``tail diag(phi') S_2 diag(phi') S_1`` with the unrolled matrices of :func:`conv_matrix`."""
+    from lipsdp.convnet import ConvChain, ConvLayer, _chain_jacobians
+    from lipsdp.network import Activation
+
+    rng = np.random.default_rng(7)
+    shapes = [((2, 5, 6), (0, 1, 2, 0)), ((3, 6, 5), (1, 0, 1, 2))]  # (in_shape, (top, left, bottom, right))
+    layers, mats, biases, act = [], [], [], Activation("t", "Tanh", (1,), function="tanh")
+    for k, (in_shape, pad) in enumerate(shapes):
+        weight = rng.standard_normal((3 if k == 0 else 2, in_shape[0], 2, 3))
+        out = convops.output_shape(weight, in_shape, pad)
+        bias = rng.standard_normal(int(np.prod(out)))
+        layers.append(ConvLayer(f"c{k}", weight, pad, in_shape, out, (0.0, 1.0), "tanh", bias, act))
+        mats.append(conv_matrix(in_shape, weight, (1, 1), pad[:2], pad[2:], (1, 1))[0].toarray())
+        biases.append(bias)
+    assert layers[0].out_shape == shapes[1][0]
+    tail = rng.standard_normal((4, int(np.prod(layers[-1].out_shape))))
+    x = rng.standard_normal((3, 60))
+    J = _chain_jacobians(ConvChain(layers, tail, "fc"), tail, x)
+    for s in range(len(x)):
+        h, ref = x[s], np.eye(60)
+        for S, bias in zip(mats, biases):
+            pre = S @ h + bias
+            ref, h = (1.0 - np.tanh(pre) ** 2)[:, None] * (S @ ref), np.tanh(pre)
+        np.testing.assert_allclose(J[s], tail @ ref, rtol=1e-10, atol=1e-12)
