@@ -34,6 +34,7 @@ from lipsdp.checking import check_certificate
 from lipsdp.composition import check_composed
 from lipsdp.pipeline import certify
 from lipsdp.quiet import dropped
+from lipsdp.resources import keep_freed_memory
 from lipsdp.session import run
 from lipsdp.solvers import describe
 from lipsdp.watchdog import guard, supervise
@@ -181,6 +182,8 @@ def _limit_reached(args, message: str, budget) -> int:
 
 
 def _cmd_certify(args, own_process: bool) -> int:
+    if own_process and args.memory_limit is None:
+        keep_freed_memory()  # page faults on fresh pages were a large share of big runs (lipsdp.resources)
     budget = Budget(args.time_limit, args.memory_limit, absolute=True, grace=CLI_GRACE,
                     start=getattr(args, "process_start", None) if own_process else None)
     template = {"verified": False, "bound": None, "status": "limit_reached", "model": args.model} \

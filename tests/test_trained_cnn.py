@@ -261,3 +261,19 @@ def test_chain_jacobians_equal_the_unrolled_product():
             pre = S @ h + bias
             ref, h = (1.0 - np.tanh(pre) ** 2)[:, None] * (S @ ref), np.tanh(pre)
         np.testing.assert_allclose(J[s], tail @ ref, rtol=1e-10, atol=1e-12)
+
+
+def test_capped_lower_bound_is_the_full_runs_over_a_prefix():
+    """The default sampled lower bound of a chain spends at most ``work`` flops: the same random inputs, cut
+    to what fits (never below MIN_LOWER_BOUND_SAMPLES), so it equals the uncapped run over that many inputs."""
+    from lipsdp.convnet import MIN_LOWER_BOUND_SAMPLES
+    from lipsdp.io import network_from_module
+
+    net = network_from_module(_spectral_cnn(channels=3, convs=3, size=11), input_shape=(1, 11, 11))
+    chain = conv_chain(net)
+    per_sample = 10 * sum(2.0 * layer.weight.size * layer.out_shape[1] * layer.out_shape[2] for layer in chain.layers)
+    capped = chain_lower_bound(net, chain, samples=64, batch=8, work=20 * per_sample)
+    assert capped == chain_lower_bound(net, chain, samples=20, batch=8, work=None)
+    assert capped <= chain_lower_bound(net, chain, samples=64, batch=8, work=None)
+    floor = chain_lower_bound(net, chain, samples=64, batch=8, work=1.0)
+    assert floor == chain_lower_bound(net, chain, samples=MIN_LOWER_BOUND_SAMPLES, batch=8, work=None)
