@@ -41,6 +41,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings, strategies as
 from torch import nn  # noqa: E402
 
 import lipsdp  # noqa: E402
+from lipsdp.budget import LimitReached  # noqa: E402
 from lipsdp.errors import UnsupportedLayerError  # noqa: E402
 from lipsdp.io import load_network  # noqa: E402
 from models import Residual  # noqa: E402
@@ -365,7 +366,10 @@ def audit_one(model, shape, fmt: str, folder, stats: Counter, ratios: list) -> s
     assert np.abs(got - want).max() <= 1e-4 * scale, f"{fmt}: the loaded graph differs from torch"
     start = time.perf_counter()
     # A time limit: on some ill-conditioned nets ``auto``'s fallback (SCS, 200,000 iterations) runs for minutes.
-    cert = lipsdp.certify(net, lower_bound_samples=0, time_limit=TIME_LIMIT)
+    try:
+        cert = lipsdp.certify(net, lower_bound_samples=0, time_limit=TIME_LIMIT)
+    except LimitReached:  # a solve that overran its share on a busy machine: no bound claimed, nothing to check
+        return "time limit reached"
     if time.perf_counter() - start > 0.5 * TIME_LIMIT:
         stats["slow certify (over half the time limit)"] += 1
         slow = stats.setdefault("slow models", [])
