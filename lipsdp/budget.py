@@ -207,6 +207,18 @@ class Budget:
             _CURRENT.reset(token)
 
 
+def record_if_limited(prove, what: str) -> None:
+    """Under a time or memory limit, call ``prove()`` (a verified bound, or None) and record its value with the
+    run's budget as ``what``, so a limit reached later still reports a bound; without limits nothing is done
+    (the proof may cost, and only a limit's report needs it early)."""
+    budget = current()
+    if budget is None or (budget.deadline is None and budget.memory_cap is None):
+        return
+    value = prove()
+    if value is not None:
+        budget.verified(value, what)
+
+
 def current() -> Budget | None:
     """The budget of the run in progress, None outside one."""
     return _CURRENT.get()

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from lipsdp.bounds import PROVEN_NORM_SIZE
-from lipsdp.budget import checkpoint, current
+from lipsdp.budget import checkpoint, current, record_if_limited
 from lipsdp.certificate import UNVERIFIED, VERIFIED, Certificate, trivial_certificate
 from lipsdp.conv_lmi import certify_chain
 from lipsdp.convnet import (ConvChain, NotAConvChain, chain_lower_bound, chain_proven_trivial_bound,
@@ -96,13 +96,8 @@ def certify_structured(network, chain: ConvChain, *, output_map=None, solver: st
     t0 = time.perf_counter()
     # the bracketing bounds on the recovered kernels, never on the unrolled matrices (lipsdp.convops)
     trivial = chain_trivial_bound(chain) * (1.0 if output_map is None else _norm2(output_map))
-    budget = current()
-    if budget is not None and (budget.deadline is not None or budget.memory_cap is not None):
-        # a verified bound from the start, so a limit reached later reports one (as lipsdp.verification's
-        # record_proven_trivial does for the unrolled path)
-        proven = chain_proven_trivial_bound(chain, output_map)
-        if proven is not None:
-            budget.verified(proven, "product of norms")
+    # a verified bound from the start, so a limit reached later reports one
+    record_if_limited(lambda: chain_proven_trivial_bound(chain, output_map), "product of norms")
     lower = chain_lower_bound(network, chain, samples=lower_bound_samples, output_map=output_map) \
         if lower_bound_samples else None
     if output_map is not None:
@@ -114,6 +109,7 @@ def certify_structured(network, chain: ConvChain, *, output_map=None, solver: st
     if chain.input_phases != (1, 1):
         summary["phases"] = phases_of(chain)
     around = time.perf_counter() - t0  # bounds and fingerprint: counted in the build
+    budget = current()
     limit = budget.solver_seconds(time_limit) if budget is not None else time_limit
     res = certify_chain(chain, solver="auto" if solver in ("auto", None) else solver, time_limit=limit)
     details = res.details

@@ -17,7 +17,7 @@ from fractions import Fraction
 import numpy as np
 
 from lipsdp.bounds import node_lipschitz, proven_spectral_norm, proven_trivial_bound  # noqa: F401 (re-exported)
-from lipsdp.budget import current
+from lipsdp.budget import record_if_limited
 from lipsdp.certificate import SCHEMA_VERSION, composition_certificate, constant_certificate
 from lipsdp.errors import LipSDPError, NotVerifiedError
 from lipsdp.exact import exact_negative_definite
@@ -65,12 +65,7 @@ def record_proven_trivial(network, norm: str, output_map) -> None:
     the verification still reports a bound ("best verified bound so far", exit code 1) instead of none.
     Without limits nothing is done: the final certificate proves the product only where it needs it.
     """
-    budget = current()
-    if budget is None or (budget.deadline is None and budget.memory_cap is None):
-        return
-    proven = proven_trivial_bound(network, norm, output_map)
-    if proven is not None:
-        budget.verified(proven, "product of norms")
+    record_if_limited(lambda: proven_trivial_bound(network, norm, output_map), "product of norms")
 
 
 def _verify(lmi, x, v, objective, candidates=None) -> Verification:
