@@ -28,7 +28,7 @@ from lipsdp import __version__, arguments, robustness_cli
 from lipsdp import monotone_cli
 from lipsdp.budget import Budget, LimitReached
 from lipsdp.certificate import WRITING, Certificate
-from lipsdp.errors import LipSDPError
+from lipsdp.errors import LipSDPError, ResourceError
 from lipsdp.local import read_region
 from lipsdp.checking import check_certificate
 from lipsdp.composition import check_composed
@@ -203,6 +203,15 @@ def _cmd_certify(args, own_process: bool) -> int:
         if args.debug:
             raise
         return _limit_reached(args, str(exc), budget)
+    except ResourceError as exc:
+        # Refused before allocating because of the user's --memory-limit: that limit is reached (exit 1, with the
+        # best verified bound so far); without one, the machine cannot hold the problem (exit 2, as bad input).
+        if args.debug or args.memory_limit is None:
+            raise
+        best = f"; best verified bound so far {budget.best[0]:.6g} ({budget.best[1]})" if budget.best else \
+            "; no bound verified"
+        return _limit_reached(args, f"memory limit of {args.memory_limit / 2**30:.3g} GiB reached during "
+                                    f"{budget.phase}: {exc}{best}", budget)
     except MemoryError:
         if args.debug:
             raise

@@ -114,6 +114,28 @@ def test_cli_memory_limit_is_never_exceeded(nohup):
     assert peak <= 1.1 * parse_size("700M"), f"peak resident memory {peak / 2**20:.0f} MiB for a 700 MiB limit"
 
 
+def test_cli_memory_refusal_under_the_users_limit_is_that_limit_reached(tmp_path):
+    """An LMI refused up front because of ``--memory-limit`` is the limit reached: exit 1 with the best bound
+    verified so far (the product of norms, proven at the start of the build), not exit 2 as for bad input."""
+    torch.manual_seed(0)
+    path = tmp_path / "wide.pt"  # one hidden layer of 1200 on 1200 inputs: billions of sector terms
+    model = torch.nn.Sequential(torch.nn.Linear(1200, 1200), torch.nn.LeakyReLU(0.01), torch.nn.Linear(1200, 10))
+    torch.save(model, path)
+    proc, _ = _cli("certify", path, "--trust-pickle", "--memory-limit", "1G", "--json")
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lipsdp: memory limit of 1 GiB reached during build: "), lines
+    assert "needs about" in lines[0] and "best verified bound so far" in lines[0] and "Traceback" not in proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["verified"] is False and d["status"] == "limit_reached"
+    W1, W2 = (m.weight.detach().double() for m in (model[0], model[2]))
+    trivial = float(torch.linalg.matrix_norm(W1, 2) * torch.linalg.matrix_norm(W2, 2))  # slope bound 1; proven: rounded up
+    x = torch.randn(64, 1200, dtype=torch.float64)
+    jac = [torch.autograd.functional.jacobian(model.double(), xi) for xi in x]
+    lower = max(float(torch.linalg.matrix_norm(J, 2)) for J in jac)
+    assert lower <= d["best_verified_bound"] <= trivial * (1 + 1e-6), (lower, d["best_verified_bound"], trivial)
+
+
 @pytest.mark.slow
 def test_cli_time_limit_holds_inside_native_calls():
     """A solver that ignores its limit and holds the GIL in LAPACK is still stopped on time (exit 1)."""
