@@ -116,3 +116,25 @@ def test_chain_layers_as_the_binary_search(sizes):
     far = replace(lmi, rows=np.append(lmi.rows, 0), cols=np.append(lmi.cols, lmi.blocks[2].start),
                   vals=np.append(lmi.vals, 1.0), var=np.append(lmi.var, 1))
     assert far.chain_layers() is None
+
+
+def test_auto_does_not_start_a_solve_far_beyond_the_time_left(monkeypatch):
+    import lipsdp
+    import lipsdp.solve as solve_stage
+
+    net = _net((10, 12, 12, 12, 12, 3), seed=4)
+    trivial = node_lipschitz(net)[net.output]
+    full = lipsdp.certify(net, lower_bound_samples=0)
+    assert full.verified and full.solver == "completion"
+    # A machine a billion times slower: every solve is estimated far beyond the 100 s limit.
+    monkeypatch.setattr(solve_stage, "FLOP_RATE", 1e-3)
+    cert = lipsdp.certify(net, lower_bound_samples=0, time_limit=100)
+    assert cert.verified and cert.solver_status == "time_limit", cert.message
+    msg = cert.verification["message"]
+    assert "start point" in msg and "not solved: completion would need about" in msg, msg
+    assert cert.timings["solve"] == 0.0
+    _sandwich(net, cert.bound, trivial)
+    assert cert.bound >= full.bound * (1 - 1e-9)  # the SDP optimum lies below the start's bound
+    # An explicitly chosen solver runs as asked.
+    asked = lipsdp.certify(net, lower_bound_samples=0, time_limit=100, solver="completion")
+    assert asked.verified and asked.solver_status != "time_limit"
