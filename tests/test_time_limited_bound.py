@@ -127,7 +127,7 @@ def test_auto_does_not_start_a_solve_far_beyond_the_time_left(monkeypatch):
     full = lipsdp.certify(net, lower_bound_samples=0)
     assert full.verified and full.solver == "completion"
     # A machine a billion times slower: every solve is estimated far beyond the 100 s limit.
-    monkeypatch.setattr(solve_stage, "FLOP_RATE", 1e-3)
+    monkeypatch.setattr(solve_stage, "FLOP_RATE", 1e-3, raising=False)  # (absent before: no skip)
     cert = lipsdp.certify(net, lower_bound_samples=0, time_limit=100)
     assert cert.verified and cert.solver_status == "time_limit", cert.message
     msg = cert.verification["message"]
