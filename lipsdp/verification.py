@@ -11,6 +11,7 @@ given (``Query.given``), up to exact power-of-two congruences.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
@@ -109,6 +110,10 @@ def _exact_recheck(query: Query, ver: Verification) -> Verification:
     return replace(ver, method="exact", message=ver.message + "; confirmed exactly (rational arithmetic)")
 
 
+#: ``id(start) -> (weak reference to start, target, Verification)``: each start point is tested once.
+_STARTS: dict = {}
+
+
 def _start_bound(query: Query, below: float | None = None) -> Verification | None:
     """The verified bound of the solved LMI's layer-by-layer start point (:mod:`lipsdp.scaling`, improved by
     :mod:`lipsdp.layer_sweep`), or None: no start, or its objective is not below ``below``.  The start is
@@ -119,7 +124,13 @@ def _start_bound(query: Query, below: float | None = None) -> Verification | Non
     objective = float(np.sqrt(max(float(query.target.objective @ start) * v[0], 0.0)))
     if below is not None and objective >= below:
         return None
-    return _verify(query.target, start, v, objective)
+    done = _STARTS.get(id(start))  # verified already after the build (record_start_bound): the same test
+    if done is not None and done[0]() is start and done[1] is query.target:
+        return done[2]
+    ver = _verify(query.target, start, v, objective)
+    _STARTS[id(start)] = (weakref.ref(start), query.target, ver)
+    weakref.finalize(start, _STARTS.pop, id(start), None)
+    return ver
 
 
 def _better_start(query: Query, ver: Verification | None, why: str = "") -> Verification | None:
