@@ -96,12 +96,10 @@ class LMIProblem:
         .. math:: M'(x') = D M(V x') D / g,\qquad V = \operatorname{diag}(v),\;
                   v_j = g / d_{k(j)}^2 ,
 
-        so ``rho`` and every multiplier are of order one.  ``D M D <= 0`` iff
-        ``M <= 0``: the optimum is the same, and ``x = v * x'`` maps a solution
-        back.  Every scale is rounded to a power of two, so the congruence and
-        ``x = v * x'`` are *exact* in floating point: verifying ``M'`` at ``x'``
-        verifies ``M`` at ``v * x'``.  The objective is divided by ``g``
-        (``v[0] == g``).  Returns ``(lmi', v)``.
+        so ``rho`` and every multiplier are of order one.  ``D M D <= 0`` iff ``M <= 0``: the optimum is
+        the same, and ``x = v * x'`` maps a solution back.  Every scale is rounded to a power of two, so
+        the congruence and ``x = v * x'`` are *exact* in floating point: verifying ``M'`` at ``x'``
+        verifies ``M`` at ``v * x'``.  The objective is divided by ``g`` (``v[0] == g``).  Returns ``(lmi', v)``.
         """
         def pow2(a):
             a = np.asarray(a, dtype=np.float64)
@@ -112,7 +110,11 @@ class LMIProblem:
         g = float(pow2(total ** 2 if total > 0 else 1.0))
         v = g / d_block[self.var_block] ** 2
         v[: self.n_in] = g  # rho / lambda_in sit on the input block, d_0 = 1
-        scale = d[self.rows] * d[self.cols] * v[self.var] / g
+        # vals * (d[rows] * d[cols] * v[var] / g) in that order, in two buffers instead of six (same roundings)
+        scale, other = np.take(d, self.rows), np.take(d, self.cols)
+        np.multiply(scale, other, out=scale)
+        np.multiply(scale, np.take(v, self.var, out=other), out=scale)
+        np.divide(scale, g, out=scale)
         Dm = sp.diags(d)
         const = (Dm @ self.const @ Dm / g).tocsr()
         const_abs = (Dm @ self.const_abs @ Dm / g).tocsr()
@@ -125,7 +127,7 @@ class LMIProblem:
         if self.factors is not None:
             R, iu, iw, coef, fvar = self.factors
             factors = ((R @ Dm).tocsr(), iu, iw, coef * v[fvar] / g, fvar)
-        return replace(self, vals=self.vals * scale, const=const, const_abs=const_abs,
+        return replace(self, vals=np.multiply(self.vals, scale, out=other), const=const, const_abs=const_abs,
                        objective=self.objective * v / g, lift_err=lift_err, factors=factors,
                        start=None if self.start is None else self.start / v), v
 
@@ -145,14 +147,19 @@ class LMIProblem:
         """
         if not self.blocks:
             return None
-        rb, cb = self.block_of(self.rows), self.block_of(self.cols)
-        if np.any(np.abs(rb - cb) > 1):
+        # A gather from every index's block in int16, not a binary search into int64 (fresh pages: most of a build).
+        starts = np.array([b.start for b in self.blocks] + [self.n])
+        table = np.repeat(np.arange(len(self.blocks), dtype=np.int16 if len(starts) < 2 ** 15 else np.int64),
+                          np.diff(starts)) if starts[0] == 0 and np.all(np.diff(starts) >= 0) else \
+            self.block_of(np.arange(self.n))
+        rb, cb = table[self.rows], table[self.cols]
+        lo_b, hi_b = np.minimum(rb, cb), np.maximum(rb, cb)
+        if np.any(np.subtract(hi_b, lo_b, out=rb) > 1):
             return None
-        lo = np.full(self.n_var, len(self.blocks), dtype=np.int64)
-        hi = np.full(self.n_var, -1, dtype=np.int64)
-        np.minimum.at(lo, self.var, np.minimum(rb, cb))
-        np.maximum.at(hi, self.var, np.maximum(rb, cb))
-        return None if np.any((hi >= 0) & (hi - lo > 1)) else hi
+        lo, hi = np.full(self.n_var, len(self.blocks), table.dtype), np.full(self.n_var, -1, table.dtype)
+        np.minimum.at(lo, self.var, lo_b)
+        np.maximum.at(hi, self.var, hi_b)
+        return None if np.any((hi >= 0) & (hi - lo > 1)) else hi.astype(np.int64)
 
     # -- evaluation -----------------------------------------------------
     @cached_property
@@ -210,14 +217,9 @@ class LMIProblem:
     def svec(self, triangle: str = "lower", scale: float = np.sqrt(2.0)):
         """Vectorise for a conic solver.
 
-        Returns ``(A, b)`` with ``svec(M(x)) = A x + b``: the lower (or upper)
-        triangle in column-major order, off-diagonal entries times ``scale``
-        (``sqrt(2)`` makes the vectorisation an isometry, as SCS and Clarabel expect).
-
-        Returns
-        -------
-        A : scipy.sparse.csc_matrix, shape (n(n+1)/2, n_var)
-        b : ndarray, shape (n(n+1)/2,)
+        Returns ``(A, b)`` with ``svec(M(x)) = A x + b`` (``A`` csc of shape ``(n(n+1)/2, n_var)``, ``b`` of
+        ``n(n+1)/2``): the lower (or upper) triangle in column-major order, off-diagonal entries times
+        ``scale`` (``sqrt(2)`` makes the vectorisation an isometry, as SCS and Clarabel expect).
         """
         n = self.n
 
@@ -307,15 +309,14 @@ def _input_block(n0: int, n: int, norm: str, metric=None) -> _Parts:
                   factors=[(E0, E0, np.full(n0, -0.5), var[0])])
 
 
-def _constraint_error(qc, op, P, P_err, Q, formulation: str, offset: int) -> tuple:
-    """COO bound on how much the rounding ``P_err`` of the rows ``P`` moves the QC's terms.
-
-    ``|F(P+d) - F(P)| <= F_abs(|P|+|d|) - F_abs(|P|)``: the terms are bilinear in the rows.
-    """
+def _constraint_error(qc, op, P, P_err, Q, formulation: str, offset: int) -> list:
+    """COO bound on how much the rounding ``P_err`` of the rows ``P`` moves the QC's terms, as two pieces
+    (``+|hi|``, ``-|lo|``; :func:`_lift_error` joins all at once): ``|F(P+d) - F(P)| <= F_abs(|P|+|d|) -
+    F_abs(|P|)``, the terms being bilinear in the rows."""
     hi = qc.terms(op, abs(P) + P_err, abs(Q), formulation)
     lo = qc.terms(op, abs(P), abs(Q), formulation)
-    return (np.concatenate([hi.rows, lo.rows]), np.concatenate([hi.cols, lo.cols]),
-            np.concatenate([np.abs(hi.vals), -np.abs(lo.vals)]), np.concatenate([hi.mult, lo.mult]) + offset)
+    return [(hi.rows, hi.cols, np.abs(hi.vals), np.asarray(hi.mult) + offset),
+            (lo.rows, lo.cols, -np.abs(lo.vals), np.asarray(lo.mult) + offset)]
 
 
 def _lift_error(C: sp.csr_matrix, C_err, err_parts: list) -> tuple:
@@ -368,7 +369,7 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
         Q = lifting.selector(k)
         offset = parts.add(qc.terms(op, P, Q, formulation), k)
         if not lift_exact and lifting.pre_err[k - 1].nnz:  # exact rows add no error terms
-            parts.err.append(_constraint_error(qc, op, P, lifting.pre_err[k - 1], Q, formulation, offset))
+            parts.err.extend(_constraint_error(qc, op, P, lifting.pre_err[k - 1], Q, formulation, offset))
     objective = np.zeros(len(parts.labels))
     objective[:n_in] = 1.0
     coo = [_joined(parts.rows, np.int64), _joined(parts.cols, np.int64), _joined(parts.vals, np.float64),

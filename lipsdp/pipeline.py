@@ -5,8 +5,7 @@ The driver of the stages, in the order data flows::
     load (lipsdp.io) -> graph (Network) -> lift -> reductions -> LMI -> solve -> verify -> certificate
 
 * **load**: :func:`load_model` (a file, a module, or a :class:`~lipsdp.network.Network`);
-* **lift**: :func:`lipsdp.lifting.lift`, one :class:`~lipsdp.reductions.Query` per LMI
-  the certificate stands for (:func:`lipsdp.reductions.queries`);
+* **lift**: :func:`lipsdp.lifting.lift`, one :class:`~lipsdp.reductions.Query` per LMI of the certificate;
 * **reductions**: :class:`~lipsdp.reductions.ReduceInput`, :class:`~lipsdp.reductions.Precondition` on each
   query; :class:`~lipsdp.reductions.Split`, :class:`~lipsdp.reductions.MaxMinAsReLU` on the network;
 * **solve**: :class:`lipsdp.solve.Solve` (backend choice, memory, fallback);
@@ -14,8 +13,7 @@ The driver of the stages, in the order data flows::
   network as given, so nothing the solver or a reduction did can make a bound unsound;
 * **certificate**: :func:`lipsdp.certificate.certificate_from_outcomes`.
 
-``lipsdp verify`` (:func:`lipsdp.checking.check_certificate`) runs load -> lift -> verify on the
-same queries and congruences (:func:`lipsdp.verification.recheck`).
+``lipsdp verify`` (:func:`lipsdp.checking.check_certificate`): load -> lift -> verify, same queries and congruences.
 """
 
 from __future__ import annotations
@@ -44,11 +42,11 @@ from lipsdp.reductions import (Chain, MaxMinAsReLU, Precondition, Query, ReduceI
 from lipsdp.resources import available_memory  # noqa: F401  (public here for scripts and benchmarks)
 from lipsdp.sampled_scales import gain_scales
 from lipsdp.session import run
-from lipsdp.solve import ClosedForm, Solve
+from lipsdp.solve import ClosedForm, Solve, sweep_deadline
 from lipsdp.split import is_chain
 from lipsdp.structured import certify_by_structure
 from lipsdp.verification import (FORMULATIONS, NORMS, closed_form, proven_trivial_bound, record_proven_trivial,
-                                 verify_solution)
+                                 record_start_bound, verify_solution)
 
 #: How the preconditioning scales are chosen; one name here so tests and experiments can substitute it.
 _scales = preconditioning_scales
@@ -127,7 +125,7 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
         return quick  # constant, or the proven composition reached by the lower bound (docs/math.md §2.5)
     block_scale = np.array([1.0] + [lips[b.node] for b in lifting.blocks[1:]])
     chain = Chain([ReduceInput(), Precondition(block_scale, trivial, scales=gain_scales(network, lifting, output_map, _scales),
-                                               deadline=None if not time_limit else t_start + SWEEP_SHARE * time_limit)])
+                                               deadline=sweep_deadline(t_start, time_limit, solver, SWEEP_SHARE))])
     solve = ClosedForm() if len(lifting.blocks) == 1 else \
         Solve(solver, time_limit=time_limit, tol=tol, memory_limit=memory_limit, progress=progress)
     outcomes, todo = [], list(readouts(network.output_dim, norm, output_map))
@@ -138,7 +136,9 @@ def _certify_network(network, *, solver, formulation, norm, output_map, time_lim
         query, inverse = chain.apply(Query.build(lifting, formulation, norm, omap, label))
         summary["solved_lmi_size"] = query.solve.n
         thread_pools.fit(query.solve.n)
-        t_build += time.perf_counter() - t0
+        t_build, t0 = t_build + time.perf_counter() - t0, time.perf_counter()
+        record_start_bound(query)  # under a limit only: the bound a limit reached in the solve reports
+        t_verify += time.perf_counter() - t0
         checkpoint("solve")
         solution = chain.invert(solve(query), inverse)
         checkpoint("verify")

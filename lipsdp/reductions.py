@@ -208,15 +208,17 @@ class Precondition(Reduction):
     scales : callable
         ``scales(lmi, block_scale, trivial, deadline=...) -> (block_scale, total, start)``;
         :func:`preconditioning_scales` by default.
-    deadline : float, optional
-        ``time.perf_counter()`` after which the scales stop improving.
+    deadline : float or callable, optional
+        ``time.perf_counter()`` after which the scales stop improving, or a function of the LMI to solve
+        that gives it (:func:`lipsdp.solve.sweep_deadline`).
     """
 
     def __init__(self, block_scale, trivial, *, scales=preconditioning_scales, deadline=None):
         self.block_scale, self.trivial, self.scales, self.deadline = block_scale, trivial, scales, deadline
 
     def apply(self, query: Query):
-        block_scale, total, start = self.scales(query.solve, self.block_scale, self.trivial, deadline=self.deadline)
+        deadline = self.deadline(query.solve) if callable(self.deadline) else self.deadline
+        block_scale, total, start = self.scales(query.solve, self.block_scale, self.trivial, deadline=deadline)
         target, v = query.target.preconditioned(block_scale, total)
         if query.solve is query.target:  # one congruence serves both; only the hint differs
             solve = replace(target, start=None if start is None else start / v)

@@ -19,7 +19,7 @@ from lipsdp.budget import current, note
 from lipsdp.errors import LipSDPError, ResourceError
 from lipsdp.resources import available_memory
 from lipsdp.solvers import choose, fallback, fitting
-from lipsdp.solvers.base import SolveResult, native_output_to_stderr
+from lipsdp.solvers.base import BACKENDS, SolveResult, native_output_to_stderr
 
 #: A solve that ended otherwise gets a second backend under ``auto``: it neither converged nor ran out of time.
 _SETTLED = ("optimal", "optimal_inaccurate", "time_limit")
@@ -30,6 +30,41 @@ MEMORY_SHARE = 0.8
 #: slips under, docs/math.md §5.3): with the default tolerance it is solved again at :data:`TIGHT_TOL`.
 DUAL_GAP = 1e-4
 TIGHT_TOL = 1e-14
+#: Flops a second of the interior-point methods' BLAS-3 work on one core, and their iterations from the
+#: swept start: an estimate of a solve's seconds (784-64x64-10: 2e11 flops an iteration, about 15 CPU s,
+#: 37 iterations; docs/performance.md).
+FLOP_RATE, ITERATIONS = 1.3e10, 35
+#: Under a time limit, an ``auto`` solve estimated at more than this multiple of the seconds left cannot
+#: get near the optimum (its first iterates are looser than its start): the layer sweeps get
+#: :data:`HOPELESS_SWEEP_SHARE` of the time left (:func:`sweep_deadline`), the solve is not started, and the
+#: verified bound is the start point's (:func:`lipsdp.verification.verify_solution`).
+HOPELESS, HOPELESS_SWEEP_SHARE = 4.0, 0.6
+
+
+def solve_seconds(backend, lmi) -> float | None:
+    """About how many seconds ``backend`` needs for ``lmi`` on one core (None: no estimate)."""
+    cost = backend.iteration_cost(lmi) if backend.applies(lmi) else None
+    return None if not cost else float(cost) * ITERATIONS / FLOP_RATE
+
+
+def sweep_deadline(t_start: float, time_limit, solver: str, share: float):
+    """The preconditioning sweeps' deadline under ``time_limit`` (None without one), as a function of the
+    LMI to solve (:class:`~lipsdp.reductions.Precondition`): ``share`` of the limit, or
+    :data:`HOPELESS_SWEEP_SHARE` of the time left where an ``auto`` solve of a chain LMI by the completion
+    method cannot finish in it (the sweeps then make the bound)."""
+    if not time_limit:
+        return None
+
+    def deadline(lmi) -> float:
+        now, budget = time.perf_counter(), current()
+        left = budget.seconds_left() if budget is not None and budget.deadline is not None else \
+            t_start + time_limit - now  # the run's deadline counts the load too
+        need = solve_seconds(BACKENDS["completion"], lmi) if solver.lower() == "auto" else None
+        if need is not None and need > HOPELESS * max(left, 0.0):
+            return now + HOPELESS_SWEEP_SHARE * max(left, 0.0)
+        return t_start + share * time_limit
+
+    return deadline
 
 
 @dataclass
@@ -128,6 +163,9 @@ class Solve:
         if self.backend is None:
             self.backend = choose(self.solver, lmi)
             self._check_memory(lmi)
+        hopeless = self._hopeless(lmi)
+        if hopeless:
+            return Solution(None, "time_limit", hopeless, solver=self.backend.name)
         result, seconds = run_backend(self.backend, lmi, self.time_limit, self.tol, self.progress, query.label)
         self.seconds += seconds
         name = self.backend.name
@@ -138,6 +176,19 @@ class Solve:
         extras = result.extras if isinstance(result.extras, dict) else {}
         return Solution(result.x, result.status, result.message, result.objective, extras.get("dual_objective"),
                         result.iterations, extras.get("path"), name)
+
+    def _hopeless(self, lmi) -> str | None:
+        """Why an ``auto`` solve is not started (an estimate :data:`HOPELESS` times the seconds left, and a
+        start point to verify instead), or None."""
+        budget = current()
+        left = None if budget is None else budget.seconds_left()
+        if self.solver.lower() != "auto" or left is None or lmi.start is None:
+            return None
+        need = solve_seconds(self.backend, lmi)
+        if need is None or need <= HOPELESS * max(left, 0.0):
+            return None
+        return (f"not solved: {self.backend.name} would need about {need:.3g} s on one core ({ITERATIONS} "
+                f"iterations), {max(left, 0.0):.3g} s were left")
 
     def _check_memory(self, lmi) -> None:
         need = self.backend.memory_estimate(lmi)
