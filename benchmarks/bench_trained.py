@@ -26,6 +26,7 @@ Usage::
 
     python benchmarks/bench_trained.py --only mlp --sizes 16x2 16x8 64x3 --repeats 1
     python benchmarks/bench_trained.py --only cnn --net-limit 120
+    python benchmarks/bench_trained.py --cli --sizes 64x8 --repeats 5   # as users run it: lipsdp certify --json
     python benchmarks/bench_trained.py --profile 64x3      # cProfile of one certify call (top 30)
     python benchmarks/bench_trained.py --phases 16x64 --sweeps 1   # each stage's wall / CPU s and peak RSS
     python benchmarks/bench_trained.py --compare results/trained/trained-before.json results/trained/trained-after.json
@@ -154,6 +155,22 @@ def worker(path: str, time_limit: float | None, solver: str) -> None:
                       "timings": cert.timings, "wall": wall, "peak_gib": peak, "solver": cert.solver,
                       "status": cert.solver_status, "lmi": cert.network.get("solved_lmi_size"),
                       "message": cert.message}))
+
+
+def run_cli(path: Path, limit: float, time_limit: float | None, solver: str) -> dict:
+    """``lipsdp certify FILE --json`` in its own process, as a user runs it: the thread variables removed
+    (threads as lipsdp chooses them), peak RSS of that process tree; the same fields as :func:`worker`."""
+    import bench_trained_cnn as cli_bench  # the CNN benchmark's command line runner (same directory)
+
+    cmd = cli_bench.certify_command(path, 28, time_limit, None, ["--samples", "0", "--solver", solver])
+    r = cli_bench.run_one(cmd, limit)
+    if r.get("status") == "killed":
+        return {"status": "timeout", "wall": r["wall"]}
+    if "timings" not in r or r.get("exit") not in (0, 1):
+        return {"status": "error", "wall": r["wall"], "message": r.get("message", "")}
+    return {"bound": r["bound"], "verified": r["status"] == "verified", "trivial": r["trivial_bound"],
+            "timings": r["timings"], "wall": r["wall"], "peak_gib": r["peak_gib"], "solver": r["solver"],
+            "status": r["status"], "lmi": "", "message": r["message"]}
 
 
 def run_one(path: Path, limit: float, time_limit: float | None, solver: str) -> dict:
@@ -286,6 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--net-limit", type=float, default=600.0, help="wall seconds per certify call (subprocess killed)")
     p.add_argument("--time-limit", type=float, default=None, help="lipsdp's own --time-limit per call")
     p.add_argument("--solver", default="auto")
+    p.add_argument("--cli", action="store_true",
+                   help="run `lipsdp certify --json` as a user does (threads as lipsdp chooses) instead of the API")
     p.add_argument("--model-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "lipsdp-trained")
     p.add_argument("--out-dir", type=Path, default=HERE / "results" / "trained")
     p.add_argument("--tag", default="")
@@ -318,7 +337,7 @@ def main(argv=None) -> int:
         info = {} if path.exists() else train_and_save(name, path)
         runs = []
         for rep in range(args.repeats):
-            r = run_one(path, args.net_limit, args.time_limit, args.solver)
+            r = (run_cli if args.cli else run_one)(path, args.net_limit, args.time_limit, args.solver)
             runs.append(r)
             t = r.get("timings", {})
             print(f"  [{rep + 1}/{args.repeats}] {name:14s} {r.get('status')!s:12s} bound {r.get('bound')} "
@@ -327,7 +346,9 @@ def main(argv=None) -> int:
         results[name] = {"runs": runs, **info}
 
     env = (f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-           f"OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=MKL_NUM_THREADS=1, solver {args.solver}, "
+           + ("through `lipsdp certify --json`, threads as lipsdp chooses them (no thread variables), "
+              if args.cli else "OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=MKL_NUM_THREADS=1, ")
+           + f"solver {args.solver}, "
            f"medians of {args.repeats} run(s), per-net wall limit {args.net_limit:.0f} s")
     lines = ["| net | LMI solved | bound | load s | build s (/solve) | solve s | verify s (/solve) | total s "
              "| build+verify share | peak GiB |", "|" + "---|" * 10]
