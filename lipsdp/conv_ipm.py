@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import time
 import numpy as np
-from scipy.linalg import LinAlgError, cholesky, solve_triangular
-from scipy.linalg.blas import dsyrk
+from scipy.linalg import LinAlgError
 
-from lipsdp import progress, threads
+from lipsdp import conv_factor, progress, threads
 from lipsdp.budget import checkpoint
 from lipsdp.conv_schur import Entry, Var, adjoint_entry, apply_entry, pair_schur, skron, triangle, unpack
 from lipsdp.errors import ResourceError
@@ -34,6 +33,11 @@ from lipsdp.resources import available_memory
 
 #: Name reported to the progress display and in the certificate.
 NAME = "conv-ipm"
+
+
+#: Multiples of ``I`` (in the Jacobi-scaled units of the Schur complement) tried in turn to factor it: free
+#: storages and supplies can make it singular near the optimum.
+REGULARISATIONS = (1e-14, 1e-11, 1e-8)
 
 
 class OutOfTime(Exception):
@@ -83,7 +87,8 @@ class ConvChainSDP:
                 offset += v.dim
             self.group_sizes.append(local)
         self.m = offset
-        self.sizes, self.F0s, self.entries, self.history = [], [], [], []
+        self.tails = [None] + [self.tail(g) for g in range(len(groups) - 1)]  # what group g couples to
+        self.sizes, self.F0s, self.entries, self.history, self.refinements = [], [], [], [], []
         for k, B in enumerate(blocks):
             P1, P2 = self.P1[k], self.P2[k]
             ents = [Entry(P, "cong", [(1.0, F), (-1.0, S)]) for P, F, S in ((P1, B.Fh, B.Sh), (P2, B.Fv, B.Sv))
@@ -115,8 +120,17 @@ class ConvChainSDP:
     last: float | None = None
     #: The lists holding the current factor (emptied when the next iteration starts).
     live: tuple = ()
-    #: The Schur complement's diagonal blocks, reused by every iteration (:meth:`_buffers`).
+    #: The Schur complement's diagonal blocks, reused by every iteration (:meth:`_buffers`), and their
+    #: single-precision copies (:meth:`_singles`).
     diagonal: list | None = None
+    single_blocks: list | None = None
+    #: A copy of one diagonal block, to factor it again with more regularisation (:meth:`_double`).
+    spare: np.ndarray | None = None
+    #: Whether the next iteration factors in single precision first (:meth:`newton`), and the refinement
+    #: steps each solve took (-1: not converged, the double factor took over).
+    single: bool = True
+    single_factors: int = 0
+    refinements: list
     #: The :class:`~lipsdp.interior.InteriorPoint` iterating on this structure, the primal objectives seen,
     #: and the relative change under which the primal objective counts as settled (:meth:`_settled`).
     state = None
@@ -133,13 +147,14 @@ class ConvChainSDP:
         X = self.X[g]
         return slice(X.local, X.local + X.dim)
 
-    def memory_estimate(self) -> int:
-        """Bytes of one iteration: the Schur blocks and their couplings, the pair products, the iterates."""
+    def memory_estimate(self, single: bool = True) -> int:
+        """Bytes of one iteration: the Schur blocks (with ``single``, their single-precision copies too), a spare
+        block and the couplings, the pair products, the iterates."""
         gs = np.array(self.group_sizes, dtype=np.float64)
         dims = max(v.dim for v in self.P1 + self.P2 + self.X + [self.Y])
         coupling = sum(g * x.dim for g, x in zip(gs[1:], self.X))
-        return int(8 * (1.2 * float(np.sum(gs ** 2)) + coupling + 8 * dims ** 2
-                        + 16 * sum(n * n for n in self.sizes) + 30 * self.m))
+        return int(8 * ((1.7 if single else 1.2) * float(np.sum(gs ** 2)) + float(np.max(gs)) ** 2 + coupling
+                        + 8 * dims ** 2 + 16 * sum(n * n for n in self.sizes) + 30 * self.m))
 
     # -- the interface InteriorPoint iterates on ------------------------------------------------------
     def linear(self, y):
@@ -161,6 +176,9 @@ class ConvChainSDP:
     def newton(self, Xs, Zs, N, lp):
         """A solver for ``(H + diag_N(lp)) dy = rhs`` by block Cholesky, or None if singular.
 
+        While :attr:`single` holds, ``H`` is factored in single precision and each solve refined to the
+        double solve's residual (:func:`lipsdp.conv_factor.refine`); the first solve that does not get
+        there factors ``H`` in double precision and turns :attr:`single` off for the rest of the run.
         Raises :class:`OutOfTime` when the iteration it starts would end past :attr:`deadline` (the
         previous iteration's duration as the estimate): the last point is then the answer.
         """
@@ -172,16 +190,66 @@ class ConvChainSDP:
         self.last = now
         for held in self.live:  # the previous iteration's factor: freed before the next one is assembled
             held.clear()
-        for reg in (1e-14, 1e-11, 1e-8):  # free storages and supplies can make H singular near the optimum
-            D, C, hd = self._assemble(Xs, Zs, N, lp)
+        D, C, hd = self._assemble(Xs, Zs, N, lp)
+        low = conv_factor.single_factor(D, C, self.tails, self._singles()) if self.single else None
+        if low is None:
+            self.single = False
+            exact = self._double(Xs, Zs, N, lp, (D, C))
+            if exact is None:
+                return None
+            self.live = exact
+            return lambda rhs: self._join(conv_factor.substitute(*exact, self.tails, self._split(rhs, hd)), hd)
+        self.live, held = low, []
+        self.single_factors += 1
+
+        def solve(rhs):
+            bs = self._split(rhs, hd)
+            if not held:
+                xs, ok, steps = conv_factor.refine(D, C, self.tails, low, bs)
+                self.refinements.append(steps if ok else -1)
+                if ok:
+                    return self._join(xs, hd)
+                self.single = False  # H is too ill-conditioned for the single factor from now on
+                exact = self._double(Xs, Zs, N, lp, (D, C))
+                if exact is None:  # the refined solve is the best there is
+                    return self._join(xs, hd)
+                low[0].clear()
+                held.extend(exact)
+                self.live = exact
+            return self._join(conv_factor.substitute(*held, self.tails, bs), hd)
+        return solve
+
+    def _double(self, Xs, Zs, N, lp, first):
+        """The double-precision factor ``(L, E)`` of ``H`` (``first``: ``(D, C)`` already assembled, overwritten),
+        each block regularised by the first of :data:`REGULARISATIONS` that factors; None when none does.
+
+        Until a block first fails, the blocks are factored without a copy and a failure assembles ``H``
+        again; from then on (near the optimum) each block is copied first and only the failing one redone."""
+        for k in range(len(REGULARISATIONS)):
+            D, C = first if first is not None else self._assemble(Xs, Zs, N, lp)[:2]
+            first = None
             try:
-                Lf, E = self._factor(D, C, reg)
+                return conv_factor.factor(D, C, self.tails, REGULARISATIONS[k:], self.spare)
             except LinAlgError:
                 D = C = None  # noqa: F841  (one Schur complement in memory at a time)
-                continue
-            self.live = (Lf, E)
-            return lambda rhs: self._solve(Lf, E, hd, rhs)
+                if self.spare is not None:
+                    return None
+                self.spare = np.empty(max(self.group_sizes) ** 2)
         return None
+
+    def _split(self, rhs, hd):
+        off = self.group_offsets + [self.m]
+        return [rhs[off[g]:off[g + 1]] / hd[g] for g in range(len(hd))]
+
+    @staticmethod
+    def _join(xs, hd):
+        return np.concatenate([x / h for x, h in zip(xs, hd)])
+
+    def _singles(self) -> list[np.ndarray]:
+        """The single-precision copies of the diagonal blocks, allocated once (as :meth:`_buffers`)."""
+        if self.single_blocks is None:
+            self.single_blocks = [np.zeros((g, g), dtype=np.float32) for g in self.group_sizes]
+        return self.single_blocks
 
     def _settled(self) -> None:
         """Raise :class:`Settled` once the primal objective (the point that gets verified) has moved less than
@@ -252,33 +320,6 @@ class ConvChainSDP:
         else:
             C[v1.group][s1, :] += h
 
-    def _factor(self, D, C, reg):
-        """Block Cholesky ``H = L L^T`` in place: ``L_gg`` in ``D[g]``, ``L_{g,g-1}`` (nonzero only on the
-        tail columns of group ``g - 1``) in ``E[g]``."""
-        Lf, E = [], [None] * len(D)
-        for g, Dg in enumerate(D):
-            Dg.flat[::len(Dg) + 1] += reg
-            if C[g] is not None:
-                t = self.tail(g - 1)
-                E[g] = solve_triangular(Lf[g - 1][t, t], C[g].T, lower=True, check_finite=False).T
-                dsyrk(-1.0, np.asfortranarray(E[g]), beta=1.0, c=Dg.T, lower=0, overwrite_c=1)
-            Lf.append(cholesky(Dg.T, lower=False, overwrite_a=True, check_finite=False).T)
-        return Lf, E
-
-    def _solve(self, Lf, E, hd, rhs):
-        off = self.group_offsets + [self.m]
-        xs = [rhs[off[g]:off[g + 1]] / hd[g] for g in range(len(Lf))]
-        for g in range(len(Lf)):
-            b = xs[g] if E[g] is None else xs[g] - E[g] @ xs[g - 1][self.tail(g - 1)]
-            xs[g] = solve_triangular(Lf[g], b, lower=True, check_finite=False)
-        for g in reversed(range(len(Lf))):
-            b = xs[g]
-            if g + 1 < len(Lf):
-                b = b.copy()
-                b[self.tail(g)] -= E[g + 1].T @ xs[g + 1]
-            xs[g] = solve_triangular(Lf[g], b, lower=True, trans="T", check_finite=False)
-        return np.concatenate([x / h for x, h in zip(xs, hd)])
-
 
 def grams_of(tail: np.ndarray, channels: int) -> np.ndarray:
     """``W_c W_d^T`` (``C x C x q x q``) of the read-out ``tail`` (``q x C*space``), channel by channel."""
@@ -305,6 +346,8 @@ def solve(blocks, tail: np.ndarray, *, margin, bound, time_limit: float | None =
     C = blocks[-1].Ew.shape[0]
     sdp = ConvChainSDP(blocks, grams_of(tail / np.sqrt(scale), C), margin, bound)
     need, have = sdp.memory_estimate(), available_memory()
+    if need > have:  # without the single-precision copies (each factor in double precision)
+        sdp.single, need = False, sdp.memory_estimate(single=False)
     if need > have:
         raise ResourceError(f"the structured interior-point solve needs about {need / 2**30:.2f} GiB, "
                             f"{have / 2**30:.2f} GiB available")
@@ -330,4 +373,5 @@ def solve(blocks, tail: np.ndarray, *, margin, bound, time_limit: float | None =
             "lam": [y[v.offset:v.offset + v.dim] * scale for v in sdp.lam],
             "x": [mat(v, scale) for v in sdp.X], "Y": mat(sdp.Y, 1.0 / scale),
             "rho": float(y[sdp.rho.offset]) * scale, "solver": NAME, "status": status, "message": message,
-            "iterations": state.iterations, "gap": state.gap, "memory_estimate": need}
+            "iterations": state.iterations, "gap": state.gap, "memory_estimate": need,
+            "single_factors": sdp.single_factors}
