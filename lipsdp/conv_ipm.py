@@ -40,12 +40,18 @@ NAME = "conv-ipm"
 REGULARISATIONS = (1e-14, 1e-11, 1e-8)
 
 
+#: Largest Schur group from which the iteration factors in single precision first (:meth:`ConvChainSDP.newton`):
+#: below it the factor is cheap next to the refinement's extra products.
+SINGLE_FROM = 1000
+
+
 class OutOfTime(Exception):
     """The next iteration would not finish within the time limit (caught in :func:`solve`)."""
 
 
 class Settled(Exception):
-    """The primal objective stopped moving while the dual residual floors (caught in :func:`solve`)."""
+    """The gap is small enough, or the primal objective stopped moving while the dual residual floors (caught
+    in :func:`solve`)."""
 
 
 def storage_bound(bound: float, size: int) -> float:
@@ -136,6 +142,9 @@ class ConvChainSDP:
     state = None
     history: list
     settle: float = 1e-7
+    #: The relative gap at which the iteration stops (:meth:`_settled`): the verified bound then moves by
+    #: less than ``1e-6`` relatively in the iterations after it (docs/performance.md).
+    close: float = 1e-6
 
     def _block(self, F0, entries):
         self.sizes.append(F0.shape[0])
@@ -252,18 +261,22 @@ class ConvChainSDP:
         return self.single_blocks
 
     def _settled(self) -> None:
-        """Raise :class:`Settled` once the primal objective (the point that gets verified) has moved less than
-        :attr:`settle` relatively over three iterations at a primal-feasible point with a small gap: the
-        shared iteration's own test also needs the dual residual, which on these problems can floor near
-        ``1e-5`` and keep it iterating to its limit."""
+        """Raise :class:`Settled` at a primal-feasible point once the relative gap is at most :attr:`close`
+        with a dual residual of at most ``1e-4`` (the bound, ``sqrt`` of the objective, is then within about
+        half the gap of the SDP's value), or once the primal objective (the point that gets verified) has
+        moved less than :attr:`settle` relatively over three iterations with a gap under ``1e-3``: the
+        shared iteration's own test also needs a smaller dual residual, which on these problems can floor
+        near ``1e-5`` and keep it iterating to its limit."""
         state = self.state
         if state is None:
             return
         self.history.append(float(state.c @ state.y))
         last = self.history[-3:]
+        if state.pinf < 1e-9 and state.gap <= self.close and state.dinf <= 1e-4:
+            raise Settled(f"relative gap {state.gap:.1e} at iteration {state.iterations}")
         if len(last) == 3 and state.pinf < 1e-9 and state.gap < 1e-3 and \
                 max(last) - min(last) <= self.settle * abs(last[-1]):
-            raise Settled
+            raise Settled(f"primal objective settled at iteration {state.iterations}")
 
     def _assemble(self, Xs, Zs, N, lp):
         """Jacobi-scaled diagonal blocks ``D[g]`` and couplings ``C[g]`` (rows of group ``g``, columns of
@@ -345,7 +358,8 @@ def solve(blocks, tail: np.ndarray, *, margin, bound, time_limit: float | None =
     scale = float(np.linalg.norm(tail, 2)) ** 2 or 1.0
     C = blocks[-1].Ew.shape[0]
     sdp = ConvChainSDP(blocks, grams_of(tail / np.sqrt(scale), C), margin, bound)
-    need, have = sdp.memory_estimate(), available_memory()
+    sdp.single = max(sdp.group_sizes) >= SINGLE_FROM
+    need, have = sdp.memory_estimate(sdp.single), available_memory()
     if need > have:  # without the single-precision copies (each factor in double precision)
         sdp.single, need = False, sdp.memory_estimate(single=False)
     if need > have:
@@ -361,9 +375,8 @@ def solve(blocks, tail: np.ndarray, *, margin, bound, time_limit: float | None =
         status, message = state.run()
     except OutOfTime:
         status, message = "time_limit", f"time limit after {state.iterations} iterations (the next would not finish)"
-    except Settled:
-        status, message = "optimal_inaccurate", (f"primal objective settled at iteration {state.iterations} "
-                                                 f"(gap {state.gap:.1e}, dual residual {state.dinf:.1e})")
+    except Settled as stop:
+        status, message = "optimal_inaccurate", f"{stop} (gap {state.gap:.1e}, dual residual {state.dinf:.1e})"
     y = state.y
 
     def mat(v: Var, factor: float) -> np.ndarray:
