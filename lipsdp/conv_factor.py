@@ -1,4 +1,4 @@
-"""The block Cholesky of the conv chain's Schur complement, in double or in single precision (docs/math.md §7.4.2).
+"""The block Cholesky of the conv chain's Schur complement, in double or in single precision (docs/math.md §7.4.1).
 
 :class:`lipsdp.conv_ipm.ConvChainSDP` assembles the Jacobi-scaled Schur complement ``H`` of the HKM direction as
 a block-tridiagonal matrix: diagonal blocks ``D[g]`` (only their lower triangles are read) and couplings

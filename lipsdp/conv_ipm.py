@@ -49,6 +49,10 @@ class OutOfTime(Exception):
     """The next iteration would not finish within the time limit (caught in :func:`solve`)."""
 
 
+class Singular(Exception):
+    """No regularisation factors the Schur complement, found in a solve (caught in :func:`solve`)."""
+
+
 class Settled(Exception):
     """The gap is small enough, or the primal objective stopped moving while the dual residual floors (caught
     in :func:`solve`)."""
@@ -202,7 +206,7 @@ class ConvChainSDP:
         D, C, hd = self._assemble(Xs, Zs, N, lp)
         low = conv_factor.single_factor(D, C, self.tails, self._singles()) if self.single else None
         if low is None:
-            self.single = False
+            self.single, self.single_blocks = False, None  # their memory back for good
             exact = self._double(Xs, Zs, N, lp, (D, C))
             if exact is None:
                 return None
@@ -218,10 +222,10 @@ class ConvChainSDP:
                 self.refinements.append(steps if ok else -1)
                 if ok:
                     return self._join(xs, hd)
-                self.single = False  # H is too ill-conditioned for the single factor from now on
+                self.single, self.single_blocks = False, None  # H is now too ill-conditioned for it
                 exact = self._double(Xs, Zs, N, lp, (D, C))
-                if exact is None:  # the refined solve is the best there is
-                    return self._join(xs, hd)
+                if exact is None:  # (D now holds the failed attempts: the iteration ends here)
+                    raise Singular
                 low[0].clear()
                 held.extend(exact)
                 self.live = exact
@@ -375,6 +379,9 @@ def solve(blocks, tail: np.ndarray, *, margin, bound, time_limit: float | None =
         status, message = state.run()
     except OutOfTime:
         status, message = "time_limit", f"time limit after {state.iterations} iterations (the next would not finish)"
+    except Singular:
+        status = "optimal_inaccurate" if state.gap < 1e-4 else "solver_error"
+        message = f"singular Schur complement at iteration {state.iterations} (gap {state.gap:.1e})"
     except Settled as stop:
         status, message = "optimal_inaccurate", f"{stop} (gap {state.gap:.1e}, dual residual {state.dinf:.1e})"
     y = state.y
