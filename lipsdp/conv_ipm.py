@@ -352,6 +352,11 @@ def solve(blocks, tail: np.ndarray, *, margin, bound, time_limit: float | None =
     and the point scaled back.  Returns the multipliers in the format of
     :func:`lipsdp.conv_lmi.solve_chain`; ``time_limit`` stops the iteration with its last point.
 
+    ``earlier``: the points of the last iterations near the optimum before the final one, newest first
+    (:attr:`lipsdp.interior.InteriorPoint.path`), in the same format: near the end the iterates can come
+    too close to the boundary for the verification's margin (trained 32x4: iterations 50 and 51 verified,
+    52 to 54 did not), and an earlier one may still prove a bound.
+
     Raises
     ------
     ResourceError
@@ -384,14 +389,17 @@ def solve(blocks, tail: np.ndarray, *, margin, bound, time_limit: float | None =
         message = f"singular Schur complement at iteration {state.iterations} (gap {state.gap:.1e})"
     except Settled as stop:
         status, message = "optimal_inaccurate", f"{stop} (gap {state.gap:.1e}, dual residual {state.dinf:.1e})"
-    y = state.y
+    earlier = [point(sdp, y, scale) for y in reversed(state.path) if not np.array_equal(y, state.y)]
+    return {**point(sdp, state.y, scale), "solver": NAME, "status": status, "message": message,
+            "iterations": state.iterations, "gap": state.gap, "memory_estimate": need,
+            "single_factors": sdp.single_factors, "earlier": earlier}
 
+
+def point(sdp: ConvChainSDP, y: np.ndarray, scale: float) -> dict:
+    """The multipliers of ``y`` in the format of :func:`lipsdp.conv_lmi.solve_chain`, in original units."""
     def mat(v: Var, factor: float) -> np.ndarray:
         return unpack(y[v.offset:v.offset + v.dim], v) * factor if v.size else np.zeros((0, 0))
 
     return {"P1": [mat(v, scale) for v in sdp.P1], "P2": [mat(v, scale) for v in sdp.P2],
             "lam": [y[v.offset:v.offset + v.dim] * scale for v in sdp.lam],
-            "x": [mat(v, scale) for v in sdp.X], "Y": mat(sdp.Y, 1.0 / scale),
-            "rho": float(y[sdp.rho.offset]) * scale, "solver": NAME, "status": status, "message": message,
-            "iterations": state.iterations, "gap": state.gap, "memory_estimate": need,
-            "single_factors": sdp.single_factors}
+            "x": [mat(v, scale) for v in sdp.X], "Y": mat(sdp.Y, 1.0 / scale), "rho": float(y[sdp.rho.offset]) * scale}

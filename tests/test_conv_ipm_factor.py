@@ -126,3 +126,22 @@ def test_single_precision_iterations_reach_the_double_bound(monkeypatch):
     assert s_double == 0 and s_single >= 3
     assert abs(single - double) <= 1e-6 * double
     assert n_single <= n_double + 2
+
+
+def test_earlier_points_come_back_in_the_solution_format():
+    """``solve`` returns the last iterates near the optimum before the final one (newest first), each in the
+    format :func:`lipsdp.conv_lmi.verify_chain` reads and proven or refused by it like the final one."""
+    pytest.importorskip("torch")
+    from lipsdp.conv_lmi import solve_chain, verify_chain
+    from test_conv_ipm import chain_of, cnn
+
+    chain, blocks = chain_of(cnn(3, 2, size=5, seed=1), 5)
+    sol = solve_chain(chain, blocks, "conv-ipm")
+    final = verify_chain(chain, blocks, sol)
+    assert final.verified and 1 <= len(sol["earlier"]) <= 8
+    for point in sol["earlier"]:
+        assert set(point) == {"P1", "P2", "lam", "x", "Y", "rho"}
+        assert point["rho"] != sol["rho"]
+        res = verify_chain(chain, blocks, point)
+        if res.verified:  # a less converged point proves about the same bound or a looser one
+            assert res.bound >= final.bound * (1 - 1e-3)
