@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import time
 import numpy as np
-from scipy.linalg import LinAlgError, cholesky, solve_triangular
-from scipy.linalg.blas import dsyrk
+from scipy.linalg import LinAlgError
 
-from lipsdp import progress, threads
+from lipsdp import conv_factor, progress, threads
 from lipsdp.budget import checkpoint
 from lipsdp.conv_schur import Entry, Var, adjoint_entry, apply_entry, pair_schur, skron, triangle, unpack
 from lipsdp.errors import ResourceError
@@ -36,12 +35,27 @@ from lipsdp.resources import available_memory
 NAME = "conv-ipm"
 
 
+#: Multiples of ``I`` (in the Jacobi-scaled units of the Schur complement) tried in turn to factor it: free
+#: storages and supplies can make it singular near the optimum.
+REGULARISATIONS = (1e-14, 1e-11, 1e-8)
+
+
+#: Largest Schur group from which the iteration factors in single precision first (:meth:`ConvChainSDP.newton`):
+#: below it the factor is cheap next to the refinement's extra products.
+SINGLE_FROM = 1000
+
+
 class OutOfTime(Exception):
     """The next iteration would not finish within the time limit (caught in :func:`solve`)."""
 
 
+class Singular(Exception):
+    """No regularisation factors the Schur complement, found in a solve (caught in :func:`solve`)."""
+
+
 class Settled(Exception):
-    """The primal objective stopped moving while the dual residual floors (caught in :func:`solve`)."""
+    """The gap is small enough, or the primal objective stopped moving while the dual residual floors (caught
+    in :func:`solve`)."""
 
 
 def storage_bound(bound: float, size: int) -> float:
@@ -83,7 +97,8 @@ class ConvChainSDP:
                 offset += v.dim
             self.group_sizes.append(local)
         self.m = offset
-        self.sizes, self.F0s, self.entries, self.history = [], [], [], []
+        self.tails = [None] + [self.tail(g) for g in range(len(groups) - 1)]  # what group g couples to
+        self.sizes, self.F0s, self.entries, self.history, self.refinements = [], [], [], [], []
         for k, B in enumerate(blocks):
             P1, P2 = self.P1[k], self.P2[k]
             ents = [Entry(P, "cong", [(1.0, F), (-1.0, S)]) for P, F, S in ((P1, B.Fh, B.Sh), (P2, B.Fv, B.Sv))
@@ -115,13 +130,25 @@ class ConvChainSDP:
     last: float | None = None
     #: The lists holding the current factor (emptied when the next iteration starts).
     live: tuple = ()
-    #: The Schur complement's diagonal blocks, reused by every iteration (:meth:`_buffers`).
+    #: The Schur complement's diagonal blocks, reused by every iteration (:meth:`_buffers`), and their
+    #: single-precision copies (:meth:`_singles`).
     diagonal: list | None = None
+    single_blocks: list | None = None
+    #: A copy of one diagonal block, to factor it again with more regularisation (:meth:`_double`).
+    spare: np.ndarray | None = None
+    #: Whether the next iteration factors in single precision first (:meth:`newton`), and the refinement
+    #: steps each solve took (-1: not converged, the double factor took over).
+    single: bool = True
+    single_factors: int = 0
+    refinements: list
     #: The :class:`~lipsdp.interior.InteriorPoint` iterating on this structure, the primal objectives seen,
     #: and the relative change under which the primal objective counts as settled (:meth:`_settled`).
     state = None
     history: list
     settle: float = 1e-7
+    #: The relative gap at which the iteration stops (:meth:`_settled`): the verified bound then moves by
+    #: less than ``1e-6`` relatively in the iterations after it (docs/performance.md).
+    close: float = 1e-6
 
     def _block(self, F0, entries):
         self.sizes.append(F0.shape[0])
@@ -133,13 +160,14 @@ class ConvChainSDP:
         X = self.X[g]
         return slice(X.local, X.local + X.dim)
 
-    def memory_estimate(self) -> int:
-        """Bytes of one iteration: the Schur blocks and their couplings, the pair products, the iterates."""
+    def memory_estimate(self, single: bool = True) -> int:
+        """Bytes of one iteration: the Schur blocks (with ``single``, their single-precision copies too), a spare
+        block and the couplings, the pair products, the iterates."""
         gs = np.array(self.group_sizes, dtype=np.float64)
         dims = max(v.dim for v in self.P1 + self.P2 + self.X + [self.Y])
         coupling = sum(g * x.dim for g, x in zip(gs[1:], self.X))
-        return int(8 * (1.2 * float(np.sum(gs ** 2)) + coupling + 8 * dims ** 2
-                        + 16 * sum(n * n for n in self.sizes) + 30 * self.m))
+        return int(8 * ((1.7 if single else 1.2) * float(np.sum(gs ** 2)) + float(np.max(gs)) ** 2 + coupling
+                        + 8 * dims ** 2 + 16 * sum(n * n for n in self.sizes) + 30 * self.m))
 
     # -- the interface InteriorPoint iterates on ------------------------------------------------------
     def linear(self, y):
@@ -161,6 +189,9 @@ class ConvChainSDP:
     def newton(self, Xs, Zs, N, lp):
         """A solver for ``(H + diag_N(lp)) dy = rhs`` by block Cholesky, or None if singular.
 
+        While :attr:`single` holds, ``H`` is factored in single precision and each solve refined to the
+        double solve's residual (:func:`lipsdp.conv_factor.refine`); the first solve that does not get
+        there factors ``H`` in double precision and turns :attr:`single` off for the rest of the run.
         Raises :class:`OutOfTime` when the iteration it starts would end past :attr:`deadline` (the
         previous iteration's duration as the estimate): the last point is then the answer.
         """
@@ -172,30 +203,84 @@ class ConvChainSDP:
         self.last = now
         for held in self.live:  # the previous iteration's factor: freed before the next one is assembled
             held.clear()
-        for reg in (1e-14, 1e-11, 1e-8):  # free storages and supplies can make H singular near the optimum
-            D, C, hd = self._assemble(Xs, Zs, N, lp)
+        D, C, hd = self._assemble(Xs, Zs, N, lp)
+        low = conv_factor.single_factor(D, C, self.tails, self._singles()) if self.single else None
+        if low is None:
+            self.single, self.single_blocks = False, None  # their memory back for good
+            exact = self._double(Xs, Zs, N, lp, (D, C))
+            if exact is None:
+                return None
+            self.live = exact
+            return lambda rhs: self._join(conv_factor.substitute(*exact, self.tails, self._split(rhs, hd)), hd)
+        self.live, held = low, []
+        self.single_factors += 1
+
+        def solve(rhs):
+            bs = self._split(rhs, hd)
+            if not held:
+                xs, ok, steps = conv_factor.refine(D, C, self.tails, low, bs)
+                self.refinements.append(steps if ok else -1)
+                if ok:
+                    return self._join(xs, hd)
+                self.single, self.single_blocks = False, None  # H is now too ill-conditioned for it
+                exact = self._double(Xs, Zs, N, lp, (D, C))
+                if exact is None:  # (D now holds the failed attempts: the iteration ends here)
+                    raise Singular
+                low[0].clear()
+                held.extend(exact)
+                self.live = exact
+            return self._join(conv_factor.substitute(*held, self.tails, bs), hd)
+        return solve
+
+    def _double(self, Xs, Zs, N, lp, first):
+        """The double-precision factor ``(L, E)`` of ``H`` (``first``: ``(D, C)`` already assembled, overwritten),
+        each block regularised by the first of :data:`REGULARISATIONS` that factors; None when none does.
+
+        Until a block first fails, the blocks are factored without a copy and a failure assembles ``H``
+        again; from then on (near the optimum) each block is copied first and only the failing one redone."""
+        for k in range(len(REGULARISATIONS)):
+            D, C = first if first is not None else self._assemble(Xs, Zs, N, lp)[:2]
+            first = None
             try:
-                Lf, E = self._factor(D, C, reg)
+                return conv_factor.factor(D, C, self.tails, REGULARISATIONS[k:], self.spare)
             except LinAlgError:
                 D = C = None  # noqa: F841  (one Schur complement in memory at a time)
-                continue
-            self.live = (Lf, E)
-            return lambda rhs: self._solve(Lf, E, hd, rhs)
+                if self.spare is not None:
+                    return None
+                self.spare = np.empty(max(self.group_sizes) ** 2)
         return None
 
+    def _split(self, rhs, hd):
+        off = self.group_offsets + [self.m]
+        return [rhs[off[g]:off[g + 1]] / hd[g] for g in range(len(hd))]
+
+    @staticmethod
+    def _join(xs, hd):
+        return np.concatenate([x / h for x, h in zip(xs, hd)])
+
+    def _singles(self) -> list[np.ndarray]:
+        """The single-precision copies of the diagonal blocks, allocated once (as :meth:`_buffers`)."""
+        if self.single_blocks is None:
+            self.single_blocks = [np.zeros((g, g), dtype=np.float32) for g in self.group_sizes]
+        return self.single_blocks
+
     def _settled(self) -> None:
-        """Raise :class:`Settled` once the primal objective (the point that gets verified) has moved less than
-        :attr:`settle` relatively over three iterations at a primal-feasible point with a small gap: the
-        shared iteration's own test also needs the dual residual, which on these problems can floor near
-        ``1e-5`` and keep it iterating to its limit."""
+        """Raise :class:`Settled` at a primal-feasible point once the relative gap is at most :attr:`close`
+        with a dual residual of at most ``1e-4`` (the bound, ``sqrt`` of the objective, is then within about
+        half the gap of the SDP's value), or once the primal objective (the point that gets verified) has
+        moved less than :attr:`settle` relatively over three iterations with a gap under ``1e-3``: the
+        shared iteration's own test also needs a smaller dual residual, which on these problems can floor
+        near ``1e-5`` and keep it iterating to its limit."""
         state = self.state
         if state is None:
             return
         self.history.append(float(state.c @ state.y))
         last = self.history[-3:]
+        if state.pinf < 1e-9 and state.gap <= self.close and state.dinf <= 1e-4:
+            raise Settled(f"relative gap {state.gap:.1e} at iteration {state.iterations}")
         if len(last) == 3 and state.pinf < 1e-9 and state.gap < 1e-3 and \
                 max(last) - min(last) <= self.settle * abs(last[-1]):
-            raise Settled
+            raise Settled(f"primal objective settled at iteration {state.iterations}")
 
     def _assemble(self, Xs, Zs, N, lp):
         """Jacobi-scaled diagonal blocks ``D[g]`` and couplings ``C[g]`` (rows of group ``g``, columns of
@@ -252,33 +337,6 @@ class ConvChainSDP:
         else:
             C[v1.group][s1, :] += h
 
-    def _factor(self, D, C, reg):
-        """Block Cholesky ``H = L L^T`` in place: ``L_gg`` in ``D[g]``, ``L_{g,g-1}`` (nonzero only on the
-        tail columns of group ``g - 1``) in ``E[g]``."""
-        Lf, E = [], [None] * len(D)
-        for g, Dg in enumerate(D):
-            Dg.flat[::len(Dg) + 1] += reg
-            if C[g] is not None:
-                t = self.tail(g - 1)
-                E[g] = solve_triangular(Lf[g - 1][t, t], C[g].T, lower=True, check_finite=False).T
-                dsyrk(-1.0, np.asfortranarray(E[g]), beta=1.0, c=Dg.T, lower=0, overwrite_c=1)
-            Lf.append(cholesky(Dg.T, lower=False, overwrite_a=True, check_finite=False).T)
-        return Lf, E
-
-    def _solve(self, Lf, E, hd, rhs):
-        off = self.group_offsets + [self.m]
-        xs = [rhs[off[g]:off[g + 1]] / hd[g] for g in range(len(Lf))]
-        for g in range(len(Lf)):
-            b = xs[g] if E[g] is None else xs[g] - E[g] @ xs[g - 1][self.tail(g - 1)]
-            xs[g] = solve_triangular(Lf[g], b, lower=True, check_finite=False)
-        for g in reversed(range(len(Lf))):
-            b = xs[g]
-            if g + 1 < len(Lf):
-                b = b.copy()
-                b[self.tail(g)] -= E[g + 1].T @ xs[g + 1]
-            xs[g] = solve_triangular(Lf[g], b, lower=True, trans="T", check_finite=False)
-        return np.concatenate([x / h for x, h in zip(xs, hd)])
-
 
 def grams_of(tail: np.ndarray, channels: int) -> np.ndarray:
     """``W_c W_d^T`` (``C x C x q x q``) of the read-out ``tail`` (``q x C*space``), channel by channel."""
@@ -294,6 +352,11 @@ def solve(blocks, tail: np.ndarray, *, margin, bound, time_limit: float | None =
     and the point scaled back.  Returns the multipliers in the format of
     :func:`lipsdp.conv_lmi.solve_chain`; ``time_limit`` stops the iteration with its last point.
 
+    ``earlier``: the points of the last iterations near the optimum before the final one, newest first
+    (:attr:`lipsdp.interior.InteriorPoint.path`), in the same format: near the end the iterates can come
+    too close to the boundary for the verification's margin (trained 32x4: iterations 50 and 51 verified,
+    52 to 54 did not), and an earlier one may still prove a bound.
+
     Raises
     ------
     ResourceError
@@ -304,7 +367,10 @@ def solve(blocks, tail: np.ndarray, *, margin, bound, time_limit: float | None =
     scale = float(np.linalg.norm(tail, 2)) ** 2 or 1.0
     C = blocks[-1].Ew.shape[0]
     sdp = ConvChainSDP(blocks, grams_of(tail / np.sqrt(scale), C), margin, bound)
-    need, have = sdp.memory_estimate(), available_memory()
+    sdp.single = max(sdp.group_sizes) >= SINGLE_FROM
+    need, have = sdp.memory_estimate(sdp.single), available_memory()
+    if need > have:  # without the single-precision copies (each factor in double precision)
+        sdp.single, need = False, sdp.memory_estimate(single=False)
     if need > have:
         raise ResourceError(f"the structured interior-point solve needs about {need / 2**30:.2f} GiB, "
                             f"{have / 2**30:.2f} GiB available")
@@ -318,16 +384,22 @@ def solve(blocks, tail: np.ndarray, *, margin, bound, time_limit: float | None =
         status, message = state.run()
     except OutOfTime:
         status, message = "time_limit", f"time limit after {state.iterations} iterations (the next would not finish)"
-    except Settled:
-        status, message = "optimal_inaccurate", (f"primal objective settled at iteration {state.iterations} "
-                                                 f"(gap {state.gap:.1e}, dual residual {state.dinf:.1e})")
-    y = state.y
+    except Singular:
+        status = "optimal_inaccurate" if state.gap < 1e-4 else "solver_error"
+        message = f"singular Schur complement at iteration {state.iterations} (gap {state.gap:.1e})"
+    except Settled as stop:
+        status, message = "optimal_inaccurate", f"{stop} (gap {state.gap:.1e}, dual residual {state.dinf:.1e})"
+    earlier = [point(sdp, y, scale) for y in reversed(state.path) if not np.array_equal(y, state.y)]
+    return {**point(sdp, state.y, scale), "solver": NAME, "status": status, "message": message,
+            "iterations": state.iterations, "gap": state.gap, "memory_estimate": need,
+            "single_factors": sdp.single_factors, "earlier": earlier}
 
+
+def point(sdp: ConvChainSDP, y: np.ndarray, scale: float) -> dict:
+    """The multipliers of ``y`` in the format of :func:`lipsdp.conv_lmi.solve_chain`, in original units."""
     def mat(v: Var, factor: float) -> np.ndarray:
         return unpack(y[v.offset:v.offset + v.dim], v) * factor if v.size else np.zeros((0, 0))
 
     return {"P1": [mat(v, scale) for v in sdp.P1], "P2": [mat(v, scale) for v in sdp.P2],
             "lam": [y[v.offset:v.offset + v.dim] * scale for v in sdp.lam],
-            "x": [mat(v, scale) for v in sdp.X], "Y": mat(sdp.Y, 1.0 / scale),
-            "rho": float(y[sdp.rho.offset]) * scale, "solver": NAME, "status": status, "message": message,
-            "iterations": state.iterations, "gap": state.gap, "memory_estimate": need}
+            "x": [mat(v, scale) for v in sdp.X], "Y": mat(sdp.Y, 1.0 / scale), "rho": float(y[sdp.rho.offset]) * scale}
