@@ -21,7 +21,8 @@ from lipsdp import conv_ipm
 from lipsdp.convnet import ConvChain, ConvLayer
 from lipsdp.errors import LipSDPError, SolverError
 from lipsdp.roesser import causal_kernel, realise
-from lipsdp.conv_readout import _sym, prove_negative_definite, prove_read_out, read_out, tail_gain  # noqa: F401
+from lipsdp.conv_readout import (ReadOut, _sym, prove_negative_definite, prove_read_out, read_outs,  # noqa: F401
+                                 tail_gain)
 
 #: Relative margin the SDP asks of every block, so that the verified point is strictly feasible.
 MARGIN = 1e-6
@@ -260,13 +261,23 @@ def _pick_solver(blocks: list[LayerBlocks]) -> str:
 def verify_chain(chain: ConvChain, blocks: list[LayerBlocks], sol: dict) -> StructuredResult:
     """Re-derive and prove the bound from the solver's multipliers, backwards along the chain.
 
-    The read-out fixes ``t`` and ``X_L`` (:func:`tail_gain`); each layer then gets the least input supply
-    its block allows (:func:`repair_layer`) and is proven negative definite; the first layer's input supply
-    is ``rho I``.  The bound is ``sqrt(rho t)`` rounded up (docs/math.md §7.4).
+    The read-out fixes ``t`` and ``X_L`` (:func:`lipsdp.conv_readout.read_outs`: the solver's ``Y`` as it
+    is first, then regularised candidates); each layer then gets the least input supply its block allows
+    (:func:`repair_layer`) and is proven negative definite; the first layer's input supply is ``rho I``.
+    The first read-out whose layers all prove gives the bound ``sqrt(rho t)`` rounded up (docs/math.md
+    §7.4); when none does, the first read-out's failure is reported.
     """
-    got = read_out(chain, sol["Y"])
-    if got is None:
-        return StructuredResult(False, None, None, None, "the read-out's Gram bound was not proven")
+    first = None
+    for got in read_outs(chain, sol["Y"], sol["x"][-1] if len(sol["x"]) else None):
+        res = _prove_layers(chain, blocks, sol, got)
+        if res.verified:
+            return res
+        first = first or res
+    return first or StructuredResult(False, None, None, None, "the read-out's Gram bound was not proven")
+
+
+def _prove_layers(chain: ConvChain, blocks: list[LayerBlocks], sol: dict, got: ReadOut) -> StructuredResult:
+    """The layers' supplies repaired backwards from a proven read-out ``got`` (:func:`verify_chain`)."""
     t, x_out = got.t, got.X_L
     supplies = [x_out]
     for k in range(len(blocks) - 1, -1, -1):

@@ -49,6 +49,24 @@ def _tail_terms(chain) -> int:
     return chain.tail.shape[1] + chain.layers[-1].out_shape[0] + 8
 
 
+def _balance(Y: np.ndarray) -> float:
+    """The power of two ``s`` nearest ``sqrt(lambda_min(Y) lambda_max(Y))`` (1 unless ``Y > 0``): the
+    congruence ``diag(sqrt(s) I, I / sqrt(s))`` maps ``[[X, I], [I, Y]]`` to ``[[s X, I], [I, Y / s]]``, exact in
+    floating point, with both diagonal blocks' spectra around 1 when ``X`` is near ``Y^-1``."""
+    mu = np.linalg.eigvalsh(Y)
+    return 2.0 ** round(0.5 * np.log2(mu[0] * mu[-1])) if mu[0] > 0 and np.all(np.isfinite(mu)) else 1.0
+
+
+def _coupled(X_L: np.ndarray, Y: np.ndarray, s: float) -> bool:
+    """Whether ``[[s X_L, I], [I, Y / s]] > 0`` is proven (``s`` a power of two), hence ``X_L > Y^-1``."""
+    Xs, Ys = X_L * s, Y / s
+    if not (np.array_equal(Xs / s, X_L) and np.array_equal(Ys * s, Y)):  # under- or overflow: not exact
+        return False
+    eye = np.eye(Y.shape[0])
+    block = np.block([[Xs, eye], [eye, Ys]])
+    return prove_negative_definite(-block, np.abs(block), 8)
+
+
 @dataclass
 class ReadOut:
     """A proven read-out bound ``W^T W <= t X_L (x) I_space``, with the ``Y`` both proofs used."""
@@ -61,10 +79,8 @@ class ReadOut:
 def prove_read_out(chain, Y: np.ndarray, X_L: np.ndarray, t: float) -> str | None:
     """Prove ``[[X_L, I], [I, Y]] > 0`` and ``t I - W (Y (x) I) W^T > 0`` for the float matrices as given;
     None when both hold, else the reason."""
-    C, q = Y.shape[0], chain.tail.shape[0]
-    eye = np.eye(C)
-    block = np.block([[X_L, eye], [eye, Y]])
-    if not prove_negative_definite(-block, np.abs(block), 8):
+    q = chain.tail.shape[0]
+    if not any(_coupled(X_L, Y, s) for s in (1.0, *(_balance(Y) * f for f in (1.0, 0.5, 2.0)))):
         return "the read-out's supply X_L >= Y^-1 is not proven"
     A, abs_A = tail_matrix(chain, Y)
     if not prove_negative_definite(A - t * np.eye(q), abs_A + t * np.eye(q), _tail_terms(chain)):
@@ -85,18 +101,15 @@ def _supply(Y: np.ndarray) -> np.ndarray | None:
     """A proven ``X_L`` with ``X_L > Y^-1``: ``(1 + eta) Y^-1`` (relative, so every direction keeps its size),
     proven on ``[[s X_L, I], [I, Y / s]]`` with ``s`` a power of two balancing the two blocks (an exact
     congruence, ``diag(sqrt(s) I, I / sqrt(s))``)."""
-    C = Y.shape[0]
     mu, V = np.linalg.eigh(Y)
     if not mu[0] > 0:
         return None
     X = _sym((V / mu) @ V.T)
-    s = 2.0 ** round(0.5 * np.log2(mu[0] * mu[-1]))
-    eye = np.eye(C)
+    s = _balance(Y)
 
     def prove(eta: float) -> np.ndarray | None:
         X_try = X * (1.0 + eta)
-        block = np.block([[X_try * s, eye], [eye, Y / s]])
-        return X_try if prove_negative_definite(-block, np.abs(block), 8) else None
+        return X_try if _coupled(X_try, Y, s) else None
     return _least_proving(prove, (1e-14, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2))
 
 
@@ -151,25 +164,45 @@ def _direct(chain, Y: np.ndarray) -> ReadOut | None:
 FLOORS = (1e-14, 1e-12, 1e-10, 1e-8, 1e-6)
 
 
-def read_out(chain, Y_sol: np.ndarray) -> ReadOut | None:
-    """A proven ``t``, ``X_L`` and the ``Y`` they were proven with: ``W^T W <= t X_L (x) I_space``.
+def _inverse(X_sol: np.ndarray) -> np.ndarray | None:
+    """``X^-1`` of the solver's read-out supply (eigenvalues floored at ``1e-14`` of the largest), or None."""
+    X = _sym(np.asarray(X_sol, dtype=np.float64))
+    if not (np.all(np.isfinite(X)) and X.size):
+        return None
+    nu, V = np.linalg.eigh(X)
+    if not nu[-1] > 0:
+        return None
+    return _sym((V / np.maximum(nu, 1e-14 * nu[-1])) @ V.T)
 
-    The solver's ``Y`` (symmetrised) first, as it is (:func:`_direct`); when that fails (``Y`` nearly
-    singular or indefinite), ``Y`` regularised with the least floor of :data:`FLOORS` for which the
-    balanced, relative proofs (:func:`_supply`, :func:`_gain`) pass.  None when none does.
+
+def read_outs(chain, Y_sol: np.ndarray, X_sol: np.ndarray | None = None):
+    """Proven read-outs ``W^T W <= t X_L (x) I_space`` (:class:`ReadOut`), best guess first, derived lazily.
+
+    1. The solver's ``Y`` (symmetrised) as it is (:func:`_direct`): every net that verified before.
+    2. Candidate ``Y'``, each with the balanced, relative proofs (:func:`_supply`, :func:`_gain`): the
+       solver's ``Y``; the inverse of the solver's read-out supply ``X_sol`` (the ``X_L`` the layers' blocks
+       were solved for, when the solver's ``Y`` and ``X_L`` do not match); the solver's ``Y`` with its
+       eigenvalues floored (:data:`FLOORS`).  Every one is proven for the ``Y'`` it uses, so the caller may
+       take any of them (:func:`lipsdp.conv_lmi.verify_chain` takes the first whose layers also prove).
     """
     Y = _sym(np.asarray(Y_sol, dtype=np.float64))
     if not np.all(np.isfinite(Y)):
-        return None
+        return
     if (got := _direct(chain, Y)) is not None:
-        return got
+        yield got
     if not np.linalg.eigvalsh(Y)[-1] > 0:
-        return None
-    for floor in FLOORS:
-        Yr = regularised(Y, floor)
-        if (X_L := _supply(Yr)) is not None and (t := _gain(chain, Yr)) is not None:
-            return ReadOut(t, X_L, Yr)
-    return None
+        return
+    candidates = [lambda: Y, lambda: None if X_sol is None else _inverse(X_sol)]
+    candidates += [lambda f=f: regularised(Y, f) for f in FLOORS]
+    for make in candidates:
+        Yr = make()
+        if Yr is not None and (X_L := _supply(Yr)) is not None and (t := _gain(chain, Yr)) is not None:
+            yield ReadOut(t, X_L, Yr)
+
+
+def read_out(chain, Y_sol: np.ndarray, X_sol: np.ndarray | None = None) -> ReadOut | None:
+    """The first of :func:`read_outs`, None when none proves."""
+    return next(read_outs(chain, Y_sol, X_sol), None)
 
 
 def tail_gain(chain, Y_sol: np.ndarray) -> tuple[float, np.ndarray] | None:
