@@ -54,7 +54,9 @@ def _balance(Y: np.ndarray) -> float:
     congruence ``diag(sqrt(s) I, I / sqrt(s))`` maps ``[[X, I], [I, Y]]`` to ``[[s X, I], [I, Y / s]]``, exact in
     floating point, with both diagonal blocks' spectra around 1 when ``X`` is near ``Y^-1``."""
     mu = np.linalg.eigvalsh(Y)
-    return 2.0 ** round(0.5 * np.log2(mu[0] * mu[-1])) if mu[0] > 0 and np.all(np.isfinite(mu)) else 1.0
+    if not (mu[0] > 0 and np.all(np.isfinite(mu))):
+        return 1.0
+    return 2.0 ** int(np.clip(round(0.5 * (np.log2(mu[0]) + np.log2(mu[-1]))), -500, 500))
 
 
 def _coupled(X_L: np.ndarray, Y: np.ndarray, s: float) -> bool:
