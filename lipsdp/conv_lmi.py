@@ -21,7 +21,7 @@ from lipsdp import conv_ipm
 from lipsdp.convnet import ConvChain, ConvLayer
 from lipsdp.errors import LipSDPError, SolverError
 from lipsdp.roesser import causal_kernel, realise
-from lipsdp.floatproof import SAFETY, dense_shifted_cholesky, gamma
+from lipsdp.conv_readout import ReadOut, prove_negative_definite, prove_read_out, read_outs, tail_gain  # noqa: F401
 
 #: Relative margin the SDP asks of every block, so that the verified point is strictly feasible.
 MARGIN = 1e-6
@@ -76,19 +76,6 @@ def _abs_matrix(B: LayerBlocks, P1, P2, X_in, X_out, lam) -> np.ndarray:
             + B.Sv.T @ a(P2) @ B.Sv + B.Eu.T @ a(X_in) @ B.Eu + B.Ew.T @ a(X_out) @ B.Ew + 0.5 * (QC + QC.T))
 
 
-def prove_negative_definite(M: np.ndarray, abs_M: np.ndarray, terms: int) -> bool:
-    """Prove the exact matrix ``M`` (computed as the float ``M`` within ``2 gamma_terms abs_M`` entrywise)
-    negative definite: the shifted Cholesky test of docs/math.md §10 (Higham, Thm 10.3), as
-    :func:`lipsdp.verify.rigorous_negative_definite` does on the unrolled LMI."""
-    H = -M
-    n = H.shape[0]
-    if not np.all(np.isfinite(H)):
-        return False
-    delta_f = float(np.linalg.norm(2.0 * gamma(terms) * abs_M)) * SAFETY
-    c = 2.0 * (gamma(n + 1) * float(np.abs(np.diag(H)).sum()) + delta_f) * SAFETY + np.finfo(float).tiny
-    return dense_shifted_cholesky(H, delta_f, c)
-
-
 def _terms(B: LayerBlocks) -> int:
     """Longest chain of roundings in one entry of ``M_l``: two products of ``n``-sums plus the sums."""
     return 2 * B.n + 16
@@ -120,47 +107,6 @@ class StructuredResult:
     message: str
     timings: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)
-
-
-def _tail_matrix(chain: ConvChain, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``W (Y (x) I) W^T = sum_cd Y_cd W_c W_d^T`` and the same with absolute values."""
-    C = chain.layers[-1].out_shape[0]
-    Wc = chain.tail.reshape(chain.tail.shape[0], C, -1)
-    A = np.einsum("icn,cd,jdn->ij", Wc, Y, Wc, optimize=True)
-    abs_A = np.einsum("icn,cd,jdn->ij", np.abs(Wc), np.abs(Y), np.abs(Wc), optimize=True)
-    return 0.5 * (A + A.T), abs_A
-
-
-def tail_gain(chain: ConvChain, Y_sol: np.ndarray) -> tuple[float, np.ndarray] | None:
-    """A proven ``t`` and supply ``X_L`` with ``W^T W <= t X_L (x) I_space`` (docs/math.md §7.4).
-
-    ``Y`` (the solver's, symmetrised) with ``t I - W (Y (x) I) W^T > 0`` proven gives ``W^T W <= t Y^{-1} (x) I``;
-    ``X_L`` near ``Y^{-1}`` with ``[[X_L, I], [I, Y]] > 0`` proven gives ``Y^{-1} <= X_L``.
-    """
-    Y = _sym(np.asarray(Y_sol, dtype=np.float64))
-    C, q = Y.shape[0], chain.tail.shape[0]
-    try:
-        X = _sym(np.linalg.inv(Y))
-    except np.linalg.LinAlgError:
-        return None
-    eye = np.eye(C)
-    X_L = None
-    for eta in (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
-        X_try = X + eta * float(np.abs(X).max()) * eye
-        block = np.block([[X_try, eye], [eye, Y]])
-        if prove_negative_definite(-block, np.abs(block), 8):
-            X_L = X_try
-            break
-    if X_L is None:
-        return None
-    A, abs_A = _tail_matrix(chain, Y)
-    t = max(float(np.linalg.eigvalsh(A)[-1]), 0.0)
-    terms = chain.tail.shape[1] + C + 8
-    for eta in (1e-12, 1e-10, 1e-8, 1e-6, 1e-4):
-        t_try = t * (1.0 + eta) + np.finfo(float).tiny
-        if prove_negative_definite(A - t_try * np.eye(q), abs_A + t_try * np.eye(q), terms):
-            return t_try, X_L
-    return None
 
 
 def repair_layer(B: LayerBlocks, P1, P2, lam, X_out, scalar: bool) -> np.ndarray | None:
@@ -314,14 +260,24 @@ def _pick_solver(blocks: list[LayerBlocks]) -> str:
 def verify_chain(chain: ConvChain, blocks: list[LayerBlocks], sol: dict) -> StructuredResult:
     """Re-derive and prove the bound from the solver's multipliers, backwards along the chain.
 
-    The read-out fixes ``t`` and ``X_L`` (:func:`tail_gain`); each layer then gets the least input supply
-    its block allows (:func:`repair_layer`) and is proven negative definite; the first layer's input supply
-    is ``rho I``.  The bound is ``sqrt(rho t)`` rounded up (docs/math.md §7.4).
+    The read-out fixes ``t`` and ``X_L`` (:func:`lipsdp.conv_readout.read_outs`: the solver's ``Y`` as it
+    is first, then regularised candidates); each layer then gets the least input supply its block allows
+    (:func:`repair_layer`) and is proven negative definite; the first layer's input supply is ``rho I``.
+    The first read-out whose layers all prove gives the bound ``sqrt(rho t)`` rounded up (docs/math.md
+    §7.4); when none does, the first read-out's failure is reported.
     """
-    got = tail_gain(chain, sol["Y"])
-    if got is None:
-        return StructuredResult(False, None, None, None, "the read-out's Gram bound was not proven")
-    t, x_out = got
+    first = None
+    for got in read_outs(chain, sol["Y"], sol["x"][-1] if len(sol["x"]) else None):
+        res = _prove_layers(chain, blocks, sol, got)
+        if res.verified:
+            return res
+        first = first or res
+    return first or StructuredResult(False, None, None, None, "the read-out's Gram bound was not proven")
+
+
+def _prove_layers(chain: ConvChain, blocks: list[LayerBlocks], sol: dict, got: ReadOut) -> StructuredResult:
+    """The layers' supplies repaired backwards from a proven read-out ``got`` (:func:`verify_chain`)."""
+    t, x_out = got.t, got.X_L
     supplies = [x_out]
     for k in range(len(blocks) - 1, -1, -1):
         P1, P2 = _sym(sol["P1"][k]), _sym(sol["P2"][k])
@@ -335,7 +291,7 @@ def verify_chain(chain: ConvChain, blocks: list[LayerBlocks], sol: dict) -> Stru
     rho = float(x_out[0, 0])
     bound = _round_up_sqrt(Fraction(rho) * Fraction(t))
     return StructuredResult(True, bound, rho, t, "verified", details={
-        "supplies": [s.tolist() for s in reversed(supplies)]})
+        "supplies": [s.tolist() for s in reversed(supplies)], "read_out_Y": got.Y})
 
 
 def _sym(P: np.ndarray) -> np.ndarray:
@@ -368,7 +324,8 @@ def certify_chain(chain: ConvChain, solver: str = "auto", time_limit: float | No
         if again is not None:
             sol, t2 = again, time.perf_counter()
             res = verify_chain(chain, blocks, sol)
-    res.details["point"] = stored_point(sol) if res.verified else None  # what lipsdp verify proves again
+    # what lipsdp verify proves again, with the read-out's Y the proof used (the solver's, or regularised)
+    res.details["point"] = stored_point(sol, res.details.pop("read_out_Y")) if res.verified else None
     t3 = time.perf_counter()
     res.timings = {"build": t1 - t0, "solve": t2 - t1, "verify": t3 - t2}
     res.details.update({"solver": sol["solver"], "solver_status": sol["status"],
@@ -382,11 +339,13 @@ def certify_chain(chain: ConvChain, solver: str = "auto", time_limit: float | No
 # ``lipsdp verify``: the stored point and supplies proven again, nothing solved (lipsdp.structured_check).
 
 
-def stored_point(sol: dict) -> dict:
-    """The solver's storages, slope multipliers and read-out ``Y`` as JSON lists (the supplies are stored
-    beside them): with them :func:`recheck_chain` proves every block again."""
+def stored_point(sol: dict, Y: np.ndarray | None = None) -> dict:
+    """The solver's storages, slope multipliers and the read-out's ``Y`` (``Y``: the one the read-out was
+    proven with, :func:`lipsdp.conv_readout.read_out`; default the solver's) as JSON lists (the supplies
+    are stored beside them): with them :func:`recheck_chain` proves every block again."""
     return {"P1": [np.asarray(P).tolist() for P in sol["P1"]], "P2": [np.asarray(P).tolist() for P in sol["P2"]],
-            "lam": [np.asarray(v).tolist() for v in sol["lam"]], "Y": np.asarray(sol["Y"]).tolist()}
+            "lam": [np.asarray(v).tolist() for v in sol["lam"]],
+            "Y": np.asarray(sol["Y"] if Y is None else Y).tolist()}
 
 
 def recheck_chain(chain: ConvChain, point: dict, supplies: list, t: float) -> tuple[float | None, str]:
@@ -399,15 +358,8 @@ def recheck_chain(chain: ConvChain, point: dict, supplies: list, t: float) -> tu
         raise ValueError("the stored point does not fit the chain's layers")
     if not (np.all([np.all(np.isfinite(x)) for x in X]) and math.isfinite(t) and t >= 0):
         raise ValueError("the stored supplies or read-out gain are not finite")
-    Y = _sym(np.asarray(point["Y"], dtype=np.float64))
-    C, q = Y.shape[0], chain.tail.shape[0]
-    eye = np.eye(C)
-    block = np.block([[X[-1], eye], [eye, Y]])
-    if not prove_negative_definite(-block, np.abs(block), 8):
-        return None, "the read-out's supply X_L >= Y^-1 is not proven"
-    A, abs_A = _tail_matrix(chain, Y)
-    if not prove_negative_definite(A - t * np.eye(q), abs_A + t * np.eye(q), chain.tail.shape[1] + C + 8):
-        return None, "the read-out's Gram bound W^T W <= t X_L (x) I is not proven"
+    if (why := prove_read_out(chain, _sym(np.asarray(point["Y"], dtype=np.float64)), X[-1], t)) is not None:
+        return None, why
     rho = float(X[0][0, 0])
     if not np.array_equal(X[0], rho * np.eye(X[0].shape[0])):
         return None, "the first supply is not rho I"
