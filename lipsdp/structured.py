@@ -122,7 +122,8 @@ def certify_structured(network, chain: ConvChain, *, output_map=None, solver: st
                     "point": details.get("point")}  # re-checked by lipsdp.structured_check
     if "phases" in summary:
         verification["method"] += "; strided convolutions as stride-1 ones between polyphase images (§7.6)"
-    status, message = (VERIFIED, "verified (structured: 2-D state-space LMIs per convolution)") if res.verified \
+    status, message = (VERIFIED, "verified (structured: 2-D state-space LMIs per convolution)"
+                       + ("" if res.message == "verified" else f"; {res.message}")) if res.verified \
         else (UNVERIFIED, f"the structured LMIs were not verified: {res.message}")
     return Certificate(res.bound if res.verified else None, status, formulation="state-space",
                        solver=details.get("solver", ""), solver_status=details.get("solver_status", ""),
