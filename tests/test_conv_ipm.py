@@ -135,7 +135,8 @@ def test_auto_falls_back_to_clarabel_when_the_point_does_not_verify(monkeypatch)
 
     def unverifiable(*args, **kwargs):
         sol = real(*args, **kwargs)
-        sol["lam"] = [np.zeros_like(v) for v in sol["lam"]]  # no multiplier: no block is negative definite
+        for point in (sol, *sol.get("earlier", ())):  # the earlier iterates too (certify_chain tries them)
+            point["lam"] = [np.zeros_like(v) for v in point["lam"]]  # no multiplier: no block is negative definite
         return sol
 
     monkeypatch.setattr(conv_ipm, "solve", unverifiable)
