@@ -153,11 +153,13 @@ def test_cli_bad_memory_limit_is_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_cli_memory_limit_refuses_what_would_not_fit(tmp_path):
-    """A build that would pass the limit is refused before it starts (exit 2), far below the limit."""
+    """A build that would pass the limit is refused before it starts, far below the limit: the limit is
+    reached (exit 1, with the best bound verified so far; before, exit 2 as for bad input)."""
     model = _deep_mlp(tmp_path / "deep.pt")
     proc, _ = _cli("certify", model, "--memory-limit", "600M", "--samples", "0")
-    assert proc.returncode == 2, proc.stderr
-    assert "GiB are available" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("lipsdp: memory limit of 0.586 GiB reached during ") and \
+        "GiB are available" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _net(seed=0):
