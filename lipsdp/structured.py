@@ -122,7 +122,9 @@ def certify_structured(network, chain: ConvChain, *, output_map=None, solver: st
                     "point": details.get("point")}  # re-checked by lipsdp.structured_check
     if "phases" in summary:
         verification["method"] += "; strided convolutions as stride-1 ones between polyphase images (§7.6)"
-    status, message = (VERIFIED, "verified (structured: 2-D state-space LMIs per convolution)"
+    solver_status = details.get("solver_status", "")
+    note = "" if solver_status in ("optimal", "") else f"; solver status {solver_status}: the bound is valid, maybe not tight"
+    status, message = (VERIFIED, "verified (structured: 2-D state-space LMIs per convolution)" + note
                        + ("" if res.message == "verified" else f"; {res.message}")) if res.verified \
         else (UNVERIFIED, f"the structured LMIs were not verified: {res.message}")
     return Certificate(res.bound if res.verified else None, status, formulation="state-space",

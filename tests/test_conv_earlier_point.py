@@ -61,3 +61,15 @@ def test_no_earlier_iterate_leaves_the_last_points_reason(solved, monkeypatch):
     monkeypatch.setattr(conv_lmi, "solve_chain", lambda *args, **kw: dict(bad))
     res = certify_chain(chain, solver="own")
     assert not res.verified and "not proven negative definite" in res.message, res.message
+
+
+def test_a_time_limited_point_is_said_to_be_maybe_not_tight(solved, monkeypatch):
+    """A bound verified from a solve stopped by its time limit is valid; the certificate says it may not be
+    tight, as the unrolled path's does (before: the message read as for a converged solve)."""
+    import lipsdp
+
+    model, _, _, sol = solved
+    monkeypatch.setattr(conv_lmi, "solve_chain", lambda *args, **kw: {**sol, "status": "time_limit"})
+    cert = lipsdp.certify(model, input_shape=(1, SIZE, SIZE), structure="state-space", lower_bound_samples=16)
+    assert cert.verified and "solver status time_limit: the bound is valid, maybe not tight" in cert.message
+    assert cert.lower_bound <= cert.bound <= cert.trivial_bound * (1 + 1e-9)
