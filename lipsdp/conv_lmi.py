@@ -21,7 +21,8 @@ from lipsdp import conv_ipm
 from lipsdp.convnet import ConvChain, ConvLayer
 from lipsdp.errors import LipSDPError, SolverError
 from lipsdp.roesser import causal_kernel, realise
-from lipsdp.conv_readout import ReadOut, prove_negative_definite, prove_read_out, read_outs, tail_gain  # noqa: F401
+from lipsdp.conv_readout import (ReadOut, least_proving, prove_negative_definite, prove_read_out,  # noqa: F401
+                                 read_outs, tail_gain)
 
 #: Relative margin the SDP asks of every block, so that the verified point is strictly feasible.
 MARGIN = 1e-6
@@ -132,10 +133,7 @@ def repair_layer(B: LayerBlocks, P1, P2, lam, X_out, scalar: bool) -> np.ndarray
         M = layer_matrix(B, P1, P2, X_try, X_out, lam)
         return X_try if prove_negative_definite(M, _abs_matrix(B, P1, P2, X_try, X_out, lam), _terms(B)) else None
     # The least eta within 2x: the excess becomes the previous block's output supply (docs/math.md §7.4.1)
-    for eta in (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
-        if (found := proven(eta)) is not None:  # then the first of eta / 64, eta / 32, ... that proves
-            return next((x for x in map(proven, eta / 2.0 ** np.arange(6, 0, -1)) if x is not None), found)
-    return None
+    return least_proving(proven, (1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2))
 
 
 def _layer_constraint(cp, B: LayerBlocks, P1, P2, X_in, X_out, lam, margin: float):

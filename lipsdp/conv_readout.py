@@ -90,7 +90,7 @@ def prove_read_out(chain, Y: np.ndarray, X_L: np.ndarray, t: float) -> str | Non
     return None
 
 
-def _least_proving(prove, etas) -> object | None:
+def least_proving(prove, etas) -> object | None:
     """The first ``eta`` of the grid whose candidate proves, refined to within 2x of the least that does
     (the excess of the read-out's supply is what the last layer's block must absorb)."""
     for eta in etas:
@@ -112,7 +112,7 @@ def _supply(Y: np.ndarray) -> np.ndarray | None:
     def prove(eta: float) -> np.ndarray | None:
         X_try = X * (1.0 + eta)
         return X_try if _coupled(X_try, Y, s) else None
-    return _least_proving(prove, (1e-14, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2))
+    return least_proving(prove, (1e-14, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2))
 
 
 def _gain(chain, Y: np.ndarray) -> float | None:
@@ -124,7 +124,7 @@ def _gain(chain, Y: np.ndarray) -> float | None:
     def prove(eta: float) -> float | None:
         t_try = t * (1.0 + eta) + np.finfo(float).tiny
         return t_try if prove_negative_definite(A - t_try * np.eye(q), abs_A + t_try * np.eye(q), terms) else None
-    return _least_proving(prove, (1e-14, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2))
+    return least_proving(prove, (1e-14, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2))
 
 
 def regularised(Y: np.ndarray, floor: float) -> np.ndarray:
