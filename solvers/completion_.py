@@ -36,7 +36,8 @@ For width ``w``, depth ``l``, ``r ~ 2 l w`` rows and ``m ~ l w`` multipliers tha
 ``16 l w^2 r + 6 w r^2 + m^3 / 3`` flops an iteration (:func:`estimate_cost`).  It starts
 from the LMI's strictly feasible point (:mod:`lipsdp.scaling`'s, doubled), so ``S = -M(y)``
 holds exactly at every iterate and only the dual equations are infeasible until
-convergence.  With one block (no chain) ``X^ = X`` and the step is the dense ipm's.
+convergence; ``X`` starts block diagonal, each block scaled to its block of ``S^{-1}``
+(:meth:`_Completion.start_X`).  With one block (no chain) ``X^ = X`` and the step is the dense ipm's.
 As always, ``y`` is only a candidate for :mod:`lipsdp.verify`.
 """
 
@@ -582,6 +583,25 @@ class _Completion:
             y *= 2.0
         return None
 
+    def start_X(self, fac, S):
+        """The primal start: ``tau_k I`` on each diagonal block, ``tau_k`` the mean eigenvalue of that
+        block of ``S^{-1}``, all scaled so that ``<X, S> = n`` (docs/math.md §8.7).
+
+        ``X = I`` suits blocks that the preconditioning balanced, but on deep chains the optimal
+        ``X`` decays along the chain (the worst-case direction shrinks layer by layer), and from
+        ``X = I`` the method spent most of its iterations shrinking the deep blocks with short steps,
+        or stalled (a 64-layer net).  The exactly central ``X = mu S^{-1}`` is no better: its
+        scale follows ``S``'s smallest eigenvalues.  The block traces of ``S^{-1}`` carry the decay
+        without them.
+        """
+        ch = self.chain
+        Zp = ch.selected_inverse(fac)
+        X = np.zeros(ch.length)
+        for k in range(ch.nb):
+            np.fill_diagonal(ch.diag(X, k), np.trace(ch.diag(Zp, k)) / ch.sizes[k])
+        X *= self.lmi.n / ch.inner(X, S)
+        return X
+
     def adjoint_gram(self, G):
         """``(<F_j, Y>)_j`` from ``G = R Y R^T``."""
         return self.KT @ (2.0 * G[self.iu, self.iw])
@@ -610,9 +630,7 @@ class _Completion:
         S = ch.assemble(y)
         nc = float(self.lmi.n + len(N))
         normc = 1.0 + np.linalg.norm(c)
-        # X = I on the pattern (the preconditioned problem is of order one), as in the ipm; the
-        # exactly central X = mu S^{-1} took longer (its scale follows S's smallest eigenvalues).
-        X = ch.identity()
+        X = self.start_X(fac, S)
         z = np.ones(len(N))
         F0 = -ch.const  # the LMI's constant term, lower blocks
         bufs = [np.empty(ch.Rt.shape), np.empty(ch.Rt.shape), np.empty((ch.r, ch.r)), np.empty((ch.r, ch.r)),
