@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from lipsdp import activations
-from lipsdp.constraints.base import QCTerms, QuadraticConstraint, outer_terms
+from lipsdp.constraints.base import QCTerms, QuadraticConstraint, joined_outer_terms
 
 
 class SlopeRestricted(QuadraticConstraint):
@@ -86,10 +86,10 @@ class SlopeRestricted(QuadraticConstraint):
             mult, n_mult, labels = np.zeros(n, dtype=np.int64), 1, [op.name]
         else:
             raise ValueError(f"unknown formulation {formulation!r}; use 'neuron' or 'layer'")
-        parts = [outer_terms(P, Q, alpha + beta, mult), outer_terms(Q, Q, -np.ones(n), mult)]
+        parts = [(P, Q, alpha + beta, mult), (Q, Q, -np.ones(n), mult)]
         if np.any(alpha * beta != 0):
-            parts.append(outer_terms(P, P, -alpha * beta, mult))
-        rows, cols, vals, mults = (np.concatenate(x) for x in zip(*parts))
+            parts.append((P, P, -alpha * beta, mult))
+        rows, cols, vals, mults = joined_outer_terms(parts)
         # Factored: F_i = a_i b_i^T + b_i a_i^T with a = q - alpha p, b = beta p - q (rank 2).
         Da, Db = sp.diags(alpha), sp.diags(beta)
         factors = [((Q - Da @ P).tocsr(), (Db @ P - Q).tocsr(), np.ones(n), np.asarray(mult))]

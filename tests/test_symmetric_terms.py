@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 import lipsdp
+from lipsdp.constraints import base as constraints_base
 from lipsdp.constraints import outer_terms
 from lipsdp.lifting import lift
 from lipsdp.lmi import build_lmi
@@ -67,3 +68,59 @@ def test_bound_unchanged_and_sandwiched(act, params):
     assert cert.verified
     assert cert.lower_bound <= cert.bound * (1 + 1e-9)
     assert cert.bound <= cert.trivial_bound * (1 + 1e-9)
+
+
+def test_joined_terms_are_the_parts_concatenated():
+    rng = np.random.default_rng(2)
+    P = sp.csr_matrix(rng.standard_normal((6, 10)))
+    D = rng.standard_normal((6, 10))
+    D[rng.random(D.shape) < 0.5] = 0.0
+    Pr = sp.csr_matrix(D)  # ragged rows: the general path
+    Q = sp.csr_matrix((np.ones(6), (np.arange(6), 10 + np.arange(6))), shape=(6, 16))
+    P, Pr = (sp.hstack([X, sp.csr_matrix((6, 6))]).tocsr() for X in (P, Pr))
+    coef, mult = rng.standard_normal(6), np.arange(6)
+    specs = [(P, Q, coef, mult), (Q, Q, -np.ones(6), mult), (P, P, -coef, mult), (Pr, Q, coef, mult),
+             (Pr, Pr, coef, mult)]
+    joined = constraints_base.joined_outer_terms(specs)
+    parts = [outer_terms(*s) for s in specs]
+    for got, want in zip(joined, zip(*parts)):
+        np.testing.assert_array_equal(got, np.concatenate(want))
+    n = sum(len(p[0]) for p in parts)
+    assert len(joined[0]) == n == 2 * 6 * 10 + 6 + 6 * 100 + 2 * Pr.nnz + sum(np.diff(Pr.indptr) ** 2)
+
+
+def test_merged_lifting_error_bounds_the_two_pieces():
+    """A dense first layer's rounding bound ``|hi| - |lo|`` as one piece, rounded up: never below the sum of the
+    two pieces it replaces, and equal to it up to that rounding."""
+    from lipsdp.constraints import get_constraint
+    from lipsdp.lmi import _constraint_error
+
+    net = _net("gelu", [40, 6, 5, 2])
+    lifting = lift(net)
+    span = lifting.span_input()
+    assert span is not None  # a first layer narrower than half the input: the restricted, rounded LMI
+    lmi = build_lmi(lifting, span=span)
+    assert lmi.lift_err is not None
+    L = span.lifting
+    op = L.network.op(L.blocks[1].node)
+    qc, P, E, Q = get_constraint(op.function), L.pre[0], L.pre_err[0], L.selector(1)
+    merged = _constraint_error(qc, op, P, E, Q, "neuron", 1)
+    assert len(merged) == 1
+    hi, lo = qc.terms(op, abs(P) + E, abs(Q)), qc.terms(op, abs(P), abs(Q))
+    x = np.abs(np.random.default_rng(3).standard_normal(lmi.n_var)) + 0.1
+    r, c, v, m = merged[0]
+    n = lmi.n
+    got = np.bincount(r * n + c, weights=v * x[m], minlength=n * n)
+    want = np.bincount(np.concatenate([hi.rows, lo.rows]) * n + np.concatenate([hi.cols, lo.cols]),
+                       weights=np.concatenate([np.abs(hi.vals), -np.abs(lo.vals)]) * x[1 + np.concatenate(
+                           [hi.mult, lo.mult])], minlength=n * n)
+    # The two pieces' sum cancels |hi| against |lo| (each ~1e13 times their difference): it is off by up to
+    # gamma_K sum(|hi| + |lo|) x; the one piece differs from it by no more than that (each difference is exact,
+    # Sterbenz, then rounded up).
+    size = np.bincount(np.concatenate([hi.rows, lo.rows]) * n + np.concatenate([hi.cols, lo.cols]),
+                       weights=np.concatenate([np.abs(hi.vals), np.abs(lo.vals)]) * x[1 + np.concatenate(
+                           [hi.mult, lo.mult])], minlength=n * n)
+    K = int(np.bincount(np.concatenate([hi.rows, lo.rows]) * n + np.concatenate([hi.cols, lo.cols])).max())
+    gamma = 2 * K * 2.0 ** -53 / (1 - 2 * K * 2.0 ** -53)
+    assert np.all(np.abs(got - want) <= gamma * size)
+    assert np.all(got >= 0) and np.any(got > 0)
