@@ -30,11 +30,20 @@ from lipsdp.lifting import Block, InputSpan, Lifting
 
 #: Margins ``eta`` tried, smallest first (each a ``1/sqrt(1 - eta)`` looser bound).
 MARGINS = (1e-9, 1e-8, 1e-7, 1e-6)
+#: COO entries of the first layer's ``p_i p_i^T`` terms (on the input rows where those apply) from which the
+#: pre-activation block is taken; below it the LMI on the input rows, as before (its bounds pinned by tests).
+MIN_TERMS = 2 ** 22
 
 
-def has_square_terms(lifting: Lifting) -> bool:
-    """Whether the first activation's QC has ``p_i p_i^T`` terms (a slope sector with ``alpha beta != 0``)."""
+def has_square_terms(lifting: Lifting, min_terms: int | None = None) -> bool:
+    """Whether the first activation's QC has ``p_i p_i^T`` terms (a slope sector with ``alpha beta != 0``),
+    at least ``min_terms`` (default :data:`MIN_TERMS`) entries of them: ``m k^2`` for ``m`` neurons reading
+    ``k`` input coordinates (``k = m`` on the input rows, :meth:`~lipsdp.lifting.Lifting.span_input`)."""
     if len(lifting.blocks) < 2:
+        return False
+    m, n0 = lifting.blocks[1].size, lifting.input_dim
+    k = m if 2 * m <= n0 else n0
+    if m * k * k < (MIN_TERMS if min_terms is None else min_terms):
         return False
     op = lifting.network.op(lifting.blocks[1].node)
     qc = get_constraint(op.function)

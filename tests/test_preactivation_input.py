@@ -22,12 +22,19 @@ import torch
 from torch import nn
 
 import lipsdp
+import lipsdp.input_metric as IM
 import lipsdp.reductions as R
 from lipsdp.input_metric import has_square_terms, preactivation_span, proven_contraction
 from lipsdp.lifting import lift
 from lipsdp.lmi import build_lmi
 from lipsdp.network import Network
 from tests.conftest import assert_sandwich, torch_lower_bound
+
+
+@pytest.fixture(autouse=True)
+def small_nets_too(monkeypatch):
+    """The path is taken from MIN_TERMS first-layer entries on; these small nets take it too."""
+    monkeypatch.setattr(IM, "MIN_TERMS", 0)
 
 
 def _weights(dims, seed=0):
@@ -64,6 +71,10 @@ def test_applies_only_where_it_pays_and_is_exact():
     q = R.Query.build(lift(leaky), "neuron", "l2", None)
     assert q.preactivation and q.given.n == 12 + 8 + 12
     assert R.Query.build(lift(relu), "neuron", "l2", None).preactivation is False
+    # 12 rows on the 12 input rows (2 * 12 <= 40): 12^3 entries; 40 -> 30 reads all 40 inputs: 30 * 40^2.
+    assert has_square_terms(lift(leaky), min_terms=12 ** 3) and not has_square_terms(lift(leaky), min_terms=12 ** 3 + 1)
+    net30 = lift(Network.sequential(_weights([40, 30, 3]), activation="silu"))
+    assert has_square_terms(net30, min_terms=30 * 40 ** 2) and not has_square_terms(net30, min_terms=30 * 40 ** 2 + 1)
 
 
 def _torch_mlp(dims, act, seed=0):
