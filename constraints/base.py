@@ -88,6 +88,20 @@ def _check_memory(terms: int) -> None:
                             "try --split K or a smaller network")
 
 
+#: Bytes one stored entry of the LMI holds through the build: row, column, variable and value (32), and the
+#: joined copy of the pieces in flight and the preconditioned values that follow.
+BYTES_PER_ENTRY = 48
+
+
+def check_lmi_memory(entries: int) -> None:
+    """Refuse up front, with a clear error, an LMI whose stored entries (all layers together) would not fit:
+    the per-layer check of :func:`outer_terms` alone lets a deep net grow past the memory it has."""
+    need, budget = BYTES_PER_ENTRY * int(entries), int(MEMORY_SHARE * available_memory())
+    if need > budget:
+        raise ResourceError(f"building the LMI needs about {need / 2**30:.1f} GiB for {int(entries):,} terms, "
+                            f"but {budget / 2**30:.1f} GiB are available; try --split K or a smaller network")
+
+
 def outer_terms(A: sp.csr_matrix, B: sp.csr_matrix, coef: np.ndarray, mult: np.ndarray):
     """COO of ``coef_i (a_i b_i^T + b_i a_i^T)`` for every row ``i`` of ``A`` and ``B``.
 

@@ -74,6 +74,14 @@ class SlopeRestricted(QuadraticConstraint):
         return float(np.max(np.maximum(np.abs(lo), np.abs(hi))))
 
     # -- the lifted QC -------------------------------------------------
+    def entry_count(self, op, P, Q) -> int:
+        """How many COO entries :meth:`terms` stores (at most): ``2 nnz(p) nnz(q) + nnz(q)^2`` per neuron, and
+        ``nnz(p)^2`` more where ``alpha beta != 0`` (one entry per place, :func:`outer_terms`)."""
+        nP, nQ = (np.diff(sp.csr_matrix(X).indptr).astype(np.int64) for X in (P, Q))
+        lo, hi = self.sector(op)
+        square = np.broadcast_to(np.asarray(lo, dtype=np.float64) * np.asarray(hi, dtype=np.float64) != 0, nP.shape)
+        return int(np.sum(2 * nP * nQ + nQ * nQ + np.where(square, nP * nP, 0)))
+
     def terms(self, op, P, Q, formulation="neuron"):
         n = P.shape[0]
         lo, hi = self.sector(op)

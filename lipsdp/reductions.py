@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from lipsdp import layer_sweep, progress
+from lipsdp.constraints import check_lmi_memory, get_constraint
 from lipsdp.input_metric import has_square_terms, preactivation_span
 from lipsdp.lifting import Lifting
 from lipsdp.lmi import LMIProblem, build_lmi
@@ -124,6 +125,7 @@ class Query:
         if norm == "l2" and restrict:  # first-layer p p^T terms: on the pre-activations, else on the rows
             span = preactivation_span(lifting) if has_square_terms(lifting) else None
             span, pre = (lifting.span_input(), False) if span is None else (span, True)
+        check_lmi_memory(expected_entries(lifting if span is None else span.lifting))
         lmi = build_lmi(lifting, formulation, output_map=output_map, norm=norm, span=span)
         return cls(lifting, output_map, label, formulation, norm, lmi, lmi, lmi, np.ones(lmi.n_var), pre)
 
@@ -136,6 +138,16 @@ class Query:
         if self.given.input_metric is None:
             return self
         return Query.build(self.lifting, self.formulation, self.norm, self.output_map, self.label, restrict=False)
+
+
+def expected_entries(lifting: Lifting) -> int:
+    """The COO entries of the LMI's constraint terms where their families can count them (slope QCs: most)."""
+    total = 0
+    for k, P in enumerate(lifting.pre, start=1):
+        op = lifting.network.op(lifting.blocks[k].node)
+        count = getattr(get_constraint(op.function), "entry_count", None)
+        total += 0 if count is None else count(op, P, lifting.selector(k))
+    return total
 
 
 def readouts(m: int, norm: str, output_map: np.ndarray | None) -> list[tuple[np.ndarray | None, str]]:

@@ -124,3 +124,32 @@ def test_merged_lifting_error_bounds_the_two_pieces():
     gamma = 2 * K * 2.0 ** -53 / (1 - 2 * K * 2.0 ** -53)
     assert np.all(np.abs(got - want) <= gamma * size)
     assert np.all(got >= 0) and np.any(got > 0)
+
+
+@pytest.mark.parametrize("act,params", [("leaky_relu", {"negative_slope": 0.01}), ("gelu", {}), ("relu", {})])
+def test_entry_count_is_what_terms_store(act, params):
+    """The up-front memory check (``check_lmi_memory``) counts the entries the slope QC will store."""
+    from lipsdp.constraints import get_constraint
+    from lipsdp.reductions import expected_entries
+
+    lifting = lift(_net(act, [12, 16, 16, 3], **params))
+    total = 0
+    for k, P in enumerate(lifting.pre, start=1):
+        op = lifting.network.op(lifting.blocks[k].node)
+        qc = get_constraint(op.function)
+        stored = len(qc.terms(op, P, lifting.selector(k)).rows)
+        assert qc.entry_count(op, P, lifting.selector(k)) == stored
+        total += stored
+    assert expected_entries(lifting) == total
+
+
+def test_whole_lmi_refused_up_front(monkeypatch):
+    import lipsdp.constraints.base as base
+    from lipsdp.errors import ResourceError
+
+    net = _net("leaky_relu", [30, 20, 20, 20, 2], negative_slope=0.1)
+    need = base.BYTES_PER_ENTRY * sum(20 * (20 + 1) ** 2 for _ in range(3))  # 2 nnz(p) + 1 + nnz(p)^2 per neuron
+    monkeypatch.setattr(base, "available_memory", lambda: int(need / base.MEMORY_SHARE) - 4096)
+    with pytest.raises(ResourceError, match="building the LMI needs about"):
+        from lipsdp.reductions import Query
+        Query.build(lift(net), "neuron", "l2", None)
