@@ -40,7 +40,8 @@ def run(tree: str, model: Path, timeout: int) -> dict:
     t0 = time.perf_counter()
     try:
         p = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "lipsdp", "certify", "--trust-pickle",
-                            "--json", str(model)], capture_output=True, text=True, env=env, timeout=timeout)
+                            "--json", str(model)], capture_output=True, text=True, env=env, timeout=timeout,
+                           cwd=model.parent)  # not the caller's directory: -m puts it before PYTHONPATH
     except subprocess.TimeoutExpired:
         return {"wall": time.perf_counter() - t0, "error": f"killed after {timeout} s"}
     out = {"wall": time.perf_counter() - t0, "peak": int(p.stderr.strip().splitlines()[-1]) / 2**20}
