@@ -9,7 +9,7 @@ it with :func:`lipsdp.testing.check_constraint`.
 
 from __future__ import annotations
 
-from lipsdp.constraints.base import QCTerms, QuadraticConstraint, outer_terms
+from lipsdp.constraints.base import QCTerms, QuadraticConstraint, check_lmi_memory, joined_outer_terms, outer_terms
 from lipsdp.constraints.groupsort import GroupSort
 from lipsdp.constraints.householder import Householder
 from lipsdp.constraints.slope import SlopeRestricted
@@ -45,4 +45,4 @@ register_constraint(GroupSort())
 register_constraint(Householder())
 
 __all__ = ["GroupSort", "Householder", "QCTerms", "QuadraticConstraint", "SlopeRestricted", "get_constraint",
-           "outer_terms", "register_constraint", "registered"]
+           "check_lmi_memory", "joined_outer_terms", "outer_terms", "register_constraint", "registered"]

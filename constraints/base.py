@@ -88,11 +88,30 @@ def _check_memory(terms: int) -> None:
                             "try --split K or a smaller network")
 
 
+#: Bytes one stored entry of the LMI holds through the build: row, column, variable and value (32), and the
+#: joined copy of the pieces in flight and the preconditioned values that follow.
+BYTES_PER_ENTRY = 48
+
+
+def check_lmi_memory(entries: int) -> None:
+    """Refuse up front, with a clear error, an LMI whose stored entries (all layers together) would not fit:
+    the per-layer check of :func:`outer_terms` alone lets a deep net grow past the memory it has."""
+    need, budget = BYTES_PER_ENTRY * int(entries), int(MEMORY_SHARE * available_memory())
+    if need > budget:
+        raise ResourceError(f"building the LMI needs about {need / 2**30:.1f} GiB for {int(entries):,} terms, "
+                            f"but {budget / 2**30:.1f} GiB are available; try --split K or a smaller network")
+
+
 def outer_terms(A: sp.csr_matrix, B: sp.csr_matrix, coef: np.ndarray, mult: np.ndarray):
     """COO of ``coef_i (a_i b_i^T + b_i a_i^T)`` for every row ``i`` of ``A`` and ``B``.
 
     Vectorised over rows: row ``i`` contributes ``nnz(a_i) * nnz(b_i)`` entries
-    (twice), tagged with multiplier ``mult[i]``.
+    (twice), tagged with multiplier ``mult[i]``.  When ``B is A`` the term is
+    ``2 coef_i a_i a_i^T`` and each place gets *one* entry, ``fl(2 coef_i fl(a_ij a_ik))``:
+    symmetric (the product commutes), with the three roundings of the general path (the
+    doubling is exact), in half the entries.  That halves the ``alpha beta p_i p_i^T``
+    terms of a slope QC with ``alpha beta != 0``, ``nnz(p_i)^2`` entries per neuron,
+    most of a wide LeakyReLU / GELU / SiLU layer's LMI.
 
     Parameters
     ----------
@@ -100,17 +119,53 @@ def outer_terms(A: sp.csr_matrix, B: sp.csr_matrix, coef: np.ndarray, mult: np.n
     coef : ndarray, shape (N,)
     mult : ndarray of int, shape (N,)
     """
-    A, B = sp.csr_matrix(A), sp.csr_matrix(B)
+    return joined_outer_terms([(A, B, coef, mult)])
+
+
+def joined_outer_terms(specs) -> tuple:
+    """:func:`outer_terms` of every ``(A, B, coef, mult)`` in ``specs``, concatenated in that order.
+
+    Each part is written straight into the joined arrays: a wide layer's terms are allocated (and
+    their fresh pages touched) once, not once per part and again by a concatenation.
+    """
+    plans = [_plan(*spec) for spec in specs]
+    entries = [p[-1] for p in plans]
+    _check_memory((sum(entries) + 1) // 2)  # BYTES_PER_TERM is per pair of entries
+    total = sum(entries)
+    out = (np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total), np.empty(total, np.int64))
+    at = 0
+    for plan, k in zip(plans, entries):
+        if k:
+            _fill(*plan[:-1], tuple(o[at:at + k] for o in out))
+        at += k
+    return out
+
+
+def _plan(A, B, coef, mult):
+    """Canonical rows of one part, the rows kept, their counts, and how many entries the part stores."""
+    same = B is A
+    A = sp.csr_matrix(A)
     A.sum_duplicates()
+    B = A if same else sp.csr_matrix(B)
     B.sum_duplicates()
+    coef = np.broadcast_to(np.asarray(coef, dtype=np.float64), (A.shape[0],))
+    mult = np.broadcast_to(np.asarray(mult, dtype=np.int64), (A.shape[0],))
     ka, kb = np.diff(A.indptr), np.diff(B.indptr)
     keep = (coef != 0) & (ka > 0) & (kb > 0)
     cnt = np.where(keep, ka * kb, 0)
     total = int(cnt.sum())
-    _check_memory(total)
-    if total == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0), empty
+    return same, A, B, coef, mult, keep, cnt, total, (total if same else 2 * total)
+
+
+def _fill(same, A, B, coef, mult, keep, cnt, total, out) -> None:
+    """Write one part's entries into ``out = (rows, cols, vals, mult)`` (views of the joined arrays).
+
+    The general part is ``[a-side, b-side]`` for rows and ``[b-side, a-side]`` for columns, values
+    ``fl(fl(coef a) b)`` twice; the ``same`` part (``B is A``) one entry ``fl(2 coef fl(a a))`` per place.
+    """
+    r_out, c_out, v_out, m_out = out
+    ka, kb = np.diff(A.indptr), np.diff(B.indptr)
+    halves = [slice(0, total)] if same else [slice(0, total), slice(total, 2 * total)]
     if np.all(ka == ka[0]) and np.all(kb == kb[0]):
         # Every row with the same number of entries (a dense layer's rows): the products by broadcasting,
         # in the order (and with the roundings) of the general path below, without its index arrays.
@@ -118,21 +173,35 @@ def outer_terms(A: sp.csr_matrix, B: sp.csr_matrix, coef: np.ndarray, mult: np.n
         ai, ad = A.indices.reshape(-1, ka[0])[rows], A.data.reshape(-1, ka[0])[rows]
         bi, bd = B.indices.reshape(-1, kb[0])[rows], B.data.reshape(-1, kb[0])[rows]
         shape = (len(rows), ka[0], kb[0])
-        r = np.broadcast_to(ai[:, :, None], shape).ravel()
-        c = np.broadcast_to(bi[:, None, :], shape).ravel()
-        v = ((coef[rows][:, None] * ad)[:, :, None] * bd[:, None, :]).ravel()
-        m = np.repeat(np.asarray(mult)[rows], ka[0] * kb[0])
+        first = v_out[halves[0]].reshape(shape)
+        if same:
+            np.multiply(ad[:, :, None], bd[:, None, :], out=first)
+            first *= (2.0 * coef[rows])[:, None, None]  # 2 coef: exact
+        else:
+            np.multiply((coef[rows][:, None] * ad)[:, :, None], bd[:, None, :], out=first)
+        a_side, b_side = ai[:, :, None], bi[:, None, :]
+        mult_rows = mult[rows][:, None, None]
     else:
         row = np.repeat(np.arange(A.shape[0]), cnt)
         local = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
         kb_r = kb[row]
         ia = A.indptr[row] + local // kb_r
         ib = B.indptr[row] + local % kb_r
-        r, c = A.indices[ia], B.indices[ib]
-        v = coef[row] * A.data[ia] * B.data[ib]
-        m = np.asarray(mult)[row]
-    return (np.concatenate([r, c], dtype=np.int64), np.concatenate([c, r], dtype=np.int64),
-            np.concatenate([v, v]), np.concatenate([m, m], dtype=np.int64))
+        shape = (total,)
+        if same:
+            np.multiply(A.data[ia], B.data[ib], out=v_out[halves[0]])
+            v_out[halves[0]] *= 2.0 * coef[row]
+        else:
+            v_out[halves[0]] = coef[row] * A.data[ia] * B.data[ib]
+        a_side, b_side, mult_rows = A.indices[ia], B.indices[ib], mult[row]
+    r_out[halves[0]].reshape(shape)[...] = a_side
+    c_out[halves[0]].reshape(shape)[...] = b_side
+    m_out[halves[0]].reshape(shape)[...] = mult_rows
+    if not same:
+        r_out[halves[1]] = c_out[halves[0]]
+        c_out[halves[1]] = r_out[halves[0]]
+        v_out[halves[1]] = v_out[halves[0]]
+        m_out[halves[1]] = m_out[halves[0]]
 
 
 class QuadraticConstraint:

@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from lipsdp import activations
-from lipsdp.constraints.base import QCTerms, QuadraticConstraint, outer_terms
+from lipsdp.constraints.base import QCTerms, QuadraticConstraint, joined_outer_terms
 
 
 class SlopeRestricted(QuadraticConstraint):
@@ -74,6 +74,14 @@ class SlopeRestricted(QuadraticConstraint):
         return float(np.max(np.maximum(np.abs(lo), np.abs(hi))))
 
     # -- the lifted QC -------------------------------------------------
+    def entry_count(self, op, P, Q) -> int:
+        """How many COO entries :meth:`terms` stores (at most): ``2 nnz(p) nnz(q) + nnz(q)^2`` per neuron, and
+        ``nnz(p)^2`` more where ``alpha beta != 0`` (one entry per place, :func:`outer_terms`)."""
+        nP, nQ = (np.diff(sp.csr_matrix(X).indptr).astype(np.int64) for X in (P, Q))
+        lo, hi = self.sector(op)
+        square = np.broadcast_to(np.asarray(lo, dtype=np.float64) * np.asarray(hi, dtype=np.float64) != 0, nP.shape)
+        return int(np.sum(2 * nP * nQ + nQ * nQ + np.where(square, nP * nP, 0)))
+
     def terms(self, op, P, Q, formulation="neuron"):
         n = P.shape[0]
         lo, hi = self.sector(op)
@@ -86,10 +94,10 @@ class SlopeRestricted(QuadraticConstraint):
             mult, n_mult, labels = np.zeros(n, dtype=np.int64), 1, [op.name]
         else:
             raise ValueError(f"unknown formulation {formulation!r}; use 'neuron' or 'layer'")
-        parts = [outer_terms(P, Q, alpha + beta, mult), outer_terms(Q, Q, -np.ones(n), mult)]
+        parts = [(P, Q, alpha + beta, mult), (Q, Q, -np.ones(n), mult)]
         if np.any(alpha * beta != 0):
-            parts.append(outer_terms(P, P, -alpha * beta, mult))
-        rows, cols, vals, mults = (np.concatenate(x) for x in zip(*parts))
+            parts.append((P, P, -alpha * beta, mult))
+        rows, cols, vals, mults = joined_outer_terms(parts)
         # Factored: F_i = a_i b_i^T + b_i a_i^T with a = q - alpha p, b = beta p - q (rank 2).
         Da, Db = sp.diags(alpha), sp.diags(beta)
         factors = [((Q - Da @ P).tocsr(), (Db @ P - Q).tocsr(), np.ones(n), np.asarray(mult))]

@@ -180,8 +180,7 @@ class LMIProblem:
 
     def matrix(self, x: np.ndarray) -> np.ndarray:
         """Dense ``M(x)``, shape ``(n, n)``."""
-        x = np.asarray(x, dtype=np.float64)
-        return self._coo_matrix(self.vals, x) + self.const.toarray()
+        return self._coo_matrix(self.vals, np.asarray(x, dtype=np.float64)) + self.const.toarray()
 
     @cached_property
     def _diagonal_entries(self) -> np.ndarray:
@@ -189,15 +188,13 @@ class LMIProblem:
 
     def diagonal(self, x: np.ndarray) -> np.ndarray:
         """The diagonal of ``M(x)`` without forming the matrix (linear in the number of terms)."""
-        d = self._diagonal_entries
-        x = np.asarray(x, dtype=np.float64)
+        d, x = self._diagonal_entries, np.asarray(x, dtype=np.float64)
         return np.bincount(self.rows[d], weights=self.vals[d] * x[self.var[d]], minlength=self.n) + \
             self.const.diagonal()
 
     def abs_matrix(self, x: np.ndarray) -> np.ndarray:
         """Entrywise ``sum |x_j| |M_j| + |C|^T |C|``: what rounding errors scale with."""
-        x = np.abs(np.asarray(x, dtype=np.float64))
-        return self._coo_matrix(np.abs(self.vals), x) + self.const_abs.toarray()
+        return self._coo_matrix(np.abs(self.vals), np.abs(np.asarray(x, dtype=np.float64))) + self.const_abs.toarray()
 
     def lifting_error(self, x: np.ndarray) -> np.ndarray | None:
         """Entrywise bound on ``|M(x) - M_exact(x)|`` due to rounded lifted rows, or None if exact."""
@@ -310,11 +307,15 @@ def _input_block(n0: int, n: int, norm: str, metric=None) -> _Parts:
 
 
 def _constraint_error(qc, op, P, P_err, Q, formulation: str, offset: int) -> list:
-    """COO bound on how much the rounding ``P_err`` of the rows ``P`` moves the QC's terms, as two pieces
-    (``+|hi|``, ``-|lo|``; :func:`_lift_error` joins all at once): ``|F(P+d) - F(P)| <= F_abs(|P|+|d|) -
-    F_abs(|P|)``, the terms being bilinear in the rows."""
-    hi = qc.terms(op, abs(P) + P_err, abs(Q), formulation)
-    lo = qc.terms(op, abs(P), abs(Q), formulation)
+    """COO bound on how much the rounding ``P_err`` of the rows ``P`` moves the QC's terms: ``|F(P+d) - F(P)|
+    <= F_abs(|P|+|d|) - F_abs(|P|)`` (bilinear terms).  One piece ``|hi| - |lo|`` rounded upward where both lay
+    out their entries alike (a dense first layer), else ``+|hi|`` and ``-|lo|`` for the sum to join."""
+    lo, hi = qc.terms(op, abs(P), abs(Q), formulation), qc.terms(op, abs(P) + P_err, abs(Q), formulation)
+    if all(np.array_equal(getattr(hi, a), getattr(lo, a)) for a in ("rows", "cols", "mult")):
+        diff = np.abs(hi.vals)
+        diff -= np.abs(lo.vals)
+        np.maximum(np.nextafter(diff, np.inf, out=diff), 0.0, out=diff)  # >= the difference of the two floats
+        return [(hi.rows, hi.cols, diff, np.asarray(hi.mult) + offset)]
     return [(hi.rows, hi.cols, np.abs(hi.vals), np.asarray(hi.mult) + offset),
             (lo.rows, lo.cols, -np.abs(lo.vals), np.asarray(lo.mult) + offset)]
 
@@ -323,9 +324,10 @@ def _lift_error(C: sp.csr_matrix, C_err, err_parts: list) -> tuple:
     """``(rows, cols, vals, var, const)``: the bound on ``|M - M_exact|`` of :meth:`LMIProblem.lifting_error`."""
     absC = abs(C)
     c_err = (C_err.T @ absC + absC.T @ C_err + C_err.T @ C_err).tocsr()
-    empty = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))]
-    r, c, v, m = (np.concatenate(z) for z in zip(*(err_parts or empty)))
-    return r, c, v, m, c_err
+    columns = [[], [], [], []]
+    while err_parts:  # each piece released once joined (the first layer's can be most of the LMI)
+        [col.append(a) for col, a in zip(columns, err_parts.pop(0))]
+    return (*(_joined(z, t) for z, t in zip(columns, (np.int64, np.int64, np.float64, np.int64))), c_err)
 
 
 def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndarray | None = None,
@@ -370,8 +372,7 @@ def build_lmi(lifting: Lifting, formulation: str = "neuron", output_map: np.ndar
         offset = parts.add(qc.terms(op, P, Q, formulation), k)
         if not lift_exact and lifting.pre_err[k - 1].nnz:  # exact rows add no error terms
             parts.err.extend(_constraint_error(qc, op, P, lifting.pre_err[k - 1], Q, formulation, offset))
-    objective = np.zeros(len(parts.labels))
-    objective[:n_in] = 1.0
+    objective = (np.arange(len(parts.labels)) < n_in).astype(np.float64)
     coo = [_joined(parts.rows, np.int64), _joined(parts.cols, np.int64), _joined(parts.vals, np.float64),
            _joined(parts.var, np.int64)]
     return LMIProblem(

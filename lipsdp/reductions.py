@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from lipsdp import layer_sweep, progress
+from lipsdp.constraints import check_lmi_memory, get_constraint
+from lipsdp.input_metric import has_square_terms, preactivation_span
 from lipsdp.lifting import Lifting
 from lipsdp.lmi import LMIProblem, build_lmi
 from lipsdp.reuse import solve_lmi
@@ -111,15 +113,21 @@ class Query:
     target: LMIProblem
     solve: LMIProblem
     scale: np.ndarray
+    #: ``given`` is on the first layer's pre-activations (:mod:`lipsdp.input_metric`): solved as it is.
+    preactivation: bool = False
 
     @classmethod
     def build(cls, lifting: Lifting, formulation: str, norm: str, output_map, label: str = "",
               restrict: bool = True) -> "Query":
         """The query of one read-out, its LMI built (docs/math.md §1, §2 for l_inf) and not yet reduced;
         ``restrict``: on the first layer's input rows where that applies (docs/math.md §10.1)."""
-        span = lifting.span_input() if norm == "l2" and restrict else None
+        span, pre = None, False
+        if norm == "l2" and restrict:  # first-layer p p^T terms: on the pre-activations, else on the rows
+            span = preactivation_span(lifting) if has_square_terms(lifting) else None
+            span, pre = (lifting.span_input(), False) if span is None else (span, True)
+        check_lmi_memory(expected_entries(lifting if span is None else span.lifting))
         lmi = build_lmi(lifting, formulation, output_map=output_map, norm=norm, span=span)
-        return cls(lifting, output_map, label, formulation, norm, lmi, lmi, lmi, np.ones(lmi.n_var))
+        return cls(lifting, output_map, label, formulation, norm, lmi, lmi, lmi, np.ones(lmi.n_var), pre)
 
     def full(self) -> LMIProblem:
         """The LMI of the network as given, never restricted to the input span (``--strict``'s exact test)."""
@@ -130,6 +138,16 @@ class Query:
         if self.given.input_metric is None:
             return self
         return Query.build(self.lifting, self.formulation, self.norm, self.output_map, self.label, restrict=False)
+
+
+def expected_entries(lifting: Lifting) -> int:
+    """The COO entries of the LMI's constraint terms where their families can count them (slope QCs: most)."""
+    total = 0
+    for k, P in enumerate(lifting.pre, start=1):
+        op = lifting.network.op(lifting.blocks[k].node)
+        count = getattr(get_constraint(op.function), "entry_count", None)
+        total += 0 if count is None else count(op, P, lifting.selector(k))
+    return total
 
 
 def readouts(m: int, norm: str, output_map: np.ndarray | None) -> list[tuple[np.ndarray | None, str]]:
@@ -159,7 +177,7 @@ class ReduceInput(Reduction):
     """
 
     def apply(self, query: Query):
-        if query.norm != "l2":
+        if query.norm != "l2" or query.preactivation:  # already on the m pre-activations of the first layer
             return query, None
         reduced = query.lifting.reduce_input()
         if reduced is query.lifting:

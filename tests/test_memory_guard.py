@@ -16,8 +16,8 @@ from lipsdp.network import Network
 def test_outer_terms_refuses_what_does_not_fit(monkeypatch):
     A = sp.csr_matrix(np.ones((4, 50)))
     rows, *_ = outer_terms(A, A, np.ones(4), np.arange(4))
-    assert len(rows) == 2 * 4 * 50 * 50
-    monkeypatch.setattr(base, "available_memory", lambda: 2 * base.BYTES_PER_TERM * 4 * 50 * 50 - 1)
+    assert len(rows) == 4 * 50 * 50  # B is A: one entry per place (2 a a^T)
+    monkeypatch.setattr(base, "available_memory", lambda: base.BYTES_PER_TERM * 4 * 50 * 50 - 1)
     with pytest.raises(ResourceError, match="building the LMI needs about"):
         outer_terms(A, A, np.ones(4), np.arange(4))
 
