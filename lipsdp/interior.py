@@ -77,7 +77,7 @@ class DenseLMI:
         return factor_schur(H)
 
 
-def factor_schur(H):
+def factor_schur(H, symmetric=False):
     """A solver for ``H dy = rhs`` (``H`` the symmetric Schur complement, overwritten), or None.
 
     Cholesky after Jacobi scaling: on deep nets the diagonal of ``H`` spans many orders of
@@ -87,10 +87,12 @@ def factor_schur(H):
 
     All in place (``H`` is ``m x m``, up to a few thousand): LAPACK's ``dpotrf`` overwrites the
     lower triangle only, so a failed try restores it from the upper one (``H`` is symmetric by
-    then) and the saved diagonal.
+    then) and the saved diagonal.  ``symmetric``: ``H`` is exactly symmetric already (no averaging,
+    which costs an ``m x m`` temporary).
     """
-    H += H.T
-    H *= 0.5
+    if not symmetric:
+        H += H.T
+        H *= 0.5
     hd = np.sqrt(np.maximum(np.diag(H), 1e-300))
     H /= hd[:, None]
     H /= hd

@@ -537,6 +537,7 @@ class _Completion:
         self.coef, self.var = np.asarray(coef, dtype=np.float64), np.asarray(var)
         self.runs = self.term_runs(self.iu, self.iw)
         self.into = None if self.runs is None else self.collapse()
+        self.H = None  # the Schur complement's buffer (schur)
         self.iterations = 0
         self.y = None
         self.path = []
@@ -570,7 +571,13 @@ class _Completion:
         into = self.into
         T = len(self.iu)
         h = np.empty((T, T)) if into is None else None
-        H = np.zeros((self.m, self.m)) if into is not None else None
+        if into is not None:
+            # One m x m buffer for all iterations (factor_schur factors it in place; the previous
+            # iteration's factor is not used any more): a fresh one costs its page faults each time.
+            if self.H is None:
+                self.H = np.zeros((self.m, self.m))
+            H = self.H
+            H.fill(0.0)
         most = max(b - a for a, b, _, _ in self.runs)
         buf, tmp = np.empty((most, most)), np.empty((most, most))
         for ia, (a0, a1, ua, wa) in enumerate(self.runs):
@@ -589,6 +596,8 @@ class _Completion:
                     blk *= cb.T
                     red = blk if sta is None else np.add.reduceat(blk, sta, axis=0)
                     red = red if stb is None else np.add.reduceat(red, stb, axis=1)
+                    if ib == ia:  # symmetric up to rounding: made exact, so that H is (factor_schur)
+                        red = (red + red.T) / 2
                     if isinstance(va, slice) and isinstance(vb, slice):
                         H[va, vb] += red
                         if ib != ia:
@@ -751,23 +760,24 @@ class _Completion:
 
             H = self.schur(GX, GS)
             H[N, N] += z / yN
-            schur_solve = factor_schur(H)
+            schur_solve = factor_schur(H, symmetric=self.into is not None)
             del H
             if schur_solve is None:
                 return ("optimal_inaccurate" if self.gap < 1e-4 else "solver_error",
                         f"singular Schur complement at iteration {it} (gap {self.gap:.1e})")
 
-            def times_terms(Y, dy):
+            def times_terms(Y, dy, out):
                 """``Y K`` for ``Y`` of shape ``(n, r)``, where ``sum_j dy_j F_j = R^T K R`` (``K`` sparse and
-                symmetric, ``kappa_t`` at ``(u_t, w_t)`` and ``(w_t, u_t)``)."""
+                symmetric, ``kappa_t`` at ``(u_t, w_t)`` and ``(w_t, u_t)``), into the buffer ``out``."""
                 kap = self.coef * dy[self.var]
                 if self.runs is None:
                     K = sp.coo_matrix((np.concatenate([kap, kap]), (np.concatenate([self.iu, self.iw]),
                                                                     np.concatenate([self.iw, self.iu]))),
                                       shape=(ch.r, ch.r)).tocsr()
-                    return (K @ Y.T).T
+                    out[...] = (K @ Y.T).T
+                    return out
                 # Runs of consecutive terms on consecutive rows: column slices, no transposed copy of Y.
-                out = np.zeros_like(Y)
+                out.fill(0.0)
                 for t0, t1, u0, w0 in self.runs:
                     k = kap[t0:t1]
                     out[:, w0:w0 + t1 - t0] += Y[:, u0:u0 + t1 - t0] * k
@@ -783,16 +793,16 @@ class _Completion:
                 dy = schur_solve(rhs)
                 D = ch.direction(dy)  # dS = -D
                 # P(X^ dS S^{-1}) = -P(sym(X^ R^T K R S^{-1})).
-                Q = times_terms(XR, dy)  # X^ R^T K
+                Q = times_terms(XR, dy, bufs[4])  # X^ R^T K
+                if corr is not None:  # - P(sym C) = P(sym(U K S^{-1} R^T...)): one pattern product for both
+                    Q += corr[0]
                 dX = smu * Zp - X + ch.pattern_product(Q, SR)
-                if corr is not None:
-                    dX -= corr[0]
                 dz = (smu - z * yN - corr_lp - z * dy[N]) / yN
                 return dy, D, dX, dz
 
             def corrector(dy, D):
                 """Mehrotra's second-order term ``C = dX dS S^{-1}`` of the predictor, as
-                ``(P(sym C), A*(C))``, without forming the dense ``dX = -X^ + sym(X^ F S^{-1})``
+                ``(U K, A*(C))`` with ``P(sym C) = -P(sym(U K (S^{-1} R^T)^T))``, without forming the dense ``dX = -X^ + sym(X^ F S^{-1})``
                 (``F = sum dy_j F_j = R^T K R``): ``C = -U K (S^{-1} R^T)^T`` with
                 ``U = dX R^T = -X^ R^T + (X^ F S^{-1} R^T + S^{-1} F X^ R^T) / 2``, two pattern
                 products and two block solves.  ``A*(C)`` needs ``R C R^T`` at the terms' rows only,
@@ -816,9 +826,10 @@ class _Completion:
                         L = t1 - t0
                         cuw[t0:t1] = np.einsum("it,it->t", U[:, u0:u0 + L], V[:, w0:w0 + L])
                         cwu[t0:t1] = np.einsum("it,it->t", U[:, w0:w0 + L], V[:, u0:u0 + L])
-                UK = times_terms(U, dy)
+                UK = times_terms(U, dy, bufs[5])
                 del U
-                return -ch.pattern_product(UK, SR), -(self.KT @ (cuw + cwu))
+                # P(sym C) = -P(sym(UK (S^{-1} R^T)^T)): returned as UK, for direction's pattern product.
+                return UK, -(self.KT @ (cuw + cwu))
 
             def steps(dy, D, dX, dz, limit):
                 aP = min([InteriorPoint.max_step(L, C) for L, (_, C) in zip(xcliques, ch.cliques(dX))]
