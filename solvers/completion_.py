@@ -802,7 +802,8 @@ class _Completion:
 
             def corrector(dy, D):
                 """Mehrotra's second-order term ``C = dX dS S^{-1}`` of the predictor, as
-                ``(U K, A*(C))`` with ``P(sym C) = -P(sym(U K (S^{-1} R^T)^T))``, without forming the dense ``dX = -X^ + sym(X^ F S^{-1})``
+                ``(U K, A*(C))`` with ``P(sym C) = -P(sym(U K (S^{-1} R^T)^T))``, without forming the
+                dense ``dX = -X^ + sym(X^ F S^{-1})``
                 (``F = sum dy_j F_j = R^T K R``): ``C = -U K (S^{-1} R^T)^T`` with
                 ``U = dX R^T = -X^ R^T + (X^ F S^{-1} R^T + S^{-1} F X^ R^T) / 2``, two pattern
                 products and two block solves.  ``A*(C)`` needs ``R C R^T`` at the terms' rows only,
