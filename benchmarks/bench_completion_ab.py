@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     lines = [f"\n### {time.strftime('%Y-%m-%d %H:%M')} baseline {args.base}, {args.iters} iterations each\n",
              "| LMI | n | r | m | old s/it | new s/it | ratio | objective after (old, new) | rel diff |",
              "|---|---|---|---|---|---|---|---|---|"]
+    fulls = []
     for path in args.lmis:
         lmi = pickle.load(open(path, "rb"))
         # Only the last iterations are timed: the first also pays for the arrays' first touch.
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         pn, fn, _, _ = iterate(new, lmi, args.iters + 1)
         so, sn = float(np.median(po[1:])), float(np.median(pn[1:]))
         row = (f"| {Path(path).name} | {lmi.n} | {lmi.factors[0].shape[0]} | {lmi.n_var} | {so:.3f} | {sn:.3f} | "
-               f"{so / sn:.2f} | {fo:.10g}, {fn:.10g} | {abs(fo - fn) / abs(fo):.1e} |")
+               f"{so / sn:.2f} | {fo:.12g}, {fn:.12g} | {abs(fo - fn) / abs(fo):.1e} |")
         print(row, flush=True)
         lines.append(row)
         for which, mod, wanted in (("new", new, args.full), ("old", old, args.full_base)):
@@ -101,12 +102,11 @@ def main(argv=None) -> int:
                 continue
             t = time.process_time()
             res = mod.CompletionIPM().solve(lmi)
-            full = (f"  full solve ({which}): {res.status}, {res.iterations} iterations, objective "
-                    f"{res.objective:.10g}, {time.process_time() - t:.1f} CPU s")
+            full = (f"- {Path(path).name}, full solve ({which}): {res.status}, {res.iterations} iterations, "
+                    f"objective {res.objective:.16g}, {time.process_time() - t:.1f} CPU s")
             print(full, flush=True)
-            lines.append("")
-            lines.append(full)
-            lines.append("")
+            fulls.append(full)
+    lines += [""] + fulls
     if args.out:
         with open(args.out, "a") as fh:
             fh.write("\n".join(lines) + "\n")

@@ -538,6 +538,11 @@ class _Completion:
         self.runs = self.term_runs(self.iu, self.iw)
         self.into = None if self.runs is None else self.collapse()
         self.H = None  # the Schur complement's buffer (schur)
+        # Whether the runs' sides (one side where u = w) cover the r rows once each: Y K then writes
+        # each column of its output once, with no zero fill and no temporaries (times_terms).
+        sides = [] if self.runs is None else \
+            [np.arange(a, a + t1 - t0) for t0, t1, u0, w0 in self.runs for a in ({u0, w0})]
+        self.once = bool(sides) and np.array_equal(np.sort(np.concatenate(sides)), np.arange(chain.r))
         self.iterations = 0
         self.y = None
         self.path = []
@@ -777,6 +782,15 @@ class _Completion:
                     out[...] = (K @ Y.T).T
                     return out
                 # Runs of consecutive terms on consecutive rows: column slices, no transposed copy of Y.
+                if self.once:  # each column of out is one run's side: written, not accumulated
+                    for t0, t1, u0, w0 in self.runs:
+                        k, L = kap[t0:t1], t1 - t0
+                        if u0 == w0:  # terms on one row: kappa_t at (u_t, u_t) twice
+                            np.multiply(Y[:, u0:u0 + L], 2.0 * k, out=out[:, u0:u0 + L])
+                        else:
+                            np.multiply(Y[:, u0:u0 + L], k, out=out[:, w0:w0 + L])
+                            np.multiply(Y[:, w0:w0 + L], k, out=out[:, u0:u0 + L])
+                    return out
                 out.fill(0.0)
                 for t0, t1, u0, w0 in self.runs:
                     k = kap[t0:t1]
