@@ -4,7 +4,7 @@ Both versions run in one process on the same pickled LMI (``lmi.solve`` of a que
 dump of :class:`lipsdp.solve.Solve`'s argument), one after the other, so that a shared machine's
 load falls on both alike.  The baseline is the commit's ``solvers/completion_.py`` (``lipsdp.solvers``) and
 ``lipsdp/interior.py``, loaded from git as private modules.  Reports CPU seconds per iteration
-(process time between the starts of consecutive iterations), the iteration count and the
+(process time between the starts of consecutive iterations; wall time with ``--threads`` above 1), the iteration count and the
 objective after the same number of iterations (the iterates agree up to rounding), and with
 ``--full`` a complete solve by the working tree's code.
 
@@ -51,6 +51,10 @@ def baseline(ref: str):
     return completion
 
 
+#: The clock of the per-iteration figures: CPU time on one thread, wall time with several (main).
+CLOCK = time.process_time
+
+
 def iterate(module, lmi, iters: int):
     """Run ``iters`` iterations; ``(CPU s per iteration list, objective, iterations, status)``."""
     from lipsdp.chain import BlockChain
@@ -60,14 +64,14 @@ def iterate(module, lmi, iters: int):
     inner = chain.completion_inverse
 
     def mark(X):
-        marks.append(time.process_time())
+        marks.append(CLOCK())
         return inner(X)
 
     chain.completion_inverse = mark
     state = module._Completion(lmi, chain, module.CompletionIPM.default_tol, None, time.perf_counter(), False,
                                iters, module.CompletionIPM.step_fraction)
     status, _ = state.run()
-    marks.append(time.process_time())
+    marks.append(CLOCK())
     per = list(np.diff(marks))
     return per, float(np.asarray(lmi.objective) @ state.y), state.iterations, status
 
@@ -80,10 +84,19 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="then solve to the end with the working tree's code")
     p.add_argument("--full-base", action="store_true", help="... and with the baseline's")
     p.add_argument("--out", help="append a markdown table here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="limit BLAS to this many threads (threadpoolctl); default: as the environment says")
     args = p.parse_args(argv)
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(args.threads)
+        if args.threads > 1:
+            global CLOCK
+            CLOCK = time.perf_counter
     import lipsdp.solvers.completion_ as new
     old = baseline(args.base)
-    lines = [f"\n### {time.strftime('%Y-%m-%d %H:%M')} baseline {args.base}, {args.iters} iterations each\n",
+    lines = [f"\n### {time.strftime('%Y-%m-%d %H:%M')} baseline {args.base}, {args.iters} iterations each"
+             f"{f', {args.threads} BLAS threads' if args.threads else ''}\n",
              "| LMI | n | r | m | old s/it | new s/it | ratio | objective after (old, new) | rel diff |",
              "|---|---|---|---|---|---|---|---|---|"]
     fulls = []
