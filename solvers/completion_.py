@@ -518,6 +518,9 @@ class _Completion:
     """State and steps of one completion-method solve (see the module docstring)."""
 
     path_length = 8
+    #: The Schur complement goes block by block over pairs of runs of terms up to this many runs
+    #: (python loops over the pairs), through term_schur's gathers beyond.
+    most_runs = 160
     #: The start multiplies the layer-by-layer point by this: strictly feasible, and well inside
     #: (the iteration count is insensitive to it; ``X = I``, ``z = 1`` as in the ipm).
     inflate = 2.0
@@ -536,7 +539,8 @@ class _Completion:
                                 shape=(T, self.m)).T.tocsr()
         self.coef, self.var = np.asarray(coef, dtype=np.float64), np.asarray(var)
         self.runs = self.term_runs(self.iu, self.iw)
-        self.into = None if self.runs is None else self.collapse()
+        # How the Schur complement's blocks add into H (schur); None where it goes through term_schur.
+        self.into = None if self.runs is None or len(self.runs) > self.most_runs else self.collapse()
         self.H = None  # the Schur complement's buffer (schur)
         # Whether the runs' sides (one side where u = w) cover the r rows once each: Y K then writes
         # each column of its output once, with no zero fill and no temporaries (times_terms).
@@ -571,7 +575,7 @@ class _Completion:
         is made (:meth:`collapse`), and only the blocks on and below the diagonal are made
         (``h`` is symmetric), with neither the ``T x T`` array ``h`` nor two sparse products.
         """
-        if self.runs is None or len(self.runs) > 160:
+        if self.runs is None or len(self.runs) > self.most_runs:
             return term_schur(GX, GZ, self.iu, self.iw, self.KT)
         into = self.into
         T = len(self.iu)

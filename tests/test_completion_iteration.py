@@ -112,3 +112,15 @@ def test_corrector_terms_by_column_dots(norm):
     new = U.T @ V
     for a, b in ((state.iu, state.iw), (state.iw, state.iu)):
         np.testing.assert_allclose(new[a, b], old[a, b], rtol=1e-8, atol=1e-10 * np.abs(old).max())
+
+
+def test_many_runs_go_through_term_schur_and_are_averaged(monkeypatch):
+    """Beyond ``most_runs`` the Schur complement is term_schur's, not exactly symmetric: factor_schur must
+    average it (``into`` None tells the iteration so)."""
+    monkeypatch.setattr(_Completion, "most_runs", 1)
+    lmi, chain, state = _state()
+    assert len(state.runs) > 1 and state.into is None
+    rng = np.random.default_rng(5)
+    A, B = rng.standard_normal((2, chain.r, chain.r + 3))
+    GX, GZ = A @ A.T, B @ B.T + np.eye(chain.r)
+    np.testing.assert_array_equal(state.schur(GX, GZ), term_schur(GX, GZ, state.iu, state.iw, state.KT))
