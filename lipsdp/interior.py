@@ -27,8 +27,8 @@ import time
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.linalg import LinAlgError, cho_factor, cho_solve, cholesky, eigh
-from scipy.linalg.lapack import dpotri, dsygst
+from scipy.linalg import LinAlgError, cho_solve, cholesky, eigh
+from scipy.linalg.lapack import dpotrf, dpotri, dsygst
 
 from lipsdp import progress
 
@@ -77,24 +77,36 @@ class DenseLMI:
         return factor_schur(H)
 
 
-def factor_schur(H):
+def factor_schur(H, symmetric=False):
     """A solver for ``H dy = rhs`` (``H`` the symmetric Schur complement, overwritten), or None.
 
     Cholesky after Jacobi scaling: on deep nets the diagonal of ``H`` spans many orders of
     magnitude, and a regularisation relative to its largest entry would swamp the small ones.
     The regularisations ``1e-14, 1e-11, 1e-8`` (of the unit diagonal) are tried in turn: free
     multipliers can make ``H`` singular near the optimum.  None if all fail.
+
+    All in place (``H`` is ``m x m``, up to a few thousand): LAPACK's ``dpotrf`` overwrites the
+    lower triangle only, so a failed try restores it from the upper one (``H`` is symmetric by
+    then) and the saved diagonal.  ``symmetric``: ``H`` is exactly symmetric already (no averaging,
+    which costs an ``m x m`` temporary).
     """
-    H += H.T
-    H /= 2
+    if not symmetric:
+        H += H.T
+        H *= 0.5
     hd = np.sqrt(np.maximum(np.diag(H), 1e-300))
-    H /= np.outer(hd, hd)
-    for reg in (1e-14, 1e-11, 1e-8):
-        try:
-            Hf = cho_factor(H + reg * np.eye(len(H)), lower=True, check_finite=False)
-        except LinAlgError:
+    H /= hd[:, None]
+    H /= hd
+    diag = np.diag(H).copy()
+    for i, reg in enumerate((1e-14, 1e-11, 1e-8)):
+        if i:  # the failed try overwrote the lower triangle
+            lower = np.tril_indices(len(H), -1)
+            H[lower] = H.T[lower]
+        np.fill_diagonal(H, diag + reg)
+        # H.T is H's memory in Fortran order: its upper triangle is H's lower one, factored in place.
+        Hf, info = dpotrf(H.T, lower=0, clean=0, overwrite_a=1)
+        if info != 0:
             continue
-        return lambda rhs: cho_solve(Hf, rhs / hd, check_finite=False) / hd
+        return lambda rhs: cho_solve((Hf, False), rhs / hd, check_finite=False) / hd
     return None
 
 

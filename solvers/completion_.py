@@ -50,6 +50,7 @@ import scipy.sparse as sp
 from scipy.linalg import LinAlgError, cholesky, solve_triangular
 from scipy.linalg.blas import dtrsm as _dtrsm
 from scipy.linalg.lapack import dpotrf as _dpotrf
+from scipy.linalg.lapack import dtrtri as _dtrtri
 from scipy.linalg.lapack import dpotri
 
 from lipsdp import progress
@@ -239,6 +240,10 @@ class PatternChain:
         self.ordered = bool(len(order) == self.r and np.array_equal(order, np.arange(self.r))
                             and np.array_equal(self.unit[0], np.arange(len(self.unit[0]))))
         self.plan = self.slab_plan(R, *lmi.factors[1:])
+        # Row i of R is zero before block first[i]; where those blocks never decrease down the rows, the
+        # columns of R^T that are nonzero in blocks <= k are a prefix, of length active[k] (solve's forward sweep).
+        self.active = np.searchsorted(first, np.arange(nb), side="right") \
+            if np.all(np.diff(first) >= 0) else None
         if self.plan is None:  # terms the slabs do not cover: assemble from the LMI's entries
             pos = scatter(rows, cols)
             keep = pos >= 0
@@ -347,24 +352,44 @@ class PatternChain:
             logdet += 2.0 * float(np.sum(np.log(np.diagonal(Lk))))
         return Ls, Es, logdet
 
-    def solve(self, fac, B):
+    def solve(self, fac, B, active=None):
         """``S^{-1} B`` for ``B`` of shape ``(n, r)``, C-ordered (overwritten in place).
 
         Row slabs of ``B`` are C-contiguous, so their transposes go to BLAS's ``trsm`` as
         Fortran arrays from the right: ``X^T = B_k^T L_k^{-T}`` (forward), ``B_k^T L_k^{-1}`` (back).
+        ``active``: ``B``'s columns that are nonzero in blocks ``0..k`` are its first ``active[k]``
+        (:attr:`active`, for ``B = R^T``): the forward sweep ``L^{-1} B`` keeps the zeros above
+        each column's first block, so it skips them (half its flops on a chain).
         """
         Ls, Es, _ = fac
         st = self.starts
+        r = B.shape[1]
         for k, L in enumerate(Ls):
-            blk = B[st[k]:st[k + 1]]
+            c = r if active is None else int(active[k])
+            if c == 0:
+                continue
+            blk = B[st[k]:st[k + 1], :c]
             if k:
-                blk -= Es[k] @ B[st[k - 1]:st[k]]
-            _dtrsm(1.0, L, blk.T, side=1, lower=1, trans_a=1, overwrite_b=1)
+                blk -= Es[k] @ B[st[k - 1]:st[k], :c]
+            if c == r:
+                _dtrsm(1.0, L, blk.T, side=1, lower=1, trans_a=1, overwrite_b=1)
+            else:  # a column slice is no Fortran array for BLAS: solved in a copy
+                blk[...] = _dtrsm(1.0, L, blk.T, side=1, lower=1, trans_a=1).T
+        # Back: B_k <- L_k^{-T} B_k by a product with the explicit inverse.  BLAS's trsm for this side
+        # (X L = B from the right) ran at a third of the forward one's speed; the inverses of the
+        # small triangular blocks cost next to nothing.
+        tmp = np.empty((int(np.max(self.sizes)), B.shape[1]))
         for k in reversed(range(len(Ls))):
             blk = B[st[k]:st[k + 1]]
             if k + 1 < len(Ls):
                 blk -= Es[k + 1].T @ B[st[k + 1]:st[k + 2]]
-            _dtrsm(1.0, Ls[k], blk.T, side=1, lower=1, trans_a=0, overwrite_b=1)
+            inv, info = _dtrtri(Ls[k], lower=1)
+            if info != 0:  # not invertible in floating point: the triangular solve
+                _dtrsm(1.0, Ls[k], blk.T, side=1, lower=1, trans_a=0, overwrite_b=1)
+                continue
+            t = tmp[:len(blk)]
+            np.matmul(inv.T, blk, out=t)
+            blk[...] = t
         return B
 
     # -- the pattern's algebra ----------------------------------------------
@@ -504,6 +529,9 @@ class _Completion:
     """State and steps of one completion-method solve (see the module docstring)."""
 
     path_length = 8
+    #: The Schur complement goes block by block over pairs of runs of terms up to this many runs
+    #: (python loops over the pairs), through term_schur's gathers beyond.
+    most_runs = 160
     #: The start multiplies the layer-by-layer point by this: strictly feasible, and well inside
     #: (the iteration count is insensitive to it; ``X = I``, ``z = 1`` as in the ipm).
     inflate = 2.0
@@ -522,6 +550,14 @@ class _Completion:
                                 shape=(T, self.m)).T.tocsr()
         self.coef, self.var = np.asarray(coef, dtype=np.float64), np.asarray(var)
         self.runs = self.term_runs(self.iu, self.iw)
+        # How the Schur complement's blocks add into H (schur); None where it goes through term_schur.
+        self.into = None if self.runs is None or len(self.runs) > self.most_runs else self.collapse()
+        self.H = None  # the Schur complement's buffer (schur)
+        # Whether the runs' sides (one side where u = w) cover the r rows once each: Y K then writes
+        # each column of its output once, with no zero fill and no temporaries (times_terms).
+        sides = [] if self.runs is None else \
+            [np.arange(a, a + t1 - t0) for t0, t1, u0, w0 in self.runs for a in ({u0, w0})]
+        self.once = bool(sides) and np.array_equal(np.sort(np.concatenate(sides)), np.arange(chain.r))
         self.iterations = 0
         self.y = None
         self.path = []
@@ -543,22 +579,78 @@ class _Completion:
     def schur(self, GX, GZ):
         """The Schur complement ``H_ij = tr(F_i X^ F_j S^{-1})`` from the Gram matrices: the formula of
         :func:`lipsdp.interior.term_schur`, with its ``(terms x terms)`` gathers taken as slices, one
-        block per pair of runs of terms, where there are few runs."""
-        if self.runs is None or len(self.runs) > 160:
+        block per pair of runs of terms, where there are few runs.
+
+        Each term has one multiplier, so ``H = K^T h K`` adds up ``coef_s coef_t h_st`` over the
+        terms of each pair of multipliers: each block of ``h`` is scaled and added into ``H`` as it
+        is made (:meth:`collapse`), and only the blocks on and below the diagonal are made
+        (``h`` is symmetric), with neither the ``T x T`` array ``h`` nor two sparse products.
+        """
+        if self.runs is None or len(self.runs) > self.most_runs:
             return term_schur(GX, GZ, self.iu, self.iw, self.KT)
+        into = self.into
         T = len(self.iu)
-        h = np.empty((T, T))
-        for a0, a1, ua, wa in self.runs:
+        h = np.empty((T, T)) if into is None else None
+        if into is not None:
+            # One m x m buffer for all iterations (factor_schur factors it in place; the previous
+            # iteration's factor is not used any more): a fresh one costs its page faults each time.
+            if self.H is None:
+                self.H = np.zeros((self.m, self.m))
+            H = self.H
+            H.fill(0.0)
+        most = max(b - a for a, b, _, _ in self.runs)
+        buf, tmp = np.empty((most, most)), np.empty((most, most))
+        for ia, (a0, a1, ua, wa) in enumerate(self.runs):
             ra, sa = slice(ua, ua + a1 - a0), slice(wa, wa + a1 - a0)
-            for b0, b1, ub, wb in self.runs:
+            for ib, (b0, b1, ub, wb) in enumerate(self.runs if into is None else self.runs[:ia + 1]):
                 rb, sb = slice(ub, ub + b1 - b0), slice(wb, wb + b1 - b0)
-                blk = h[a0:a1, b0:b1]
+                blk = h[a0:a1, b0:b1] if into is None else buf[:a1 - a0, :b1 - b0]
+                t = tmp[:a1 - a0, :b1 - b0]
                 np.multiply(GX[sa, rb], GZ[ra, sb], out=blk)
-                blk += GX[sa, sb] * GZ[ra, rb]
-                blk += GX[ra, rb] * GZ[sa, sb]
-                blk += GX[ra, sb] * GZ[sa, rb]
+                blk += np.multiply(GX[sa, sb], GZ[ra, rb], out=t)
+                blk += np.multiply(GX[ra, rb], GZ[sa, sb], out=t)
+                blk += np.multiply(GX[ra, sb], GZ[sa, rb], out=t)
+                if into is not None:
+                    (ca, va, sta), (cb, vb, stb) = into[ia], into[ib]
+                    blk *= ca
+                    blk *= cb.T
+                    red = blk if sta is None else np.add.reduceat(blk, sta, axis=0)
+                    red = red if stb is None else np.add.reduceat(red, stb, axis=1)
+                    if ib == ia:  # symmetric up to rounding: made exact, so that H is (factor_schur)
+                        red = (red + red.T) / 2
+                    if isinstance(va, slice) and isinstance(vb, slice):
+                        H[va, vb] += red
+                        if ib != ia:
+                            H[vb, va] += red.T
+                    else:  # multipliers not consecutive: fancy indices (unique within a run, so += adds)
+                        H[np.ix_(np.r_[va], np.r_[vb])] += red
+                        if ib != ia:
+                            H[np.ix_(np.r_[vb], np.r_[va])] += red.T
+        if into is not None:
+            return H
         KTh = self.KT @ h
         return (self.KT @ KTh.T).T
+
+    def collapse(self):
+        """Per run of terms ``(coef column, multipliers' index, reduceat starts or None)``: how its block
+        rows of ``h`` add into ``H`` (the rows of one multiplier summed), or None where a run's
+        multipliers are not in ascending order (``H = K^T h K`` by sparse products then)."""
+        out = []
+        for t0, t1, _, _ in self.runs:
+            v = self.var[t0:t1]
+            d = np.diff(v)
+            if np.any(d < 0):
+                out = None
+                break
+            col = self.coef[t0:t1, None].copy()
+            if np.all(d == 1):
+                out.append((col, slice(int(v[0]), int(v[0]) + len(v)), None))
+                continue
+            sta = np.concatenate([[0], np.flatnonzero(d) + 1])
+            u = v[sta]
+            idx = slice(int(u[0]), int(u[0]) + len(u)) if np.all(np.diff(u) == 1) else u
+            out.append((col, idx, sta))
+        return out
 
     def start(self):
         """A strictly feasible ``(y, S factor)``, or None if none was found.
@@ -658,8 +750,8 @@ class _Completion:
             # Work arrays reused from one iteration to the next (fresh large arrays cost page faults).
             np.copyto(bufs[0], ch.Rt)
             np.copyto(bufs[1], ch.Rt)
-            XR = ch.solve(wfac, bufs[0])  # X^ R^T
-            SR = ch.solve(fac, bufs[1])  # S^{-1} R^T
+            XR = ch.solve(wfac, bufs[0], ch.active)  # X^ R^T
+            SR = ch.solve(fac, bufs[1], ch.active)  # S^{-1} R^T
             GX, GS = ch.gram_of(XR, bufs[2], symmetric=True), ch.gram_of(SR, bufs[3], symmetric=True)
             AX, AZ = self.adjoint_gram(GX), self.adjoint_gram(GS)
             Zp = ch.selected_inverse(fac)
@@ -688,23 +780,33 @@ class _Completion:
 
             H = self.schur(GX, GS)
             H[N, N] += z / yN
-            schur_solve = factor_schur(H)
+            schur_solve = factor_schur(H, symmetric=self.into is not None)
             del H
             if schur_solve is None:
                 return ("optimal_inaccurate" if self.gap < 1e-4 else "solver_error",
                         f"singular Schur complement at iteration {it} (gap {self.gap:.1e})")
 
-            def times_terms(Y, dy):
+            def times_terms(Y, dy, out):
                 """``Y K`` for ``Y`` of shape ``(n, r)``, where ``sum_j dy_j F_j = R^T K R`` (``K`` sparse and
-                symmetric, ``kappa_t`` at ``(u_t, w_t)`` and ``(w_t, u_t)``)."""
+                symmetric, ``kappa_t`` at ``(u_t, w_t)`` and ``(w_t, u_t)``), into the buffer ``out``."""
                 kap = self.coef * dy[self.var]
                 if self.runs is None:
                     K = sp.coo_matrix((np.concatenate([kap, kap]), (np.concatenate([self.iu, self.iw]),
                                                                     np.concatenate([self.iw, self.iu]))),
                                       shape=(ch.r, ch.r)).tocsr()
-                    return (K @ Y.T).T
+                    out[...] = (K @ Y.T).T
+                    return out
                 # Runs of consecutive terms on consecutive rows: column slices, no transposed copy of Y.
-                out = np.zeros_like(Y)
+                if self.once:  # each column of out is one run's side: written, not accumulated
+                    for t0, t1, u0, w0 in self.runs:
+                        k, L = kap[t0:t1], t1 - t0
+                        if u0 == w0:  # terms on one row: kappa_t at (u_t, u_t) twice
+                            np.multiply(Y[:, u0:u0 + L], 2.0 * k, out=out[:, u0:u0 + L])
+                        else:
+                            np.multiply(Y[:, u0:u0 + L], k, out=out[:, w0:w0 + L])
+                            np.multiply(Y[:, w0:w0 + L], k, out=out[:, u0:u0 + L])
+                    return out
+                out.fill(0.0)
                 for t0, t1, u0, w0 in self.runs:
                     k = kap[t0:t1]
                     out[:, w0:w0 + t1 - t0] += Y[:, u0:u0 + t1 - t0] * k
@@ -720,37 +822,44 @@ class _Completion:
                 dy = schur_solve(rhs)
                 D = ch.direction(dy)  # dS = -D
                 # P(X^ dS S^{-1}) = -P(sym(X^ R^T K R S^{-1})).
-                Q = times_terms(XR, dy)  # X^ R^T K
+                Q = times_terms(XR, dy, bufs[4])  # X^ R^T K
+                if corr is not None:  # - P(sym C) = P(sym(U K S^{-1} R^T...)): one pattern product for both
+                    Q += corr[0]
                 dX = smu * Zp - X + ch.pattern_product(Q, SR)
-                if corr is not None:
-                    dX -= corr[0]
                 dz = (smu - z * yN - corr_lp - z * dy[N]) / yN
                 return dy, D, dX, dz
 
             def corrector(dy, D):
                 """Mehrotra's second-order term ``C = dX dS S^{-1}`` of the predictor, as
-                ``(P(sym C), A*(C))``, without forming the dense ``dX = -X^ + sym(X^ F S^{-1})``
+                ``(U K, A*(C))`` with ``P(sym C) = -P(sym(U K (S^{-1} R^T)^T))``, without forming the
+                dense ``dX = -X^ + sym(X^ F S^{-1})``
                 (``F = sum dy_j F_j = R^T K R``): ``C = -U K (S^{-1} R^T)^T`` with
                 ``U = dX R^T = -X^ R^T + (X^ F S^{-1} R^T + S^{-1} F X^ R^T) / 2``, two pattern
-                products and two block solves."""
-                U = ch.solve(wfac, ch.pattern_times(D, SR, out=bufs[4]))
+                products and two block solves.  ``A*(C)`` needs ``R C R^T`` at the terms' rows only,
+                ``-(R dX F S^{-1} R^T)[u, w] = -U[:, u] . V[:, w]`` with ``V = F S^{-1} R^T`` the first
+                pattern product (docs/math.md §8.8): column dot products, no ``r x r`` product."""
+                n, r = ch.Rt.shape
+                # V is kept in G_X's buffer (G_X is not needed after the Schur complement).
+                V = bufs[2].reshape(-1)[:n * r].reshape(n, r) if r >= n else np.empty((n, r))
+                ch.pattern_times(D, SR, out=V)
+                np.copyto(bufs[4], V)
+                U = ch.solve(wfac, bufs[4])
                 U += ch.solve(fac, ch.pattern_times(D, XR, out=bufs[5]))
                 U *= 0.5
                 U -= XR
-                UK = times_terms(U, dy)
-                del U
-                RUK = ch.gram_of(UK, GX)  # G_X is not needed after the Schur complement
-                # (R C R^T)[a, b] = -sum_p RUK[a, p] G_S[p, b]; only the terms' entries are needed.
                 if self.runs is None:
-                    cuw = np.einsum("tp,tp->t", RUK[self.iu], GS[self.iw])
-                    cwu = np.einsum("tp,tp->t", RUK[self.iw], GS[self.iu])
-                else:  # row slices over the runs of terms: no gathered copies of the r x r matrices
+                    cuw = np.einsum("it,it->t", U[:, self.iu], V[:, self.iw])
+                    cwu = np.einsum("it,it->t", U[:, self.iw], V[:, self.iu])
+                else:  # column slices over the runs of terms: no gathered copies of the (n, r) arrays
                     cuw, cwu = np.empty(len(self.iu)), np.empty(len(self.iu))
                     for t0, t1, u0, w0 in self.runs:
                         L = t1 - t0
-                        cuw[t0:t1] = np.einsum("tp,tp->t", RUK[u0:u0 + L], GS[w0:w0 + L])
-                        cwu[t0:t1] = np.einsum("tp,tp->t", RUK[w0:w0 + L], GS[u0:u0 + L])
-                return -ch.pattern_product(UK, SR), -(self.KT @ (cuw + cwu))
+                        cuw[t0:t1] = np.einsum("it,it->t", U[:, u0:u0 + L], V[:, w0:w0 + L])
+                        cwu[t0:t1] = np.einsum("it,it->t", U[:, w0:w0 + L], V[:, u0:u0 + L])
+                UK = times_terms(U, dy, bufs[5])
+                del U
+                # P(sym C) = -P(sym(UK (S^{-1} R^T)^T)): returned as UK, for direction's pattern product.
+                return UK, -(self.KT @ (cuw + cwu))
 
             def steps(dy, D, dX, dz, limit):
                 aP = min([InteriorPoint.max_step(L, C) for L, (_, C) in zip(xcliques, ch.cliques(dX))]
