@@ -21,8 +21,8 @@ from lipsdp import conv_ipm
 from lipsdp.convnet import ConvChain, ConvLayer
 from lipsdp.errors import LipSDPError, SolverError
 from lipsdp.roesser import causal_kernel, realise
-from lipsdp.conv_readout import (ReadOut, _sym, least_proving, prove_negative_definite,  # noqa: F401
-                                 prove_read_out, read_outs, tail_gain)
+from lipsdp.conv_readout import (ReadOut, least_proving, prove_negative_definite, prove_read_out,  # noqa: F401
+                                 read_outs, tail_gain)
 
 #: Relative margin the SDP asks of every block, so that the verified point is strictly feasible.
 MARGIN = 1e-6
@@ -290,6 +290,10 @@ def _prove_layers(chain: ConvChain, blocks: list[LayerBlocks], sol: dict, got: R
     bound = _round_up_sqrt(Fraction(rho) * Fraction(t))
     return StructuredResult(True, bound, rho, t, "verified", details={
         "supplies": [s.tolist() for s in reversed(supplies)], "read_out_Y": got.Y})
+
+
+def _sym(P: np.ndarray) -> np.ndarray:
+    return 0.5 * (P + P.T)
 
 
 def _round_up_sqrt(target: Fraction) -> float:
