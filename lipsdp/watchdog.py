@@ -5,7 +5,8 @@ thread holds the GIL in one: ``scipy.linalg.eigh`` of a 2500x2500 matrix held it
 than the slack ``--time-limit`` allows.  So ``lipsdp certify`` with a limit starts a small watchdog process
 (a bare interpreter, no imports beyond the standard library) that reads the clock and the resident memory
 of lipsdp and its solver workers from ``/proc`` every :data:`~lipsdp.budget.POLL` seconds.  When the run
-goes its grace (``Budget.grace``) past its deadline or its memory passes the cap, the watchdog prints
+goes its grace (``Budget.grace``) past its deadline, or its memory passes the cap or would pass it before
+one more look at the pace of the last one (on a loaded machine the looks come late), the watchdog prints
 lipsdp's one-line report (and, with ``--json``, its JSON object) and sends ``SIGHUP``, for which lipsdp has
 installed the C library's ``_exit`` as a native handler: the process ends at once with exit code 1 (SIGHUP
 is signal 1), whatever it is doing, and the solver workers die with it (``PR_SET_PDEATHSIG``).  Under
@@ -37,6 +38,7 @@ ppid, deadline, cap, poll = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3
 template = json.loads(sys.argv[5]) if sys.argv[5] else None
 page, me = os.sysconf("SC_PAGE_SIZE"), os.getpid()
 state, buffer, children, listed = {}, b"", [], 0.0
+seen = None  # (time, resident bytes) of the last look
 
 def resident(pid):
     try:
@@ -79,7 +81,12 @@ while True:
     elif cap >= 0:
         if now - listed > 0.2:
             children, listed = descendants(ppid), now
-        if resident(ppid) + sum(resident(c) for c in children) > cap:
+        total = resident(ppid) + sum(resident(c) for c in children)
+        # One more look's growth at the last look's pace: the next look may come as late as this one did
+        # (a busy machine delays the wake-up), and the process grows meanwhile.
+        ahead = max(total - seen[1], 0) if seen is not None else 0
+        seen = (now, total)
+        if total + ahead > cap:
             which = "memory"
     if which is None:
         continue
