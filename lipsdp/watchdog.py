@@ -6,7 +6,8 @@ than the slack ``--time-limit`` allows.  So ``lipsdp certify`` with a limit star
 (a bare interpreter, no imports beyond the standard library) that reads the clock and the resident memory
 of lipsdp and its solver workers from ``/proc`` every :data:`~lipsdp.budget.POLL` seconds.  When the run
 goes its grace (``Budget.grace``) past its deadline, or its memory passes the cap or would pass it before
-one more look at the pace of the last one (on a loaded machine the looks come late), the watchdog prints
+the next look at the pace of the last tenth of a second (looking twice the last gap ahead, at least six
+polls: on a loaded machine the looks come late, and a 50 MB step takes milliseconds), the watchdog prints
 lipsdp's one-line report (and, with ``--json``, its JSON object) and sends ``SIGHUP``, for which lipsdp has
 installed the C library's ``_exit`` as a native handler: the process ends at once with exit code 1 (SIGHUP
 is signal 1), whatever it is doing, and the solver workers die with it (``PR_SET_PDEATHSIG``).  Under
@@ -38,7 +39,8 @@ ppid, deadline, cap, poll = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3
 template = json.loads(sys.argv[5]) if sys.argv[5] else None
 page, me = os.sysconf("SC_PAGE_SIZE"), os.getpid()
 state, buffer, children, listed = {}, b"", [], 0.0
-seen = None  # (time, resident bytes) of the last look
+seen = []  # (time, resident bytes) of the looks of the last WINDOW seconds
+WINDOW = 0.1
 
 def resident(pid):
     try:
@@ -82,10 +84,17 @@ while True:
         if now - listed > 0.2:
             children, listed = descendants(ppid), now
         total = resident(ppid) + sum(resident(c) for c in children)
-        # One more look's growth at the last look's pace: the next look may come as late as this one did
-        # (a busy machine delays the wake-up), and the process grows meanwhile.
-        ahead = max(total - seen[1], 0) if seen is not None else 0
-        seen = (now, total)
+        # The growth until the next look, at the pace of the last WINDOW seconds (one look's growth is no
+        # pace: looks come in bursts on a busy machine), over twice the longest of the last gap and three
+        # polls: the next wake-up may come later than this one did, and the process grows meanwhile.
+        ahead = 0.0
+        if seen:
+            t_old, old = seen[0]
+            if now > t_old:
+                ahead = max(total - old, 0) / (now - t_old) * 2 * max(now - seen[-1][0], 3 * poll)
+        seen.append((now, total))
+        while len(seen) > 1 and now - seen[0][0] > WINDOW:
+            del seen[0]
         if total + ahead > cap:
             which = "memory"
     if which is None:
