@@ -42,7 +42,7 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-from lipsdp.interior import DenseLMI, InteriorPoint, dense_iteration_cost, solve_dense, term_schur
+from lipsdp.interior import DenseLMI, InteriorPoint, dense_iteration_cost, term_schur
 from lipsdp.solvers.base import Backend, LMIShape, SolveResult, dense_bytes, register, stored_bytes
 
 
@@ -102,15 +102,11 @@ class LowRankIPM(Backend):
         if not self.applies(lmi):
             return SolveResult("solver_error", None, None, time.perf_counter() - t0,
                                message="ipm needs factored constraint terms; a constraint family gave none")
-        if factored_maps(lmi):
-            state = InteriorPoint(FactoredLMI(lmi), lmi.objective, lmi.nonneg, tol or self.default_tol, time_limit,
-                                  t0, verbose, self.max_iters, self.step_fraction)
-            state.report = self.name
-            status, message = state.run()
-        else:
-            state, status, message = solve_dense(lmi, tol or self.default_tol, time_limit=time_limit, t0=t0,
-                                                 verbose=verbose, max_iters=self.max_iters,
-                                                 step_fraction=self.step_fraction, report=self.name)
+        structure = FactoredLMI(lmi) if factored_maps(lmi) else BasisLMI(lmi)
+        state = InteriorPoint(structure, lmi.objective, lmi.nonneg, tol or self.default_tol, time_limit, t0,
+                              verbose, self.max_iters, self.step_fraction)
+        state.report = self.name
+        status, message = state.run()
         return SolveResult(status, state.y.copy(), float(state.c @ state.y), time.perf_counter() - t0,
                            state.iterations, message,
                            # The dual value bounds the optimum from below only where X is (nearly) feasible.
@@ -198,6 +194,24 @@ class FactoredLMI(DenseLMI):
         return self.KT @ (2.0 * dots)
 
     def schur(self, X, Z):
-        """:meth:`DenseLMI.schur` with the Grams ``R X R^T``, ``R Z R^T`` slab by slab."""
-        RX, RZ = self.slabs.times(X), self.slabs.times(Z)
-        return term_schur(self.slabs.times(RX.T), self.slabs.times(RZ.T), self.iu, self.iw, self.KT)
+        return slab_schur(self, X, Z)
+
+
+class BasisLMI(DenseLMI):
+    """:class:`~lipsdp.interior.DenseLMI` (linear maps from the COO basis) with the Schur complement's Grams
+    slab by slab: a factor matrix with dense rows (an input metric's ``g_i``) made scipy's products most of
+    an iteration."""
+
+    def __init__(self, lmi):  # noqa: D107
+        super().__init__(lmi)
+        self.slabs = RowSlabs(sp.csr_matrix(self.R))
+
+    def schur(self, X, Z):
+        return slab_schur(self, X, Z)
+
+
+def slab_schur(structure, X, Z) -> np.ndarray:
+    """:meth:`DenseLMI.schur` with the Grams ``R X R^T``, ``R Z R^T`` from ``structure.slabs``."""
+    slabs = structure.slabs
+    RX, RZ = slabs.times(X), slabs.times(Z)
+    return term_schur(slabs.times(RX.T), slabs.times(RZ.T), structure.iu, structure.iw, structure.KT)

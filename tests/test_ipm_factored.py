@@ -20,7 +20,7 @@ import lipsdp.solvers.ipm_ as ipm_
 from lipsdp.interior import DenseLMI
 from lipsdp.lifting import lift
 from lipsdp.lmi import build_lmi
-from lipsdp.solvers.ipm_ import FactoredLMI, LowRankIPM, RowSlabs, factored_maps
+from lipsdp.solvers.ipm_ import BasisLMI, FactoredLMI, LowRankIPM, RowSlabs, factored_maps
 
 from conftest import assert_sandwich, torch_lower_bound
 from test_ipm import FAMILIES, _random_net
@@ -33,6 +33,7 @@ def _lmi(function, params, sizes=(5, 6, 6, 6, 4), reduce=True):
 
 @pytest.mark.parametrize("function,params", FAMILIES, ids=[f"{f}-{p}" for f, p in FAMILIES])
 def test_maps_equal_the_basis(function, params):
+    """The factor rows' maps (and both slab Schur complements) against the basis's."""
     lmi = _lmi(function, params)
     if lmi.factors is None:
         pytest.skip("no factored form for this family")
@@ -51,6 +52,7 @@ def test_maps_equal_the_basis(function, params):
     X, Z = A @ A.T, B @ B.T
     want = basis.schur(X, Z)
     np.testing.assert_allclose(rows.schur(X, Z), want, rtol=0, atol=1e-11 * np.abs(want).max())
+    np.testing.assert_allclose(BasisLMI(lmi).schur(X, Z), want, rtol=0, atol=1e-11 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("rows,fill", [(3, 0.0), (3, 2.0), (256, 0.1), (1, 0.5)],
