@@ -22,7 +22,8 @@ so one iteration costs a few dense ``n x n`` products and factorisations plus
 two sparse Gram products: the technique of DSDP for rank-one constraints
 (Benson, Ye and Zhang, SIAM J. Optim. 2000).  The iteration itself (HKM
 direction, Mehrotra's predictor-corrector, infeasible start) is the shared
-:class:`lipsdp.interior.InteriorPoint` on one dense block (:class:`lipsdp.interior.DenseLMI`).
+:class:`lipsdp.interior.InteriorPoint` on one dense block (:class:`lipsdp.interior.DenseLMI`), with the
+Grams' products by :class:`RowSlabs` (dense blocks where ``R``'s rows fill their span).
 
 Where the stored entries outweigh the factor rows (wide layers after the first: a LeakyReLU neuron
 on a 512-wide layer stores ``512^2`` entries, its factor rows ``2 x 512``), the linear maps come from
