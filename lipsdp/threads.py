@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import os
 import sys
+import threading
 
 from threadpoolctl import ThreadpoolController
 
@@ -118,3 +119,42 @@ def count() -> int | None:
     """Threads of the current run (what a solver worker process should use), None outside one."""
     pools = _CURRENT.get()
     return None if pools is None else pools.count
+
+
+_BLAS: list = []  # the process's BLAS libraries (threadpoolctl), looked up once by both()
+
+
+def both(first, second, parallel: bool = True):
+    """``(first(), second())``: with ``parallel``, ``second`` runs in a helper thread while ``first`` runs in
+    this one, each on one BLAS thread, the BLAS limits put back afterwards.
+
+    For two independent large products of one solver iteration (NumPy's ``matmul`` releases the GIL):
+    on two cores two single-threaded products of shape ``(64, 64) x (64, 8000)`` gain more than one
+    product on two BLAS threads, which splits too thin an operand.  The callables must not write
+    to the same arrays.  An exception in either is raised here, after both have finished.
+    """
+    if not parallel:
+        return first(), second()
+    if not _BLAS:
+        _BLAS.append(ThreadpoolController().select(user_api="blas"))
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = second()
+        except BaseException as exc:  # raised in the caller's thread below
+            box["error"] = exc
+
+    limiter = _BLAS[0].limit(limits=1)
+    try:
+        worker = threading.Thread(target=run, name="lipsdp-both", daemon=True)
+        worker.start()
+        try:
+            value = first()
+        finally:
+            worker.join()
+    finally:
+        limiter.restore_original_limits()
+    if "error" in box:
+        raise box["error"]
+    return value, box["value"]
