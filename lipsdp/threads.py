@@ -124,16 +124,17 @@ def count() -> int | None:
 _BLAS: list = []  # the process's BLAS libraries (threadpoolctl), looked up once by both()
 
 
-def both(first, second, parallel: bool = True):
-    """``(first(), second())``: with ``parallel``, ``second`` runs in a helper thread while ``first`` runs in
-    this one, each on one BLAS thread, the BLAS limits put back afterwards.
+def both(first, second, threads: int = 2):
+    """``(first(), second())``: with ``threads >= 2``, ``second`` runs in a helper thread while ``first``
+    runs in this one, each on ``threads // 2`` BLAS threads, the BLAS limits put back afterwards; with
+    fewer, one after the other as they are.
 
     For two independent large products of one solver iteration (NumPy's ``matmul`` releases the GIL):
     on two cores two single-threaded products of shape ``(64, 64) x (64, 8000)`` gain more than one
     product on two BLAS threads, which splits too thin an operand.  The callables must not write
     to the same arrays.  An exception in either is raised here, after both have finished.
     """
-    if not parallel:
+    if threads < 2:
         return first(), second()
     if not _BLAS:
         _BLAS.append(ThreadpoolController().select(user_api="blas"))
@@ -145,7 +146,7 @@ def both(first, second, parallel: bool = True):
         except BaseException as exc:  # raised in the caller's thread below
             box["error"] = exc
 
-    limiter = _BLAS[0].limit(limits=1)
+    limiter = _BLAS[0].limit(limits=threads // 2)
     try:
         worker = threading.Thread(target=run, name="lipsdp-both", daemon=True)
         worker.start()

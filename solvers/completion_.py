@@ -512,16 +512,16 @@ class PatternChain:
             np.matmul(np.hstack(row), B[st[max(k - 1, 0)]:st[min(k + 2, self.nb)]], out=out[st[k]:st[k + 1]])
         return out
 
-    def pattern_product(self, Q, Y, parallel=False):
+    def pattern_product(self, Q, Y, threads=1):
         """``P(sym(Q Y^T))``: lower blocks of ``(Q Y^T + Y Q^T) / 2`` for ``Q, Y`` of shape ``(n, r)``.
 
-        ``parallel``: the first and the second half of the block rows in two threads
+        ``threads >= 2``: the first and the second half of the block rows in two threads
         (:func:`lipsdp.threads.both`); each block is made alike either way."""
         out = np.empty(self.length)
-        if parallel and self.nb > 1:
+        if threads >= 2 and self.nb > 1:
             half = self.nb // 2
             thread_pools.both(lambda: self.pattern_rows(Q, Y, out, 0, half),
-                              lambda: self.pattern_rows(Q, Y, out, half, self.nb))
+                              lambda: self.pattern_rows(Q, Y, out, half, self.nb), threads)
             return out
         return self.pattern_rows(Q, Y, out, 0, self.nb)
 
@@ -576,7 +576,7 @@ class _Completion:
         self.path = []
         self.dual_objective = self.gap = self.dinf = float("nan")
         #: Threads of the run (lipsdp.threads); with two or more, independent large products of an
-        #: iteration run two at a time (:func:`lipsdp.threads.both`), each on one BLAS thread.
+        #: iteration run two at a time (:func:`lipsdp.threads.both`), each on half of them.
         self.workers = 1
 
     @staticmethod
@@ -744,7 +744,7 @@ class _Completion:
         bufs = [np.empty(ch.Rt.shape), np.empty(ch.Rt.shape), np.empty((ch.r, ch.r)), np.empty((ch.r, ch.r)),
                 np.empty(ch.Rt.shape), np.empty(ch.Rt.shape)]
         last = 0.0  # seconds of the previous iteration
-        par, both = self.workers > 1, thread_pools.both
+        par, both = self.workers, thread_pools.both
         for it in range(self.max_iters):
             self.iterations = it
             self.y = y

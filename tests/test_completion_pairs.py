@@ -44,7 +44,10 @@ def test_both_runs_the_second_in_another_thread_and_restores_the_limits():
         assert _blas_limits() == before
     assert seen["second"][0] == "lipsdp-both" and seen["first"][0] != "lipsdp-both"
     assert all(n == 1 for n in seen["first"][1])  # one BLAS thread each while both run
-    assert threads.both(first, second, parallel=False) == ("a", "b")
+    with threadpool_limits(4, user_api="blas"):
+        threads.both(first, second, threads=4)
+    assert all(n == 2 for n in seen["first"][1] + seen["second"][1])  # four threads: two for each
+    assert threads.both(first, second, threads=1) == ("a", "b")
     assert seen["second"][0] == threading.current_thread().name
 
 
@@ -69,7 +72,7 @@ def test_split_pattern_product_is_the_whole_one():
     chain = PatternChain(BlockChain(lmi))
     rng = np.random.default_rng(2)
     Q, Y = rng.standard_normal((lmi.n, chain.r)), rng.standard_normal((lmi.n, chain.r))
-    np.testing.assert_array_equal(chain.pattern_product(Q, Y, parallel=True), chain.pattern_product(Q, Y))
+    np.testing.assert_array_equal(chain.pattern_product(Q, Y, threads=2), chain.pattern_product(Q, Y))
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
@@ -96,9 +99,9 @@ def test_certify_with_two_threads_pairs_the_products(monkeypatch):
     calls = []
     real = threads.both
 
-    def counting(first, second, parallel=True):
-        calls.append(parallel)
-        return real(first, second, parallel)
+    def counting(first, second, threads=2):
+        calls.append(threads >= 2)
+        return real(first, second, threads)
 
     monkeypatch.setattr(threads, "both", counting)
     one = lipsdp.certify(net, solver="completion", threads=1, lower_bound_samples=0)
