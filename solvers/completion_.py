@@ -806,7 +806,16 @@ class _Completion:
 
             def times_terms(Y, dy, out):
                 """``Y K`` for ``Y`` of shape ``(n, r)``, where ``sum_j dy_j F_j = R^T K R`` (``K`` sparse and
-                symmetric, ``kappa_t`` at ``(u_t, w_t)`` and ``(w_t, u_t)``), into the buffer ``out``."""
+                symmetric, ``kappa_t`` at ``(u_t, w_t)`` and ``(w_t, u_t)``), into the buffer ``out``; with
+                two or more threads the upper and the lower half of the rows at once (row by row alike)."""
+                if par >= 2 and len(Y) > 1:
+                    h = len(Y) // 2
+                    both(lambda: rows_times_terms(Y[:h], dy, out[:h]), lambda: rows_times_terms(Y[h:], dy, out[h:]),
+                         par)
+                    return out
+                return rows_times_terms(Y, dy, out)
+
+            def rows_times_terms(Y, dy, out):
                 kap = self.coef * dy[self.var]
                 if self.runs is None:
                     K = sp.coo_matrix((np.concatenate([kap, kap]), (np.concatenate([self.iu, self.iw]),
