@@ -871,9 +871,14 @@ class _Completion:
                 both(lambda: ch.pattern_times(D, SR, out=V), lambda: ch.pattern_times(D, XR, out=bufs[5]), par)
                 np.copyto(bufs[4], V)
                 U, U2 = both(lambda: ch.solve(wfac, bufs[4]), lambda: ch.solve(fac, bufs[5]), par)
-                U += U2
-                U *= 0.5
-                U -= XR
+
+                def combine(a, b):  # U = (U + U2) / 2 - XR on rows a..b
+                    U[a:b] += U2[a:b]
+                    U[a:b] *= 0.5
+                    U[a:b] -= XR[a:b]
+
+                h = n // 2 if par >= 2 else n
+                both(lambda: combine(0, h), lambda: combine(h, n), par)
                 if self.runs is None:
                     cuw = np.einsum("it,it->t", U[:, self.iu], V[:, self.iw])
                     cwu = np.einsum("it,it->t", U[:, self.iw], V[:, self.iu])
