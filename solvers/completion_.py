@@ -40,7 +40,7 @@ convergence; ``X`` starts block diagonal, each block scaled to its block of ``S^
 (:meth:`_Completion.start_X`).  With one block (no chain) ``X^ = X`` and the step is the dense ipm's.
 With two or more run threads (:mod:`lipsdp.threads`) the independent large products of an iteration
 (the two solves with ``R^T``, the two Gram products, the corrector's pairs, the halves of a pattern
-product) run two at a time (:func:`lipsdp.threads.both`), each on one BLAS thread: the same products,
+product) run two at a time (:func:`lipsdp.threads.both`), each on half the BLAS threads: the same products,
 so the same iterates (docs/math.md §8.9).
 As always, ``y`` is only a candidate for :mod:`lipsdp.verify`.
 """
