@@ -121,9 +121,6 @@ def count() -> int | None:
     return None if pools is None else pools.count
 
 
-_BLAS: list = []  # the process's BLAS libraries (threadpoolctl), looked up once by both()
-
-
 def both(first, second, threads: int = 2):
     """``(first(), second())``: with ``threads >= 2``, ``second`` runs in a helper thread while ``first``
     runs in this one, each on ``threads // 2`` BLAS threads, the BLAS limits put back afterwards; with
@@ -136,8 +133,6 @@ def both(first, second, threads: int = 2):
     """
     if threads < 2:
         return first(), second()
-    if not _BLAS:
-        _BLAS.append(ThreadpoolController().select(user_api="blas"))
     box: dict = {}
 
     def run():
@@ -146,7 +141,8 @@ def both(first, second, threads: int = 2):
         except BaseException as exc:  # raised in the caller's thread below
             box["error"] = exc
 
-    limiter = _BLAS[0].limit(limits=threads // 2)
+    # Looked up each time (about a millisecond): a BLAS loaded since (torch's) is limited too.
+    limiter = ThreadpoolController().select(user_api="blas").limit(limits=threads // 2)
     try:
         worker = threading.Thread(target=run, name="lipsdp-both", daemon=True)
         worker.start()
