@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import os
 import sys
+import threading
 
 from threadpoolctl import ThreadpoolController
 
@@ -118,3 +119,39 @@ def count() -> int | None:
     """Threads of the current run (what a solver worker process should use), None outside one."""
     pools = _CURRENT.get()
     return None if pools is None else pools.count
+
+
+def both(first, second, threads: int = 2):
+    """``(first(), second())``: with ``threads >= 2``, ``second`` runs in a helper thread while ``first``
+    runs in this one, each on ``threads // 2`` BLAS threads, the BLAS limits put back afterwards; with
+    fewer, one after the other as they are.
+
+    For two independent large products of one solver iteration (NumPy's ``matmul`` releases the GIL):
+    on two cores two single-threaded products of shape ``(64, 64) x (64, 8000)`` gain more than one
+    product on two BLAS threads, which splits too thin an operand.  The callables must not write
+    to the same arrays.  An exception in either is raised here, after both have finished.
+    """
+    if threads < 2:
+        return first(), second()
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = second()
+        except BaseException as exc:  # raised in the caller's thread below
+            box["error"] = exc
+
+    # Looked up each time (about a millisecond): a BLAS loaded since (torch's) is limited too.
+    limiter = ThreadpoolController().select(user_api="blas").limit(limits=threads // 2)
+    try:
+        worker = threading.Thread(target=run, name="lipsdp-both", daemon=True)
+        worker.start()
+        try:
+            value = first()
+        finally:
+            worker.join()
+    finally:
+        limiter.restore_original_limits()
+    if "error" in box:
+        raise box["error"]
+    return value, box["value"]

@@ -38,6 +38,10 @@ from the LMI's strictly feasible point (:mod:`lipsdp.scaling`'s, doubled), so ``
 holds exactly at every iterate and only the dual equations are infeasible until
 convergence; ``X`` starts block diagonal, each block scaled to its block of ``S^{-1}``
 (:meth:`_Completion.start_X`).  With one block (no chain) ``X^ = X`` and the step is the dense ipm's.
+With two or more run threads (:mod:`lipsdp.threads`) the independent large products of an iteration
+(the two solves with ``R^T``, the two Gram products, the corrector's pairs, the halves of a pattern
+product) run two at a time (:func:`lipsdp.threads.both`), each on half the BLAS threads: the same products,
+so the same iterates (docs/math.md §8.9).
 As always, ``y`` is only a candidate for :mod:`lipsdp.verify`.
 """
 
@@ -142,9 +146,10 @@ class CompletionIPM(Backend):
                                message="completion needs factored constraint terms; a constraint family gave none")
         # The work is BLAS-3 on (n, r) and (r, r) arrays, r ~ 2n factor rows: size the run's thread pools
         # (lipsdp.threads; a no-op outside a run, and --threads wins) for r rows rather than n.
-        thread_pools.fit(max(lmi.n, lmi.factors[0].shape[0]))
+        threads = thread_pools.fit(max(lmi.n, lmi.factors[0].shape[0]))
         state = _Completion(lmi, PatternChain(BlockChain(lmi)), tol or self.default_tol, time_limit, t0, verbose,
                             self.max_iters, self.step_fraction)
+        state.workers = threads or 1
         status, message = state.run()
         if state.y is None and lmi.n <= LowRankIPM.max_auto_size:
             # No strictly feasible start (no layer-by-layer point, or a sector it does not cover):
@@ -511,11 +516,23 @@ class PatternChain:
             np.matmul(np.hstack(row), B[st[max(k - 1, 0)]:st[min(k + 2, self.nb)]], out=out[st[k]:st[k + 1]])
         return out
 
-    def pattern_product(self, Q, Y):
-        """``P(sym(Q Y^T))``: lower blocks of ``(Q Y^T + Y Q^T) / 2`` for ``Q, Y`` of shape ``(n, r)``."""
-        st = self.starts
+    def pattern_product(self, Q, Y, threads=1):
+        """``P(sym(Q Y^T))``: lower blocks of ``(Q Y^T + Y Q^T) / 2`` for ``Q, Y`` of shape ``(n, r)``.
+
+        ``threads >= 2``: the first and the second half of the block rows in two threads
+        (:func:`lipsdp.threads.both`); each block is made alike either way."""
         out = np.empty(self.length)
-        for k in range(self.nb):
+        if threads >= 2 and self.nb > 1:
+            half = self.nb // 2
+            thread_pools.both(lambda: self.pattern_rows(Q, Y, out, 0, half),
+                              lambda: self.pattern_rows(Q, Y, out, half, self.nb), threads)
+            return out
+        return self.pattern_rows(Q, Y, out, 0, self.nb)
+
+    def pattern_rows(self, Q, Y, out, k0, k1):
+        """Block rows ``k0 <= k < k1`` of :meth:`pattern_product` into ``out``."""
+        st = self.starts
+        for k in range(k0, k1):
             Qk, Yk = Q[st[k]:st[k + 1]], Y[st[k]:st[k + 1]]
             M = Qk @ Yk.T
             self.diag(out, k)[:] = (M + M.T) / 2
@@ -562,6 +579,9 @@ class _Completion:
         self.y = None
         self.path = []
         self.dual_objective = self.gap = self.dinf = float("nan")
+        #: Threads of the run (lipsdp.threads); with two or more, independent large products of an
+        #: iteration run two at a time (:func:`lipsdp.threads.both`), each on half of them.
+        self.workers = 1
 
     @staticmethod
     def term_runs(iu, iw, most: int = 512):
@@ -728,6 +748,7 @@ class _Completion:
         bufs = [np.empty(ch.Rt.shape), np.empty(ch.Rt.shape), np.empty((ch.r, ch.r)), np.empty((ch.r, ch.r)),
                 np.empty(ch.Rt.shape), np.empty(ch.Rt.shape)]
         last = 0.0  # seconds of the previous iteration
+        par, both = self.workers, thread_pools.both
         for it in range(self.max_iters):
             self.iterations = it
             self.y = y
@@ -750,9 +771,10 @@ class _Completion:
             # Work arrays reused from one iteration to the next (fresh large arrays cost page faults).
             np.copyto(bufs[0], ch.Rt)
             np.copyto(bufs[1], ch.Rt)
-            XR = ch.solve(wfac, bufs[0], ch.active)  # X^ R^T
-            SR = ch.solve(fac, bufs[1], ch.active)  # S^{-1} R^T
-            GX, GS = ch.gram_of(XR, bufs[2], symmetric=True), ch.gram_of(SR, bufs[3], symmetric=True)
+            XR, SR = both(lambda: ch.solve(wfac, bufs[0], ch.active),  # X^ R^T
+                          lambda: ch.solve(fac, bufs[1], ch.active), par)  # S^{-1} R^T
+            GX, GS = both(lambda: ch.gram_of(XR, bufs[2], symmetric=True),
+                          lambda: ch.gram_of(SR, bufs[3], symmetric=True), par)
             AX, AZ = self.adjoint_gram(GX), self.adjoint_gram(GS)
             Zp = ch.selected_inverse(fac)
             yN = y[N]
@@ -788,7 +810,16 @@ class _Completion:
 
             def times_terms(Y, dy, out):
                 """``Y K`` for ``Y`` of shape ``(n, r)``, where ``sum_j dy_j F_j = R^T K R`` (``K`` sparse and
-                symmetric, ``kappa_t`` at ``(u_t, w_t)`` and ``(w_t, u_t)``), into the buffer ``out``."""
+                symmetric, ``kappa_t`` at ``(u_t, w_t)`` and ``(w_t, u_t)``), into the buffer ``out``; with
+                two or more threads the upper and the lower half of the rows at once (row by row alike)."""
+                if par >= 2 and len(Y) > 1:
+                    h = len(Y) // 2
+                    both(lambda: rows_times_terms(Y[:h], dy, out[:h]), lambda: rows_times_terms(Y[h:], dy, out[h:]),
+                         par)
+                    return out
+                return rows_times_terms(Y, dy, out)
+
+            def rows_times_terms(Y, dy, out):
                 kap = self.coef * dy[self.var]
                 if self.runs is None:
                     K = sp.coo_matrix((np.concatenate([kap, kap]), (np.concatenate([self.iu, self.iw]),
@@ -825,7 +856,7 @@ class _Completion:
                 Q = times_terms(XR, dy, bufs[4])  # X^ R^T K
                 if corr is not None:  # - P(sym C) = P(sym(U K S^{-1} R^T...)): one pattern product for both
                     Q += corr[0]
-                dX = smu * Zp - X + ch.pattern_product(Q, SR)
+                dX = smu * Zp - X + ch.pattern_product(Q, SR, par)
                 dz = (smu - z * yN - corr_lp - z * dy[N]) / yN
                 return dy, D, dX, dz
 
@@ -841,12 +872,17 @@ class _Completion:
                 n, r = ch.Rt.shape
                 # V is kept in G_X's buffer (G_X is not needed after the Schur complement).
                 V = bufs[2].reshape(-1)[:n * r].reshape(n, r) if r >= n else np.empty((n, r))
-                ch.pattern_times(D, SR, out=V)
+                both(lambda: ch.pattern_times(D, SR, out=V), lambda: ch.pattern_times(D, XR, out=bufs[5]), par)
                 np.copyto(bufs[4], V)
-                U = ch.solve(wfac, bufs[4])
-                U += ch.solve(fac, ch.pattern_times(D, XR, out=bufs[5]))
-                U *= 0.5
-                U -= XR
+                U, U2 = both(lambda: ch.solve(wfac, bufs[4]), lambda: ch.solve(fac, bufs[5]), par)
+
+                def combine(a, b):  # U = (U + U2) / 2 - XR on rows a..b
+                    U[a:b] += U2[a:b]
+                    U[a:b] *= 0.5
+                    U[a:b] -= XR[a:b]
+
+                h = n // 2 if par >= 2 else n
+                both(lambda: combine(0, h), lambda: combine(h, n), par)
                 if self.runs is None:
                     cuw = np.einsum("it,it->t", U[:, self.iu], V[:, self.iw])
                     cwu = np.einsum("it,it->t", U[:, self.iw], V[:, self.iu])
