@@ -78,7 +78,7 @@ class LowRankIPM(Backend):
         if lmi.factors is None:
             return super().memory_estimate(lmi)
         r, t = lmi.factors[0].shape[0], len(lmi.factors[3])
-        maps = 24 * r * lmi.n if factored_maps(lmi) else 6 * stored_bytes(lmi)
+        maps = 32 * r * lmi.n if factored_maps(lmi) else 6 * stored_bytes(lmi)  # K R, R G or R X and R Z
         return 16 * dense_bytes(lmi) + 8 * (2 * r * r + 3 * t * t + 2 * lmi.n_var ** 2) + maps
 
     @classmethod
