@@ -158,7 +158,17 @@ class RowSlabs:
         return out
 
 
-class FactoredLMI(DenseLMI):
+class SlabSchur:
+    """:meth:`DenseLMI.schur` with the Grams ``R X R^T``, ``R Z R^T`` from the structure's :class:`RowSlabs`
+    (``slabs``), for :class:`FactoredLMI` and :class:`BasisLMI`."""
+
+    def schur(self, X, Z):
+        slabs = self.slabs
+        RX, RZ = slabs.times(X), slabs.times(Z)
+        return term_schur(slabs.times(RX.T), slabs.times(RZ.T), self.iu, self.iw, self.KT)
+
+
+class FactoredLMI(SlabSchur, DenseLMI):
     """:class:`~lipsdp.interior.DenseLMI` with the linear maps from the factor rows as well (see the module).
 
     ``linear(y)`` and ``adjoint(G)`` cost one product of ``R`` (or ``R^T``) with an ``n``-column matrix each,
@@ -194,11 +204,8 @@ class FactoredLMI(DenseLMI):
         dots = np.asarray(self.R[self.iw].multiply(RG[self.iu]).sum(axis=1)).ravel()
         return self.KT @ (2.0 * dots)
 
-    def schur(self, X, Z):
-        return slab_schur(self, X, Z)
 
-
-class BasisLMI(DenseLMI):
+class BasisLMI(SlabSchur, DenseLMI):
     """:class:`~lipsdp.interior.DenseLMI` (linear maps from the COO basis) with the Schur complement's Grams
     slab by slab: a factor matrix with dense rows (an input metric's ``g_i``) made scipy's products most of
     an iteration."""
@@ -206,13 +213,3 @@ class BasisLMI(DenseLMI):
     def __init__(self, lmi):  # noqa: D107
         super().__init__(lmi)
         self.slabs = RowSlabs(sp.csr_matrix(self.R))
-
-    def schur(self, X, Z):
-        return slab_schur(self, X, Z)
-
-
-def slab_schur(structure, X, Z) -> np.ndarray:
-    """:meth:`DenseLMI.schur` with the Grams ``R X R^T``, ``R Z R^T`` from ``structure.slabs``."""
-    slabs = structure.slabs
-    RX, RZ = slabs.times(X), slabs.times(Z)
-    return term_schur(slabs.times(RX.T), slabs.times(RZ.T), structure.iu, structure.iw, structure.KT)
