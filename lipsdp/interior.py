@@ -77,6 +77,40 @@ class DenseLMI:
         return factor_schur(H)
 
 
+class SmallLMI(DenseLMI):
+    """:class:`DenseLMI` with every map from the factor rows held dense: for small LMIs (the layer
+    sweeps' steps, ``n`` a few hundred), where the COO basis's sparse products cost more in scipy's
+    overhead than the ``r x n`` dense products cost in flops.
+
+    ``sum_j y_j F_j = R^T K(y) R`` with ``K`` symmetric, ``kappa_t = coef_t y_{var_t}`` at ``(u_t, w_t)`` and
+    ``(w_t, u_t)``; ``<F_j, G> = sum_t 2 coef_t r_u^T G r_w`` over the terms of ``j``.
+    """
+
+    def __init__(self, lmi):  # noqa: D107 (DenseLMI's fields but the basis)
+        self.n, self.m = lmi.n, lmi.n_var
+        self.sizes = [lmi.n]
+        self.F0s = [lmi.const.toarray()]
+        R, iu, iw, coef, var = lmi.factors
+        self.R = np.asarray(R.toarray() if sp.issparse(R) else R, dtype=np.float64)
+        self.iu, self.iw = np.asarray(iu), np.asarray(iw)
+        self.coef, self.var = np.asarray(coef, dtype=np.float64), np.asarray(var)
+        T = len(self.coef)
+        self.KT = sp.csr_matrix((self.coef, (np.arange(T), self.var)), shape=(T, self.m)).T.tocsr()
+        self.Ru, self.Rw = self.R[self.iu], self.R[self.iw]  # each term's two rows
+
+    def linear(self, y):
+        M = (self.Ru.T * (self.coef * y[self.var])) @ self.Rw
+        return [M + M.T]
+
+    def adjoint(self, Gs):
+        RG = self.R @ Gs[0]
+        return self.KT @ (2.0 * np.einsum("ij,ij->i", RG[self.iu], self.R[self.iw]))
+
+    def schur(self, X, Z):
+        R = self.R
+        return term_schur(R @ X @ R.T, R @ Z @ R.T, self.iu, self.iw, self.KT)
+
+
 def factor_schur(H, symmetric=False):
     """A solver for ``H dy = rhs`` (``H`` the symmetric Schur complement, overwritten), or None.
 
@@ -327,16 +361,18 @@ class InteriorPoint:
 
 def solve_dense(lmi, tol: float, *, time_limit: float | None = None, t0: float | None = None,
                 verbose: bool = False, max_iters: int = 80, step_fraction: float = 0.95,
-                report: str | None = None) -> tuple:
+                report: str | None = None, small: bool = False) -> tuple:
     """Run :class:`InteriorPoint` on the whole factored ``lmi`` (one dense block).
 
     Returns ``(state, status, message)``: the final :class:`InteriorPoint` (its ``y`` the
     answer, only a candidate for verification) and the status in the shared vocabulary.
     ``lmi.factors`` must not be None.  ``report``: the backend's name, to report each iteration
-    to the progress display (:func:`lipsdp.progress.iteration`).
+    to the progress display (:func:`lipsdp.progress.iteration`).  ``small``: all maps from the dense factor
+    rows (:class:`SmallLMI`), for LMIs of a few hundred rows.
     """
     t0 = time.perf_counter() if t0 is None else t0
-    state = InteriorPoint(DenseLMI(lmi), lmi.objective, lmi.nonneg, tol, time_limit, t0, verbose,
+    maps = SmallLMI if small else DenseLMI
+    state = InteriorPoint(maps(lmi), lmi.objective, lmi.nonneg, tol, time_limit, t0, verbose,
                           max_iters, step_fraction)
     state.report = report
     status, message = state.run()

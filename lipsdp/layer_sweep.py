@@ -43,7 +43,8 @@ flat in depth (benchmarks/results and docs/performance.md hold the figures).
 
 This is a reduction, below the solve stage: the steps are solved by the shared
 interior-point iteration of :mod:`lipsdp.interior` (:func:`~lipsdp.interior.solve_dense`,
-as the ``ipm`` backend runs it) on a ``(n_{k-1} + n_k)``-sized LMI with ``n_k + 1``
+as the ``ipm`` backend runs it, with every map from the dense factor rows:
+:class:`~lipsdp.interior.SmallLMI`) on a ``(n_{k-1} + n_k)``-sized LMI with ``n_k + 1``
 variables, with no solver backend involved.  Nothing here is a bound: the point is a
 start and a scale for the real solve, and every certificate is verified as always.
 """
@@ -183,7 +184,7 @@ class _Chain(BlockChain):
             if not (tau > 0 and g > 0):
                 return None
             stage = self.step_lmi(k, T / tau, V[k] / g)
-            state, _, _ = solve_dense(stage, STEP_TOL)
+            state, _, _ = solve_dense(stage, STEP_TOL, small=True)
             if not np.all(np.isfinite(state.y)):
                 return None
             lam = np.maximum(state.y[1:], 0.0)

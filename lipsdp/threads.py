@@ -109,6 +109,22 @@ def limited(requested: int | None = None):
         pools.restore()
 
 
+@contextlib.contextmanager
+def blas(threads: int | None):
+    """Limit BLAS to ``threads`` threads for the block (None: as it is).
+
+    For a solver whose iteration is many small products run two at a time (:func:`both`) and a few
+    large ones: the small ones lose to a second BLAS thread's start and join."""
+    if threads is None:
+        yield
+        return
+    limiter = ThreadpoolController().select(user_api="blas").limit(limits=threads)
+    try:
+        yield
+    finally:
+        limiter.restore_original_limits()
+
+
 def fit(rows: int | None = None) -> int | None:
     """Re-limit the current run's pools for a problem of ``rows`` LMI rows; None outside a run."""
     pools = _CURRENT.get()

@@ -42,12 +42,18 @@ With two or more run threads (:mod:`lipsdp.threads`) the independent large produ
 (the two solves with ``R^T``, the two Gram products, the corrector's pairs, the halves of a pattern
 product) run two at a time (:func:`lipsdp.threads.both`), each on half the BLAS threads: the same products,
 so the same iterates (docs/math.md §8.9).
+Where every factor row is a coordinate plus one pre-activation row (the sector terms of slope-restricted
+activations: :mod:`~lipsdp.solvers.row_basis`), the iteration goes through the dense inverses ``S^{-1}``
+and ``X^`` instead, with neither ``(n, r)`` solves nor ``r x r`` Grams (:mod:`~lipsdp.solvers.completion_dense`,
+docs/math.md §8.11); the iterates are the same up to rounding.  :class:`RowKernel` and
+:class:`~lipsdp.solvers.completion_dense.DenseKernel` hold the two ways of making an iteration's products.
 As always, ``y`` is only a candidate for :mod:`lipsdp.verify`.
 """
 
 from __future__ import annotations
 
 import time
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -63,6 +69,9 @@ from lipsdp.chain import BlockChain
 from lipsdp.interior import InteriorPoint, dense_iteration_cost, factor_schur, term_schur
 from lipsdp.solvers.base import Backend, LMIShape, SolveResult, register, stored_bytes
 from lipsdp.solvers.chordal_ import ChordalIPM
+from lipsdp.solvers import completion_dense as dense
+from lipsdp.solvers.completion_dense import DenseKernel
+from lipsdp.solvers.row_basis import fits
 from lipsdp.solvers.ipm_ import LowRankIPM
 
 
@@ -72,7 +81,8 @@ class CompletionIPM(Backend):
 
     Conventions: reads the chain (:class:`lipsdp.chain.BlockChain`), the rank-two factors and the
     start hint of the LMI directly.  Memory: ``(n, r)`` work arrays for the block solves (``r``
-    factor rows), the ``r x r`` Gram matrices, the term-by-term Schur pieces; the iterates
+    factor rows), the ``r x r`` Gram matrices, the term-by-term Schur pieces; through the dense inverses
+    five ``n x n`` arrays and six ``n x n_p`` (``n_p`` pre-activation rows) instead; the iterates
     themselves are block-tridiagonal.  Preference: the first choice for factored LMIs without
     free multipliers that have a layer-by-layer start, where an iteration is affordable and
     cheaper than the dense ipm's and the chordal method's (weighed by :attr:`dense_ratio` and
@@ -107,6 +117,9 @@ class CompletionIPM(Backend):
     #: with depth), chordal's is linear in depth.  Calibrated on deep narrow nets from the swept start
     #: of :mod:`lipsdp.layer_sweep` (docs/performance.md).
     chordal_ratio = 2.5
+    #: ... the same where the iteration goes through the dense inverses (:mod:`~lipsdp.solvers.completion_dense`):
+    #: trained 784-16x64-10 solves faster by the chordal method, 784-32x64-10 by this one.
+    chordal_ratio_dense = 1.5
     #: ... and the dense :class:`~lipsdp.solvers.ipm_.LowRankIPM` where this multiple of its estimate is
     #: below this one's (shallow wide nets), calibrated likewise.
     dense_ratio = 1.3
@@ -119,6 +132,8 @@ class CompletionIPM(Backend):
         # products with K), three r x r Gram matrices (two reused buffers), the term-by-term Schur
         # pieces and H; the iterates themselves are block-tridiagonal.
         r, t = lmi.factors[0].shape[0], len(lmi.factors[3])
+        if fits(lmi):  # the dense inverses' arrays instead (completion_dense)
+            return dense.memory(lmi) + 8 * (5 * t * t + 2 * lmi.n_var ** 2) + 6 * stored_bytes(lmi)
         return 8 * (8 * lmi.n * r + 3 * r * r + 5 * t * t + 2 * lmi.n_var ** 2) + 6 * stored_bytes(lmi)
 
     @classmethod
@@ -134,8 +149,9 @@ class CompletionIPM(Backend):
         if not shape.structured or not cls.applies(shape.lmi) or shape.lmi.start is None:
             return None
         cost, chordal = shape.cost(cls), shape.cost(ChordalIPM)
+        ratio = cls.chordal_ratio_dense if fits(shape.lmi) else cls.chordal_ratio
         if (cost <= cls.max_auto_cost and cost <= cls.dense_ratio * dense_iteration_cost(shape.lmi)
-                and (chordal is None or cls.chordal_ratio * cost <= chordal)):
+                and (chordal is None or ratio * cost <= chordal)):
             return cls.specialised_rank
         return None
 
@@ -170,10 +186,13 @@ class CompletionIPM(Backend):
 
 def estimate_cost(lmi) -> float:
     """Flops of one iteration (about): four block solves, three slab products ``R Y``, five
-    pattern products with ``r`` columns, the Schur complement and its Cholesky factor.
+    pattern products with ``r`` columns, the Schur complement and its Cholesky factor; or, where
+    the dense inverses serve (:func:`lipsdp.solvers.row_basis.fits`), their estimate.
 
     Calibrated against measured iteration times on one core (docs/performance.md).
     """
+    if fits(lmi):
+        return dense.estimate_cost(lmi)
     sizes = np.array([b.stop - b.start for b in lmi.blocks], dtype=np.float64) if lmi.blocks else \
         np.array([float(lmi.n)])
     r = float(lmi.factors[0].shape[0])
@@ -239,7 +258,7 @@ class PatternChain:
             idx = np.flatnonzero((first == k) & ~single)
             a, b = self.starts[k], self.starts[max(min(k + 2, nb), int(last[idx].max()) + 1)]
             self.slabs.append((idx, a, b, R[idx][:, a:b].toarray()))
-        self.Rt = np.ascontiguousarray(R.T.toarray())  # (n, r): the right-hand sides of S Y = R^T
+        self.R = R
         # Unit rows first, then each slab's rows as one run, slab after slab (gram_of's symmetric half).
         order = np.concatenate([self.unit[0]] + [idx for idx, _, _, _ in self.slabs])
         self.ordered = bool(len(order) == self.r and np.array_equal(order, np.arange(self.r))
@@ -253,6 +272,11 @@ class PatternChain:
             pos = scatter(rows, cols)
             keep = pos >= 0
             self.pos, self.vals, self.var = pos[keep], np.asarray(lmi.vals)[keep], np.asarray(lmi.var)[keep]
+
+    @cached_property
+    def Rt(self):
+        """``R^T`` dense, ``(n, r)``: the right-hand sides of ``S Y = R^T`` (:class:`RowKernel` only)."""
+        return np.ascontiguousarray(self.R.T.toarray())
 
     def block_of(self, idx):
         return self.blocks.block_of(idx)
@@ -316,7 +340,8 @@ class PatternChain:
             return np.bincount(self.pos, weights=self.vals * y[self.var], minlength=self.length)
         groups, (ut, upos, uw), coef, var = self.plan
         kap = coef * y[var]
-        out = np.bincount(upos, weights=uw * kap[ut], minlength=self.length)
+        # (as float even with no unit-unit terms: bincount of nothing is an integer array)
+        out = np.bincount(upos, weights=uw * kap[ut], minlength=self.length).astype(np.float64, copy=False)
         for k, tids, Ru, Rw in groups:
             M = Ru.T @ (kap[tids, None] * Rw)
             M += M.T
@@ -358,7 +383,7 @@ class PatternChain:
         return Ls, Es, logdet
 
     def solve(self, fac, B, active=None):
-        """``S^{-1} B`` for ``B`` of shape ``(n, r)``, C-ordered (overwritten in place).
+        """``S^{-1} B`` for ``B`` of shape ``(n, r)``, C-ordered or a column slice of one (overwritten in place).
 
         Row slabs of ``B`` are C-contiguous, so their transposes go to BLAS's ``trsm`` as
         Fortran arrays from the right: ``X^T = B_k^T L_k^{-T}`` (forward), ``B_k^T L_k^{-1}`` (back).
@@ -376,7 +401,7 @@ class PatternChain:
             blk = B[st[k]:st[k + 1], :c]
             if k:
                 blk -= Es[k] @ B[st[k - 1]:st[k], :c]
-            if c == r:
+            if blk.flags.c_contiguous:
                 _dtrsm(1.0, L, blk.T, side=1, lower=1, trans_a=1, overwrite_b=1)
             else:  # a column slice is no Fortran array for BLAS: solved in a copy
                 blk[...] = _dtrsm(1.0, L, blk.T, side=1, lower=1, trans_a=1).T
@@ -389,8 +414,8 @@ class PatternChain:
             if k + 1 < len(Ls):
                 blk -= Es[k + 1].T @ B[st[k + 1]:st[k + 2]]
             inv, info = _dtrtri(Ls[k], lower=1)
-            if info != 0:  # not invertible in floating point: the triangular solve
-                _dtrsm(1.0, Ls[k], blk.T, side=1, lower=1, trans_a=0, overwrite_b=1)
+            if info != 0:  # not invertible in floating point: the triangular solve (in a copy for a slice)
+                blk[...] = _dtrsm(1.0, Ls[k], blk.T, side=1, lower=1, trans_a=0).T
                 continue
             t = tmp[:len(blk)]
             np.matmul(inv.T, blk, out=t)
@@ -503,18 +528,25 @@ class PatternChain:
                 G[idx] = slab @ Y[a:b]
         return G
 
-    def pattern_times(self, A, B, out=None):
-        """``A B`` for symmetric ``A`` with the pattern (lower blocks) and ``B`` of shape ``(n, r)``."""
-        st = self.starts
+    def pattern_times(self, A, B, out=None, threads=1):
+        """``A B`` for symmetric ``A`` with the pattern (lower blocks) and ``B`` of shape ``(n, r)``;
+        ``threads >= 2``: the first and the second half of the block rows in two threads."""
         out = np.empty_like(B) if out is None else out
-        for k in range(self.nb):
+        h = self.nb // 2 if threads >= 2 else self.nb
+        thread_pools.both(lambda: self.pattern_times_rows(A, B, out, 0, h),
+                          lambda: self.pattern_times_rows(A, B, out, h, self.nb), threads)
+        return out
+
+    def pattern_times_rows(self, A, B, out, k0, k1):
+        """Block rows ``k0 <= k < k1`` of :meth:`pattern_times` into ``out``."""
+        st = self.starts
+        for k in range(k0, k1):
             # The block row (A_{k,k-1}, A_kk, A_{k,k+1}) times B's rows of blocks k-1..k+1: one product.
             row = [self.sub(A, k)] if k else []
             row.append(self.diag(A, k))
             if k + 1 < self.nb:
                 row.append(self.sub(A, k + 1).T)
             np.matmul(np.hstack(row), B[st[max(k - 1, 0)]:st[min(k + 2, self.nb)]], out=out[st[k]:st[k + 1]])
-        return out
 
     def pattern_product(self, Q, Y, threads=1):
         """``P(sym(Q Y^T))``: lower blocks of ``(Q Y^T + Y Q^T) / 2`` for ``Q, Y`` of shape ``(n, r)``.
@@ -733,7 +765,28 @@ class _Completion:
                 hi = mid
         return lo
 
+    #: Which products an iteration uses: ``"auto"`` (the dense inverses where the rows allow,
+    #: :mod:`~lipsdp.solvers.completion_dense`), ``"dense"`` or ``"rows"``.
+    products = "auto"
+
+    def kernel(self):
+        """The iteration's products: :class:`~lipsdp.solvers.completion_dense.DenseKernel` where every row is a
+        coordinate plus one pre-activation row (and not ruled out by :attr:`products`), else :class:`RowKernel`."""
+        kernel = None
+        if self.products != "rows":
+            kernel = DenseKernel.make(self, self.chain, self.lmi)
+        if kernel is None:
+            kernel = RowKernel(self, self.chain)
+        kernel.par = self.workers
+        return kernel
+
     def run(self):
+        """Iterate to a stop: ``(status, message)``; the iterate is left in :attr:`y`."""
+        kernel = self.kernel()
+        with thread_pools.blas(kernel.blas):
+            return self.iterate(kernel)
+
+    def iterate(self, kernel):
         ch, N, c = self.chain, self.N, self.c
         found = self.start()
         if found is None:
@@ -745,10 +798,7 @@ class _Completion:
         X = self.start_X(fac, S)
         z = np.ones(len(N))
         F0 = -ch.const  # the LMI's constant term, lower blocks
-        bufs = [np.empty(ch.Rt.shape), np.empty(ch.Rt.shape), np.empty((ch.r, ch.r)), np.empty((ch.r, ch.r)),
-                np.empty(ch.Rt.shape), np.empty(ch.Rt.shape)]
         last = 0.0  # seconds of the previous iteration
-        par, both = self.workers, thread_pools.both
         for it in range(self.max_iters):
             self.iterations = it
             self.y = y
@@ -768,15 +818,10 @@ class _Completion:
             wfac = ch.factor(W)
             if wfac is None:
                 return "solver_error", f"singular completion at iteration {it}"
-            # Work arrays reused from one iteration to the next (fresh large arrays cost page faults).
-            np.copyto(bufs[0], ch.Rt)
-            np.copyto(bufs[1], ch.Rt)
-            XR, SR = both(lambda: ch.solve(wfac, bufs[0], ch.active),  # X^ R^T
-                          lambda: ch.solve(fac, bufs[1], ch.active), par)  # S^{-1} R^T
-            GX, GS = both(lambda: ch.gram_of(XR, bufs[2], symmetric=True),
-                          lambda: ch.gram_of(SR, bufs[3], symmetric=True), par)
-            AX, AZ = self.adjoint_gram(GX), self.adjoint_gram(GS)
-            Zp = ch.selected_inverse(fac)
+            begun = kernel.begin(fac, wfac)
+            if begun is None:
+                return "solver_error", f"singular block at iteration {it}"
+            AX, AZ, Zp = begun
             yN = y[N]
             zfull = np.zeros(self.m)
             zfull[N] = z
@@ -800,49 +845,14 @@ class _Completion:
             if not np.isfinite(mu):
                 return "solver_error", "non-finite iterate"
 
-            H = self.schur(GX, GS)
+            H = kernel.schur()
             H[N, N] += z / yN
-            schur_solve = factor_schur(H, symmetric=self.into is not None)
+            with thread_pools.blas(None if kernel.blas is None else self.workers):  # one large factor
+                schur_solve = factor_schur(H, symmetric=self.into is not None)
             del H
             if schur_solve is None:
                 return ("optimal_inaccurate" if self.gap < 1e-4 else "solver_error",
                         f"singular Schur complement at iteration {it} (gap {self.gap:.1e})")
-
-            def times_terms(Y, dy, out):
-                """``Y K`` for ``Y`` of shape ``(n, r)``, where ``sum_j dy_j F_j = R^T K R`` (``K`` sparse and
-                symmetric, ``kappa_t`` at ``(u_t, w_t)`` and ``(w_t, u_t)``), into the buffer ``out``; with
-                two or more threads the upper and the lower half of the rows at once (row by row alike)."""
-                if par >= 2 and len(Y) > 1:
-                    h = len(Y) // 2
-                    both(lambda: rows_times_terms(Y[:h], dy, out[:h]), lambda: rows_times_terms(Y[h:], dy, out[h:]),
-                         par)
-                    return out
-                return rows_times_terms(Y, dy, out)
-
-            def rows_times_terms(Y, dy, out):
-                kap = self.coef * dy[self.var]
-                if self.runs is None:
-                    K = sp.coo_matrix((np.concatenate([kap, kap]), (np.concatenate([self.iu, self.iw]),
-                                                                    np.concatenate([self.iw, self.iu]))),
-                                      shape=(ch.r, ch.r)).tocsr()
-                    out[...] = (K @ Y.T).T
-                    return out
-                # Runs of consecutive terms on consecutive rows: column slices, no transposed copy of Y.
-                if self.once:  # each column of out is one run's side: written, not accumulated
-                    for t0, t1, u0, w0 in self.runs:
-                        k, L = kap[t0:t1], t1 - t0
-                        if u0 == w0:  # terms on one row: kappa_t at (u_t, u_t) twice
-                            np.multiply(Y[:, u0:u0 + L], 2.0 * k, out=out[:, u0:u0 + L])
-                        else:
-                            np.multiply(Y[:, u0:u0 + L], k, out=out[:, w0:w0 + L])
-                            np.multiply(Y[:, w0:w0 + L], k, out=out[:, u0:u0 + L])
-                    return out
-                out.fill(0.0)
-                for t0, t1, u0, w0 in self.runs:
-                    k = kap[t0:t1]
-                    out[:, w0:w0 + t1 - t0] += Y[:, u0:u0 + t1 - t0] * k
-                    out[:, u0:u0 + t1 - t0] += Y[:, w0:w0 + t1 - t0] * k
-                return out
 
             def direction(smu, corr_lp, corr=None):
                 # rhs = r - A*(smu Z - X - C); the HKM step with S exact (no dual residual).
@@ -852,50 +862,10 @@ class _Completion:
                 rhs[N] += (smu - z * yN - corr_lp) / yN
                 dy = schur_solve(rhs)
                 D = ch.direction(dy)  # dS = -D
-                # P(X^ dS S^{-1}) = -P(sym(X^ R^T K R S^{-1})).
-                Q = times_terms(XR, dy, bufs[4])  # X^ R^T K
-                if corr is not None:  # - P(sym C) = P(sym(U K S^{-1} R^T...)): one pattern product for both
-                    Q += corr[0]
-                dX = smu * Zp - X + ch.pattern_product(Q, SR, par)
+                # P(X^ dS S^{-1}) = -P(sym(X^ F S^{-1})), F = sum dy_j F_j.
+                dX = smu * Zp - X + kernel.pattern(dy, D, corr, keep=corr is None)
                 dz = (smu - z * yN - corr_lp - z * dy[N]) / yN
                 return dy, D, dX, dz
-
-            def corrector(dy, D):
-                """Mehrotra's second-order term ``C = dX dS S^{-1}`` of the predictor, as
-                ``(U K, A*(C))`` with ``P(sym C) = -P(sym(U K (S^{-1} R^T)^T))``, without forming the
-                dense ``dX = -X^ + sym(X^ F S^{-1})``
-                (``F = sum dy_j F_j = R^T K R``): ``C = -U K (S^{-1} R^T)^T`` with
-                ``U = dX R^T = -X^ R^T + (X^ F S^{-1} R^T + S^{-1} F X^ R^T) / 2``, two pattern
-                products and two block solves.  ``A*(C)`` needs ``R C R^T`` at the terms' rows only,
-                ``-(R dX F S^{-1} R^T)[u, w] = -U[:, u] . V[:, w]`` with ``V = F S^{-1} R^T`` the first
-                pattern product (docs/math.md §8.8): column dot products, no ``r x r`` product."""
-                n, r = ch.Rt.shape
-                # V is kept in G_X's buffer (G_X is not needed after the Schur complement).
-                V = bufs[2].reshape(-1)[:n * r].reshape(n, r) if r >= n else np.empty((n, r))
-                both(lambda: ch.pattern_times(D, SR, out=V), lambda: ch.pattern_times(D, XR, out=bufs[5]), par)
-                np.copyto(bufs[4], V)
-                U, U2 = both(lambda: ch.solve(wfac, bufs[4]), lambda: ch.solve(fac, bufs[5]), par)
-
-                def combine(a, b):  # U = (U + U2) / 2 - XR on rows a..b
-                    U[a:b] += U2[a:b]
-                    U[a:b] *= 0.5
-                    U[a:b] -= XR[a:b]
-
-                h = n // 2 if par >= 2 else n
-                both(lambda: combine(0, h), lambda: combine(h, n), par)
-                if self.runs is None:
-                    cuw = np.einsum("it,it->t", U[:, self.iu], V[:, self.iw])
-                    cwu = np.einsum("it,it->t", U[:, self.iw], V[:, self.iu])
-                else:  # column slices over the runs of terms: no gathered copies of the (n, r) arrays
-                    cuw, cwu = np.empty(len(self.iu)), np.empty(len(self.iu))
-                    for t0, t1, u0, w0 in self.runs:
-                        L = t1 - t0
-                        cuw[t0:t1] = np.einsum("it,it->t", U[:, u0:u0 + L], V[:, w0:w0 + L])
-                        cwu[t0:t1] = np.einsum("it,it->t", U[:, w0:w0 + L], V[:, u0:u0 + L])
-                UK = times_terms(U, dy, bufs[5])
-                del U
-                # P(sym C) = -P(sym(UK (S^{-1} R^T)^T)): returned as UK, for direction's pattern product.
-                return UK, -(self.KT @ (cuw + cwu))
 
             def steps(dy, D, dX, dz, limit):
                 aP = min([InteriorPoint.max_step(L, C) for L, (_, C) in zip(xcliques, ch.cliques(dX))]
@@ -908,7 +878,7 @@ class _Completion:
             aP, aD = steps(dy, D, dX, dz, 1.0)
             mu_aff = (ch.inner(X + aP * dX, S - aD * D) + float((z + aP * dz) @ (yN + aD * dy[N]))) / nc
             sigma = min(1.0, max(0.0, mu_aff / mu)) ** 3
-            dy, D, dX, dz = direction(sigma * mu, dy[N] * dz, corrector(dy, D))
+            dy, D, dX, dz = direction(sigma * mu, dy[N] * dz, kernel.corrector(dy, D))
             aP, aD = steps(dy, D, dX, dz, 1.0 / self.step_fraction)
             aP, aD = self.step_fraction * aP, self.step_fraction * aD
             if self.verbose:
@@ -930,3 +900,114 @@ class _Completion:
         if self.gap < 1e-4:
             return "optimal_inaccurate", f"iteration limit (gap {self.gap:.1e})"
         return "solver_error", "iteration limit reached"
+
+
+class RowKernel:
+    """One iteration's products of the completion method from the factor rows: ``X^ R^T`` and ``S^{-1} R^T``
+    by block solves, their Gram matrices slab by slab (see the module docstring)."""
+
+    def __init__(self, state, chain):
+        self.state, self.ch = state, chain
+        self.bufs = [np.empty(chain.Rt.shape), np.empty(chain.Rt.shape), np.empty((chain.r, chain.r)),
+                     np.empty((chain.r, chain.r)), np.empty(chain.Rt.shape), np.empty(chain.Rt.shape)]
+        self.par = 1
+        self.blas = None  # BLAS threads during the iteration: the run's
+
+    def begin(self, fac, wfac):
+        """``(A*(X^), A*(S^{-1}), P(S^{-1}))``, keeping ``X^ R^T``, ``S^{-1} R^T`` and the Gram matrices."""
+        ch, bufs, par, both, st = self.ch, self.bufs, self.par, thread_pools.both, self.state
+        self.fac, self.wfac = fac, wfac
+        # Work arrays reused from one iteration to the next (fresh large arrays cost page faults).
+        np.copyto(bufs[0], ch.Rt)
+        np.copyto(bufs[1], ch.Rt)
+        self.XR, self.SR = both(lambda: ch.solve(wfac, bufs[0], ch.active),  # X^ R^T
+                                lambda: ch.solve(fac, bufs[1], ch.active), par)  # S^{-1} R^T
+        self.GX, self.GS = both(lambda: ch.gram_of(self.XR, bufs[2], symmetric=True),
+                                lambda: ch.gram_of(self.SR, bufs[3], symmetric=True), par)
+        return st.adjoint_gram(self.GX), st.adjoint_gram(self.GS), ch.selected_inverse(fac)
+
+    def schur(self):
+        return self.state.schur(self.GX, self.GS)
+
+    def times_terms(self, Y, dy, out):
+        """``Y K`` for ``Y`` of shape ``(n, r)``, where ``sum_j dy_j F_j = R^T K R`` (``K`` sparse and
+        symmetric, ``kappa_t`` at ``(u_t, w_t)`` and ``(w_t, u_t)``), into the buffer ``out``; with
+        two or more threads the upper and the lower half of the rows at once (row by row alike)."""
+        if self.par >= 2 and len(Y) > 1:
+            h = len(Y) // 2
+            thread_pools.both(lambda: self.rows_times_terms(Y[:h], dy, out[:h]),
+                              lambda: self.rows_times_terms(Y[h:], dy, out[h:]), self.par)
+            return out
+        return self.rows_times_terms(Y, dy, out)
+
+    def rows_times_terms(self, Y, dy, out):
+        st = self.state
+        kap = st.coef * dy[st.var]
+        if st.runs is None:
+            K = sp.coo_matrix((np.concatenate([kap, kap]), (np.concatenate([st.iu, st.iw]),
+                                                            np.concatenate([st.iw, st.iu]))),
+                              shape=(self.ch.r, self.ch.r)).tocsr()
+            out[...] = (K @ Y.T).T
+            return out
+        # Runs of consecutive terms on consecutive rows: column slices, no transposed copy of Y.
+        if st.once:  # each column of out is one run's side: written, not accumulated
+            for t0, t1, u0, w0 in st.runs:
+                k, L = kap[t0:t1], t1 - t0
+                if u0 == w0:  # terms on one row: kappa_t at (u_t, u_t) twice
+                    np.multiply(Y[:, u0:u0 + L], 2.0 * k, out=out[:, u0:u0 + L])
+                else:
+                    np.multiply(Y[:, u0:u0 + L], k, out=out[:, w0:w0 + L])
+                    np.multiply(Y[:, w0:w0 + L], k, out=out[:, u0:u0 + L])
+            return out
+        out.fill(0.0)
+        for t0, t1, u0, w0 in st.runs:
+            k = kap[t0:t1]
+            out[:, w0:w0 + t1 - t0] += Y[:, u0:u0 + t1 - t0] * k
+            out[:, u0:u0 + t1 - t0] += Y[:, w0:w0 + t1 - t0] * k
+        return out
+
+    def pattern(self, dy, D, corr=None, keep=False):
+        """``P(sym(X^ F S^{-1}))`` as ``P(sym(X^ R^T K R S^{-1}))``, plus the corrector's ``U K`` term."""
+        Q = self.times_terms(self.XR, dy, self.bufs[4])  # X^ R^T K
+        if corr is not None:  # - P(sym C) = P(sym(U K S^{-1} R^T...)): one pattern product for both
+            Q += corr[0]
+        return self.ch.pattern_product(Q, self.SR, self.par)
+
+    def corrector(self, dy, D):
+        """Mehrotra's second-order term ``C = dX dS S^{-1}`` of the predictor, as
+        ``(U K, A*(C))`` with ``P(sym C) = -P(sym(U K (S^{-1} R^T)^T))``, without forming the
+        dense ``dX = -X^ + sym(X^ F S^{-1})``
+        (``F = sum dy_j F_j = R^T K R``): ``C = -U K (S^{-1} R^T)^T`` with
+        ``U = dX R^T = -X^ R^T + (X^ F S^{-1} R^T + S^{-1} F X^ R^T) / 2``, two pattern
+        products and two block solves.  ``A*(C)`` needs ``R C R^T`` at the terms' rows only,
+        ``-(R dX F S^{-1} R^T)[u, w] = -U[:, u] . V[:, w]`` with ``V = F S^{-1} R^T`` the first
+        pattern product (docs/math.md §8.8): column dot products, no ``r x r`` product."""
+        ch, bufs, par, both, st = self.ch, self.bufs, self.par, thread_pools.both, self.state
+        XR, SR = self.XR, self.SR
+        n, r = ch.Rt.shape
+        # V is kept in G_X's buffer (G_X is not needed after the Schur complement).
+        V = bufs[2].reshape(-1)[:n * r].reshape(n, r) if r >= n else np.empty((n, r))
+        both(lambda: ch.pattern_times(D, SR, out=V), lambda: ch.pattern_times(D, XR, out=bufs[5]), par)
+        np.copyto(bufs[4], V)
+        U, U2 = both(lambda: ch.solve(self.wfac, bufs[4]), lambda: ch.solve(self.fac, bufs[5]), par)
+
+        def combine(a, b):  # U = (U + U2) / 2 - XR on rows a..b
+            U[a:b] += U2[a:b]
+            U[a:b] *= 0.5
+            U[a:b] -= XR[a:b]
+
+        h = n // 2 if par >= 2 else n
+        both(lambda: combine(0, h), lambda: combine(h, n), par)
+        if st.runs is None:
+            cuw = np.einsum("it,it->t", U[:, st.iu], V[:, st.iw])
+            cwu = np.einsum("it,it->t", U[:, st.iw], V[:, st.iu])
+        else:  # column slices over the runs of terms: no gathered copies of the (n, r) arrays
+            cuw, cwu = np.empty(len(st.iu)), np.empty(len(st.iu))
+            for t0, t1, u0, w0 in st.runs:
+                L = t1 - t0
+                cuw[t0:t1] = np.einsum("it,it->t", U[:, u0:u0 + L], V[:, w0:w0 + L])
+                cwu[t0:t1] = np.einsum("it,it->t", U[:, w0:w0 + L], V[:, u0:u0 + L])
+        UK = self.times_terms(U, dy, bufs[5])
+        del U
+        # P(sym C) = -P(sym(UK (S^{-1} R^T)^T)): returned as UK, for the pattern product of direction.
+        return UK, -(st.KT @ (cuw + cwu))

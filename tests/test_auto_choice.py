@@ -1,9 +1,9 @@
 """``auto`` by preference (``lipsdp.solvers.choose``) picks exactly what the former hand-written rule picked.
 
 The former rule (``get_backend``'s if-chain, ``_open_source_order``, ``CompletionIPM.preferred`` and the
-cost estimates as they stood before each backend stated its own preference) is frozen below, verbatim
-in its decisions, and compared with the new ``choose``/``get_backend``/``fallback`` on a spread of LMIs,
-with and without a licensed MOSEK.
+cost estimates as they stood before each backend stated its own preference, with the completion method's
+estimate through the dense inverses added since) is frozen below, verbatim in its decisions, and compared
+with the new ``choose``/``get_backend``/``fallback`` on a spread of LMIs, with and without a licensed MOSEK.
 """
 
 from dataclasses import replace
@@ -21,6 +21,7 @@ from lipsdp.scaling import chain_scales
 from lipsdp.solvers import BACKENDS, MOSEK, LMIShape, choose, fallback, fitting, get_backend, usable
 from lipsdp.solvers.chordal_ import ChordalIPM
 from lipsdp.solvers.completion_ import CompletionIPM
+from lipsdp.solvers.row_basis import fits
 from lipsdp.solvers.ipm_ import LowRankIPM
 
 
@@ -78,12 +79,21 @@ def _old_completion_cost(lmi):
     return 2.0 * r * band * 9 + 3 * 2.0 * r * r * span + m ** 3 / 3 + 12.0 * terms ** 2
 
 
+def _old_completion_inverse_cost(lmi):
+    """The completion method's estimate where its iteration goes through the dense inverses."""
+    sizes = np.array([b.stop - b.start for b in lmi.blocks], dtype=np.float64)
+    n, w, m, t = float(lmi.n), float(np.mean(sizes)), float(lmi.n_var), float(len(lmi.factors[3]))
+    npr = float(np.sum(sizes[1:]))
+    return 1.7 * (33.0 * n * n * w + 6.0 * n * npr * w + 2.0 * npr * npr * w + m ** 3 / 3 + 40.0 * t * t)
+
+
 def _old_completion_preferred(lmi, chordal_cost):
     if lmi.factors is None or lmi.start is None:
         return False
-    cost = _old_completion_cost(lmi)
+    inverses = fits(lmi)  # since the dense inverses (trained 784-32x64-10: completion, 784-16x64-10: chordal)
+    cost = _old_completion_inverse_cost(lmi) if inverses else _old_completion_cost(lmi)
     return (cost <= 3.0e11 and cost <= 1.3 * _old_dense_cost(lmi)
-            and (chordal_cost is None or 2.5 * cost <= chordal_cost))
+            and (chordal_cost is None or (1.5 if inverses else 2.5) * cost <= chordal_cost))
 
 
 def _old_open_source_order(n, free_multipliers=False):
