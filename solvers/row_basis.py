@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 
 def fits(lmi) -> bool:
-    """Whether :class:`DenseKernel` likely serves ``lmi`` (cheap: no chain is built): a chain of two or more
+    """Whether :class:`~lipsdp.solvers.completion_dense.DenseKernel` likely serves ``lmi`` (cheap: no chain is built): a chain of two or more
     blocks where every factor row spans one block, or two consecutive ones with at most one entry in the
     second (a coordinate).  :class:`RowBasis` decides for good."""
     if lmi.factors is None or not lmi.blocks or len(lmi.blocks) < 2:
@@ -36,9 +36,8 @@ def fits(lmi) -> bool:
     return bool(np.all(in_last <= 1))
 
 
-
 class RowBasis:
-    """Each factor row as ``c_i e_{j_i} + d_i p_{pi_i}``, or None where the rows are not of that form.
+    """Each factor row as ``c_i e_{j_i} + d_i p_{pi_i}``; :attr:`ok` is False where the rows are not of that form.
 
     ``P``: per block, the distinct pre-activation rows (dense, on that block) and their offsets in the
     stacked ``p`` index.  Per term ``t`` (rows ``u_t``, ``w_t`` of the same neuron): the coordinate ``j_t``
@@ -54,7 +53,7 @@ class RowBasis:
         pi, d = np.full(r, -1, dtype=np.int64), np.zeros(r)
         urow, ucol, uval = chain.unit
         j[urow], c[urow] = ucol, uval
-        # Each row's pre-activation part, scaled to 1 at its largest entry: (block, first column, row).
+        # Each row's pre-activation part scaled to 1 at its largest entry (hat), its block (blk) and scale (d).
         hat, blk = np.zeros((r, int(np.max(chain.sizes)))), np.full(r, -1, dtype=np.int64)
         for idx, a, b, slab in chain.slabs:
             k = int(chain.block_of(np.array([a]))[0])
