@@ -663,25 +663,33 @@ class _Completion:
                 blk += np.multiply(GX[ra, rb], GZ[sa, sb], out=t)
                 blk += np.multiply(GX[ra, sb], GZ[sa, rb], out=t)
                 if into is not None:
-                    (ca, va, sta), (cb, vb, stb) = into[ia], into[ib]
-                    blk *= ca
-                    blk *= cb.T
-                    red = blk if sta is None else np.add.reduceat(blk, sta, axis=0)
-                    red = red if stb is None else np.add.reduceat(red, stb, axis=1)
-                    if ib == ia:  # symmetric up to rounding: made exact, so that H is (factor_schur)
-                        red = (red + red.T) / 2
-                    if isinstance(va, slice) and isinstance(vb, slice):
-                        H[va, vb] += red
-                        if ib != ia:
-                            H[vb, va] += red.T
-                    else:  # multipliers not consecutive: fancy indices (unique within a run, so += adds)
-                        H[np.ix_(np.r_[va], np.r_[vb])] += red
-                        if ib != ia:
-                            H[np.ix_(np.r_[vb], np.r_[va])] += red.T
+                    self.add_block(H, blk, into[ia], into[ib], ib == ia)
         if into is not None:
             return H
         KTh = self.KT @ h
         return (self.KT @ KTh.T).T
+
+    @staticmethod
+    def add_block(H, blk, a, b, diagonal):
+        """Add the block ``h_st`` of two runs (or tiles) of terms into ``H`` (:meth:`collapse`'s entries ``a``,
+        ``b``): scaled by both sides' coefficients, the rows and columns of one multiplier summed, and
+        mirrored unless ``diagonal`` (then made exactly symmetric, so that ``H`` is: factor_schur).
+        ``blk`` is overwritten."""
+        (ca, va, sta), (cb, vb, stb) = a, b
+        blk *= ca
+        blk *= cb.T
+        red = blk if sta is None else np.add.reduceat(blk, sta, axis=0)
+        red = red if stb is None else np.add.reduceat(red, stb, axis=1)
+        if diagonal:
+            red = (red + red.T) / 2
+        if isinstance(va, slice) and isinstance(vb, slice):
+            H[va, vb] += red
+            if not diagonal:
+                H[vb, va] += red.T
+        else:  # multipliers not consecutive: fancy indices (unique within a run, so += adds)
+            H[np.ix_(np.r_[va], np.r_[vb])] += red
+            if not diagonal:
+                H[np.ix_(np.r_[vb], np.r_[va])] += red.T
 
     def collapse(self):
         """Per run of terms ``(coef column, multipliers' index, reduceat starts or None)``: how its block

@@ -58,6 +58,18 @@ def dense_inverse(chain, fac, out=None):
     return Z.T
 
 
+def sym_pattern(chain, A):
+    """``P(sym(A))``: the lower blocks of ``(A + A^T) / 2`` on the pattern, for a dense ``(n, n)`` ``A``."""
+    st, out = chain.starts, np.empty(chain.length)
+    for k in range(chain.nb):
+        a, b = st[k], st[k + 1]
+        d = A[a:b, a:b]
+        chain.diag(out, k)[:] = (d + d.T) / 2
+        if k:
+            chain.sub(out, k)[:] = (A[a:b, st[k - 1]:a] + A[st[k - 1]:a, a:b].T) / 2
+    return out
+
+
 def band(chain, A, B, out=None, threads=1):
     """``P(sym(A B))``: the lower blocks of ``(A B + (A B)^T) / 2`` on the pattern, for ``(n, n)`` arrays
     (``A`` C-ordered); block column ``k`` of ``A B`` on block rows ``k-1 .. k+1`` is one product.
@@ -225,13 +237,7 @@ class DenseKernel:
             return None
         self.PS, self.PX = both(lambda: self.pieces(self.Zs, self.rows[0]), lambda: self.pieces(self.Xh, self.rows[1]),
                                 par)
-        Zp = np.empty(ch.length)
-        for k in range(ch.nb):
-            a, b = ch.starts[k], ch.starts[k + 1]
-            ch.diag(Zp, k)[:] = self.Zs[a:b, a:b]
-            if k:
-                ch.sub(Zp, k)[:] = self.Zs[a:b, ch.starts[k - 1]:a]
-        return self.adjoint(self.PX), self.adjoint(self.PS), Zp
+        return self.adjoint(self.PX), self.adjoint(self.PS), sym_pattern(ch, self.Zs)
 
     # -- the Schur complement -------------------------------------------------
     @staticmethod
@@ -293,21 +299,7 @@ class DenseKernel:
                         blk = xt if blk is None else blk + xt
                 if blk is None:
                     continue
-                (ca, va, sta), (cb, vb, stb) = tiles[ia][1], tiles[ib][1]
-                blk *= ca
-                blk *= cb.T
-                red = blk if sta is None else np.add.reduceat(blk, sta, axis=0)
-                red = red if stb is None else np.add.reduceat(red, stb, axis=1)
-                if ib == ia:
-                    red = (red + red.T) / 2
-                if isinstance(va, slice) and isinstance(vb, slice):
-                    H[va, vb] += red
-                    if ib != ia:
-                        H[vb, va] += red.T
-                else:
-                    H[np.ix_(np.r_[va], np.r_[vb])] += red
-                    if ib != ia:
-                        H[np.ix_(np.r_[vb], np.r_[va])] += red.T
+                self.state.add_block(H, blk, tiles[ia][1], tiles[ib][1], ib == ia)
 
     # -- directions -----------------------------------------------------------
     def pattern(self, dy, D, corr=None, keep=False):
@@ -320,14 +312,7 @@ class DenseKernel:
         if keep:
             XM = self.solve_halves(M, self.work[1])
             self.M, self.XM = M, XM
-            out = np.empty(ch.length)
-            for k in range(ch.nb):
-                a, b = ch.starts[k], ch.starts[k + 1]
-                d = XM[a:b, a:b]
-                ch.diag(out, k)[:] = (d + d.T) / 2
-                if k:
-                    p = ch.starts[k - 1]
-                    ch.sub(out, k)[:] = (XM[a:b, p:a] + XM[p:a, a:b].T) / 2
+            out = sym_pattern(ch, XM)
         else:
             out = band(ch, self.Xh, M, threads=self.par)
         if corr is not None:
