@@ -17,11 +17,15 @@ import contextvars
 import os
 import sys
 import threading
+import time
 
 from threadpoolctl import ThreadpoolController
 
 #: LMI rows per thread: below this a second thread costs more than it brings.
 ROWS_PER_THREAD = 2000
+#: Seconds over which :func:`busy_elsewhere` measures the other processes' use of the CPUs (``/proc/stat``
+#: counts in hundredths of a second: a tenth gives the share of each CPU to about a tenth).
+BUSY_WINDOW = 0.1
 #: What the pools of the process's solver workers read when they start.
 ENVIRONMENT = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                "NUMEXPR_NUM_THREADS")
@@ -46,15 +50,51 @@ def choose(rows: int | None = None) -> int:
     """Threads for a problem of ``rows`` LMI rows (None: not known yet, e.g. while loading).
 
     One per :data:`ROWS_PER_THREAD` rows, at most the cores that are idle: the cores of :func:`cores`
-    less the load average beyond this process's own one.
+    less those other processes keep busy (:func:`busy_elsewhere`).
     """
     if not rows or rows < 2 * ROWS_PER_THREAD:
         return 1
+    now = time.monotonic()
+    if _LAST_BUSY[0] is None or now - _LAST_BUSY[0] > 2.0:  # one measurement serves the calls of a few seconds
+        _LAST_BUSY[:] = [now, busy_elsewhere()]
+    return max(1, min(rows // ROWS_PER_THREAD, int(cores() - _LAST_BUSY[1] + 0.5)))
+
+
+_LAST_BUSY: list = [None, 0.0]  # (time.monotonic() of the last measurement, its CPUs)
+
+
+def _cpu_times() -> tuple[int, int]:
+    """``(idle + iowait, total)`` clock ticks of every CPU since boot (``/proc/stat``)."""
+    with open("/proc/stat") as fh:
+        ticks = [int(v) for v in fh.readline().split()[1:9]]
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def busy_elsewhere(window: float = BUSY_WINDOW) -> float:
+    """CPUs other processes keep busy now: the non-idle share of every CPU over ``window`` seconds
+    (``/proc/stat``) less this process's own CPU time in it (its BLAS threads may still spin after a call).
+
+    Not the load average: a minute's memory, so a run just finished (a loop of certifications, a
+    benchmark) still counted as a busy core for the next one, which then ran on one thread.  Where
+    ``/proc/stat`` cannot be read: the load average less this process's own one.
+    """
     try:
-        busy = max(0.0, os.getloadavg()[0] - 1.0)
-    except OSError:
-        busy = 0.0
-    return max(1, min(rows // ROWS_PER_THREAD, int(cores() - busy + 0.5)))
+        idle0, total0 = _cpu_times()
+        own0 = time.process_time()
+        time.sleep(window)
+        idle1, total1 = _cpu_times()
+        own = time.process_time() - own0
+    except (OSError, ValueError, IndexError):
+        try:
+            return max(0.0, os.getloadavg()[0] - 1.0)
+        except OSError:
+            return 0.0
+    span = total1 - total0
+    if span <= 0:
+        return 0.0
+    cpus = os.cpu_count() or 1
+    busy = (1.0 - (idle1 - idle0) / span) * cpus
+    return max(0.0, busy - own / window)
 
 
 class Pools:

@@ -75,6 +75,9 @@ from lipsdp.solvers.row_basis import fits
 from lipsdp.solvers.ipm_ import LowRankIPM
 
 
+_U = 2.0 ** -53  # unit roundoff
+
+
 @register
 class CompletionIPM(Backend):
     """Primal-dual interior-point method with both iterates on the block-tridiagonal pattern (numpy / scipy).
@@ -578,6 +581,11 @@ class _Completion:
     """State and steps of one completion-method solve (see the module docstring)."""
 
     path_length = 8
+    #: The margin stop: near the optimum (relative gap under ``margin_gap``) the iteration stops once
+    #: :meth:`margin` is under ``margin_roundings`` times the rounding level of ``S``'s test, where the
+    #: verification would raise ``rho`` by more than the later iterates gain (docs/math.md §8.12).
+    margin_gap = 1e-3
+    margin_roundings = 150.0
     #: The Schur complement goes block by block over pairs of runs of terms up to this many runs
     #: (python loops over the pairs), through term_schur's gathers beyond.
     most_runs = 160
@@ -587,6 +595,9 @@ class _Completion:
 
     def __init__(self, lmi, chain, tol, time_limit, t0, verbose, max_iters, step_fraction):
         self.lmi, self.chain = lmi, chain
+        # The rounding level of the verification's test on S(y) relative to its largest diagonal entry (a
+        # Cholesky factor's backward error on rows of about three blocks), times margin_roundings.
+        self.margin_floor = self.margin_roundings * (min(int(lmi.n), 3 * int(np.max(chain.sizes))) + 1) * _U
         self.tol, self.time_limit, self.t0, self.verbose = tol, time_limit, t0, verbose
         self.max_iters, self.step_fraction = max_iters, step_fraction
         self.c = np.asarray(lmi.objective, dtype=np.float64)
@@ -754,6 +765,20 @@ class _Completion:
         X *= self.lmi.n / ch.inner(X, S)
         return X
 
+    def primal_factors(self, X):
+        """``(completion_inverse(X), block Cholesky factor of its W)``; ``(None, None)`` where ``X`` has no
+        positive definite completion, ``(comp, None)`` where ``W`` does not factor."""
+        comp = self.chain.completion_inverse(X)
+        return (None, None) if comp is None else (comp, self.chain.factor(comp[0]))
+
+    def margin(self, S, Zp):
+        """``1 / (tr(S^{-1}) max_i S_ii)``: a lower estimate of ``lambda_min(S) / max_i S_ii`` (within a small
+        factor of it near the optimum, where a few directions of ``S`` become singular), free from ``P(S^{-1})``."""
+        ch = self.chain
+        trace = sum(float(np.trace(ch.diag(Zp, k))) for k in range(ch.nb))
+        top = max(float(np.max(np.diagonal(ch.diag(S, k)))) for k in range(ch.nb))
+        return 1.0 / (trace * top) if trace > 0 and top > 0 else 0.0
+
     def adjoint_gram(self, G):
         """``(<F_j, Y>)_j`` from ``G = R Y R^T``."""
         return self.KT @ (2.0 * G[self.iu, self.iw])
@@ -805,6 +830,7 @@ class _Completion:
         normc = 1.0 + np.linalg.norm(c)
         X = self.start_X(fac, S)
         z = np.ones(len(N))
+        pending = None  # the next iteration's primal_factors, made beside the last dual step
         F0 = -ch.const  # the LMI's constant term, lower blocks
         last = 0.0  # seconds of the previous iteration
         for it in range(self.max_iters):
@@ -819,11 +845,11 @@ class _Completion:
             if self.time_limit and now - self.t0 + last > self.time_limit:
                 return "time_limit", f"time limit after {it} iterations" + \
                     (f" (the next, about {last:.2g} s, would pass it)" if now - self.t0 <= self.time_limit else "")
-            comp = ch.completion_inverse(X)
+            comp, wfac = self.primal_factors(X) if pending is None else pending
+            pending = None
             if comp is None:
                 return "solver_error", f"primal iterate lost its positive definite completion at iteration {it}"
-            W, xcliques = comp
-            wfac = ch.factor(W)
+            _, xcliques = comp
             if wfac is None:
                 return "solver_error", f"singular completion at iteration {it}"
             begun = kernel.begin(fac, wfac)
@@ -850,6 +876,9 @@ class _Completion:
                 return "optimal", f"converged in {it} iterations"
             if mu < 1e-3 * self.tol * max(abs(pobj), 1e-14) and self.gap < 1e2 * self.tol:
                 return "optimal_inaccurate", f"stalled at iteration {it} (gap {self.gap:.1e})"
+            if self.gap < self.margin_gap and self.margin(S, Zp) < self.margin_floor:
+                return "optimal_inaccurate", (f"S(y) within {self.margin_floor / _U:.0f} roundings of singular at "
+                                              f"iteration {it} (gap {self.gap:.1e}): later iterates verify worse")
             if not np.isfinite(mu):
                 return "solver_error", "non-finite iterate"
 
@@ -876,11 +905,12 @@ class _Completion:
                 return dy, D, dX, dz
 
             def steps(dy, D, dX, dz, limit):
-                aP = min([InteriorPoint.max_step(L, C) for L, (_, C) in zip(xcliques, ch.cliques(dX))]
-                         + [InteriorPoint.max_step_vec(z, dz), limit])
-                aD = min(InteriorPoint.max_step_vec(yN, dy[N]), limit)
-                aD = self.max_step_S(S, D, aD)
-                return aP, aD
+                # The two sides are independent (a few hundred small LAPACK calls each): two threads.
+                return thread_pools.both(
+                    lambda: min([InteriorPoint.max_step(L, C) for L, (_, C) in zip(xcliques, ch.cliques(dX))]
+                                + [InteriorPoint.max_step_vec(z, dz), limit]),
+                    lambda: self.max_step_S(S, D, min(InteriorPoint.max_step_vec(yN, dy[N]), limit)),
+                    self.workers)
 
             dy, D, dX, dz = direction(0.0, 0.0)
             aP, aD = steps(dy, D, dX, dz, 1.0)
@@ -893,14 +923,21 @@ class _Completion:
                 print(f"      steps aP {aP:.2e} aD {aD:.2e} sigma {sigma:.2e}")
             X = X + aP * dX
             z = z + aP * dz
-            y = y + aD * dy
-            S = ch.assemble(y)  # exactly -M(y)
-            fac = ch.factor(S)
-            while fac is None and aD > 1e-12:  # rounding pushed the step out of the cone: back off
-                y = y - 0.5 * aD * dy
-                aD *= 0.5
-                S = ch.assemble(y)
+
+            def dual_step(y, aD):
+                y = y + aD * dy
+                S = ch.assemble(y)  # exactly -M(y)
                 fac = ch.factor(S)
+                while fac is None and aD > 1e-12:  # rounding pushed the step out of the cone: back off
+                    y = y - 0.5 * aD * dy
+                    aD *= 0.5
+                    S = ch.assemble(y)
+                    fac = ch.factor(S)
+                return y, S, fac
+
+            # The next iteration's primal factors and this step's dual factor are independent: two threads.
+            (y, S, fac), pending = thread_pools.both(lambda: dual_step(y, aD), lambda: self.primal_factors(X),
+                                                     self.workers)
             if fac is None:
                 return "solver_error", f"no positive definite dual step at iteration {it}"
         self.y = y

@@ -12,6 +12,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -117,3 +118,34 @@ def test_freed_memory_is_reused_without_page_faults():
                                        check=True).stdout) for mode in ("keep", "plain")}
     assert faults["plain"] >= 32, faults  # the 64 MB faulted in again (fewer faults with huge pages)
     assert faults["keep"] <= faults["plain"] // 10, faults
+
+
+def test_busy_elsewhere_counts_another_process_at_once():
+    """Before: the load average, a minute's memory, so a run right after another one (a loop, a benchmark)
+    counted the finished run as a busy core; and a process busy right now counted only partly."""
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.5)
+        assert threads.busy_elsewhere() >= 0.6  # one CPU spun by the child (others' load only adds)
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def test_busy_elsewhere_leaves_out_this_process_and_falls_back_to_the_load_average(monkeypatch):
+    # Two CPUs over 10 ticks each (20 in all), 12 of them idle: 0.8 CPU busy, of which this process's
+    # threads (0.5 CPU over the 0.1 s window) are not the others'.
+    ticks = iter([(100, 1000), (112, 1020)])
+    cpu = iter([1.0, 1.05])
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(ticks))
+    monkeypatch.setattr(threads.time, "process_time", lambda: next(cpu))
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    assert threads.busy_elsewhere(0.1) == pytest.approx(0.8 - 0.5)
+
+    def unreadable():
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(threads, "_cpu_times", unreadable)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.5, 0.0, 0.0))
+    assert threads.busy_elsewhere() == pytest.approx(1.5)
