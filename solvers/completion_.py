@@ -765,12 +765,6 @@ class _Completion:
         X *= self.lmi.n / ch.inner(X, S)
         return X
 
-    def primal_factors(self, X):
-        """``(completion_inverse(X), block Cholesky factor of its W)``; ``(None, None)`` where ``X`` has no
-        positive definite completion, ``(comp, None)`` where ``W`` does not factor."""
-        comp = self.chain.completion_inverse(X)
-        return (None, None) if comp is None else (comp, self.chain.factor(comp[0]))
-
     def margin(self, S, Zp):
         """``1 / (tr(S^{-1}) max_i S_ii)``: a lower estimate of ``lambda_min(S) / max_i S_ii`` (within a small
         factor of it near the optimum, where a few directions of ``S`` become singular), free from ``P(S^{-1})``."""
@@ -830,7 +824,6 @@ class _Completion:
         normc = 1.0 + np.linalg.norm(c)
         X = self.start_X(fac, S)
         z = np.ones(len(N))
-        pending = None  # the next iteration's primal_factors, made beside the last dual step
         F0 = -ch.const  # the LMI's constant term, lower blocks
         last = 0.0  # seconds of the previous iteration
         for it in range(self.max_iters):
@@ -845,11 +838,11 @@ class _Completion:
             if self.time_limit and now - self.t0 + last > self.time_limit:
                 return "time_limit", f"time limit after {it} iterations" + \
                     (f" (the next, about {last:.2g} s, would pass it)" if now - self.t0 <= self.time_limit else "")
-            comp, wfac = self.primal_factors(X) if pending is None else pending
-            pending = None
+            comp = ch.completion_inverse(X)
             if comp is None:
                 return "solver_error", f"primal iterate lost its positive definite completion at iteration {it}"
-            _, xcliques = comp
+            W, xcliques = comp
+            wfac = ch.factor(W)
             if wfac is None:
                 return "solver_error", f"singular completion at iteration {it}"
             begun = kernel.begin(fac, wfac)
@@ -905,12 +898,11 @@ class _Completion:
                 return dy, D, dX, dz
 
             def steps(dy, D, dX, dz, limit):
-                # The two sides are independent (a few hundred small LAPACK calls each): two threads.
-                return thread_pools.both(
-                    lambda: min([InteriorPoint.max_step(L, C) for L, (_, C) in zip(xcliques, ch.cliques(dX))]
-                                + [InteriorPoint.max_step_vec(z, dz), limit]),
-                    lambda: self.max_step_S(S, D, min(InteriorPoint.max_step_vec(yN, dy[N]), limit)),
-                    self.workers)
+                aP = min([InteriorPoint.max_step(L, C) for L, (_, C) in zip(xcliques, ch.cliques(dX))]
+                         + [InteriorPoint.max_step_vec(z, dz), limit])
+                aD = min(InteriorPoint.max_step_vec(yN, dy[N]), limit)
+                aD = self.max_step_S(S, D, aD)
+                return aP, aD
 
             dy, D, dX, dz = direction(0.0, 0.0)
             aP, aD = steps(dy, D, dX, dz, 1.0)
@@ -923,21 +915,14 @@ class _Completion:
                 print(f"      steps aP {aP:.2e} aD {aD:.2e} sigma {sigma:.2e}")
             X = X + aP * dX
             z = z + aP * dz
-
-            def dual_step(y, aD):
-                y = y + aD * dy
-                S = ch.assemble(y)  # exactly -M(y)
+            y = y + aD * dy
+            S = ch.assemble(y)  # exactly -M(y)
+            fac = ch.factor(S)
+            while fac is None and aD > 1e-12:  # rounding pushed the step out of the cone: back off
+                y = y - 0.5 * aD * dy
+                aD *= 0.5
+                S = ch.assemble(y)
                 fac = ch.factor(S)
-                while fac is None and aD > 1e-12:  # rounding pushed the step out of the cone: back off
-                    y = y - 0.5 * aD * dy
-                    aD *= 0.5
-                    S = ch.assemble(y)
-                    fac = ch.factor(S)
-                return y, S, fac
-
-            # The next iteration's primal factors and this step's dual factor are independent: two threads.
-            (y, S, fac), pending = thread_pools.both(lambda: dual_step(y, aD), lambda: self.primal_factors(X),
-                                                     self.workers)
             if fac is None:
                 return "solver_error", f"no positive definite dual step at iteration {it}"
         self.y = y
