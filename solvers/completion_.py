@@ -385,7 +385,16 @@ class PatternChain:
             logdet += 2.0 * float(np.sum(np.log(np.diagonal(Lk))))
         return Ls, Es, logdet
 
-    def solve(self, fac, B, active=None):
+    def inverses(self, fac):
+        """The inverses of the factor's diagonal blocks ``L_k`` (None for one that is not invertible in
+        floating point), for :meth:`solve` on several column slices with one factor."""
+        out = []
+        for L in fac[0]:
+            inv, info = _dtrtri(L, lower=1)
+            out.append(inv if info == 0 else None)
+        return out
+
+    def solve(self, fac, B, active=None, inverses=None):
         """``S^{-1} B`` for ``B`` of shape ``(n, r)``, C-ordered or a column slice of one (overwritten in place).
 
         Row slabs of ``B`` are C-contiguous, so their transposes go to BLAS's ``trsm`` as
@@ -393,10 +402,14 @@ class PatternChain:
         ``active``: ``B``'s columns that are nonzero in blocks ``0..k`` are its first ``active[k]``
         (:attr:`active`, for ``B = R^T``): the forward sweep ``L^{-1} B`` keeps the zeros above
         each column's first block, so it skips them (half its flops on a chain).
+        ``inverses``: :meth:`inverses` of ``fac``; then both sweeps are products with them (numpy's matmul
+        releases the GIL, scipy's LAPACK and BLAS wrappers do not: column slices solved in two threads
+        serialised on the forward ``trsm``).
         """
         Ls, Es, _ = fac
         st = self.starts
         r = B.shape[1]
+        tmp = np.empty((int(np.max(self.sizes)), B.shape[1]))
         for k, L in enumerate(Ls):
             c = r if active is None else int(active[k])
             if c == 0:
@@ -404,19 +417,23 @@ class PatternChain:
             blk = B[st[k]:st[k + 1], :c]
             if k:
                 blk -= Es[k] @ B[st[k - 1]:st[k], :c]
-            if blk.flags.c_contiguous:
+            if inverses is not None and inverses[k] is not None:
+                t = tmp[:len(blk), :c]
+                np.matmul(inverses[k], blk, out=t)
+                blk[...] = t
+            elif blk.flags.c_contiguous:
                 _dtrsm(1.0, L, blk.T, side=1, lower=1, trans_a=1, overwrite_b=1)
             else:  # a column slice is no Fortran array for BLAS: solved in a copy
                 blk[...] = _dtrsm(1.0, L, blk.T, side=1, lower=1, trans_a=1).T
         # Back: B_k <- L_k^{-T} B_k by a product with the explicit inverse.  BLAS's trsm for this side
         # (X L = B from the right) ran at a third of the forward one's speed; the inverses of the
         # small triangular blocks cost next to nothing.
-        tmp = np.empty((int(np.max(self.sizes)), B.shape[1]))
         for k in reversed(range(len(Ls))):
             blk = B[st[k]:st[k + 1]]
             if k + 1 < len(Ls):
                 blk -= Es[k + 1].T @ B[st[k + 1]:st[k + 2]]
-            inv, info = _dtrtri(Ls[k], lower=1)
+            inv, info = (inverses[k], 0 if inverses[k] is not None else 1) if inverses is not None else \
+                _dtrtri(Ls[k], lower=1)
             if info != 0:  # not invertible in floating point: the triangular solve (in a copy for a slice)
                 blk[...] = _dtrsm(1.0, Ls[k], blk.T, side=1, lower=1, trans_a=0).T
                 continue

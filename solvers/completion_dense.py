@@ -325,7 +325,9 @@ class DenseKernel:
         ch = self.ch
         np.copyto(out, B)
         h = B.shape[1] // 2 if self.par >= 2 else B.shape[1]
-        thread_pools.both(lambda: ch.solve(self.wfac, out[:, :h]), lambda: ch.solve(self.wfac, out[:, h:]), self.par)
+        inv = ch.inverses(self.wfac)  # once for both halves, and the halves' products then release the GIL
+        thread_pools.both(lambda: ch.solve(self.wfac, out[:, :h], inverses=inv),
+                          lambda: ch.solve(self.wfac, out[:, h:], inverses=inv), self.par)
         return out
 
     def corrector(self, dy, D):

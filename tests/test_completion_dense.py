@@ -156,3 +156,21 @@ def test_a_deep_torch_model_certifies_through_the_dense_inverses(monkeypatch):
     monkeypatch.setattr(_Completion, "products", "rows")
     rows = lipsdp.certify(model, solver="completion", input_shape=(20,), lower_bound_samples=0)
     assert rows.bound == pytest.approx(cert.bound, rel=1e-6)
+
+
+def test_solves_with_the_blocks_inverses_are_the_triangular_solves():
+    """The column halves of the predictor's ``X^ M`` go through the diagonal blocks' inverses (matmul releases
+    the GIL, scipy's trsm wrapper does not): the same solve to rounding, on a slice as on the whole."""
+    lmi = _solved_lmi((5, 7, 7, 7, 6, 3), function="leaky_relu", params={"alpha": 0.1})
+    chain, state = _state(lmi)
+    _, fac = state.start()
+    n = int(chain.starts[-1])
+    B = np.random.default_rng(3).standard_normal((n, 2 * n))
+    ref = B.copy()
+    chain.solve(fac, ref)
+    np.testing.assert_allclose(ref, np.linalg.solve(_dense(chain, chain.assemble(state.start()[0])), B),
+                               rtol=0, atol=1e-9 * np.abs(ref).max())
+    out, inv = B.copy(), chain.inverses(fac)
+    chain.solve(fac, out[:, :n], inverses=inv)
+    chain.solve(fac, out[:, n:], inverses=inv)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
