@@ -70,6 +70,14 @@ def _cpu_times() -> tuple[int, int]:
     return ticks[3] + ticks[4], sum(ticks)
 
 
+def _own_cpu() -> float:
+    return time.process_time()  # every thread of this process
+
+
+def _pause(seconds: float) -> None:
+    time.sleep(seconds)
+
+
 def busy_elsewhere(window: float = BUSY_WINDOW) -> float:
     """CPUs other processes keep busy now: the non-idle share of every CPU over ``window`` seconds
     (``/proc/stat``) less this process's own CPU time in it (its BLAS threads may still spin after a call).
@@ -80,10 +88,10 @@ def busy_elsewhere(window: float = BUSY_WINDOW) -> float:
     """
     try:
         idle0, total0 = _cpu_times()
-        own0 = time.process_time()
-        time.sleep(window)
+        own0 = _own_cpu()
+        _pause(window)
         idle1, total1 = _cpu_times()
-        own = time.process_time() - own0
+        own = _own_cpu() - own0
     except (OSError, ValueError, IndexError):
         try:
             return max(0.0, os.getloadavg()[0] - 1.0)

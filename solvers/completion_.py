@@ -601,7 +601,7 @@ class _Completion:
     #: The margin stop: near the optimum (relative gap under ``margin_gap``) the iteration stops once
     #: :meth:`margin` is under ``margin_roundings`` times the rounding level of ``S``'s test, where the
     #: verification would raise ``rho`` by more than the later iterates gain (docs/math.md §8.12).
-    margin_gap = 1e-3
+    margin_gap = 1e-4
     margin_roundings = 150.0
     #: The Schur complement goes block by block over pairs of runs of terms up to this many runs
     #: (python loops over the pairs), through term_schur's gathers beyond.

@@ -138,8 +138,8 @@ def test_busy_elsewhere_leaves_out_this_process_and_falls_back_to_the_load_avera
     ticks = iter([(100, 1000), (112, 1020)])
     cpu = iter([1.0, 1.05])
     monkeypatch.setattr(threads, "_cpu_times", lambda: next(ticks))
-    monkeypatch.setattr(threads.time, "process_time", lambda: next(cpu))
-    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    monkeypatch.setattr(threads, "_own_cpu", lambda: next(cpu))
+    monkeypatch.setattr(threads, "_pause", lambda s: None)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
     assert threads.busy_elsewhere(0.1) == pytest.approx(0.8 - 0.5)
 
