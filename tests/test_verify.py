@@ -110,3 +110,27 @@ def test_deep_net_is_verified_near_the_solver_value():
     assert cert.verified and cert.solver_objective is not None
     assert cert.bound <= cert.solver_objective * (1 + 1e-4)
     assert sampled_lower_bound(net, samples=256) <= cert.bound <= cert.trivial_bound
+
+
+def test_the_repair_survives_a_failing_eigenvalue_driver(monkeypatch):
+    """LAPACK's dsyevr (scipy's default for one eigenvalue) stopped with "Internal Error" on the input Schur
+    complement of a 20-layer SLL stack (scipy 1.17), and the certification raised: the other drivers give it."""
+    import scipy.linalg as sla
+
+    from lipsdp import verify as verify_module
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((12, 12))
+    S, G = A + A.T, np.eye(12) + np.diag(rng.random(12))
+    real, tried = sla.eigh, []
+
+    def flaky(a, b=None, **kwargs):
+        tried.append(kwargs.get("driver"))
+        if kwargs.get("driver") is None:
+            raise sla.LinAlgError("Internal Error.")
+        return real(a, b, **kwargs)
+
+    monkeypatch.setattr(verify_module.sla, "eigh", flaky)
+    assert verify_module._largest_eigenvalue(S) == pytest.approx(np.linalg.eigvalsh(S)[-1], rel=1e-12)
+    assert verify_module._largest_eigenvalue(S, G) == pytest.approx(real(S, G, eigvals_only=True)[-1], rel=1e-12)
+    assert tried == [None, "evx", None, "gvd"]
