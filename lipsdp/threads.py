@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from threadpoolctl import ThreadpoolController
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 #: LMI rows per thread: below this a second thread costs more than it brings.
 ROWS_PER_THREAD = 2000
@@ -157,20 +157,12 @@ def limited(requested: int | None = None):
         pools.restore()
 
 
-@contextlib.contextmanager
 def blas(threads: int | None):
-    """Limit BLAS to ``threads`` threads for the block (None: as it is).
+    """Limit BLAS to ``threads`` threads for a ``with`` block (None: as it is).
 
     For a solver whose iteration is many small products run two at a time (:func:`both`) and a few
     large ones: the small ones lose to a second BLAS thread's start and join."""
-    if threads is None:
-        yield
-        return
-    limiter = ThreadpoolController().select(user_api="blas").limit(limits=threads)
-    try:
-        yield
-    finally:
-        limiter.restore_original_limits()
+    return contextlib.nullcontext() if threads is None else threadpool_limits(limits=threads, user_api="blas")
 
 
 def fit(rows: int | None = None) -> int | None:
@@ -219,3 +211,12 @@ def both(first, second, threads: int = 2):
     if "error" in box:
         raise box["error"]
     return value, box["value"]
+
+
+def halves(work, n: int, threads: int = 2, split: int | None = None):
+    """``work(0, h)`` and ``work(h, n)`` at once (:func:`both`), ``h = n // 2`` or ``split``; with ``threads < 2``
+    the one call ``work(0, n)``.  For loops over rows, block rows or tiles whose halves write apart."""
+    if threads < 2:
+        return work(0, n)
+    h = n // 2 if split is None else split
+    return both(lambda: work(0, h), lambda: work(h, n), threads)

@@ -410,6 +410,8 @@ class PatternChain:
         st = self.starts
         r = B.shape[1]
         tmp = np.empty((int(np.max(self.sizes)), B.shape[1]))
+        forward = inverses is not None
+        inverses = self.inverses(fac) if inverses is None else inverses
         for k, L in enumerate(Ls):
             c = r if active is None else int(active[k])
             if c == 0:
@@ -417,7 +419,7 @@ class PatternChain:
             blk = B[st[k]:st[k + 1], :c]
             if k:
                 blk -= Es[k] @ B[st[k - 1]:st[k], :c]
-            if inverses is not None and inverses[k] is not None:
+            if forward and inverses[k] is not None:
                 t = tmp[:len(blk), :c]
                 np.matmul(inverses[k], blk, out=t)
                 blk[...] = t
@@ -432,9 +434,8 @@ class PatternChain:
             blk = B[st[k]:st[k + 1]]
             if k + 1 < len(Ls):
                 blk -= Es[k + 1].T @ B[st[k + 1]:st[k + 2]]
-            inv, info = (inverses[k], 0 if inverses[k] is not None else 1) if inverses is not None else \
-                _dtrtri(Ls[k], lower=1)
-            if info != 0:  # not invertible in floating point: the triangular solve (in a copy for a slice)
+            inv = inverses[k]
+            if inv is None:  # not invertible in floating point: the triangular solve (in a copy for a slice)
                 blk[...] = _dtrsm(1.0, Ls[k], blk.T, side=1, lower=1, trans_a=0).T
                 continue
             t = tmp[:len(blk)]
@@ -552,9 +553,7 @@ class PatternChain:
         """``A B`` for symmetric ``A`` with the pattern (lower blocks) and ``B`` of shape ``(n, r)``;
         ``threads >= 2``: the first and the second half of the block rows in two threads."""
         out = np.empty_like(B) if out is None else out
-        h = self.nb // 2 if threads >= 2 else self.nb
-        thread_pools.both(lambda: self.pattern_times_rows(A, B, out, 0, h),
-                          lambda: self.pattern_times_rows(A, B, out, h, self.nb), threads)
+        thread_pools.halves(lambda k0, k1: self.pattern_times_rows(A, B, out, k0, k1), self.nb, threads)
         return out
 
     def pattern_times_rows(self, A, B, out, k0, k1):
@@ -574,12 +573,8 @@ class PatternChain:
         ``threads >= 2``: the first and the second half of the block rows in two threads
         (:func:`lipsdp.threads.both`); each block is made alike either way."""
         out = np.empty(self.length)
-        if threads >= 2 and self.nb > 1:
-            half = self.nb // 2
-            thread_pools.both(lambda: self.pattern_rows(Q, Y, out, 0, half),
-                              lambda: self.pattern_rows(Q, Y, out, half, self.nb), threads)
-            return out
-        return self.pattern_rows(Q, Y, out, 0, self.nb)
+        thread_pools.halves(lambda k0, k1: self.pattern_rows(Q, Y, out, k0, k1), self.nb, threads)
+        return out
 
     def pattern_rows(self, Q, Y, out, k0, k1):
         """Block rows ``k0 <= k < k1`` of :meth:`pattern_product` into ``out``."""
@@ -980,12 +975,8 @@ class RowKernel:
         """``Y K`` for ``Y`` of shape ``(n, r)``, where ``sum_j dy_j F_j = R^T K R`` (``K`` sparse and
         symmetric, ``kappa_t`` at ``(u_t, w_t)`` and ``(w_t, u_t)``), into the buffer ``out``; with
         two or more threads the upper and the lower half of the rows at once (row by row alike)."""
-        if self.par >= 2 and len(Y) > 1:
-            h = len(Y) // 2
-            thread_pools.both(lambda: self.rows_times_terms(Y[:h], dy, out[:h]),
-                              lambda: self.rows_times_terms(Y[h:], dy, out[h:]), self.par)
-            return out
-        return self.rows_times_terms(Y, dy, out)
+        thread_pools.halves(lambda a, b: self.rows_times_terms(Y[a:b], dy, out[a:b]), len(Y), self.par)
+        return out
 
     def rows_times_terms(self, Y, dy, out):
         st = self.state
@@ -1043,8 +1034,7 @@ class RowKernel:
             U[a:b] *= 0.5
             U[a:b] -= XR[a:b]
 
-        h = n // 2 if par >= 2 else n
-        both(lambda: combine(0, h), lambda: combine(h, n), par)
+        thread_pools.halves(combine, n, par)
         if st.runs is None:
             cuw = np.einsum("it,it->t", U[:, st.iu], V[:, st.iw])
             cwu = np.einsum("it,it->t", U[:, st.iw], V[:, st.iu])

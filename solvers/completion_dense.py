@@ -75,9 +75,7 @@ def band(chain, A, B, out=None, threads=1):
     (``A`` C-ordered); block column ``k`` of ``A B`` on block rows ``k-1 .. k+1`` is one product.
     ``threads >= 2``: the first and the second half of the block columns in two threads."""
     out = np.empty(chain.length) if out is None else out
-    h = chain.nb // 2 if threads >= 2 else chain.nb
-    thread_pools.both(lambda: _band_columns(chain, A, B, out, 0, h),
-                      lambda: _band_columns(chain, A, B, out, h, chain.nb), threads)
+    thread_pools.halves(lambda k0, k1: _band_columns(chain, A, B, out, k0, k1), chain.nb, threads)
     return out
 
 
@@ -262,8 +260,8 @@ class DenseKernel:
         # Where each entry of H comes from one pair of tiles, two threads take the pairs of disjoint sets of
         # tile rows, split where the pairs (row ia has ia + 1) are shared about evenly.
         nt = len(self.tiles)
-        h = int(round(nt / np.sqrt(2.0))) if self.par >= 2 and self.disjoint else nt
-        thread_pools.both(lambda: self.schur_rows(H, 0, h), lambda: self.schur_rows(H, h, nt), self.par)
+        thread_pools.halves(lambda a, b: self.schur_rows(H, a, b), nt, self.par if self.disjoint else 1,
+                            split=int(round(nt / np.sqrt(2.0))))
         return H
 
     def schur_rows(self, H, ia0, ia1):
@@ -324,10 +322,8 @@ class DenseKernel:
         thread (the block solve's small products gain nothing from a second BLAS thread)."""
         ch = self.ch
         np.copyto(out, B)
-        h = B.shape[1] // 2 if self.par >= 2 else B.shape[1]
         inv = ch.inverses(self.wfac)  # once for both halves, and the halves' products then release the GIL
-        thread_pools.both(lambda: ch.solve(self.wfac, out[:, :h], inverses=inv),
-                          lambda: ch.solve(self.wfac, out[:, h:], inverses=inv), self.par)
+        thread_pools.halves(lambda a, b: ch.solve(self.wfac, out[:, a:b], inverses=inv), B.shape[1], self.par)
         return out
 
     def corrector(self, dy, D):
@@ -346,8 +342,7 @@ class DenseKernel:
                 o *= 0.5
                 o -= self.Xh[i:i + len(o)]
 
-        h = n // 2 if self.par >= 2 else n
-        both(lambda: predictor(0, h), lambda: predictor(h, n), self.par)
+        thread_pools.halves(predictor, n, self.par)
 
         if rb.np_:
             MP, DP = self.rows2
@@ -368,9 +363,7 @@ class DenseKernel:
                         v += aqp * (dots(dX[:, js], MP[:, ps]) + dots(DP[:, ps], M[:, js]))
                 e[t0:t1] = v
 
-        nt = len(self.tiles)
-        h = nt // 2 if self.par >= 2 else nt
-        both(lambda: terms(0, h), lambda: terms(h, nt), self.par)
+        thread_pools.halves(terms, len(self.tiles), self.par)
         corr = band(ch, dX, M, threads=self.par)
         self.M = self.XM = None
         return corr, -(self.state.KT @ e)
